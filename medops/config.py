@@ -1,0 +1,204 @@
+"""Typed configuration: one pydantic model per params.yaml section.
+
+``extra="forbid"`` everywhere, so a typo in params.yaml (or in a Prefect UI form, which these same
+models type) fails at load time with the key's name. This module imports neither TensorFlow nor
+Prefect.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medops.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthConfig(_Section):
+    seed: int = 20261121
+    modality: Literal["CR", "DX"] = "CR"
+    images_per_patient: tuple[int, int] = (2, 5)
+    max_images_per_split: int | None = Field(default=None, ge=1)
+    institution: str = "St. Synthetic General Hospital"
+
+    @model_validator(mode="after")
+    def _range(self) -> "SynthConfig":
+        lo, hi = self.images_per_patient
+        if not 1 <= lo <= hi:
+            raise ValueError(f"images_per_patient must be [min, max] with 1 <= min <= max, got {[lo, hi]}")
+        return self
+
+
+class Window(_Section):
+    center: float
+    width: float = Field(gt=0)
+
+
+class DeidConfig(_Section):
+    key_env: str = "MEDOPS_DEID_KEY"
+    retain_longitudinal: bool = False
+    allow_burned_in: bool = False
+
+
+class IngestConfig(_Section):
+    image_size: int = Field(default=28, ge=8, le=1024)
+    window: Window | None = None
+    workers: int = Field(default=2, ge=1)
+    shard_size: int = Field(default=2048, ge=1)
+    deid: DeidConfig = DeidConfig()
+
+
+class QualityConfig(_Section):
+    min_rows: int = Field(default=50, ge=1)
+    max_label_null_fraction: float = Field(default=0.0, ge=0, le=1)
+    pixel_mean_range: tuple[float, float] = (0.05, 0.95)
+    pixel_std_min: float = 0.01
+    allowed_sex: list[str] = ["M", "F", "O"]
+
+
+class SplitConfig(_Section):
+    use_manifest_split: bool = True
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    test_fraction: float = Field(default=0.15, gt=0, lt=1)
+    seed: int = 42
+
+
+class AugmentConfig(_Section):
+    rotation: float = Field(default=0.03, ge=0, le=0.5)
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
+    zoom: float = Field(default=0.1, ge=0, lt=1)
+    contrast: float = Field(default=0.1, ge=0, lt=1)
+
+
+class TrainConfig(_Section):
+    model: str = "simple_cnn"
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    filters: list[int] = [32, 64, 128]
+    dense_units: int = Field(default=128, ge=1)
+    dropout: float = Field(default=0.3, ge=0, lt=1)
+    seed: int = 42
+
+
+class EvaluateConfig(_Section):
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+
+
+class GateConfig(_Section):
+    min_auc: float = Field(default=0.85, ge=0, le=1)
+    min_accuracy: float = Field(default=0.75, ge=0, le=1)
+    min_sensitivity: float = Field(default=0.70, ge=0, le=1)
+    min_specificity: float = Field(default=0.50, ge=0, le=1)
+
+
+class ExportConfig(_Section):
+    opset: int = Field(default=17, ge=9)
+    parity_atol: float = Field(default=1e-4, gt=0)
+
+
+class ServingConfig(_Section):
+    model_name: str = "pneumonia_classifier"
+    repository: str = ".medops/triton/repository"
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch_size: int = Field(default=64, ge=1)
+    preferred_batch_sizes: list[int] = [8, 16, 32]
+    max_queue_delay_us: int = Field(default=500, ge=0)
+    startup_timeout_s: float = Field(default=90, gt=0)
+
+    def repository_path(self, root: Path) -> Path:
+        p = Path(self.repository)
+        return p if p.is_absolute() else root / p
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+
+class PrefectConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 4200
+    deployment_name: str = "medops-demo"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class Params(_Section):
+    synth: SynthConfig = SynthConfig()
+    ingest: IngestConfig = IngestConfig()
+    quality: QualityConfig = QualityConfig()
+    split: SplitConfig = SplitConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
+    export: ExportConfig = ExportConfig()
+    serving: ServingConfig = ServingConfig()
+    prefect: PrefectConfig = PrefectConfig()
+
+
+def load_params(path: Path | str) -> Params:
+    """Read and validate params.yaml; a bad key or value raises ConfigError naming it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no params file at {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from exc
+
+
+def update_params_file(path: Path | str, overrides: dict[str, dict[str, Any]]) -> Params:
+    """Write ``{section: {key: value}}`` into params.yaml, keeping its comments, and validate it.
+
+    Used when a flow run's parameters (edited in the Prefect UI) must be what DVC records in
+    dvc.lock. Validates before writing, so an invalid override never reaches the file.
+    """
+    from ruamel.yaml import YAML  # ships with DVC; keeps comments and key order
+
+    path = Path(path)
+    ryaml = YAML()
+    ryaml.preserve_quotes = True
+    doc = ryaml.load(path.read_text()) or {}
+    for section, values in overrides.items():
+        if section not in Params.model_fields:
+            raise ConfigError(f"unknown params section {section!r}")
+        node = doc.setdefault(section, {})
+        for key, value in values.items():
+            node[key] = value
+    buf = io.StringIO()
+    ryaml.dump(doc, buf)
+    text = buf.getvalue()
+    try:
+        params = Params.model_validate(yaml.safe_load(text))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid override {overrides}: {exc}") from exc
+    path.write_text(text)
+    return params

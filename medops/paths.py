@@ -1,0 +1,130 @@
+"""The one definition of where medops keeps things, relative to a project root.
+
+Every stage, the CLI, the flows and dvc.yaml use these locations; tests point ``ProjectPaths`` at a
+temporary copy of the project.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+BUNDLED_DATASET = PACKAGE_ROOT.parent / "datasets" / "pneumoniamnist" / "pneumoniamnist.npz"
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: $MEDOPS_ROOT or the cwd) with params.yaml."""
+    env = os.environ.get("MEDOPS_ROOT")
+    here = Path(env) if env else (start or Path.cwd())
+    here = here.resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "params.yaml").is_file():
+            return candidate
+    return here
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path
+
+    @classmethod
+    def discover(cls, start: Path | None = None) -> "ProjectPaths":
+        return cls(find_project_root(start))
+
+    # configuration
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    # raw hospital export (synthetic PHI in the demo); tracked by DVC as data/raw.dvc
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def raw_dicom(self) -> Path:
+        return self.raw / "dicom"
+
+    @property
+    def manifest(self) -> Path:
+        """Labels keyed by SOPInstanceUID (and relative path), with the official split if known."""
+        return self.raw / "labels.csv"
+
+    # ingest outputs: de-identified DICOM, array shards, metadata table, quarantine list
+    @property
+    def ingested(self) -> Path:
+        return self.root / "data" / "ingested"
+
+    @property
+    def metadata(self) -> Path:
+        return self.ingested / "metadata.parquet"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.ingested / "quarantine.csv"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "data" / "split" / "split.csv"
+
+    # reports
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def quality_dir(self) -> Path:
+        """Great Expectations project and Data Docs (reports/quality/data_docs/index.html)."""
+        return self.reports / "quality"
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports / "metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.reports / "plots"
+
+    @property
+    def gate(self) -> Path:
+        return self.reports / "gate.json"
+
+    # models
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def keras_model(self) -> Path:
+        return self.models / "model.keras"
+
+    @property
+    def train_result(self) -> Path:
+        return self.models / "train.json"
+
+    @property
+    def onnx_model(self) -> Path:
+        return self.models / "model.onnx"
+
+    @property
+    def export_result(self) -> Path:
+        return self.models / "export.json"
+
+    # runtime state of servers started by medops (pids, logs); never versioned
+    @property
+    def state(self) -> Path:
+        return self.root / ".medops"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    def stage_result(self, stage: str) -> Path:
+        """JSON result every stage writes, read by the Prefect flow to post as an artifact."""
+        return self.reports / "stages" / f"{stage}.json"

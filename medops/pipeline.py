@@ -1,0 +1,97 @@
+"""The stage registry: stage name -> the one function that runs it, and what it reads and writes.
+
+One name everywhere: the stage name is the medops module, the dvc.yaml stage, the Prefect task and
+``medops stage NAME``. The adapters below only map project paths and params sections onto each
+stage's ``run()``; they hold no logic. ``deploy`` is not here: it changes a running server, so it
+belongs to the CLI and the Prefect flow (with retries), not to ``dvc repro``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from medops.config import Params
+from medops.paths import ProjectPaths
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str                # medops module holding run()
+    sections: tuple[str, ...]  # params.yaml sections it reads (dvc.yaml `params`)
+    call: Callable[[Any, Params, ProjectPaths], Any]
+
+    def run(self, params: Params, paths: ProjectPaths) -> Any:
+        module = importlib.import_module(self.module)
+        return self.call(module, params, paths)
+
+
+def _data_version(paths: ProjectPaths) -> str:
+    from medops.dvc import data_version
+
+    return data_version(paths.root, paths.raw)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "ingest", "medops.ingest", ("ingest",),
+            lambda m, p, pp: m.run(p.ingest, source_dir=pp.raw_dicom, out_dir=pp.ingested,
+                                   manifest=pp.manifest),
+        ),
+        Stage(
+            "quality", "medops.quality", ("quality",),
+            lambda m, p, pp: m.run(p.quality, ingested_dir=pp.ingested, out_dir=pp.quality_dir),
+        ),
+        Stage(
+            "split", "medops.split", ("split",),
+            lambda m, p, pp: m.run(p.split, metadata=pp.metadata, out=pp.split),
+        ),
+        Stage(
+            "train", "medops.train", ("train", "augment"),
+            lambda m, p, pp: m.run(p.train, p.augment, ingested_dir=pp.ingested, split=pp.split,
+                                   model_out=pp.keras_model, result_out=pp.train_result,
+                                   data_version=_data_version(pp)),
+        ),
+        Stage(
+            "evaluate", "medops.evaluate", ("evaluate",),
+            lambda m, p, pp: m.run(p.evaluate, model=pp.keras_model, ingested_dir=pp.ingested,
+                                   split=pp.split, metrics_out=pp.metrics, plots_dir=pp.plots),
+        ),
+        Stage(
+            "gate", "medops.gate", ("gate",),
+            lambda m, p, pp: m.run(p.gate, metrics=pp.metrics, train_result=pp.train_result,
+                                   out=pp.gate),
+        ),
+        Stage(
+            "export", "medops.export", ("export",),
+            lambda m, p, pp: m.run(p.export, model=pp.keras_model, ingested_dir=pp.ingested,
+                                   split=pp.split, train_result=pp.train_result,
+                                   onnx_out=pp.onnx_model, result_out=pp.export_result),
+        ),
+    )
+}
+
+
+def run_stage(name: str, params: Params, paths: ProjectPaths) -> dict[str, Any]:
+    """Run one stage and write its result as JSON to ``paths.stage_result(name)``."""
+    try:
+        stage = STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
+    result = stage.run(params, paths)
+    payload = result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
+    out = paths.stage_result(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return payload
+
+
+def read_stage_result(name: str, paths: ProjectPaths) -> dict[str, Any]:
+    path: Path = paths.stage_result(name)
+    return json.loads(path.read_text())
