@@ -29,6 +29,10 @@ class ExportParityError(MedopsError):
     """The exported ONNX model does not reproduce the Keras model's outputs."""
 
 
+class SplitError(MedopsError):
+    """The train/val/test split cannot be made or would leak a patient across splits."""
+
+
 class GateRejectedError(MedopsError):
     """Deployment was asked for a model the gate did not pass."""
 
