@@ -1,0 +1,38 @@
+# medops: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medops-setup
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast down repro clean-state
+
+## setup: create or update the virtual environment (.venv) with pinned versions
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e ".[test]"
+	@touch $(STAMP)
+
+## demo: data -> DVC -> quality -> train -> gate -> Triton, with the Prefect UI; leaves servers up
+demo: setup
+	$(VENV)/bin/medops demo
+
+## down: stop what `make demo` started (by recorded pids)
+down:
+	@if [ -x $(VENV)/bin/medops ]; then $(VENV)/bin/medops down; else echo "nothing to stop (no .venv)"; fi
+
+## test: the whole test suite (unit, contract, integration, end to end)
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## test-fast: everything but the tests marked slow
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## repro: reproduce the pipeline with DVC (same stages, same code, params.yaml)
+repro: setup
+	source $(VENV)/bin/activate && dvc repro

@@ -1,0 +1,5 @@
+import sys
+
+from medops.cli import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""What ``make demo`` and ``make down`` do: start the local services, run the training flow against
+them, serve the flow as a Prefect deployment, and stop it all again by recorded process ids.
+
+Orchestration only: every step calls the one implementation elsewhere in medops (synth, the
+Prefect server launcher, the Triton launcher, the flow). Run twice, it reuses the running servers,
+the generated data and DVC's cache, so unchanged stages are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from medops.config import Params
+from medops.errors import MedopsError
+from medops.paths import BUNDLED_DATASET, ProjectPaths
+
+DEPLOYMENT_PID = "flow-serve.pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    # a zombie child still answers kill(0); treat it as gone
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        return status != "Z"
+    except OSError:
+        return True
+
+
+def _read_pid(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def _service_env(paths: ProjectPaths, params: Params) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PREFECT_API_URL"] = params.prefect.api_url
+    env["MEDOPS_ROOT"] = str(paths.root)
+    # the flow's `dvc repro` runs `medops stage NAME`: the venv's bin must come first on PATH
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def ensure_raw_data(paths: ProjectPaths, params: Params) -> bool:
+    """Generate the demo's hospital export (data/raw) from the bundled dataset if it is missing."""
+    if paths.manifest.is_file() and paths.raw_dicom.is_dir():
+        return False
+    from medops.dicom import synth
+
+    synth.run(params.synth, source_npz=BUNDLED_DATASET, out_dir=paths.raw)
+    return True
+
+
+def start_services(paths: ProjectPaths, params: Params) -> list[str]:
+    """Start (or reuse) the Prefect server and the embedded Triton; returns what it did."""
+    from medops.prefect_server import start_prefect
+    from medops.serving.server import server_status, start_server
+
+    lines = []
+    info = start_prefect(params.prefect, state_dir=paths.state)
+    lines.append(f"Prefect server: {params.prefect.ui_url} (pid {info.pid})")
+    cfg = params.serving
+    status = server_status(paths.state)
+    if getattr(status, "running", False):
+        lines.append(f"Triton already running (pid {status.pid})")
+    else:
+        tinfo = start_server(cfg, repository=cfg.repository_path(paths.root), state_dir=paths.state)
+        lines.append(f"Triton: HTTP {cfg.http_url}, gRPC {cfg.grpc_url}, metrics "
+                     f"{cfg.host}:{cfg.metrics_port} (pid {tinfo.pid})")
+    return lines
+
+
+def start_deployment_server(paths: ProjectPaths, params: Params) -> str:
+    """Serve the training flow as a Prefect deployment in a background process (reused if alive)."""
+    pidfile = paths.run_dir / DEPLOYMENT_PID
+    pid = _read_pid(pidfile)
+    if pid:
+        return f"deployment already served (pid {pid})"
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    log = open(paths.logs / "flow-serve.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.serve"],
+        cwd=paths.root, env=_service_env(paths, params),
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    pidfile.write_text(f"{proc.pid}\n")
+    time.sleep(3)
+    if proc.poll() is not None:
+        tail = (paths.logs / "flow-serve.log").read_text(errors="replace")[-2000:]
+        raise MedopsError(f"serving the flow as a deployment failed:\n{tail}")
+    return f"deployment training-pipeline/{params.prefect.deployment_name} served (pid {proc.pid})"
+
+
+def run_training_flow(paths: ProjectPaths, params: Params) -> None:
+    """Run the training-pipeline flow once, recorded by the running Prefect server."""
+    code = (
+        "import json; from flows.training import training_pipeline; "
+        f"print(json.dumps(training_pipeline(project_root={str(paths.root)!r}), default=str, indent=2))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=paths.root, env=_service_env(paths, params))
+    if proc.returncode != 0:
+        raise MedopsError(f"the training flow failed (exit {proc.returncode}); see its output above "
+                          f"and the run in the Prefect UI at {params.prefect.ui_url}")
+
+
+def sample_dicom(paths: ProjectPaths) -> Path | None:
+    """A file from the official test split, for the `medops predict` line the demo prints."""
+    import csv
+
+    try:
+        with paths.manifest.open() as fh:
+            for row in csv.DictReader(fh):
+                if row.get("split") == "test":
+                    return paths.raw_dicom / row["path"]
+    except OSError:
+        return None
+    return None
+
+
+def run_demo(paths: ProjectPaths, params: Params) -> str:
+    if not (paths.root / ".git").exists():
+        raise MedopsError(f"{paths.root} is not a git repository: DVC needs one (clone medops with git)")
+    lines = []
+    if ensure_raw_data(paths, params):
+        lines.append(f"generated the demo DICOM studies in {paths.raw_dicom}")
+    lines += start_services(paths, params)
+    for line in lines:
+        print(line, flush=True)
+    run_training_flow(paths, params)
+    lines.append(start_deployment_server(paths, params))
+    sample = sample_dicom(paths)
+    rel = sample.relative_to(paths.root) if sample else "path/to/file.dcm"
+    return "\n".join([
+        "",
+        "medops demo is up.",
+        *[f"  {line}" for line in lines],
+        f"  Prefect UI:  {params.prefect.ui_url}  (flow runs, artifacts; start "
+        f"'training-pipeline/{params.prefect.deployment_name}' with edited parameters)",
+        f"  Data Docs:   {paths.quality_dir / 'data_docs' / 'index.html'}",
+        "  Reproduce:   . .venv/bin/activate && dvc status && dvc repro",
+        f"  Try it:      .venv/bin/medops predict {rel}",
+        "  Stop it:     make down",
+    ])
+
+
+def stop_services(paths: ProjectPaths) -> list[str]:
+    """Stop the deployment server, Triton and Prefect, by the pids recorded when they started."""
+    from medops.prefect_server import stop_prefect
+    from medops.serving.server import stop_server
+
+    out = []
+    pidfile = paths.run_dir / DEPLOYMENT_PID
+    pid = _read_pid(pidfile)
+    if pid:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        for _ in range(50):
+            if not _pid_alive(pid):
+                break
+            time.sleep(0.2)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+        out.append(f"stopped the deployment server (pid {pid})")
+    pidfile.unlink(missing_ok=True)
+    out.append("stopped Triton" if stop_server(paths.state) else "Triton was not running")
+    out.append("stopped the Prefect server" if stop_prefect(paths.state) else "Prefect server was not running")
+    return out

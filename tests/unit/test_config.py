@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from medops.config import Params, load_params, update_params_file
+from medops.errors import ConfigError
+
+
+def test_repo_params_validate(params):
+    assert isinstance(params, Params)
+    assert params.serving.host == "127.0.0.1"  # safe by default
+
+
+def test_typo_in_params_fails_with_the_key(tmp_path, repo_root):
+    p = tmp_path / "params.yaml"
+    p.write_text((repo_root / "params.yaml").read_text().replace("epochs:", "epoch:"))
+    with pytest.raises(ConfigError, match=r"train\.epoch"):
+        load_params(p)
+
+
+def test_bad_value_fails(tmp_path, repo_root):
+    p = tmp_path / "params.yaml"
+    p.write_text((repo_root / "params.yaml").read_text().replace("learning_rate: 0.001", "learning_rate: -1"))
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_params(p)
+
+
+def test_update_params_file_keeps_comments_and_validates(tmp_path, repo_root):
+    p = tmp_path / "params.yaml"
+    shutil.copy(repo_root / "params.yaml", p)
+    params = update_params_file(p, {"train": {"epochs": 2}, "gate": {"min_auc": 0.9}})
+    assert params.train.epochs == 2 and params.gate.min_auc == 0.9
+    text = p.read_text()
+    assert "# medops pipeline settings" in text
+    assert load_params(p).train.epochs == 2
+    before = p.read_text()
+    with pytest.raises(ConfigError):
+        update_params_file(p, {"train": {"epochs": 0}})
+    assert p.read_text() == before  # an invalid override never reaches the file
+    with pytest.raises(ConfigError, match="unknown params section"):
+        update_params_file(p, {"trian": {"epochs": 3}})
