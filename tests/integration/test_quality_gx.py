@@ -1,0 +1,161 @@
+"""The quality stage on metadata tables built from the bundled PneumoniaMNIST images, through a real
+Great Expectations checkpoint (Data Docs written to disk)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medops import quality
+from medops.config import QualityConfig
+from medops.data import METADATA_COLUMNS, shard_path
+from medops.errors import DataQualityError
+from medops.paths import BUNDLED_DATASET
+
+N_IMAGES = 120
+
+
+def build_ingested(folder: Path, n: int = N_IMAGES) -> pd.DataFrame:
+    """An ingest output folder (shard + metadata.parquet) from the first ``n`` bundled train images.
+
+    The pixel statistics are computed from the real images, as ingest computes them.
+    """
+    with np.load(BUNDLED_DATASET) as data:
+        images = data["train_images"][:n].astype(np.float32) / 255.0
+        labels = data["train_labels"][:n, 0]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = shard_path(folder, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, images)
+    table = pd.DataFrame(
+        {
+            "sop_instance_uid": [f"2.25.{1000 + i}" for i in range(n)],
+            "study_instance_uid": [f"2.25.{5000 + i}" for i in range(n)],
+            "series_instance_uid": [f"2.25.{9000 + i}" for i in range(n)],
+            "patient_id": [f"PSEUDO-{i // 3:04d}" for i in range(n)],
+            "patient_sex": [("M", "F", None)[i % 3] for i in range(n)],
+            "patient_age": pd.array([i % 12 for i in range(n)], dtype="Int64"),
+            "modality": "CR",
+            "rows": 28,
+            "columns": 28,
+            "label": pd.array(labels, dtype="Int64"),
+            "manifest_split": "train",
+            "pixel_mean": images.mean(axis=(1, 2)).astype(float),
+            "pixel_std": images.std(axis=(1, 2)).astype(float),
+            "pixel_min": images.min(axis=(1, 2)).astype(float),
+            "pixel_max": images.max(axis=(1, 2)).astype(float),
+            "content_sha256": [f"{i:064x}" for i in range(n)],
+            "deid_path": [f"dicom/{i:05d}.dcm" for i in range(n)],
+            "shard": 0,
+            "shard_index": np.arange(n),
+        }
+    )
+    assert tuple(table.columns) == METADATA_COLUMNS
+    table.to_parquet(folder / "metadata.parquet", index=False)
+    return table
+
+
+def test_good_table_passes_and_writes_data_docs(tmp_path: Path) -> None:
+    build_ingested(tmp_path / "ingested")
+    out = tmp_path / "quality"
+
+    result = quality.run(QualityConfig(), ingested_dir=tmp_path / "ingested", out_dir=out)
+
+    assert result.success and result.critical_failures == []
+    assert result.n_rows == N_IMAGES
+    assert result.n_passed == result.n_expectations == len(quality.build_expectations(QualityConfig()))
+    index = out / "data_docs" / "index.html"
+    assert index.is_file() and Path(result.data_docs) == index
+    # the validation page itself was rendered, not just an empty index
+    pages = list((out / "data_docs" / "validations").rglob("*.html"))
+    assert pages, "UpdateDataDocsAction wrote no validation page"
+    page = pages[0].read_text()
+    assert "sop_instance_uid" in page and "must never be null" in page
+    report = json.loads((out / "result.json").read_text())
+    assert report["success"] is True
+    by_type_col = {(e["type"], e["column"]): e for e in report["expectations"]}
+    rows = by_type_col[("expect_table_row_count_to_be_between", None)]
+    assert rows["observed_value"] == N_IMAGES and rows["critical"] is True
+    sex = by_type_col[("expect_column_values_to_be_in_set", "patient_sex")]
+    assert sex["critical"] is False and sex["unexpected_count"] == 0  # nulls allowed
+    mean = by_type_col[("expect_column_mean_to_be_between", "pixel_mean")]
+    assert mean["observed_value"] == pytest.approx(
+        pd.read_parquet(tmp_path / "ingested" / "metadata.parquet")["pixel_mean"].mean())
+
+
+def test_bad_table_fails_naming_check_column_and_figure(tmp_path: Path) -> None:
+    ingested = tmp_path / "ingested"
+    table = build_ingested(ingested)
+    table.loc[:11, "patient_id"] = None                      # 12 nulls
+    table.loc[5, "sop_instance_uid"] = table.loc[6, "sop_instance_uid"]  # a duplicate pair
+    table["pixel_mean"] = 0.99                               # every image saturated
+    table.to_parquet(ingested / "metadata.parquet", index=False)
+    out = tmp_path / "quality"
+
+    with pytest.raises(DataQualityError) as err:
+        quality.run(QualityConfig(), ingested_dir=ingested, out_dir=out)
+
+    message = str(err.value)
+    assert (f"expect_column_values_to_not_be_null failed on metadata.patient_id: "
+            f"12 of {N_IMAGES:,} rows") in message
+    assert "expect_column_values_to_be_unique failed on metadata.sop_instance_uid: 2 of" in message
+    assert "expect_column_mean_to_be_between failed on metadata.pixel_mean: 0.99" in message
+    assert "(critical)" in message
+    # the report and the docs are written before the stage fails, for inspection
+    report = json.loads((out / "result.json").read_text())
+    assert report["success"] is False and len(report["critical_failures"]) == 3
+    assert any("metadata.pixel_mean" in w and "(warning)" in w for w in report["warnings"])
+    assert (out / "data_docs" / "index.html").is_file()
+
+
+def test_warnings_are_reported_not_fatal(tmp_path: Path) -> None:
+    ingested = tmp_path / "ingested"
+    table = build_ingested(ingested)
+    table.loc[:2, "patient_sex"] = "X"  # not a PS3.3 C.7.1.1 PatientSex code
+    table.to_parquet(ingested / "metadata.parquet", index=False)
+
+    result = quality.run(QualityConfig(), ingested_dir=ingested, out_dir=tmp_path / "q")
+
+    assert result.success
+    assert result.warnings == [
+        "expect_column_values_to_be_in_set failed on metadata.patient_sex: "
+        f"3 of {N_IMAGES:,} rows, expected values in {{M, F, O}} or null (warning)"
+    ]
+
+
+def test_small_table_missing_column_and_bad_labels(tmp_path: Path) -> None:
+    ingested = tmp_path / "ingested"
+    table = build_ingested(ingested, n=20)
+    table["label"] = pd.array([0, 1, 2, None] * 5, dtype="Int64")
+    table.drop(columns=["content_sha256"]).to_parquet(ingested / "metadata.parquet", index=False)
+
+    with pytest.raises(DataQualityError) as err:
+        quality.run(QualityConfig(min_rows=50), ingested_dir=ingested, out_dir=tmp_path / "q")
+
+    message = str(err.value)
+    assert "expect_table_row_count_to_be_between failed on metadata: 20, expected >= 50 rows" in message
+    assert "expect_table_columns_to_match_set failed on metadata: missing content_sha256" in message
+    assert "expect_column_values_to_be_in_set failed on metadata.label: 5 of" in message
+    assert "expect_column_values_to_not_be_null failed on metadata.label: 5 of 20 rows" in message
+
+
+def test_label_null_fraction_is_a_parameter(tmp_path: Path) -> None:
+    ingested = tmp_path / "ingested"
+    table = build_ingested(ingested, n=60)
+    table.loc[:2, "label"] = pd.NA  # 3 of 60 = 5 %
+    table.to_parquet(ingested / "metadata.parquet", index=False)
+
+    assert quality.run(QualityConfig(max_label_null_fraction=0.1), ingested_dir=ingested,
+                       out_dir=tmp_path / "a").success
+    with pytest.raises(DataQualityError, match=r"metadata\.label: 3 of 60 rows, expected null fraction <= 0\.01"):
+        quality.run(QualityConfig(max_label_null_fraction=0.01), ingested_dir=ingested,
+                    out_dir=tmp_path / "b")
+
+
+def test_missing_table_is_a_stage_error(tmp_path: Path) -> None:
+    with pytest.raises(DataQualityError, match="no metadata table"):
+        quality.run(QualityConfig(), ingested_dir=tmp_path / "nothing", out_dir=tmp_path / "q")
