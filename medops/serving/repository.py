@@ -1,0 +1,98 @@
+"""Triton model repositories: the embedded one medops serves from, and the production template.
+
+Layout (Triton's): ``<repo>/<name>/config.pbtxt`` and numbered version folders
+``<repo>/<name>/<N>/model.onnx``; the embedded flavour adds ``<N>/model.py`` (the Python-backend
+classifier). A new version is ``max(existing) + 1`` and is written beside the old ones, never over
+them, so the version a server is answering with stays on disk until it is unloaded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from medops.serving.contract import (
+    ONNX_FILENAME,
+    PYTHON_FILENAME,
+    Flavour,
+    ModelContract,
+    render_config,
+)
+
+BACKENDS_DIR = Path(__file__).resolve().parent / "backends"
+CLASSIFIER_BACKEND = BACKENDS_DIR / "onnx_classifier.py"
+
+# The committed production template (rendered, never hand-edited; a test compares them).
+DEPLOY_REPOSITORY = Path(__file__).resolve().parents[2] / "deploy" / "model_repository"
+
+
+def list_versions(repository: Path, name: str) -> list[int]:
+    """The version numbers present under ``<repository>/<name>``, ascending."""
+    model_dir = Path(repository) / name
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(repository: Path, name: str) -> int:
+    """``max(existing versions) + 1``, or 1 for a new model."""
+    versions = list_versions(repository, name)
+    return versions[-1] + 1 if versions else 1
+
+
+def write_config(contract: ModelContract, repository: Path, flavour: Flavour) -> Path:
+    """Write ``<repository>/<name>/config.pbtxt`` for ``flavour``; returns its path."""
+    model_dir = Path(repository) / contract.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / "config.pbtxt"
+    path.write_text(render_config(contract, flavour))
+    return path
+
+
+def write_version(
+    contract: ModelContract,
+    repository: Path,
+    onnx: Path,
+    *,
+    flavour: Flavour = "embedded",
+    version: int | None = None,
+) -> tuple[int, Path]:
+    """Copy ``onnx`` into a new version folder and (re)write the model's config.pbtxt.
+
+    Args:
+        contract: the model contract (its name is the folder name).
+        repository: the model repository root.
+        onnx: the exported ONNX file.
+        flavour: "embedded" also copies the Python-backend model.py into the version folder.
+        version: the version number; default ``next_version``. An existing one is refused.
+
+    Returns:
+        ``(version, version_dir)``.
+    """
+    onnx = Path(onnx)
+    if not onnx.is_file():
+        raise FileNotFoundError(f"no ONNX model at {onnx}")
+    version = next_version(repository, contract.name) if version is None else version
+    version_dir = Path(repository) / contract.name / str(version)
+    if version_dir.exists():
+        raise FileExistsError(f"model version folder {version_dir} already exists")
+    # Write into a hidden folder, then rename: Triton never sees a half-copied version.
+    staging = version_dir.with_name(f".{version}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copyfile(onnx, staging / ONNX_FILENAME)
+    if flavour == "embedded":
+        shutil.copyfile(CLASSIFIER_BACKEND, staging / PYTHON_FILENAME)
+    staging.rename(version_dir)
+    write_config(contract, repository, flavour)
+    return version, version_dir
+
+
+def remove_version(repository: Path, name: str, version: int) -> None:
+    """Delete one version folder (used when a freshly written version failed to load)."""
+    shutil.rmtree(Path(repository) / name / str(version), ignore_errors=True)
+
+
+def write_production_template(contract: ModelContract, out_dir: Path = DEPLOY_REPOSITORY) -> Path:
+    """Render the production (onnxruntime, GPU) config.pbtxt to ``<out_dir>/<name>/config.pbtxt``."""
+    return write_config(contract, out_dir, "production")

@@ -1,0 +1,149 @@
+"""The Triton contract: both config.pbtxt flavours parse with Triton's own protobuf and agree on
+everything a client sees; the committed production template is the rendering; the Python-backend
+batching logic answers one response per request; the serving/client path imports no TensorFlow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from medops.config import ServingConfig
+from medops.serving.backends.onnx_classifier import classify_batch
+from medops.serving.contract import build_contract, render_config
+from medops.serving.repository import DEPLOY_REPOSITORY
+
+
+def parse(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def client_view(cfg: mc.ModelConfig) -> dict:
+    """Everything a client can observe: name, tensors (name, dtype, dims), batching."""
+    return {
+        "name": cfg.name,
+        "max_batch_size": cfg.max_batch_size,
+        "inputs": [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in cfg.input],
+        "outputs": [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in cfg.output],
+        "preferred": list(cfg.dynamic_batching.preferred_batch_size),
+        "delay_us": cfg.dynamic_batching.max_queue_delay_microseconds,
+        "labels": cfg.parameters["labels"].string_value,
+    }
+
+
+@pytest.fixture
+def contract(params):
+    return build_contract(params.serving, image_size=params.ingest.image_size)
+
+
+def test_both_flavours_parse_and_agree_on_the_client_view(contract, params):
+    prod = parse(render_config(contract, "production"))
+    emb = parse(render_config(contract, "embedded"))
+    assert client_view(prod) == client_view(emb)
+    s = params.ingest.image_size
+    assert client_view(prod) == {
+        "name": params.serving.model_name,
+        "max_batch_size": params.serving.max_batch_size,
+        "inputs": [("image", "TYPE_FP32", [s, s, 1])],
+        "outputs": [("probability", "TYPE_FP32", [1])],
+        "preferred": sorted(params.serving.preferred_batch_sizes),
+        "delay_us": params.serving.max_queue_delay_us,
+        "labels": "normal,pneumonia",
+    }
+
+
+def test_flavours_differ_only_in_backend_and_device(contract):
+    prod = parse(render_config(contract, "production"))
+    emb = parse(render_config(contract, "embedded"))
+    assert (prod.platform, prod.backend) == ("onnxruntime_onnx", "onnxruntime")
+    assert (emb.platform, emb.backend) == ("", "python")
+    assert [g.kind for g in prod.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    assert [g.kind for g in emb.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+
+
+def test_committed_production_template_is_the_rendering(contract):
+    committed = DEPLOY_REPOSITORY / contract.name / "config.pbtxt"
+    assert committed.is_file(), f"missing {committed}; render it with write_production_template()"
+    assert committed.read_text() == render_config(contract, "production"), (
+        "deploy/model_repository is out of date with the contract: re-render it with "
+        "medops.serving.repository.write_production_template(contract)"
+    )
+
+
+def test_contract_follows_settings():
+    cfg = ServingConfig(model_name="other", max_batch_size=4, preferred_batch_sizes=[4, 2],
+                        max_queue_delay_us=0)
+    view = client_view(parse(render_config(build_contract(cfg, image_size=64), "embedded")))
+    assert view["name"] == "other"
+    assert view["inputs"] == [("image", "TYPE_FP32", [64, 64, 1])]
+    assert view["preferred"] == [2, 4]
+    assert view["max_batch_size"] == 4
+
+
+def test_preferred_batch_larger_than_max_is_refused():
+    cfg = ServingConfig(max_batch_size=8, preferred_batch_sizes=[8, 16])
+    with pytest.raises(ValueError, match=r"preferred_batch_sizes \[16\].*max_batch_size \(8\)"):
+        build_contract(cfg, image_size=28)
+
+
+def test_unknown_flavour_is_refused(contract):
+    with pytest.raises(ValueError, match="unknown config flavour 'gpu'"):
+        render_config(contract, "gpu")  # type: ignore[arg-type]
+
+
+# -- the Python-backend model: one session.run per batch, one answer per request ------------------
+
+def mean_model(batch: np.ndarray) -> np.ndarray:
+    return batch.reshape(len(batch), -1).mean(axis=1, keepdims=True)
+
+
+def test_classify_batch_runs_all_requests_at_once_and_splits_answers():
+    calls = []
+
+    def run(batch):
+        calls.append(batch.shape)
+        return mean_model(batch)
+
+    reqs = [np.full((2, 4, 4, 1), 0.25, np.float32), np.full((1, 4, 4, 1), 0.75, np.float32),
+            np.full((3, 4, 4, 1), 1.0, np.float32)]
+    answers = classify_batch(run, reqs, (4, 4, 1))
+    assert calls == [(6, 4, 4, 1)]
+    assert [a.shape for a in answers] == [(2, 1), (1, 1), (3, 1)]
+    np.testing.assert_allclose(answers[0], 0.25)
+    np.testing.assert_allclose(answers[1], 0.75)
+    np.testing.assert_allclose(answers[2], 1.0)
+
+
+def test_classify_batch_answers_a_bad_request_with_an_error_and_the_rest_normally():
+    reqs = [np.zeros((1, 4, 4, 1), np.float32), np.zeros((1, 5, 5, 1), np.float32),
+            np.full((1, 4, 4, 1), np.nan, np.float32), np.ones((2, 4, 4, 1), np.float32)]
+    answers = classify_batch(mean_model, reqs, (4, 4, 1))
+    assert len(answers) == 4
+    assert "shape [1, 5, 5, 1], expected [-1, 4, 4, 1]" in answers[1]
+    assert "NaN" in answers[2]
+    np.testing.assert_allclose(answers[0], [[0.0]])
+    np.testing.assert_allclose(answers[3], [[1.0], [1.0]])
+
+
+def test_classify_batch_turns_a_failing_run_into_errors_not_an_exception():
+    def broken(batch):
+        raise RuntimeError("onnxruntime exploded")
+
+    answers = classify_batch(broken, [np.zeros((1, 4, 4, 1), np.float32)] * 2, (4, 4, 1))
+    assert answers == ["inference failed: RuntimeError: onnxruntime exploded"] * 2
+
+
+# -- import weight ----------------------------------------------------------------------------------
+
+def test_serving_contract_and_client_import_without_tensorflow_or_tritonclient():
+    code = (
+        "import sys\n"
+        "import medops.serving.contract, medops.client, medops.serving.backends.onnx_classifier\n"
+        "bad = [m for m in ('tensorflow', 'keras', 'tritonclient') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
