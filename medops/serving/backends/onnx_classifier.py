@@ -12,6 +12,7 @@ Needs only numpy and onnxruntime.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
 
@@ -79,6 +80,14 @@ class TritonPythonModel:
         )
         shape = self.session.get_inputs()[0].shape
         self.item_shape = tuple(int(d) for d in shape[1:])
+        # Fail the load (Triton keeps serving the previous version) rather than every request.
+        config = json.loads(args["model_config"])
+        declared = next(i for i in config["input"] if i["name"] == INPUT_NAME)
+        if tuple(int(d) for d in declared["dims"]) != self.item_shape:
+            raise ValueError(
+                f"model.onnx input {INPUT_NAME!r} has item shape {list(self.item_shape)}, "
+                f"config.pbtxt declares {declared['dims']}"
+            )
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]

@@ -1,0 +1,379 @@
+"""The embedded Triton server: the real ``tritonserver`` from the nvidia-pytriton wheel, on the CPU.
+
+The wheel ships tritonserver 2.51 with only the Python backend. What it needs to run here
+(measured, see the project notes): a backend folder of our own holding the Python backend and the
+stub built for the running interpreter; ``LD_LIBRARY_PATH`` with the wheel's bundled libraries and
+this interpreter's ``libpython``; this environment's ``bin`` first on ``PATH`` so the stub sees
+its packages.
+
+The server runs in its own process session, logs to ``<state>/logs/triton.log``, and is tracked
+by ``<state>/run/triton.pid`` (plus ``triton.json`` with its ports), so ``stop_server`` and
+``server_status`` work from any later process, e.g. ``medops serve stop``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from medops.config import ServingConfig
+from medops.errors import ServingError
+
+PID_FILE = "triton.pid"
+INFO_FILE = "triton.json"
+LOG_FILE = "triton.log"
+
+
+class ServerInfo(BaseModel):
+    """A started embedded Triton: where it listens and where its files are."""
+
+    pid: int
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    repository: str
+    log_file: str
+    started_at: str
+
+    @property
+    def http_url(self) -> str:
+        return f"{_url_host(self.host)}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{_url_host(self.host)}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.metrics_port}/metrics"
+
+
+class ServerStatus(BaseModel):
+    running: bool
+    ready: bool
+    info: ServerInfo | None = None
+    detail: str = ""
+
+
+def _url_host(host: str) -> str:
+    # A server bound to all interfaces is reached on loopback from this machine.
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+def _pytriton_dir() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:  # pragma: no cover - a dependency of medops
+        raise ServingError("nvidia-pytriton is not installed; it ships the tritonserver binary") from exc
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def tritonserver_binary() -> Path:
+    """The ``tritonserver`` executable shipped in the nvidia-pytriton wheel."""
+    path = _pytriton_dir() / "bin" / "tritonserver"
+    if not path.is_file():
+        raise ServingError(f"tritonserver binary not found at {path}")
+    return path
+
+
+def prepare_backends(state_dir: Path) -> Path:
+    """Assemble ``<state>/triton/backends/python`` (backend, utils, stub for this interpreter).
+
+    Returns the backend directory to pass as ``--backend-directory``.
+    """
+    src = _pytriton_dir()
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = src / "python_backend_stubs" / pyver / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServingError(f"nvidia-pytriton has no Python-backend stub for Python {pyver} ({stub})")
+    backends = Path(state_dir) / "triton" / "backends"
+    dest = backends / "python"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in (src / "backends" / "python" / "libtriton_python.so",
+              src / "backends" / "python" / "triton_python_backend_utils.py",
+              stub):
+        target = dest / f.name
+        if not target.exists() or target.stat().st_size != f.stat().st_size:
+            shutil.copy2(f, target)
+    return backends
+
+
+def server_environment() -> dict[str, str]:
+    """The environment tritonserver and its Python stubs need (see the module docstring)."""
+    env = dict(os.environ)
+    site = _pytriton_dir().parent.parent  # site-packages
+    libs = [str(site / "nvidia_pytriton.libs"), str(sysconfig.get_config_var("LIBDIR"))]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def build_command(cfg: ServingConfig, *, repository: Path, backends: Path) -> list[str]:
+    """The tritonserver command line for ``cfg``."""
+    cmd = [
+        str(tritonserver_binary()),
+        f"--model-repository={repository}",
+        f"--backend-directory={backends}",
+        "--model-control-mode=explicit",
+        f"--http-address={cfg.host}",
+        f"--http-port={cfg.http_port}",
+        f"--grpc-address={cfg.host}",
+        f"--grpc-port={cfg.grpc_port}",
+        f"--metrics-address={cfg.host}",
+        f"--metrics-port={cfg.metrics_port}",
+        # Clients that forget to close would otherwise hold shutdown for the default 30 s.
+        "--exit-timeout-secs=5",
+        "--log-verbose=0",
+    ]
+    # Explicit mode loads nothing by itself: serve what earlier deploys left in the repository.
+    if any((p / "config.pbtxt").is_file() for p in Path(repository).glob("*")):
+        cmd.append("--load-model=*")
+    return cmd
+
+
+def _run_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / "run"
+
+
+def _log_path(state_dir: Path) -> Path:
+    return Path(state_dir) / "logs" / LOG_FILE
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process; reaps it if it is our exited child."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: the checks below decide
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _is_tritonserver(pid: int) -> bool:
+    """Guard against a recycled pid: the recorded pid must still be a tritonserver."""
+    try:
+        return b"tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid_alive(pid)
+
+
+def read_info(state_dir: Path) -> ServerInfo | None:
+    """The recorded server, or None when there is no record."""
+    path = _run_dir(state_dir) / INFO_FILE
+    pid_file = _run_dir(state_dir) / PID_FILE
+    if not pid_file.is_file():
+        return None
+    try:
+        pid = int(pid_file.read_text().strip())
+        info = ServerInfo.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if info.pid == pid else info.model_copy(update={"pid": pid})
+
+
+def _clear_record(state_dir: Path) -> None:
+    for name in (PID_FILE, INFO_FILE):
+        (_run_dir(state_dir) / name).unlink(missing_ok=True)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound (something already listens there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise
+    return False
+
+
+def log_tail(state_dir: Path, lines: int = 15) -> str:
+    """The last log lines of the latest start, Triton's error lines first, its tables left out."""
+    try:
+        text = _log_path(state_dir).read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    text = text.rsplit("=== medops: ", 1)[-1]
+    kept = [ln for ln in text.splitlines()[1:] if ln.strip() and ln[:1] not in "|+"]
+    tail = kept[-lines:]
+    errors = [ln for ln in kept[:-lines] if _ERROR_LINE.match(ln)][-5:]
+    return "\n".join(errors + tail)
+
+
+_ERROR_LINE = re.compile(r"^(E\d{4} |error:)")
+
+
+def is_ready(info: ServerInfo, *, timeout: float = 2.0) -> bool:
+    """Whether the server answers ``/v2/health/ready`` with success."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(info.http_url, connection_timeout=timeout,
+                                              network_timeout=timeout)
+    try:
+        return bool(client.is_server_ready())
+    except Exception:  # noqa: BLE001 - any failure to answer means not ready
+        return False
+    finally:
+        client.close()
+
+
+def wait_ready(info: ServerInfo, *, state_dir: Path, timeout: float) -> None:
+    """Block until the server is ready; ServingError (with the log tail) if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(info.pid):
+            _clear_record(state_dir)
+            raise ServingError(
+                f"tritonserver (pid {info.pid}) exited during startup; last log lines of "
+                f"{info.log_file}:\n{log_tail(state_dir)}"
+            )
+        if is_ready(info):
+            return
+        time.sleep(0.25)
+    raise ServingError(
+        f"tritonserver (pid {info.pid}) not ready on {info.http_url} after {timeout:g} s "
+        f"(serving.startup_timeout_s); last log lines of {info.log_file}:\n{log_tail(state_dir)}"
+    )
+
+
+def start_server(
+    cfg: ServingConfig, *, repository: Path, state_dir: Path, wait: bool = True
+) -> ServerInfo:
+    """Start the embedded tritonserver in the background and (by default) wait until it is ready.
+
+    Args:
+        cfg: serving settings (host, ports, startup timeout).
+        repository: the model repository to serve (created if missing).
+        state_dir: where the backend folder, ``run/triton.pid`` and ``logs/triton.log`` go.
+        wait: wait for readiness (``cfg.startup_timeout_s``); on failure the server is stopped.
+
+    Raises:
+        ServingError: one is already running for ``state_dir``, a port is taken, or it did not
+            become ready (the message carries the log tail).
+    """
+    state_dir = Path(state_dir).resolve()
+    repository = Path(repository).resolve()
+    existing = read_info(state_dir)
+    if existing is not None:
+        if pid_alive(existing.pid) and _is_tritonserver(existing.pid):
+            raise ServingError(
+                f"Triton is already running (pid {existing.pid}, http {existing.http_url}, "
+                f"grpc {existing.grpc_url}); stop it first with `medops serve stop`"
+            )
+        _clear_record(state_dir)  # stale record of a server that has gone
+    taken = [f"{name} {port}" for name, port in (("http", cfg.http_port), ("grpc", cfg.grpc_port),
+                                                 ("metrics", cfg.metrics_port))
+             if port_in_use(cfg.host, port)]
+    if taken:
+        raise ServingError(
+            f"cannot start Triton on {cfg.host}: port already in use ({', '.join(taken)}); "
+            "is another Triton already running? Stop it or choose other serving.*_port values"
+        )
+    repository.mkdir(parents=True, exist_ok=True)
+    backends = prepare_backends(state_dir)
+    cmd = build_command(cfg, repository=repository, backends=backends)
+    log_path = _log_path(state_dir)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    _run_dir(state_dir).mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== medops: {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=server_environment(), cwd=state_dir, start_new_session=True,
+        )
+    info = ServerInfo(
+        pid=proc.pid, host=cfg.host, http_port=cfg.http_port, grpc_port=cfg.grpc_port,
+        metrics_port=cfg.metrics_port, repository=str(repository), log_file=str(log_path),
+        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    (_run_dir(state_dir) / PID_FILE).write_text(f"{proc.pid}\n")
+    (_run_dir(state_dir) / INFO_FILE).write_text(info.model_dump_json(indent=2) + "\n")
+    if wait:
+        try:
+            wait_ready(info, state_dir=state_dir, timeout=cfg.startup_timeout_s)
+        except ServingError:
+            stop_server(state_dir)
+            raise
+    return info
+
+
+def stop_server(state_dir: Path, *, timeout: float = 15.0) -> bool:
+    """Stop the server recorded under ``state_dir``: SIGTERM, then SIGKILL after ``timeout`` s.
+
+    Returns:
+        True if a running server was stopped, False if none was running.
+    """
+    state_dir = Path(state_dir).resolve()
+    info = read_info(state_dir)
+    if info is None:
+        _clear_record(state_dir)  # a pid file without its info file is no server we can stop
+        return False
+    pid = info.pid
+    if not (pid_alive(pid) and _is_tritonserver(pid)):
+        _clear_record(state_dir)
+        return False
+    # SIGTERM the server alone so it unloads models and ends its backend stubs itself; only a
+    # server that ignores it gets SIGKILL for its whole session (it leads one), stubs included.
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid):
+        _signal_group(pid, signal.SIGKILL)
+        while pid_alive(pid) and time.monotonic() < deadline + 5:
+            time.sleep(0.1)
+    _clear_record(state_dir)
+    return True
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def server_status(state_dir: Path) -> ServerStatus:
+    """Whether the recorded server is running and ready."""
+    info = read_info(Path(state_dir).resolve())
+    if info is None:
+        return ServerStatus(running=False, ready=False, detail="no server recorded")
+    if not (pid_alive(info.pid) and _is_tritonserver(info.pid)):
+        return ServerStatus(running=False, ready=False, info=info,
+                            detail=f"recorded pid {info.pid} is not running")
+    ready = is_ready(info)
+    return ServerStatus(running=True, ready=ready, info=info,
+                        detail="ready" if ready else "running, not ready")

@@ -1,0 +1,96 @@
+"""The embedded tritonserver's lifecycle: start, refuse a second start, status, stop by pid."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from conftest import free_port
+from medops.config import ServingConfig
+from medops.errors import ServingError
+from medops.serving.server import (
+    build_command,
+    port_in_use,
+    prepare_backends,
+    read_info,
+    server_status,
+    start_server,
+    stop_server,
+)
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+
+
+def serving_cfg(**extra) -> ServingConfig:
+    return ServingConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                         startup_timeout_s=60, **extra)
+
+
+def test_start_refuse_second_status_stop(tmp_path):
+    cfg, state = serving_cfg(), tmp_path / "state"
+    info = start_server(cfg, repository=tmp_path / "repo", state_dir=state)
+    try:
+        assert (state / "run" / "triton.pid").read_text().strip() == str(info.pid)
+        assert read_info(state) == info
+        status = server_status(state)
+        assert status.running and status.ready
+        assert port_in_use(cfg.host, cfg.http_port) and port_in_use(cfg.host, cfg.grpc_port)
+
+        with pytest.raises(ServingError, match=rf"already running \(pid {info.pid}"):
+            start_server(cfg, repository=tmp_path / "repo", state_dir=state)
+
+        # Another state dir, same ports: the clash is named instead of an obscure bind failure.
+        with pytest.raises(ServingError, match=rf"port already in use \(http {cfg.http_port}"):
+            start_server(cfg, repository=tmp_path / "repo", state_dir=tmp_path / "other")
+    finally:
+        stopped = stop_server(state)
+    assert stopped
+    with pytest.raises(ProcessLookupError):
+        os.kill(info.pid, 0)
+    assert not (state / "run" / "triton.pid").exists()
+    for port in (cfg.http_port, cfg.grpc_port, cfg.metrics_port):
+        assert not port_in_use(cfg.host, port), f"port {port} still bound after stop"
+    assert not server_status(state).running
+    assert stop_server(state) is False
+
+
+def test_a_stale_pid_file_is_cleared(tmp_path):
+    state = tmp_path / "state"
+    (state / "run").mkdir(parents=True)
+    (state / "run" / "triton.pid").write_text("999999999\n")
+    assert not server_status(state).running
+    assert stop_server(state) is False
+    assert not (state / "run" / "triton.pid").exists()
+
+
+def test_a_server_that_dies_at_startup_reports_its_log(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "broken").mkdir(parents=True)
+    (repo / "broken" / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\n')
+    state = tmp_path / "state"
+    with pytest.raises(ServingError, match="exited during startup") as err:
+        start_server(serving_cfg(), repository=repo, state_dir=state)
+    assert "broken" in str(err.value)  # the log tail names the failing model
+    assert not (state / "run" / "triton.pid").exists()
+
+
+def test_command_binds_the_configured_host_and_ports(tmp_path):
+    cfg = serving_cfg(host="127.0.0.1")
+    cmd = build_command(cfg, repository=tmp_path, backends=prepare_backends(tmp_path))
+    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+                 "--metrics-address=127.0.0.1", f"--http-port={cfg.http_port}",
+                 f"--grpc-port={cfg.grpc_port}", f"--metrics-port={cfg.metrics_port}",
+                 "--model-control-mode=explicit"):
+        assert flag in cmd
+    assert "--load-model=*" not in cmd  # empty repository: nothing to load at startup
+    assert {p.name for p in (tmp_path / "triton" / "backends" / "python").iterdir()} == {
+        "libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"}
+
+
+def test_port_in_use_sees_a_listener():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert port_in_use("127.0.0.1", s.getsockname()[1])
