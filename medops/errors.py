@@ -53,3 +53,7 @@ class QuarantineReason(str, Enum):
     BURNED_IN_ANNOTATION = "burned_in_annotation"
     NO_LABEL = "no_label"
     DUPLICATE = "duplicate"
+
+
+class DvcError(MedopsError):
+    """A dvc command failed, or a path is not tracked by DVC; the message ends with dvc's stderr."""

@@ -1,0 +1,179 @@
+"""Thin adapter over the ``dvc`` command: data versioning and stage reproduction for the flows.
+
+Every call runs ``<this python> -m dvc ...`` in the project root, with this interpreter's bin folder
+first on PATH, so that the ``medops stage NAME`` commands in dvc.yaml resolve to the same
+installation that called DVC. DVC's own Python API is not used: the command line is DVC's stable
+interface, and a subprocess keeps DVC's global state (repo locks, logging) out of a long-running
+Prefect worker. A failed command raises DvcError with the tail of dvc's stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from medops.errors import DvcError
+
+STDERR_TAIL_LINES = 20
+
+
+def dvc_env() -> dict[str, str]:
+    """The environment dvc runs in: this interpreter's bin folder first on PATH, no analytics."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)  # not resolved: keep the virtualenv's bin, not the base python's
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def _tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run_dvc(root: Path | str, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``dvc *args`` in ``root`` and return the completed process (output captured as text).
+
+    Raises:
+        DvcError: dvc exited non-zero (the message holds the command and dvc's stderr tail).
+    """
+    cmd = [sys.executable, "-m", "dvc", *args]
+    try:
+        proc = subprocess.run(cmd, cwd=Path(root), env=dvc_env(), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise DvcError(f"`dvc {' '.join(args)}` in {root} ran past {timeout} s") from exc
+    if proc.returncode != 0:
+        detail = _tail(proc.stderr) or _tail(proc.stdout)
+        raise DvcError(f"`dvc {' '.join(args)}` failed in {root} (exit {proc.returncode}):\n{detail}")
+    return proc
+
+
+def _is_git_repo(root: Path) -> bool:
+    proc = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root,
+                          capture_output=True, text=True)
+    return proc.returncode == 0 and proc.stdout.strip() == "true"
+
+
+def init(root: Path | str) -> None:
+    """``dvc init`` in ``root`` unless it already has a .dvc folder. DVC needs a git repository."""
+    root = Path(root)
+    if (root / ".dvc").is_dir():
+        return
+    if not _is_git_repo(root):
+        raise DvcError(f"{root} is not a git repository: run `git init` before initialising DVC")
+    run_dvc(root, "init", "--quiet")
+
+
+def ensure_remote(root: Path | str, name: str, url: str, default: bool = True) -> None:
+    """Add or overwrite remote ``name`` in the project config (.dvc/config).
+
+    A relative local ``url`` is relative to ``root`` (DVC stores it relative to .dvc/).
+    """
+    args = ["remote", "add", "--force"]
+    if default:
+        args.append("--default")
+    run_dvc(root, *args, name, url)
+
+
+def _relative(root: Path, path: Path | str) -> str:
+    path = Path(path)
+    if path.is_absolute():
+        try:
+            path = path.resolve().relative_to(root.resolve())
+        except ValueError:
+            raise DvcError(f"{path} is outside the DVC project at {root}") from None
+    return path.as_posix()
+
+
+def add(root: Path | str, path: Path | str) -> str:
+    """``dvc add path`` (a file or folder inside ``root``); returns its new data version."""
+    root = Path(root)
+    rel = _relative(root, path)
+    run_dvc(root, "add", rel)
+    return data_version(root, rel)
+
+
+def push(root: Path | str, targets: Sequence[str | Path] | None = None, remote: str | None = None) -> str:
+    """``dvc push [targets]`` to the default remote (or ``remote``); returns dvc's summary line."""
+    root = Path(root)
+    args = ["push", *(["--remote", remote] if remote else []), *(_relative(root, t) for t in targets or ())]
+    return _tail(run_dvc(root, *args).stdout, 1)
+
+
+def pull(root: Path | str, targets: Sequence[str | Path] | None = None, remote: str | None = None) -> str:
+    """``dvc pull [targets]`` from the default remote (or ``remote``); returns dvc's summary line."""
+    root = Path(root)
+    args = ["pull", *(["--remote", remote] if remote else []), *(_relative(root, t) for t in targets or ())]
+    return _tail(run_dvc(root, *args).stdout, 1)
+
+
+def repro(root: Path | str, stage: str | None = None, single_item: bool = False,
+          force: bool = False) -> str:
+    """``dvc repro [--single-item] [--force] [stage]``; returns dvc's output.
+
+    ``single_item`` reproduces ``stage`` alone, without checking its upstream stages: the flow runs
+    the stages one task at a time in order, so each task's DVC run records exactly that stage.
+    """
+    args = ["repro"]
+    if single_item:
+        if stage is None:
+            raise ValueError("single_item needs a stage name")
+        args.append("--single-item")
+    if force:
+        args.append("--force")
+    if stage:
+        args.append(stage)
+    proc = run_dvc(root, *args)
+    return proc.stdout
+
+
+def status(root: Path | str, cloud: bool = False) -> dict[str, Any]:
+    """``dvc status --json`` (``--cloud``: against the default remote); ``{}`` when up to date.
+
+    Keys are stage names or .dvc files; values list what changed (see ``dvc status``).
+    """
+    args = ["status", "--json", *(["--cloud"] if cloud else [])]
+    out = run_dvc(root, *args).stdout.strip()
+    # dvc prints the JSON document last; anything before it is a warning line
+    start = out.find("{")
+    if start < 0:
+        return {}
+    try:
+        return json.loads(out[start:])
+    except json.JSONDecodeError as exc:
+        raise DvcError(f"`dvc status --json` in {root} printed no JSON: {_tail(out)}") from exc
+
+
+def data_version(root: Path | str, tracked_path: Path | str) -> str:
+    """The content hash DVC recorded for ``tracked_path``, e.g. ``"3f2a...e1.dir"`` for a folder.
+
+    Read from ``<tracked_path>.dvc`` (``dvc add``) or, failing that, from a stage output in
+    dvc.lock. The hash identifies the data's exact content: training records it as the data version.
+
+    Raises:
+        DvcError: the path is tracked by neither.
+    """
+    root = Path(root)
+    rel = Path(_relative(root, tracked_path))
+    dvc_file = root / rel.parent / f"{rel.name}.dvc"
+    if dvc_file.is_file():
+        doc = yaml.safe_load(dvc_file.read_text()) or {}
+        for out in doc.get("outs", []):
+            if Path(out.get("path", "")) == Path(rel.name) and out.get("md5"):
+                return str(out["md5"])
+        raise DvcError(f"{dvc_file} has no md5 for {rel.name}: run `dvc add {rel.as_posix()}`")
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        doc = yaml.safe_load(lock.read_text()) or {}
+        for stage in (doc.get("stages") or {}).values():
+            for out in stage.get("outs", []):
+                if Path(out.get("path", "")) == rel and out.get("md5"):
+                    return str(out["md5"])
+    raise DvcError(f"{rel.as_posix()} is not tracked by DVC in {root}: no {dvc_file.name} "
+                   f"and no dvc.lock output; run `dvc add {rel.as_posix()}`")
