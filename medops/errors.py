@@ -53,6 +53,11 @@ class QuarantineReason(str, Enum):
     BURNED_IN_ANNOTATION = "burned_in_annotation"
     NO_LABEL = "no_label"
     DUPLICATE = "duplicate"
+    DEID_FAILED = "deid_failed"  # de-identified file could not be written (never kept with PHI)
+
+
+class IngestError(MedopsError):
+    """The ingest stage as a whole cannot run (no source folder, an unusable manifest)."""
 
 
 class DvcError(MedopsError):
