@@ -7,7 +7,6 @@ import socket
 
 import pytest
 
-from conftest import free_port
 from medops.config import ServingConfig
 from medops.errors import ServingError
 from medops.serving.server import (
@@ -23,13 +22,13 @@ from medops.serving.server import (
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
 
-def serving_cfg(**extra) -> ServingConfig:
+def serving_cfg(free_port, **extra) -> ServingConfig:
     return ServingConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                          startup_timeout_s=60, **extra)
 
 
-def test_start_refuse_second_status_stop(tmp_path):
-    cfg, state = serving_cfg(), tmp_path / "state"
+def test_start_refuse_second_status_stop(tmp_path, free_port):
+    cfg, state = serving_cfg(free_port), tmp_path / "state"
     info = start_server(cfg, repository=tmp_path / "repo", state_dir=state)
     try:
         assert (state / "run" / "triton.pid").read_text().strip() == str(info.pid)
@@ -65,19 +64,19 @@ def test_a_stale_pid_file_is_cleared(tmp_path):
     assert not (state / "run" / "triton.pid").exists()
 
 
-def test_a_server_that_dies_at_startup_reports_its_log(tmp_path):
+def test_a_server_that_dies_at_startup_reports_its_log(tmp_path, free_port):
     repo = tmp_path / "repo"
     (repo / "broken").mkdir(parents=True)
     (repo / "broken" / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\n')
     state = tmp_path / "state"
     with pytest.raises(ServingError, match="exited during startup") as err:
-        start_server(serving_cfg(), repository=repo, state_dir=state)
+        start_server(serving_cfg(free_port), repository=repo, state_dir=state)
     assert "broken" in str(err.value)  # the log tail names the failing model
     assert not (state / "run" / "triton.pid").exists()
 
 
-def test_command_binds_the_configured_host_and_ports(tmp_path):
-    cfg = serving_cfg(host="127.0.0.1")
+def test_command_binds_the_configured_host_and_ports(tmp_path, free_port):
+    cfg = serving_cfg(free_port, host="127.0.0.1")
     cmd = build_command(cfg, repository=tmp_path, backends=prepare_backends(tmp_path))
     for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
                  "--metrics-address=127.0.0.1", f"--http-port={cfg.http_port}",

@@ -1,0 +1,221 @@
+"""Ask a running Triton about DICOM files: preprocess exactly as training did, batch, infer.
+
+Preprocessing is ``medops.dicom.pixels.preprocess_file``, the same function ingest used to build
+the training arrays, so a file is seen by the served model as it was seen in training. A file that
+cannot be read as an image becomes a ``Prediction`` with ``error`` set; the other files are still
+answered. A server that cannot be reached, or a model that is not ready, is a ServingError.
+
+Imports neither TensorFlow nor the Triton client libraries until a prediction is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel
+
+from medops.errors import DicomReadError, MedopsError, ServingError
+from medops.serving.contract import INPUT_NAME, LABELS, OUTPUT_NAME
+
+Protocol = Literal["grpc", "http"]
+
+
+class Prediction(BaseModel):
+    """The answer for one file: its probability of pneumonia and label, or why there is none."""
+
+    file: str
+    probability: float | None = None
+    label: str | None = None
+    model_version: str | None = None
+    error: str | None = None
+
+
+def label_for(probability: float, threshold: float, labels: Sequence[str] = LABELS) -> str:
+    """``labels[1]`` ("pneumonia") when ``probability >= threshold``, else ``labels[0]``."""
+    return labels[1] if probability >= threshold else labels[0]
+
+
+def _client(url: str, protocol: Protocol, timeout: float) -> Any:
+    if protocol == "grpc":
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(url)
+    if protocol == "http":
+        import tritonclient.http as httpclient
+
+        return httpclient.InferenceServerClient(url, connection_timeout=timeout,
+                                                network_timeout=timeout)
+    raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+
+
+def _max_batch_size(client: Any, protocol: Protocol, model_name: str) -> int:
+    if protocol == "grpc":
+        return int(client.get_model_config(model_name).config.max_batch_size)
+    return int(client.get_model_config(model_name).get("max_batch_size", 0))
+
+
+def _check_ready(client: Any, *, url: str, protocol: Protocol, model_name: str) -> None:
+    try:
+        live = client.is_server_live()
+    except Exception as exc:  # noqa: BLE001 - every transport failure means the same to a user
+        raise ServingError(
+            f"cannot reach Triton at {url} over {protocol}: {_short(exc)}; is the server running "
+            "(`medops serve start`) and is the url right?"
+        ) from None
+    if not live:
+        raise ServingError(f"Triton at {url} is not live")
+    try:
+        ready = client.is_model_ready(model_name)
+    except Exception as exc:  # noqa: BLE001
+        raise ServingError(f"Triton at {url} could not report on model {model_name!r}: {_short(exc)}") from None
+    if not ready:
+        raise ServingError(
+            f"model {model_name!r} is not loaded or not ready on Triton at {url}; deploy it first "
+            "(`medops deploy`)"
+        )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def infer_images(
+    client: Any,
+    images: np.ndarray,
+    *,
+    protocol: Protocol,
+    model_name: str,
+    model_version: str = "",
+    timeout: float = 30.0,
+) -> tuple[np.ndarray, str]:
+    """One inference request for ``images`` ``(n, S, S, 1)`` float32.
+
+    Returns:
+        ``(probabilities (n,), model_version that answered)``.
+    """
+    if protocol == "grpc":
+        import tritonclient.grpc as tc
+    else:
+        import tritonclient.http as tc
+    inp = tc.InferInput(INPUT_NAME, list(images.shape), "FP32")
+    inp.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    out = tc.InferRequestedOutput(OUTPUT_NAME)
+    if protocol == "grpc":
+        result = client.infer(model_name, [inp], model_version=model_version, outputs=[out],
+                              client_timeout=timeout)
+        version = result.get_response().model_version
+    else:
+        result = client.infer(model_name, [inp], model_version=model_version, outputs=[out],
+                              timeout=int(timeout * 1e6))
+        version = result.get_response().get("model_version", "")
+    probs = result.as_numpy(OUTPUT_NAME)
+    if probs is None or probs.shape[0] != images.shape[0]:
+        raise ServingError(
+            f"model {model_name!r} answered output {OUTPUT_NAME!r} with shape "
+            f"{None if probs is None else list(probs.shape)} for {images.shape[0]} images"
+        )
+    return probs.reshape(images.shape[0]), str(version)
+
+
+def preprocess_files(
+    paths: Iterable[Path | str], *, image_size: int, window: Any = None
+) -> list[tuple[str, np.ndarray | None, str | None]]:
+    """``(file, image (S, S) float32 or None, error or None)`` per path, in order."""
+    from medops.dicom.pixels import preprocess_file
+
+    out: list[tuple[str, np.ndarray | None, str | None]] = []
+    for p in paths:
+        name = str(p)
+        try:
+            out.append((name, preprocess_file(Path(p), image_size=image_size, window=window), None))
+        except DicomReadError as exc:
+            out.append((name, None, f"{exc.reason.value}: {exc}"))
+        except (OSError, MedopsError) as exc:
+            out.append((name, None, f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def predict_files(
+    paths: Iterable[Path | str],
+    *,
+    url: str,
+    protocol: Protocol = "grpc",
+    model_name: str,
+    image_size: int,
+    window: Any = None,
+    threshold: float = 0.5,
+    timeout: float = 30.0,
+    batch_size: int | None = None,
+) -> list[Prediction]:
+    """Classify DICOM files with the model served by Triton at ``url``.
+
+    Args:
+        paths: DICOM files.
+        url: ``host:port`` of Triton's gRPC (protocol "grpc") or HTTP (protocol "http") endpoint.
+        model_name: the served model (``serving.model_name``).
+        image_size: model input size (``ingest.image_size``).
+        window: VOI window override, as ingest used (``ingest.window``); None = the file's own.
+        threshold: probability at or above which the label is "pneumonia".
+        timeout: seconds per request.
+        batch_size: images per request; default the model's max_batch_size.
+
+    Returns:
+        One Prediction per path, in order; unreadable files carry ``error`` instead of a
+        probability.
+
+    Raises:
+        ServingError: the server cannot be reached, the model is not ready, or a request fails.
+    """
+    items = preprocess_files(paths, image_size=image_size, window=window)
+    preds = [Prediction(file=f, error=e) for f, _, e in items]
+    todo = [i for i, (_, img, _) in enumerate(items) if img is not None]
+    if not todo:
+        return preds
+    client = _client(url, protocol, timeout)
+    try:
+        _check_ready(client, url=url, protocol=protocol, model_name=model_name)
+        size = batch_size or _max_batch_size(client, protocol, model_name) or 1
+        for start in range(0, len(todo), size):
+            chunk = todo[start:start + size]
+            images = np.stack([items[i][1] for i in chunk])[..., np.newaxis]
+            try:
+                probs, version = infer_images(client, images, protocol=protocol,
+                                              model_name=model_name, timeout=timeout)
+            except ServingError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
+                raise ServingError(
+                    f"inference on {model_name!r} at {url} failed: {_short(exc)}"
+                ) from None
+            for i, p in zip(chunk, probs):
+                prob = float(p)
+                preds[i] = Prediction(file=items[i][0], probability=prob,
+                                      label=label_for(prob, threshold), model_version=version)
+    finally:
+        client.close()
+    return preds
+
+
+def format_predictions(preds: Sequence[Prediction]) -> str:
+    """A plain-text table: file, label, probability, model version, error."""
+    header = ("file", "label", "probability", "version", "error")
+    rows = [
+        (p.file, p.label or "-", "-" if p.probability is None else f"{p.probability:.4f}",
+         p.model_version or "-", p.error or "")
+        for p in preds
+    ]
+    widths = [max(len(h), *(len(r[c]) for r in rows)) if rows else len(h)
+              for c, h in enumerate(header)]
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+    return "\n".join(out)
+
+
+def to_json_lines(preds: Sequence[Prediction]) -> str:
+    """One JSON object per line, one line per file."""
+    return "".join(json.dumps(p.model_dump(mode="json"), sort_keys=True) + "\n" for p in preds)

@@ -1,0 +1,269 @@
+"""The real embedded tritonserver: deploy gated versions, answer DICOM files over HTTP and gRPC.
+
+One server for the module (free ports, its own state dir), stopped by pid at the end. The models
+are tiny ONNX graphs built here with onnx.helper (probability = sigmoid(w * mean(image) + b)), so
+the expected probability of each file is worked out from its preprocessed pixels, and v1 and v2
+give different answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import pydicom_file
+from medops.client import Prediction, format_predictions, predict_files, to_json_lines
+from medops.config import ServingConfig
+from medops.errors import GateRejectedError, ServingError
+from medops.serving.deploy import deploy, sha256_file
+from medops.serving.repository import list_versions
+from medops.serving.server import start_server, stop_server
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+
+S = 28
+BUNDLED = Path(__file__).resolve().parents[2] / "datasets" / "pneumoniamnist" / "pneumoniamnist.npz"
+
+
+# -- small real artifacts ----------------------------------------------------------------------------
+
+def write_tiny_onnx(path: Path, *, w: float, b: float, size: int = S) -> Path:
+    """probability = sigmoid(w * mean(image) + b); input "image" (-1,S,S,1), output (-1,1)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+        helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[1], keepdims=1),
+        helper.make_node("Mul", ["mean", "w"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "b"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["probability"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", size, size, 1])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [1], [w]),
+         helper.make_tensor("b", TensorProto.FLOAT, [1], [b])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # readable by the onnxruntime in this environment
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def write_export_result(onnx_path: Path, data_version: str = "dv-test") -> Path:
+    out = onnx_path.with_name("export.json")
+    out.write_text(json.dumps({"sha256": sha256_file(onnx_path), "data_version": data_version}))
+    return out
+
+
+def write_gate(path: Path, *, passed: bool, data_version: str = "dv-test") -> Path:
+    """A real gate decision (medops.gate.decide) from metrics that pass or fail the defaults."""
+    from medops.config import GateConfig
+    from medops.gate import decide
+
+    metrics = ({"auc": 0.95, "accuracy": 0.9, "sensitivity": 0.9, "specificity": 0.8} if passed
+               else {"auc": 0.61, "accuracy": 0.9, "sensitivity": 0.40, "specificity": 0.8})
+    decision = decide(GateConfig(), metrics, {"data_version": data_version, "model": "tiny"})
+    assert decision.passed is passed
+    path.write_text(decision.model_dump_json())
+    return path
+
+
+def write_bundled_dicom(path: Path, index: int = 0) -> Path:
+    """A CR image made from the bundled PneumoniaMNIST test split (8-bit MONOCHROME2)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.load(BUNDLED)["test_images"][index]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CR"
+    ds.PatientID = "TEST"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.astype(np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def expected_probability(path: Path, *, w: float, b: float) -> float:
+    from medops.dicom.pixels import preprocess_file
+
+    mean = float(preprocess_file(path, image_size=S).astype(np.float64).mean())
+    return 1.0 / (1.0 + math.exp(-(w * mean + b)))
+
+
+# -- one server for the module -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory, free_port):
+    base = tmp_path_factory.mktemp("triton")
+    cfg = ServingConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                        startup_timeout_s=60)
+    state, repo = base / "state", base / "repository"
+    info = start_server(cfg, repository=repo, state_dir=state)
+    try:
+        yield {"cfg": cfg, "info": info, "state": state, "repo": repo, "base": base}
+    finally:
+        stop_server(state)
+
+
+V1 = {"w": 4.0, "b": -2.0}
+V2 = {"w": -3.0, "b": 1.0}
+
+
+@pytest.fixture(scope="module")
+def deployed(triton):
+    """v1 then v2 deployed through the gate; returns both DeployResults."""
+    base, cfg = triton["base"], triton["cfg"]
+    results = []
+    for n, coef in ((1, V1), (2, V2)):
+        onnx_path = write_tiny_onnx(base / f"export{n}" / "model.onnx", **coef)
+        results.append(deploy(
+            cfg, onnx=onnx_path, gate=write_gate(base / f"gate{n}.json", passed=True),
+            export_result=write_export_result(onnx_path), repository=triton["repo"],
+            url=triton["info"].grpc_url, protocol="grpc", image_size=S,
+        ))
+    return results
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("files")
+    not_dicom = d / "notes.txt"
+    not_dicom.write_text("this is not a DICOM file\n")
+    return {
+        "ct": pydicom_file("CT_small.dcm"),
+        "cr": write_bundled_dicom(d / "bundled.dcm", index=3),
+        "bad": not_dicom,
+    }
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+def test_deploy_writes_versions_and_serves_the_newest(triton, deployed):
+    v1, v2 = deployed
+    assert (v1.version, v2.version) == (1, 2)
+    assert v2.model_name == triton["cfg"].model_name
+    assert v2.data_version == "dv-test"
+    assert list_versions(triton["repo"], v2.model_name) == [1, 2]
+    # the smoke inference ran on each new version: mid-grey image, mean 0.5
+    assert v1.smoke_probability == pytest.approx(1 / (1 + math.exp(-(4.0 * 0.5 - 2.0))), abs=1e-6)
+    assert v2.smoke_probability == pytest.approx(1 / (1 + math.exp(-(-3.0 * 0.5 + 1.0))), abs=1e-6)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_predict_files_answers_each_file_with_v2_and_flags_the_non_dicom(
+    triton, deployed, files, protocol
+):
+    info = triton["info"]
+    url = info.grpc_url if protocol == "grpc" else info.http_url
+    paths = [files["ct"], files["bad"], files["cr"]]
+    preds = predict_files(paths, url=url, protocol=protocol, model_name=triton["cfg"].model_name,
+                          image_size=S, threshold=0.5)
+    assert [p.file for p in preds] == [str(p) for p in paths]
+    ct, bad, cr = preds
+    for pred, path in ((ct, files["ct"]), (cr, files["cr"])):
+        assert pred.error is None
+        assert pred.model_version == "2"
+        assert pred.probability == pytest.approx(expected_probability(path, **V2), abs=1e-5)
+        assert pred.label == ("pneumonia" if pred.probability >= 0.5 else "normal")
+    assert bad.probability is None and bad.label is None
+    assert bad.error and bad.error.startswith("not_dicom")
+    assert "Traceback" not in bad.error
+
+
+def test_small_batches_give_the_same_answers(triton, deployed, files):
+    info, name = triton["info"], triton["cfg"].model_name
+    paths = [files["ct"], files["cr"], files["ct"]]
+    one = predict_files(paths, url=info.grpc_url, model_name=name, image_size=S, batch_size=1)
+    allb = predict_files(paths, url=info.grpc_url, model_name=name, image_size=S)
+    assert [p.probability for p in one] == pytest.approx([p.probability for p in allb], abs=1e-6)
+    assert one[0].probability == pytest.approx(one[2].probability)
+
+
+def test_outputs_as_table_and_json_lines(triton, deployed, files):
+    preds = predict_files([files["cr"], files["bad"]], url=triton["info"].grpc_url,
+                          model_name=triton["cfg"].model_name, image_size=S)
+    table = format_predictions(preds)
+    assert table.splitlines()[0].split() == ["file", "label", "probability", "version", "error"]
+    assert str(files["bad"]) in table and "not_dicom" in table
+    rows = [Prediction.model_validate_json(line) for line in to_json_lines(preds).splitlines()]
+    assert rows == preds
+
+
+def test_deploy_refuses_a_failed_gate_and_writes_nothing(triton, deployed):
+    base = triton["base"]
+    onnx_path = write_tiny_onnx(base / "rejected" / "model.onnx", w=1.0, b=0.0)
+    gate = write_gate(base / "gate_failed.json", passed=False)
+    with pytest.raises(GateRejectedError) as err:
+        deploy(triton["cfg"], onnx=onnx_path, gate=gate, export_result=write_export_result(onnx_path),
+               repository=triton["repo"], url=triton["info"].grpc_url, image_size=S)
+    assert "auc 0.610 < min_auc 0.850: fail" in str(err.value)
+    assert "sensitivity 0.400 < min_sensitivity 0.700: fail" in str(err.value)
+    assert "accuracy" not in str(err.value)  # only the failed checks are listed
+    assert list_versions(triton["repo"], triton["cfg"].model_name) == [1, 2]
+
+
+def test_deploy_refuses_an_onnx_that_is_not_the_exported_one(triton, deployed):
+    base = triton["base"]
+    onnx_path = write_tiny_onnx(base / "swapped" / "model.onnx", w=1.0, b=0.0)
+    export = write_export_result(onnx_path)
+    write_tiny_onnx(onnx_path, w=9.0, b=0.0)  # replaced after export
+    with pytest.raises(GateRejectedError, match="not the model that was exported"):
+        deploy(triton["cfg"], onnx=onnx_path, gate=write_gate(base / "g.json", passed=True),
+               export_result=export, repository=triton["repo"], url=triton["info"].grpc_url,
+               image_size=S)
+    assert list_versions(triton["repo"], triton["cfg"].model_name) == [1, 2]
+
+
+def test_deploy_refuses_a_gate_for_another_data_version(triton, deployed):
+    base = triton["base"]
+    onnx_path = write_tiny_onnx(base / "other_dv" / "model.onnx", w=1.0, b=0.0)
+    gate = write_gate(base / "gate_other.json", passed=True, data_version="dv-older")
+    with pytest.raises(GateRejectedError, match="dv-older"):
+        deploy(triton["cfg"], onnx=onnx_path, gate=gate, export_result=write_export_result(onnx_path),
+               repository=triton["repo"], url=triton["info"].grpc_url, image_size=S)
+
+
+def test_a_version_that_fails_to_load_is_removed_and_v2_keeps_serving(triton, deployed, files):
+    base, name = triton["base"], triton["cfg"].model_name
+    wrong = write_tiny_onnx(base / "wrong_size" / "model.onnx", w=1.0, b=0.0, size=S + 4)
+    with pytest.raises(ServingError, match="version 3") as err:
+        deploy(triton["cfg"], onnx=wrong, gate=write_gate(base / "g3.json", passed=True),
+               export_result=write_export_result(wrong), repository=triton["repo"],
+               url=triton["info"].grpc_url, image_size=S, timeout=20)
+    assert "item shape [32, 32, 1], config.pbtxt declares [28, 28, 1]" in str(err.value)
+    assert list_versions(triton["repo"], name) == [1, 2]
+    [pred] = predict_files([files["cr"]], url=triton["info"].grpc_url, model_name=name, image_size=S)
+    assert pred.model_version == "2"
+
+
+def test_unknown_model_is_a_clear_error(triton, files):
+    with pytest.raises(ServingError, match="'nope' is not loaded or not ready"):
+        predict_files([files["cr"]], url=triton["info"].grpc_url, model_name="nope", image_size=S)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_server_down_is_a_clear_error(files, protocol, free_port):
+    url = f"127.0.0.1:{free_port()}"
+    with pytest.raises(ServingError, match=f"cannot reach Triton at {url} over {protocol}"):
+        predict_files([files["cr"]], url=url, protocol=protocol, model_name="m", image_size=S,
+                      timeout=5)
