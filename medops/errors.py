@@ -62,3 +62,7 @@ class IngestError(MedopsError):
 
 class DvcError(MedopsError):
     """A dvc command failed, or a path is not tracked by DVC; the message ends with dvc's stderr."""
+
+
+class PrefectServerError(MedopsError):
+    """The local Prefect server could not be started, reached or stopped."""

@@ -1,0 +1,227 @@
+"""A local Prefect server (SQLite) for the demo: start, reuse, check and stop it by pid.
+
+Layout below ``state_dir`` (ProjectPaths.state, i.e. ``.medops/``):
+
+- ``prefect/``: PREFECT_HOME of the server (its SQLite database ``prefect.db``, the UI build);
+- ``logs/prefect.log``: the server's stdout and stderr;
+- ``run/prefect.pid``: the pid of ``prefect server start``, which leads its own process session,
+  so stopping it stops every process it started.
+
+Processes that talk to this server (flows, ``flows/serve.py``, the CLI) get their environment from
+``prefect_env``. Neither Prefect nor TensorFlow is imported here: the server is a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from medops.config import PrefectConfig
+from medops.errors import PrefectServerError
+
+LOG_TAIL_LINES = 30
+
+
+class PrefectServerInfo(BaseModel):
+    pid: int | None
+    running: bool          # the pid in the pid file is alive
+    healthy: bool          # GET /api/health answered true
+    api_url: str
+    ui_url: str
+    home: str
+    log: str
+    reused: bool = False   # start_prefect found it already running
+
+
+def prefect_home(state_dir: Path) -> Path:
+    return Path(state_dir) / "prefect"
+
+
+def pid_file(state_dir: Path) -> Path:
+    return Path(state_dir) / "run" / "prefect.pid"
+
+
+def log_file(state_dir: Path) -> Path:
+    return Path(state_dir) / "logs" / "prefect.log"
+
+
+def prefect_env(cfg: PrefectConfig, state_dir: Path | None = None) -> dict[str, str]:
+    """Environment variables for a process that should use this server (merge into os.environ).
+
+    With ``state_dir``, PREFECT_HOME is the server's too, so flow-run results and the profile live
+    under ``.medops/`` rather than in the user's home.
+    """
+    env = {"PREFECT_API_URL": cfg.api_url}
+    if state_dir is not None:
+        env["PREFECT_HOME"] = str(prefect_home(state_dir))
+    return env
+
+
+def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """Whether ``GET {api_url}/health`` answers ``true``."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as resp:
+            return resp.status == 200 and resp.read().strip() == b"true"
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _read_pid(state_dir: Path) -> int | None:
+    try:
+        return int(pid_file(state_dir).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid`` if it is our child and has exited, so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _is_prefect_process(pid: int) -> bool:
+    """Whether ``pid`` is alive and is a Prefect server (guards against a recycled pid)."""
+    _reap(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # someone else's process: not the server we started
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): trust the pid file
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return b"prefect" in cmdline
+
+
+def _log_tail(state_dir: Path) -> str:
+    try:
+        lines = log_file(state_dir).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def prefect_status(cfg: PrefectConfig, *, state_dir: Path) -> PrefectServerInfo:
+    """The server's state: pid from the pid file, whether it runs, whether the API is healthy."""
+    state_dir = Path(state_dir)
+    pid = _read_pid(state_dir)
+    running = pid is not None and _is_prefect_process(pid)
+    return PrefectServerInfo(
+        pid=pid if running else None, running=running,
+        healthy=running and is_healthy(cfg.api_url),
+        api_url=cfg.api_url, ui_url=cfg.ui_url,
+        home=str(prefect_home(state_dir)), log=str(log_file(state_dir)),
+    )
+
+
+def _wait_healthy(cfg: PrefectConfig, proc_pid: int, state_dir: Path, timeout: float,
+                  popen: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_healthy(cfg.api_url):
+            return
+        exited = popen.poll() is not None if popen is not None else not _is_prefect_process(proc_pid)
+        if exited:
+            raise PrefectServerError(
+                f"prefect server exited before {cfg.api_url}/health answered; "
+                f"log {log_file(state_dir)}:\n{_log_tail(state_dir)}")
+        time.sleep(0.5)
+    raise PrefectServerError(
+        f"prefect server (pid {proc_pid}) not healthy at {cfg.api_url}/health after {timeout:g} s; "
+        f"log {log_file(state_dir)}:\n{_log_tail(state_dir)}")
+
+
+def start_prefect(cfg: PrefectConfig, *, state_dir: Path, timeout: float = 120.0) -> PrefectServerInfo:
+    """Start ``prefect server start --host --port`` in its own session, or reuse a running one.
+
+    Reuses the server in the pid file if that process is alive and healthy. Otherwise starts a new
+    one with PREFECT_HOME=state_dir/prefect (SQLite database there), waits for ``/api/health`` and
+    writes the pid file.
+
+    Raises:
+        PrefectServerError: the port is taken by a server medops did not start, or the server exits
+            or stays unhealthy for ``timeout`` seconds (the message ends with the log's tail).
+    """
+    state_dir = Path(state_dir)
+    current = prefect_status(cfg, state_dir=state_dir)
+    if current.running:
+        if not current.healthy:  # started but still migrating the database, or hung
+            _wait_healthy(cfg, current.pid, state_dir, timeout)
+        return current.model_copy(update={"healthy": True, "reused": True})
+    pid_file(state_dir).unlink(missing_ok=True)  # stale
+    if is_healthy(cfg.api_url):
+        raise PrefectServerError(
+            f"a Prefect server medops did not start already answers at {cfg.api_url}; stop it or "
+            f"change params.prefect.port")
+
+    home = prefect_home(state_dir)
+    for folder in (home, pid_file(state_dir).parent, log_file(state_dir).parent):
+        folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    for key in ("PREFECT_API_URL", "PREFECT_PROFILE"):  # the server must not point at another one
+        env.pop(key, None)
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", NO_COLOR="1",
+               PREFECT_CLI_COLORS="false")
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host,
+           "--port", str(cfg.port), "--analytics-off"]
+    with open(log_file(state_dir), "ab") as log:
+        log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
+        log.flush()
+        # its own session: stop_prefect signals the whole group, and a Ctrl-C in the terminal
+        # that started the demo does not reach the server
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    pid_file(state_dir).write_text(f"{proc.pid}\n")
+    try:
+        _wait_healthy(cfg, proc.pid, state_dir, timeout, popen=proc)
+    except PrefectServerError:
+        stop_prefect(state_dir)
+        raise
+    return PrefectServerInfo(pid=proc.pid, running=True, healthy=True, api_url=cfg.api_url,
+                             ui_url=cfg.ui_url, home=str(home), log=str(log_file(state_dir)))
+
+
+def stop_prefect(state_dir: Path, timeout: float = 20.0) -> bool:
+    """Stop the server in the pid file (SIGTERM to its process group, SIGKILL after ``timeout``).
+
+    Returns whether a running server was stopped. The pid file is removed either way.
+    """
+    state_dir = Path(state_dir)
+    pid = _read_pid(state_dir)
+    stopped = False
+    if pid is not None and _is_prefect_process(pid):
+        _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _is_prefect_process(pid):
+            time.sleep(0.2)
+        if _is_prefect_process(pid):
+            _signal_group(pid, signal.SIGKILL)
+            time.sleep(0.2)
+            _reap(pid)
+        stopped = True
+    pid_file(state_dir).unlink(missing_ok=True)
+    return stopped
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the server leads its own session: pgid == pid
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, sig)
