@@ -23,9 +23,15 @@ from medops.errors import DvcError
 STDERR_TAIL_LINES = 20
 
 
-def dvc_env() -> dict[str, str]:
-    """The environment dvc runs in: this interpreter's bin folder first on PATH, no analytics."""
+def dvc_env(root: Path | str | None = None) -> dict[str, str]:
+    """The environment dvc runs in: this interpreter's bin folder first on PATH, no analytics.
+
+    With ``root``, MEDOPS_ROOT points at it, so ``medops stage NAME`` run by ``dvc repro`` works on
+    the project being reproduced even if the caller's MEDOPS_ROOT names another one.
+    """
     env = dict(os.environ)
+    if root is not None:
+        env["MEDOPS_ROOT"] = str(Path(root).resolve())
     bin_dir = str(Path(sys.executable).parent)  # not resolved: keep the virtualenv's bin, not the base python's
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env["DVC_NO_ANALYTICS"] = "1"
@@ -44,7 +50,7 @@ def run_dvc(root: Path | str, *args: str, timeout: float | None = None) -> subpr
     """
     cmd = [sys.executable, "-m", "dvc", *args]
     try:
-        proc = subprocess.run(cmd, cwd=Path(root), env=dvc_env(), capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=Path(root), env=dvc_env(root), capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise DvcError(f"`dvc {' '.join(args)}` in {root} ran past {timeout} s") from exc
@@ -99,11 +105,26 @@ def add(root: Path | str, path: Path | str) -> str:
     return data_version(root, rel)
 
 
+def version_dataset(root: Path | str, path: Path | str, push: bool = True) -> str:
+    """Track ``path`` with DVC (``dvc add``) and, with ``push``, send it to the default remote.
+
+    Initialises DVC first if the project lacks it. Returns the data version (see data_version).
+    """
+    init(root)
+    version = add(root, path)
+    if push:
+        _push(root, [path])  # the parameter shadows push()
+    return version
+
+
 def push(root: Path | str, targets: Sequence[str | Path] | None = None, remote: str | None = None) -> str:
     """``dvc push [targets]`` to the default remote (or ``remote``); returns dvc's summary line."""
     root = Path(root)
     args = ["push", *(["--remote", remote] if remote else []), *(_relative(root, t) for t in targets or ())]
     return _tail(run_dvc(root, *args).stdout, 1)
+
+
+_push = push
 
 
 def pull(root: Path | str, targets: Sequence[str | Path] | None = None, remote: str | None = None) -> str:

@@ -128,3 +128,22 @@ def test_repro_runs_stages_with_this_interpreter_first_on_path(project: Path) ->
 
     out = dvc.repro(project)  # nothing changed: nothing runs
     assert "didn't change" in out or "up to date" in out
+
+
+def test_version_dataset_adds_and_pushes(project: Path) -> None:
+    version = dvc.version_dataset(project, project / "data" / "raw")
+    assert version == dvc.data_version(project, "data/raw")
+    assert dvc.status(project, cloud=True) == {}
+    assert dvc.version_dataset(project, "data/raw", push=False) == version
+
+
+def test_repro_runs_stage_commands_on_the_reproduced_project(project: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MEDOPS_ROOT", "/somewhere/else")
+    (project / "dvc.yaml").write_text(
+        "stages:\n"
+        "  where:\n"
+        "    cmd: python -c \"import os; open('root.txt', 'w').write(os.environ['MEDOPS_ROOT'])\"\n"
+        "    outs: [root.txt]\n"
+    )
+    dvc.repro(project, "where", single_item=True)
+    assert (project / "root.txt").read_text() == str(project.resolve())
