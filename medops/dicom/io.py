@@ -1,0 +1,264 @@
+"""Reading DICOM files and decoding their pixel data, with every failure typed.
+
+Everything that can go wrong with a file from a hospital export (not DICOM at all, cut short, no
+image, a transfer syntax nobody here can decode, corrupt compressed data) becomes a
+:class:`~medops.errors.DicomReadError` whose ``reason`` is a
+:class:`~medops.errors.QuarantineReason`. No raw pydicom or numpy exception leaves this module, so
+callers can quarantine a file and go on.
+
+numpy and pydicom only (no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Literal, Union
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+from medops.errors import DicomReadError, QuarantineReason
+
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+FramePolicy = Literal["first", "middle", "max"]
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# Attributes that a real DICOM data set (PS3.3 C.12.1 SOP Common, C.7.6.3 Image Pixel) carries;
+# a file read with force=True that has none of them is some other file format.
+_EVIDENCE = (Tag(0x0008, 0x0016), Tag(0x0008, 0x0018), Tag(0x0008, 0x0060), Tag(0x0028, 0x0010),
+             Tag(0x0020, 0x000D), Tag(0x7FE0, 0x0010))
+
+
+def _describe(source: Source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else "<stream>"
+
+
+def _open(source: Source) -> BinaryIO:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(source))
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            return io.BytesIO(Path(source).read_bytes())
+        except OSError as exc:
+            raise DicomReadError(f"{source}: cannot read file: {exc}", QuarantineReason.NOT_DICOM) from exc
+    return source
+
+
+def _size(fp: BinaryIO) -> int | None:
+    if isinstance(fp, io.BytesIO):
+        return len(fp.getbuffer())
+    try:
+        return os.fstat(fp.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
+def _check_complete(ds: Dataset, where: str, total: int | None) -> None:
+    """Raise TRUNCATED when an element's value is shorter than its header says, or the file ends
+    inside an element header.
+
+    pydicom stops quietly at the end of a cut-short file and keeps the partial last value; the
+    declared lengths (PS3.5 7.1) are the only evidence, so compare them with what was read.
+    """
+    keys = list(ds.keys())
+    if total is not None and keys:
+        last = ds.get_item(keys[-1])
+        tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+        if tell is not None and length is not None and length != _UNDEFINED_LENGTH:
+            left = total - (tell + length)
+            if 0 < left < 8:  # fewer bytes than one element header (PS3.5 7.1.2): cut mid-header
+                raise DicomReadError(f"{where}: truncated: the file ends {left} byte(s) into an "
+                                     f"element header after {Tag(keys[-1])}", QuarantineReason.TRUNCATED)
+    for tag in keys:
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if length is None or length == _UNDEFINED_LENGTH or not isinstance(value, (bytes, bytearray)):
+            continue
+        if len(value) < length:
+            raise DicomReadError(
+                f"{where}: truncated: element {Tag(tag)} declares {length} bytes but the file holds "
+                f"{len(value)}",
+                QuarantineReason.TRUNCATED,
+            )
+
+
+def _convert_all(ds: Dataset, where: str) -> None:
+    """Parse every element now (pydicom parses lazily) so that corrupt headers fail here."""
+    try:
+        for _ in ds.iterall():
+            pass
+    except DicomReadError:
+        raise
+    except (EOFError, OSError) as exc:
+        raise DicomReadError(f"{where}: truncated or corrupt element: {exc}",
+                             QuarantineReason.TRUNCATED) from exc
+    except Exception as exc:  # pydicom raises many kinds for bad values; all are per-file data
+        raise DicomReadError(f"{where}: corrupt header: {type(exc).__name__}: {exc}",
+                             QuarantineReason.DECODE_ERROR) from exc
+
+
+def read_dataset(source: Source, *, require_pixels: bool = True) -> FileDataset:
+    """Read a DICOM file (path, bytes or binary stream) into a fully parsed pydicom Dataset.
+
+    Files with the PS3.10 preamble and File Meta Information (PS3.10 7.1) are read strictly. Files
+    without them (older exports, PS3.10 7.1 makes them non-conformant but they exist) are read with
+    ``force=True`` and accepted only if they hold SOP Common or Image Pixel attributes, so that text,
+    JSON or gzip files are rejected rather than parsed as nonsense.
+
+    Args:
+        source: a path, the file's bytes, or a binary stream positioned at its start.
+        require_pixels: raise ``no_pixel_data`` when the data set has no Pixel Data (7FE0,0010)
+            (nor Float / Double Float Pixel Data).
+
+    Returns:
+        The data set, every element parsed.
+
+    Raises:
+        DicomReadError: reason ``not_dicom``, ``truncated``, ``decode_error`` or ``no_pixel_data``.
+    """
+    where = _describe(source)
+    fp = _open(source)
+    start = fp.tell()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about every odd value; failures raise below
+        try:
+            ds = pydicom.dcmread(fp)
+        except InvalidDicomError:
+            fp.seek(start)
+            try:
+                ds = pydicom.dcmread(fp, force=True)
+            except Exception as exc:
+                raise DicomReadError(f"{where}: not a DICOM file ({type(exc).__name__}: {exc})",
+                                     QuarantineReason.NOT_DICOM) from exc
+            if not any(tag in ds for tag in _EVIDENCE):
+                raise DicomReadError(
+                    f"{where}: not a DICOM file: no 'DICM' prefix and no DICOM attributes found",
+                    QuarantineReason.NOT_DICOM,
+                )
+        except (EOFError, OSError) as exc:
+            raise DicomReadError(f"{where}: truncated: {exc}", QuarantineReason.TRUNCATED) from exc
+        except Exception as exc:
+            raise DicomReadError(f"{where}: unreadable DICOM: {type(exc).__name__}: {exc}",
+                                 QuarantineReason.DECODE_ERROR) from exc
+        if len(ds) == 0:
+            raise DicomReadError(f"{where}: no data elements after the file meta information",
+                                 QuarantineReason.TRUNCATED if len(ds.file_meta) else QuarantineReason.NOT_DICOM)
+        _check_complete(ds, where, _size(fp))
+        _convert_all(ds, where)
+    if require_pixels and not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise DicomReadError(f"{where}: no pixel data (7FE0,0010); SOP class "
+                             f"{ds.get('SOPClassUID', 'unknown')!s}", QuarantineReason.NO_PIXEL_DATA)
+    return ds
+
+
+def transfer_syntax(ds: Dataset) -> UID:
+    """The data set's transfer syntax (PS3.5 10): from the file meta, else from how it was read."""
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if uid:
+        return UID(uid)
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit:
+        return pydicom.uid.ImplicitVRLittleEndian
+    if little is False:
+        return pydicom.uid.ExplicitVRBigEndian
+    return pydicom.uid.ExplicitVRLittleEndian
+
+
+def _ensure_transfer_syntax(ds: Dataset) -> UID:
+    uid = transfer_syntax(ds)
+    if not hasattr(ds, "file_meta") or ds.file_meta is None:
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = uid
+    return uid
+
+
+def number_of_frames(ds: Dataset) -> int:
+    """NumberOfFrames (0028,0008), 1 when absent or invalid (PS3.3 C.7.6.6)."""
+    try:
+        n = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return 1
+    return max(n, 1)
+
+
+def select_frame(n_frames: int, policy: FramePolicy) -> int | None:
+    """The frame index a policy reads: ``first`` 0, ``middle`` n // 2, ``max`` None (all frames)."""
+    if policy == "first":
+        return 0
+    if policy == "middle":
+        return n_frames // 2
+    if policy == "max":
+        return None
+    raise ValueError(f"frame policy must be first, middle or max, got {policy!r}")
+
+
+def decode_pixels(ds: Dataset, *, frame: FramePolicy = "middle") -> tuple[np.ndarray, str]:
+    """Decode the stored pixel values of one frame (or all frames for ``max``).
+
+    Colour data in YBR is converted to RGB by the decoder (PS3.3 C.7.6.3.1.2), so the returned
+    photometric interpretation may differ from the header's.
+
+    Args:
+        ds: a data set from :func:`read_dataset`.
+        frame: which frame of a multi-frame image: ``first``, ``middle`` or ``max`` (all frames,
+            shaped (frames, rows, columns[, samples]), for a maximum intensity projection).
+
+    Returns:
+        ``(array, photometric_interpretation)``: the stored values (before any LUT) and the
+        photometric interpretation that describes them.
+
+    Raises:
+        DicomReadError: ``no_pixel_data``, ``unsupported_transfer_syntax``, ``truncated``,
+            ``unsupported_pixels`` or ``decode_error``.
+    """
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise DicomReadError("no pixel data (7FE0,0010)", QuarantineReason.NO_PIXEL_DATA)
+    uid = _ensure_transfer_syntax(ds)
+    try:
+        decoder = pydicom.pixels.get_decoder(uid)
+    except NotImplementedError as exc:
+        raise DicomReadError(f"no decoder exists for transfer syntax {uid} ({uid.name})",
+                             QuarantineReason.UNSUPPORTED_TRANSFER_SYNTAX) from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies)
+        raise DicomReadError(f"transfer syntax {uid} ({uid.name}) needs a decoding plugin that is not "
+                             f"installed ({missing})", QuarantineReason.UNSUPPORTED_TRANSFER_SYNTAX)
+    n_frames = number_of_frames(ds)
+    index = select_frame(n_frames, frame) if n_frames > 1 else None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr, meta = decoder.as_array(ds, index=index)
+    except ValueError as exc:
+        text = str(exc)
+        lowered = text.lower()
+        if "expected length" in lowered or "less than expected" in lowered \
+                or "insufficient" in lowered or "too short" in lowered:
+            raise DicomReadError(f"truncated pixel data: {text}", QuarantineReason.TRUNCATED) from exc
+        raise DicomReadError(f"cannot decode pixel data ({uid.name}): {text}",
+                             QuarantineReason.DECODE_ERROR) from exc
+    except (AttributeError, KeyError, TypeError) as exc:
+        # a required Image Pixel attribute (PS3.3 C.7.6.3) is missing or has an invalid value
+        raise DicomReadError(f"unsupported pixel description: {type(exc).__name__}: {exc}",
+                             QuarantineReason.UNSUPPORTED_PIXELS) from exc
+    except Exception as exc:
+        raise DicomReadError(f"cannot decode pixel data ({uid.name}): {type(exc).__name__}: {exc}",
+                             QuarantineReason.DECODE_ERROR) from exc
+    if isinstance(meta, dict) and meta.get("photometric_interpretation"):
+        photometric = str(meta["photometric_interpretation"]).strip().upper()
+    if arr.size == 0:
+        raise DicomReadError("pixel data decoded to an empty array", QuarantineReason.DECODE_ERROR)
+    return np.asarray(arr), photometric

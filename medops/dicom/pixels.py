@@ -1,0 +1,201 @@
+"""The one image preprocessing: DICOM pixel data -> float32 (S, S) in [0, 1].
+
+Training ingest, the ``medops predict`` client and Triton's Python backend all call
+:func:`prepare_image` (through :func:`preprocess_bytes` / :func:`preprocess_file`), so a model sees
+the same numbers in production as in training. The steps follow the DICOM grayscale pipeline
+(PS3.4 N.2.1.1, PS3.3 C.11):
+
+1. stored values -> modality LUT (Modality LUT Sequence, or Rescale Slope / Intercept; C.11.1);
+2. -> VOI: the configured fixed window if given, else the file's VOI LUT Sequence, else its
+   Window Center / Width with its VOI LUT Function (C.11.2), else the image's min..max;
+3. -> presentation: MONOCHROME1 is inverted so that bright always means dense (C.7.6.3.1.2);
+4. -> resized to S x S (Pillow, bilinear with antialiasing when shrinking), float32 in [0, 1].
+
+Colour images (RGB, YBR_* decoded to RGB, PALETTE COLOR through its palette, C.7.6.3.1.5) become
+luminance with the ITU-R BT.601 weights and skip the grayscale LUTs, which do not apply to them.
+Multi-frame images use one frame (``first`` / ``middle``) or the maximum over frames (``max``).
+
+numpy, pydicom and Pillow only: no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+
+from medops.dicom.io import FramePolicy, decode_pixels, number_of_frames, read_dataset
+from medops.errors import DicomReadError, QuarantineReason
+
+if TYPE_CHECKING:
+    from medops.config import Window
+
+_BT601 = np.array([0.299, 0.587, 0.114])
+_COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"}
+
+
+def _first(value: object) -> float:
+    """The first value of a possibly multi-valued DS (Window Center/Width have VM 1-n)."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        value = value[0]
+    return float(value)  # type: ignore[arg-type]
+
+
+def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Map values through a VOI window onto [0, 1] (PS3.3 C.11.2.1.2 and C.11.2.1.3).
+
+    ``LINEAR`` uses the standard's half-pixel convention (c - 0.5, w - 1), so an 8-bit image with
+    center 128 and width 256 maps x to exactly x / 255. ``LINEAR_EXACT`` and ``SIGMOID`` follow
+    C.11.2.1.3.2 and C.11.2.1.3.1.
+
+    Args:
+        values: modality values (after the modality LUT).
+        center: Window Center (0028,1050).
+        width: Window Width (0028,1051); > 1 for LINEAR, > 0 otherwise.
+        function: VOI LUT Function (0028,1056).
+
+    Returns:
+        float64 array in [0, 1].
+    """
+    x = np.asarray(values, dtype=np.float64)
+    function = (function or "LINEAR").strip().upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        c, w = center, width
+    else:
+        if width < 1:
+            raise ValueError(f"a LINEAR window needs Window Width >= 1, got {width}")
+        c, w = center - 0.5, width - 1.0
+    if w == 0:
+        return (x > c).astype(np.float64)
+    return np.clip((x - c) / w + 0.5, 0.0, 1.0)
+
+
+def scale_min_max(values: np.ndarray) -> np.ndarray:
+    """Stretch values onto [0, 1]; a constant image becomes all zeros."""
+    x = np.asarray(values, dtype=np.float64)
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if hi <= lo:
+        return np.zeros_like(x)
+    return (x - lo) / (hi - lo)
+
+
+def _lut_max(ds: Dataset, sequence: str) -> float:
+    """The largest output value of the first item's LUT (PS3.3 C.11.2.1.1): 2**bits - 1."""
+    item = ds[sequence][0]
+    bits = int(item.LUTDescriptor[2])
+    data = item.get("LUTData")
+    if data is not None and bits > 8 and int(np.max(np.asarray(data))) < 256:
+        bits = 8  # descriptors that say 16 for 8-bit data exist in the wild; trust the data
+    return float(2**bits - 1)
+
+
+def apply_voi_to_unit(values: np.ndarray, ds: Dataset, window: "Window | None" = None) -> np.ndarray:
+    """The VOI step onto [0, 1] (PS3.3 C.11.2): configured window > VOI LUT > file window > min-max."""
+    if window is not None:
+        return apply_window(values, window.center, window.width, "LINEAR")
+    if ds.get("VOILUTSequence"):
+        try:
+            out = apply_voi(np.asarray(values), ds, index=0)
+            return np.clip(np.asarray(out, dtype=np.float64) / _lut_max(ds, "VOILUTSequence"), 0.0, 1.0)
+        except Exception:
+            pass  # a malformed VOI LUT: fall back to the window or the image's range
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+            return apply_window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")))
+        except (TypeError, ValueError, IndexError):
+            pass  # empty or invalid window values: use the image's own range
+    return scale_min_max(values)
+
+
+def _colour_to_unit(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    """Luminance in [0, 1] of RGB / palette data (BT.601 weights)."""
+    if photometric == "PALETTE COLOR":
+        rgb = np.asarray(apply_color_lut(arr, ds), dtype=np.float64)
+        peak = _lut_max_palette(ds)
+    else:
+        rgb = np.asarray(arr, dtype=np.float64)
+        peak = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+    if rgb.shape[-1] == 4:
+        rgb = rgb[..., :3]
+    return np.clip((rgb @ _BT601) / peak, 0.0, 1.0)
+
+
+def _lut_max_palette(ds: Dataset) -> float:
+    bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    return float(2 ** (8 if bits == 8 else 16) - 1)
+
+
+def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
+    """Resize a 2-D float image to ``image_size`` x ``image_size`` (Pillow bilinear, antialiased)."""
+    if image.shape == (image_size, image_size):
+        return image.astype(np.float32)
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+    out = pil.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
+
+
+def prepare_image(ds: Dataset, *, image_size: int, window: "Window | None" = None,
+                  frame: FramePolicy = "middle") -> np.ndarray:
+    """Turn a data set's pixel data into the model input: float32 (S, S) in [0, 1].
+
+    Implements the grayscale pipeline of PS3.4 N.2.1.1: modality LUT (PS3.3 C.11.1), VOI
+    (C.11.2), presentation (MONOCHROME1 inverted, C.7.6.3.1.2), then a resize.
+
+    Args:
+        ds: a data set with pixel data (from :func:`medops.dicom.io.read_dataset`).
+        image_size: S, the output's side.
+        window: a fixed VOI window (ingest.window) that overrides the file's VOI; None = the
+            file's own VOI LUT / window, or min-max when it has neither.
+        frame: multi-frame policy: ``first``, ``middle`` or ``max`` (maximum over frames).
+
+    Raises:
+        DicomReadError: the pixel data cannot be decoded or described (reason says why).
+    """
+    arr, photometric = decode_pixels(ds, frame=frame)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    try:
+        if photometric == "PALETTE COLOR" or samples > 1 or photometric in _COLOUR:
+            if samples > 1 and arr.shape[-1] != samples:
+                raise DicomReadError(f"expected {samples} samples per pixel, decoded shape {arr.shape}",
+                                     QuarantineReason.UNSUPPORTED_PIXELS)
+            unit = _colour_to_unit(arr, ds, photometric)
+        elif photometric in ("MONOCHROME1", "MONOCHROME2"):
+            values = apply_modality_lut(arr, ds)
+            unit = apply_voi_to_unit(values, ds, window)
+            if photometric == "MONOCHROME1":
+                unit = 1.0 - unit
+        else:
+            raise DicomReadError(f"unsupported photometric interpretation {photometric!r}",
+                                 QuarantineReason.UNSUPPORTED_PIXELS)
+    except DicomReadError:
+        raise
+    except Exception as exc:
+        raise DicomReadError(f"cannot apply the display pipeline: {type(exc).__name__}: {exc}",
+                             QuarantineReason.UNSUPPORTED_PIXELS) from exc
+    unit = np.nan_to_num(np.asarray(unit, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+    if unit.ndim == 3 and frame == "max" and number_of_frames(ds) > 1:
+        unit = unit.max(axis=0)  # maximum intensity projection over frames
+    if unit.ndim != 2:
+        raise DicomReadError(f"expected a 2-D image after preprocessing, got shape {unit.shape}",
+                             QuarantineReason.UNSUPPORTED_PIXELS)
+    return resize_image(unit, image_size)
+
+
+def preprocess_bytes(data: bytes, *, image_size: int, window: "Window | None" = None,
+                     frame: FramePolicy = "middle") -> np.ndarray:
+    """:func:`prepare_image` for a DICOM file's bytes (what a client uploads to Triton)."""
+    return prepare_image(read_dataset(data), image_size=image_size, window=window, frame=frame)
+
+
+def preprocess_file(path: str | os.PathLike, *, image_size: int, window: "Window | None" = None,
+                    frame: FramePolicy = "middle") -> np.ndarray:
+    """:func:`prepare_image` for a DICOM file on disk."""
+    return prepare_image(read_dataset(path), image_size=image_size, window=window, frame=frame)

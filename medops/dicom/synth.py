@@ -1,0 +1,313 @@
+"""Turn the bundled PneumoniaMNIST into a hospital-like DICOM export with synthetic PHI (demo data).
+
+Inputs:  ``source_npz``: PneumoniaMNIST (``{train,val,test}_images`` uint8 (N, 28, 28) and
+         ``{train,val,test}_labels`` (N, 1); 1 = pneumonia).
+Outputs: ``out_dir/dicom/PATnnnnn/STnnn/IMnnnnn.dcm``: one CR (or DX) Image Storage file per image,
+         8-bit MONOCHROME2, explicit VR little endian, with realistic identifying headers (names,
+         IDs, birth dates, accession numbers, physicians, the institution, a vendor private block)
+         that are synthetic on purpose: ingest must remove them.
+         ``out_dir/labels.csv``: ``sop_instance_uid, path, label, split`` (path relative to
+         ``out_dir/dicom``, split = the official PneumoniaMNIST split).
+Params:  ``synth`` (seed, modality, images_per_patient, max_images_per_split, institution).
+
+Each synthetic patient has 2..5 images (``images_per_patient``) from ONE official split and ONE
+label, grouped into studies of one or two images, so patient-level splits are possible and the
+official split is honoured. Everything derives from ``seed`` (UIDs ``2.25.<int>`` from a seeded
+generator, fixed dates), so the same params give the same bytes and DVC sees the same hash. Folder
+and file names are counters: no PHI in names.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydantic import BaseModel
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from medops.config import SynthConfig
+
+SPLITS = ("train", "val", "test")
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_IMAGE_STORAGE_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+# medops' own implementation identity in the file meta (PS3.7 D.3.3.2), fixed so the bytes do not
+# depend on the installed pydicom version
+IMPLEMENTATION_CLASS_UID = "2.25.164379224683301542405627311478395741113"
+IMPLEMENTATION_VERSION = "MEDOPS_SYNTH_1"
+PRIVATE_CREATOR = "SYNTH HOSPITAL PACS"
+# PneumoniaMNIST comes from paediatric chest radiographs (ages 1 to 5); 28 px cover ~20 cm
+PIXEL_SPACING = "7.142857"
+
+_FIRST = ("Olivia", "Liam", "Emma", "Noah", "Ava", "Elijah", "Sophia", "Lucas", "Mia", "Mateo",
+          "Amelia", "Levi", "Harper", "Ezra", "Evelyn", "Leo", "Aria", "Kai", "Chloe", "Wei",
+          "Mei", "Jun", "Ling", "Hao", "Yan", "Priya", "Arjun", "Fatima", "Omar", "Zara",
+          "Ines", "Mateus", "Lena", "Jonas", "Sofia", "Marco", "Nora", "Felix", "Ida", "Hugo")
+_LAST = ("Smith", "Johnson", "Williams", "Brown", "Garcia", "Miller", "Davis", "Rodriguez",
+         "Martinez", "Wang", "Li", "Zhang", "Liu", "Chen", "Yang", "Huang", "Zhao", "Wu", "Zhou",
+         "Patel", "Khan", "Nguyen", "Kim", "Silva", "Santos", "Muller", "Schmidt", "Rossi",
+         "Dubois", "Novak", "Larsen", "Okafor", "Mensah", "Haddad", "Cohen", "Tanaka", "Sato")
+_PHYSICIANS = ("Hart^Eleanor^^Dr.", "Osei^Kwame^^Dr.", "Lindqvist^Maja^^Dr.", "Fernandes^Rui^^Dr.",
+               "Nakamura^Aiko^^Dr.", "Brennan^Patrick^^Dr.")
+_OPERATORS = ("Tech^Robin", "Tech^Sam", "Tech^Alex", "Tech^Jordan")
+_EPOCH = dt.date(2024, 1, 1)
+
+
+class SynthResult(BaseModel):
+    """What ``synth`` wrote."""
+
+    files: int
+    patients: int
+    studies: int
+    by_split: dict[str, int]
+    by_label: dict[str, int]
+    dicom_dir: Path
+    manifest: Path
+
+
+@dataclass(frozen=True)
+class _Image:
+    split: str
+    index: int  # position in the split's arrays
+    label: int
+
+
+def _uid(rng: np.random.Generator) -> str:
+    """A UUID-derived UID (PS3.5 B.2): 2.25 followed by a 128-bit integer."""
+    return "2.25." + str(int.from_bytes(rng.bytes(16), "big"))
+
+
+def _da(day: dt.date) -> str:
+    return day.strftime("%Y%m%d")
+
+
+def load_pneumoniamnist(source_npz: Path, max_per_split: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{split: (images uint8 (N, H, W), labels int (N,))}``, the first ``max_per_split`` of each."""
+    with np.load(source_npz) as npz:
+        out = {}
+        for split in SPLITS:
+            images = np.asarray(npz[f"{split}_images"], dtype=np.uint8)
+            labels = np.asarray(npz[f"{split}_labels"]).reshape(-1).astype(int)
+            if max_per_split is not None:
+                images, labels = images[:max_per_split], labels[:max_per_split]
+            out[split] = (images, labels)
+    return out
+
+
+def group_into_patients(labels_by_split: dict[str, np.ndarray], images_per_patient: tuple[int, int],
+                        rng: np.random.Generator) -> list[list[_Image]]:
+    """Group images into patients: each patient's images share one split and one label.
+
+    Within a (split, label) group the images are taken in their original order in runs of
+    ``images_per_patient`` (a seeded draw per patient); a last short run is still a patient.
+    """
+    lo, hi = images_per_patient
+    patients: list[list[_Image]] = []
+    for split in SPLITS:
+        labels = labels_by_split[split]
+        for label in (0, 1):
+            idx = np.flatnonzero(labels == label)
+            pos = 0
+            while pos < len(idx):
+                n = int(rng.integers(lo, hi + 1))
+                patients.append([_Image(split, int(i), label) for i in idx[pos:pos + n]])
+                pos += n
+    return patients
+
+
+def _patient_identity(rng: np.random.Generator, number: int) -> dict[str, object]:
+    sex = "M" if rng.random() < 0.5 else "F"
+    first = _FIRST[int(rng.integers(len(_FIRST)))]
+    middle = _FIRST[int(rng.integers(len(_FIRST)))][0]
+    last = _LAST[int(rng.integers(len(_LAST)))]
+    first_study = _EPOCH + dt.timedelta(days=int(rng.integers(0, 700)))
+    age_days = int(rng.integers(365, 6 * 365))
+    return {
+        "PatientName": f"{last}^{first}^{middle}",
+        "PatientID": f"MRN{int(rng.integers(10_000_000, 99_999_999))}",
+        "PatientSex": sex,
+        "birth": first_study - dt.timedelta(days=age_days),
+        "first_study": first_study,
+        "address": f"{int(rng.integers(1, 999))} {_LAST[int(rng.integers(len(_LAST)))]} Street, Springfield",
+        "phone": f"555-{int(rng.integers(1000, 9999))}",
+        "mother": f"{_LAST[int(rng.integers(len(_LAST)))]}^{_FIRST[int(rng.integers(len(_FIRST)))]}",
+        "number": number,
+    }
+
+
+def _age_string(birth: dt.date, on: dt.date) -> str:
+    """Patient's Age (0010,1010), AS VR: nnnY, or nnnM under two years (PS3.5 6.2)."""
+    months = (on.year - birth.year) * 12 + on.month - birth.month - (on.day < birth.day)
+    return f"{months:03d}M" if months < 24 else f"{months // 12:03d}Y"
+
+
+def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, object],
+                  study: dict[str, object], instance: int, sop_uid: str, series_uid: str,
+                  rng: np.random.Generator) -> Dataset:
+    """One CR / DX Image Storage data set (PS3.3 A.2 / A.26) holding an 8-bit MONOCHROME2 image."""
+    day: dt.date = study["date"]  # type: ignore[assignment]
+    time = str(study["time"])
+    sop_class = CR_IMAGE_STORAGE if cfg.modality == "CR" else DX_IMAGE_STORAGE_PRESENTATION
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.InstanceCreationDate = _da(day)
+    ds.InstanceCreationTime = time
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = _da(day)
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
+    ds.AccessionNumber = str(study["accession"])
+    ds.Modality = cfg.modality
+    ds.Manufacturer = "Synthetic Imaging Co."
+    ds.InstitutionName = cfg.institution
+    ds.InstitutionAddress = "1 Hospital Road, Springfield"
+    ds.ReferringPhysicianName = str(study["referrer"])
+    ds.StationName = "XR-ROOM-2"
+    ds.StudyDescription = "XR CHEST 1 VIEW PAEDIATRIC"
+    ds.SeriesDescription = f"CHEST {study['view']}"
+    ds.InstitutionalDepartmentName = "Paediatric Radiology"
+    ds.PerformingPhysicianName = str(study["performer"])
+    ds.OperatorsName = str(study["operator"])
+    ds.ManufacturerModelName = "SynthRad 3000"
+
+    ds.PatientName = str(patient["PatientName"])
+    ds.PatientID = str(patient["PatientID"])
+    ds.IssuerOfPatientID = "SSGH"
+    ds.PatientBirthDate = _da(patient["birth"])  # type: ignore[arg-type]
+    ds.PatientSex = str(patient["PatientSex"])
+    ds.PatientAge = _age_string(patient["birth"], day)  # type: ignore[arg-type]
+    ds.PatientAddress = str(patient["address"])
+    ds.PatientTelephoneNumbers = str(patient["phone"])
+    ds.PatientMotherBirthName = str(patient["mother"])
+    ds.OtherPatientIDsSequence = Sequence([Dataset()])
+    ds.OtherPatientIDsSequence[0].PatientID = f"NHS{int(patient['number']) + 4_000_000:09d}"
+    ds.OtherPatientIDsSequence[0].IssuerOfPatientID = "NATIONAL"
+    ds.OtherPatientIDsSequence[0].TypeOfPatientID = "TEXT"
+
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = str(study["view"])
+    ds.DeviceSerialNumber = "SR3K-000417"
+    ds.SoftwareVersions = "4.2.1"
+    ds.KVP = f"{int(rng.integers(55, 75))}"
+    ds.ExposureTime = f"{int(rng.integers(4, 16))}"
+    ds.XRayTubeCurrent = f"{int(rng.integers(160, 320))}"
+    ds.ImagerPixelSpacing = [PIXEL_SPACING, PIXEL_SPACING]
+
+    ds.StudyInstanceUID = str(study["uid"])
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = str(study["study_id"])
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance
+    ds.PatientOrientation = ["L", "F"] if study["view"] == "PA" else ["R", "F"]
+    ds.RequestAttributesSequence = Sequence([Dataset()])
+    ds.RequestAttributesSequence[0].RequestedProcedureID = f"RP{study['accession']}"
+    ds.RequestAttributesSequence[0].ScheduledProcedureStepID = f"SPS{study['accession']}"
+    ds.RequestAttributesSequence[0].RequestedProcedureDescription = "Chest radiograph, ?pneumonia"
+
+    if cfg.modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+        ds.DetectorType = "SCINTILLATOR"
+        ds.PixelIntensityRelationship = "LOG"
+        ds.PixelIntensityRelationshipSign = 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
+
+    rows, cols = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.PixelSpacing = [PIXEL_SPACING, PIXEL_SPACING]
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.BurnedInAnnotation = "NO"
+    # center 128, width 256 is the identity window for 8-bit data under PS3.3 C.11.2.1.2.1
+    ds.WindowCenter = "128"
+    ds.WindowWidth = "256"
+    ds.WindowCenterWidthExplanation = "FULL RANGE"
+    ds.LossyImageCompression = "00"
+
+    # a vendor private block that repeats PHI, as real PACS exports do (PS3.5 7.8.1)
+    block = ds.private_block(0x0029, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", str(patient["PatientID"]))
+    block.add_new(0x02, "LO", f"{patient['PatientName']} ward 4B")
+
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    return ds
+
+
+def run(cfg: SynthConfig, *, source_npz: Path, out_dir: Path) -> SynthResult:
+    """Write the synthetic DICOM export and its label manifest; see the module docstring."""
+    source_npz, out_dir = Path(source_npz), Path(out_dir)
+    data = load_pneumoniamnist(source_npz, cfg.max_images_per_split)
+    rng = np.random.default_rng(cfg.seed)
+    patients = group_into_patients({s: data[s][1] for s in SPLITS}, cfg.images_per_patient, rng)
+
+    dicom_dir = out_dir / "dicom"
+    dicom_dir.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(dicom_dir.glob("PAT[0-9]*")):  # an earlier export: keep no stale files
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    manifest_rows: list[tuple[str, str, int, str]] = []
+    n_studies = 0
+    for p_number, images in enumerate(patients, start=1):
+        patient = _patient_identity(rng, p_number)
+        day: dt.date = patient["first_study"]  # type: ignore[assignment]
+        pos = 0
+        s_number = 0
+        while pos < len(images):
+            n = int(rng.integers(1, 3))  # one or two images per study
+            s_number += 1
+            n_studies += 1
+            study = {
+                "uid": _uid(rng),
+                "date": day,
+                "time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}"
+                        f"{int(rng.integers(0, 60)):02d}",
+                "accession": f"A{int(rng.integers(10_000_000, 99_999_999))}",
+                "study_id": f"{int(rng.integers(1000, 9999))}",
+                "referrer": _PHYSICIANS[int(rng.integers(len(_PHYSICIANS)))],
+                "performer": _PHYSICIANS[int(rng.integers(len(_PHYSICIANS)))],
+                "operator": _OPERATORS[int(rng.integers(len(_OPERATORS)))],
+                "view": "AP" if rng.random() < 0.7 else "PA",  # AP is usual for small children
+            }
+            series_uid = _uid(rng)
+            for instance, image in enumerate(images[pos:pos + n], start=1):
+                sop_uid = _uid(rng)
+                pixels = data[image.split][0][image.index]
+                ds = build_dataset(cfg, pixels, patient=patient, study=study, instance=instance,
+                                   sop_uid=sop_uid, series_uid=series_uid, rng=rng)
+                rel = Path(f"PAT{p_number:05d}") / f"ST{s_number:03d}" / f"IM{instance:05d}.dcm"
+                target = dicom_dir / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                pydicom.dcmwrite(target, ds, enforce_file_format=True)
+                manifest_rows.append((sop_uid, rel.as_posix(), image.label, image.split))
+            pos += n
+            day = day + dt.timedelta(days=int(rng.integers(3, 60)))
+
+    manifest = out_dir / "labels.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["sop_instance_uid", "path", "label", "split"])
+        writer.writerows(manifest_rows)
+
+    by_split = {s: sum(1 for r in manifest_rows if r[3] == s) for s in SPLITS}
+    by_label = {str(v): sum(1 for r in manifest_rows if r[2] == v) for v in (0, 1)}
+    return SynthResult(files=len(manifest_rows), patients=len(patients), studies=n_studies,
+                       by_split=by_split, by_label=by_label, dicom_dir=dicom_dir, manifest=manifest)

@@ -1,0 +1,457 @@
+"""Ingest: a hospital DICOM export -> de-identified DICOM + model-ready arrays + metadata.
+
+Inputs:  ``source_dir``: every file below it, any name, any depth (nothing is skipped silently:
+         each file is either used or listed in quarantine.csv with a reason);
+         ``manifest`` (optional): CSV with ``sop_instance_uid`` and ``label`` (0/1, may be empty)
+         and optionally ``split``, keyed by the ORIGINAL SOP Instance UID. With a manifest, a
+         file it does not list is quarantined as ``no_label``.
+Outputs: below ``out_dir``, exactly as :mod:`medops.data` documents: ``dicom/`` (de-identified
+         files, PS3.15 Annex E), ``arrays/shard-NNNNN.npy`` (float32 (n, S, S) in [0, 1]),
+         ``metadata.parquet`` (METADATA_COLUMNS, one row per used image, pseudonymous UIDs only)
+         and ``quarantine.csv`` (``path`` relative to source_dir, ``reason``, ``detail``; written
+         even when empty).
+Params:  ``ingest`` (image_size, window, workers, shard_size, deid).
+
+Files are read, de-identified and decoded in ``workers`` processes, a chunk of files per task so
+that inter-process traffic does not dominate; the parent assigns rows to shards in source-path
+order, so the output does not depend on the number of workers. Shards are written as they fill,
+so memory stays bounded by a few chunks and one shard.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+from pydantic import BaseModel
+
+from medops.config import IngestConfig
+from medops.data import ARRAYS_DIR, METADATA_COLUMNS, shard_path
+from medops.errors import DicomReadError, IngestError, QuarantineReason
+
+Progress = Callable[[int, int], None]
+QUARANTINE_COLUMNS = ("path", "reason", "detail")
+_MAX_CHUNK = 64        # files per task: bounds the memory a task's results hold
+_AHEAD_PER_WORKER = 3  # tasks in flight per worker: keeps workers busy without piling up results
+
+
+class IngestResult(BaseModel):
+    """What the ingest stage did; ``quarantined_by_reason`` uses QuarantineReason values."""
+
+    files_seen: int
+    used: int
+    quarantined: int
+    quarantined_by_reason: dict[str, int]
+    labelled: int
+    shards: int
+    image_size: int
+    seconds: float
+    out_dir: Path
+    dicom_dir: Path
+    arrays_dir: Path
+    metadata: Path
+    quarantine: Path
+
+
+@dataclass
+class FileOutcome:
+    """One source file's fate, as a worker reports it."""
+
+    path: str                      # relative to source_dir, POSIX separators
+    sha256: str = ""
+    original_sop_uid: str = ""
+    reason: str | None = None      # a QuarantineReason value, None when used
+    detail: str = ""
+    record: dict[str, Any] = field(default_factory=dict)
+    image: np.ndarray | None = None
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+def read_manifest(path: Path) -> dict[str, tuple[int | None, str | None]]:
+    """``{original SOPInstanceUID: (label or None, split or None)}`` from a labels CSV.
+
+    Raises:
+        IngestError: the file is missing, lacks ``sop_instance_uid`` / ``label``, has a label that
+            is not 0/1, or gives one UID two different labels.
+    """
+    path = Path(path)
+    try:
+        fh = path.open(newline="")
+    except OSError as exc:
+        raise IngestError(f"manifest {path} cannot be read: {exc}") from exc
+    labels: dict[str, tuple[int | None, str | None]] = {}
+    with fh:
+        reader = csv.DictReader(fh)
+        missing = {"sop_instance_uid", "label"} - set(reader.fieldnames or ())
+        if missing:
+            raise IngestError(f"manifest {path} lacks column(s) {sorted(missing)}; "
+                              f"has {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            uid = (row.get("sop_instance_uid") or "").strip()
+            if not uid:
+                continue
+            raw = (row.get("label") or "").strip()
+            if raw in ("", "nan", "NA"):
+                label = None
+            elif raw in ("0", "1", "0.0", "1.0"):
+                label = int(float(raw))
+            else:
+                raise IngestError(f"manifest {path} line {line}: label must be 0, 1 or empty, got {raw!r}")
+            split = (row.get("split") or "").strip() or None
+            if uid in labels and labels[uid][0] != label:
+                raise IngestError(f"manifest {path} line {line}: {uid} has labels "
+                                  f"{labels[uid][0]} and {label}")
+            labels[uid] = (label, split)
+    return labels
+
+
+# --- the per-file work (runs in worker processes) ---------------------------------------------
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(cfg: IngestConfig, key: bytes, labels: dict | None, source_dir: str, dicom_dir: str,
+                 frame: str) -> None:
+    _STATE.update(cfg=cfg, key=key, labels=labels, source_dir=Path(source_dir),
+                  dicom_dir=Path(dicom_dir), frame=frame)
+
+
+def _write_atomically(ds: Any, target: Path) -> None:
+    import pydicom
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".dcm")
+    os.close(fd)
+    try:
+        try:
+            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+        except Exception:
+            # e.g. a file read without File Meta whose meta cannot be completed: write as read
+            pydicom.dcmwrite(tmp, ds, enforce_file_format=False)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def process_file(rel: str) -> FileOutcome:
+    """Read, check, decode and de-identify one file; every per-file failure becomes data."""
+    from medops.dicom import deid
+    from medops.dicom.io import read_dataset
+    from medops.dicom.pixels import prepare_image
+
+    cfg: IngestConfig = _STATE["cfg"]
+    key: bytes = _STATE["key"]
+    labels: dict | None = _STATE["labels"]
+    out = FileOutcome(path=rel)
+    try:
+        data = (_STATE["source_dir"] / rel).read_bytes()
+    except OSError as exc:
+        out.reason, out.detail = QuarantineReason.NOT_DICOM.value, f"cannot read: {exc}"
+        return out
+    out.sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        ds = read_dataset(data)
+        out.original_sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+        if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES" \
+                and not cfg.deid.allow_burned_in:
+            raise DicomReadError("BurnedInAnnotation is YES: the pixels may show identifying text",
+                                 QuarantineReason.BURNED_IN_ANNOTATION)
+        label: int | None = None
+        split: str | None = None
+        if labels is not None:
+            if out.original_sop_uid not in labels:
+                raise DicomReadError("SOPInstanceUID not in the manifest", QuarantineReason.NO_LABEL)
+            label, split = labels[out.original_sop_uid]
+        image = prepare_image(ds, image_size=cfg.image_size, window=cfg.window,
+                              frame=_STATE["frame"])
+    except DicomReadError as exc:
+        out.reason, out.detail = exc.reason.value, _strip_source(str(exc))
+        return out
+
+    # read from the ORIGINAL header, before de-identification removes what they come from
+    sex, age = deid.patient_sex(ds), deid.patient_age_years(ds)
+    modality = str(ds.get("Modality", "") or "") or None
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    try:
+        deid.deidentify(ds, key, retain_longitudinal=cfg.deid.retain_longitudinal)
+        if not out.original_sop_uid:
+            ds.SOPInstanceUID = deid.pseudonymize_uid("content:" + out.sha256, key)
+        sop = str(ds.SOPInstanceUID)
+        study = str(ds.get("StudyInstanceUID", "") or "") or "no-study"
+        rel_deid = Path("dicom") / study / f"{sop}.dcm"
+        _write_atomically(ds, _STATE["dicom_dir"].parent / rel_deid)
+    except Exception as exc:  # never keep a half-de-identified file, never stop the stage
+        out.reason = QuarantineReason.DEID_FAILED.value
+        out.detail = f"{type(exc).__name__}: {exc}"
+        return out
+    out.image = image
+    out.record = {
+        "sop_instance_uid": sop,
+        "study_instance_uid": str(ds.get("StudyInstanceUID", "") or "") or None,
+        "series_instance_uid": str(ds.get("SeriesInstanceUID", "") or "") or None,
+        "patient_id": str(ds.PatientID),
+        "patient_sex": sex,
+        "patient_age": age,
+        "modality": modality,
+        "rows": rows,
+        "columns": columns,
+        "label": label,
+        "manifest_split": split,
+        "pixel_mean": float(image.mean()),
+        "pixel_std": float(image.std()),
+        "pixel_min": float(image.min()),
+        "pixel_max": float(image.max()),
+        "content_sha256": out.sha256,
+        "deid_path": rel_deid.as_posix(),
+    }
+    return out
+
+
+def _strip_source(message: str) -> str:
+    """Drop the '<bytes>: ' prefix read_dataset puts on messages; the path column says which file."""
+    return message.split(": ", 1)[1] if message.startswith("<bytes>: ") else message
+
+
+def process_chunk(rels: list[str]) -> list[FileOutcome]:
+    return [process_file(rel) for rel in rels]
+
+
+# --- orchestration ----------------------------------------------------------------------------
+
+def list_source_files(source_dir: Path) -> list[str]:
+    """Every regular file below ``source_dir`` (any name, any depth), as sorted POSIX paths."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(source_dir, followlinks=False):
+        dirnames.sort()
+        for name in filenames:
+            full = Path(dirpath) / name
+            if full.is_file():
+                files.append(full.relative_to(source_dir).as_posix())
+    return sorted(files)
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _outcomes(files: list[str], workers: int, init_args: tuple) -> Iterator[FileOutcome]:
+    """Outcomes in ``files`` order; a bounded number of chunks in flight."""
+    if not files:
+        return
+    size = max(1, min(_MAX_CHUNK, math.ceil(len(files) / (workers * 4))))
+    chunks = _chunks(files, size)
+    if workers == 1 or len(chunks) == 1:
+        _init_worker(*init_args)
+        for chunk in chunks:
+            yield from process_chunk(chunk)
+        return
+    # spawn, not fork: the caller (a Prefect worker, a test runner) may hold threads and locks
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=get_context("spawn"),
+                             initializer=_init_worker, initargs=init_args) as pool:
+        pending: deque[Future] = deque()
+        todo = iter(chunks)
+        for chunk in todo:
+            pending.append(pool.submit(process_chunk, chunk))
+            if len(pending) >= workers * _AHEAD_PER_WORKER:
+                break
+        while pending:
+            results = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(process_chunk, nxt))
+            yield from results
+
+
+class _ShardWriter:
+    def __init__(self, out_dir: Path, shard_size: int, image_size: int) -> None:
+        self.out_dir, self.shard_size, self.image_size = out_dir, shard_size, image_size
+        self.buffer: list[np.ndarray] = []
+        self.shards = 0
+
+    def add(self, image: np.ndarray) -> tuple[int, int]:
+        where = (self.shards, len(self.buffer))
+        self.buffer.append(image.astype(np.float32, copy=False))
+        if len(self.buffer) == self.shard_size:
+            self.flush()
+        return where
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = shard_path(self.out_dir, self.shards)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.stack(self.buffer).astype(np.float32))
+        self.buffer = []
+        self.shards += 1
+
+
+def _reset_outputs(out_dir: Path) -> None:
+    """Remove this stage's previous outputs (and only those) so no stale shard or file survives."""
+    for sub in ("dicom", ARRAYS_DIR):
+        if (out_dir / sub).exists():
+            shutil.rmtree(out_dir / sub)
+    for name in ("metadata.parquet", "quarantine.csv"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _progress_callback(progress: bool | Progress | None, total: int) -> tuple[Progress | None, Callable[[], None]]:
+    if progress is None or progress is False:
+        return None, lambda: None
+    if progress is True:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="file", desc="ingest", dynamic_ncols=True)
+
+        def update(done: int, _total: int) -> None:
+            bar.update(done - bar.n)
+
+        return update, bar.close
+    return progress, lambda: None
+
+
+def metadata_frame(records: Iterable[dict[str, Any]]):
+    """The metadata table with the documented columns and dtypes (label/age nullable Int64)."""
+    import pandas as pd
+
+    df = pd.DataFrame(list(records), columns=list(METADATA_COLUMNS))
+    for col in ("label", "patient_age"):
+        df[col] = df[col].astype("Int64")
+    for col in ("rows", "columns", "shard", "shard_index"):
+        df[col] = df[col].astype("int64")
+    for col in ("pixel_mean", "pixel_std", "pixel_min", "pixel_max"):
+        df[col] = df[col].astype("float64")
+    for col in ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "patient_id",
+                "patient_sex", "modality", "manifest_split", "content_sha256", "deid_path"):
+        df[col] = df[col].astype(object).where(df[col].notna(), None)
+    return df
+
+
+def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | None = None,
+        key: bytes | None = None, progress: bool | Progress | None = None,
+        frame: str = "middle") -> IngestResult:
+    """Ingest every file below ``source_dir`` into ``out_dir``; see the module docstring.
+
+    Args:
+        cfg: the ``ingest`` section.
+        source_dir: the export to read.
+        out_dir: where the processed dataset goes (its previous contents are replaced).
+        manifest: labels CSV keyed by original SOPInstanceUID; None = unlabelled.
+        key: de-identification key; None = :func:`medops.dicom.deid.resolve_deid_key`.
+        progress: True for a tqdm bar, a ``callback(done, total)``, or None.
+        frame: multi-frame policy (``first`` | ``middle`` | ``max``).
+
+    Raises:
+        IngestError: the source folder is missing or the manifest is unusable. A bad file never
+            raises: it is quarantined.
+    """
+    from medops.dicom.deid import resolve_deid_key
+
+    started = time.monotonic()
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    if not source_dir.is_dir():
+        raise IngestError(f"source folder {source_dir} does not exist or is not a folder")
+    labels = read_manifest(manifest) if manifest is not None else None
+    if key is None:
+        key = resolve_deid_key(cfg.deid)
+    files = list_source_files(source_dir)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _reset_outputs(out_dir)
+    dicom_dir = out_dir / "dicom"
+    dicom_dir.mkdir(parents=True, exist_ok=True)
+    init_args = (cfg, key, labels, str(source_dir), str(dicom_dir), frame)
+
+    writer = _ShardWriter(out_dir, cfg.shard_size, cfg.image_size)
+    records: list[dict[str, Any]] = []
+    quarantine: list[tuple[str, str, str]] = []
+    seen_content: dict[str, str] = {}
+    seen_sop: dict[str, tuple[str, str]] = {}  # original SOP UID -> (path, deid_path)
+    rewrite: list[str] = []
+    callback, close = _progress_callback(progress, len(files))
+    try:
+        for done, outcome in enumerate(_outcomes(files, cfg.workers, init_args), start=1):
+            if outcome.reason is None:
+                first = seen_content.get(outcome.sha256)
+                prior = seen_sop.get(outcome.original_sop_uid) if outcome.original_sop_uid else None
+                if first is not None:
+                    outcome.reason, outcome.detail = QuarantineReason.DUPLICATE.value, f"same bytes as {first}"
+                elif prior is not None:
+                    outcome.reason = QuarantineReason.DUPLICATE.value
+                    outcome.detail = f"same SOPInstanceUID as {prior[0]}, different content"
+                    rewrite.append(prior[0])  # a worker may have overwritten the kept file's copy
+                    if outcome.record.get("deid_path") != prior[1]:
+                        (out_dir / outcome.record["deid_path"]).unlink(missing_ok=True)
+            if outcome.reason is not None:
+                quarantine.append((outcome.path, outcome.reason, outcome.detail))
+            else:
+                assert outcome.image is not None
+                seen_content[outcome.sha256] = outcome.path
+                if outcome.original_sop_uid:
+                    seen_sop[outcome.original_sop_uid] = (outcome.path, outcome.record["deid_path"])
+                shard, index = writer.add(outcome.image)
+                records.append({**outcome.record, "shard": shard, "shard_index": index})
+            if callback is not None and (done % 64 == 0 or done == len(files)):
+                callback(done, len(files))
+        writer.flush()
+    finally:
+        close()
+    if rewrite:
+        _init_worker(*init_args)
+        for rel in sorted(set(rewrite)):
+            process_file(rel)
+
+    metadata_path = out_dir / "metadata.parquet"
+    metadata_frame(records).to_parquet(metadata_path, index=False)
+    quarantine_path = out_dir / "quarantine.csv"
+    with quarantine_path.open("w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(QUARANTINE_COLUMNS)
+        w.writerows(sorted(quarantine))
+
+    by_reason = Counter(reason for _, reason, _ in quarantine)
+    return IngestResult(
+        files_seen=len(files),
+        used=len(records),
+        quarantined=len(quarantine),
+        quarantined_by_reason=dict(sorted(by_reason.items())),
+        labelled=sum(1 for r in records if r["label"] is not None),
+        shards=writer.shards,
+        image_size=cfg.image_size,
+        seconds=round(time.monotonic() - started, 3),
+        out_dir=out_dir,
+        dicom_dir=dicom_dir,
+        arrays_dir=out_dir / ARRAYS_DIR,
+        metadata=metadata_path,
+        quarantine=quarantine_path,
+    )
+
+
+def format_summary(result: IngestResult) -> str:
+    """A few lines for the CLI: counts, quarantine reasons, where things went."""
+    lines = [
+        f"ingested {result.used} of {result.files_seen} files in {result.seconds:.1f} s "
+        f"({result.labelled} labelled) into {result.shards} shard(s) of "
+        f"{result.image_size}x{result.image_size}",
+    ]
+    if result.quarantined:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in result.quarantined_by_reason.items())
+        lines.append(f"quarantined {result.quarantined}: {reasons} (see {result.quarantine})")
+    else:
+        lines.append(f"quarantined 0 (empty list at {result.quarantine})")
+    lines.append(f"metadata: {result.metadata}")
+    lines.append(f"de-identified DICOM: {result.dicom_dir}")
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""io: every way a file can be bad becomes a DicomReadError with the right reason."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from conftest import pydicom_file
+from medops.dicom import io as dio
+from medops.dicom.pixels import prepare_image
+from medops.errors import DicomReadError, QuarantineReason as R
+
+
+def _reason(source) -> R:
+    with pytest.raises(DicomReadError) as err:
+        ds = dio.read_dataset(source)
+        prepare_image(ds, image_size=8)
+    assert str(err.value)  # the message says what was wrong
+    return err.value.reason
+
+
+def _native(rows: int = 4, cols: int = 4, ts=ExplicitVRLittleEndian) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(range(rows * cols))
+    return ds
+
+
+def _bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_garbage_text_json_and_empty_are_not_dicom():
+    assert _reason(os.urandom(4096)) == R.NOT_DICOM
+    assert _reason(b"patient,label\n1,0\n") == R.NOT_DICOM
+    assert _reason(json.dumps({"a": 1}).encode()) == R.NOT_DICOM
+    assert _reason(b"") == R.NOT_DICOM
+
+
+def test_missing_file_is_a_typed_error(tmp_path):
+    assert _reason(tmp_path / "nope.dcm") == R.NOT_DICOM
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.5, 0.97])
+def test_cut_short_files_are_truncated(keep):
+    data = pydicom_file("CT_small.dcm").read_bytes()
+    assert _reason(data[: int(len(data) * keep)]) == R.TRUNCATED
+
+
+def test_pydicoms_own_truncated_file():
+    assert _reason(pydicom_file("MR_truncated.dcm")) == R.TRUNCATED
+
+
+def test_short_native_pixel_data_is_truncated():
+    ds = _native()
+    ds.PixelData = ds.PixelData[:10]
+    assert _reason(_bytes(ds)) == R.TRUNCATED
+
+
+def test_no_pixel_data():
+    assert _reason(pydicom_file("rtplan.dcm")) == R.NO_PIXEL_DATA
+    ds = _native()
+    del ds.PixelData
+    assert _reason(_bytes(ds)) == R.NO_PIXEL_DATA
+    # without require_pixels the same file reads
+    assert dio.read_dataset(_bytes(ds), require_pixels=False).Rows == 4
+
+
+def test_a_transfer_syntax_without_a_decoder():
+    ds = _native()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 Main Profile
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * 16])
+    assert _reason(_bytes(ds)) == R.UNSUPPORTED_TRANSFER_SYNTAX
+
+
+def test_corrupt_compressed_data_is_a_decode_error():
+    ds = pydicom.dcmread(pydicom_file("JPEG2000.dcm"))
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = pydicom.encaps.encapsulate([frame[:40] + b"\xff" * 200])
+    assert _reason(_bytes(ds)) == R.DECODE_ERROR
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm",
+                                  "JPGExtended.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                                  "MR_small_bigendian.dcm", "image_dfl.dcm"])
+def test_real_files_read_and_decode(name):
+    path = pydicom_file(name)
+    ds = dio.read_dataset(path)
+    arr, photometric = dio.decode_pixels(ds)
+    assert arr.shape[:2] == (ds.Rows, ds.Columns)
+    assert photometric.startswith("MONOCHROME") or photometric in ("RGB", "PALETTE COLOR")
+    out = prepare_image(ds, image_size=16)
+    assert out.shape == (16, 16) and out.dtype == np.float32
+    assert 0.0 <= out.min() <= out.max() <= 1.0 and out.std() > 0
+
+
+def test_files_without_file_meta_are_read():
+    ds = dio.read_dataset(pydicom_file("ExplVR_LitEndNoMeta.dcm"), require_pixels=False)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.8"
+    assert dio.transfer_syntax(ds) == ExplicitVRLittleEndian
+
+
+def test_bytes_path_and_stream_give_the_same_dataset():
+    path = pydicom_file("CT_small.dcm")
+    a = dio.read_dataset(path)
+    b = dio.read_dataset(path.read_bytes())
+    c = dio.read_dataset(io.BytesIO(path.read_bytes()))
+    assert a.SOPInstanceUID == b.SOPInstanceUID == c.SOPInstanceUID
+
+
+def test_frame_selection():
+    assert dio.select_frame(5, "first") == 0
+    assert dio.select_frame(5, "middle") == 2
+    assert dio.select_frame(5, "max") is None
+    with pytest.raises(ValueError):
+        dio.select_frame(5, "last")  # type: ignore[arg-type]

@@ -1,0 +1,154 @@
+"""pixels: the one preprocessing, checked against values worked out by hand (PS3.3 C.11)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medops.config import SynthConfig, Window
+from medops.dicom import pixels, synth
+from medops.paths import BUNDLED_DATASET
+
+
+def make_dataset(values: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+                 signed: bool = False, frames: int = 1, samples: int = 1, **attrs) -> Dataset:
+    """A minimal native (uncompressed) image data set holding ``values``."""
+    values = np.asarray(values)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    shape = values.shape[1:] if frames > 1 else values.shape
+    ds.Rows, ds.Columns = shape[0], shape[1]
+    ds.SamplesPerPixel = samples
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = values.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    ds.PixelData = np.ascontiguousarray(values).tobytes()
+    return ds
+
+
+def test_monochrome1_with_rescale_and_window_matches_hand_computation():
+    # stored 0, 100, 200, 300; slope 2, intercept -100 -> modality -100, 100, 300, 500 (C.11.1.1)
+    # LINEAR window c=200, w=401 -> y = (x - 199.5) / 400 + 0.5, clipped (C.11.2.1.2.1):
+    #   -100 -> 0; 100 -> 0.25125; 300 -> 0.75125; 500 -> 1
+    # MONOCHROME1 is inverted: 1, 0.74875, 0.24875, 0
+    ds = make_dataset(np.array([[0, 100], [200, 300]], dtype=np.uint16), photometric="MONOCHROME1",
+                      bits_stored=12, RescaleSlope="2", RescaleIntercept="-100",
+                      WindowCenter="200", WindowWidth="401")
+    out = pixels.prepare_image(ds, image_size=2)
+    assert out.dtype == np.float32 and out.shape == (2, 2)
+    np.testing.assert_allclose(out, [[1.0, 0.74875], [0.24875, 0.0]], atol=1e-6)
+
+
+def test_8bit_monochrome2_with_the_full_range_window_is_identity():
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    ds = make_dataset(values, WindowCenter="128", WindowWidth="256")
+    out = pixels.prepare_image(ds, image_size=16)
+    assert np.array_equal(out, values.astype(np.float32) / np.float32(255))
+
+
+def test_synthetic_files_give_exactly_original_over_255(tmp_path):
+    synth.run(SynthConfig(max_images_per_split=2), source_npz=BUNDLED_DATASET, out_dir=tmp_path)
+    for path in sorted((tmp_path / "dicom").rglob("*.dcm")):
+        original = pydicom.dcmread(path).pixel_array
+        out = pixels.preprocess_bytes(path.read_bytes(), image_size=28)
+        assert np.array_equal(out, (original / 255).astype(np.float32))
+        assert np.array_equal(pixels.preprocess_file(path, image_size=28), out)
+
+
+def test_configured_window_overrides_the_files():
+    ds = make_dataset(np.array([[0, 50], [100, 150]], dtype=np.uint8), WindowCenter="128", WindowWidth="256")
+    # c=100, w=101 -> (x - 99.5) / 100 + 0.5: 0 -> 0, 50 -> 0.005, 100 -> 0.505, 150 -> 1
+    out = pixels.prepare_image(ds, image_size=2, window=Window(center=100, width=101))
+    np.testing.assert_allclose(out, [[0.0, 0.005], [0.505, 1.0]], atol=1e-6)
+
+
+def test_without_any_window_the_image_range_is_stretched():
+    ds = make_dataset(np.array([[10, 20], [30, 50]], dtype=np.uint8))
+    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2), [[0, 0.25], [0.5, 1.0]], atol=1e-7)
+    flat = make_dataset(np.full((2, 2), 7, dtype=np.uint8))
+    assert np.array_equal(pixels.prepare_image(flat, image_size=2), np.zeros((2, 2), np.float32))
+
+
+def test_linear_exact_and_sigmoid_windows():
+    x = np.array([0.0, 50.0, 100.0])
+    # LINEAR_EXACT (C.11.2.1.3.2): (x - c) / w + 0.5 with c=50, w=100 -> 0, 0.5, 1
+    np.testing.assert_allclose(pixels.apply_window(x, 50, 100, "LINEAR_EXACT"), [0.0, 0.5, 1.0])
+    # SIGMOID (C.11.2.1.3.1): 1 / (1 + exp(-4 (x - c) / w)) -> 1/(1+e^2), 0.5, 1/(1+e^-2)
+    np.testing.assert_allclose(pixels.apply_window(x, 50, 100, "SIGMOID"),
+                               [1 / (1 + np.e**2), 0.5, 1 / (1 + np.e**-2)])
+
+
+def test_signed_ct_like_values_through_rescale_and_window():
+    # signed, 12 bits stored, intercept -1024: stored -1, 1024, 1064, 2047 -> HU -1025, 0, 40, 1023
+    # window c=40 w=400 (LINEAR): (x - 39.5) / 399 + 0.5 -> 0, 0.40100..., 0.50125..., 1
+    ds = make_dataset(np.array([[-1, 1024], [1064, 2047]], dtype=np.int16), signed=True, bits_stored=12,
+                      RescaleSlope="1", RescaleIntercept="-1024", WindowCenter="40", WindowWidth="400")
+    expected = np.clip((np.array([[-1025, 0], [40, 1023]]) - 39.5) / 399 + 0.5, 0, 1)
+    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2), expected, atol=1e-6)
+
+
+def test_bits_stored_masks_values_above_high_bit():
+    # 12 bits stored in 16 allocated: bit 12 and above are not pixel data (PS3.5 8.1.1), so a
+    # stored 0x1005 is 5; min-max over 0, 5, 10, 20 -> 0, 0.25, 0.5, 1
+    ds = make_dataset(np.array([[0, 0x1005], [10, 20]], dtype=np.uint16), bits_stored=12)
+    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2), [[0, 0.25], [0.5, 1.0]], atol=1e-7)
+
+
+def test_resize_keeps_range_and_shape():
+    rng = np.random.default_rng(0)
+    ds = make_dataset(rng.integers(0, 4096, size=(64, 48), dtype=np.uint16), bits_stored=12)
+    out = pixels.prepare_image(ds, image_size=28)
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_multi_frame_policies():
+    frames = np.stack([np.full((2, 2), v, dtype=np.uint8) for v in (10, 20, 30)])
+    frames[0, 0, 0] = 250  # frame 0 holds the brightest pixel
+    common = dict(frames=3, WindowCenter="128", WindowWidth="256")
+    first = pixels.prepare_image(make_dataset(frames, **common), image_size=2, frame="first")
+    middle = pixels.prepare_image(make_dataset(frames, **common), image_size=2, frame="middle")
+    mip = pixels.prepare_image(make_dataset(frames, **common), image_size=2, frame="max")
+    np.testing.assert_allclose(first, np.array([[250, 10], [10, 10]]) / 255, atol=1e-7)
+    np.testing.assert_allclose(middle, np.full((2, 2), 20 / 255), atol=1e-7)
+    np.testing.assert_allclose(mip, np.array([[250, 30], [30, 30]]) / 255, atol=1e-7)
+
+
+def test_rgb_becomes_bt601_luminance():
+    rgb = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 255]]], dtype=np.uint8)
+    ds = make_dataset(rgb, photometric="RGB", samples=3)
+    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2),
+                               [[0.299, 0.587], [0.114, 1.0]], atol=1e-6)
+
+
+def test_preprocess_bytes_of_a_written_file_round_trips():
+    ds = make_dataset(np.array([[0, 255], [128, 64]], dtype=np.uint8), WindowCenter="128", WindowWidth="256")
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    out = pixels.preprocess_bytes(buf.getvalue(), image_size=2)
+    np.testing.assert_array_equal(out, np.array([[0, 255], [128, 64]], np.float32) / np.float32(255))
+
+
+def test_unsupported_photometric_is_a_typed_failure():
+    from medops.errors import DicomReadError, QuarantineReason
+
+    ds = make_dataset(np.zeros((2, 2), np.uint8), photometric="HSV")
+    with pytest.raises(DicomReadError) as err:
+        pixels.prepare_image(ds, image_size=2)
+    assert err.value.reason == QuarantineReason.UNSUPPORTED_PIXELS

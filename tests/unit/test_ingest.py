@@ -1,0 +1,222 @@
+"""ingest: a small real export (synthetic studies + pydicom's own files + broken files) end to end."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from conftest import pydicom_file
+from medops import ingest
+from medops.config import IngestConfig, SynthConfig
+from medops.data import METADATA_COLUMNS, load_images, read_metadata, shard_path
+from medops.dicom import synth
+from medops.errors import IngestError
+from medops.paths import BUNDLED_DATASET
+
+KEY = b"ingest-test-key-0123456789abcdef"
+PYDICOM_GOOD = {"ct/CT_small.dcm": "CT_small.dcm", "mr/MR_small.dcm": "MR_small.dcm",
+                "compressed/J2K": "JPEG2000.dcm"}
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> dict:
+    """A hospital-like folder: 12 synthetic images, 3 real pydicom images and 6 problem files."""
+    root = tmp_path_factory.mktemp("export")
+    synth_out = root / "synth"
+    synth.run(SynthConfig(max_images_per_split=4), source_npz=BUNDLED_DATASET, out_dir=synth_out)
+    src = root / "source"
+    shutil.copytree(synth_out / "dicom", src / "synthetic")
+    rows = _read_csv(synth_out / "labels.csv")
+    manifest_rows = [dict(r, path="synthetic/" + r["path"]) for r in rows]
+    unlabelled = manifest_rows.pop()  # its file stays in the folder: no_label
+    for rel, name in PYDICOM_GOOD.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(pydicom_file(name), src / rel)
+        uid = pydicom.dcmread(src / rel, stop_before_pixels=True).SOPInstanceUID
+        manifest_rows.append({"sop_instance_uid": uid, "path": rel, "label": "1", "split": ""})
+    bad = src / "bad"
+    bad.mkdir()
+    ct = pydicom_file("CT_small.dcm").read_bytes()
+    (bad / "garbage.bin").write_bytes(np.random.default_rng(0).bytes(3000))
+    (bad / "notes.txt").write_text("patient called back\n")
+    (bad / "truncated.dcm").write_bytes(ct[: len(ct) // 2])
+    shutil.copy(pydicom_file("rtplan.dcm"), bad / "rtplan.dcm")  # no pixel data
+    first = src / "synthetic" / rows[0]["path"]
+    shutil.copy(first, bad / "copy-of-first.dcm")  # same bytes: duplicate
+    burned = pydicom.dcmread(src / "synthetic" / rows[1]["path"])
+    burned.BurnedInAnnotation = "YES"
+    burned.SOPInstanceUID = pydicom.uid.generate_uid()
+    burned.file_meta.MediaStorageSOPInstanceUID = burned.SOPInstanceUID
+    burned.save_as(bad / "burned")
+    manifest_rows.append({"sop_instance_uid": burned.SOPInstanceUID, "path": "bad/burned", "label": "0", "split": "train"})
+    manifest = root / "labels.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["sop_instance_uid", "path", "label", "split"])
+        w.writeheader()
+        w.writerows(manifest_rows)
+    phi = set()
+    for path in sorted((src / "synthetic").rglob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        phi |= {str(ds.PatientID), str(ds.PatientName), ds.AccessionNumber, ds.PatientBirthDate,
+                str(ds.ReferringPhysicianName), str(ds.PatientName.family_name), ds.StudyInstanceUID,
+                ds.SOPInstanceUID, ds.PatientAddress}
+    phi.add(SynthConfig().institution)
+    return {"src": src, "manifest": manifest, "rows": rows, "unlabelled": unlabelled, "phi": phi}
+
+
+@pytest.fixture(scope="module")
+def result(export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ingested")
+    cfg = IngestConfig(shard_size=4, workers=2)
+    return ingest.run(cfg, source_dir=export["src"], out_dir=out, manifest=export["manifest"], key=KEY)
+
+
+def test_every_file_is_used_or_quarantined_with_its_reason(export, result):
+    assert result.files_seen == 12 + 3 + 6
+    quarantine = {r["path"]: r for r in _read_csv(result.quarantine)}
+    reasons = {p: r["reason"] for p, r in quarantine.items()}
+    assert reasons == {
+        "bad/garbage.bin": "not_dicom",
+        "bad/notes.txt": "not_dicom",
+        "bad/truncated.dcm": "truncated",
+        "bad/rtplan.dcm": "no_pixel_data",
+        "bad/burned": "burned_in_annotation",
+        "synthetic/" + export["rows"][0]["path"]: "duplicate",  # sorted after bad/copy-of-first.dcm
+        export["unlabelled"]["path"]: "no_label",
+    }
+    assert all(r["detail"] for r in quarantine.values())
+    # 12 synthetic - 1 unlabelled (its copy in bad/ is used, the original is the duplicate) + 3 real
+    assert result.used == 12 - 1 + 3 == 14
+    assert result.quarantined == 7 and result.used + result.quarantined == result.files_seen
+    assert result.quarantined_by_reason["not_dicom"] == 2
+    assert result.shards == 4  # 14 images, 4 per shard
+
+
+def test_metadata_follows_the_documented_format(export, result):
+    md = read_metadata(result.out_dir)
+    assert list(md.columns) == list(METADATA_COLUMNS)
+    assert len(md) == result.used
+    assert str(md["label"].dtype) == "Int64" and str(md["patient_age"].dtype) == "Int64"
+    assert md["label"].notna().all() and set(md["label"]) <= {0, 1}
+    assert set(md["modality"]) == {"CR", "CT", "MR", "NM"}
+    assert md["sop_instance_uid"].is_unique and md["content_sha256"].is_unique
+    assert md["sop_instance_uid"].str.startswith("2.25.").all()
+    synthetic = md[md["modality"] == "CR"]
+    assert set(synthetic["manifest_split"]) <= {"train", "val", "test"}
+    assert synthetic["patient_age"].between(1, 6).all()
+    assert set(synthetic["patient_sex"]) <= {"M", "F"}
+    assert (synthetic["rows"] == 28).all() and (synthetic["columns"] == 28).all()
+    for rel in md["deid_path"]:
+        assert (result.out_dir / rel).is_file()
+    for shard in range(result.shards):
+        arr = np.load(shard_path(result.out_dir, shard))
+        assert arr.dtype == np.float32 and arr.shape[1:] == (28, 28) and len(arr) <= 4
+
+
+def test_load_images_returns_the_preprocessed_pixels(export, result):
+    md = read_metadata(result.out_dir)
+    images = load_images(result.out_dir, md)
+    assert images.shape == (len(md), 28, 28, 1) and images.dtype == np.float32
+    np.testing.assert_allclose(images[..., 0].mean(axis=(1, 2)), md["pixel_mean"], rtol=1e-5)
+    # synthetic rows hold exactly original / 255; find each one's original by its de-identified file
+    for i, row in md[md["modality"] == "CR"].iterrows():
+        original = pydicom.dcmread(result.out_dir / row["deid_path"]).pixel_array
+        assert np.array_equal(images[i, ..., 0], (original / 255).astype(np.float32))
+
+
+def test_no_phi_in_any_output(export, result):
+    blobs = [p.read_bytes() for p in result.out_dir.rglob("*") if p.is_file() and p.suffix != ".npy"]
+    for canary in export["phi"]:
+        needle = canary.encode()
+        assert not any(needle in blob for blob in blobs), canary
+
+
+def test_deidentified_files_are_valid_and_grouped(result):
+    md = read_metadata(result.out_dir)
+    for _, row in md.iterrows():
+        ds = pydicom.dcmread(result.out_dir / row["deid_path"])
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.SOPInstanceUID == row["sop_instance_uid"] == ds.file_meta.MediaStorageSOPInstanceUID
+        assert ds.PatientID == row["patient_id"]
+    synthetic = md[md["modality"] == "CR"]
+    assert synthetic["patient_id"].nunique() < len(synthetic)  # several images per patient remain linked
+
+
+def test_labels_come_from_the_manifest_by_original_uid(export, result):
+    md = read_metadata(result.out_dir)
+    # the real pydicom files were labelled 1, the synthetic ones carry their own labels
+    assert (md[md["modality"] != "CR"]["label"] == 1).all()
+    expected = sorted(int(r["label"]) for r in export["rows"]
+                      if r["sop_instance_uid"] != export["unlabelled"]["sop_instance_uid"])
+    assert sorted(int(v) for v in md[md["modality"] == "CR"]["label"]) == expected
+
+
+def test_one_worker_gives_identical_outputs(export, result, tmp_path):
+    serial = ingest.run(IngestConfig(shard_size=4, workers=1), source_dir=export["src"], out_dir=tmp_path,
+                        manifest=export["manifest"], key=KEY)
+    pd.testing.assert_frame_equal(read_metadata(tmp_path), read_metadata(result.out_dir))
+    for shard in range(result.shards):
+        assert np.array_equal(np.load(shard_path(tmp_path, shard)), np.load(shard_path(result.out_dir, shard)))
+    assert (tmp_path / "quarantine.csv").read_text() == result.quarantine.read_text()
+    assert serial.quarantined_by_reason == result.quarantined_by_reason
+
+
+def test_without_a_manifest_everything_readable_is_used_unlabelled(export, tmp_path):
+    calls = []
+    res = ingest.run(IngestConfig(workers=1), source_dir=export["src"], out_dir=tmp_path, key=KEY,
+                     progress=lambda done, total: calls.append((done, total)))
+    md = read_metadata(tmp_path)
+    assert res.used == 12 + 3 and md["label"].isna().all() and md["manifest_split"].isna().all()
+    assert "no_label" not in res.quarantined_by_reason
+    assert calls and calls[-1] == (res.files_seen, res.files_seen)
+    assert "ingested 15 of 21 files" in ingest.format_summary(res)
+
+
+def test_quarantine_csv_is_written_even_when_empty(tmp_path):
+    synth.run(SynthConfig(max_images_per_split=1), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
+    res = ingest.run(IngestConfig(workers=1), source_dir=tmp_path / "raw" / "dicom", out_dir=tmp_path / "out",
+                     manifest=tmp_path / "raw" / "labels.csv", key=KEY)
+    assert res.quarantined == 0 and res.used == 3
+    assert res.quarantine.read_text() == "path,reason,detail\n"
+
+
+def test_rerun_replaces_previous_outputs(tmp_path):
+    synth.run(SynthConfig(max_images_per_split=2), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
+    out = tmp_path / "out"
+    ingest.run(IngestConfig(workers=1, shard_size=1), source_dir=tmp_path / "raw" / "dicom", out_dir=out, key=KEY)
+    res = ingest.run(IngestConfig(workers=1, shard_size=4), source_dir=tmp_path / "raw" / "dicom", out_dir=out, key=KEY)
+    assert sorted(p.name for p in (out / "arrays").iterdir()) == ["shard-00000.npy", "shard-00001.npy"]
+    assert len(list((out / "dicom").rglob("*.dcm"))) == res.used == 6
+
+
+def test_stage_failures_are_typed(tmp_path):
+    with pytest.raises(IngestError, match="does not exist"):
+        ingest.run(IngestConfig(), source_dir=tmp_path / "missing", out_dir=tmp_path / "out", key=KEY)
+    (tmp_path / "src").mkdir()
+    bad = tmp_path / "labels.csv"
+    bad.write_text("uid,label\n1.2.3,0\n")
+    with pytest.raises(IngestError, match="sop_instance_uid"):
+        ingest.run(IngestConfig(), source_dir=tmp_path / "src", out_dir=tmp_path / "out", manifest=bad, key=KEY)
+    bad.write_text("sop_instance_uid,label\n1.2.3,yes\n")
+    with pytest.raises(IngestError, match="line 2"):
+        ingest.run(IngestConfig(), source_dir=tmp_path / "src", out_dir=tmp_path / "out", manifest=bad, key=KEY)
+
+
+def test_key_defaults_to_the_environment(deid_key, tmp_path):
+    synth.run(SynthConfig(max_images_per_split=1), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
+    a = ingest.run(IngestConfig(workers=1), source_dir=tmp_path / "raw" / "dicom", out_dir=tmp_path / "a")
+    b = ingest.run(IngestConfig(workers=1), source_dir=tmp_path / "raw" / "dicom", out_dir=tmp_path / "b",
+                   key=deid_key)
+    pd.testing.assert_frame_equal(read_metadata(tmp_path / "a"), read_metadata(tmp_path / "b"))
+    assert a.used == 3

@@ -1,0 +1,126 @@
+"""synth: the bundled PneumoniaMNIST as a hospital-like DICOM export (headers, grouping, determinism)."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from medops.config import SynthConfig
+from medops.dicom import synth
+from medops.paths import BUNDLED_DATASET
+
+
+def _manifest(out: Path) -> list[dict[str, str]]:
+    with (out / "labels.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, synth.SynthResult]:
+    out = tmp_path_factory.mktemp("synth")
+    cfg = SynthConfig(max_images_per_split=30)
+    return out, synth.run(cfg, source_npz=BUNDLED_DATASET, out_dir=out)
+
+
+def test_manifest_lists_every_file_once_with_the_official_split(small):
+    out, result = small
+    rows = _manifest(out)
+    assert list(rows[0]) == ["sop_instance_uid", "path", "label", "split"]
+    files = sorted(p.relative_to(out / "dicom").as_posix() for p in (out / "dicom").rglob("*") if p.is_file())
+    assert sorted(r["path"] for r in rows) == files
+    assert result.files == len(rows) == 90
+    assert result.by_split == {"train": 30, "val": 30, "test": 30}
+    assert len({r["sop_instance_uid"] for r in rows}) == len(rows)
+    assert {r["label"] for r in rows} <= {"0", "1"}
+
+
+def test_pixels_and_labels_are_the_datasets_own(small):
+    out, _ = small
+    with np.load(BUNDLED_DATASET) as npz:
+        data = {s: (npz[f"{s}_images"][:30], npz[f"{s}_labels"][:30, 0]) for s in synth.SPLITS}
+    for row in _manifest(out):
+        ds = pydicom.dcmread(out / "dicom" / row["path"])
+        images, labels = data[row["split"]]
+        matches = [i for i in range(len(images)) if np.array_equal(images[i], ds.pixel_array)]
+        assert matches, f"{row['path']} holds no image of the {row['split']} split"
+        assert any(int(labels[i]) == int(row["label"]) for i in matches)
+
+
+def test_headers_are_a_realistic_cr_export(small):
+    out, _ = small
+    row = _manifest(out)[0]
+    ds = pydicom.dcmread(out / "dicom" / row["path"])
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID == synth.CR_IMAGE_STORAGE
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID == row["sop_instance_uid"]
+    assert ds.preamble == b"\x00" * 128
+    assert (ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel) == ("CR", "MONOCHROME2", 1)
+    assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (8, 8, 7, 0)
+    assert (ds.Rows, ds.Columns) == (28, 28)
+    assert ds.BodyPartExamined == "CHEST" and ds.ViewPosition in ("AP", "PA")
+    assert ds.InstitutionName == SynthConfig().institution
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
+                    "StudyTime", "AccessionNumber", "ReferringPhysicianName", "Manufacturer",
+                    "PixelSpacing", "ImagerPixelSpacing", "WindowCenter", "WindowWidth"):
+        assert ds.get(keyword) not in (None, ""), keyword
+    for uid in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID):
+        assert uid.startswith("2.25.") and uid.is_valid
+    assert "^" in str(ds.PatientName)
+    assert any(elem.tag.is_private for elem in ds)  # a vendor block, as real exports carry
+
+
+def test_a_patients_images_share_one_split_and_label(small):
+    out, result = small
+    by_patient: dict[str, list[dict]] = defaultdict(list)
+    studies: dict[str, set] = defaultdict(set)
+    for row in _manifest(out):
+        ds = pydicom.dcmread(out / "dicom" / row["path"], stop_before_pixels=True)
+        by_patient[ds.PatientID].append(row)
+        studies[ds.PatientID].add(ds.StudyInstanceUID)
+        assert ds.PatientID not in row["path"] and str(ds.PatientName.family_name) not in row["path"]
+    assert len(by_patient) == result.patients
+    lo, hi = SynthConfig().images_per_patient
+    sizes = [len(rows) for rows in by_patient.values()]
+    assert max(sizes) <= hi
+    # only the last patient of each (split, label) run may be short
+    assert sum(1 for n in sizes if n < lo) <= 6
+    for rows in by_patient.values():
+        assert len({r["split"] for r in rows}) == 1
+        assert len({r["label"] for r in rows}) == 1
+    assert any(len(s) > 1 for s in studies.values())  # patients come back: several studies
+    assert result.studies == sum(len(s) for s in studies.values())
+
+
+def test_same_params_give_the_same_bytes(tmp_path):
+    cfg = SynthConfig(max_images_per_split=4)
+    a = synth.run(cfg, source_npz=BUNDLED_DATASET, out_dir=tmp_path / "a")
+    b = synth.run(cfg, source_npz=BUNDLED_DATASET, out_dir=tmp_path / "b")
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) == a.files + 1 == b.files + 1
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    other = synth.run(cfg.model_copy(update={"seed": cfg.seed + 1}), source_npz=BUNDLED_DATASET,
+                      out_dir=tmp_path / "c")
+    assert (tmp_path / "c" / "labels.csv").read_bytes() != (tmp_path / "a" / "labels.csv").read_bytes()
+    assert other.files == a.files
+
+
+def test_rerun_leaves_no_stale_files(tmp_path):
+    synth.run(SynthConfig(max_images_per_split=6), source_npz=BUNDLED_DATASET, out_dir=tmp_path)
+    result = synth.run(SynthConfig(max_images_per_split=2), source_npz=BUNDLED_DATASET, out_dir=tmp_path)
+    files = [p for p in (tmp_path / "dicom").rglob("*") if p.is_file()]
+    assert len(files) == result.files == 6
+
+
+def test_dx_modality(tmp_path):
+    synth.run(SynthConfig(max_images_per_split=1, modality="DX"), source_npz=BUNDLED_DATASET, out_dir=tmp_path)
+    row = _manifest(tmp_path)[0]
+    ds = pydicom.dcmread(tmp_path / "dicom" / row["path"])
+    assert ds.SOPClassUID == synth.DX_IMAGE_STORAGE_PRESENTATION and ds.Modality == "DX"
+    assert ds.PresentationIntentType == "FOR PRESENTATION"
