@@ -110,3 +110,40 @@ def build_ingested(
     frame.to_parquet(out_dir / "metadata.parquet", index=False)
     pd.DataFrame(columns=["path", "reason", "detail"]).to_csv(out_dir / "quarantine.csv", index=False)
     return out_dir
+
+
+def build_trained(
+    root: Path,
+    *,
+    n_per_split: dict[str, int] | None = None,
+    epochs: int = 2,
+    data_version: str = "test-data-version",
+) -> dict[str, Path]:
+    """Ingested folder + manifest split + a small simple_cnn trained on it, under ``root``.
+
+    Returns the paths: ingested, split, model, train_result.
+    """
+    from medops import split as split_stage
+    from medops import train as train_stage
+    from medops.config import AugmentConfig, SplitConfig, TrainConfig
+
+    root = Path(root)
+    ingested = build_ingested(root / "ingested", n_per_split=n_per_split or {"train": 600, "val": 160, "test": 160})
+    split_csv = root / "split" / "split.csv"
+    split_stage.run(SplitConfig(), metadata=ingested / "metadata.parquet", out=split_csv)
+    paths = {
+        "ingested": ingested,
+        "split": split_csv,
+        "model": root / "models" / "model.keras",
+        "train_result": root / "models" / "train.json",
+    }
+    train_stage.run(
+        TrainConfig(epochs=epochs, batch_size=32, filters=[16, 32, 64], dense_units=64),
+        AugmentConfig(),
+        ingested_dir=ingested,
+        split=split_csv,
+        model_out=paths["model"],
+        result_out=paths["train_result"],
+        data_version=data_version,
+    )
+    return paths
