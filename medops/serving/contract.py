@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 from medops.config import ServingConfig
 
@@ -101,12 +101,19 @@ def _tensor_block(kind: str, specs: tuple[TensorSpec, ...]) -> str:
     return f"{kind} [\n{items}\n]"
 
 
-def render_config(contract: ModelContract, flavour: Flavour) -> str:
+def render_config(
+    contract: ModelContract, flavour: Flavour, *, versions: Sequence[int] | None = None
+) -> str:
     """Render ``config.pbtxt`` (protobuf text format of Triton's ModelConfig) for ``flavour``.
 
     production: ``platform: "onnxruntime_onnx"`` / ``backend: "onnxruntime"`` on one GPU instance.
     embedded: ``backend: "python"`` (the version folder's model.py) on one CPU instance.
     Both: the same name, tensors, max_batch_size, dynamic batching and ``labels`` parameter.
+
+    Args:
+        versions: serve exactly these versions (``version_policy: specific``); deploy uses it to
+            write a new version beside the served one without serving it yet. None: Triton's
+            default policy, the latest version.
     """
     if flavour == "production":
         header = 'platform: "onnxruntime_onnx"\nbackend: "onnxruntime"'
@@ -126,10 +133,15 @@ def render_config(contract: ModelContract, flavour: Flavour) -> str:
         'parameters {\n  key: "labels"\n  value {\n'
         f"    string_value: {json.dumps(','.join(contract.labels))}\n  }}\n}}"
     )
+    policy = (
+        [f"version_policy: {{ specific: {{ versions: [ {', '.join(str(v) for v in versions)} ] }} }}"]
+        if versions else []
+    )
     parts = [
         f"# Rendered by medops.serving.contract ({flavour}); do not edit by hand.",
         f'name: "{contract.name}"',
         header,
+        *policy,
         f"max_batch_size: {contract.max_batch_size}",
         _tensor_block("input", contract.inputs),
         _tensor_block("output", contract.outputs),

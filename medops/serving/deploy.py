@@ -27,19 +27,38 @@ from pydantic import BaseModel
 
 from medops.config import ServingConfig
 from medops.errors import GateRejectedError, ServingError
-from medops.serving.contract import build_contract
-from medops.serving.repository import remove_version, write_version
+from medops.serving.contract import (
+    ONNX_FILENAME,
+    PYTHON_FILENAME,
+    ModelContract,
+    build_contract,
+    render_config,
+)
+from medops.serving.repository import (
+    GOLDEN_FILE,
+    VERSION_INFO,
+    list_versions,
+    remove_version,
+    served_version,
+    write_config,
+    write_version,
+)
 
 
 class DeployResult(BaseModel):
+    """What was deployed, from what, and how it was checked; also kept as ``<N>/deploy.json``."""
+
     model_name: str
     version: int
+    previous_version: int | None
     data_version: str
     sha256: str
     url: str
     protocol: str
     repository: str
-    smoke_probability: float
+    golden_max_abs_diff: float
+    golden_atol: float
+    n_golden: int
 
 
 def sha256_file(path: Path) -> str:
@@ -92,16 +111,59 @@ def check_export(onnx: Path, export_result: Path, gate_data_version: str | None)
     return digest, data_version
 
 
-def _control_client(url: str, protocol: str) -> Any:
-    if protocol == "grpc":
-        import tritonclient.grpc as grpcclient
+def read_golden(path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (n,S,S,1) float32, probabilities (n,) float32)`` from export's golden.npz."""
+    path = Path(path)
+    try:
+        with np.load(path) as data:
+            images = np.asarray(data["images"], dtype=np.float32)
+            probs = np.asarray(data["probabilities"], dtype=np.float32).reshape(-1)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ServingError(
+            f"cannot read golden samples {path} (written by export beside model.onnx): {exc}"
+        ) from None
+    if images.shape[1:] != (image_size, image_size, 1) or len(images) != len(probs) or not len(probs):
+        raise ServingError(
+            f"golden samples {path} have images {list(images.shape)} and {len(probs)} "
+            f"probabilities; expected [n, {image_size}, {image_size}, 1] with n >= 1 of each"
+        )
+    return images, probs
 
-        return grpcclient.InferenceServerClient(url)
-    if protocol == "http":
-        import tritonclient.http as httpclient
 
-        return httpclient.InferenceServerClient(url, network_timeout=120.0)
-    raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+def _export_atol(export_result: Path, default: float = 1e-4) -> float:
+    try:
+        return float(json.loads(Path(export_result).read_text()).get("parity_atol", default))
+    except (OSError, ValueError, TypeError):
+        return default
+
+
+class _Connection:
+    """A tritonclient for ``url`` that is always closed (open clients hold Triton's shutdown)."""
+
+    def __init__(self, url: str, protocol: str) -> None:
+        if protocol == "grpc":
+            import tritonclient.grpc as grpcclient
+
+            self.client = grpcclient.InferenceServerClient(url)
+        elif protocol == "http":
+            import tritonclient.http as httpclient
+
+            self.client = httpclient.InferenceServerClient(url, network_timeout=300.0)
+        else:
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self.url, self.protocol = url, protocol
+
+    def __enter__(self) -> Any:
+        try:
+            self.client.is_server_live()
+        except Exception as exc:  # noqa: BLE001 - any transport failure
+            self.client.close()
+            raise ServingError(f"cannot reach Triton at {self.url} over {self.protocol}: "
+                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
 
 
 def wait_version_ready(client: Any, name: str, version: int, timeout: float) -> None:
@@ -117,20 +179,77 @@ def wait_version_ready(client: Any, name: str, version: int, timeout: float) -> 
     raise ServingError(f"model {name!r} version {version} not ready after {timeout:g} s")
 
 
-def smoke_infer(client: Any, *, protocol: str, name: str, version: int, image_size: int) -> float:
-    """One real inference on ``version`` (a mid-grey image); its probability must be in [0, 1]."""
+def check_golden(
+    client: Any, *, protocol: str, name: str, images: np.ndarray, expected: np.ndarray,
+    atol: float, version: str = "", expect_version: str | None = None,
+) -> float:
+    """Infer the golden images on ``name``; every probability within ``atol`` of export's.
+
+    ``version`` "" asks whatever Triton serves by default; ``expect_version`` is the version that
+    must answer. Returns the largest absolute difference.
+    """
     from medops.client import infer_images
 
-    image = np.full((1, image_size, image_size, 1), 0.5, dtype=np.float32)
-    probs, answered = infer_images(client, image, protocol=protocol, model_name=name,
-                                   model_version=str(version))
-    prob = float(probs[0])
-    if not 0.0 <= prob <= 1.0 or answered != str(version):
+    probs, answered = infer_images(client, images, protocol=protocol, model_name=name,
+                                   model_version=version)
+    diff = float(np.max(np.abs(probs.astype(np.float64) - expected)))
+    if not diff <= atol:
         raise ServingError(
-            f"smoke inference on {name!r} v{version} answered probability {prob} from version "
-            f"{answered!r}; expected a value in [0, 1] from version {version}"
+            f"golden check failed on {name!r}: max |served - exported| = {diff:.3g} > {atol:g} "
+            f"over {len(expected)} golden images"
         )
-    return prob
+    if expect_version is not None and answered != expect_version:
+        raise ServingError(f"{name!r} answered from version {answered!r}, expected {expect_version}")
+    return diff
+
+
+def candidate_name(name: str) -> str:
+    return f"{name}__candidate"
+
+
+def check_candidate(
+    client: Any, *, protocol: str, contract: ModelContract, version_dir: Path,
+    images: np.ndarray, expected: np.ndarray, atol: float, timeout: float,
+) -> float:
+    """Load ``version_dir`` on the running Triton as a separate candidate model (config and files
+    sent through the model-control API, nothing added to the repository), check it against the
+    golden samples, unload it. Traffic for the real model never reaches it."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    cand = candidate_name(contract.name)
+    config = text_format.Parse(render_config(contract, "embedded"), model_config_pb2.ModelConfig())
+    config.name = cand
+    files = {f"file:1/{f}": (Path(version_dir) / f).read_bytes()
+             for f in (ONNX_FILENAME, PYTHON_FILENAME)}
+    try:
+        client.load_model(cand, config=json_format.MessageToJson(config, preserving_proto_field_name=True),
+                          files=files)
+        wait_version_ready(client, cand, 1, timeout)
+        return check_golden(client, protocol=protocol, name=cand, images=images, expected=expected,
+                            atol=atol)
+    finally:
+        try:
+            client.unload_model(cand)
+        except Exception:  # noqa: BLE001 - never loaded
+            pass
+
+
+def _serve(client: Any, contract: ModelContract, repository: Path, version: int | None,
+           timeout: float) -> None:
+    """Pin ``version`` in config.pbtxt and (re)load the model; None unloads it."""
+    if version is None:
+        (Path(repository) / contract.name / "config.pbtxt").unlink(missing_ok=True)
+        client.unload_model(contract.name)
+        return
+    write_config(contract, repository, "embedded", versions=[version])
+    client.load_model(contract.name)
+    wait_version_ready(client, contract.name, version, timeout)
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text or type(exc).__name__
 
 
 def deploy(
@@ -143,52 +262,144 @@ def deploy(
     url: str | None = None,
     protocol: Literal["grpc", "http"] = "grpc",
     image_size: int,
+    golden: Path | None = None,
+    golden_atol: float | None = None,
     timeout: float = 120.0,
 ) -> DeployResult:
-    """Write ``onnx`` as the next version of ``cfg.model_name``, load it and check it answers.
+    """Deploy ``onnx`` as the next version of ``cfg.model_name`` on the running Triton.
+
+    1. The gate decision must have passed, for the data version export recorded, and ``onnx``
+       must be the exported file (sha256). Otherwise nothing is written.
+    2. The new version is written beside the served one; config.pbtxt keeps the served version
+       pinned, so a reload or restart cannot serve it early.
+    3. It is loaded as a separate candidate model and must reproduce export's golden
+       probabilities (``golden.npz`` beside the ONNX file) within ``golden_atol`` (default:
+       export's ``parity_atol``).
+    4. Only then is it pinned and loaded as the served version, and checked again there.
+       A failure at 3 or 4 removes the new version and keeps (or restores) the previous one.
 
     Raises:
-        GateRejectedError: the gate did not pass (its reasons are in the message), or the ONNX
-            file / data version is not the one the gate judged. Nothing is written.
-        ServingError: Triton unreachable, or the new version failed to load or answer (the
-            version is removed again and the previous one stays served).
+        GateRejectedError: gate not passed (its failed checks are in the message), or the ONNX
+            file / data version is not what the gate judged.
+        ServingError: Triton unreachable, or the new version failed to load or to match the
+            golden samples; the message says which version is still served.
     """
     gate_data_version = check_gate(gate)
     digest, data_version = check_export(onnx, export_result, gate_data_version)
+    golden = Path(golden) if golden else Path(onnx).with_name(GOLDEN_FILE)
+    images, expected = read_golden(golden, image_size)
+    atol = golden_atol if golden_atol is not None else _export_atol(export_result)
     url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
     contract = build_contract(cfg, image_size=image_size)
-    client = _control_client(url, protocol)
-    try:
+    repository = Path(repository)
+    with _Connection(url, protocol) as client:
+        previous = served_version(repository, contract.name)
+        version, version_dir = write_version(contract, repository, Path(onnx), flavour="embedded",
+                                             golden=golden)
+        if previous is not None:
+            write_config(contract, repository, "embedded", versions=[previous])
+        kept = f"version {previous} is still served" if previous else "nothing was served before"
         try:
-            client.is_server_live()
-        except Exception as exc:  # noqa: BLE001
-            raise ServingError(f"cannot reach Triton at {url} over {protocol}: {exc}") from None
-        version, _ = write_version(contract, Path(repository), Path(onnx), flavour="embedded")
-        try:
-            client.load_model(contract.name)
-            wait_version_ready(client, contract.name, version, timeout)
-            prob = smoke_infer(client, protocol=protocol, name=contract.name, version=version,
-                               image_size=image_size)
-        except Exception as exc:
-            remove_version(Path(repository), contract.name, version)
-            _reload_quietly(client, contract.name)
-            if isinstance(exc, ServingError):
-                raise
+            check_candidate(client, protocol=protocol, contract=contract, version_dir=version_dir,
+                            images=images, expected=expected, atol=atol, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not serve it
+            remove_version(repository, contract.name, version)
             raise ServingError(
-                f"Triton at {url} could not load {contract.name!r} version {version}: {exc}"
+                f"not serving {contract.name!r} version {version}: candidate check failed: "
+                f"{_why(exc)}; {kept}"
             ) from None
-    finally:
-        client.close()
-    return DeployResult(
-        model_name=contract.name, version=version, data_version=data_version, sha256=digest,
-        url=url, protocol=protocol, repository=str(Path(repository).resolve()),
-        smoke_probability=prob,
+        try:
+            _serve(client, contract, repository, version, timeout)
+            diff = check_golden(client, protocol=protocol, name=contract.name, images=images,
+                                expected=expected, atol=atol, expect_version=str(version))
+        except Exception as exc:  # noqa: BLE001
+            remove_version(repository, contract.name, version)
+            try:
+                _serve(client, contract, repository, previous, timeout)
+            except Exception as again:  # noqa: BLE001
+                kept = f"restoring version {previous} failed too: {_why(again)}"
+            raise ServingError(
+                f"not serving {contract.name!r} version {version}: it failed once promoted: "
+                f"{_why(exc)}; {kept}"
+            ) from None
+    result = DeployResult(
+        model_name=contract.name, version=version, previous_version=previous,
+        data_version=data_version, sha256=digest, url=url, protocol=protocol,
+        repository=str(repository.resolve()), golden_max_abs_diff=diff, golden_atol=atol,
+        n_golden=len(expected),
     )
+    (version_dir / VERSION_INFO).write_text(result.model_dump_json(indent=2) + "\n")
+    return result
 
 
-def _reload_quietly(client: Any, name: str) -> None:
-    # After removing a bad version, reload so Triton's view matches the repository again.
+class RollbackResult(BaseModel):
+    model_name: str
+    from_version: int | None
+    to_version: int
+    golden_max_abs_diff: float | None = None
+
+
+def rollback(
+    cfg: ServingConfig,
+    *,
+    repository: Path,
+    url: str | None = None,
+    protocol: Literal["grpc", "http"] = "grpc",
+    image_size: int,
+    to_version: int | None = None,
+    timeout: float = 120.0,
+) -> RollbackResult:
+    """Serve an earlier version again: ``to_version``, or the newest one below the served one.
+
+    The target was gated when it was deployed; it is checked against the golden samples kept in
+    its version folder before the rollback counts as done. The newer version stays on disk.
+
+    Raises:
+        ServingError: no earlier version, Triton unreachable, or the target failed to load or
+            answer (the previously served version is then restored).
+    """
+    contract = build_contract(cfg, image_size=image_size)
+    repository = Path(repository)
+    current = served_version(repository, contract.name)
+    versions = list_versions(repository, contract.name)
+    if to_version is None:
+        older = [v for v in versions if current is None or v < current]
+        if not older:
+            raise ServingError(
+                f"no version of {contract.name!r} older than the served version {current} in "
+                f"{repository} (versions on disk: {versions or 'none'})"
+            )
+        to_version = older[-1]
+    elif to_version not in versions:
+        raise ServingError(f"{contract.name!r} has no version {to_version} in {repository} "
+                           f"(versions on disk: {versions or 'none'})")
+    url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
+    golden = repository / contract.name / str(to_version) / GOLDEN_FILE
+    with _Connection(url, protocol) as client:
+        try:
+            _serve(client, contract, repository, to_version, timeout)
+            diff = None
+            if golden.is_file():
+                images, expected = read_golden(golden, image_size)
+                diff = check_golden(client, protocol=protocol, name=contract.name, images=images,
+                                    expected=expected, atol=_golden_atol_of(golden),
+                                    expect_version=str(to_version))
+        except Exception as exc:  # noqa: BLE001
+            try:
+                _serve(client, contract, repository, current, timeout)
+            except Exception:  # noqa: BLE001
+                pass
+            raise ServingError(
+                f"rollback of {contract.name!r} to version {to_version} failed: {_why(exc)}; "
+                f"version {current} is served"
+            ) from None
+    return RollbackResult(model_name=contract.name, from_version=current, to_version=to_version,
+                          golden_max_abs_diff=diff)
+
+
+def _golden_atol_of(golden: Path) -> float:
+    # write_version stores the tolerance the version was deployed with next to its golden file.
     try:
-        client.load_model(name)
-    except Exception:  # noqa: BLE001 - best effort; the caller reports the original failure
-        pass
+        return float(json.loads(golden.with_name(VERSION_INFO).read_text())["golden_atol"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1e-4

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any, Sequence
 
 from medops.serving.contract import (
     ONNX_FILENAME,
@@ -18,6 +19,9 @@ from medops.serving.contract import (
     ModelContract,
     render_config,
 )
+
+GOLDEN_FILE = "golden.npz"  # export's golden samples, kept in each version folder
+VERSION_INFO = "deploy.json"  # the DeployResult of a version, written once it serves
 
 BACKENDS_DIR = Path(__file__).resolve().parent / "backends"
 CLASSIFIER_BACKEND = BACKENDS_DIR / "onnx_classifier.py"
@@ -40,13 +44,44 @@ def next_version(repository: Path, name: str) -> int:
     return versions[-1] + 1 if versions else 1
 
 
-def write_config(contract: ModelContract, repository: Path, flavour: Flavour) -> Path:
-    """Write ``<repository>/<name>/config.pbtxt`` for ``flavour``; returns its path."""
+def write_config(
+    contract: ModelContract, repository: Path, flavour: Flavour, *,
+    versions: Sequence[int] | None = None,
+) -> Path:
+    """Write ``<repository>/<name>/config.pbtxt`` for ``flavour`` (atomically); returns its path.
+
+    ``versions``: serve exactly these (see ``render_config``); None serves the latest.
+    """
     model_dir = Path(repository) / contract.name
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / "config.pbtxt"
-    path.write_text(render_config(contract, flavour))
+    tmp = path.with_name(".config.pbtxt.tmp")
+    tmp.write_text(render_config(contract, flavour, versions=versions))
+    tmp.replace(path)
     return path
+
+
+def read_config(repository: Path, name: str) -> Any:
+    """``<repository>/<name>/config.pbtxt`` parsed into Triton's ModelConfig protobuf, or None."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(repository) / name / "config.pbtxt"
+    if not path.is_file():
+        return None
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def served_version(repository: Path, name: str) -> int | None:
+    """The version Triton serves from this repository: the config's ``specific`` policy if it
+    names versions, else the latest version folder; None when there is none."""
+    config = read_config(repository, name)
+    on_disk = list_versions(repository, name)
+    if config is not None and config.version_policy.HasField("specific"):
+        named = [int(v) for v in config.version_policy.specific.versions if int(v) in on_disk]
+        if named:
+            return max(named)
+    return on_disk[-1] if on_disk else None
 
 
 def write_version(
@@ -56,8 +91,9 @@ def write_version(
     *,
     flavour: Flavour = "embedded",
     version: int | None = None,
+    golden: Path | None = None,
 ) -> tuple[int, Path]:
-    """Copy ``onnx`` into a new version folder and (re)write the model's config.pbtxt.
+    """Copy ``onnx`` into a new version folder; config.pbtxt is left alone (see write_config).
 
     Args:
         contract: the model contract (its name is the folder name).
@@ -65,6 +101,7 @@ def write_version(
         onnx: the exported ONNX file.
         flavour: "embedded" also copies the Python-backend model.py into the version folder.
         version: the version number; default ``next_version``. An existing one is refused.
+        golden: export's golden.npz, kept beside the model so a later rollback can check it.
 
     Returns:
         ``(version, version_dir)``.
@@ -83,8 +120,9 @@ def write_version(
     shutil.copyfile(onnx, staging / ONNX_FILENAME)
     if flavour == "embedded":
         shutil.copyfile(CLASSIFIER_BACKEND, staging / PYTHON_FILENAME)
+    if golden is not None:
+        shutil.copyfile(golden, staging / GOLDEN_FILE)
     staging.rename(version_dir)
-    write_config(contract, repository, flavour)
     return version, version_dir
 
 

@@ -147,3 +147,10 @@ def test_serving_contract_and_client_import_without_tensorflow_or_tritonclient()
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pinned_versions_render_a_specific_policy_and_nothing_else_changes(contract):
+    pinned = parse(render_config(contract, "embedded", versions=[3]))
+    assert list(pinned.version_policy.specific.versions) == [3]
+    assert client_view(pinned) == client_view(parse(render_config(contract, "embedded")))
+    assert not parse(render_config(contract, "production")).HasField("version_policy")

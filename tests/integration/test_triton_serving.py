@@ -19,8 +19,8 @@ from conftest import pydicom_file
 from medops.client import Prediction, format_predictions, predict_files, to_json_lines
 from medops.config import ServingConfig
 from medops.errors import GateRejectedError, ServingError
-from medops.serving.deploy import deploy, sha256_file
-from medops.serving.repository import list_versions
+from medops.serving.deploy import deploy, rollback, sha256_file
+from medops.serving.repository import list_versions, remove_version, served_version
 from medops.serving.server import start_server, stop_server
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
@@ -56,6 +56,16 @@ def write_tiny_onnx(path: Path, *, w: float, b: float, size: int = S) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)
     return path
+
+
+def write_golden(onnx_path: Path, *, w: float, b: float, n: int = 6) -> Path:
+    """golden.npz as export writes it: bundled images and the probabilities of sigmoid(w*mean+b)."""
+    images = (np.load(BUNDLED)["val_images"][:n].astype(np.float32) / 255.0)[..., np.newaxis]
+    means = images.reshape(n, -1).astype(np.float64).mean(axis=1)
+    probs = (1.0 / (1.0 + np.exp(-(w * means + b)))).astype(np.float32).reshape(n, 1)
+    out = onnx_path.with_name("golden.npz")
+    np.savez(out, images=images, probabilities=probs)
+    return out
 
 
 def write_export_result(onnx_path: Path, data_version: str = "dv-test") -> Path:
@@ -136,6 +146,7 @@ def deployed(triton):
     results = []
     for n, coef in ((1, V1), (2, V2)):
         onnx_path = write_tiny_onnx(base / f"export{n}" / "model.onnx", **coef)
+        write_golden(onnx_path, **coef)
         results.append(deploy(
             cfg, onnx=onnx_path, gate=write_gate(base / f"gate{n}.json", passed=True),
             export_result=write_export_result(onnx_path), repository=triton["repo"],
@@ -160,13 +171,29 @@ def files(tmp_path_factory):
 
 def test_deploy_writes_versions_and_serves_the_newest(triton, deployed):
     v1, v2 = deployed
-    assert (v1.version, v2.version) == (1, 2)
+    assert (v1.version, v1.previous_version, v2.version, v2.previous_version) == (1, None, 2, 1)
     assert v2.model_name == triton["cfg"].model_name
     assert v2.data_version == "dv-test"
+    assert v2.n_golden == 6 and v2.golden_max_abs_diff <= v2.golden_atol == 1e-4
+    model_dir = triton["repo"] / v2.model_name
     assert list_versions(triton["repo"], v2.model_name) == [1, 2]
-    # the smoke inference ran on each new version: mid-grey image, mean 0.5
-    assert v1.smoke_probability == pytest.approx(1 / (1 + math.exp(-(4.0 * 0.5 - 2.0))), abs=1e-6)
-    assert v2.smoke_probability == pytest.approx(1 / (1 + math.exp(-(-3.0 * 0.5 + 1.0))), abs=1e-6)
+    assert served_version(triton["repo"], v2.model_name) == 2
+    assert "version_policy: { specific: { versions: [ 2 ] } }" in (model_dir / "config.pbtxt").read_text()
+    # (the Python-backend stub leaves a __pycache__ beside model.py; Triton ignores it)
+    assert {p.name for p in (model_dir / "2").iterdir()} - {"__pycache__"} == {
+        "model.onnx", "model.py", "golden.npz", "deploy.json"}
+    assert json.loads((model_dir / "2" / "deploy.json").read_text())["sha256"] == v2.sha256
+    # the candidate model used for the pre-serving check is gone again
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton["info"].grpc_url)
+    try:
+        loaded = {(m.name, m.version, m.state) for m in client.get_model_repository_index().models}
+        assert not client.is_model_ready(f"{v2.model_name}__candidate")
+        assert not client.is_model_ready(v2.model_name, "1")  # v1 unloaded, only v2 serves
+    finally:
+        client.close()
+    assert (v2.model_name, "2", "READY") in loaded
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -243,17 +270,72 @@ def test_deploy_refuses_a_gate_for_another_data_version(triton, deployed):
                repository=triton["repo"], url=triton["info"].grpc_url, image_size=S)
 
 
-def test_a_version_that_fails_to_load_is_removed_and_v2_keeps_serving(triton, deployed, files):
-    base, name = triton["base"], triton["cfg"].model_name
-    wrong = write_tiny_onnx(base / "wrong_size" / "model.onnx", w=1.0, b=0.0, size=S + 4)
-    with pytest.raises(ServingError, match="version 3") as err:
-        deploy(triton["cfg"], onnx=wrong, gate=write_gate(base / "g3.json", passed=True),
-               export_result=write_export_result(wrong), repository=triton["repo"],
-               url=triton["info"].grpc_url, image_size=S, timeout=20)
-    assert "item shape [32, 32, 1], config.pbtxt declares [28, 28, 1]" in str(err.value)
+def deploy_other(triton, tag: str, *, w: float, b: float, size: int = S,
+                 golden: dict | None = None, **kwargs):
+    base = triton["base"]
+    onnx_path = write_tiny_onnx(base / tag / "model.onnx", w=w, b=b, size=size)
+    if size == S:
+        write_golden(onnx_path, **(golden or {"w": w, "b": b}))
+    else:  # the model cannot take S x S images; its golden file is still S x S as export's is
+        write_golden(onnx_path, w=w, b=b)
+    return deploy(triton["cfg"], onnx=onnx_path, gate=write_gate(base / f"{tag}.json", passed=True),
+                  export_result=write_export_result(onnx_path), repository=triton["repo"],
+                  url=triton["info"].grpc_url, image_size=S, timeout=20, **kwargs)
+
+
+def assert_v2_serves(triton, files):
+    name = triton["cfg"].model_name
     assert list_versions(triton["repo"], name) == [1, 2]
-    [pred] = predict_files([files["cr"]], url=triton["info"].grpc_url, model_name=name, image_size=S)
+    assert served_version(triton["repo"], name) == 2
+    [pred] = predict_files([files["cr"]], url=triton["info"].grpc_url, model_name=name,
+                           image_size=S)
     assert pred.model_version == "2"
+    assert pred.probability == pytest.approx(expected_probability(files["cr"], **V2), abs=1e-5)
+
+
+def test_a_version_that_fails_to_load_is_removed_and_v2_keeps_serving(triton, deployed, files):
+    with pytest.raises(ServingError) as err:
+        deploy_other(triton, "wrong_size", w=1.0, b=0.0, size=S + 4)
+    msg = str(err.value)
+    assert "not serving 'pneumonia_classifier' version 3: candidate check failed" in msg
+    assert "item shape [32, 32, 1], config.pbtxt declares [28, 28, 1]" in msg
+    assert msg.endswith("version 2 is still served")
+    assert_v2_serves(triton, files)
+
+
+def test_a_version_that_disagrees_with_its_golden_samples_is_not_served(triton, deployed, files):
+    with pytest.raises(ServingError, match=r"golden check failed .* > 0\.0001 over 6 golden images"):
+        deploy_other(triton, "drifted", w=2.0, b=0.0, golden={"w": 2.0, "b": 0.01})
+    assert_v2_serves(triton, files)
+
+
+def test_golden_tolerance_is_respected(triton, deployed, files):
+    # The same drift passes with a tolerance above it, and the new version then serves; roll back.
+    result = deploy_other(triton, "tolerated", w=2.0, b=0.0, golden={"w": 2.0, "b": 0.001},
+                          golden_atol=1e-3)
+    assert result.version == 3 and result.previous_version == 2
+    assert 1e-4 < result.golden_max_abs_diff <= 1e-3
+    back = rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
+                    image_size=S)
+    assert (back.from_version, back.to_version) == (3, 2)
+    remove_version(triton["repo"], triton["cfg"].model_name, 3)
+    assert_v2_serves(triton, files)
+
+
+def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed, files):
+    cfg, repo, url = triton["cfg"], triton["repo"], triton["info"].http_url
+    back = rollback(cfg, repository=repo, url=url, protocol="http", image_size=S)
+    assert (back.from_version, back.to_version) == (2, 1)
+    assert back.golden_max_abs_diff is not None and back.golden_max_abs_diff <= 1e-4
+    [pred] = predict_files([files["cr"]], url=url, protocol="http", model_name=cfg.model_name,
+                           image_size=S)
+    assert pred.model_version == "1"
+    assert pred.probability == pytest.approx(expected_probability(files["cr"], **V1), abs=1e-5)
+    with pytest.raises(ServingError, match="no version of 'pneumonia_classifier' older than the served version 1"):
+        rollback(cfg, repository=repo, url=url, protocol="http", image_size=S)
+    forward = rollback(cfg, repository=repo, url=url, protocol="http", image_size=S, to_version=2)
+    assert (forward.from_version, forward.to_version) == (1, 2)
+    assert_v2_serves(triton, files)
 
 
 def test_unknown_model_is_a_clear_error(triton, files):
