@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from medops.augment import make_dataset
 from medops.config import AugmentConfig, TrainConfig
+from medops.errors import MedopsError
 from medops.split import load_split_images
 
 
@@ -45,6 +46,17 @@ class TrainResult(BaseModel):
     history: dict[str, list[float]]
     model_path: str
     result_path: str
+
+
+def check_both_classes(labels: np.ndarray, split: str) -> None:
+    """Raise MedopsError unless ``labels`` holds both 0 and 1 (a one-class split cannot train or
+    validate a classifier, and its AUC is undefined)."""
+    present = sorted({int(v) for v in np.unique(labels)})
+    if present != [0, 1]:
+        raise MedopsError(
+            f"the {split} split has only label(s) {present} in {len(labels)} images; "
+            "training needs both classes in train and val"
+        )
 
 
 def compile_model(model: Any, cfg: TrainConfig) -> Any:
@@ -101,6 +113,8 @@ def run(
     started = time.perf_counter()
     x_train, y_train, _ = load_split_images(ingested_dir, split, "train")
     x_val, y_val, _ = load_split_images(ingested_dir, split, "val")
+    check_both_classes(y_train, "train")
+    check_both_classes(y_val, "val")
     model, history = fit_model(train_cfg, augment_cfg, (x_train, y_train), (x_val, y_val))
     duration = time.perf_counter() - started
 

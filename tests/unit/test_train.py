@@ -73,3 +73,22 @@ def test_training_is_seeded_and_never_reads_test(trained, tmp_path):
     other = max(float(np.abs(a - b).max()) for a, b in zip(weights[0], weights[2]))
     assert same < 1e-5 and other > 1e-3
     assert runs[0].history["loss"] == pytest.approx(runs[1].history["loss"], rel=1e-3)
+
+
+def test_a_one_class_training_split_is_refused(tmp_path):
+    from _ingested import build_ingested
+    from medops import split as split_stage
+    from medops.config import SplitConfig
+    from medops.errors import MedopsError
+
+    ingested = build_ingested(tmp_path / "ingested", n_per_split={"train": 30, "val": 30, "test": 30})
+    split_stage.run(SplitConfig(), metadata=ingested / "metadata.parquet", out=tmp_path / "split.csv")
+    table = pd.read_csv(tmp_path / "split.csv")
+    table = table[(table["split"] != "train") | (table["label"] == 1)]
+    table.to_csv(tmp_path / "split.csv", index=False)
+    with pytest.raises(MedopsError, match=r"the train split has only label\(s\) \[1\]"):
+        train_stage.run(
+            TrainConfig(epochs=1), AugmentConfig(), ingested_dir=ingested, split=tmp_path / "split.csv",
+            model_out=tmp_path / "m.keras", result_out=tmp_path / "t.json", data_version="v",
+        )
+    assert not (tmp_path / "m.keras").exists()
