@@ -54,6 +54,7 @@ class QuarantineReason(str, Enum):
     NO_LABEL = "no_label"
     DUPLICATE = "duplicate"
     DEID_FAILED = "deid_failed"  # de-identified file could not be written (never kept with PHI)
+    TOO_LARGE = "too_large"  # over serving's byte or pixel limit; refused before decoding
 
 
 class IngestError(MedopsError):
