@@ -2,9 +2,10 @@
 
 Inputs:  ``source_dir``: every file below it, any name, any depth (nothing is skipped silently:
          each file is either used or listed in quarantine.csv with a reason);
-         ``manifest`` (optional): CSV with ``sop_instance_uid`` and ``label`` (0/1, may be empty)
-         and optionally ``split``, keyed by the ORIGINAL SOP Instance UID. With a manifest, a
-         file it does not list is quarantined as ``no_label``.
+         ``manifest`` (optional): CSV or Parquet with ``label`` (0/1, may be empty), optionally
+         ``split``, and ``sop_instance_uid`` (the ORIGINAL SOP Instance UID) and/or ``path``
+         (relative to source_dir) to match files. With a manifest, a file it does not list is
+         quarantined as ``no_label``.
 Outputs: below ``out_dir``, exactly as :mod:`medops.data` documents: ``dicom/`` (de-identified
          files, PS3.15 Annex E), ``arrays/shard-NNNNN.npy`` (float32 (n, S, S) in [0, 1]),
          ``metadata.parquet`` (METADATA_COLUMNS, one row per used image, pseudonymous UIDs only)
@@ -22,13 +23,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -41,6 +44,7 @@ from medops.config import IngestConfig
 from medops.data import ARRAYS_DIR, METADATA_COLUMNS, shard_path
 from medops.errors import DicomReadError, IngestError, QuarantineReason
 
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
 _MAX_CHUNK = 64        # files per task: bounds the memory a task's results hold
@@ -80,41 +84,60 @@ class FileOutcome:
 
 # --- manifest ---------------------------------------------------------------------------------
 
+def _manifest_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Column names and rows (as strings) of a CSV or Parquet manifest."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pandas as pd
+
+        try:
+            df = pd.read_parquet(path)
+        except Exception as exc:
+            raise IngestError(f"manifest {path} cannot be read as Parquet: {exc}") from exc
+        df = df.astype(object).where(df.notna(), "")
+        return [str(c) for c in df.columns], [{k: str(v) for k, v in r.items()} for r in df.to_dict("records")]
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            return list(reader.fieldnames or ()), list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise IngestError(f"manifest {path} cannot be read: {exc}") from exc
+
+
 def read_manifest(path: Path) -> dict[str, tuple[int | None, str | None]]:
-    """``{original SOPInstanceUID: (label or None, split or None)}`` from a labels CSV.
+    """Labels from a CSV or Parquet manifest, keyed ``uid:<original SOPInstanceUID>`` and
+    ``path:<path relative to source_dir>``; values ``(label or None, split or None)``.
+
+    A row is matched to a file by its original SOP Instance UID when it has one, else by its
+    ``path`` (what the ``medops ingest --manifest`` help promises).
 
     Raises:
-        IngestError: the file is missing, lacks ``sop_instance_uid`` / ``label``, has a label that
-            is not 0/1, or gives one UID two different labels.
+        IngestError: the file is missing or unreadable, lacks ``label`` or both key columns, has
+            a label that is not 0/1/empty, or gives one UID or path two different labels.
     """
     path = Path(path)
-    try:
-        fh = path.open(newline="")
-    except OSError as exc:
-        raise IngestError(f"manifest {path} cannot be read: {exc}") from exc
+    if not path.is_file():
+        raise IngestError(f"manifest {path} does not exist")
+    columns, rows = _manifest_rows(path)
+    if "label" not in columns or not {"sop_instance_uid", "path"} & set(columns):
+        raise IngestError(f"manifest {path} needs a label column and a sop_instance_uid or path "
+                          f"column; has {columns}")
     labels: dict[str, tuple[int | None, str | None]] = {}
-    with fh:
-        reader = csv.DictReader(fh)
-        missing = {"sop_instance_uid", "label"} - set(reader.fieldnames or ())
-        if missing:
-            raise IngestError(f"manifest {path} lacks column(s) {sorted(missing)}; "
-                              f"has {reader.fieldnames}")
-        for line, row in enumerate(reader, start=2):
-            uid = (row.get("sop_instance_uid") or "").strip()
-            if not uid:
-                continue
-            raw = (row.get("label") or "").strip()
-            if raw in ("", "nan", "NA"):
-                label = None
-            elif raw in ("0", "1", "0.0", "1.0"):
-                label = int(float(raw))
-            else:
-                raise IngestError(f"manifest {path} line {line}: label must be 0, 1 or empty, got {raw!r}")
-            split = (row.get("split") or "").strip() or None
-            if uid in labels and labels[uid][0] != label:
-                raise IngestError(f"manifest {path} line {line}: {uid} has labels "
-                                  f"{labels[uid][0]} and {label}")
-            labels[uid] = (label, split)
+    for line, row in enumerate(rows, start=2):
+        raw = (row.get("label") or "").strip()
+        if raw in ("", "nan", "NA", "<NA>", "None"):
+            label = None
+        elif raw in ("0", "1", "0.0", "1.0"):
+            label = int(float(raw))
+        else:
+            raise IngestError(f"manifest {path} line {line}: label must be 0, 1 or empty, got {raw!r}")
+        split = (row.get("split") or "").strip() or None
+        uid = (row.get("sop_instance_uid") or "").strip()
+        rel = (row.get("path") or "").strip().replace("\\", "/")
+        for key in ([f"uid:{uid}"] if uid else []) + ([f"path:{rel}"] if rel and not uid else []):
+            if key in labels and labels[key][0] != label:
+                raise IngestError(f"manifest {path} line {line}: {key[key.index(':') + 1:]} has "
+                                  f"labels {labels[key][0]} and {label}")
+            labels[key] = (label, split)
     return labels
 
 
@@ -173,9 +196,11 @@ def process_file(rel: str) -> FileOutcome:
         label: int | None = None
         split: str | None = None
         if labels is not None:
-            if out.original_sop_uid not in labels:
-                raise DicomReadError("SOPInstanceUID not in the manifest", QuarantineReason.NO_LABEL)
-            label, split = labels[out.original_sop_uid]
+            entry = labels.get(f"uid:{out.original_sop_uid}") or labels.get(f"path:{rel}")
+            if entry is None:
+                raise DicomReadError("neither its SOPInstanceUID nor its path is in the manifest",
+                                     QuarantineReason.NO_LABEL)
+            label, split = entry
         image = prepare_image(ds, image_size=cfg.image_size, window=cfg.window,
                               frame=_STATE["frame"])
     except DicomReadError as exc:
@@ -248,32 +273,81 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _start_pool(workers: int, init_args: tuple) -> ProcessPoolExecutor | None:
+    """A started worker pool, or None when worker processes cannot run here at all.
+
+    spawn, not fork: the caller (a Prefect worker, a test runner) may hold threads and locks.
+    """
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                               initializer=_init_worker, initargs=init_args)
+    try:
+        pool.submit(int).result()
+    except Exception as exc:  # e.g. a __main__ that cannot be re-imported (python - < script)
+        pool.shutdown(wait=False, cancel_futures=True)
+        log.warning("ingest worker processes cannot start (%s: %s); decoding in this process",
+                    type(exc).__name__, exc)
+        return None
+    return pool
+
+
+def _isolate(chunk: list[str], init_args: tuple) -> list[FileOutcome]:
+    """Run a chunk whose worker died one file per task, to quarantine only the file that kills it."""
+    out: list[FileOutcome] = []
+    pool = _start_pool(1, init_args)
+    for rel in chunk:
+        if pool is None:
+            _init_worker(*init_args)
+            out.append(process_file(rel))
+            continue
+        try:
+            out.append(pool.submit(process_file, rel).result())
+        except BrokenProcessPool:
+            pool.shutdown(wait=False, cancel_futures=True)
+            out.append(FileOutcome(path=rel, reason=QuarantineReason.DECODE_ERROR.value,
+                                   detail="the decoder crashed the worker process reading this file"))
+            pool = _start_pool(1, init_args)
+    if pool is not None:
+        pool.shutdown()
+    return out
+
+
 def _outcomes(files: list[str], workers: int, init_args: tuple) -> Iterator[FileOutcome]:
-    """Outcomes in ``files`` order; a bounded number of chunks in flight."""
+    """Outcomes in ``files`` order, with a bounded number of chunks in flight.
+
+    ``workers == 1`` decodes in this process. Otherwise a worker that dies (a decoder plugin that
+    crashes on a malformed file) costs a pool restart, and the chunk it held is retried one file
+    per task, so only the culprit is quarantined and the stage goes on.
+    """
     if not files:
         return
     size = max(1, min(_MAX_CHUNK, math.ceil(len(files) / (workers * 4))))
     chunks = _chunks(files, size)
-    if workers == 1 or len(chunks) == 1:
+    pool = _start_pool(min(workers, len(chunks)), init_args) if workers > 1 and len(chunks) > 1 else None
+    if pool is None:
         _init_worker(*init_args)
         for chunk in chunks:
             yield from process_chunk(chunk)
         return
-    # spawn, not fork: the caller (a Prefect worker, a test runner) may hold threads and locks
-    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=get_context("spawn"),
-                             initializer=_init_worker, initargs=init_args) as pool:
-        pending: deque[Future] = deque()
-        todo = iter(chunks)
-        for chunk in todo:
-            pending.append(pool.submit(process_chunk, chunk))
-            if len(pending) >= workers * _AHEAD_PER_WORKER:
-                break
-        while pending:
-            results = pending.popleft().result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append(pool.submit(process_chunk, nxt))
+    pending: dict[int, Future] = {}
+    submitted = 0
+    try:
+        for current in range(len(chunks)):
+            while submitted < len(chunks) and len(pending) < workers * _AHEAD_PER_WORKER:
+                pending[submitted] = pool.submit(process_chunk, chunks[submitted])
+                submitted += 1
+            try:
+                results = pending.pop(current).result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                results = _isolate(chunks[current], init_args)
+                restarted = _start_pool(min(workers, len(chunks)), init_args)
+                if restarted is None:
+                    raise IngestError("ingest worker processes cannot be restarted after a crash")
+                pool = restarted
+                pending = {i: pool.submit(process_chunk, chunks[i]) for i in sorted(pending)}
             yield from results
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 class _ShardWriter:

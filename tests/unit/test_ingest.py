@@ -220,3 +220,16 @@ def test_key_defaults_to_the_environment(deid_key, tmp_path):
                    key=deid_key)
     pd.testing.assert_frame_equal(read_metadata(tmp_path / "a"), read_metadata(tmp_path / "b"))
     assert a.used == 3
+
+
+def test_manifest_by_path_and_as_parquet(tmp_path):
+    synth.run(SynthConfig(max_images_per_split=1), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
+    rows = _read_csv(tmp_path / "raw" / "labels.csv")
+    by_path = pd.DataFrame({"path": [r["path"] for r in rows[:2]], "label": [1, 0]})
+    by_path.to_parquet(tmp_path / "labels.parquet")
+    res = ingest.run(IngestConfig(workers=1), source_dir=tmp_path / "raw" / "dicom", out_dir=tmp_path / "out",
+                     manifest=tmp_path / "labels.parquet", key=KEY)
+    assert (res.used, res.quarantined_by_reason) == (2, {"no_label": 1})
+    md = read_metadata(tmp_path / "out")
+    assert sorted(md["label"].tolist()) == [0, 1]
+    assert sorted(ingest.read_manifest(tmp_path / "labels.parquet")) == sorted(f"path:{r['path']}" for r in rows[:2])
