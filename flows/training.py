@@ -1,0 +1,237 @@
+"""The training pipeline as a Prefect flow. A table of contents: every step is medops code.
+
+1. ``write_params``: parameters edited for this run (in the Prefect UI form, or as keyword
+   arguments) are written into params.yaml, so dvc.lock records the values that were used;
+2. ``version_data``: ``dvc add data/raw`` and ``dvc push`` (returns the data version);
+3. one task per stage of ``medops.pipeline.STAGES``, in order, each running
+   ``dvc repro --single-item NAME`` (DVC decides whether it must run) and posting the stage's JSON
+   result as an artifact. A failed critical data-quality expectation stops the flow with its message;
+4. ``deploy``: only if the gate passed (otherwise its reasons are logged and the flow completes
+   without deploying); retried, because Triton may be briefly busy loading;
+5. ``push_outputs``: ``dvc push`` of the pipeline's outputs.
+
+Each flow parameter is typed with the constraint of the params.yaml field it overrides (taken from
+the pydantic models in medops.config), so the UI form validates what params.yaml would. Empty
+(None) means "keep params.yaml's value".
+
+(No ``from __future__ import annotations`` here: Prefect builds the parameter schema from the
+evaluated annotations.)
+"""
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from medops import dvc
+from medops.config import GateConfig, Params, TrainConfig, load_params, update_params_file
+from medops.errors import DataQualityError, DvcError, GateRejectedError
+from medops.paths import ProjectPaths
+from medops.pipeline import STAGES, read_stage_result
+
+DEPLOY_RETRIES = 2
+DEPLOY_RETRY_DELAY_S = 10.0
+
+
+def _override(model: type[BaseModel], field: str, type_: Any) -> Any:
+    """``Optional[type_]`` with the constraints (ge, gt, le ...) of ``model.field``."""
+    return Annotated[(Optional[type_], *model.model_fields[field].metadata)]
+
+
+Epochs = _override(TrainConfig, "epochs", int)
+BatchSize = _override(TrainConfig, "batch_size", int)
+LearningRate = _override(TrainConfig, "learning_rate", float)
+MinAuc = _override(GateConfig, "min_auc", float)
+MinAccuracy = _override(GateConfig, "min_accuracy", float)
+MinSensitivity = _override(GateConfig, "min_sensitivity", float)
+MinSpecificity = _override(GateConfig, "min_specificity", float)
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+@task(cache_policy=NO_CACHE)
+def write_params(paths: ProjectPaths, overrides: dict[str, dict[str, Any]]) -> Params:
+    """Write the values that differ from params.yaml into it (validated first); returns the params."""
+    current = load_params(paths.params).model_dump(mode="json")
+    changed = {
+        section: {k: v for k, v in values.items() if current[section][k] != v}
+        for section, values in overrides.items()
+    }
+    changed = {section: values for section, values in changed.items() if values}
+    if not changed:
+        return load_params(paths.params)
+    params = update_params_file(paths.params, changed)
+    lines = [f"- `{s}.{k}`: {current[s][k]} → **{v}**" for s, vals in changed.items() for k, v in vals.items()]
+    get_run_logger().info("params.yaml updated: %s", changed)
+    create_markdown_artifact(key="params-changed", markdown="# params.yaml for this run\n\n" + "\n".join(lines),
+                             description="parameters edited for this run")
+    return params
+
+
+@task(cache_policy=NO_CACHE)
+def version_data(paths: ProjectPaths) -> str:
+    """``dvc add data/raw`` and push it to the default remote; returns its data version."""
+    version = dvc.version_dataset(paths.root, paths.raw, push=True)
+    get_run_logger().info("%s is at data version %s (pushed)", paths.raw.relative_to(paths.root), version)
+    return version
+
+
+@task(cache_policy=NO_CACHE)
+def run_stage(paths: ProjectPaths, name: str) -> dict[str, Any]:
+    """``dvc repro --single-item NAME``, then the stage's JSON result, posted as an artifact."""
+    logger = get_run_logger()
+    try:
+        output = dvc.repro(paths.root, name, single_item=True)
+    except DvcError:
+        if name == "quality":
+            _raise_quality_failure(paths)
+        raise
+    logger.info("dvc repro %s:\n%s", name, _tail(output))
+    result = read_stage_result(name, paths)
+    create_markdown_artifact(key=f"stage-{name}", markdown=render_markdown(f"Stage `{name}`", result),
+                             description=f"result of the {name} stage")
+    return result
+
+
+def _raise_quality_failure(paths: ProjectPaths) -> None:
+    """A failed quality stage wrote its report before failing: stop with its message."""
+    report = paths.quality_dir / "result.json"
+    try:
+        result = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return  # it failed before validating; the DvcError says why
+    if result.get("success") is False:
+        create_markdown_artifact(key="stage-quality", markdown=render_markdown("Stage `quality` FAILED", result),
+                                 description="data-quality expectations that failed")
+        raise DataQualityError("; ".join(result.get("critical_failures", [])))
+
+
+def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry deploy unless the failure is a decision (gate, wrong model), not a busy server."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return not isinstance(exc, GateRejectedError)
+
+
+@task(name="deploy", retries=DEPLOY_RETRIES, retry_delay_seconds=DEPLOY_RETRY_DELAY_S,
+      retry_condition_fn=_is_transient, cache_policy=NO_CACHE)
+def deploy_model(paths: ProjectPaths, params: Params) -> dict[str, Any]:
+    """medops.serving.deploy.deploy: the exported model as a new version in the running Triton."""
+    from medops.serving.deploy import deploy
+
+    cfg = params.serving
+    result = deploy(cfg, onnx=paths.onnx_model, gate=paths.gate, export_result=paths.export_result,
+                    repository=cfg.repository_path(paths.root), image_size=params.ingest.image_size)
+    payload = result.model_dump(mode="json")
+    create_markdown_artifact(key="deployment", markdown=render_markdown("Deployed", payload),
+                             description=f"{result.model_name} version {result.version} on Triton")
+    return payload
+
+
+@task(cache_policy=NO_CACHE)
+def push_outputs(paths: ProjectPaths) -> str:
+    """``dvc push``: the pipeline's outputs (and the raw data) to the default remote."""
+    summary = dvc.push(paths.root)
+    get_run_logger().info("dvc push: %s", summary)
+    return summary
+
+
+# --- flow -------------------------------------------------------------------------------------
+
+def deploy_if_passed(paths: ProjectPaths, params: Params) -> Optional[dict[str, Any]]:
+    """Run the deploy task only if reports/gate.json passed; otherwise log why and return None."""
+    from medops.gate import read_decision
+
+    decision = read_decision(paths.gate)
+    if not decision.passed:
+        failed = [r for r in decision.reasons if r.endswith("fail")] or decision.reasons
+        get_run_logger().warning("gate rejected the model, not deploying: %s", "; ".join(failed))
+        return None
+    return deploy_model(paths, params)
+
+
+@flow(name="training-pipeline")
+def training_pipeline(
+    project_root: Optional[str] = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    learning_rate: LearningRate = None,
+    min_auc: MinAuc = None,
+    min_accuracy: MinAccuracy = None,
+    min_sensitivity: MinSensitivity = None,
+    min_specificity: MinSpecificity = None,
+) -> dict[str, Any]:
+    """Version the raw data, reproduce every stage with DVC, deploy if the gate passed, push.
+
+    Args:
+        project_root: the medops project (default: $MEDOPS_ROOT or the worker's current folder).
+        epochs: train.epochs; empty keeps params.yaml's value.
+        batch_size: train.batch_size; empty keeps params.yaml's value.
+        learning_rate: train.learning_rate; empty keeps params.yaml's value.
+        min_auc: gate.min_auc, the smallest test AUC that may be deployed; empty keeps params.yaml's.
+        min_accuracy: gate.min_accuracy; empty keeps params.yaml's value.
+        min_sensitivity: gate.min_sensitivity; empty keeps params.yaml's value.
+        min_specificity: gate.min_specificity; empty keeps params.yaml's value.
+
+    Returns:
+        A summary: data version, params used, every stage's result, the gate, the deployment.
+    """
+    paths = ProjectPaths(Path(project_root).resolve()) if project_root else ProjectPaths.discover()
+    overrides = {
+        "train": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate},
+        "gate": {"min_auc": min_auc, "min_accuracy": min_accuracy,
+                 "min_sensitivity": min_sensitivity, "min_specificity": min_specificity},
+    }
+    overrides = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()}
+    params = write_params(paths, {s: vals for s, vals in overrides.items() if vals})
+    data_version = version_data(paths)
+    stages = {name: run_stage.with_options(name=name, task_run_name=name)(paths, name) for name in STAGES}
+    deployed = deploy_if_passed(paths, params)
+    pushed = push_outputs(paths)
+    return {
+        "project_root": str(paths.root),
+        "data_version": data_version,
+        "params": params.model_dump(mode="json"),
+        "stages": stages,
+        "gate": {"passed": stages["gate"].get("passed"), "reasons": stages["gate"].get("reasons")},
+        "deployed": deployed,
+        "pushed": pushed,
+    }
+
+
+# --- artifact rendering -----------------------------------------------------------------------
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, (dict, list)):
+        text = json.dumps(value, default=str)
+        text = text if len(text) <= 200 else text[:197] + "..."
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(title: str, result: dict[str, Any]) -> str:
+    """A stage result as markdown: scalars in a key/value table, lists of strings as bullets,
+    lists of records (e.g. the quality expectations) as their own tables."""
+    out = [f"# {title}", "", "| | |", "|---|---|"]
+    sections: list[str] = []
+    for key, value in result.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            cols = list(dict.fromkeys(k for row in value for k in row))
+            sections += ["", f"## {key}", "", "| " + " | ".join(cols) + " |",
+                         "|" + "---|" * len(cols)]
+            sections += ["| " + " | ".join(_cell(row.get(c, "")) for c in cols) + " |" for row in value]
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            sections += ["", f"## {key}", ""] + [f"- {_cell(v)}" for v in value]
+        else:
+            out.append(f"| {key} | {_cell(value)} |")
+    return "\n".join(out + sections) + "\n"
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])

@@ -1,0 +1,299 @@
+"""flows.training against a real Prefect server (Prefect's test harness), real DVC and real files.
+
+The whole pipeline runs in the e2e test; here: the deploy gating (skip on a failed gate, no retry
+on a rejected model, retries on an unreachable Triton), params written for a run, a stage run
+through `dvc repro --single-item` with its artifact, and a quality failure stopping the flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from medops.config import load_params, update_params_file
+from medops.errors import ConfigError, DataQualityError, GateRejectedError, ServingError
+from medops.paths import ProjectPaths
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> ProjectPaths:
+    """A project folder with the repo's params.yaml; Triton (never started here) on a free port."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    update_params_file(root / "params.yaml", {"serving": {
+        "grpc_port": _free_port(), "http_port": _free_port(), "metrics_port": _free_port(),
+        "repository": str(root / ".medops" / "triton" / "repository")}})
+    return ProjectPaths(root)
+
+
+def _write_gate(paths: ProjectPaths, passed: bool, data_version: str = "0123abcd.dir") -> None:
+    paths.gate.parent.mkdir(parents=True, exist_ok=True)
+    reasons = ["auc 0.910 >= min_auc 0.850: pass",
+               "accuracy 0.700 < min_accuracy 0.750: fail" if not passed else
+               "accuracy 0.800 >= min_accuracy 0.750: pass"]
+    paths.gate.write_text(json.dumps({"passed": passed, "reasons": reasons, "data_version": data_version,
+                                      "timestamp": "2026-11-21T10:00:00+00:00"}))
+
+
+def _write_export(paths: ProjectPaths, sha256: str | None = None, data_version: str = "0123abcd.dir") -> None:
+    paths.models.mkdir(parents=True, exist_ok=True)
+    paths.onnx_model.write_bytes(b"not really onnx: deploy must stop before Triton reads it")
+    digest = sha256 or hashlib.sha256(paths.onnx_model.read_bytes()).hexdigest()
+    paths.export_result.write_text(json.dumps({"sha256": digest, "data_version": data_version}))
+    np.savez(paths.models / "golden.npz", images=np.full((2, 28, 28, 1), 0.5, np.float32),
+             probabilities=np.array([0.3, 0.7], np.float32))
+
+
+def _run_gating(paths: ProjectPaths):
+    """flows.training.deploy_if_passed inside a flow, as training_pipeline runs it."""
+    from prefect import flow
+
+    import flows.training as training
+
+    fast_deploy = training.deploy_model.with_options(retry_delay_seconds=0)
+
+    @flow(name="deploy-gating-test")
+    def gating() -> dict | None:
+        original = training.deploy_model
+        training.deploy_model = fast_deploy
+        try:
+            return training.deploy_if_passed(paths, load_params(paths.params))
+        finally:
+            training.deploy_model = original
+
+    return gating(return_state=True)
+
+
+def _task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def read():
+        async with get_client() as client:
+            # sort and limit explicitly: Prefect 3.8.8's server answers 422 to the client's None
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=50)
+
+    return asyncio.run(read())
+
+
+def _logs(flow_run_id, timeout: float = 15.0) -> str:
+    """The flow run's log messages as recorded by the Prefect server (sent in batches: poll)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)
+
+    deadline = time.monotonic() + timeout
+    while True:
+        text = "\n".join(log.message for log in asyncio.run(read()))
+        if "Finished in state" in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
+def _artifact(key: str) -> dict | None:
+    """The newest artifact with ``key``, read from the server's REST API.
+
+    (Prefect 3.8.8's client sends null for unset filters, which this server answers with 422.)
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    resp = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=10, json={
+        "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1, "offset": 0})
+    resp.raise_for_status()
+    found = resp.json()
+    return found[0] if found else None
+
+
+def test_failed_gate_skips_deploy_and_the_flow_completes(project: ProjectPaths) -> None:
+    _write_gate(project, passed=False)
+    _write_export(project)
+
+    state = _run_gating(project)
+
+    assert state.is_completed(), state.message
+    assert state.result() is None
+    assert _task_runs(state.state_details.flow_run_id) == []  # the deploy task never ran
+    logs = _logs(state.state_details.flow_run_id)
+    assert "gate rejected the model, not deploying: accuracy 0.700 < min_accuracy 0.750: fail" in logs
+    assert not (project.root / ".medops" / "triton").exists()
+
+
+def test_rejected_model_is_not_retried(project: ProjectPaths) -> None:
+    _write_gate(project, passed=True)
+    _write_export(project, sha256="0" * 64)  # export.json names another file: not the gated model
+
+    state = _run_gating(project)
+
+    assert state.is_failed()
+    with pytest.raises(GateRejectedError, match="not the model that was exported and gated"):
+        state.result()
+    (run,) = _task_runs(state.state_details.flow_run_id)
+    assert run.name == "deploy" or run.name.startswith("deploy-")
+    assert run.run_count == 1
+
+
+def test_unreachable_triton_is_retried_then_fails(project: ProjectPaths) -> None:
+    _write_gate(project, passed=True)
+    _write_export(project)
+
+    state = _run_gating(project)
+
+    assert state.is_failed()
+    with pytest.raises(ServingError, match="cannot reach Triton"):
+        state.result()
+    (run,) = _task_runs(state.state_details.flow_run_id)
+    assert run.run_count == 3  # the first try and two retries
+    assert not any((project.root / ".medops" / "triton" / "repository").rglob("model.onnx"))
+
+
+def test_write_params_records_only_changed_values(project: ProjectPaths) -> None:
+    from prefect import flow
+
+    from flows.training import write_params
+
+    before = project.params.read_text()
+    epochs = load_params(project.params).train.epochs
+
+    @flow
+    def edit(overrides):
+        return write_params(project, overrides)
+
+    params = edit({"train": {"epochs": epochs, "learning_rate": 0.0005}, "gate": {"min_auc": 0.9}})
+    assert params.train.learning_rate == 0.0005 and params.gate.min_auc == 0.9
+    after = project.params.read_text()
+    assert "learning_rate: 0.0005" in after and "min_auc: 0.9" in after
+    assert "# medops pipeline settings" in after  # comments kept
+    changed = [a for b, a in zip(before.splitlines(), after.splitlines()) if a != b]
+    assert len(changed) == 2, changed  # epochs was unchanged and is not rewritten
+    artifact = _artifact("params-changed")
+    assert artifact is not None and "learning_rate" in artifact["data"] and "epochs" not in artifact["data"]
+
+    with pytest.raises(ConfigError):
+        edit({"train": {"epochs": 0}})
+    assert project.params.read_text() == after  # an invalid value never reaches the file
+
+
+def test_flow_parameters_are_validated_with_the_params_constraints() -> None:
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.training import training_pipeline
+
+    with pytest.raises(ParameterTypeError, match="epochs"):
+        training_pipeline.validate_parameters({"epochs": 0})
+    with pytest.raises(ParameterTypeError, match="min_auc"):
+        training_pipeline.validate_parameters({"min_auc": 1.5})
+    assert training_pipeline.validate_parameters({"learning_rate": "0.01"})["learning_rate"] == 0.01
+
+
+@pytest.fixture
+def dvc_project(tmp_path: Path) -> ProjectPaths:
+    """A git + DVC project with the repo's dvc.yaml and params.yaml and an ingested folder."""
+    from test_quality_gx import build_ingested
+
+    from medops import dvc
+
+    root = tmp_path / "dvcproject"
+    root.mkdir()
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "medops", root / "medops", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc.init(root)
+    dvc.ensure_remote(root, "local", "dvc-remote")
+    build_ingested(root / "data" / "ingested")
+    return ProjectPaths(root)
+
+
+def _run_quality_task(paths: ProjectPaths):
+    from prefect import flow
+
+    from flows.training import run_stage
+
+    @flow
+    def only_quality():
+        return run_stage.with_options(name="quality", task_run_name="quality")(paths, "quality")
+
+    return only_quality(return_state=True)
+
+
+def test_stage_task_reproduces_with_dvc_and_posts_its_result(dvc_project: ProjectPaths) -> None:
+    state = _run_quality_task(dvc_project)
+
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["success"] is True and result["n_rows"] > 0
+    lock = yaml.safe_load((dvc_project.root / "dvc.lock").read_text())
+    assert lock["stages"]["quality"]["params"]["params.yaml"]["quality"]["min_rows"] == 50
+    artifact = _artifact("stage-quality")
+    assert artifact is not None and "expect_column_values_to_be_unique" in artifact["data"]
+    (run,) = _task_runs(state.state_details.flow_run_id)
+    assert run.name == "quality"
+
+
+def test_quality_failure_stops_the_flow_with_its_message(dvc_project: ProjectPaths) -> None:
+    import pandas as pd
+
+    table = pd.read_parquet(dvc_project.metadata)
+    table.loc[:4, "patient_id"] = None
+    table.to_parquet(dvc_project.metadata, index=False)
+
+    state = _run_quality_task(dvc_project)
+
+    assert state.is_failed()
+    with pytest.raises(DataQualityError) as err:
+        state.result()
+    assert str(err.value).startswith(
+        f"expect_column_values_to_not_be_null failed on metadata.patient_id: 5 of {len(table):,} rows")
+
+
+def test_render_markdown_tables_lists_and_scalars() -> None:
+    from flows.training import render_markdown
+
+    text = render_markdown("Stage `gate`", {
+        "passed": False, "auc": 0.912345, "reasons": ["auc 0.91 >= 0.85: pass", "a|b"],
+        "expectations": [{"type": "t1", "success": True}, {"type": "t2", "success": False}],
+    })
+    assert text.splitlines()[0] == "# Stage `gate`"
+    assert "| passed | False |" in text and "| auc | 0.9123 |" in text
+    assert "- auc 0.91 >= 0.85: pass" in text and "- a\\|b" in text
+    assert "| type | success |" in text and "| t2 | False |" in text
