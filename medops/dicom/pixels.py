@@ -87,13 +87,9 @@ def scale_min_max(values: np.ndarray) -> np.ndarray:
 
 
 def _lut_max(ds: Dataset, sequence: str) -> float:
-    """The largest output value of the first item's LUT (PS3.3 C.11.2.1.1): 2**bits - 1."""
-    item = ds[sequence][0]
-    bits = int(item.LUTDescriptor[2])
-    data = item.get("LUTData")
-    if data is not None and bits > 8 and int(np.max(np.asarray(data))) < 256:
-        bits = 8  # descriptors that say 16 for 8-bit data exist in the wild; trust the data
-    return float(2**bits - 1)
+    """The largest output value of the first item's LUT: 2**bits - 1, bits being the third value
+    of its LUT Descriptor (PS3.3 C.11.2.1.1)."""
+    return float(2 ** int(ds[sequence][0].LUTDescriptor[2]) - 1)
 
 
 def apply_voi_to_unit(values: np.ndarray, ds: Dataset, window: "Window | None" = None) -> np.ndarray:

@@ -152,3 +152,51 @@ def test_unsupported_photometric_is_a_typed_failure():
     with pytest.raises(DicomReadError) as err:
         pixels.prepare_image(ds, image_size=2)
     assert err.value.reason == QuarantineReason.UNSUPPORTED_PIXELS
+
+
+def _lut_item(first: int, bits: int, data: list[int]) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [len(data), first, bits]
+    item.LUTData = data
+    return item
+
+
+def test_modality_lut_sequence_then_min_max():
+    # Modality LUT (C.11.1): stored 0..3 -> 10, 20, 40, 80; no VOI -> min-max: 0, 1/7, 3/7, 1
+    ds = make_dataset(np.array([[0, 1], [2, 3]], dtype=np.uint16), bits_stored=12)
+    item = _lut_item(0, 16, [10, 20, 40, 80])
+    item.add_new("LUTData", "OW", np.array([10, 20, 40, 80], dtype="<u2").tobytes())
+    ds.ModalityLUTSequence = [item]
+    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2), [[0, 1 / 7], [3 / 7, 1]], atol=1e-7)
+
+
+def test_voi_lut_sequence_maps_through_the_table():
+    # VOI LUT (C.11.2.1.1): first mapped value 100, 8-bit entries 0, 64, 128, 255; values below
+    # the first entry take the first, above the last take the last; output / (2**8 - 1)
+    ds = make_dataset(np.array([[99, 101], [102, 200]], dtype=np.uint16), bits_stored=12,
+                      WindowCenter="0", WindowWidth="2")  # the LUT wins over a window
+    ds.VOILUTSequence = [_lut_item(100, 8, [0, 64, 128, 255])]
+    ds["VOILUTSequence"][0]["LUTData"].VR = "US"
+    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2),
+                               [[0, 64 / 255], [128 / 255, 1]], atol=1e-7)
+
+
+def test_palette_colour_becomes_luminance_of_its_palette():
+    # PALETTE COLOR (C.7.6.3.1.5): index -> (R, G, B) from 16-bit tables; gray = BT.601 luminance
+    ds = make_dataset(np.array([[0, 1], [2, 3]], dtype=np.uint8), photometric="PALETTE COLOR")
+    red, green, blue = [0, 65535, 0, 65535], [0, 0, 65535, 65535], [0, 0, 0, 65535]
+    for colour, data in (("Red", red), ("Green", green), ("Blue", blue)):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [4, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", np.array(data, dtype="<u2").tobytes())
+    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2),
+                               [[0, 0.299], [0.587, 0.299 + 0.587 + 0.114]], atol=1e-6)
+
+
+def test_ybr_full_grey_is_its_luma():
+    # YBR_FULL (C.7.6.3.1.2) with neutral chroma is grey: R = G = B = Y, so the output is Y / 255
+    ybr = np.zeros((2, 2, 3), dtype=np.uint8)
+    ybr[..., 0] = [[0, 60], [128, 255]]
+    ybr[..., 1:] = 128
+    ds = make_dataset(ybr, photometric="YBR_FULL", samples=3)
+    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2),
+                               np.array([[0, 60], [128, 255]]) / 255, atol=1.5 / 255)
