@@ -60,6 +60,9 @@ class IngestResult(BaseModel):
     quarantined_by_reason: dict[str, int]
     labelled: int
     shards: int
+    decoded: int        # files read and decoded by this run
+    reused: int         # files whose earlier outcome was kept (incremental run)
+    changed: bool       # False when the run found nothing to change and wrote nothing
     image_size: int
     seconds: float
     out_dir: Path
@@ -351,14 +354,16 @@ def _outcomes(files: list[str], workers: int, init_args: tuple) -> Iterator[File
 
 
 class _ShardWriter:
-    def __init__(self, out_dir: Path, shard_size: int, image_size: int) -> None:
-        self.out_dir, self.shard_size, self.image_size = out_dir, shard_size, image_size
+    """Writes images into ``root/arrays/shard-NNNNN.npy`` as each shard fills (bounded memory)."""
+
+    def __init__(self, root: Path, shard_size: int) -> None:
+        self.root, self.shard_size = root, shard_size
         self.buffer: list[np.ndarray] = []
         self.shards = 0
 
     def add(self, image: np.ndarray) -> tuple[int, int]:
         where = (self.shards, len(self.buffer))
-        self.buffer.append(image.astype(np.float32, copy=False))
+        self.buffer.append(np.asarray(image, dtype=np.float32))
         if len(self.buffer) == self.shard_size:
             self.flush()
         return where
@@ -366,19 +371,101 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        path = shard_path(self.out_dir, self.shards)
+        path = shard_path(self.root, self.shards)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, np.stack(self.buffer).astype(np.float32))
         self.buffer = []
         self.shards += 1
 
 
+INDEX_NAME = "ingest_index.json"
+_STAGING = ".staging"
+# reasons that belong to the file itself; no_label and duplicate depend on other inputs, so files
+# quarantined for them are looked at again on every run
+_INTRINSIC = {r.value for r in QuarantineReason} - {QuarantineReason.NO_LABEL.value,
+                                                     QuarantineReason.DUPLICATE.value}
+# folder names that carry a label or a split when there is no manifest (e.g. the Kaggle
+# chest-xray layout train/NORMAL, train/PNEUMONIA)
+FOLDER_LABELS = {"normal": 0, "negative": 0, "pneumonia": 1, "positive": 1, "abnormal": 1}
+FOLDER_SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+
+
+def labels_from_path(rel: str) -> tuple[int | None, str | None]:
+    """``(label, split)`` from the folder names of a relative path (nearest folder wins)."""
+    label: int | None = None
+    split: str | None = None
+    for part in reversed(rel.split("/")[:-1]):
+        low = part.strip().lower()
+        if label is None and low in FOLDER_LABELS:
+            label = FOLDER_LABELS[low]
+        if split is None and low in FOLDER_SPLITS:
+            split = FOLDER_SPLITS[low]
+    return label, split
+
+
+def _fingerprint(cfg: IngestConfig, key: bytes, frame: str) -> str:
+    """What makes earlier outputs reusable: every setting that changes a pixel or a pseudonym."""
+    import hmac
+    import json
+
+    from medops import __version__
+
+    key_id = hmac.new(key, b"medops ingest key id", hashlib.sha256).hexdigest()[:16]
+    payload = json.dumps({"ingest": cfg.model_dump(mode="json", exclude={"workers"}), "frame": frame,
+                          "key": key_id, "medops": __version__}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class _Previous:
+    """The outputs of an earlier run with the same fingerprint."""
+
+    files: dict[str, dict[str, Any]]             # rel -> {size, mtime_ns, sha256}
+    used: dict[str, dict[str, Any]]              # sha256 -> metadata row
+    quarantined: dict[str, tuple[str, str]]      # rel -> (reason, detail)
+    metadata: Any                                # the DataFrame as read
+    quarantine_text: str
+
+
+def _load_previous(out_dir: Path, fingerprint: str) -> _Previous | None:
+    import json
+
+    import pandas as pd
+
+    try:
+        index = json.loads((out_dir / INDEX_NAME).read_text())
+        if index.get("fingerprint") != fingerprint:
+            return None
+        md = pd.read_parquet(out_dir / "metadata.parquet")
+        quarantine_text = (out_dir / "quarantine.csv").read_text()
+    except (OSError, ValueError, KeyError):
+        return None
+    if list(md.columns) != list(METADATA_COLUMNS):
+        return None
+    rows = [{k: (None if (v is pd.NA or (isinstance(v, float) and np.isnan(v) and k in ("label", "patient_age")))
+                 else v) for k, v in r.items()} for r in md.astype(object).to_dict("records")]
+    used = {r["content_sha256"]: r for r in rows}
+    quarantined = {r["path"]: (r["reason"], r["detail"])
+                   for r in csv.DictReader(quarantine_text.splitlines())}
+    return _Previous(files=index.get("files", {}), used=used, quarantined=quarantined, metadata=md,
+                     quarantine_text=quarantine_text)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _reset_outputs(out_dir: Path) -> None:
     """Remove this stage's previous outputs (and only those) so no stale shard or file survives."""
-    for sub in ("dicom", ARRAYS_DIR):
+    for sub in ("dicom", ARRAYS_DIR, _STAGING):
         if (out_dir / sub).exists():
             shutil.rmtree(out_dir / sub)
-    for name in ("metadata.parquet", "quarantine.csv"):
+    for name in ("metadata.parquet", "quarantine.csv", INDEX_NAME):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -414,25 +501,55 @@ def metadata_frame(records: Iterable[dict[str, Any]]):
     return df
 
 
+def _quarantine_text(rows: list[tuple[str, str, str]]) -> str:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(QUARANTINE_COLUMNS)
+    w.writerows(sorted(rows))
+    return buf.getvalue()
+
+
+def _prune_dicom(dicom_dir: Path, keep: set[str]) -> None:
+    """Delete de-identified files no metadata row points at (removed sources, duplicates, temps)."""
+    root = dicom_dir.parent
+    for path in sorted(dicom_dir.rglob("*"), reverse=True):
+        if path.is_file() and path.relative_to(root).as_posix() not in keep:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
 def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | None = None,
         key: bytes | None = None, progress: bool | Progress | None = None,
-        frame: str = "middle") -> IngestResult:
+        frame: str = "middle", incremental: bool = True) -> IngestResult:
     """Ingest every file below ``source_dir`` into ``out_dir``; see the module docstring.
+
+    Incremental: when ``out_dir`` holds the outputs of an earlier run with the same settings and
+    key, a file whose content (SHA-256) was seen before is not read again: its row, its pixels and
+    its de-identified file are kept, and labels are re-applied from the current manifest. Only new
+    content is decoded; files that went away lose their rows. A run that would change nothing
+    writes nothing. (With DVC, the stage's outputs must be ``persist: true`` for this to apply.)
 
     Args:
         cfg: the ``ingest`` section.
         source_dir: the export to read.
-        out_dir: where the processed dataset goes (its previous contents are replaced).
-        manifest: labels CSV keyed by original SOPInstanceUID; None = unlabelled.
+        out_dir: where the processed dataset goes.
+        manifest: labels keyed by original SOPInstanceUID or by path; None = labels from folder
+            names (``NORMAL`` / ``PNEUMONIA`` ..., ``train`` / ``val`` / ``test``), else none.
         key: de-identification key; None = :func:`medops.dicom.deid.resolve_deid_key`.
         progress: True for a tqdm bar, a ``callback(done, total)``, or None.
         frame: multi-frame policy (``first`` | ``middle`` | ``max``).
+        incremental: reuse an earlier run's outputs; False rebuilds everything.
 
     Raises:
         IngestError: the source folder is missing or the manifest is unusable. A bad file never
             raises: it is quarantined.
     """
-    from medops.dicom.deid import resolve_deid_key
+    import json
+
+    from medops.dicom.deid import pseudonymize_uid, resolve_deid_key
 
     started = time.monotonic()
     source_dir, out_dir = Path(source_dir), Path(out_dir)
@@ -442,59 +559,130 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     if key is None:
         key = resolve_deid_key(cfg.deid)
     files = list_source_files(source_dir)
+    fingerprint = _fingerprint(cfg, key, frame)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _reset_outputs(out_dir)
+    previous = _load_previous(out_dir, fingerprint) if incremental else None
+    if previous is None:
+        _reset_outputs(out_dir)
     dicom_dir = out_dir / "dicom"
     dicom_dir.mkdir(parents=True, exist_ok=True)
-    init_args = (cfg, key, labels, str(source_dir), str(dicom_dir), frame)
 
-    writer = _ShardWriter(out_dir, cfg.shard_size, cfg.image_size)
+    # which files need decoding: content never seen, or a reason that depends on other inputs
+    index: dict[str, dict[str, Any]] = {}
+    reuse: dict[str, dict[str, Any] | tuple[str, str]] = {}
+    for rel in files:
+        st = (source_dir / rel).stat()
+        known = previous.files.get(rel) if previous else None
+        if known and known["size"] == st.st_size and known["mtime_ns"] == st.st_mtime_ns:
+            sha = known["sha256"]
+        elif previous is not None:
+            sha = _sha256_file(source_dir / rel)
+        else:
+            sha = ""  # a full run: the worker hashes the bytes it reads anyway
+        index[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+        if previous is None:
+            continue
+        if sha in previous.used:
+            reuse[rel] = previous.used[sha]
+        elif rel in previous.quarantined and previous.quarantined[rel][0] in _INTRINSIC \
+                and known and known["sha256"] == sha:
+            reuse[rel] = previous.quarantined[rel]
+    to_process = [rel for rel in files if rel not in reuse]
+
+    by_pseudo_uid = {pseudonymize_uid(k[4:], key): v for k, v in (labels or {}).items() if k.startswith("uid:")}
+
+    def label_for(rel: str, pseudo_sop: str) -> tuple[int | None, str | None] | None:
+        if labels is None:
+            return labels_from_path(rel)
+        return by_pseudo_uid.get(pseudo_sop) or labels.get(f"path:{rel}")
+
+    staging = out_dir / _STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    writer = _ShardWriter(staging, cfg.shard_size)
+    init_args = (cfg, key, labels, str(source_dir), str(dicom_dir), frame)
     records: list[dict[str, Any]] = []
     quarantine: list[tuple[str, str, str]] = []
     seen_content: dict[str, str] = {}
-    seen_sop: dict[str, tuple[str, str]] = {}  # original SOP UID -> (path, deid_path)
+    seen_sop: dict[str, tuple[str, str]] = {}  # pseudonymous SOP UID -> (path, deid_path)
     rewrite: list[str] = []
+    old_shards: dict[int, np.ndarray] = {}
     callback, close = _progress_callback(progress, len(files))
+    processed = _outcomes(to_process, cfg.workers, init_args)
     try:
-        for done, outcome in enumerate(_outcomes(files, cfg.workers, init_args), start=1):
-            if outcome.reason is None:
-                first = seen_content.get(outcome.sha256)
-                prior = seen_sop.get(outcome.original_sop_uid) if outcome.original_sop_uid else None
-                if first is not None:
-                    outcome.reason, outcome.detail = QuarantineReason.DUPLICATE.value, f"same bytes as {first}"
-                elif prior is not None:
-                    outcome.reason = QuarantineReason.DUPLICATE.value
-                    outcome.detail = f"same SOPInstanceUID as {prior[0]}, different content"
-                    rewrite.append(prior[0])  # a worker may have overwritten the kept file's copy
-                    if outcome.record.get("deid_path") != prior[1]:
-                        (out_dir / outcome.record["deid_path"]).unlink(missing_ok=True)
-            if outcome.reason is not None:
-                quarantine.append((outcome.path, outcome.reason, outcome.detail))
+        for done, rel in enumerate(files, start=1):
+            image: np.ndarray | None = None
+            prior_row = reuse.get(rel)
+            if isinstance(prior_row, tuple):
+                quarantine.append((rel, *prior_row))
+                continue
+            if isinstance(prior_row, dict):
+                record = {k: prior_row[k] for k in METADATA_COLUMNS if k not in ("shard", "shard_index")}
+                entry = label_for(rel, record["sop_instance_uid"])
+                reason, detail = (None, "") if entry is not None else (
+                    QuarantineReason.NO_LABEL.value, "neither its SOPInstanceUID nor its path is in the manifest")
+                record["label"], record["manifest_split"] = entry if entry is not None else (None, None)
+                sha = record["content_sha256"]
+                shard = int(prior_row["shard"])
+                if shard not in old_shards:
+                    old_shards[shard] = np.load(shard_path(out_dir, shard), mmap_mode="r")
+                image = np.array(old_shards[shard][int(prior_row["shard_index"])])
             else:
-                assert outcome.image is not None
-                seen_content[outcome.sha256] = outcome.path
-                if outcome.original_sop_uid:
-                    seen_sop[outcome.original_sop_uid] = (outcome.path, outcome.record["deid_path"])
-                shard, index = writer.add(outcome.image)
-                records.append({**outcome.record, "shard": shard, "shard_index": index})
+                outcome = next(processed)
+                assert outcome.path == rel, (outcome.path, rel)
+                reason, detail, record, image, sha = (outcome.reason, outcome.detail, outcome.record,
+                                                      outcome.image, outcome.sha256)
+                index[rel]["sha256"] = sha
+                if reason is None and labels is None:
+                    record["label"], record["manifest_split"] = labels_from_path(rel)
+            if reason is None:
+                first = seen_content.get(sha)
+                prior = seen_sop.get(record["sop_instance_uid"])
+                if first is not None:
+                    reason, detail = QuarantineReason.DUPLICATE.value, f"same bytes as {first}"
+                elif prior is not None:
+                    reason = QuarantineReason.DUPLICATE.value
+                    detail = f"same SOPInstanceUID as {prior[0]}, different content"
+                    rewrite.append(prior[0])  # a worker may have overwritten the kept file's copy
+            if reason is not None:
+                quarantine.append((rel, reason, detail))
+            else:
+                assert image is not None
+                seen_content[sha] = rel
+                seen_sop[record["sop_instance_uid"]] = (rel, record["deid_path"])
+                shard, position = writer.add(image)
+                records.append({**record, "shard": shard, "shard_index": position})
             if callback is not None and (done % 64 == 0 or done == len(files)):
                 callback(done, len(files))
         writer.flush()
     finally:
         close()
+        old_shards.clear()
     if rewrite:
         _init_worker(*init_args)
         for rel in sorted(set(rewrite)):
             process_file(rel)
 
-    metadata_path = out_dir / "metadata.parquet"
-    metadata_frame(records).to_parquet(metadata_path, index=False)
-    quarantine_path = out_dir / "quarantine.csv"
-    with quarantine_path.open("w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(QUARANTINE_COLUMNS)
-        w.writerows(sorted(quarantine))
+    metadata = metadata_frame(records)
+    quarantine_text = _quarantine_text(quarantine)
+    metadata_path, quarantine_path = out_dir / "metadata.parquet", out_dir / "quarantine.csv"
+    unchanged = (previous is not None and not to_process and not rewrite
+                 and quarantine_text == previous.quarantine_text
+                 and metadata.equals(metadata_frame(previous.metadata.to_dict("records"))))
+    if unchanged:
+        shutil.rmtree(staging, ignore_errors=True)  # a run that changes nothing writes nothing
+    else:
+        if (out_dir / ARRAYS_DIR).exists():
+            shutil.rmtree(out_dir / ARRAYS_DIR)
+        if (staging / ARRAYS_DIR).exists():
+            (staging / ARRAYS_DIR).rename(out_dir / ARRAYS_DIR)
+        shutil.rmtree(staging, ignore_errors=True)
+        _prune_dicom(dicom_dir, set(metadata["deid_path"]))
+        metadata.to_parquet(metadata_path, index=False)
+        quarantine_path.write_text(quarantine_text)
+        (out_dir / INDEX_NAME).write_text(json.dumps(
+            {"fingerprint": fingerprint, "files": index}, sort_keys=True, indent=0) + "\n")
 
     by_reason = Counter(reason for _, reason, _ in quarantine)
     return IngestResult(
@@ -504,6 +692,9 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
         quarantined_by_reason=dict(sorted(by_reason.items())),
         labelled=sum(1 for r in records if r["label"] is not None),
         shards=writer.shards,
+        decoded=len(to_process),
+        reused=len(files) - len(to_process),
+        changed=not unchanged,
         image_size=cfg.image_size,
         seconds=round(time.monotonic() - started, 3),
         out_dir=out_dir,

@@ -233,3 +233,102 @@ def test_manifest_by_path_and_as_parquet(tmp_path):
     md = read_metadata(tmp_path / "out")
     assert sorted(md["label"].tolist()) == [0, 1]
     assert sorted(ingest.read_manifest(tmp_path / "labels.parquet")) == sorted(f"path:{r['path']}" for r in rows[:2])
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def grown(tmp_path) -> dict:
+    """A synthetic export in two halves: ``src`` holds the first, ``extra`` the rest."""
+    synth.run(SynthConfig(max_images_per_split=4), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
+    patients = sorted((tmp_path / "raw" / "dicom").iterdir())
+    src, extra = tmp_path / "src", tmp_path / "extra"
+    for i, p in enumerate(patients):
+        shutil.copytree(p, (src if i < len(patients) // 2 else extra) / p.name)
+    return {"src": src, "extra": extra, "manifest": tmp_path / "raw" / "labels.csv", "tmp": tmp_path}
+
+
+def test_incremental_run_decodes_only_new_files_and_matches_a_full_run(grown):
+    cfg = IngestConfig(workers=1, shard_size=5)
+    out, src = grown["tmp"] / "out", grown["src"]
+    first = ingest.run(cfg, source_dir=src, out_dir=out, manifest=grown["manifest"], key=KEY)
+    assert first.decoded == first.files_seen and first.reused == 0
+    for p in sorted(grown["extra"].iterdir()):
+        shutil.copytree(p, src / p.name)
+    second = ingest.run(cfg, source_dir=src, out_dir=out, manifest=grown["manifest"], key=KEY)
+    assert second.reused == first.files_seen and second.decoded == second.files_seen - first.files_seen > 0
+    full = ingest.run(cfg, source_dir=src, out_dir=grown["tmp"] / "full", manifest=grown["manifest"],
+                      key=KEY, incremental=False)
+    pd.testing.assert_frame_equal(read_metadata(out), read_metadata(grown["tmp"] / "full"))
+    md = read_metadata(out)
+    np.testing.assert_array_equal(load_images(out, md), load_images(grown["tmp"] / "full", md))
+    assert second.shards == full.shards == -(-second.used // 5)
+    assert sorted(_mtimes(out / "dicom")) == sorted(_mtimes(grown["tmp"] / "full" / "dicom"))
+
+
+def test_rerun_on_the_same_folder_changes_nothing(grown):
+    cfg = IngestConfig(workers=1)
+    out = grown["tmp"] / "out"
+    ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=grown["manifest"], key=KEY)
+    before = _mtimes(out)
+    again = ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=grown["manifest"], key=KEY)
+    assert again.changed is False and again.decoded == 0
+    assert _mtimes(out) == before
+
+
+def test_removed_files_lose_their_rows_and_deidentified_copies(grown):
+    cfg = IngestConfig(workers=1)
+    out = grown["tmp"] / "out"
+    first = ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=grown["manifest"], key=KEY)
+    victim = sorted(grown["src"].iterdir())[0]
+    n_removed = sum(1 for p in victim.rglob("*.dcm"))
+    shutil.rmtree(victim)
+    second = ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=grown["manifest"], key=KEY)
+    assert second.decoded == 0 and second.used == first.used - n_removed
+    md = read_metadata(out)
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "dicom").rglob("*.dcm")) == sorted(md["deid_path"])
+
+
+def test_a_changed_manifest_relabels_without_decoding(grown):
+    cfg = IngestConfig(workers=1)
+    out = grown["tmp"] / "out"
+    ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=grown["manifest"], key=KEY)
+    rows = _read_csv(grown["manifest"])
+    flipped = grown["tmp"] / "flipped.csv"
+    with flipped.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([dict(r, label=str(1 - int(r["label"]))) for r in rows])
+    before = read_metadata(out)
+    res = ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=flipped, key=KEY)
+    after = read_metadata(out)
+    assert res.decoded == 0 and res.changed
+    assert (after["label"] == 1 - before["label"]).all()
+
+
+def test_changed_settings_rebuild_everything(grown):
+    out = grown["tmp"] / "out"
+    first = ingest.run(IngestConfig(workers=1), source_dir=grown["src"], out_dir=out, key=KEY)
+    res = ingest.run(IngestConfig(workers=1, image_size=16), source_dir=grown["src"], out_dir=out, key=KEY)
+    assert res.decoded == first.files_seen and load_images(out, read_metadata(out)).shape[1:] == (16, 16, 1)
+    other_key = ingest.run(IngestConfig(workers=1, image_size=16), source_dir=grown["src"], out_dir=out,
+                           key=b"a-different-key-0123456789abcdef")
+    assert other_key.decoded == first.files_seen
+
+
+def test_labels_and_splits_from_folder_names_without_a_manifest(tmp_path):
+    synth.run(SynthConfig(max_images_per_split=2), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
+    files = sorted((tmp_path / "raw" / "dicom").rglob("*.dcm"))
+    layout = {"train/NORMAL": files[:2], "train/PNEUMONIA": files[2:4], "test/Pneumonia/batch 1": files[4:]}
+    for folder, group in layout.items():
+        (tmp_path / "src" / folder).mkdir(parents=True)
+        for i, f in enumerate(group):
+            shutil.copy(f, tmp_path / "src" / folder / f"img{i}.dcm")
+    res = ingest.run(IngestConfig(workers=1), source_dir=tmp_path / "src", out_dir=tmp_path / "out", key=KEY)
+    md = read_metadata(tmp_path / "out")
+    assert res.labelled == res.used == len(files)
+    assert sorted(zip(md["manifest_split"], md["label"])) == sorted(
+        [("train", 0)] * 2 + [("train", 1)] * 2 + [("test", 1)] * (len(files) - 4))
+    assert ingest.labels_from_path("PAT00001/ST001/IM00001.dcm") == (None, None)
