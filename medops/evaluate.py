@@ -3,14 +3,22 @@
 Inputs:
     model: the trained Keras model (``models/model.keras``).
     ingested_dir, split: the data and ``split.csv``; only the ``test`` rows are read.
+    train_result (optional): ``models/train.json``; its ``decision_threshold`` (chosen on val)
+        replaces ``evaluate.threshold`` unless ``use_train_threshold`` is false.
 Outputs:
-    metrics_out: ``reports/metrics.json``, a flat DVC metrics file (auc, accuracy, sensitivity,
-        specificity, counts, threshold).
-    plots_dir: DVC plot data: ``roc.csv`` (fpr, tpr, threshold), ``confusion.csv`` (actual,
-        predicted; one row per image, for the ``confusion`` template) and ``predictions.csv``
-        (sop_instance_uid, patient_id, label, probability, predicted).
+    metrics_out: ``reports/metrics.json``, a flat DVC metrics file: auc with a bootstrap 95 % CI
+        (auc_ci_low, auc_ci_high), accuracy, sensitivity, specificity, ppv, npv, f1,
+        average_precision, ece (expected calibration error), counts, threshold.
+    plots_dir: DVC plot data: ``roc.csv`` (fpr, tpr, threshold), ``pr.csv`` (recall, precision,
+        threshold), ``confusion.csv`` (actual, predicted; one row per image, for the
+        ``confusion`` template), ``calibration.csv`` and ``reliability.png`` (reliability
+        diagram), ``predictions.csv`` (sop_instance_uid, patient_id, label, probability,
+        predicted) and ``subgroups.csv`` (the metrics per patient_sex and age band).
 Params (``evaluate`` section, EvaluateConfig):
-    threshold: probability at or above which an image is called positive (pneumonia).
+    threshold: probability at or above which an image is called positive (pneumonia), when no
+        decision threshold comes from training.
+    Optional (read with defaults until EvaluateConfig declares them): use_train_threshold
+    (True), bootstrap_samples (1000), calibration_bins (10).
 
 The metric functions are pure numpy / scikit-learn and tested on hand-made arrays.
 """
@@ -29,19 +37,32 @@ from medops.errors import MedopsError
 from medops.split import load_split_images
 
 
+EVALUATE_DEFAULTS = {"use_train_threshold": True, "bootstrap_samples": 1000, "calibration_bins": 10}
+AGE_BANDS = ((0, 4, "0-4"), (5, 17, "5-17"), (18, 39, "18-39"), (40, 64, "40-64"), (65, 200, "65+"))
+
+
 class EvaluateResult(BaseModel):
     n: int
     n_positive: int
     n_negative: int
     threshold: float
+    threshold_source: str            # "train" (chosen on val) or "config"
     auc: float
+    auc_ci_low: float
+    auc_ci_high: float
     accuracy: float
     sensitivity: float
     specificity: float
+    ppv: float
+    npv: float
+    f1: float
+    average_precision: float
+    ece: float
     tp: int
     fp: int
     tn: int
     fn: int
+    subgroups: list[dict]
     metrics_path: str
     plots_dir: str
 
@@ -101,8 +122,133 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float) -
         "accuracy": _ratio(c["tp"] + c["tn"], n),
         "sensitivity": _ratio(c["tp"], c["tp"] + c["fn"]),
         "specificity": _ratio(c["tn"], c["tn"] + c["fp"]),
+        "ppv": _ratio(c["tp"], c["tp"] + c["fp"]),
+        "npv": _ratio(c["tn"], c["tn"] + c["fn"]),
+        "f1": _ratio(2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"]),
         **c,
     }
+
+
+def bootstrap_auc_ci(
+    y_true: np.ndarray, y_score: np.ndarray, *, n_samples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval for the AUC (images resampled with replacement;
+    resamples holding one class only are skipped)."""
+    from sklearn.metrics import roc_auc_score
+
+    y_true, y_score = _check_inputs(y_true, y_score)
+    compute_auc(y_true, y_score)
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    aucs = []
+    for _ in range(n_samples):
+        idx = rng.integers(0, n, n)
+        yt = y_true[idx]
+        if yt.min() == yt.max():
+            continue
+        aucs.append(roc_auc_score(yt, y_score[idx]))
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(aucs, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def compute_calibration(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = 10) -> tuple[pd.DataFrame, float]:
+    """Reliability table over ``n_bins`` equal-width probability bins and the expected
+    calibration error ECE = sum_b (n_b / n) * |mean label_b - mean score_b|."""
+    y_true, y_score = _check_inputs(y_true, y_score)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # right-closed last bin, so a score of exactly 1 is counted
+    bins = np.clip(np.digitize(y_score, edges[1:-1], right=False), 0, n_bins - 1)
+    rows = []
+    ece = 0.0
+    for b in range(n_bins):
+        mask = bins == b
+        count = int(mask.sum())
+        conf = float(y_score[mask].mean()) if count else float("nan")
+        frac = float(y_true[mask].mean()) if count else float("nan")
+        if count:
+            ece += count / len(y_true) * abs(frac - conf)
+        rows.append({"bin_low": edges[b], "bin_high": edges[b + 1], "count": count,
+                     "mean_probability": conf, "fraction_positive": frac})
+    return pd.DataFrame(rows), float(ece)
+
+
+def compute_pr(y_true: np.ndarray, y_score: np.ndarray) -> tuple[pd.DataFrame, float]:
+    """Precision-recall curve points and the average precision."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    y_true, y_score = _check_inputs(y_true, y_score)
+    precision, recall, thr = precision_recall_curve(y_true, y_score)
+    # precision_recall_curve gives one fewer threshold than points; the last point has none
+    thr = np.append(thr, 1.0)
+    table = pd.DataFrame({"recall": recall, "precision": precision, "threshold": thr})
+    return table, float(average_precision_score(y_true, y_score))
+
+
+def age_band(age: object) -> str:
+    """The AGE_BANDS label for an age in years ("unknown" when missing)."""
+    if age is None or pd.isna(age):
+        return "unknown"
+    for lo, hi, name in AGE_BANDS:
+        if lo <= int(age) <= hi:
+            return name
+    return "unknown"
+
+
+def compute_subgroup_metrics(rows: pd.DataFrame, y_true: np.ndarray, y_score: np.ndarray, threshold: float) -> pd.DataFrame:
+    """Metrics per patient_sex and per age band; AUC is left empty for one-class subgroups."""
+    y_true, y_score = _check_inputs(y_true, y_score)
+    groups: dict[str, pd.Series] = {}
+    if "patient_sex" in rows.columns:
+        groups["patient_sex"] = rows["patient_sex"].fillna("unknown").astype(str)
+    if "patient_age" in rows.columns:
+        groups["age_band"] = rows["patient_age"].map(age_band)
+    out = []
+    for attribute, values in groups.items():
+        values = values.to_numpy()
+        for value in sorted(set(values)):
+            mask = values == value
+            yt, ys = y_true[mask], y_score[mask]
+            pred = (ys >= threshold).astype(int)
+            c = count_confusion(yt, pred)
+            out.append({
+                "attribute": attribute, "value": value, "n": int(mask.sum()), "n_positive": int(yt.sum()),
+                "auc": float(compute_auc(yt, ys)) if len(np.unique(yt)) == 2 else None,
+                "accuracy": _ratio(c["tp"] + c["tn"], int(mask.sum())),
+                "sensitivity": _ratio(c["tp"], c["tp"] + c["fn"]) if yt.sum() else None,
+                "specificity": _ratio(c["tn"], c["tn"] + c["fp"]) if (1 - yt).sum() else None,
+            })
+    return pd.DataFrame(out, columns=["attribute", "value", "n", "n_positive", "auc", "accuracy", "sensitivity", "specificity"])
+
+
+def select_threshold(
+    y_true: np.ndarray, y_score: np.ndarray, strategy: str, *, target_sensitivity: float = 0.9
+) -> float:
+    """The decision threshold for ``strategy``, chosen on (validation) labels and scores.
+
+    - ``fixed``: 0.5.
+    - ``youden``: the ROC point maximising Youden's J = sensitivity + specificity - 1.
+    - ``sensitivity``: the highest threshold whose sensitivity is at least ``target_sensitivity``
+      (the most specific operating point that still finds that share of positives).
+    """
+    from sklearn.metrics import roc_curve
+
+    if strategy == "fixed":
+        return 0.5
+    y_true, y_score = _check_inputs(y_true, y_score)
+    compute_auc(y_true, y_score)  # both classes present, or a typed error
+    fpr, tpr, thr = roc_curve(y_true, y_score)
+    finite = np.isfinite(thr)
+    fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
+    if strategy == "youden":
+        i = int(np.argmax(tpr - fpr))  # first maximum: the highest threshold among ties
+    elif strategy == "sensitivity":
+        if not 0 < target_sensitivity <= 1:
+            raise MedopsError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+        i = int(np.nonzero(tpr >= target_sensitivity)[0][0])
+    else:
+        raise MedopsError(f"threshold_strategy must be fixed, youden or sensitivity, got {strategy!r}")
+    return float(min(max(thr[i], 1e-6), 1.0))
 
 
 def compute_roc(y_true: np.ndarray, y_score: np.ndarray) -> pd.DataFrame:
@@ -129,11 +275,41 @@ def load_model(path: Path):
     return keras.saving.load_model(Path(path), compile=False)
 
 
-def write_plots(plots_dir: Path, rows: pd.DataFrame, y_true: np.ndarray, y_score: np.ndarray, threshold: float) -> None:
+def plot_reliability(calibration: pd.DataFrame, ece: float, path: Path) -> None:
+    """Reliability diagram: observed fraction positive against mean predicted probability."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    full = calibration[calibration["count"] > 0]
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    ax.plot(full["mean_probability"], full["fraction_positive"], "o-", label=f"model (ECE {ece:.3f})")
+    ax.set_ylabel("fraction positive")
+    ax.set_title("Reliability on the test split")
+    ax.legend(loc="upper left")
+    centres = (calibration["bin_low"] + calibration["bin_high"]) / 2
+    hist.bar(centres, calibration["count"], width=calibration["bin_high"] - calibration["bin_low"], edgecolor="black")
+    hist.set_xlabel("predicted probability")
+    hist.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_plots(
+    plots_dir: Path, rows: pd.DataFrame, y_true: np.ndarray, y_score: np.ndarray, threshold: float,
+    *, calibration: pd.DataFrame, ece: float, pr: pd.DataFrame, subgroups: pd.DataFrame,
+) -> None:
     plots_dir.mkdir(parents=True, exist_ok=True)
     compute_roc(y_true, y_score).to_csv(plots_dir / "roc.csv", index=False)
+    pr.to_csv(plots_dir / "pr.csv", index=False)
     y_pred = (y_score >= threshold).astype(int)
     pd.DataFrame({"actual": y_true.astype(int), "predicted": y_pred}).to_csv(plots_dir / "confusion.csv", index=False)
+    calibration.to_csv(plots_dir / "calibration.csv", index=False)
+    plot_reliability(calibration, ece, plots_dir / "reliability.png")
+    subgroups.to_csv(plots_dir / "subgroups.csv", index=False)
     pd.DataFrame(
         {
             "sop_instance_uid": rows["sop_instance_uid"].to_numpy(),
@@ -145,13 +321,54 @@ def write_plots(plots_dir: Path, rows: pd.DataFrame, y_true: np.ndarray, y_score
     ).to_csv(plots_dir / "predictions.csv", index=False)
 
 
-def run(cfg: EvaluateConfig, *, model: Path, ingested_dir: Path, split: Path, metrics_out: Path, plots_dir: Path) -> EvaluateResult:
-    """Predict the test split, write metrics.json and the plot CSVs."""
+def resolve_threshold(cfg: EvaluateConfig, train_result: Path | None) -> tuple[float, str]:
+    """The decision threshold and where it came from: train.json's (chosen on val) or the config's."""
+    use_train = getattr(cfg, "use_train_threshold", EVALUATE_DEFAULTS["use_train_threshold"])
+    if use_train and train_result is not None:
+        record = json.loads(Path(train_result).read_text())
+        if record.get("decision_threshold") is not None:
+            return float(record["decision_threshold"]), "train"
+    return float(cfg.threshold), "config"
+
+
+def evaluate_scores(
+    cfg: EvaluateConfig, rows: pd.DataFrame, y_true: np.ndarray, y_score: np.ndarray, threshold: float
+) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Flat metrics, calibration table, PR table and subgroup table for one set of predictions."""
+    metrics = compute_metrics(y_true, y_score, threshold)
+    lo, hi = bootstrap_auc_ci(
+        y_true, y_score, n_samples=int(getattr(cfg, "bootstrap_samples", EVALUATE_DEFAULTS["bootstrap_samples"]))
+    )
+    calibration, ece = compute_calibration(
+        y_true, y_score, int(getattr(cfg, "calibration_bins", EVALUATE_DEFAULTS["calibration_bins"]))
+    )
+    pr, ap = compute_pr(y_true, y_score)
+    metrics.update(auc_ci_low=lo, auc_ci_high=hi, ece=ece, average_precision=ap)
+    return metrics, calibration, pr, compute_subgroup_metrics(rows, y_true, y_score, threshold)
+
+
+def run(
+    cfg: EvaluateConfig,
+    *,
+    model: Path,
+    ingested_dir: Path,
+    split: Path,
+    metrics_out: Path,
+    plots_dir: Path,
+    train_result: Path | None = None,
+) -> EvaluateResult:
+    """Predict the test split, write metrics.json and the plot data."""
+    threshold, source = resolve_threshold(cfg, train_result)
     images, labels, rows = load_split_images(ingested_dir, split, "test")
     scores = predict_probabilities(load_model(model), images)
-    metrics = compute_metrics(labels, scores, cfg.threshold)
+    metrics, calibration, pr, subgroups = evaluate_scores(cfg, rows, labels, scores, threshold)
     metrics_out = Path(metrics_out)
     metrics_out.parent.mkdir(parents=True, exist_ok=True)
     metrics_out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    write_plots(Path(plots_dir), rows, labels, scores, cfg.threshold)
-    return EvaluateResult(**metrics, metrics_path=str(metrics_out), plots_dir=str(plots_dir))
+    write_plots(Path(plots_dir), rows, labels, scores, threshold, calibration=calibration, ece=metrics["ece"],
+                pr=pr, subgroups=subgroups)
+    return EvaluateResult(
+        **metrics, threshold_source=source,
+        subgroups=json.loads(subgroups.to_json(orient="records")),
+        metrics_path=str(metrics_out), plots_dir=str(plots_dir),
+    )

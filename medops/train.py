@@ -14,6 +14,12 @@ Outputs:
         duration, input size, library versions.
 Params (``train`` and ``augment`` sections, TrainConfig and AugmentConfig):
     model, epochs, batch_size, learning_rate, filters, dense_units, dropout, seed; augment.*.
+    Optional keys (read with defaults until they are in TrainConfig; see TRAIN_DEFAULTS):
+    class_weight ("none" | "balanced"), early_stopping_patience (0 = train every epoch),
+    restore_best (keep the weights of the best val AUC epoch), lr_schedule ("constant" |
+    "cosine"), threshold_strategy ("fixed" | "youden" | "sensitivity") and target_sensitivity:
+    how the decision threshold is chosen on val and recorded in train.json
+    (``decision_threshold``) for evaluate, export and serving.
 """
 
 from __future__ import annotations
@@ -30,7 +36,24 @@ from pydantic import BaseModel
 from medops.augment import make_dataset
 from medops.config import AugmentConfig, TrainConfig
 from medops.errors import MedopsError
+from medops.evaluate import compute_auc, predict_probabilities, select_threshold
 from medops.split import load_split_images
+
+
+# Keys Part-B training reads with getattr(cfg, key, default) until TrainConfig declares them.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "class_weight": "none",
+    "early_stopping_patience": 0,
+    "restore_best": True,
+    "lr_schedule": "constant",
+    "threshold_strategy": "youden",
+    "target_sensitivity": 0.9,
+}
+
+
+def option(cfg: TrainConfig, key: str) -> Any:
+    """A training option from ``cfg`` or its default (TRAIN_DEFAULTS)."""
+    return getattr(cfg, key, TRAIN_DEFAULTS[key])
 
 
 class TrainResult(BaseModel):
@@ -43,6 +66,10 @@ class TrainResult(BaseModel):
     duration_s: float
     val_auc: float | None           # last epoch
     val_loss: float | None
+    best_epoch: int | None = None   # 1-based epoch whose weights were kept
+    best_val_auc: float | None = None
+    decision_threshold: float       # chosen on val; evaluate and serving call >= it positive
+    threshold_strategy: str
     history: dict[str, list[float]]
     model_path: str
     result_path: str
@@ -59,12 +86,32 @@ def check_both_classes(labels: np.ndarray, split: str) -> None:
         )
 
 
-def compile_model(model: Any, cfg: TrainConfig) -> Any:
-    """Adam(learning_rate), binary cross-entropy, AUC and accuracy metrics."""
+def compute_class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
+    """``balanced``: weight each class by n / (2 * n_class), so both contribute equally to the
+    loss (PneumoniaMNIST's train split is 74 % pneumonia); ``none``: no weights."""
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise MedopsError(f"train.class_weight must be 'none' or 'balanced', got {mode!r}")
+    labels = np.asarray(labels).astype(int)
+    n = len(labels)
+    return {c: float(n / (2 * max(int((labels == c).sum()), 1))) for c in (0, 1)}
+
+
+def compile_model(model: Any, cfg: TrainConfig, *, steps_per_epoch: int = 1) -> Any:
+    """Adam(learning_rate, optionally cosine-decayed over the run), binary cross-entropy, AUC and
+    accuracy metrics."""
     import keras
 
+    lr: Any = cfg.learning_rate
+    if option(cfg, "lr_schedule") == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(
+            cfg.learning_rate, decay_steps=max(1, cfg.epochs * steps_per_epoch), alpha=0.01
+        )
+    elif option(cfg, "lr_schedule") != "constant":
+        raise MedopsError(f"train.lr_schedule must be 'constant' or 'cosine', got {option(cfg, 'lr_schedule')!r}")
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=cfg.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate=lr),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
     )
@@ -76,8 +123,14 @@ def fit_model(
     augment_cfg: AugmentConfig,
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
-) -> tuple[Any, dict[str, list[float]]]:
-    """Seed, build, compile and fit; returns the model and its per-epoch history."""
+    *,
+    log_dir: Path | None = None,
+) -> tuple[Any, dict[str, list[float]], int | None]:
+    """Seed, build, compile and fit.
+
+    Returns the model (with the best val-AUC epoch's weights when ``restore_best``), its
+    per-epoch history and the 1-based epoch whose weights it holds (None: the last).
+    """
     import keras
 
     from medops.models import build_model
@@ -85,15 +138,36 @@ def fit_model(
     keras.utils.set_random_seed(train_cfg.seed)
     x_train, y_train = train
     x_val, y_val = val
-    model = compile_model(build_model(train_cfg.model, train_cfg, x_train.shape[1:]), train_cfg)
+    steps = int(np.ceil(len(x_train) / train_cfg.batch_size))
+    model = compile_model(
+        build_model(train_cfg.model, train_cfg, x_train.shape[1:]), train_cfg, steps_per_epoch=steps
+    )
     train_ds = make_dataset(
         x_train, y_train, batch_size=train_cfg.batch_size, training=True,
         augment_cfg=augment_cfg, seed=train_cfg.seed,
     )
     val_ds = make_dataset(x_val, y_val, batch_size=max(train_cfg.batch_size, 256), training=False)
-    fit = model.fit(train_ds, validation_data=val_ds, epochs=train_cfg.epochs, shuffle=False, verbose=0)
+    callbacks: list[Any] = []
+    patience = int(option(train_cfg, "early_stopping_patience"))
+    stopper = None
+    if patience > 0 or option(train_cfg, "restore_best"):
+        # Keras restores the best weights at the end of training whether or not it stopped early.
+        stopper = keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=patience if patience > 0 else train_cfg.epochs + 1,
+            restore_best_weights=bool(option(train_cfg, "restore_best")),
+        )
+        callbacks.append(stopper)
+    if log_dir is not None:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=0))
+    fit = model.fit(
+        train_ds, validation_data=val_ds, epochs=train_cfg.epochs, shuffle=False, verbose=0,
+        callbacks=callbacks, class_weight=compute_class_weights(y_train, option(train_cfg, "class_weight")),
+    )
     history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
-    return model, history
+    best = None
+    if stopper is not None and option(train_cfg, "restore_best") and stopper.best_weights is not None:
+        best = int(stopper.best_epoch) + 1
+    return model, history, best
 
 
 def run(
@@ -105,8 +179,12 @@ def run(
     model_out: Path,
     result_out: Path,
     data_version: str,
+    log_dir: Path | None = None,
 ) -> TrainResult:
-    """Load train/val, fit, save the model and write train.json."""
+    """Load train/val, fit, choose the decision threshold on val, save the model, write train.json.
+
+    ``log_dir``: write TensorBoard logs there (off when None).
+    """
     import keras
     import tensorflow as tf
 
@@ -115,7 +193,14 @@ def run(
     x_val, y_val, _ = load_split_images(ingested_dir, split, "val")
     check_both_classes(y_train, "train")
     check_both_classes(y_val, "val")
-    model, history = fit_model(train_cfg, augment_cfg, (x_train, y_train), (x_val, y_val))
+    model, history, best_epoch = fit_model(
+        train_cfg, augment_cfg, (x_train, y_train), (x_val, y_val), log_dir=log_dir
+    )
+    val_scores = predict_probabilities(model, x_val)
+    strategy = str(option(train_cfg, "threshold_strategy"))
+    threshold = select_threshold(
+        y_val, val_scores, strategy, target_sensitivity=float(option(train_cfg, "target_sensitivity"))
+    )
     duration = time.perf_counter() - started
 
     model_out, result_out = Path(model_out), Path(result_out)
@@ -132,13 +217,20 @@ def run(
         duration_s=round(duration, 3),
         val_auc=last("val_auc"),
         val_loss=last("val_loss"),
+        best_epoch=best_epoch,
+        best_val_auc=compute_auc(y_val, val_scores),
+        decision_threshold=threshold,
+        threshold_strategy=strategy,
         history=history,
         model_path=str(model_out),
         result_path=str(result_out),
     )
     record = {
         **result.model_dump(mode="json"),
-        "params": {"train": train_cfg.model_dump(mode="json"), "augment": augment_cfg.model_dump(mode="json")},
+        "params": {
+            "train": {**{k: option(train_cfg, k) for k in TRAIN_DEFAULTS}, **train_cfg.model_dump(mode="json")},
+            "augment": augment_cfg.model_dump(mode="json"),
+        },
         "train_positive_fraction": float(y_train.mean()),
         "val_positive_fraction": float(y_val.mean()),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},

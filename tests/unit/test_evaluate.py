@@ -31,6 +31,70 @@ def test_confusion_and_rates_by_hand():
     assert m["auc"] == pytest.approx(13 / 16)
 
 
+def test_ppv_npv_f1_by_hand():
+    # threshold 0.3: called positive 0.9 0.8 0.6 0.4 (all positives) and 0.45 0.7 (negatives)
+    m = evaluate.compute_metrics(Y, S, 0.3)
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (4, 2, 2, 0)
+    assert m["ppv"] == pytest.approx(4 / 6)
+    assert m["npv"] == 1.0
+    assert m["f1"] == pytest.approx(2 * 4 / (2 * 4 + 2 + 0))
+
+
+def test_threshold_selection_by_hand():
+    # Descending scores: 0.9+ 0.8+ 0.7- 0.6+ 0.45- 0.4+ 0.2- 0.1-. Youden's J is 0.5 at 0.8, 0.6 and
+    # 0.4; ties go to the highest threshold (fewest false positives).
+    assert evaluate.select_threshold(Y, S, "youden") == pytest.approx(0.8)
+    assert evaluate.select_threshold(Y, S, "sensitivity", target_sensitivity=0.75) == pytest.approx(0.6)
+    assert evaluate.select_threshold(Y, S, "sensitivity", target_sensitivity=1.0) == pytest.approx(0.4)
+    assert evaluate.select_threshold(Y, S, "fixed") == 0.5
+    with pytest.raises(MedopsError, match="threshold_strategy"):
+        evaluate.select_threshold(Y, S, "magic")
+
+
+def test_expected_calibration_error_by_hand():
+    y = np.array([0, 1, 1, 0])
+    s = np.array([0.05, 0.95, 0.85, 0.75])
+    table, ece = evaluate.compute_calibration(y, s, n_bins=10)
+    # one image per occupied bin: |label - score| = 0.05, 0.05, 0.15, 0.75
+    assert ece == pytest.approx((0.05 + 0.05 + 0.15 + 0.75) / 4)
+    assert table["count"].sum() == 4 and len(table) == 10
+    assert table.loc[7, "fraction_positive"] == 0 and table.loc[7, "mean_probability"] == pytest.approx(0.75)
+    assert evaluate.compute_calibration(np.array([1, 0]), np.array([1.0, 0.0]))[1] == 0.0
+
+
+def test_bootstrap_ci_brackets_the_auc_and_narrows_with_data():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    s = np.clip(y * 0.3 + rng.normal(0.35, 0.2, 400), 0, 1)
+    auc = evaluate.compute_auc(y, s)
+    lo, hi = evaluate.bootstrap_auc_ci(y, s, n_samples=300)
+    assert lo < auc < hi
+    lo_small, hi_small = evaluate.bootstrap_auc_ci(y[:50], s[:50], n_samples=300)
+    assert hi_small - lo_small > hi - lo
+    assert evaluate.bootstrap_auc_ci(y, s, n_samples=300) == (lo, hi)  # seeded
+
+
+def test_pr_curve_and_average_precision():
+    pr, ap = evaluate.compute_pr(Y, S)
+    assert list(pr.columns) == ["recall", "precision", "threshold"]
+    # AP = sum over positives of precision at their rank / 4: ranks 1, 2, 4, 6 -> 1, 1, 3/4, 4/6
+    assert ap == pytest.approx((1 + 1 + 3 / 4 + 4 / 6) / 4)
+
+
+def test_subgroup_metrics():
+    rows = pd.DataFrame({"patient_sex": ["F", "F", "F", "F", "M", "M", "M", None],
+                         "patient_age": [3, 3, 30, 30, 70, 70, pd.NA, 10]})
+    table = evaluate.compute_subgroup_metrics(rows, Y, S, 0.5).set_index(["attribute", "value"])
+    female = table.loc[("patient_sex", "F")]
+    assert female["n"] == 4 and female["n_positive"] == 4 and pd.isna(female["auc"])
+    assert female["sensitivity"] == 3 / 4  # 0.4 is missed
+    male = table.loc[("patient_sex", "M")]  # labels 0 0 0 (scores 0.1 0.2 0.45)
+    assert male["specificity"] == 1.0 and pd.isna(male["sensitivity"])
+    assert table.loc[("patient_sex", "unknown"), "n"] == 1
+    assert table.loc[("age_band", "0-4"), "n"] == 2 and table.loc[("age_band", "unknown"), "n"] == 1
+    assert table.loc[("age_band", "65+"), "n"] == 2
+
+
 def test_score_equal_to_threshold_is_positive():
     m = evaluate.compute_metrics(np.array([1, 0]), np.array([0.5, 0.2]), 0.5)
     assert m["tp"] == 1 and m["tn"] == 1
@@ -58,17 +122,21 @@ def test_stage_writes_dvc_metrics_and_plots(tmp_path_factory):
     metrics_out, plots = root / "reports" / "metrics.json", root / "reports" / "plots"
     result = evaluate.run(
         EvaluateConfig(threshold=0.5), model=trained["model"], ingested_dir=trained["ingested"],
-        split=trained["split"], metrics_out=metrics_out, plots_dir=plots,
+        split=trained["split"], metrics_out=metrics_out, plots_dir=plots, train_result=trained["train_result"],
     )
     metrics = json.loads(metrics_out.read_text())
     assert all(isinstance(v, (int, float)) for v in metrics.values())  # flat, as dvc metrics wants
     assert metrics["n"] == 160 == result.n  # the test split only
     assert metrics["auc"] > 0.7
+    assert metrics["auc_ci_low"] < metrics["auc"] < metrics["auc_ci_high"]
+    # The decision threshold chosen on val in training, not evaluate.threshold.
+    chosen = json.loads(trained["train_result"].read_text())["decision_threshold"]
+    assert result.threshold_source == "train" and metrics["threshold"] == chosen != 0.5
     preds = pd.read_csv(plots / "predictions.csv")
     split = pd.read_csv(trained["split"])
     assert set(preds["sop_instance_uid"]) == set(split.loc[split["split"] == "test", "sop_instance_uid"])
     # The metrics are what the written predictions give.
-    recomputed = evaluate.compute_metrics(preds["label"], preds["probability"], 0.5)
+    recomputed = evaluate.compute_metrics(preds["label"], preds["probability"], chosen)
     assert recomputed["auc"] == pytest.approx(metrics["auc"], abs=1e-4)
     assert recomputed["tp"] == metrics["tp"] and recomputed["tn"] == metrics["tn"]
     confusion = pd.read_csv(plots / "confusion.csv")
@@ -77,3 +145,14 @@ def test_stage_writes_dvc_metrics_and_plots(tmp_path_factory):
     roc = pd.read_csv(plots / "roc.csv")
     assert list(roc.columns) == ["fpr", "tpr", "threshold"]
     assert roc["fpr"].is_monotonic_increasing and roc["tpr"].is_monotonic_increasing
+    assert (plots / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pd.read_csv(plots / "calibration.csv")["count"].sum() == 160
+    assert len(pd.read_csv(plots / "pr.csv")) > 2
+    subgroups = pd.read_csv(plots / "subgroups.csv")
+    assert subgroups.groupby("attribute")["n"].sum().to_dict() == {"age_band": 160, "patient_sex": 160}
+    # Without train.json the configured threshold applies.
+    again = evaluate.run(
+        EvaluateConfig(threshold=0.5), model=trained["model"], ingested_dir=trained["ingested"],
+        split=trained["split"], metrics_out=metrics_out, plots_dir=plots,
+    )
+    assert again.threshold == 0.5 and again.threshold_source == "config"
