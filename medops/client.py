@@ -1,9 +1,12 @@
-"""Ask a running Triton about DICOM files: preprocess exactly as training did, batch, infer.
+"""Ask a running Triton about DICOM files.
 
-Preprocessing is ``medops.dicom.pixels.preprocess_file``, the same function ingest used to build
-the training arrays, so a file is seen by the served model as it was seen in training. A file that
-cannot be read as an image becomes a ``Prediction`` with ``error`` set; the other files are still
-answered. A server that cannot be reached, or a model that is not ready, is a ServingError.
+By default the files' bytes go to the DICOM ensemble (``<model>_dicom``), whose preprocessing
+model runs ``medops.dicom.pixels.preprocess_bytes`` on the server: the same function ingest used
+to build the training arrays, so a file is seen by the served model as it was seen in training,
+whichever client sends it. ``via="tensor"`` preprocesses here with the same module and sends image
+tensors to the classifier. A file that cannot be used becomes a ``Prediction`` with ``error`` set;
+the other files are still answered. A server that cannot be reached, or a model that is not
+ready, is a ServingError.
 
 Imports neither TensorFlow nor the Triton client libraries until a prediction is asked for.
 """
@@ -17,10 +20,19 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel
 
-from medops.errors import DicomReadError, MedopsError, ServingError
-from medops.serving.contract import INPUT_NAME, LABELS, OUTPUT_NAME
+from medops.errors import DicomReadError, MedopsError, QuarantineReason, ServingError
+from medops.serving.contract import (
+    DICOM_INPUT,
+    ERROR_OUTPUT,
+    INPUT_NAME,
+    LABEL_OUTPUT,
+    LABELS,
+    OUTPUT_NAME,
+    ensemble_name,
+)
 
 Protocol = Literal["grpc", "http"]
+Via = Literal["ensemble", "tensor"]
 
 
 class Prediction(BaseModel):
@@ -121,6 +133,55 @@ def infer_images(
     return probs.reshape(images.shape[0]), str(version)
 
 
+def infer_dicom(
+    client: Any,
+    items: Sequence[bytes],
+    *,
+    protocol: Protocol,
+    model_name: str,
+    timeout: float = 30.0,
+) -> tuple[list[float], list[str], list[str], str]:
+    """One request to the DICOM ensemble with raw file contents.
+
+    Returns:
+        ``(probabilities, labels, errors, model_version)``, one entry per item; ``errors[i]`` is ""
+        for an answered item. The ensemble's version is the classifier version it serves.
+    """
+    if protocol == "grpc":
+        import tritonclient.grpc as tc
+    else:
+        import tritonclient.http as tc
+    data = np.array([bytes(b) for b in items], dtype=np.object_).reshape(-1, 1)
+    inp = tc.InferInput(DICOM_INPUT, list(data.shape), "BYTES")
+    inp.set_data_from_numpy(data)
+    outs = [tc.InferRequestedOutput(n) for n in (OUTPUT_NAME, LABEL_OUTPUT, ERROR_OUTPUT)]
+    if protocol == "grpc":
+        result = client.infer(model_name, [inp], outputs=outs, client_timeout=timeout)
+        version = result.get_response().model_version
+    else:
+        result = client.infer(model_name, [inp], outputs=outs, timeout=int(timeout * 1e6))
+        version = result.get_response().get("model_version", "")
+    probs = result.as_numpy(OUTPUT_NAME).reshape(-1)
+    labels = [_text(x) for x in result.as_numpy(LABEL_OUTPUT).reshape(-1)]
+    errors = [_text(x) for x in result.as_numpy(ERROR_OUTPUT).reshape(-1)]
+    return [float(p) for p in probs], labels, errors, str(version)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def read_files(paths: Iterable[Path | str]) -> list[tuple[str, bytes | None, str | None]]:
+    """``(file, contents or None, error or None)`` per path: the ensemble path sends bytes."""
+    out: list[tuple[str, bytes | None, str | None]] = []
+    for p in paths:
+        try:
+            out.append((str(p), Path(p).read_bytes(), None))
+        except OSError as exc:
+            out.append((str(p), None, f"{QuarantineReason.NOT_DICOM.value}: cannot read file: {exc}"))
+    return out
+
+
 def preprocess_files(
     paths: Iterable[Path | str], *, image_size: int, window: Any = None
 ) -> list[tuple[str, np.ndarray | None, str | None]]:
@@ -150,51 +211,70 @@ def predict_files(
     threshold: float = 0.5,
     timeout: float = 30.0,
     batch_size: int | None = None,
+    via: Via = "ensemble",
 ) -> list[Prediction]:
     """Classify DICOM files with the model served by Triton at ``url``.
 
     Args:
         paths: DICOM files.
         url: ``host:port`` of Triton's gRPC (protocol "grpc") or HTTP (protocol "http") endpoint.
-        model_name: the served model (``serving.model_name``).
-        image_size: model input size (``ingest.image_size``).
-        window: VOI window override, as ingest used (``ingest.window``); None = the file's own.
-        threshold: probability at or above which the label is "pneumonia".
+        model_name: the classifier (``serving.model_name``); the ensemble is ``<name>_dicom``.
+        image_size: model input size (``ingest.image_size``), for ``via="tensor"``.
+        window: VOI window override (``ingest.window``), for ``via="tensor"``; the ensemble
+            applies the window it was deployed with.
+        threshold: probability at or above which the label is "pneumonia" (``via="tensor"``;
+            the ensemble labels with the threshold it was deployed with).
         timeout: seconds per request.
-        batch_size: images per request; default the model's max_batch_size.
+        batch_size: files per request; default the model's max_batch_size.
+        via: "ensemble" (default): send the files' bytes to the DICOM ensemble, which
+            preprocesses on the server; "tensor": preprocess here with the same
+            ``medops.dicom.pixels`` and send image tensors to the classifier.
 
     Returns:
-        One Prediction per path, in order; unreadable files carry ``error`` instead of a
+        One Prediction per path, in order; unusable files carry ``error`` instead of a
         probability.
 
     Raises:
         ServingError: the server cannot be reached, the model is not ready, or a request fails.
     """
-    items = preprocess_files(paths, image_size=image_size, window=window)
+    if via == "ensemble":
+        target = ensemble_name(model_name)
+        items: list[tuple[str, Any, str | None]] = list(read_files(paths))
+    elif via == "tensor":
+        target = model_name
+        items = list(preprocess_files(paths, image_size=image_size, window=window))
+    else:
+        raise ValueError(f"via must be 'ensemble' or 'tensor', got {via!r}")
     preds = [Prediction(file=f, error=e) for f, _, e in items]
-    todo = [i for i, (_, img, _) in enumerate(items) if img is not None]
+    todo = [i for i, (_, payload, _) in enumerate(items) if payload is not None]
     if not todo:
         return preds
     client = _client(url, protocol, timeout)
     try:
-        _check_ready(client, url=url, protocol=protocol, model_name=model_name)
-        size = batch_size or _max_batch_size(client, protocol, model_name) or 1
+        _check_ready(client, url=url, protocol=protocol, model_name=target)
+        size = batch_size or _max_batch_size(client, protocol, target) or 1
         for start in range(0, len(todo), size):
             chunk = todo[start:start + size]
-            images = np.stack([items[i][1] for i in chunk])[..., np.newaxis]
             try:
-                probs, version = infer_images(client, images, protocol=protocol,
-                                              model_name=model_name, timeout=timeout)
+                if via == "ensemble":
+                    probs, labels, errors, version = infer_dicom(
+                        client, [items[i][1] for i in chunk], protocol=protocol,
+                        model_name=target, timeout=timeout)
+                else:
+                    images = np.stack([items[i][1] for i in chunk])[..., np.newaxis]
+                    arr, version = infer_images(client, images, protocol=protocol,
+                                                model_name=target, timeout=timeout)
+                    probs = [float(p) for p in arr]
+                    labels = [label_for(p, threshold) for p in probs]
+                    errors = [""] * len(chunk)
             except ServingError:
                 raise
             except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
-                raise ServingError(
-                    f"inference on {model_name!r} at {url} failed: {_short(exc)}"
-                ) from None
-            for i, p in zip(chunk, probs):
-                prob = float(p)
-                preds[i] = Prediction(file=items[i][0], probability=prob,
-                                      label=label_for(prob, threshold), model_version=version)
+                raise ServingError(f"inference on {target!r} at {url} failed: {_short(exc)}") from None
+            for i, prob, label, error in zip(chunk, probs, labels, errors):
+                preds[i] = (Prediction(file=items[i][0], error=error) if error else
+                            Prediction(file=items[i][0], probability=prob, label=label,
+                                       model_version=version))
     finally:
         client.close()
     return preds

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from medops.config import ServingConfig
 
@@ -45,11 +45,11 @@ class TensorSpec:
 
     @property
     def client_dtype(self) -> str:
-        """The datatype string tritonclient's InferInput expects ("FP32")."""
-        return self.data_type.removeprefix("TYPE_")
+        """The datatype string tritonclient's InferInput expects ("FP32", "BYTES")."""
+        return "BYTES" if self.data_type == "TYPE_STRING" else self.data_type.removeprefix("TYPE_")
 
 
-_NUMPY_DTYPES = {"TYPE_FP32": "float32", "TYPE_STRING": "object", "TYPE_INT64": "int64"}
+_NUMPY_DTYPES = {"TYPE_FP32": "float32", "TYPE_STRING": "object"}
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,37 @@ def _tensor_block(kind: str, specs: tuple[TensorSpec, ...]) -> str:
     return f"{kind} [\n{items}\n]"
 
 
+def _instances(kind: str) -> str:
+    return f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]"
+
+
+def _batching(contract: ModelContract) -> str:
+    preferred = ", ".join(str(b) for b in contract.preferred_batch_sizes)
+    return (
+        "dynamic_batching {\n"
+        + (f"  preferred_batch_size: [ {preferred} ]\n" if preferred else "")
+        + f"  max_queue_delay_microseconds: {contract.max_queue_delay_us}\n}}"
+    )
+
+
+def _parameters(params: dict[str, str]) -> list[str]:
+    return [
+        f'parameters {{\n  key: "{k}"\n  value {{\n    string_value: {json.dumps(v)}\n  }}\n}}'
+        for k, v in params.items()
+    ]
+
+
+def _policy(versions: Sequence[int] | None) -> list[str]:
+    if not versions:
+        return []
+    return [f"version_policy: {{ specific: {{ versions: [ {', '.join(str(v) for v in versions)} ] }} }}"]
+
+
+def _check_flavour(flavour: str) -> None:
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown config flavour {flavour!r}; expected one of {FLAVOURS}")
+
+
 def render_config(
     contract: ModelContract, flavour: Flavour, *, versions: Sequence[int] | None = None
 ) -> str:
@@ -115,38 +146,174 @@ def render_config(
             write a new version beside the served one without serving it yet. None: Triton's
             default policy, the latest version.
     """
+    _check_flavour(flavour)
     if flavour == "production":
-        header = 'platform: "onnxruntime_onnx"\nbackend: "onnxruntime"'
-        instances = "instance_group [\n  {\n    count: 1\n    kind: KIND_GPU\n  }\n]"
-    elif flavour == "embedded":
-        header = 'backend: "python"'
-        instances = "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]"
+        header, kind = 'platform: "onnxruntime_onnx"\nbackend: "onnxruntime"', "KIND_GPU"
     else:
-        raise ValueError(f"unknown config flavour {flavour!r}; expected one of {FLAVOURS}")
-    preferred = ", ".join(str(b) for b in contract.preferred_batch_sizes)
-    batching = (
-        "dynamic_batching {\n"
-        + (f"  preferred_batch_size: [ {preferred} ]\n" if preferred else "")
-        + f"  max_queue_delay_microseconds: {contract.max_queue_delay_us}\n}}"
-    )
-    labels = (
-        'parameters {\n  key: "labels"\n  value {\n'
-        f"    string_value: {json.dumps(','.join(contract.labels))}\n  }}\n}}"
-    )
-    policy = (
-        [f"version_policy: {{ specific: {{ versions: [ {', '.join(str(v) for v in versions)} ] }} }}"]
-        if versions else []
-    )
+        header, kind = 'backend: "python"', "KIND_CPU"
     parts = [
         f"# Rendered by medops.serving.contract ({flavour}); do not edit by hand.",
         f'name: "{contract.name}"',
         header,
-        *policy,
+        *_policy(versions),
         f"max_batch_size: {contract.max_batch_size}",
         _tensor_block("input", contract.inputs),
         _tensor_block("output", contract.outputs),
-        batching,
-        instances,
-        labels,
+        _batching(contract),
+        _instances(kind),
+        *_parameters({"labels": ",".join(contract.labels)}),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+# -- the DICOM-bytes ensemble: preprocess (Python) -> classifier -> postprocess (Python) ------------
+
+DICOM_INPUT = "dicom"
+LABEL_OUTPUT = "label"
+ERROR_OUTPUT = "error"
+PREPROCESS_BACKEND = "dicom_preprocess.py"
+POSTPROCESS_BACKEND = "postprocess.py"
+
+
+@dataclass(frozen=True)
+class EnsembleContract:
+    """Raw DICOM bytes in; probability, label and a per-item error out.
+
+    ``error`` is "" for an answered item, else ``"<quarantine reason>: <message>"``: a file that
+    is not DICOM (or too large) is an answer about that file, not a failed request.
+    The ensemble's version number is the classifier version it is pinned to, so the
+    ``model_version`` of an ensemble response says which classifier answered.
+    """
+
+    classifier: ModelContract
+    window: tuple[float, float] | None
+    threshold: float
+    max_bytes: int
+    max_pixels: int
+
+    @property
+    def preprocess_name(self) -> str:
+        return f"{self.classifier.name}_preprocess"
+
+    @property
+    def postprocess_name(self) -> str:
+        return f"{self.classifier.name}_postprocess"
+
+    @property
+    def ensemble_name(self) -> str:
+        return ensemble_name(self.classifier.name)
+
+    @property
+    def preprocess(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        return ((TensorSpec(DICOM_INPUT, "TYPE_STRING", (1,)),),
+                (self.classifier.inputs[0], TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))))
+
+    @property
+    def postprocess(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        return ((self.classifier.outputs[0], TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))),
+                (TensorSpec(LABEL_OUTPUT, "TYPE_STRING", (1,)),))
+
+    @property
+    def ensemble(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        return ((TensorSpec(DICOM_INPUT, "TYPE_STRING", (1,)),),
+                (self.classifier.outputs[0], TensorSpec(LABEL_OUTPUT, "TYPE_STRING", (1,)),
+                 TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))))
+
+
+def ensemble_name(model_name: str) -> str:
+    """The name of the DICOM-bytes ensemble in front of classifier ``model_name``."""
+    return f"{model_name}_dicom"
+
+
+def build_ensemble_contract(
+    cfg: ServingConfig,
+    *,
+    image_size: int,
+    window: Any = None,
+    threshold: float = 0.5,
+    max_bytes: int = 64 * 1024 * 1024,
+    max_pixels: int = 8192 * 8192,
+) -> EnsembleContract:
+    """The ensemble around ``build_contract(cfg, image_size=...)``.
+
+    Args:
+        window: ``ingest.window`` (an object with ``center``/``width``) or None for each file's own.
+        threshold: ``evaluate.threshold``: probability at or above which the label is pneumonia.
+        max_bytes / max_pixels: larger uploads (bytes) or images (rows x columns x frames x
+            samples) are answered with an error instead of being decoded.
+    """
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+    if max_bytes < 1 or max_pixels < 1:
+        raise ValueError(f"max_bytes ({max_bytes}) and max_pixels ({max_pixels}) must be >= 1")
+    win = None if window is None else (float(window.center), float(window.width))
+    return EnsembleContract(build_contract(cfg, image_size=image_size), win, float(threshold),
+                            int(max_bytes), int(max_pixels))
+
+
+def _python_model(ec: EnsembleContract, name: str, tensors, params: dict[str, str],
+                  flavour: Flavour) -> str:
+    _check_flavour(flavour)
+    inputs, outputs = tensors
+    parts = [
+        f"# Rendered by medops.serving.contract ({flavour}); do not edit by hand.",
+        f'name: "{name}"',
+        'backend: "python"',
+        f"max_batch_size: {ec.classifier.max_batch_size}",
+        _tensor_block("input", inputs),
+        _tensor_block("output", outputs),
+        _batching(ec.classifier),
+        _instances("KIND_CPU"),  # DICOM decoding and labelling are CPU work in production too
+        *_parameters(params),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def render_preprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
+    """The preprocessing model: raw DICOM bytes -> ``image`` (medops.dicom.pixels) and ``error``."""
+    params = {"image_size": str(ec.classifier.image_size), "max_bytes": str(ec.max_bytes),
+              "max_pixels": str(ec.max_pixels)}
+    if ec.window is not None:
+        params |= {"window_center": repr(ec.window[0]), "window_width": repr(ec.window[1])}
+    return _python_model(ec, ec.preprocess_name, ec.preprocess, params, flavour)
+
+
+def render_postprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
+    """The postprocessing model: ``probability`` and ``error`` -> ``label``."""
+    params = {"threshold": repr(ec.threshold), "labels": ",".join(ec.classifier.labels)}
+    return _python_model(ec, ec.postprocess_name, ec.postprocess, params, flavour)
+
+
+def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | None) -> str:
+    """The ensemble, pinned to ``classifier_version`` (its own only version); None: latest.
+
+    The same in both flavours (an ensemble has no backend of its own).
+    """
+    inputs, outputs = ec.ensemble
+    image = "preprocessed_image"
+    cv = -1 if classifier_version is None else classifier_version
+
+    def step(model: str, version: int, ins: dict[str, str], outs: dict[str, str]) -> str:
+        maps = [f'      input_map {{ key: "{k}" value: "{v}" }}' for k, v in ins.items()]
+        maps += [f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in outs.items()]
+        return ("    {\n" f'      model_name: "{model}"\n      model_version: {version}\n'
+                + "\n".join(maps) + "\n    }")
+
+    steps = ",\n".join([
+        step(ec.preprocess_name, -1, {DICOM_INPUT: DICOM_INPUT},
+             {INPUT_NAME: image, ERROR_OUTPUT: ERROR_OUTPUT}),
+        step(ec.classifier.name, cv, {INPUT_NAME: image}, {OUTPUT_NAME: OUTPUT_NAME}),
+        step(ec.postprocess_name, -1, {OUTPUT_NAME: OUTPUT_NAME, ERROR_OUTPUT: ERROR_OUTPUT},
+             {LABEL_OUTPUT: LABEL_OUTPUT}),
+    ])
+    parts = [
+        "# Rendered by medops.serving.contract (ensemble); do not edit by hand.",
+        f'name: "{ec.ensemble_name}"',
+        'platform: "ensemble"',
+        *_policy(None if classifier_version is None else [classifier_version]),
+        f"max_batch_size: {ec.classifier.max_batch_size}",
+        _tensor_block("input", inputs),
+        _tensor_block("output", outputs),
+        f"ensemble_scheduling {{\n  step [\n{steps}\n  ]\n}}",
     ]
     return "\n".join(parts) + "\n"

@@ -1,15 +1,20 @@
-"""Deploy: put a gated, exported model into the running Triton as a new version.
+"""Deploy: put a gated, exported model into the running Triton as a new version, safely.
 
-Inputs: the exported ONNX file, the gate decision (``reports/gate.json``), the export result
-(``models/export.json``: ``sha256`` of the ONNX file and ``data_version``), a running Triton.
-Outputs: a new version folder in the model repository, loaded and answering; a DeployResult.
-Params: ``serving`` (model name, batching), and the model input size (``ingest.image_size``).
+Inputs: the exported ONNX file and ``golden.npz`` beside it, the gate decision
+(``reports/gate.json``), the export result (``models/export.json``: ``sha256``, ``data_version``,
+``parity_atol``), a running Triton.
+Outputs: a new version folder ``<repo>/<name>/<N>/`` (model, golden samples, ``deploy.json``),
+served by the classifier and by the DICOM ensemble ``<name>_dicom`` (preprocess -> classifier ->
+postprocess); a DeployResult.
+Params: ``serving`` (model name, batching); ``ingest.image_size`` and ``ingest.window``;
+``evaluate.threshold``; byte and pixel limits for uploads.
 
-Order of checks (TFX's "pusher reads the blessing"): the gate must have passed, for the same
-data version the model was exported from, and the ONNX file must be the one that was exported
-(its sha256). Only then is a version written, loaded with Triton's model-control API, waited for
-and asked a real inference. A version that fails to load or answer is removed again, and Triton
-keeps serving what it served before.
+Order (TFX's "pusher reads the blessing"): the gate must have passed, for the data version the
+model was exported from, and the ONNX file must be the exported one (sha256). Only then is a
+version written, beside the served one, which stays pinned. The new version is loaded as a
+separate candidate model and must reproduce export's golden probabilities; only then is it served
+(classifier and ensemble re-pinned without a gap) and checked again. Any failure removes the new
+version and leaves (or restores) the previous one; ``rollback`` serves an earlier version again.
 
 Not a DVC stage: it changes a running server. The CLI and the Prefect flow call ``deploy()``.
 """
@@ -30,8 +35,9 @@ from medops.errors import GateRejectedError, ServingError
 from medops.serving.contract import (
     ONNX_FILENAME,
     PYTHON_FILENAME,
+    EnsembleContract,
     ModelContract,
-    build_contract,
+    build_ensemble_contract,
     render_config,
 )
 from medops.serving.repository import (
@@ -41,6 +47,8 @@ from medops.serving.repository import (
     remove_version,
     served_version,
     write_config,
+    write_ensemble,
+    write_processing_models,
     write_version,
 )
 
@@ -235,16 +243,79 @@ def check_candidate(
             pass
 
 
-def _serve(client: Any, contract: ModelContract, repository: Path, version: int | None,
-           timeout: float) -> None:
-    """Pin ``version`` in config.pbtxt and (re)load the model; None unloads it."""
-    if version is None:
-        (Path(repository) / contract.name / "config.pbtxt").unlink(missing_ok=True)
-        client.unload_model(contract.name)
+def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None,
+            new: int | None, timeout: float) -> None:
+    """Serve classifier version ``new`` (and the ensemble pinned to it) instead of ``old``.
+
+    No gap: both classifier versions are loaded while the ensemble is re-pinned (Triton keeps
+    the old ensemble answering until the new one is ready); then ``old`` is unloaded.
+    ``new`` None unloads the classifier and the ensemble (nothing was served before).
+    """
+    c, repository = ec.classifier, Path(repository)
+    if new is None:
+        for name in (ec.ensemble_name, c.name):
+            (repository / name / "config.pbtxt").unlink(missing_ok=True)
+            try:
+                client.unload_model(name)
+            except Exception:  # noqa: BLE001 - was not loaded
+                pass
         return
-    write_config(contract, repository, "embedded", versions=[version])
-    client.load_model(contract.name)
-    wait_version_ready(client, contract.name, version, timeout)
+    on_disk = list_versions(repository, c.name)
+    both = sorted({v for v in (old, new) if v is not None and v in on_disk})
+    write_config(c, repository, "embedded", versions=both)
+    client.load_model(c.name)
+    wait_version_ready(client, c.name, new, timeout)
+    changed = write_processing_models(ec, repository, "embedded")
+    for name in (ec.preprocess_name, ec.postprocess_name):
+        if name in changed or not client.is_model_ready(name):
+            client.load_model(name)
+    write_ensemble(ec, repository, new)
+    client.load_model(ec.ensemble_name)
+    wait_version_ready(client, ec.ensemble_name, new, timeout)
+    if both != [new]:
+        write_config(c, repository, "embedded", versions=[new])
+        client.load_model(c.name)
+        wait_version_ready(client, c.name, new, timeout)
+
+
+def smoke_dicom(image: np.ndarray) -> bytes:
+    """A minimal 8-bit MONOCHROME2 DICOM file (bytes) of a [0, 1] image, for the ensemble check."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    pixels = np.clip(np.rint(np.asarray(image, dtype=np.float64).squeeze() * 255), 0, 255)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.astype(np.uint8).tobytes()
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def check_ensemble(client: Any, *, protocol: str, ec: EnsembleContract, image: np.ndarray,
+                   expect_version: int) -> None:
+    """One DICOM through the ensemble: answered, no error, a label, from ``expect_version``."""
+    from medops.client import infer_dicom
+
+    [prob], [label], [error], answered = infer_dicom(
+        client, [smoke_dicom(image)], protocol=protocol, model_name=ec.ensemble_name)
+    if error or label not in ec.classifier.labels or not 0.0 <= prob <= 1.0 \
+            or answered != str(expect_version):
+        raise ServingError(
+            f"DICOM check on {ec.ensemble_name!r} answered probability {prob}, label {label!r}, "
+            f"error {error!r} from version {answered!r}; expected a label from version "
+            f"{expect_version}"
+        )
 
 
 def _why(exc: BaseException) -> str:
@@ -262,6 +333,10 @@ def deploy(
     url: str | None = None,
     protocol: Literal["grpc", "http"] = "grpc",
     image_size: int,
+    window: Any = None,
+    threshold: float = 0.5,
+    max_bytes: int = 64 * 1024 * 1024,
+    max_pixels: int = 8192 * 8192,
     golden: Path | None = None,
     golden_atol: float | None = None,
     timeout: float = 120.0,
@@ -275,7 +350,9 @@ def deploy(
     3. It is loaded as a separate candidate model and must reproduce export's golden
        probabilities (``golden.npz`` beside the ONNX file) within ``golden_atol`` (default:
        export's ``parity_atol``).
-    4. Only then is it pinned and loaded as the served version, and checked again there.
+    4. Only then is it served: pinned in the classifier's config and in the DICOM ensemble's
+       (``<name>_dicom``: preprocessing with ``window`` and the ``max_bytes``/``max_pixels``
+       limits -> classifier -> labels at ``threshold``), and checked again through both.
        A failure at 3 or 4 removes the new version and keeps (or restores) the previous one.
 
     Raises:
@@ -290,7 +367,9 @@ def deploy(
     images, expected = read_golden(golden, image_size)
     atol = golden_atol if golden_atol is not None else _export_atol(export_result)
     url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
-    contract = build_contract(cfg, image_size=image_size)
+    ec = build_ensemble_contract(cfg, image_size=image_size, window=window, threshold=threshold,
+                                 max_bytes=max_bytes, max_pixels=max_pixels)
+    contract = ec.classifier
     repository = Path(repository)
     with _Connection(url, protocol) as client:
         previous = served_version(repository, contract.name)
@@ -309,15 +388,17 @@ def deploy(
                 f"{_why(exc)}; {kept}"
             ) from None
         try:
-            _serve(client, contract, repository, version, timeout)
+            _switch(client, ec, repository, previous, version, timeout)
             diff = check_golden(client, protocol=protocol, name=contract.name, images=images,
                                 expected=expected, atol=atol, expect_version=str(version))
+            check_ensemble(client, protocol=protocol, ec=ec, image=images[0], expect_version=version)
         except Exception as exc:  # noqa: BLE001
             remove_version(repository, contract.name, version)
             try:
-                _serve(client, contract, repository, previous, timeout)
+                _switch(client, ec, repository, None, previous, timeout)
             except Exception as again:  # noqa: BLE001
                 kept = f"restoring version {previous} failed too: {_why(again)}"
+            remove_version(repository, ec.ensemble_name, version)
             raise ServingError(
                 f"not serving {contract.name!r} version {version}: it failed once promoted: "
                 f"{_why(exc)}; {kept}"
@@ -347,18 +428,26 @@ def rollback(
     protocol: Literal["grpc", "http"] = "grpc",
     image_size: int,
     to_version: int | None = None,
+    window: Any = None,
+    threshold: float = 0.5,
+    max_bytes: int = 64 * 1024 * 1024,
+    max_pixels: int = 8192 * 8192,
     timeout: float = 120.0,
 ) -> RollbackResult:
     """Serve an earlier version again: ``to_version``, or the newest one below the served one.
 
     The target was gated when it was deployed; it is checked against the golden samples kept in
-    its version folder before the rollback counts as done. The newer version stays on disk.
+    its version folder (directly and through the DICOM ensemble, re-pinned to it) before the
+    rollback counts as done. The newer version stays on disk. ``window`` ... ``max_pixels`` as
+    for ``deploy``.
 
     Raises:
         ServingError: no earlier version, Triton unreachable, or the target failed to load or
             answer (the previously served version is then restored).
     """
-    contract = build_contract(cfg, image_size=image_size)
+    ec = build_ensemble_contract(cfg, image_size=image_size, window=window, threshold=threshold,
+                                 max_bytes=max_bytes, max_pixels=max_pixels)
+    contract = ec.classifier
     repository = Path(repository)
     current = served_version(repository, contract.name)
     versions = list_versions(repository, contract.name)
@@ -377,16 +466,19 @@ def rollback(
     golden = repository / contract.name / str(to_version) / GOLDEN_FILE
     with _Connection(url, protocol) as client:
         try:
-            _serve(client, contract, repository, to_version, timeout)
+            _switch(client, ec, repository, current, to_version, timeout)
             diff = None
+            image = np.full((image_size, image_size, 1), 0.5, dtype=np.float32)
             if golden.is_file():
                 images, expected = read_golden(golden, image_size)
                 diff = check_golden(client, protocol=protocol, name=contract.name, images=images,
                                     expected=expected, atol=_golden_atol_of(golden),
                                     expect_version=str(to_version))
+                image = images[0]
+            check_ensemble(client, protocol=protocol, ec=ec, image=image, expect_version=to_version)
         except Exception as exc:  # noqa: BLE001
             try:
-                _serve(client, contract, repository, current, timeout)
+                _switch(client, ec, repository, to_version, current, timeout)
             except Exception:  # noqa: BLE001
                 pass
             raise ServingError(

@@ -14,10 +14,16 @@ from typing import Any, Sequence
 
 from medops.serving.contract import (
     ONNX_FILENAME,
+    POSTPROCESS_BACKEND,
+    PREPROCESS_BACKEND,
     PYTHON_FILENAME,
+    EnsembleContract,
     Flavour,
     ModelContract,
     render_config,
+    render_ensemble_config,
+    render_postprocess_config,
+    render_preprocess_config,
 )
 
 GOLDEN_FILE = "golden.npz"  # export's golden samples, kept in each version folder
@@ -131,6 +137,65 @@ def remove_version(repository: Path, name: str, version: int) -> None:
     shutil.rmtree(Path(repository) / name / str(version), ignore_errors=True)
 
 
-def write_production_template(contract: ModelContract, out_dir: Path = DEPLOY_REPOSITORY) -> Path:
-    """Render the production (onnxruntime, GPU) config.pbtxt to ``<out_dir>/<name>/config.pbtxt``."""
-    return write_config(contract, out_dir, "production")
+def _write_if_changed(path: Path, data: bytes) -> bool:
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return True
+
+
+def processing_files(ec: EnsembleContract, flavour: Flavour) -> dict[str, bytes]:
+    """The pre- and postprocessing models as ``{relative path: content}`` (config + 1/model.py)."""
+    files: dict[str, bytes] = {}
+    for name, render, backend in (
+        (ec.preprocess_name, render_preprocess_config, PREPROCESS_BACKEND),
+        (ec.postprocess_name, render_postprocess_config, POSTPROCESS_BACKEND),
+    ):
+        files[f"{name}/config.pbtxt"] = render(ec, flavour).encode()
+        files[f"{name}/1/{PYTHON_FILENAME}"] = (BACKENDS_DIR / backend).read_bytes()
+    return files
+
+
+def write_processing_models(ec: EnsembleContract, repository: Path, flavour: Flavour) -> list[str]:
+    """Write (only what changed of) the pre- and postprocessing models; returns the model names
+    whose files changed, i.e. those a running Triton must reload."""
+    changed = set()
+    for rel, data in processing_files(ec, flavour).items():
+        if _write_if_changed(Path(repository) / rel, data):
+            changed.add(rel.split("/", 1)[0])
+    return sorted(changed)
+
+
+def write_ensemble(ec: EnsembleContract, repository: Path, classifier_version: int) -> Path:
+    """Write the ensemble pinned to ``classifier_version``: its config and the (empty) version
+    folder of the same number Triton requires. Returns the config path."""
+    model_dir = Path(repository) / ec.ensemble_name
+    (model_dir / str(classifier_version)).mkdir(parents=True, exist_ok=True)
+    path = model_dir / "config.pbtxt"
+    _write_if_changed(path, render_ensemble_config(ec, classifier_version=classifier_version).encode())
+    return path
+
+
+def render_production_repository(ec: EnsembleContract) -> dict[str, str]:
+    """The production model repository's text files, ``{relative path: text}``: the classifier
+    (onnxruntime, GPU), the pre/postprocessing Python models and the ensemble (latest version).
+    The ONNX versions (``<classifier>/<N>/model.onnx``) are added by deployment."""
+    files = {f"{ec.classifier.name}/config.pbtxt": render_config(ec.classifier, "production"),
+             f"{ec.ensemble_name}/config.pbtxt": render_ensemble_config(ec, classifier_version=None),
+             # Triton needs a version folder for an ensemble too; git needs a file to keep it.
+             f"{ec.ensemble_name}/1/.gitkeep": ""}
+    files |= {rel: data.decode() for rel, data in processing_files(ec, "production").items()}
+    return dict(sorted(files.items()))
+
+
+def write_production_repository(ec: EnsembleContract, out_dir: Path = DEPLOY_REPOSITORY) -> list[Path]:
+    """Render the production repository template into ``out_dir`` (committed under deploy/)."""
+    written = []
+    for rel, text in render_production_repository(ec).items():
+        path = Path(out_dir) / rel
+        _write_if_changed(path, text.encode())
+        written.append(path)
+    return written

@@ -14,8 +14,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from medops.config import ServingConfig
 from medops.serving.backends.onnx_classifier import classify_batch
-from medops.serving.contract import build_contract, render_config
-from medops.serving.repository import DEPLOY_REPOSITORY
+from medops.serving.contract import (
+    build_contract,
+    build_ensemble_contract,
+    render_config,
+    render_ensemble_config,
+    render_postprocess_config,
+    render_preprocess_config,
+)
+from medops.serving.repository import DEPLOY_REPOSITORY, render_production_repository
 
 
 def parse(text: str) -> mc.ModelConfig:
@@ -65,13 +72,17 @@ def test_flavours_differ_only_in_backend_and_device(contract):
     assert [g.kind for g in emb.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
 
 
-def test_committed_production_template_is_the_rendering(contract):
-    committed = DEPLOY_REPOSITORY / contract.name / "config.pbtxt"
-    assert committed.is_file(), f"missing {committed}; render it with write_production_template()"
-    assert committed.read_text() == render_config(contract, "production"), (
-        "deploy/model_repository is out of date with the contract: re-render it with "
-        "medops.serving.repository.write_production_template(contract)"
-    )
+def test_committed_production_repository_is_the_rendering(params):
+    ec = build_ensemble_contract(params.serving, image_size=params.ingest.image_size,
+                                 window=params.ingest.window, threshold=params.evaluate.threshold)
+    expected = render_production_repository(ec)
+    committed = {p.relative_to(DEPLOY_REPOSITORY).as_posix(): p.read_text()
+                 for p in DEPLOY_REPOSITORY.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    hint = ("deploy/model_repository is out of date with the contract: re-render it with "
+            "medops.serving.repository.write_production_repository(ec)")
+    assert sorted(committed) == sorted(expected), hint
+    for rel, text in expected.items():
+        assert committed[rel] == text, f"{rel}: {hint}"
 
 
 def test_contract_follows_settings():
@@ -143,6 +154,7 @@ def test_serving_contract_and_client_import_without_tensorflow_or_tritonclient()
     code = (
         "import sys\n"
         "import medops.serving.contract, medops.client, medops.serving.backends.onnx_classifier\n"
+        "import medops.serving.backends.dicom_preprocess, medops.serving.backends.postprocess\n"
         "bad = [m for m in ('tensorflow', 'keras', 'tritonclient') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -154,3 +166,94 @@ def test_pinned_versions_render_a_specific_policy_and_nothing_else_changes(contr
     assert list(pinned.version_policy.specific.versions) == [3]
     assert client_view(pinned) == client_view(parse(render_config(contract, "embedded")))
     assert not parse(render_config(contract, "production")).HasField("version_policy")
+
+
+# -- the DICOM ensemble ----------------------------------------------------------------------------
+
+@pytest.fixture
+def ensemble(params):
+    return build_ensemble_contract(params.serving, image_size=params.ingest.image_size,
+                                   window=params.ingest.window, threshold=params.evaluate.threshold)
+
+
+def tensors(cfg: mc.ModelConfig, kind: str) -> dict[str, tuple[str, list[int]]]:
+    return {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in getattr(cfg, kind)}
+
+
+@pytest.mark.parametrize("flavour", ["production", "embedded"])
+def test_ensemble_steps_wire_matching_tensors(ensemble, flavour):
+    """Every step's input_map/output_map names a tensor of that model, and every ensemble tensor
+    is produced and consumed with the same dtype and dims (what Triton checks at load time)."""
+    models = {
+        ensemble.preprocess_name: parse(render_preprocess_config(ensemble, flavour)),
+        ensemble.classifier.name: parse(render_config(ensemble.classifier, flavour)),
+        ensemble.postprocess_name: parse(render_postprocess_config(ensemble, flavour)),
+    }
+    ens = parse(render_ensemble_config(ensemble, classifier_version=7))
+    assert ens.platform == "ensemble" and list(ens.version_policy.specific.versions) == [7]
+    produced = {name: spec for name, spec in tensors(ens, "input").items()}
+    for step in ens.ensemble_scheduling.step:
+        model = models[step.model_name]
+        assert model.max_batch_size == ens.max_batch_size
+        for key, value in step.input_map.items():
+            assert produced[value] == tensors(model, "input")[key], (step.model_name, key)
+        for key, value in step.output_map.items():
+            produced[value] = tensors(model, "output")[key]
+    for name, spec in tensors(ens, "output").items():
+        assert produced[name] == spec
+    assert [s.model_version for s in ens.ensemble_scheduling.step] == [-1, 7, -1]
+    assert tensors(ens, "output") == {"probability": ("TYPE_FP32", [1]),
+                                      "label": ("TYPE_STRING", [1]), "error": ("TYPE_STRING", [1])}
+
+
+def test_processing_parameters_carry_the_settings(params):
+    from medops.config import Window
+
+    ec = build_ensemble_contract(params.serving, image_size=64, window=Window(center=40, width=400),
+                                 threshold=0.3, max_bytes=1000, max_pixels=500)
+    pre = parse(render_preprocess_config(ec, "embedded")).parameters
+    assert {k: v.string_value for k, v in pre.items()} == {
+        "image_size": "64", "max_bytes": "1000", "max_pixels": "500",
+        "window_center": "40.0", "window_width": "400.0"}
+    post = parse(render_postprocess_config(ec, "embedded")).parameters
+    assert post["threshold"].string_value == "0.3"
+    assert post["labels"].string_value == "normal,pneumonia"
+
+
+def test_preprocess_items_uses_medops_preprocessing_and_reports_per_item():
+    from conftest import pydicom_file
+    from medops.dicom.pixels import preprocess_file
+    from medops.serving.backends.dicom_preprocess import Limits, preprocess_items
+
+    ct = pydicom_file("CT_small.dcm")
+    data = ct.read_bytes()
+    images, errors = preprocess_items([data, b"not dicom", data[:300]], image_size=28, window=None,
+                                      limits=Limits(10**7, 10**7))
+    assert images.shape == (3, 28, 28, 1) and images.dtype == np.float32
+    np.testing.assert_array_equal(images[0, ..., 0], preprocess_file(ct, image_size=28))
+    assert errors[0] == ""
+    assert errors[1].startswith("not_dicom: ")
+    assert errors[2] and not errors[2].startswith("too_large")
+    assert not images[1].any() and not images[2].any()  # unusable items get blank images
+
+
+def test_preprocess_limits_refuse_before_decoding():
+    from conftest import pydicom_file
+    from medops.serving.backends.dicom_preprocess import Limits, preprocess_items
+
+    data = pydicom_file("CT_small.dcm").read_bytes()  # 128 x 128, one frame, one sample
+    _, [err] = preprocess_items([data], image_size=28, window=None, limits=Limits(len(data) - 1, 10**7))
+    assert err == f"too_large: {len(data)} bytes, over the limit of {len(data) - 1} bytes"
+    _, [err] = preprocess_items([data], image_size=28, window=None, limits=Limits(10**7, 128 * 128 - 1))
+    assert err == f"too_large: 128x128 pixels x 1 frames x 1 samples = 16384 values, over the limit of {128 * 128 - 1}"
+    _, [err] = preprocess_items([data], image_size=28, window=None, limits=Limits(len(data), 128 * 128))
+    assert err == ""
+
+
+def test_postprocess_labels_at_the_threshold_and_blanks_errors():
+    from medops.serving.backends.postprocess import label_items
+
+    out = label_items(np.array([[0.2], [0.5], [0.9], [0.99]], np.float32),
+                      [b"", b"", b"", b"not_dicom: x"], threshold=0.5, labels=("normal", "pneumonia"))
+    assert out.shape == (4, 1)
+    assert out.reshape(-1).tolist() == [b"normal", b"pneumonia", b"pneumonia", b""]

@@ -87,12 +87,13 @@ def write_gate(path: Path, *, passed: bool, data_version: str = "dv-test") -> Pa
     return path
 
 
-def write_bundled_dicom(path: Path, index: int = 0) -> Path:
-    """A CR image made from the bundled PneumoniaMNIST test split (8-bit MONOCHROME2)."""
+def write_bundled_dicom(path: Path, index: int = 0, scale: int = 1) -> Path:
+    """A CR image made from the bundled PneumoniaMNIST test split (8-bit MONOCHROME2),
+    optionally enlarged ``scale`` times in each direction."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    pixels = np.load(BUNDLED)["test_images"][index]
+    pixels = np.kron(np.load(BUNDLED)["test_images"][index], np.ones((scale, scale), np.uint8))
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -135,6 +136,7 @@ def triton(tmp_path_factory, free_port):
         stop_server(state)
 
 
+MAX_PIXELS = 128 * 128  # CT_small.dcm is exactly 128 x 128
 V1 = {"w": 4.0, "b": -2.0}
 V2 = {"w": -3.0, "b": 1.0}
 
@@ -150,7 +152,7 @@ def deployed(triton):
         results.append(deploy(
             cfg, onnx=onnx_path, gate=write_gate(base / f"gate{n}.json", passed=True),
             export_result=write_export_result(onnx_path), repository=triton["repo"],
-            url=triton["info"].grpc_url, protocol="grpc", image_size=S,
+            url=triton["info"].grpc_url, protocol="grpc", image_size=S, max_pixels=MAX_PIXELS,
         ))
     return results
 
@@ -163,6 +165,7 @@ def files(tmp_path_factory):
     return {
         "ct": pydicom_file("CT_small.dcm"),
         "cr": write_bundled_dicom(d / "bundled.dcm", index=3),
+        "big": write_bundled_dicom(d / "big.dcm", index=3, scale=5),  # 140 x 140 > MAX_PIXELS
         "bad": not_dicom,
     }
 
@@ -196,25 +199,50 @@ def test_deploy_writes_versions_and_serves_the_newest(triton, deployed):
     assert (v2.model_name, "2", "READY") in loaded
 
 
+@pytest.mark.parametrize("via", ["ensemble", "tensor"])
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_predict_files_answers_each_file_with_v2_and_flags_the_non_dicom(
-    triton, deployed, files, protocol
+    triton, deployed, files, protocol, via
 ):
     info = triton["info"]
     url = info.grpc_url if protocol == "grpc" else info.http_url
     paths = [files["ct"], files["bad"], files["cr"]]
     preds = predict_files(paths, url=url, protocol=protocol, model_name=triton["cfg"].model_name,
-                          image_size=S, threshold=0.5)
+                          image_size=S, threshold=0.5, via=via)
     assert [p.file for p in preds] == [str(p) for p in paths]
     ct, bad, cr = preds
     for pred, path in ((ct, files["ct"]), (cr, files["cr"])):
         assert pred.error is None
         assert pred.model_version == "2"
+        # server-side preprocessing (ensemble) and client-side (tensor) are the same function
         assert pred.probability == pytest.approx(expected_probability(path, **V2), abs=1e-5)
         assert pred.label == ("pneumonia" if pred.probability >= 0.5 else "normal")
-    assert bad.probability is None and bad.label is None
-    assert bad.error and bad.error.startswith("not_dicom")
+    assert bad.probability is None and bad.label is None and bad.model_version is None
+    assert bad.error.startswith("not_dicom: ")
     assert "Traceback" not in bad.error
+
+
+def test_the_ensemble_refuses_an_image_over_the_pixel_limit_and_answers_the_rest(
+    triton, deployed, files
+):
+    preds = predict_files([files["big"], files["ct"]], url=triton["info"].grpc_url,
+                          model_name=triton["cfg"].model_name, image_size=S)
+    assert preds[0].error == (f"too_large: 140x140 pixels x 1 frames x 1 samples = 19600 values, "
+                              f"over the limit of {MAX_PIXELS}")
+    assert preds[0].probability is None
+    assert preds[1].error is None and preds[1].model_version == "2"
+
+
+def test_the_ensemble_is_pinned_to_the_served_classifier_version(triton, deployed):
+    from medops.serving.repository import read_config
+
+    repo, name = triton["repo"], triton["cfg"].model_name
+    ens = read_config(repo, f"{name}_dicom")
+    assert list(ens.version_policy.specific.versions) == [2]
+    step = {s.model_name: s.model_version for s in ens.ensemble_scheduling.step}
+    assert step == {f"{name}_preprocess": -1, name: 2, f"{name}_postprocess": -1}
+    pre = read_config(repo, f"{name}_preprocess")
+    assert pre.parameters["max_pixels"].string_value == str(MAX_PIXELS)
 
 
 def test_small_batches_give_the_same_answers(triton, deployed, files):
@@ -339,7 +367,7 @@ def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed
 
 
 def test_unknown_model_is_a_clear_error(triton, files):
-    with pytest.raises(ServingError, match="'nope' is not loaded or not ready"):
+    with pytest.raises(ServingError, match="model 'nope_dicom' is not loaded or not ready"):
         predict_files([files["cr"]], url=triton["info"].grpc_url, model_name="nope", image_size=S)
 
 

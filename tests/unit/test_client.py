@@ -14,6 +14,7 @@ from medops.client import (
     label_for,
     predict_files,
     preprocess_files,
+    read_files,
     to_json_lines,
 )
 from medops.errors import ServingError
@@ -42,11 +43,26 @@ def test_preprocess_files_keeps_order_and_turns_bad_files_into_errors(tmp_path):
     assert none4 is None and err4
 
 
-def test_only_bad_files_need_no_server(tmp_path, free_port):
+@pytest.mark.parametrize("via", ["ensemble", "tensor"])
+def test_only_unusable_files_need_no_server(tmp_path, free_port, via):
+    # the ensemble sends bytes, so only an unreadable file is known bad without the server;
+    # preprocessing here also knows a non-DICOM file
+    missing = tmp_path / "missing.dcm"
     bad = tmp_path / "x.txt"
     bad.write_text("no")
-    preds = predict_files([bad], url=f"127.0.0.1:{free_port()}", model_name="m", image_size=28)
-    assert len(preds) == 1 and preds[0].probability is None and preds[0].error
+    paths = [missing] if via == "ensemble" else [missing, bad]
+    preds = predict_files(paths, url=f"127.0.0.1:{free_port()}", model_name="m", image_size=28,
+                          via=via)
+    assert [p.file for p in preds] == [str(p) for p in paths]
+    assert all(p.probability is None and p.error.startswith("not_dicom: ") for p in preds)
+
+
+def test_read_files_reads_bytes_and_reports_unreadable(tmp_path):
+    ok = tmp_path / "a.dcm"
+    ok.write_bytes(b"\x00\x01")
+    [(f1, data, e1), (f2, none, e2)] = read_files([ok, tmp_path / "gone.dcm"])
+    assert (f1, data, e1) == (str(ok), b"\x00\x01", None)
+    assert none is None and e2.startswith("not_dicom: cannot read file:") and "gone.dcm" in e2
 
 
 def test_unreachable_server_is_a_serving_error(free_port):
@@ -54,6 +70,11 @@ def test_unreachable_server_is_a_serving_error(free_port):
     with pytest.raises(ServingError, match=rf"cannot reach Triton at {url} over http"):
         predict_files([pydicom_file("CT_small.dcm")], url=url, protocol="http", model_name="m",
                       image_size=28, timeout=3)
+
+
+def test_bad_via_is_refused():
+    with pytest.raises(ValueError, match="via must be 'ensemble' or 'tensor'"):
+        predict_files([], url="127.0.0.1:1", model_name="m", image_size=28, via="both")  # type: ignore[arg-type]
 
 
 def test_bad_protocol_is_refused():

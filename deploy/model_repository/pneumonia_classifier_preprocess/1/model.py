@@ -1,0 +1,111 @@
+"""Triton Python-backend model: raw DICOM bytes -> the classifier's input image, per item.
+
+Copied as ``model.py`` into ``<name>_preprocess/1/``. It calls
+``medops.dicom.pixels.preprocess_bytes``, the same preprocessing ingest used for training, so the
+served model sees an image exactly as training did (the stub runs in the medops environment).
+
+A file that cannot be used (not DICOM, truncated, too many bytes or pixels, ...) is answered with a
+zero image and ``error = "<quarantine reason>: <message>"`` for that item; the other items of the
+batch are unaffected and the request does not fail. The limits are checked before decoding, so an
+oversized upload costs no decoding work.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from medops.errors import QuarantineReason
+
+DICOM_INPUT = "dicom"
+IMAGE_OUTPUT = "image"
+ERROR_OUTPUT = "error"
+TOO_LARGE = QuarantineReason.TOO_LARGE.value
+
+
+class Limits:
+    """What one item may cost: encoded bytes, and decoded pixels (rows x columns x frames x samples)."""
+
+    def __init__(self, max_bytes: int, max_pixels: int) -> None:
+        self.max_bytes, self.max_pixels = int(max_bytes), int(max_pixels)
+
+
+def check_limits(data: bytes, limits: Limits) -> str | None:
+    """Why ``data`` is refused before decoding, or None. Reads only the header for the pixel count."""
+    if len(data) > limits.max_bytes:
+        return f"{TOO_LARGE}: {len(data)} bytes, over the limit of {limits.max_bytes} bytes"
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        dims = [int(ds.get(k, 1) or 1) for k in ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel")]
+    except Exception:  # noqa: BLE001 - unreadable headers get their proper reason from preprocessing
+        return None
+    pixels = int(np.prod(dims, dtype=np.int64))
+    if pixels > limits.max_pixels:
+        return (f"{TOO_LARGE}: {dims[0]}x{dims[1]} pixels x {dims[2]} frames x {dims[3]} samples = "
+                f"{pixels} values, over the limit of {limits.max_pixels}")
+    return None
+
+
+def preprocess_items(
+    items: list[bytes], *, image_size: int, window: Any, limits: Limits
+) -> tuple[np.ndarray, list[str]]:
+    """Preprocess each DICOM byte string. Returns ``(images (n, S, S, 1) float32, errors)``,
+    where ``errors[i]`` is "" for a usable item and the reason otherwise (its image is zeros)."""
+    from medops.dicom.pixels import preprocess_bytes
+    from medops.errors import DicomReadError
+
+    images = np.zeros((len(items), image_size, image_size, 1), dtype=np.float32)
+    errors = [""] * len(items)
+    for i, data in enumerate(items):
+        refused = check_limits(data, limits)
+        if refused:
+            errors[i] = refused
+            continue
+        try:
+            images[i, ..., 0] = preprocess_bytes(data, image_size=image_size, window=window)
+        except DicomReadError as exc:
+            errors[i] = f"{exc.reason.value}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - never fail the batch for one file
+            errors[i] = f"decode_error: {type(exc).__name__}: {exc}"
+    return images, errors
+
+
+def window_from_parameters(params: dict[str, str]) -> Any:
+    """``ingest.window`` from the model config's parameters, or None (each file's own VOI)."""
+    if "window_center" not in params:
+        return None
+    from medops.config import Window
+
+    return Window(center=float(params["window_center"]), width=float(params["window_width"]))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.image_size = int(params["image_size"])
+        self.window = window_from_parameters(params)
+        self.limits = Limits(params["max_bytes"], params["max_pixels"])
+
+    def execute(self, requests: list) -> list:
+        import triton_python_backend_utils as pb_utils
+
+        responses = []
+        for request in requests:
+            try:
+                raw = pb_utils.get_input_tensor_by_name(request, DICOM_INPUT).as_numpy()
+                items = [bytes(x) for x in raw.reshape(-1)]
+                images, errors = preprocess_items(items, image_size=self.image_size,
+                                                  window=self.window, limits=self.limits)
+                err = np.array([e.encode() for e in errors], dtype=np.object_).reshape(-1, 1)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor(IMAGE_OUTPUT, images), pb_utils.Tensor(ERROR_OUTPUT, err)]))
+            except Exception as exc:  # noqa: BLE001 - one response per request, always
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"preprocessing failed: {type(exc).__name__}: {exc}")))
+        return responses

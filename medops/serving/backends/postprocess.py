@@ -1,0 +1,52 @@
+"""Triton Python-backend model: the classifier's probability -> a label, per item.
+
+Copied as ``model.py`` into ``<name>_postprocess/1/``. Needs only numpy. An item that
+preprocessing could not use (non-empty ``error``) gets an empty label: its probability is that of
+a blank image and means nothing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+PROBABILITY_INPUT = "probability"
+ERROR_INPUT = "error"
+LABEL_OUTPUT = "label"
+
+
+def label_items(probabilities: np.ndarray, errors: list[bytes], *, threshold: float,
+                labels: tuple[str, str]) -> np.ndarray:
+    """``labels[1]`` where probability >= threshold, else ``labels[0]``; b"" for errored items.
+
+    Returns an ``(n, 1)`` object array of bytes, as Triton's TYPE_STRING wants.
+    """
+    probs = np.asarray(probabilities, dtype=np.float32).reshape(-1)
+    out = [b"" if err else labels[int(p >= threshold)].encode() for p, err in zip(probs, errors)]
+    return np.array(out, dtype=np.object_).reshape(-1, 1)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        params = {k: v["string_value"]
+                  for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        self.threshold = float(params["threshold"])
+        self.labels = tuple(params["labels"].split(","))
+
+    def execute(self, requests: list) -> list:
+        import triton_python_backend_utils as pb_utils
+
+        responses = []
+        for request in requests:
+            try:
+                probs = pb_utils.get_input_tensor_by_name(request, PROBABILITY_INPUT).as_numpy()
+                errors = [bytes(e) for e in
+                          pb_utils.get_input_tensor_by_name(request, ERROR_INPUT).as_numpy().reshape(-1)]
+                labels = label_items(probs, errors, threshold=self.threshold, labels=self.labels)
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(LABEL_OUTPUT, labels)]))
+            except Exception as exc:  # noqa: BLE001 - one response per request, always
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"postprocessing failed: {type(exc).__name__}: {exc}")))
+        return responses
