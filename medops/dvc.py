@@ -35,6 +35,9 @@ def dvc_env(root: Path | str | None = None) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)  # not resolved: keep the virtualenv's bin, not the base python's
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env["DVC_NO_ANALYTICS"] = "1"
+    # stage commands may import TensorFlow; its C++ info lines would bury the stage's own error
+    # in the stderr tail that DvcError carries
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 
 
