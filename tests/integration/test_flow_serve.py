@@ -1,0 +1,75 @@
+"""flows.serve against a real Prefect server started by medops.prefect_server: the deployment
+appears under params.prefect.deployment_name, with the parameter form and its constraints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from medops.config import load_params, update_params_file
+from medops.prefect_server import prefect_env, start_prefect, stop_prefect
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_deployment(api_url: str, flow: str, name: str) -> dict | None:
+    resp = httpx.get(f"{api_url}/deployments/name/{flow}/{name}", timeout=5)
+    return resp.json() if resp.status_code == 200 else None
+
+
+def test_serve_registers_the_deployment_with_typed_parameters(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    params = update_params_file(root / "params.yaml", {
+        "prefect": {"port": _free_port(), "deployment_name": "medops-test"}})
+    state = root / ".medops"
+    proc = None
+    try:
+        start_prefect(params.prefect, state_dir=state)
+        env = {**os.environ, **prefect_env(params.prefect, state), "MEDOPS_ROOT": str(root)}
+        log = open(tmp_path / "serve.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deployment = None
+        deadline = time.monotonic() + 90
+        while deployment is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            deployment = _read_deployment(params.prefect.api_url, "training-pipeline", "medops-test")
+        assert deployment is not None, (tmp_path / "serve.log").read_text()[-3000:]
+
+        assert deployment["parameters"] == {"project_root": str(root)}
+        assert "epochs=5" in deployment["description"]
+        schema = deployment["parameter_openapi_schema"]["properties"]
+        assert {"epochs", "batch_size", "learning_rate", "min_auc", "min_accuracy",
+                "min_sensitivity", "min_specificity", "project_root"} <= set(schema)
+        assert {"minimum": 1, "type": "integer"} in schema["epochs"]["anyOf"]
+        assert {"maximum": 1, "minimum": 0, "type": "number"} in schema["min_auc"]["anyOf"]
+
+        # the server enforces the schema: a run asking for 0 epochs is refused before it starts
+        bad = httpx.post(f"{params.prefect.api_url}/deployments/{deployment['id']}/create_flow_run",
+                         json={"parameters": {"epochs": 0}}, timeout=10)
+        assert bad.status_code == 409 and "epochs" in bad.text
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        stop_prefect(state)
+    assert load_params(root / "params.yaml").prefect.deployment_name == "medops-test"
