@@ -40,6 +40,7 @@ from medops.serving.contract import (
     build_ensemble_contract,
     render_config,
 )
+from medops.serving.server import ADMIN_KEY_ENV, admin_headers, admin_key_from_env
 from medops.serving.repository import (
     GOLDEN_FILE,
     VERSION_INFO,
@@ -145,10 +146,27 @@ def _export_atol(export_result: Path, default: float = 1e-4) -> float:
         return default
 
 
-class _Connection:
-    """A tritonclient for ``url`` that is always closed (open clients hold Triton's shutdown)."""
+class _AdminClient:
+    """A tritonclient whose model-control calls carry the admin header (restricted servers)."""
 
-    def __init__(self, url: str, protocol: str) -> None:
+    def __init__(self, client: Any, headers: dict[str, str] | None) -> None:
+        self._client, self._headers = client, headers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def load_model(self, name: str, **kwargs: Any) -> Any:
+        return self._client.load_model(name, headers=self._headers, **kwargs)
+
+    def unload_model(self, name: str, **kwargs: Any) -> Any:
+        return self._client.unload_model(name, headers=self._headers, **kwargs)
+
+
+class _Connection:
+    """A tritonclient for ``url`` that is always closed (open clients hold Triton's shutdown),
+    checked on entry: reachable, and its model-repository API usable with ``admin_key``."""
+
+    def __init__(self, url: str, protocol: str, admin_key: str | None = None) -> None:
         if protocol == "grpc":
             import tritonclient.grpc as grpcclient
 
@@ -160,6 +178,7 @@ class _Connection:
         else:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         self.url, self.protocol = url, protocol
+        self.headers = admin_headers(admin_key or admin_key_from_env())
 
     def __enter__(self) -> Any:
         try:
@@ -167,11 +186,25 @@ class _Connection:
         except Exception as exc:  # noqa: BLE001 - any transport failure
             self.client.close()
             raise ServingError(f"cannot reach Triton at {self.url} over {self.protocol}: "
-                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
-        return self.client
+                               f"{_first_line(exc)}") from None
+        try:
+            self.client.get_model_repository_index(headers=self.headers)
+        except Exception as exc:  # noqa: BLE001
+            self.client.close()
+            hint = (f"the key in ${ADMIN_KEY_ENV} was refused" if self.headers else
+                    f"set ${ADMIN_KEY_ENV} to the key the server was started with")
+            raise ServingError(
+                f"Triton at {self.url} refused its model-repository API ({hint}): {_first_line(exc)}"
+            ) from None
+        return _AdminClient(self.client, self.headers)
 
     def __exit__(self, *exc: object) -> None:
         self.client.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def wait_version_ready(client: Any, name: str, version: int, timeout: float) -> None:
@@ -339,6 +372,7 @@ def deploy(
     max_pixels: int = 8192 * 8192,
     golden: Path | None = None,
     golden_atol: float | None = None,
+    admin_key: str | None = None,
     timeout: float = 120.0,
 ) -> DeployResult:
     """Deploy ``onnx`` as the next version of ``cfg.model_name`` on the running Triton.
@@ -354,6 +388,9 @@ def deploy(
        (``<name>_dicom``: preprocessing with ``window`` and the ``max_bytes``/``max_pixels``
        limits -> classifier -> labels at ``threshold``), and checked again through both.
        A failure at 3 or 4 removes the new version and keeps (or restores) the previous one.
+
+    ``admin_key`` (default ``$MEDOPS_TRITON_ADMIN_KEY``) unlocks a server whose model-repository
+    API is restricted (``start_server(admin_key=...)``); it is checked before anything is written.
 
     Raises:
         GateRejectedError: gate not passed (its failed checks are in the message), or the ONNX
@@ -371,7 +408,7 @@ def deploy(
                                  max_bytes=max_bytes, max_pixels=max_pixels)
     contract = ec.classifier
     repository = Path(repository)
-    with _Connection(url, protocol) as client:
+    with _Connection(url, protocol, admin_key) as client:
         previous = served_version(repository, contract.name)
         version, version_dir = write_version(contract, repository, Path(onnx), flavour="embedded",
                                              golden=golden)
@@ -432,6 +469,7 @@ def rollback(
     threshold: float = 0.5,
     max_bytes: int = 64 * 1024 * 1024,
     max_pixels: int = 8192 * 8192,
+    admin_key: str | None = None,
     timeout: float = 120.0,
 ) -> RollbackResult:
     """Serve an earlier version again: ``to_version``, or the newest one below the served one.
@@ -464,7 +502,7 @@ def rollback(
                            f"(versions on disk: {versions or 'none'})")
     url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
     golden = repository / contract.name / str(to_version) / GOLDEN_FILE
-    with _Connection(url, protocol) as client:
+    with _Connection(url, protocol, admin_key) as client:
         try:
             _switch(client, ec, repository, current, to_version, timeout)
             diff = None

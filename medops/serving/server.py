@@ -48,6 +48,7 @@ class ServerInfo(BaseModel):
     repository: str
     log_file: str
     started_at: str
+    restricted: bool = False  # model-repository API needs the admin key
 
     @property
     def http_url(self) -> str:
@@ -124,8 +125,26 @@ def server_environment() -> dict[str, str]:
     return env
 
 
-def build_command(cfg: ServingConfig, *, repository: Path, backends: Path) -> list[str]:
-    """The tritonserver command line for ``cfg``."""
+# The model-repository API (load/unload/index) can be restricted to callers that send this header
+# with the key from this environment variable; inference, health and metadata stay open.
+ADMIN_KEY_ENV = "MEDOPS_TRITON_ADMIN_KEY"
+ADMIN_HEADER = "medops-admin-key"  # lowercase: gRPC metadata keys must be
+
+
+def admin_key_from_env() -> str | None:
+    """The model-repository key from ``$MEDOPS_TRITON_ADMIN_KEY``, or None when unset or empty."""
+    return os.environ.get(ADMIN_KEY_ENV) or None
+
+
+def admin_headers(admin_key: str | None) -> dict[str, str] | None:
+    """The request headers that unlock a restricted model-repository API (None without a key)."""
+    return {ADMIN_HEADER: admin_key} if admin_key else None
+
+
+def build_command(cfg: ServingConfig, *, repository: Path, backends: Path,
+                  admin_key: str | None = None) -> list[str]:
+    """The tritonserver command line for ``cfg``; with ``admin_key``, the model-repository API of
+    both endpoints answers only requests carrying ``ADMIN_HEADER: admin_key``."""
     cmd = [
         str(tritonserver_binary()),
         f"--model-repository={repository}",
@@ -141,10 +160,20 @@ def build_command(cfg: ServingConfig, *, repository: Path, backends: Path) -> li
         "--exit-timeout-secs=5",
         "--log-verbose=0",
     ]
+    if admin_key:
+        if any(c in admin_key for c in ":=, \n"):
+            raise ServingError(f"${ADMIN_KEY_ENV} must not contain ':', '=', ',' or whitespace")
+        cmd += [f"--http-restricted-api=model-repository:{ADMIN_HEADER}={admin_key}",
+                f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={admin_key}"]
     # Explicit mode loads nothing by itself: serve what earlier deploys left in the repository.
     if any((p / "config.pbtxt").is_file() for p in Path(repository).glob("*")):
         cmd.append("--load-model=*")
     return cmd
+
+
+def _redact(cmd: list[str], secret: str | None) -> str:
+    text = " ".join(cmd)
+    return text.replace(secret, "***") if secret else text
 
 
 def _run_dir(state_dir: Path) -> Path:
@@ -266,7 +295,8 @@ def wait_ready(info: ServerInfo, *, state_dir: Path, timeout: float) -> None:
 
 
 def start_server(
-    cfg: ServingConfig, *, repository: Path, state_dir: Path, wait: bool = True
+    cfg: ServingConfig, *, repository: Path, state_dir: Path, wait: bool = True,
+    admin_key: str | None = None,
 ) -> ServerInfo:
     """Start the embedded tritonserver in the background and (by default) wait until it is ready.
 
@@ -275,6 +305,9 @@ def start_server(
         repository: the model repository to serve (created if missing).
         state_dir: where the backend folder, ``run/triton.pid`` and ``logs/triton.log`` go.
         wait: wait for readiness (``cfg.startup_timeout_s``); on failure the server is stopped.
+        admin_key: restrict the model-repository API to this key (see ``ADMIN_HEADER``);
+            default ``$MEDOPS_TRITON_ADMIN_KEY``, unrestricted when that is unset. The key is
+            never written to the log or the state files.
 
     Raises:
         ServingError: one is already running for ``state_dir``, a port is taken, or it did not
@@ -300,12 +333,13 @@ def start_server(
         )
     repository.mkdir(parents=True, exist_ok=True)
     backends = prepare_backends(state_dir)
-    cmd = build_command(cfg, repository=repository, backends=backends)
+    admin_key = admin_key or admin_key_from_env()
+    cmd = build_command(cfg, repository=repository, backends=backends, admin_key=admin_key)
     log_path = _log_path(state_dir)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     _run_dir(state_dir).mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"\n=== medops: {' '.join(cmd)}\n".encode())
+        log.write(f"\n=== medops: {_redact(cmd, admin_key)}\n".encode())
         log.flush()
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -314,6 +348,7 @@ def start_server(
     info = ServerInfo(
         pid=proc.pid, host=cfg.host, http_port=cfg.http_port, grpc_port=cfg.grpc_port,
         metrics_port=cfg.metrics_port, repository=str(repository), log_file=str(log_path),
+        restricted=bool(admin_key),
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     (_run_dir(state_dir) / PID_FILE).write_text(f"{proc.pid}\n")
