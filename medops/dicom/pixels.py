@@ -62,9 +62,9 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     Returns:
         float64 array in [0, 1].
     """
-    x = np.asarray(values, dtype=np.float64)
     function = (function or "LINEAR").strip().upper()
     if function == "SIGMOID":
+        x = np.asarray(values, dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
     if function == "LINEAR_EXACT":
         c, w = center, width
@@ -73,17 +73,24 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
             raise ValueError(f"a LINEAR window needs Window Width >= 1, got {width}")
         c, w = center - 0.5, width - 1.0
     if w == 0:
-        return (x > c).astype(np.float64)
-    return np.clip((x - c) / w + 0.5, 0.0, 1.0)
+        return (np.asarray(values) > c).astype(np.float64)
+    # in place on one float64 copy: this runs on every pixel of every image
+    x = np.array(values, dtype=np.float64)
+    x -= c
+    x /= w
+    x += 0.5
+    return np.clip(x, 0.0, 1.0, out=x)
 
 
 def scale_min_max(values: np.ndarray) -> np.ndarray:
     """Stretch values onto [0, 1]; a constant image becomes all zeros."""
-    x = np.asarray(values, dtype=np.float64)
+    x = np.array(values, dtype=np.float64)
     lo, hi = float(np.min(x)), float(np.max(x))
     if hi <= lo:
         return np.zeros_like(x)
-    return (x - lo) / (hi - lo)
+    x -= lo
+    x /= hi - lo
+    return x
 
 
 def _lut_max(ds: Dataset, sequence: str) -> float:
