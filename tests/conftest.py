@@ -26,10 +26,16 @@ def params():
     return load_params(REPO_ROOT / "params.yaml")
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A callable returning a free TCP port on 127.0.0.1 (never the demo's fixed ports)."""
+    return _free_port
 
 
 @pytest.fixture

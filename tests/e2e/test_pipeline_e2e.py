@@ -1,0 +1,253 @@
+"""The whole pipeline on a small subset, with every part real.
+
+A fresh copy of the project (what a clone holds) in a temporary git repository; the real Prefect
+flow against a real Prefect server (Prefect's test harness); real DVC with its local remote; a real
+Great Expectations checkpoint; one epoch of Keras training; tf2onnx; the real `tritonserver`
+started by medops on free ports; answers read back with tritonclient and `medops predict`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.triton, pytest.mark.prefect, pytest.mark.dvc]
+
+SUBSET = 120  # images per official split
+
+
+def _copy_clone(repo_root: Path, dest: Path) -> None:
+    """Copy what a fresh clone holds (git-tracked files and those about to be), nothing generated."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=repo_root, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    for rel in listed:
+        src = repo_root / rel
+        if not src.is_file() or rel.startswith(("tests/", "benchmarks/")):
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_root, free_port):
+    from medops.config import update_params_file
+
+    root = tmp_path_factory.mktemp("clone")
+    _copy_clone(repo_root, root)
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    update_params_file(root / "params.yaml", {
+        "synth": {"max_images_per_split": SUBSET},
+        "train": {"epochs": 1, "batch_size": 32},
+        "serving": {**ports, "repository": str(root / ".medops" / "triton" / "repository")},
+        # a one-epoch model on 240 training images: the gate is set for it, and tested both ways
+        "gate": {"min_auc": 0.6, "min_accuracy": 0.5, "min_sensitivity": 0.0, "min_specificity": 0.0},
+    })
+    git = ["git", "-c", "user.name=medops-test", "-c", "user.email=test@medops.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=root, check=True)
+    subprocess.run(git + ["commit", "-qm", "clone"], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def paths(project):
+    from medops.paths import ProjectPaths
+
+    return ProjectPaths(project)
+
+
+@pytest.fixture(scope="module")
+def params(project):
+    from medops.config import load_params
+
+    return load_params(project / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def triton(paths, params):
+    from medops.serving.server import start_server, stop_server
+
+    cfg = params.serving
+    info = start_server(cfg, repository=cfg.repository_path(paths.root), state_dir=paths.state)
+    yield info
+    stop_server(paths.state)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def flow_run(project, paths, params, triton, prefect_api, monkeypatch_module):
+    from medops.demo import ensure_raw_data
+
+    monkeypatch_module.chdir(project)
+    monkeypatch_module.setenv("MEDOPS_ROOT", str(project))
+    monkeypatch_module.setenv("MEDOPS_DEID_KEY", "e2e-test-key")
+    venv_bin = str(Path(sys.executable).parent)
+    import os
+
+    monkeypatch_module.setenv("PATH", venv_bin + os.pathsep + os.environ.get("PATH", ""))
+    assert ensure_raw_data(paths, params) is True
+    from flows.training import training_pipeline
+
+    state = training_pipeline(project_root=str(project), return_state=True)
+    return state
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_flow_completes_and_deploys(flow_run, paths):
+    assert flow_run.is_completed(), flow_run.message
+    summary = flow_run.result()
+    gate = json.loads(paths.gate.read_text())
+    assert gate["passed"] is True, gate["reasons"]
+    assert summary["deployed"]["version"] == 1
+
+
+def test_every_stage_ran_through_dvc_and_is_up_to_date(flow_run, paths):
+    from medops import dvc
+
+    assert (paths.root / "dvc.lock").is_file()
+    lock = (paths.root / "dvc.lock").read_text()
+    for stage in ("ingest", "quality", "split", "train", "evaluate", "gate", "export"):
+        assert f"  {stage}:" in lock
+    assert dvc.status(paths.root) == {}
+
+
+def test_raw_data_is_versioned_and_pushed_and_recorded_with_the_model(flow_run, paths):
+    import onnx
+    import yaml
+
+    from medops import dvc
+
+    version = dvc.data_version(paths.root, paths.raw)
+    dvcfile = yaml.safe_load((paths.root / "data" / "raw.dvc").read_text())
+    assert version == dvcfile["outs"][0]["md5"]
+    assert json.loads(paths.train_result.read_text())["data_version"] == version
+    meta = {p.key: p.value for p in onnx.load(str(paths.onnx_model)).metadata_props}
+    assert meta["data_version"] == version
+    # pushed: the remote holds the directory manifest
+    remote = paths.root / "dvc-remote"
+    h = version.removesuffix(".dir")
+    assert list(remote.rglob(h[2:] + ".dir")), f"{version} not in the local remote"
+
+
+def test_no_phi_left_in_the_processed_metadata(flow_run, paths):
+    import pandas as pd
+    import pydicom
+
+    meta = pd.read_parquet(paths.metadata)
+    raw_files = sorted(paths.raw_dicom.rglob("*.dcm"))[:20]
+    originals = [pydicom.dcmread(f, stop_before_pixels=True) for f in raw_files]
+    text = meta.to_csv()
+    for ds in originals:
+        for value in (str(ds.PatientName), ds.PatientID, ds.AccessionNumber, ds.SOPInstanceUID,
+                      ds.StudyInstanceUID):
+            assert value not in text
+
+
+def test_quality_checkpoint_wrote_data_docs(flow_run, paths):
+    index = paths.quality_dir / "data_docs" / "index.html"
+    assert index.is_file()
+    assert "<html" in index.read_text().lower()
+
+
+def test_metrics_and_plots_are_dvc_metrics(flow_run, paths):
+    metrics = json.loads(paths.metrics.read_text())
+    for key in ("auc", "accuracy", "sensitivity", "specificity"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert (paths.plots / "roc.csv").is_file() and (paths.plots / "confusion.csv").is_file()
+
+
+def test_triton_answers_like_the_exported_model(flow_run, paths, params):
+    import onnxruntime as ort
+    import pandas as pd
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from medops.data import load_images
+
+    meta = pd.read_parquet(paths.metadata).head(8)
+    x = load_images(paths.ingested, meta)
+    expected = ort.InferenceSession(str(paths.onnx_model)).run(None, {"image": x})[0]
+    cfg = params.serving
+    with grpcclient.InferenceServerClient(cfg.grpc_url) as client:
+        inp = grpcclient.InferInput("image", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        got = client.infer(cfg.model_name, [inp]).as_numpy("probability")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    with httpclient.InferenceServerClient(cfg.http_url) as client:
+        inp = httpclient.InferInput("image", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        got = client.infer(cfg.model_name, [inp]).as_numpy("probability")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_medops_predict_on_dicom_and_on_a_broken_file(flow_run, paths, tmp_path, capsys):
+    from medops.cli import main
+
+    dicom_file = next(paths.raw_dicom.rglob("*.dcm"))
+    broken = tmp_path / "notes.dcm"
+    broken.write_text("this is not DICOM")
+    code = main(["--project", str(paths.root), "predict", "--json", str(dicom_file), str(broken)])
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert code == 1  # one file failed
+    ok, bad = lines
+    assert 0.0 <= ok["probability"] <= 1.0 and ok["label"] in ("normal", "pneumonia")
+    assert ok["model_version"] == "1"
+    assert bad["file"].endswith("notes.dcm") and bad["error"]
+
+
+def test_the_run_is_recorded_in_prefect_with_a_task_per_stage(flow_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def task_names():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.state_details.flow_run_id]))
+            )
+            return {r.name.rsplit("-", 1)[0] for r in runs}
+
+    import asyncio
+
+    names = asyncio.run(task_names())
+    for stage in ("ingest", "quality", "split", "train", "evaluate", "gate", "export", "deploy"):
+        assert any(stage in n for n in names), f"no task run for {stage}: {sorted(names)}"
+
+
+def test_a_stricter_gate_blocks_deployment_and_dvc_skips_training(flow_run, paths, params):
+    import tritonclient.grpc as grpcclient
+
+    from flows.training import training_pipeline
+
+    model_mtime = paths.keras_model.stat().st_mtime
+    state = training_pipeline(project_root=str(paths.root), min_auc=0.999, return_state=True)
+    assert state.is_completed(), state.message
+    gate = json.loads(paths.gate.read_text())
+    assert gate["passed"] is False
+    assert any("min_auc" in r and "fail" in r for r in gate["reasons"])
+    assert paths.keras_model.stat().st_mtime == model_mtime  # DVC skipped train: only gate re-ran
+    cfg = params.serving
+    with grpcclient.InferenceServerClient(cfg.grpc_url) as client:
+        versions = {m.version for m in client.get_model_repository_index().models if m.name == cfg.model_name}
+        ready = [v for v in ("1", "2") if client.is_model_ready(cfg.model_name, v)]
+    assert ready == ["1"], f"the blocked model must not be served (repository index {versions})"
