@@ -13,8 +13,10 @@ and recursively through sequences:
   stable across files and runs with the same key.
 - All private attributes are removed (E.3.10 is not claimed); so are curves and overlays
   (groups 50xx and 60xx), which can carry burned-in text.
-- Safety net beyond the table: any other person name (PN) is emptied, any other date or time
-  removed, any other free text (ST, LT, UT) removed, any other non-registered UID replaced.
+- The table holds about 300 of Table E.1-1's attributes (every patient, visit, order, person,
+  institution, device, date, free-text and UID row that an imaging export carries). A safety net
+  covers the rest: any other person name (PN) is emptied, any other date or time removed, any
+  other free text (ST, LT, UT) removed, any other non-registered UID replaced.
 - Options (PS3.15 E.3): Retain Patient Characteristics (E.3.7: sex and age kept, age recomputed
   from the original dates) is always on, because the metadata table carries them;
   Retain Longitudinal Temporal Information with Modified Dates (E.3.6) when
@@ -141,6 +143,46 @@ _PROFILE: dict[str, Action] = {
     "InstanceCreatorUID": "U", "StorageMediaFileSetUID": "U", "TransactionUID": "U",
     "IrradiationEventUID": "U", "ConcatenationUID": "U", "DimensionOrganizationUID": "U",
     "ReferencedSOPInstanceUID": "U",
+    # --- admissions, orders, results, reports, annotations, devices, specimens ---
+    "AcquisitionContextSequence": "X", "AcquisitionProtocolDescription": "X", "AdmittingDate": "X",
+    "AdmittingTime": "X", "CassetteID": "X", "ContentSequence": "X", "ContributionDateTime": "X",
+    "ContributionDescription": "X", "CurrentObserverTrial": "X", "DateTime": "X", "Date": "X",
+    "Time": "X", "DeviceDescription": "X", "DigitalSignatureUID": "X", "DischargeDate": "X",
+    "DischargeTime": "X", "EndAcquisitionDateTime": "X", "ExpectedCompletionDateTime": "X",
+    "GraphicAnnotationSequence": "X", "IconImageSequence": "X", "ImagePresentationComments": "X",
+    "Impressions": "X", "IntendedRecipientsOfResultsIdentificationSequence": "X",
+    "IssueDateOfImagingServiceRequest": "X", "IssueTimeOfImagingServiceRequest": "X",
+    "IssuerOfAdmissionID": "X", "IssuerOfServiceEpisodeID": "X", "MAC": "X",
+    "ModifyingDeviceID": "X", "ModifyingDeviceManufacturer": "X",
+    "NamesOfIntendedRecipientsOfResults": "X", "PreMedication": "X",
+    "ReferencedDigitalSignatureSequence": "X", "ReferencedSOPInstanceMACSequence": "X",
+    "ResultsIDIssuer": "X", "ResultsID": "X", "ReviewDate": "X", "ReviewTime": "X",
+    "ScheduledPatientInstitutionResidence": "X", "ScheduledProcedureStepStartDate": "X",
+    "ScheduledProcedureStepStartTime": "X", "ScheduledProcedureStepEndDate": "X",
+    "ScheduledProcedureStepEndTime": "X", "StudyIDIssuer": "X", "StudyVerifiedDate": "X",
+    "StudyVerifiedTime": "X", "StudyReadDate": "X", "StudyReadTime": "X", "TextString": "X",
+    "TopicAuthor": "X", "TopicKeywords": "X", "TopicSubject": "X", "TopicTitle": "X",
+    "AcquisitionDeviceProcessingCode": "X", "ScheduledProcedureStepSequence": "X",
+    "SecondaryCaptureDeviceID": "X", "DateOfSecondaryCapture": "X", "TimeOfSecondaryCapture": "X",
+    "DateOfLastCalibration": "X", "TimeOfLastCalibration": "X",
+    "DateOfLastDetectorCalibration": "X", "PlateID": "X", "RequestedProcedureLocation": "X",
+    "ReasonForRequestedProcedureCodeSequence": "X", "ConfidentialityCode": "X",
+    "ReferencedRequestSequence": "X", "ScheduledStationGeographicLocationCodeSequence": "X",
+    "PerformedStationGeographicLocationCodeSequence": "X", "ScheduledStationNameCodeSequence": "X",
+    "PerformedStationNameCodeSequence": "X", "InterpretationDiagnosisDescription": "X",
+    "InterpretationIDIssuer": "X", "InterpretationID": "X", "AnnotationGroupDescription": "X",
+    "LabelText": "X", "SlideIdentifier": "X", "SpecimenAccessionNumber": "X",
+    "SpecimenDetailedDescription": "X", "ContainerIdentifier": "X", "ContainerDescription": "X",
+    "AlternateContainerIdentifierSequence": "X", "VerifyingObserverIdentificationCodeSequence": "Z",
+    # --- more UIDs ---
+    "DoseReferenceUID": "U", "FailedSOPInstanceUIDList": "U", "FiducialUID": "U",
+    "LargePaletteColorLookupTableUID": "U", "ObservationUID": "U",
+    "ReferencedFrameOfReferenceUID": "U",
+    "ReferencedGeneralPurposeScheduledProcedureStepTransactionUID": "U",
+    "RelatedFrameOfReferenceUID": "U", "TemplateExtensionCreatorUID": "U",
+    "TemplateExtensionOrganizationUID": "U", "UID": "U", "MediaStorageSOPInstanceUID": "U",
+    "SpecimenUID": "U", "PaletteColorLookupTableUID": "U", "CreatorVersionUID": "U",
+    "TargetUID": "U", "ReferencedObservationUIDTrial": "U", "PatientSetupUID": "U",
     # --- the de-identification record itself (written afresh) ---
     "PatientIdentityRemoved": "K", "DeidentificationMethod": "K",
     "DeidentificationMethodCodeSequence": "K", "LongitudinalTemporalInformationModified": "K",

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import pydicom_file
 from medops import ingest
-from medops.config import IngestConfig, SynthConfig
+from medops.config import DeidConfig, IngestConfig, SynthConfig
 from medops.data import METADATA_COLUMNS, load_images, read_metadata, shard_path
 from medops.dicom import synth
 from medops.errors import IngestError
@@ -332,3 +332,10 @@ def test_labels_and_splits_from_folder_names_without_a_manifest(tmp_path):
     assert sorted(zip(md["manifest_split"], md["label"])) == sorted(
         [("train", 0)] * 2 + [("train", 1)] * 2 + [("test", 1)] * (len(files) - 4))
     assert ingest.labels_from_path("PAT00001/ST001/IM00001.dcm") == (None, None)
+
+
+def test_burned_in_annotation_is_used_only_when_allowed(export, tmp_path):
+    cfg = IngestConfig(workers=1, deid=DeidConfig(allow_burned_in=True))
+    res = ingest.run(cfg, source_dir=export["src"], out_dir=tmp_path, manifest=export["manifest"], key=KEY)
+    assert "burned_in_annotation" not in res.quarantined_by_reason
+    assert res.used == 14 + 1
