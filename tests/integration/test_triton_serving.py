@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -377,3 +378,18 @@ def test_server_down_is_a_clear_error(files, protocol, free_port):
     with pytest.raises(ServingError, match=f"cannot reach Triton at {url} over {protocol}"):
         predict_files([files["cr"]], url=url, protocol=protocol, model_name="m", image_size=S,
                       timeout=5)
+
+
+def test_triton_exposes_the_metrics_the_autoscaler_reads(triton, deployed, files):
+    """deploy/k8s scales on Triton metrics by name: the real server must export them, per model."""
+    import urllib.request
+
+    from test_deploy_manifests import triton_metrics_used
+
+    predict_files([files["cr"]], url=triton["info"].grpc_url, model_name=triton["cfg"].model_name,
+                  image_size=S)
+    with urllib.request.urlopen(triton["info"].metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    for metric in triton_metrics_used():
+        assert re.search(rf'^{metric}\{{model="{triton["cfg"].model_name}",version="2"\}} \d',
+                         text, re.M), f"{metric} missing from Triton's /metrics"
