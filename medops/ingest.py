@@ -421,7 +421,7 @@ def _fingerprint(cfg: IngestConfig, key: bytes, frame: str) -> str:
 class _Previous:
     """The outputs of an earlier run with the same fingerprint."""
 
-    files: dict[str, dict[str, Any]]             # rel -> {size, mtime_ns, sha256}
+    files: dict[str, str]                        # rel -> sha256
     used: dict[str, dict[str, Any]]              # sha256 -> metadata row
     quarantined: dict[str, tuple[str, str]]      # rel -> (reason, detail)
     metadata: Any                                # the DataFrame as read
@@ -454,9 +454,12 @@ def _load_previous(out_dir: Path, fingerprint: str) -> _Previous | None:
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return ""  # unreadable: the worker will say why
     return h.hexdigest()
 
 
@@ -569,24 +572,18 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     dicom_dir.mkdir(parents=True, exist_ok=True)
 
     # which files need decoding: content never seen, or a reason that depends on other inputs
-    index: dict[str, dict[str, Any]] = {}
+    index: dict[str, str] = {}  # rel -> sha256; content only, so the output is reproducible
     reuse: dict[str, dict[str, Any] | tuple[str, str]] = {}
     for rel in files:
-        st = (source_dir / rel).stat()
-        known = previous.files.get(rel) if previous else None
-        if known and known["size"] == st.st_size and known["mtime_ns"] == st.st_mtime_ns:
-            sha = known["sha256"]
-        elif previous is not None:
-            sha = _sha256_file(source_dir / rel)
-        else:
-            sha = ""  # a full run: the worker hashes the bytes it reads anyway
-        index[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+        # a full run lets the workers hash the bytes they read anyway
+        sha = _sha256_file(source_dir / rel) if previous is not None else ""
+        index[rel] = sha
         if previous is None:
             continue
         if sha in previous.used:
             reuse[rel] = previous.used[sha]
         elif rel in previous.quarantined and previous.quarantined[rel][0] in _INTRINSIC \
-                and known and known["sha256"] == sha:
+                and previous.files.get(rel) == sha:
             reuse[rel] = previous.quarantined[rel]
     to_process = [rel for rel in files if rel not in reuse]
 
@@ -633,7 +630,7 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
                 assert outcome.path == rel, (outcome.path, rel)
                 reason, detail, record, image, sha = (outcome.reason, outcome.detail, outcome.record,
                                                       outcome.image, outcome.sha256)
-                index[rel]["sha256"] = sha
+                index[rel] = sha
                 if reason is None and labels is None:
                     record["label"], record["manifest_split"] = labels_from_path(rel)
             if reason is None:
