@@ -67,3 +67,8 @@ class DvcError(MedopsError):
 
 class PrefectServerError(MedopsError):
     """The local Prefect server could not be started, reached or stopped."""
+
+
+class DistributionError(MedopsError):
+    """A distribution plan cannot be carried out here (devices already initialised, a cluster
+    that does not match TF_CONFIG, a replica count that differs from the plan)."""
