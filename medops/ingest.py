@@ -5,18 +5,21 @@ Inputs:  ``source_dir``: every file below it, any name, any depth (nothing is sk
          ``manifest`` (optional): CSV or Parquet with ``label`` (0/1, may be empty), optionally
          ``split``, and ``sop_instance_uid`` (the ORIGINAL SOP Instance UID) and/or ``path``
          (relative to source_dir) to match files. With a manifest, a file it does not list is
-         quarantined as ``no_label``.
+         quarantined as ``no_label``; without one, labels and splits come from folder names
+         (``NORMAL`` / ``PNEUMONIA``, ``train`` / ``val`` / ``test``) where there are any.
 Outputs: below ``out_dir``, exactly as :mod:`medops.data` documents: ``dicom/`` (de-identified
          files, PS3.15 Annex E), ``arrays/shard-NNNNN.npy`` (float32 (n, S, S) in [0, 1]),
          ``metadata.parquet`` (METADATA_COLUMNS, one row per used image, pseudonymous UIDs only)
          and ``quarantine.csv`` (``path`` relative to source_dir, ``reason``, ``detail``; written
-         even when empty).
+         even when empty); ``ingest_index.json`` (settings fingerprint and each source file's
+         SHA-256, for incremental runs).
 Params:  ``ingest`` (image_size, window, workers, shard_size, deid).
 
 Files are read, de-identified and decoded in ``workers`` processes, a chunk of files per task so
 that inter-process traffic does not dominate; the parent assigns rows to shards in source-path
 order, so the output does not depend on the number of workers. Shards are written as they fill,
-so memory stays bounded by a few chunks and one shard.
+so memory stays bounded by a few chunks and one shard. A re-run over a grown export decodes only
+the new content (see :func:`run`); the same inputs always give byte-identical outputs.
 """
 
 from __future__ import annotations
@@ -224,7 +227,8 @@ def process_file(rel: str) -> FileOutcome:
         _write_atomically(ds, _STATE["dicom_dir"].parent / rel_deid)
     except Exception as exc:  # never keep a half-de-identified file, never stop the stage
         out.reason = QuarantineReason.DEID_FAILED.value
-        out.detail = f"{type(exc).__name__}: {exc}"
+        # the type only: a message could quote a header value, and this lands in quarantine.csv
+        out.detail = f"could not de-identify or write the file ({type(exc).__name__})"
         return out
     out.image = image
     out.record = {
