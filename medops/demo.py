@@ -73,8 +73,8 @@ def start_services(paths: ProjectPaths, params: Params) -> list[str]:
     lines.append(f"Prefect server: {params.prefect.ui_url} (pid {info.pid})")
     cfg = params.serving
     status = server_status(paths.state)
-    if getattr(status, "running", False):
-        lines.append(f"Triton already running (pid {status.pid})")
+    if status.running:
+        lines.append(f"Triton already running (pid {status.info.pid})")
     else:
         tinfo = start_server(cfg, repository=cfg.repository_path(paths.root), state_dir=paths.state)
         lines.append(f"Triton: HTTP {cfg.http_url}, gRPC {cfg.grpc_url}, metrics "

@@ -88,16 +88,36 @@ def _da(day: dt.date) -> str:
 
 
 def load_pneumoniamnist(source_npz: Path, max_per_split: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{split: (images uint8 (N, H, W), labels int (N,))}``, the first ``max_per_split`` of each."""
+    """``{split: (images uint8 (N, H, W), labels int (N,))}``, at most ``max_per_split`` of each.
+
+    A subset keeps the split's class balance (see ``stratified_head``): the official files are
+    ordered so that the first images of a split can all share one label.
+    """
     with np.load(source_npz) as npz:
         out = {}
         for split in SPLITS:
             images = np.asarray(npz[f"{split}_images"], dtype=np.uint8)
             labels = np.asarray(npz[f"{split}_labels"]).reshape(-1).astype(int)
-            if max_per_split is not None:
-                images, labels = images[:max_per_split], labels[:max_per_split]
+            if max_per_split is not None and max_per_split < len(labels):
+                keep = stratified_head(labels, max_per_split)
+                images, labels = images[keep], labels[keep]
             out[split] = (images, labels)
     return out
+
+
+def stratified_head(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of ``n`` images: the first of each label, in the labels' proportions, in file order.
+
+    Every label present keeps at least one image, so a small subset still has both classes.
+    """
+    values, counts = np.unique(labels, return_counts=True)
+    quota = np.maximum(1, np.floor(counts / counts.sum() * n).astype(int))
+    while quota.sum() < n:  # hand out what flooring left over, largest class first
+        quota[np.argmax(counts - quota)] += 1
+    while quota.sum() > n:
+        quota[np.argmax(quota)] -= 1
+    keep = [np.flatnonzero(labels == v)[:q] for v, q in zip(values, quota)]
+    return np.sort(np.concatenate(keep))
 
 
 def group_into_patients(labels_by_split: dict[str, np.ndarray], images_per_patient: tuple[int, int],
