@@ -47,7 +47,7 @@ def test_pixels_and_labels_are_the_datasets_own(small):
         ds = pydicom.dcmread(out / "dicom" / row["path"])
         images, labels = data[row["split"]]
         matches = np.flatnonzero((images == ds.pixel_array).all(axis=(1, 2)))
-        assert matches, f"{row['path']} holds no image of the {row['split']} split"
+        assert matches.size, f"{row['path']} holds no image of the {row['split']} split"
         assert any(int(labels[i]) == int(row["label"]) for i in matches)
 
 
