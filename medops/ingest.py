@@ -44,9 +44,10 @@ import numpy as np
 from pydantic import BaseModel
 
 from medops.config import IngestConfig
-from medops.data import ARRAYS_DIR, METADATA_COLUMNS, shard_path
 from medops.errors import DicomReadError, IngestError, QuarantineReason
 
+# medops.data (and so pandas) is imported inside the functions that need it: the worker
+# processes import this module, and pandas would double their start-up time for nothing
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
@@ -373,6 +374,8 @@ class _ShardWriter:
         return where
 
     def flush(self) -> None:
+        from medops.data import shard_path
+
         if not self.buffer:
             return
         path = shard_path(self.root, self.shards)
@@ -437,6 +440,8 @@ def _load_previous(out_dir: Path, fingerprint: str) -> _Previous | None:
 
     import pandas as pd
 
+    from medops.data import METADATA_COLUMNS
+
     try:
         index = json.loads((out_dir / INDEX_NAME).read_text())
         if index.get("fingerprint") != fingerprint:
@@ -469,6 +474,8 @@ def _sha256_file(path: Path) -> str:
 
 def _reset_outputs(out_dir: Path) -> None:
     """Remove this stage's previous outputs (and only those) so no stale shard or file survives."""
+    from medops.data import ARRAYS_DIR
+
     for sub in ("dicom", ARRAYS_DIR, _STAGING):
         if (out_dir / sub).exists():
             shutil.rmtree(out_dir / sub)
@@ -493,6 +500,7 @@ def _progress_callback(progress: bool | Progress | None, total: int) -> tuple[Pr
 
 def metadata_frame(records: Iterable[dict[str, Any]]):
     """The metadata table with the documented columns and dtypes (label/age nullable Int64)."""
+    from medops.data import METADATA_COLUMNS
     import pandas as pd
 
     df = pd.DataFrame(list(records), columns=list(METADATA_COLUMNS))
@@ -554,6 +562,7 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
         IngestError: the source folder is missing or the manifest is unusable. A bad file never
             raises: it is quarantined.
     """
+    from medops.data import ARRAYS_DIR, METADATA_COLUMNS, shard_path
     import json
 
     from medops.dicom.deid import pseudonymize_uid, resolve_deid_key
