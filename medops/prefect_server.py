@@ -211,8 +211,9 @@ def stop_prefect(state_dir: Path, timeout: float = 20.0) -> bool:
             time.sleep(0.2)
         if _is_prefect_process(pid):
             _signal_group(pid, signal.SIGKILL)
-            time.sleep(0.2)
-            _reap(pid)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _is_prefect_process(pid):
+                time.sleep(0.1)
         stopped = True
     pid_file(state_dir).unlink(missing_ok=True)
     return stopped
