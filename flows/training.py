@@ -92,6 +92,8 @@ def run_stage(paths: ProjectPaths, name: str) -> dict[str, Any]:
         raise
     logger.info("dvc repro %s:\n%s", name, _tail(output))
     result = read_stage_result(name, paths)
+    for warning in result.get("warnings") or []:  # e.g. non-critical data-quality expectations
+        logger.warning("%s: %s", name, warning)
     create_markdown_artifact(key=f"stage-{name}", markdown=render_markdown(f"Stage `{name}`", result),
                              description=f"result of the {name} stage")
     return result
