@@ -21,11 +21,13 @@ Not a DVC stage: it changes a running server. The CLI and the Prefect flow call 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel
@@ -43,6 +45,7 @@ from medops.serving.contract import (
 from medops.serving.server import ADMIN_KEY_ENV, admin_headers, admin_key_from_env
 from medops.serving.repository import (
     GOLDEN_FILE,
+    LOCK_FILE,
     VERSION_INFO,
     list_versions,
     remove_version,
@@ -200,6 +203,24 @@ class _Connection:
 
     def __exit__(self, *exc: object) -> None:
         self.client.close()
+
+
+@contextlib.contextmanager
+def _exclusive(repository: Path) -> Iterator[None]:
+    """One deploy or rollback at a time per repository (a Prefect retry racing a CLI deploy
+    would otherwise pick the same version number or re-pin under each other)."""
+    repository.mkdir(parents=True, exist_ok=True)
+    with open(repository / LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServingError(
+                f"another deploy or rollback is running on {repository}; try again when it is done"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -408,7 +429,7 @@ def deploy(
                                  max_bytes=max_bytes, max_pixels=max_pixels)
     contract = ec.classifier
     repository = Path(repository)
-    with _Connection(url, protocol, admin_key) as client:
+    with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
         previous = served_version(repository, contract.name)
         version, version_dir = write_version(contract, repository, Path(onnx), flavour="embedded",
                                              golden=golden)
@@ -502,7 +523,7 @@ def rollback(
                            f"(versions on disk: {versions or 'none'})")
     url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
     golden = repository / contract.name / str(to_version) / GOLDEN_FILE
-    with _Connection(url, protocol, admin_key) as client:
+    with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
         try:
             _switch(client, ec, repository, current, to_version, timeout)
             diff = None

@@ -28,6 +28,7 @@ from medops.serving.contract import (
 
 GOLDEN_FILE = "golden.npz"  # export's golden samples, kept in each version folder
 VERSION_INFO = "deploy.json"  # the DeployResult of a version, written once it serves
+LOCK_FILE = ".deploy.lock"  # held by a running deploy/rollback (Triton ignores files here)
 
 BACKENDS_DIR = Path(__file__).resolve().parent / "backends"
 CLASSIFIER_BACKEND = BACKENDS_DIR / "onnx_classifier.py"

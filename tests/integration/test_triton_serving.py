@@ -393,3 +393,29 @@ def test_triton_exposes_the_metrics_the_autoscaler_reads(triton, deployed, files
     for metric in triton_metrics_used():
         assert re.search(rf'^{metric}\{{model="{triton["cfg"].model_name}",version="2"\}} \d',
                          text, re.M), f"{metric} missing from Triton's /metrics"
+
+
+def test_a_second_deploy_at_the_same_time_is_refused(triton, deployed):
+    import fcntl
+
+    with open(triton["repo"] / ".deploy.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running deploy holds it
+        with pytest.raises(ServingError, match="another deploy or rollback is running"):
+            rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
+                     image_size=S)
+    assert served_version(triton["repo"], triton["cfg"].model_name) == 2
+
+
+def test_a_restarted_server_serves_what_was_deployed(triton, deployed, files):
+    """Stop and start on the same repository: every model (classifier pinned to v2, ensemble,
+    pre/postprocessing) loads at startup, so answers are unchanged. Runs last: it restarts the
+    module's server."""
+    from medops.serving.server import start_server, stop_server
+
+    assert stop_server(triton["state"])
+    info = start_server(triton["cfg"], repository=triton["repo"], state_dir=triton["state"])
+    assert info.grpc_url == triton["info"].grpc_url
+    preds = predict_files([files["ct"], files["cr"]], url=info.grpc_url,
+                          model_name=triton["cfg"].model_name, image_size=S)
+    assert [p.model_version for p in preds] == ["2", "2"]
+    assert preds[1].probability == pytest.approx(expected_probability(files["cr"], **V2), abs=1e-5)
