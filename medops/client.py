@@ -200,6 +200,28 @@ def preprocess_files(
     return out
 
 
+# Keep each ensemble request well under gRPC's 2 GiB message limit however large the files are.
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
+
+
+def chunk_requests(indices: Sequence[int], weights: Sequence[int], *, max_items: int,
+                   max_bytes: int) -> list[list[int]]:
+    """Split ``indices`` in order into requests of at most ``max_items`` items and (unless a single
+    item is larger on its own) at most ``max_bytes`` of summed ``weights``."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for index, weight in zip(indices, weights):
+        if current and (len(current) >= max_items or total + weight > max_bytes):
+            chunks.append(current)
+            current, total = [], 0
+        current.append(index)
+        total += weight
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def predict_files(
     paths: Iterable[Path | str],
     *,
@@ -253,8 +275,8 @@ def predict_files(
     try:
         _check_ready(client, url=url, protocol=protocol, model_name=target)
         size = batch_size or _max_batch_size(client, protocol, target) or 1
-        for start in range(0, len(todo), size):
-            chunk = todo[start:start + size]
+        weights = [len(items[i][1]) if via == "ensemble" else 0 for i in todo]
+        for chunk in chunk_requests(todo, weights, max_items=size, max_bytes=MAX_REQUEST_BYTES):
             try:
                 if via == "ensemble":
                     probs, labels, errors, version = infer_dicom(

@@ -10,6 +10,7 @@ import pytest
 from conftest import pydicom_file
 from medops.client import (
     Prediction,
+    chunk_requests,
     format_predictions,
     label_for,
     predict_files,
@@ -107,3 +108,10 @@ def test_json_lines_round_trip():
     assert rows[1] == {"file": "notes.txt", "probability": None, "label": None,
                        "model_version": None, "error": "not_dicom: notes.txt is not a DICOM file"}
     assert [Prediction.model_validate(r) for r in rows] == PREDS
+
+
+def test_requests_are_split_by_count_and_by_bytes():
+    idx = [0, 2, 3, 5, 6]
+    assert chunk_requests(idx, [0] * 5, max_items=2, max_bytes=10) == [[0, 2], [3, 5], [6]]
+    assert chunk_requests(idx, [4, 4, 4, 20, 1], max_items=64, max_bytes=10) == [[0, 2], [3], [5], [6]]
+    assert chunk_requests([], [], max_items=4, max_bytes=10) == []
