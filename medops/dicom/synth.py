@@ -314,9 +314,9 @@ def run(cfg: SynthConfig, *, source_npz: Path, out_dir: Path) -> SynthResult:
                 ds = build_dataset(cfg, pixels, patient=patient, study=study, instance=instance,
                                    sop_uid=sop_uid, series_uid=series_uid, rng=rng)
                 rel = Path(f"PAT{p_number:05d}") / f"ST{s_number:03d}" / f"IM{instance:05d}.dcm"
-                target = dicom_dir / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                pydicom.dcmwrite(target, ds, enforce_file_format=True)
+                if instance == 1:
+                    (dicom_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                pydicom.dcmwrite(dicom_dir / rel, ds, enforce_file_format=True)
                 manifest_rows.append((sop_uid, rel.as_posix(), image.label, image.split))
             pos += n
             day = day + dt.timedelta(days=int(rng.integers(3, 60)))
