@@ -96,7 +96,10 @@ def run_onnx(onnx_model: bytes | Path, images: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     source = str(onnx_model) if isinstance(onnx_model, Path) else onnx_model
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for invalid graphs
+        raise ExportParityError(f"the exported ONNX model does not load in onnxruntime: {exc}") from exc
     return session.run([OUTPUT_NAME], {INPUT_NAME: np.asarray(images, dtype=np.float32)})[0]
 
 

@@ -24,6 +24,9 @@ OUTPUT_NAME = "probability"
 # name -> "module:function"
 MODELS: dict[str, str] = {
     "simple_cnn": "medops.models.simple_cnn:build",
+    "resnet": "medops.models.resnet:build",
+    "efficientnet_b0": "medops.models.efficientnet:build",
+    "vit": "medops.models.vit:build",
 }
 
 

@@ -101,3 +101,21 @@ def test_failed_parity_leaves_no_onnx_file(exported, tmp_path, monkeypatch):
             train_result=trained["train_result"], onnx_out=tmp_path / "model.onnx", result_out=tmp_path / "export.json",
         )
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "export.json").exists()
+
+
+# EfficientNetB0 converts too (checked by hand: max diff 6e-8) but takes ~45 s on 2 cores.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["simple_cnn", "resnet", "vit"])
+def test_every_fast_architecture_converts_with_parity(name):
+    from medops.config import TrainConfig
+    from medops.models import build_model
+
+    model = build_model(name, TrainConfig(model=name, filters=[8, 16, 32], dense_units=16), (28, 28, 1))
+    proto = export.convert_to_onnx(model, 28, 17, {"data_version": "v"})
+    x = np.random.default_rng(0).random((16, 28, 28, 1), dtype=np.float32)
+    assert export.check_parity(model.predict(x, verbose=0), export.run_onnx(proto.SerializeToString(), x), 1e-4) <= 1e-4
+
+
+def test_a_model_onnxruntime_cannot_load_is_a_parity_error():
+    with pytest.raises(ExportParityError, match="does not load in onnxruntime"):
+        export.run_onnx(b"not an onnx model", np.zeros((1, 28, 28, 1), np.float32))

@@ -10,7 +10,9 @@ from medops.errors import ConfigError
 from medops.models import INPUT_NAME, MODELS, OUTPUT_NAME, build_model
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "efficientnet_b0" else n for n in sorted(MODELS)]
+)
 def test_every_registered_model_has_the_contract_names_and_shapes(name):
     cfg = TrainConfig(model=name, filters=[8, 16, 32], dense_units=16)
     model = build_model(name, cfg, (28, 28, 1))
@@ -30,6 +32,19 @@ def test_simple_cnn_follows_its_config():
     assert len([layer for layer in model.layers if layer.name.startswith("pool")]) == 3
     assert model.get_layer("dense").units == 10
     assert model.get_layer("dropout").rate == 0.25
+
+
+def test_resnet_efficientnet_and_vit_follow_their_config():
+    cfg = TrainConfig(filters=[8, 16, 24], dropout=0.2)
+    resnet = build_model("resnet", cfg, (28, 28, 1))
+    assert [resnet.get_layer(f"s{i}b1_conv1").filters for i in (1, 2, 3)] == [8, 16, 24]
+    assert resnet.get_layer("s3b2_out").output.shape[1:] == (7, 7, 24)  # two stride-2 stages
+    eff = build_model("efficientnet_b0", cfg, (28, 28, 1))
+    assert eff.get_layer("upsample").output.shape[1:] == (32, 32, 1)  # EfficientNet needs >= 32 px
+    assert build_model("efficientnet_b0", cfg, (64, 64, 1)).inputs[0].shape[1:] == (64, 64, 1)
+    vit = build_model("vit", cfg, (28, 28, 1))
+    assert vit.get_layer("tokens").output.shape[1:] == (49, 24)  # a 7x7 grid of dim-24 tokens
+    assert len([layer for layer in vit.layers if layer.name.endswith("_mha")]) == 3
 
 
 def test_unknown_model_lists_the_choices():

@@ -140,3 +140,16 @@ def test_part_b_options_early_stopping_class_weights_cosine_tensorboard(trained,
     scores = keras.saving.load_model(tmp_path / "m.keras", compile=False).predict(x_val, verbose=0)[:, 0]
     assert ((scores >= result.decision_threshold)[y_val == 1]).mean() >= 0.95
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_other_architectures_go_through_the_same_train_path(trained, tmp_path, name):
+    cfg = TrainConfig(model=name, epochs=1, batch_size=64, filters=[8, 16, 16], dense_units=16)
+    result = train_stage.run(
+        cfg, AugmentConfig(), ingested_dir=trained["ingested"], split=trained["split"],
+        model_out=tmp_path / "m.keras", result_out=tmp_path / "t.json", data_version="v",
+    )
+    assert result.model == name and result.epochs_run == 1
+    model = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    assert model.name == name and model.output_names == ["probability"]
