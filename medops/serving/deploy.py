@@ -48,7 +48,10 @@ from medops.serving.repository import (
     LOCK_FILE,
     VERSION_INFO,
     list_versions,
+    processing_files,
     remove_version,
+    restore_files,
+    snapshot_files,
     served_version,
     write_config,
     write_ensemble,
@@ -298,16 +301,22 @@ def check_candidate(
 
 
 def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None,
-            new: int | None, timeout: float) -> None:
+            new: int | None, timeout: float, *,
+            restore: dict[str, bytes | None] | None = None) -> None:
     """Serve classifier version ``new`` (and the ensemble pinned to it) instead of ``old``.
 
     No gap: both classifier versions are loaded while the ensemble is re-pinned (Triton keeps
     the old ensemble answering until the new one is ready); then ``old`` is unloaded.
     ``new`` None unloads the classifier and the ensemble (nothing was served before).
+    The pre/postprocessing models are rendered from ``ec``, or, when undoing a failed deploy,
+    put back as ``restore`` (a ``snapshot_files`` taken before) and reloaded.
     """
     c, repository = ec.classifier, Path(repository)
+    processing = (ec.preprocess_name, ec.postprocess_name)
+    if restore is not None:
+        restore_files(repository, restore)
     if new is None:
-        for name in (ec.ensemble_name, c.name):
+        for name in (ec.ensemble_name, c.name, *(processing if restore is not None else ())):
             (repository / name / "config.pbtxt").unlink(missing_ok=True)
             try:
                 client.unload_model(name)
@@ -319,8 +328,9 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
     write_config(c, repository, "embedded", versions=both)
     client.load_model(c.name)
     wait_version_ready(client, c.name, new, timeout)
-    changed = write_processing_models(ec, repository, "embedded")
-    for name in (ec.preprocess_name, ec.postprocess_name):
+    changed = (list(processing) if restore is not None
+               else write_processing_models(ec, repository, "embedded"))
+    for name in processing:
         if name in changed or not client.is_model_ready(name):
             client.load_model(name)
     write_ensemble(ec, repository, new)
@@ -445,6 +455,7 @@ def deploy(
                 f"not serving {contract.name!r} version {version}: candidate check failed: "
                 f"{_why(exc)}; {kept}"
             ) from None
+        before = snapshot_files(repository, processing_files(ec, "embedded"))
         try:
             _switch(client, ec, repository, previous, version, timeout)
             diff = check_golden(client, protocol=protocol, name=contract.name, images=images,
@@ -453,7 +464,7 @@ def deploy(
         except Exception as exc:  # noqa: BLE001
             remove_version(repository, contract.name, version)
             try:
-                _switch(client, ec, repository, None, previous, timeout)
+                _switch(client, ec, repository, None, previous, timeout, restore=before)
             except Exception as again:  # noqa: BLE001
                 kept = f"restoring version {previous} failed too: {_why(again)}"
             remove_version(repository, ec.ensemble_name, version)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from medops.serving.contract import (
     ONNX_FILENAME,
@@ -158,6 +158,25 @@ def processing_files(ec: EnsembleContract, flavour: Flavour) -> dict[str, bytes]
         files[f"{name}/config.pbtxt"] = render(ec, flavour).encode()
         files[f"{name}/1/{PYTHON_FILENAME}"] = (BACKENDS_DIR / backend).read_bytes()
     return files
+
+
+def snapshot_files(repository: Path, rels: Iterable[str]) -> dict[str, bytes | None]:
+    """The current content of ``rels`` under ``repository`` (None: absent), for restore_files."""
+    out: dict[str, bytes | None] = {}
+    for rel in rels:
+        path = Path(repository) / rel
+        out[rel] = path.read_bytes() if path.is_file() else None
+    return out
+
+
+def restore_files(repository: Path, snapshot: dict[str, bytes | None]) -> None:
+    """Put files back as ``snapshot_files`` found them (deleting those that were absent)."""
+    for rel, data in snapshot.items():
+        path = Path(repository) / rel
+        if data is None:
+            path.unlink(missing_ok=True)
+        else:
+            _write_if_changed(path, data)
 
 
 def write_processing_models(ec: EnsembleContract, repository: Path, flavour: Flavour) -> list[str]:

@@ -338,6 +338,26 @@ def test_a_version_that_disagrees_with_its_golden_samples_is_not_served(triton, 
     assert_v2_serves(triton, files)
 
 
+def test_a_version_that_fails_once_promoted_is_undone_with_its_settings(triton, deployed, files):
+    # Settings that break the ensemble (the smoke DICOM has 28 x 28 pixels): the candidate check
+    # passes (it tests the classifier), the check after promotion fails, and everything goes
+    # back to what it was: v2, and the preprocessing model's previous limit.
+    from medops.serving.repository import read_config
+
+    with pytest.raises(ServingError) as err:
+        deploy_other(triton, "too_strict", w=1.0, b=0.0, max_pixels=100)
+    msg = str(err.value)
+    assert "version 3: it failed once promoted: DICOM check" in msg and "too_large" in msg
+    assert msg.endswith("version 2 is still served")
+    pre = read_config(triton["repo"], f"{triton['cfg'].model_name}_preprocess")
+    assert pre.parameters["max_pixels"].string_value == str(MAX_PIXELS)
+    assert not (triton["repo"] / f"{triton['cfg'].model_name}_dicom" / "3").exists()
+    assert_v2_serves(triton, files)
+    [ct] = predict_files([files["ct"]], url=triton["info"].grpc_url,
+                         model_name=triton["cfg"].model_name, image_size=S)
+    assert ct.error is None  # 128 x 128 passes the restored limit again
+
+
 def test_golden_tolerance_is_respected(triton, deployed, files):
     # The same drift passes with a tolerance above it, and the new version then serves; roll back.
     result = deploy_other(triton, "tolerated", w=2.0, b=0.0, golden={"w": 2.0, "b": 0.001},
