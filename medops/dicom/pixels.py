@@ -136,6 +136,31 @@ def _lut_max_palette(ds: Dataset) -> float:
     return float(2 ** (8 if bits == 8 else 16) - 1)
 
 
+def _grayscale_values(values: np.ndarray, ds: Dataset, window: "Window | None",
+                      photometric: str) -> np.ndarray:
+    """Modality LUT -> VOI -> presentation for any array of stored values (pointwise)."""
+    unit = apply_voi_to_unit(apply_modality_lut(values, ds), ds, window)
+    return 1.0 - unit if photometric == "MONOCHROME1" else unit
+
+
+def apply_grayscale_pipeline(arr: np.ndarray, ds: Dataset, window: "Window | None",
+                             photometric: str) -> np.ndarray:
+    """The grayscale pipeline of PS3.4 N.2.1.1 (modality LUT, VOI, presentation) onto [0, 1].
+
+    Every step maps one stored value to one output value (min-max too, once the image's range is
+    fixed), so for integer images it is computed once per distinct value in ``min..max`` and then
+    looked up: the same numbers as applying it pixel by pixel, at a fraction of the cost for
+    large images (a 512 x 512 CT slice has ~262,000 pixels but at most 4,096 values in 12 bits).
+    """
+    if arr.dtype.kind in "iu" and arr.size > 4096:
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi - lo + 1 <= arr.size // 4:
+            domain = np.arange(lo, hi + 1, dtype=arr.dtype)  # lo..hi occur in arr: the dtype holds them
+            lut = _grayscale_values(domain, ds, window, photometric).astype(np.float32)
+            return lut[np.subtract(arr, lo, dtype=np.int32)]
+    return _grayscale_values(arr, ds, window, photometric)
+
+
 def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
     """Resize a 2-D float image to ``image_size`` x ``image_size`` (Pillow bilinear, antialiased)."""
     if image.shape == (image_size, image_size):
@@ -171,10 +196,7 @@ def prepare_image(ds: Dataset, *, image_size: int, window: "Window | None" = Non
                                      QuarantineReason.UNSUPPORTED_PIXELS)
             unit = _colour_to_unit(arr, ds, photometric)
         elif photometric in ("MONOCHROME1", "MONOCHROME2"):
-            values = apply_modality_lut(arr, ds)
-            unit = apply_voi_to_unit(values, ds, window)
-            if photometric == "MONOCHROME1":
-                unit = 1.0 - unit
+            unit = apply_grayscale_pipeline(arr, ds, window, photometric)
         else:
             raise DicomReadError(f"unsupported photometric interpretation {photometric!r}",
                                  QuarantineReason.UNSUPPORTED_PIXELS)
@@ -183,7 +205,7 @@ def prepare_image(ds: Dataset, *, image_size: int, window: "Window | None" = Non
     except Exception as exc:
         raise DicomReadError(f"cannot apply the display pipeline: {type(exc).__name__}: {exc}",
                              QuarantineReason.UNSUPPORTED_PIXELS) from exc
-    unit = np.nan_to_num(np.asarray(unit, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+    unit = np.nan_to_num(np.asarray(unit), nan=0.0, posinf=1.0, neginf=0.0)
     if unit.ndim == 3 and frame == "max" and number_of_frames(ds) > 1:
         unit = unit.max(axis=0)  # maximum intensity projection over frames
     if unit.ndim != 2:

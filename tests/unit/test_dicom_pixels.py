@@ -200,3 +200,20 @@ def test_ybr_full_grey_is_its_luma():
     ds = make_dataset(ybr, photometric="YBR_FULL", samples=3)
     np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2),
                                np.array([[0, 60], [128, 255]]) / 255, atol=1.5 / 255)
+
+
+@pytest.mark.parametrize("photometric,signed", [("MONOCHROME1", False), ("MONOCHROME2", True)])
+def test_lookup_table_path_gives_the_pixelwise_numbers(photometric, signed):
+    # large integer images go through a per-value lookup table; it must equal the pixelwise math
+    rng = np.random.default_rng(1)
+    dtype = np.int16 if signed else np.uint16
+    lo = -2048 if signed else 0
+    values = rng.integers(lo, lo + 4096, size=(128, 128)).astype(dtype)
+    ds = make_dataset(values, photometric=photometric, bits_stored=12, signed=signed,
+                      RescaleSlope="0.5", RescaleIntercept="-30", WindowCenter="100", WindowWidth="700")
+    fast = pixels.apply_grayscale_pipeline(values, ds, None, photometric)
+    slow = pixels._grayscale_values(values, ds, None, photometric).astype(np.float32)
+    np.testing.assert_array_equal(fast, slow)
+    no_window = make_dataset(values, photometric=photometric, bits_stored=12, signed=signed)
+    np.testing.assert_array_equal(pixels.apply_grayscale_pipeline(values, no_window, None, photometric),
+                                  pixels._grayscale_values(values, no_window, None, photometric).astype(np.float32))
