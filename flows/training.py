@@ -90,7 +90,7 @@ def run_stage(paths: ProjectPaths, name: str) -> dict[str, Any]:
         if name == "quality":
             _raise_quality_failure(paths)
         raise
-    logger.info("dvc repro %s:\n%s", name, _tail(output))
+    logger.info("dvc repro --single-item %s: %s", name, summarize_repro(output))
     result = read_stage_result(name, paths)
     for warning in result.get("warnings") or []:  # e.g. non-critical data-quality expectations
         logger.warning("%s: %s", name, warning)
@@ -235,5 +235,11 @@ def render_markdown(title: str, result: dict[str, Any]) -> str:
     return "\n".join(out + sections) + "\n"
 
 
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
+_REPRO_LINES = ("Running stage", "Stage '", "Generating lock file", "Updating lock file",
+                "Data and pipelines are up to date")
+
+
+def summarize_repro(output: str) -> str:
+    """DVC's own lines from ``dvc repro`` output (ran or skipped, lock updated), not the stage's."""
+    lines = [line.strip() for line in output.splitlines() if line.strip().startswith(_REPRO_LINES)]
+    return "; ".join(lines) if lines else output.strip()[-500:]

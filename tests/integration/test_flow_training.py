@@ -284,16 +284,3 @@ def test_quality_failure_stops_the_flow_with_its_message(dvc_project: ProjectPat
         state.result()
     assert str(err.value).startswith(
         f"expect_column_values_to_not_be_null failed on metadata.patient_id: 5 of {len(table):,} rows")
-
-
-def test_render_markdown_tables_lists_and_scalars() -> None:
-    from flows.training import render_markdown
-
-    text = render_markdown("Stage `gate`", {
-        "passed": False, "auc": 0.912345, "reasons": ["auc 0.91 >= 0.85: pass", "a|b"],
-        "expectations": [{"type": "t1", "success": True}, {"type": "t2", "success": False}],
-    })
-    assert text.splitlines()[0] == "# Stage `gate`"
-    assert "| passed | False |" in text and "| auc | 0.9123 |" in text
-    assert "- auc 0.91 >= 0.85: pass" in text and "- a\\|b" in text
-    assert "| type | success |" in text and "| t2 | False |" in text
