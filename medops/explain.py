@@ -112,7 +112,10 @@ def find_layer(model: "keras.Model", layer: str | None = None) -> tuple[str, Any
             if layer in (path, obj.name):
                 return path, obj
         raise MedopsError(f"Grad-CAM layer {layer!r} not found in model {model.name}")
-    convs = [(p, obj) for p, obj in layers if isinstance(obj, keras.layers.Conv2D) and spatial_size(obj) >= MIN_FEATURE_SIZE]
+    convs = [
+        (p, obj) for p, obj in layers
+        if isinstance(obj, keras.layers.Conv2D) and spatial_size(obj) >= MIN_FEATURE_SIZE
+    ]
     if not convs:
         raise MedopsError(
             f"model {model.name} has no Conv2D layer with at least {MIN_FEATURE_SIZE}x{MIN_FEATURE_SIZE} output "
