@@ -15,7 +15,9 @@ Outputs:
     onnx_out: ``models/model.onnx``; ``golden.npz`` in the same folder (``images`` (n, S, S, 1),
         ``probabilities`` (n, 1) from Keras, ``labels`` (n,), ``sop_instance_uids`` (n,)).
     result_out: ``models/export.json``: parity max diff, sample count, input/output names and
-        shapes, data_version, sha256 of the ONNX file.
+        shapes, data_version, decision_threshold, sha256 of the ONNX file.
+    The ONNX metadata_props hold data_version, model, input_size, train_params, val_auc and
+    decision_threshold (the serving side reads the threshold from there or from export.json).
 Params (``export`` section, ExportConfig):
     opset: ONNX opset; parity_atol: largest tolerated |keras - onnx| on the parity samples.
 """
@@ -51,6 +53,7 @@ class ExportResult(BaseModel):
     sha256: str
     opset: int
     data_version: str
+    decision_threshold: float | None  # chosen on val in training; serving calls >= it positive
     parity_max_abs_diff: float
     parity_atol: float
     n_parity_samples: int
@@ -203,6 +206,7 @@ def run(
         sha256=sha256_file(onnx_out),
         opset=cfg.opset,
         data_version=data_version,
+        decision_threshold=record.get("decision_threshold"),
         parity_max_abs_diff=worst,
         parity_atol=cfg.parity_atol,
         n_parity_samples=len(sample),

@@ -42,6 +42,8 @@ def test_onnx_has_contract_names_shapes_and_metadata(exported):
     props = {p.key: p.value for p in model.metadata_props}
     assert props["data_version"] == "test-data-version"
     assert props["model"] == "simple_cnn" and props["input_size"] == "28"
+    threshold = json.loads(trained["train_result"].read_text())["decision_threshold"]
+    assert float(props["decision_threshold"]) == pytest.approx(threshold) == result.decision_threshold
     assert json.loads(props["train_params"])["train"]["filters"] == [16, 32, 64]
     record = json.loads((trained["model"].parent / "export.json").read_text())
     assert record["sha256"] == export.sha256_file(trained["model"].parent / "model.onnx")
