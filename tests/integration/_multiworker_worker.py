@@ -6,10 +6,13 @@ them before TensorFlow initialises its devices, and MultiWorkerMirroredStrategy 
 before any other op. TF_CONFIG, when set, comes from the environment as in a real cluster.
 
     python _multiworker_worker.py --strategy {default,mirrored,multi_worker} --out DIR
-        [--n 256] [--batch 32] [--epochs 2] [--lr 0.05] [--seed 7] [--mixed-precision auto|on|off]
+        [--n 256] [--batch 32] [--epochs 3] [--lr 0.3] [--seed 7] [--mixed-precision auto|on|off]
 
 Writes DIR/result.npz (weights w0..wK, ``initial`` weights i0..iK, ``probe`` predictions on the
 first --probe val images) and DIR/result.json (plan, history, chief, output dtype).
+
+The tests import this file for ``run_workers`` (start processes, bounded in time, none left
+behind) and ``assert_matches_single_device``; importing it imports neither TensorFlow nor medops.
 """
 
 from __future__ import annotations
@@ -17,8 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+WORKER = Path(__file__).resolve()
+REPO = WORKER.parents[2]
+
+# Tolerance for distributed vs single-device training. Both runs compute the same SGD steps on the
+# same batches; only the float32 summation order differs (each replica averages its part of the
+# global batch, then the replicas' gradients are summed), a relative error of a few ulp (~1e-7) per
+# step. 16 steps at learning rate 0.05 measured a largest weight difference of ~1e-6 (mirrored and
+# two-worker alike); 1e-4 leaves room for other CPUs' kernels while staying ~1000x below how far the
+# weights move (~0.08), and far below what a wrong loss scale (a step 2x too long) or unsplit
+# batches would give.
+ATOL = 1e-4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--probe", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--mixed-precision", default="off")
     args = parser.parse_args(argv)
@@ -51,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     from medops.paths import BUNDLED_DATASET
 
     with np.load(BUNDLED_DATASET) as data:
-        x = (data["train_images"][: args.n].astype(np.float32) / 255.0)[..., None]
-        y = data["train_labels"][: args.n].astype(np.float32).reshape(-1, 1)
+        # the bundled train split starts with hundreds of pneumonia images in a row: take the first
+        # n/2 of each class, alternating, so every batch holds both
+        labels = data["train_labels"].ravel()
+        half = args.n // 2
+        pick = np.stack([np.flatnonzero(labels == 0)[:half], np.flatnonzero(labels == 1)[:half]], 1).ravel()
+        x = (data["train_images"][pick].astype(np.float32) / 255.0)[..., None]
+        y = labels[pick].astype(np.float32).reshape(-1, 1)
         probe = (data["val_images"][: args.probe].astype(np.float32) / 255.0)[..., None]
         probe_y = data["val_labels"][: args.probe].astype(np.float32).reshape(-1, 1)
 
@@ -109,6 +131,68 @@ def main(argv: list[str] | None = None) -> int:
         )
         (args.out / "result.json").write_text(json.dumps(info, indent=2))
     return 0
+
+
+def run_workers(runs: dict[str, tuple[list[str], dict[str, str]]], out: Path, *, timeout: float) -> None:
+    """Start one worker process per run at once, wait for all (killing every one on a timeout or a
+    failure, so no process outlives the test), and fail with the failing run's log tail."""
+    procs: dict[str, subprocess.Popen] = {}
+    logs: dict[str, Path] = {}
+    try:
+        for name, (args, extra_env) in runs.items():
+            logs[name] = out / f"{name}.log"
+            # a TF_CONFIG of the caller's never leaks into a run that does not set its own
+            env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+            env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1", **extra_env})
+            with open(logs[name], "w") as log:
+                procs[name] = subprocess.Popen(
+                    [sys.executable, str(WORKER), *args], stdout=log, stderr=subprocess.STDOUT,
+                    env=env, cwd=REPO,
+                )
+        for name, proc in procs.items():
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"worker {name} did not finish in {timeout} s:\n{logs[name].read_text()[-3000:]}"
+                ) from None
+            assert rc == 0, f"worker {name} exited {rc}:\n{logs[name].read_text()[-3000:]}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def load_result(folder: Path) -> tuple[dict[str, Any], dict]:
+    import numpy as np
+
+    with np.load(folder / "result.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    return arrays, json.loads((folder / "result.json").read_text())
+
+
+def assert_matches_single_device(reference: Path, distributed: Path, *, atol: float = ATOL) -> dict:
+    """Same initial weights, trained weights and probe predictions within ``atol``; the model moved
+    far more than ``atol`` from its initial weights (a model that did not train would match too).
+    Returns the distributed run's result.json."""
+    import numpy as np
+
+    ref, ref_info = load_result(reference)
+    dist, info = load_result(distributed)
+    weights = sorted(k for k in ref if k.startswith("w"))
+    assert weights and weights == sorted(k for k in dist if k.startswith("w"))
+    for k in weights:
+        i = "i" + k[1:]
+        np.testing.assert_array_equal(dist[i], ref[i], err_msg=f"initial {k} differs: not the same seed")
+        np.testing.assert_allclose(dist[k], ref[k], rtol=0, atol=atol, err_msg=f"trained {k}")
+    moved = max(float(np.abs(ref[k] - ref["i" + k[1:]]).max()) for k in weights)
+    assert moved > 100 * atol, f"training moved the weights by only {moved}"
+    np.testing.assert_allclose(dist["probe"], ref["probe"], rtol=0, atol=atol)
+    assert float(ref["probe"].std()) > 100 * atol  # predictions are not all the same number
+    for key, values in ref_info["history"].items():
+        np.testing.assert_allclose(info["history"][key], values, rtol=1e-4, err_msg=key)
+    return info
 
 
 if __name__ == "__main__":

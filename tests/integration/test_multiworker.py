@@ -1,0 +1,56 @@
+"""A real two-process MultiWorkerMirroredStrategy cluster on localhost (gRPC on free ports, CPU)
+trains the same small simple_cnn on the same bundled PneumoniaMNIST subset as one process on one
+device, and ends with the same weights and predictions; only the chief writes its result.
+
+Each process is tests/integration/_multiworker_worker.py with its own TF_CONFIG, as on a real
+cluster. All processes are bounded in time and killed if still running when the test ends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+WORKER_PATH = Path(__file__).resolve().parent / "_multiworker_worker.py"
+
+
+def load_worker_module():
+    spec = importlib.util.spec_from_file_location("_multiworker_worker", WORKER_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+workers = load_worker_module()
+
+
+@pytest.mark.slow
+def test_two_worker_cluster_matches_single_device_training_and_only_the_chief_writes(tmp_path, free_port):
+    ports = {free_port()}
+    while len(ports) < 2:
+        ports.add(free_port())
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in sorted(ports)]}
+    common = ["--n", "256", "--batch", "32", "--epochs", "3", "--lr", "0.3", "--seed", "7"]
+
+    def member(index: int) -> tuple[list[str], dict[str, str]]:
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        args = ["--strategy", "auto", "--out", str(tmp_path / f"worker{index}"), *common]
+        return args, {"TF_CONFIG": json.dumps(tf_config)}
+
+    workers.run_workers(
+        {
+            "single": (["--strategy", "default", "--out", str(tmp_path / "single"), *common], {}),
+            "worker0": member(0),
+            "worker1": member(1),
+        },
+        tmp_path, timeout=400,
+    )
+    assert not (tmp_path / "worker1").exists(), "a non-chief worker wrote results"
+    info = workers.assert_matches_single_device(tmp_path / "single", tmp_path / "worker0")
+    # "auto" chose multi_worker from TF_CONFIG alone
+    assert info["plan"]["strategy"] == "multi_worker" and info["chief"]
+    assert info["plan"]["worker_count"] == 2 and info["replicas_in_sync"] == 2
+    assert "val_loss" in info["history"]  # validation runs under the cluster too
