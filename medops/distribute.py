@@ -44,8 +44,8 @@ the model and results; the other workers train and exit.
 TensorFlow and Keras are imported inside the functions: importing this module is cheap, and
 ``plan_distribution`` with ``gpus`` given never touches TensorFlow.
 
-Params: none yet (the choices are keyword arguments; see the helper report for the proposed
-``train.strategy`` / ``train.mixed_precision`` / ``train.xla`` settings).
+Params: none of its own. The three choices are keyword arguments until TrainConfig declares them
+(proposed: ``train.strategy``, ``train.mixed_precision``, ``train.xla``, each default "auto").
 """
 
 from __future__ import annotations
