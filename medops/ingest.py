@@ -472,6 +472,25 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_OUTPUT_MARKERS = ("metadata.parquet", "quarantine.csv", INDEX_NAME, _STAGING)
+
+
+def _check_folders(source_dir: Path, out_dir: Path) -> None:
+    """Refuse folder choices that would ingest our own outputs or delete someone else's files.
+
+    Raises:
+        IngestError: one folder is inside the other, or ``out_dir`` holds files but no earlier
+            ingest output (``dicom/`` there could be a hospital export that a rebuild would delete).
+    """
+    src, out = source_dir.resolve(), out_dir.resolve()
+    if src == out or src.is_relative_to(out) or out.is_relative_to(src):
+        raise IngestError(f"the output folder {out_dir} and the source folder {source_dir} must not "
+                          f"contain one another")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in _OUTPUT_MARKERS):
+        raise IngestError(f"the output folder {out_dir} is not empty and holds no earlier ingest "
+                          f"output; refusing to replace its contents (choose an empty folder)")
+
+
 def _reset_outputs(out_dir: Path) -> None:
     """Remove this stage's previous outputs (and only those) so no stale shard or file survives."""
     from medops.data import ARRAYS_DIR
@@ -577,12 +596,17 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     files = list_source_files(source_dir)
     fingerprint = _fingerprint(cfg, key, frame)
 
+    _check_folders(source_dir, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _load_previous(out_dir, fingerprint) if incremental else None
     if previous is None:
         _reset_outputs(out_dir)
     dicom_dir = out_dir / "dicom"
     dicom_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / _STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()  # also marks out_dir as an ingest output should this run be cut short
 
     # which files need decoding: content never seen, or a reason that depends on other inputs
     index: dict[str, str] = {}  # rel -> sha256; content only, so the output is reproducible
@@ -607,9 +631,6 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
             return labels_from_path(rel)
         return by_pseudo_uid.get(pseudo_sop) or labels.get(f"path:{rel}")
 
-    staging = out_dir / _STAGING
-    if staging.exists():
-        shutil.rmtree(staging)
     writer = _ShardWriter(staging, cfg.shard_size)
     init_args = (cfg, key, labels, str(source_dir), str(dicom_dir), frame)
     records: list[dict[str, Any]] = []

@@ -343,3 +343,18 @@ def test_burned_in_annotation_is_used_only_when_allowed(export, tmp_path):
     res = ingest.run(cfg, source_dir=export["src"], out_dir=tmp_path, manifest=export["manifest"], key=KEY)
     assert "burned_in_annotation" not in res.quarantined_by_reason
     assert res.used == 14 + 1
+
+
+def test_folders_that_would_lose_data_are_refused(tmp_path):
+    synth.run(SynthConfig(max_images_per_split=1), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
+    raw = tmp_path / "raw"
+    with pytest.raises(IngestError, match="contain one another"):
+        ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=raw / "dicom" / "out", key=KEY)
+    with pytest.raises(IngestError, match="contain one another"):
+        ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=raw, key=KEY)
+    other = tmp_path / "someone-elses"
+    (other / "dicom").mkdir(parents=True)
+    (other / "dicom" / "keep.dcm").write_bytes(b"precious")
+    with pytest.raises(IngestError, match="not empty"):
+        ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=other, key=KEY)
+    assert (other / "dicom" / "keep.dcm").read_bytes() == b"precious"
