@@ -16,7 +16,8 @@ and recursively through sequences:
 - The table holds about 300 of Table E.1-1's attributes (every patient, visit, order, person,
   institution, device, date, free-text and UID row that an imaging export carries). A safety net
   covers the rest: any other person name (PN) is emptied, any other date or time removed, any
-  other free text (ST, LT, UT) removed, any other non-registered UID replaced.
+  other free text (ST, LT, UT) or unknown-VR (UN) value removed, any other non-registered UID
+  replaced.
 - Options (PS3.15 E.3): Retain Patient Characteristics (E.3.7: sex and age kept, age recomputed
   from the original dates) is always on, because the metadata table carries them;
   Retain Longitudinal Temporal Information with Modified Dates (E.3.6) when
@@ -364,8 +365,8 @@ def _apply(ds: Dataset, key: bytes, pseudonym: str, shift: int | None) -> None:
                 action = "U"
             elif vr in _DATE_VRS or vr == "TM":
                 action = "X"
-            elif vr in _TEXT_VRS:
-                action = "X"
+            elif vr in _TEXT_VRS or vr == "UN":
+                action = "X"  # free text, or a value whose meaning this pydicom does not know
             else:
                 action = "K"
         if shift is not None and vr in _DATE_VRS and action in ("X", "Z") and tag != _BIRTH_DATE \

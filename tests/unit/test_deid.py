@@ -23,7 +23,8 @@ SERIES_UID = "1.2.826.0.1.3680043.8.498.2222222222"
 CANARIES = ["Canaryname", "Canarygiven", "CANARY-PID-77", "Canary General", "Canarydoc", "CANACC99",
             "Canary Street", "555-0199", "CANARYAE", "CANARY-OTHER-ID", "Canarynested", "CANARYPRIV",
             "Canaryoperator", "Canary study note", "19610704", "20240229", "CANARYSTATION",
-            STUDY_UID, SERIES_UID, "1.2.826.0.1.3680043.8.498.3333", "CANARY-DEVICE-SN"]
+            STUDY_UID, SERIES_UID, "1.2.826.0.1.3680043.8.498.3333", "CANARY-DEVICE-SN",
+            "CANARYUN"]
 
 
 def phi_dataset(sop_suffix: str, *, patient_id: str = "CANARY-PID-77") -> Dataset:
@@ -63,6 +64,7 @@ def phi_dataset(sop_suffix: str, *, patient_id: str = "CANARY-PID-77") -> Datase
     item.VerifyingObserverName = "Canarynested^Ann"
     item.add_new(0x00091010, "LO", "CANARYPRIV nested")
     ds.SourceImageSequence = Sequence([item])
+    ds.add_new(0x00709999, "UN", b"CANARYUN")  # a public tag this pydicom does not know
     ds.add_new(0x00290010, "LO", "CANARY VENDOR")
     ds.add_new(0x00291001, "LO", "CANARYPRIV")
     ds.Rows = ds.Columns = 2
