@@ -78,7 +78,7 @@ def build_expectations(cfg: QualityConfig) -> list[ExpectationSpec]:
     """The metadata table's expectations, from the ``quality`` params.
 
     Critical: anything that makes the table unusable or the labels wrong (row count, schema,
-    identity, labels, pixel range, image size, the table-wide mean brightness). Warnings: per-image
+    identity, labels, pixel range, image size, the table-wide mean brightness and contrast). Warnings: per-image
     oddities that training survives but a person should look at (unusual PatientSex codes, images
     darker/brighter or flatter than usual).
     """
@@ -108,6 +108,9 @@ def build_expectations(cfg: QualityConfig) -> list[ExpectationSpec]:
         # interpretation) is wrong for the whole export, not that a few images are odd.
         spec("expect_column_mean_to_be_between", CRITICAL, f"in [{lo:g}, {hi:g}]",
              column="pixel_mean", min_value=lo, max_value=hi),
+        # likewise: if the images are flat on average, the pixel pipeline is broken, not one image
+        spec("expect_column_mean_to_be_between", CRITICAL, f">= {cfg.pixel_std_min:g}",
+             column="pixel_std", min_value=cfg.pixel_std_min),
         spec("expect_column_values_to_be_between", WARNING, f"in [{lo:g}, {hi:g}]",
              column="pixel_mean", min_value=lo, max_value=hi),
         spec("expect_column_values_to_be_between", WARNING, f">= {cfg.pixel_std_min:g}",

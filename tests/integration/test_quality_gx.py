@@ -127,6 +127,19 @@ def test_warnings_are_reported_not_fatal(tmp_path: Path) -> None:
     ]
 
 
+def test_flat_images_fail_even_if_their_brightness_is_plausible(tmp_path: Path) -> None:
+    ingested = tmp_path / "ingested"
+    table = build_ingested(ingested)
+    table["pixel_std"] = 0.0  # e.g. a window so narrow that every image is one grey level
+    table["pixel_min"] = table["pixel_max"] = table["pixel_mean"] = 0.5
+    table.to_parquet(ingested / "metadata.parquet", index=False)
+
+    with pytest.raises(DataQualityError) as err:
+        quality.run(QualityConfig(), ingested_dir=ingested, out_dir=tmp_path / "q")
+    assert str(err.value) == ("expect_column_mean_to_be_between failed on metadata.pixel_std: 0, "
+                              "expected >= 0.01 (critical)")
+
+
 def test_small_table_missing_column_and_bad_labels(tmp_path: Path) -> None:
     ingested = tmp_path / "ingested"
     table = build_ingested(ingested, n=20)

@@ -31,8 +31,10 @@ def test_suite_follows_params() -> None:
     assert in_set["label"].kwargs["value_set"] == [0, 1] and in_set["label"].severity == "critical"
     assert in_set["patient_sex"].kwargs["value_set"] == ["M", "F"]
     assert in_set["patient_sex"].severity == "warning"
-    (mean,) = [s for s in specs if s.type == "expect_column_mean_to_be_between"]
-    assert (mean.kwargs["min_value"], mean.kwargs["max_value"]) == (0.2, 0.6)
+    means = _by_column(specs, "expect_column_mean_to_be_between")
+    assert means["pixel_mean"].kwargs == {"column": "pixel_mean", "min_value": 0.2, "max_value": 0.6}
+    assert means["pixel_std"].kwargs == {"column": "pixel_std", "min_value": 0.05}
+    assert {s.severity for s in means.values()} == {"critical"}
     between = [s for s in specs if s.type == "expect_column_values_to_be_between"]
     bounds = {(s.kwargs["column"], s.kwargs.get("min_value"), s.kwargs.get("max_value"), s.severity)
               for s in between}
