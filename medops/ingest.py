@@ -743,6 +743,9 @@ def format_summary(result: IngestResult) -> str:
         f"({result.labelled} labelled) into {result.shards} shard(s) of "
         f"{result.image_size}x{result.image_size}",
     ]
+    if result.reused:
+        lines.append(f"incremental: {result.decoded} file(s) decoded, {result.reused} reused"
+                     + ("" if result.changed else "; nothing changed, nothing written"))
     if result.quarantined:
         reasons = ", ".join(f"{n} {reason}" for reason, n in result.quarantined_by_reason.items())
         lines.append(f"quarantined {result.quarantined}: {reasons} (see {result.quarantine})")

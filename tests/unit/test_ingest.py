@@ -185,6 +185,8 @@ def test_without_a_manifest_everything_readable_is_used_unlabelled(export, tmp_p
     assert "no_label" not in res.quarantined_by_reason
     assert calls and calls[-1] == (res.files_seen, res.files_seen)
     assert "ingested 15 of 21 files" in ingest.format_summary(res)
+    again = ingest.run(IngestConfig(workers=1), source_dir=export["src"], out_dir=tmp_path, key=KEY)
+    assert "nothing changed" in ingest.format_summary(again)
 
 
 def test_quarantine_csv_is_written_even_when_empty(tmp_path):
