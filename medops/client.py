@@ -69,6 +69,21 @@ def _max_batch_size(client: Any, protocol: Protocol, model_name: str) -> int:
     return int(client.get_model_config(model_name).get("max_batch_size", 0))
 
 
+def served_threshold(client: Any, protocol: Protocol, model_name: str, default: float = 0.5) -> float:
+    """The decision threshold the served model was deployed with (its postprocessing model's
+    ``threshold`` parameter), or ``default`` when there is none."""
+    name = f"{model_name}_postprocess"
+    try:
+        config = client.get_model_config(name)
+        if protocol == "grpc":
+            value = config.config.parameters["threshold"].string_value
+        else:
+            value = config["parameters"]["threshold"]["string_value"]
+        return float(value)
+    except Exception:  # noqa: BLE001 - no postprocessing model deployed: the documented default
+        return default
+
+
 def _check_ready(client: Any, *, url: str, protocol: Protocol, model_name: str) -> None:
     try:
         live = client.is_server_live()
@@ -230,7 +245,7 @@ def predict_files(
     model_name: str,
     image_size: int,
     window: Any = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     timeout: float = 30.0,
     batch_size: int | None = None,
     via: Via = "ensemble",
@@ -244,8 +259,9 @@ def predict_files(
         image_size: model input size (``ingest.image_size``), for ``via="tensor"``.
         window: VOI window override (``ingest.window``), for ``via="tensor"``; the ensemble
             applies the window it was deployed with.
-        threshold: probability at or above which the label is "pneumonia" (``via="tensor"``;
-            the ensemble labels with the threshold it was deployed with).
+        threshold: probability at or above which the label is "pneumonia", for
+            ``via="tensor"``; default: the threshold the served model was deployed with (the
+            ensemble always labels with that one).
         timeout: seconds per request.
         batch_size: files per request; default the model's max_batch_size.
         via: "ensemble" (default): send the files' bytes to the DICOM ensemble, which
@@ -275,6 +291,8 @@ def predict_files(
     try:
         _check_ready(client, url=url, protocol=protocol, model_name=target)
         size = batch_size or _max_batch_size(client, protocol, target) or 1
+        if via == "tensor" and threshold is None:
+            threshold = served_threshold(client, protocol, model_name)
         weights = [len(items[i][1]) if via == "ensemble" else 0 for i in todo]
         for chunk in chunk_requests(todo, weights, max_items=size, max_bytes=MAX_REQUEST_BYTES):
             try:

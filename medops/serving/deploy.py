@@ -7,7 +7,8 @@ Outputs: a new version folder ``<repo>/<name>/<N>/`` (model, golden samples, ``d
 served by the classifier and by the DICOM ensemble ``<name>_dicom`` (preprocess -> classifier ->
 postprocess); a DeployResult.
 Params: ``serving`` (model name, batching); ``ingest.image_size`` and ``ingest.window``;
-``evaluate.threshold``; byte and pixel limits for uploads.
+the decision threshold (export.json's ``decision_threshold``, chosen on val in training, unless
+given); byte and pixel limits for uploads.
 
 Order (TFX's "pusher reads the blessing"): the gate must have passed, for the data version the
 model was exported from, and the ONNX file must be the exported one (sha256). Only then is a
@@ -74,6 +75,7 @@ class DeployResult(BaseModel):
     golden_max_abs_diff: float
     golden_atol: float
     n_golden: int
+    threshold: float  # the ensemble labels "pneumonia" at probability >= this
 
 
 def sha256_file(path: Path) -> str:
@@ -398,7 +400,7 @@ def deploy(
     protocol: Literal["grpc", "http"] = "grpc",
     image_size: int,
     window: Any = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     max_bytes: int = 64 * 1024 * 1024,
     max_pixels: int = 8192 * 8192,
     golden: Path | None = None,
@@ -417,7 +419,8 @@ def deploy(
        export's ``parity_atol``).
     4. Only then is it served: pinned in the classifier's config and in the DICOM ensemble's
        (``<name>_dicom``: preprocessing with ``window`` and the ``max_bytes``/``max_pixels``
-       limits -> classifier -> labels at ``threshold``), and checked again through both.
+       limits -> classifier -> labels at ``threshold``, default export.json's
+       ``decision_threshold``, else 0.5), and checked again through both.
        A failure at 3 or 4 removes the new version and keeps (or restores) the previous one.
 
     ``admin_key`` (default ``$MEDOPS_TRITON_ADMIN_KEY``) unlocks a server whose model-repository
@@ -434,6 +437,8 @@ def deploy(
     golden = Path(golden) if golden else Path(onnx).with_name(GOLDEN_FILE)
     images, expected = read_golden(golden, image_size)
     atol = golden_atol if golden_atol is not None else _export_atol(export_result)
+    if threshold is None:
+        threshold = _recorded_threshold(export_result, "decision_threshold")
     url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
     ec = build_ensemble_contract(cfg, image_size=image_size, window=window, threshold=threshold,
                                  max_bytes=max_bytes, max_pixels=max_pixels)
@@ -476,7 +481,7 @@ def deploy(
         model_name=contract.name, version=version, previous_version=previous,
         data_version=data_version, sha256=digest, url=url, protocol=protocol,
         repository=str(repository.resolve()), golden_max_abs_diff=diff, golden_atol=atol,
-        n_golden=len(expected),
+        n_golden=len(expected), threshold=ec.threshold,
     )
     (version_dir / VERSION_INFO).write_text(result.model_dump_json(indent=2) + "\n")
     return result
@@ -487,6 +492,7 @@ class RollbackResult(BaseModel):
     from_version: int | None
     to_version: int
     golden_max_abs_diff: float | None = None
+    threshold: float
 
 
 def rollback(
@@ -498,7 +504,7 @@ def rollback(
     image_size: int,
     to_version: int | None = None,
     window: Any = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     max_bytes: int = 64 * 1024 * 1024,
     max_pixels: int = 8192 * 8192,
     admin_key: str | None = None,
@@ -509,32 +515,35 @@ def rollback(
     The target was gated when it was deployed; it is checked against the golden samples kept in
     its version folder (directly and through the DICOM ensemble, re-pinned to it) before the
     rollback counts as done. The newer version stays on disk. ``window`` ... ``max_pixels`` as
-    for ``deploy``.
+    for ``deploy``; ``threshold`` defaults to the one the target version was deployed with.
 
     Raises:
         ServingError: no earlier version, Triton unreachable, or the target failed to load or
             answer (the previously served version is then restored).
     """
-    ec = build_ensemble_contract(cfg, image_size=image_size, window=window, threshold=threshold,
-                                 max_bytes=max_bytes, max_pixels=max_pixels)
-    contract = ec.classifier
-    repository = Path(repository)
-    current = served_version(repository, contract.name)
-    versions = list_versions(repository, contract.name)
+    name, repository = cfg.model_name, Path(repository)
+    current = served_version(repository, name)
+    versions = list_versions(repository, name)
     if to_version is None:
         older = [v for v in versions if current is None or v < current]
         if not older:
             raise ServingError(
-                f"no version of {contract.name!r} older than the served version {current} in "
+                f"no version of {name!r} older than the served version {current} in "
                 f"{repository} (versions on disk: {versions or 'none'})"
             )
         to_version = older[-1]
     elif to_version not in versions:
-        raise ServingError(f"{contract.name!r} has no version {to_version} in {repository} "
+        raise ServingError(f"{name!r} has no version {to_version} in {repository} "
                            f"(versions on disk: {versions or 'none'})")
+    if threshold is None:
+        threshold = _recorded_threshold(repository / name / str(to_version) / VERSION_INFO, "threshold")
+    ec = build_ensemble_contract(cfg, image_size=image_size, window=window, threshold=threshold,
+                                 max_bytes=max_bytes, max_pixels=max_pixels)
+    contract = ec.classifier
     url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
     golden = repository / contract.name / str(to_version) / GOLDEN_FILE
     with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
+        before = snapshot_files(repository, processing_files(ec, "embedded"))
         try:
             _switch(client, ec, repository, current, to_version, timeout)
             diff = None
@@ -547,16 +556,26 @@ def rollback(
                 image = images[0]
             check_ensemble(client, protocol=protocol, ec=ec, image=image, expect_version=to_version)
         except Exception as exc:  # noqa: BLE001
+            served = f"version {current} is served"
             try:
-                _switch(client, ec, repository, to_version, current, timeout)
-            except Exception:  # noqa: BLE001
-                pass
+                _switch(client, ec, repository, to_version, current, timeout, restore=before)
+            except Exception as again:  # noqa: BLE001
+                served = f"restoring version {current} failed too: {_why(again)}"
             raise ServingError(
                 f"rollback of {contract.name!r} to version {to_version} failed: {_why(exc)}; "
-                f"version {current} is served"
+                f"{served}"
             ) from None
     return RollbackResult(model_name=contract.name, from_version=current, to_version=to_version,
-                          golden_max_abs_diff=diff)
+                          golden_max_abs_diff=diff, threshold=ec.threshold)
+
+
+def _recorded_threshold(path: Path, key: str, default: float = 0.5) -> float:
+    """A decision threshold recorded in a JSON file (export.json, deploy.json), else ``default``."""
+    try:
+        value = json.loads(Path(path).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return default
+    return float(value) if isinstance(value, (int, float)) and 0 < value < 1 else default
 
 
 def _golden_atol_of(golden: Path) -> float:

@@ -69,9 +69,11 @@ def write_golden(onnx_path: Path, *, w: float, b: float, n: int = 6) -> Path:
     return out
 
 
-def write_export_result(onnx_path: Path, data_version: str = "dv-test") -> Path:
+def write_export_result(onnx_path: Path, data_version: str = "dv-test",
+                        decision_threshold: float | None = None) -> Path:
     out = onnx_path.with_name("export.json")
-    out.write_text(json.dumps({"sha256": sha256_file(onnx_path), "data_version": data_version}))
+    out.write_text(json.dumps({"sha256": sha256_file(onnx_path), "data_version": data_version,
+                               "parity_atol": 1e-4, "decision_threshold": decision_threshold}))
     return out
 
 
@@ -140,6 +142,7 @@ def triton(tmp_path_factory, free_port):
 MAX_PIXELS = 128 * 128  # CT_small.dcm is exactly 128 x 128
 V1 = {"w": 4.0, "b": -2.0}
 V2 = {"w": -3.0, "b": 1.0}
+V2_THRESHOLD = 0.4  # CT_small: p = 0.468 -> pneumonia under v2; bundled CR: p = 0.342 -> normal
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +150,14 @@ def deployed(triton):
     """v1 then v2 deployed through the gate; returns both DeployResults."""
     base, cfg = triton["base"], triton["cfg"]
     results = []
-    for n, coef in ((1, V1), (2, V2)):
+    # v2 was "trained" with a decision threshold of 0.4 (export.json), v1 without one (0.5)
+    for n, coef, chosen in ((1, V1, None), (2, V2, V2_THRESHOLD)):
         onnx_path = write_tiny_onnx(base / f"export{n}" / "model.onnx", **coef)
         write_golden(onnx_path, **coef)
         results.append(deploy(
             cfg, onnx=onnx_path, gate=write_gate(base / f"gate{n}.json", passed=True),
-            export_result=write_export_result(onnx_path), repository=triton["repo"],
+            export_result=write_export_result(onnx_path, decision_threshold=chosen),
+            repository=triton["repo"],
             url=triton["info"].grpc_url, protocol="grpc", image_size=S, max_pixels=MAX_PIXELS,
         ))
     return results
@@ -176,6 +181,7 @@ def files(tmp_path_factory):
 def test_deploy_writes_versions_and_serves_the_newest(triton, deployed):
     v1, v2 = deployed
     assert (v1.version, v1.previous_version, v2.version, v2.previous_version) == (1, None, 2, 1)
+    assert (v1.threshold, v2.threshold) == (0.5, V2_THRESHOLD)
     assert v2.model_name == triton["cfg"].model_name
     assert v2.data_version == "dv-test"
     assert v2.n_golden == 6 and v2.golden_max_abs_diff <= v2.golden_atol == 1e-4
@@ -209,7 +215,7 @@ def test_predict_files_answers_each_file_with_v2_and_flags_the_non_dicom(
     url = info.grpc_url if protocol == "grpc" else info.http_url
     paths = [files["ct"], files["bad"], files["cr"]]
     preds = predict_files(paths, url=url, protocol=protocol, model_name=triton["cfg"].model_name,
-                          image_size=S, threshold=0.5, via=via)
+                          image_size=S, via=via)
     assert [p.file for p in preds] == [str(p) for p in paths]
     ct, bad, cr = preds
     for pred, path in ((ct, files["ct"]), (cr, files["cr"])):
@@ -217,7 +223,9 @@ def test_predict_files_answers_each_file_with_v2_and_flags_the_non_dicom(
         assert pred.model_version == "2"
         # server-side preprocessing (ensemble) and client-side (tensor) are the same function
         assert pred.probability == pytest.approx(expected_probability(path, **V2), abs=1e-5)
-        assert pred.label == ("pneumonia" if pred.probability >= 0.5 else "normal")
+    # labelled at v2's own decision threshold (0.4), on the server or read from it
+    assert 0.4 < ct.probability < 0.5 and ct.label == "pneumonia"
+    assert cr.probability < 0.4 and cr.label == "normal"
     assert bad.probability is None and bad.label is None and bad.model_version is None
     assert bad.error.startswith("not_dicom: ")
     assert "Traceback" not in bad.error
@@ -320,6 +328,10 @@ def assert_v2_serves(triton, files):
                            image_size=S)
     assert pred.model_version == "2"
     assert pred.probability == pytest.approx(expected_probability(files["cr"], **V2), abs=1e-5)
+    from medops.serving.repository import read_config
+
+    post = read_config(triton["repo"], f"{name}_postprocess")
+    assert post.parameters["threshold"].string_value == repr(V2_THRESHOLD)  # v2's, not the last try's
 
 
 def test_a_version_that_fails_to_load_is_removed_and_v2_keeps_serving(triton, deployed, files):
@@ -380,10 +392,12 @@ def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed
                            image_size=S)
     assert pred.model_version == "1"
     assert pred.probability == pytest.approx(expected_probability(files["cr"], **V1), abs=1e-5)
+    # v1's own threshold (0.5, from its deploy.json) came back with it: p = 0.552 -> pneumonia
+    assert back.threshold == 0.5 and pred.label == "pneumonia"
     with pytest.raises(ServingError, match="no version of 'pneumonia_classifier' older than the served version 1"):
         rollback(cfg, repository=repo, url=url, protocol="http", image_size=S)
     forward = rollback(cfg, repository=repo, url=url, protocol="http", image_size=S, to_version=2)
-    assert (forward.from_version, forward.to_version) == (1, 2)
+    assert (forward.from_version, forward.to_version, forward.threshold) == (1, 2, V2_THRESHOLD)
     assert_v2_serves(triton, files)
 
 
