@@ -38,6 +38,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from medops import ingest
+    from medops.dicom.deid import resolve_deid_key
 
     paths, params = _context(args)
     cfg = params.ingest
@@ -48,7 +49,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         source_dir=Path(args.source),
         out_dir=Path(args.out),
         manifest=Path(args.manifest) if args.manifest else None,
+        key=resolve_deid_key(cfg.deid, state_dir=paths.state),
         progress=not args.quiet,
+        frame=cfg.frame,
+        incremental=cfg.incremental and not args.full,
     )
     print(ingest.format_summary(result))
     return 0
@@ -187,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="labels CSV/Parquet keyed by SOPInstanceUID or relative path")
     p.add_argument("--workers", type=int, help="decoding processes (default: params ingest.workers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--full", action="store_true", help="rebuild everything, even files seen before")
 
     p = add("stage", cmd_stage, "run one pipeline stage (what dvc.yaml calls)")
     p.add_argument("name")

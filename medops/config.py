@@ -50,6 +50,8 @@ class DeidConfig(_Section):
 class IngestConfig(_Section):
     image_size: int = Field(default=28, ge=8, le=1024)
     window: Window | None = None
+    frame: Literal["first", "middle", "max"] = "middle"  # which frame of a multi-frame image
+    incremental: bool = True
     workers: int = Field(default=2, ge=1)
     shard_size: int = Field(default=2048, ge=1)
     deid: DeidConfig = DeidConfig()
@@ -90,6 +92,8 @@ class TrainConfig(_Section):
 
 class EvaluateConfig(_Section):
     threshold: float = Field(default=0.5, gt=0, lt=1)
+    gradcam_samples: int = Field(default=8, ge=0)
+    gradcam_layer: str | None = None
 
 
 class GateConfig(_Section):

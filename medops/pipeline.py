@@ -30,6 +30,12 @@ class Stage:
         return self.call(module, params, paths)
 
 
+def _deid_key(params: Params, paths: ProjectPaths) -> bytes:
+    from medops.dicom.deid import resolve_deid_key
+
+    return resolve_deid_key(params.ingest.deid, state_dir=paths.state)
+
+
 def _data_version(paths: ProjectPaths) -> str:
     from medops.dvc import data_version
 
@@ -42,7 +48,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "ingest", "medops.ingest", ("ingest",),
             lambda m, p, pp: m.run(p.ingest, source_dir=pp.raw_dicom, out_dir=pp.ingested,
-                                   manifest=pp.manifest),
+                                   manifest=pp.manifest, key=_deid_key(p, pp),
+                                   frame=p.ingest.frame, incremental=p.ingest.incremental),
         ),
         Stage(
             "quality", "medops.quality", ("quality",),
