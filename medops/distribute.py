@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
@@ -332,6 +333,20 @@ def scale_batch_size(batch_size: int, plan: DistributionPlan) -> int:
     return batch_size * plan.num_replicas
 
 
+def check_global_batch(global_batch_size: int, plan: DistributionPlan) -> None:
+    """Raise ConfigError for a global batch below 1; warn when it does not split evenly over the
+    replicas (legal, but each replica averages its own share, so their examples weigh unequally
+    and the step is no longer the single-device one)."""
+    if global_batch_size < 1:
+        raise ConfigError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    if global_batch_size % plan.num_replicas:
+        warnings.warn(
+            f"global batch {global_batch_size} does not split evenly over {plan.num_replicas} "
+            "replicas: their examples weigh unequally in the averaged gradient",
+            stacklevel=3,
+        )
+
+
 def configure_logical_cpus(count: int) -> None:
     """Split the first physical CPU into ``count`` logical devices (/cpu:0 ... /cpu:count-1).
 
@@ -545,8 +560,8 @@ def fit_under_plan(
         plan: from ``plan_distribution``.
         build_model_fn: returns an uncompiled keras.Model; called inside the strategy scope.
         dataset_fn: ``global_batch_size -> tf.data.Dataset`` of (image, label) batches of the
-            global size. Keep it divisible by ``plan.num_replicas``: an uneven split weighs the
-            replicas' examples unequally.
+            global size. Keep it divisible by ``plan.num_replicas`` (warned otherwise): an uneven
+            split weighs the replicas' examples unequally, as does a short last batch.
         global_batch_size: examples per step over all replicas (see ``scale_batch_size``).
         epochs, learning_rate, seed: as in TrainConfig; ``learning_rate`` is used by the default
             compile (Adam), ignored when ``compile_fn`` is given.
@@ -558,14 +573,15 @@ def fit_under_plan(
             must create it first); default ``make_strategy(plan)``.
     """
     import keras
+    import tensorflow as tf
 
-    if global_batch_size < 1:
-        raise ConfigError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    check_global_batch(global_batch_size, plan)
     strategy = make_strategy(plan) if strategy is None else strategy
     previous = apply_precision(plan)
     try:
         keras.utils.set_random_seed(seed)
         with strategy.scope():
+            distributed = tf.distribute.has_strategy()  # False for TensorFlow's default strategy
             model = build_model_fn()
             if plan.mixed_precision:
                 model = ensure_float32_output(model)
@@ -577,6 +593,13 @@ def fit_under_plan(
             model.jit_compile = plan.xla
         train_ds = shard_by_data(dataset_fn(global_batch_size))
         val_ds = shard_by_data(validation_fn(global_batch_size)) if validation_fn is not None else None
+        if not distributed:
+            # Under a tf.distribute strategy Keras' fit opens one iterator on the training data
+            # before the first epoch (Trainer._maybe_symbolic_build, to learn the input shapes), so
+            # a dataset reshuffled on every iteration starts training from its second shuffle.
+            # Opening one here too gives one device the same shuffles and augmentation draws as
+            # any number of replicas.
+            iter(train_ds)
         fit = model.fit(
             train_ds, validation_data=val_ds, epochs=epochs, verbose=0, shuffle=False,
             callbacks=list(callbacks), class_weight=class_weight,

@@ -7,6 +7,7 @@ before any other op. TF_CONFIG, when set, comes from the environment as in a rea
 
     python _multiworker_worker.py --strategy {default,mirrored,multi_worker} --out DIR
         [--n 256] [--batch 32] [--epochs 3] [--lr 0.3] [--seed 7] [--mixed-precision auto|on|off]
+        [--pipeline plain|medops]
 
 Writes DIR/result.npz (weights w0..wK, ``initial`` weights i0..iK, ``probe`` predictions on the
 first --probe val images) and DIR/result.json (plan, history, chief, output dtype).
@@ -29,12 +30,13 @@ WORKER = Path(__file__).resolve()
 REPO = WORKER.parents[2]
 
 # Tolerance for distributed vs single-device training. Both runs compute the same SGD steps on the
-# same batches; only the float32 summation order differs (each replica averages its part of the
-# global batch, then the replicas' gradients are summed), a relative error of a few ulp (~1e-7) per
-# step. The tests' 24 steps at learning rate 0.3 measured a largest weight/prediction difference of
-# 1.8e-7 (mirrored and two-worker alike). 1e-4 leaves room for other CPUs' kernels while staying
-# ~1000x below how far the weights move (~0.14) and far below what a wrong loss scale (a step 2x too
-# long) or unsplit batches would give.
+# same batches (the same seeded shuffles and augmentation draws: see fit_under_plan); only the
+# float32 summation order differs (each replica averages its part of the global batch, then the
+# replicas' gradients are summed), a relative error of a few ulp (~1e-7) per step. The tests' 24
+# steps at learning rate 0.3 measured a largest weight/prediction difference of 1.2e-7 (mirrored and
+# two-worker alike, with medops' shuffling and augmentation). 1e-4 leaves room for other CPUs'
+# kernels while staying ~1000x below how far the weights move (~0.1), and far below what a wrong
+# loss scale (a step 2x too long), unsplit batches or a different shuffle (7e-2) give.
 ATOL = 1e-4
 
 
@@ -49,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--mixed-precision", default="off")
+    parser.add_argument(
+        "--pipeline", choices=("plain", "medops"), default="plain",
+        help="plain: the subset in order; medops: medops.augment.make_dataset with seeded shuffling "
+        "and the default augmentation, as training uses it",
+    )
     args = parser.parse_args(argv)
 
     from medops import distribute
@@ -63,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from medops.config import TrainConfig
+    from medops.augment import make_dataset
+    from medops.config import AugmentConfig, TrainConfig
     from medops.models import build_model
     from medops.paths import BUNDLED_DATASET
 
@@ -87,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         return model
 
     def dataset(global_batch: int) -> tf.data.Dataset:
+        if args.pipeline == "medops":
+            # seeded shuffle + stateless per-image augmentation seeds: every process draws the same
+            return make_dataset(x, y, batch_size=global_batch, training=True,
+                                augment_cfg=AugmentConfig(), seed=args.seed)
         # fixed order, no augmentation: the single-device and distributed runs see the same batches
         return tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)
 

@@ -33,7 +33,9 @@ def test_two_worker_cluster_matches_single_device_training_and_only_the_chief_wr
     while len(ports) < 2:
         ports.add(free_port())
     cluster = {"worker": [f"127.0.0.1:{port}" for port in sorted(ports)]}
-    common = ["--n", "256", "--batch", "32", "--epochs", "3", "--lr", "0.3", "--seed", "7"]
+    # medops' own input pipeline (seeded shuffle, default augmentation), as training uses it
+    common = ["--n", "256", "--batch", "32", "--epochs", "3", "--lr", "0.3", "--seed", "7",
+              "--pipeline", "medops"]
 
     def member(index: int) -> tuple[list[str], dict[str, str]]:
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}

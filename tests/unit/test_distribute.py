@@ -12,6 +12,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,62 @@ def test_fit_under_a_mixed_precision_plan_scales_the_loss_and_outputs_float32():
     assert outcome.model.predict(x[:4], verbose=0).dtype == np.float32
 
 
+def test_fit_under_an_explicit_xla_plan_compiles_with_xla():
+    import tensorflow as tf
+
+    from medops.config import TrainConfig
+    from medops.models import build_model
+
+    x = np.random.default_rng(0).random((32, 28, 28, 1), dtype=np.float32)
+    y = (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.float32).reshape(-1, 1)
+    plan = plan_distribution(xla="on", env={}, gpus=[])
+    outcome = distribute.fit_under_plan(
+        plan,
+        lambda: build_model("simple_cnn", TrainConfig(filters=[4], dense_units=4, dropout=0.0), (28, 28, 1)),
+        lambda b: tf.data.Dataset.from_tensor_slices((x, y)).batch(b),
+        global_batch_size=16, epochs=1, learning_rate=1e-3, seed=3,
+    )
+    assert outcome.model.jit_compile is True
+    assert np.isfinite(outcome.history["loss"]).all()
+
+
+def test_global_batch_checks():
+    mirrored = plan_distribution(strategy="mirrored", env={}, gpus=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distribute.check_global_batch(32, mirrored)
+    with pytest.warns(UserWarning, match="33 does not split evenly over 2 replicas"):
+        distribute.check_global_batch(33, mirrored)
+    with pytest.raises(ConfigError, match="global_batch_size must be >= 1, got 0"):
+        distribute.check_global_batch(0, mirrored)
+
+
+def test_the_single_device_comparison_fails_on_a_difference_or_an_untrained_model(tmp_path):
+    """The comparison the training tests rely on can fail: one weight off by 10 x ATOL, or a
+    "trained" model that never moved from its initial weights."""
+    rng = np.random.default_rng(1)
+    initial = {"i0": rng.normal(size=(3, 3)).astype(np.float32), "i1": np.zeros(3, np.float32)}
+    trained = {"w0": initial["i0"] + 0.1, "w1": initial["i1"] - 0.1}
+    probe = rng.random((8, 1)).astype(np.float32)
+    info = {"history": {"loss": [0.7, 0.5]}}
+
+    def write(name, weights, probe_values):
+        folder = tmp_path / name
+        folder.mkdir()
+        np.savez(folder / "result.npz", probe=probe_values, **weights, **initial)
+        (folder / "result.json").write_text(json.dumps(info))
+        return folder
+
+    reference = write("reference", trained, probe)
+    assert workers.assert_matches_single_device(reference, write("same", trained, probe + 1e-6))
+    off = {**trained, "w1": trained["w1"] + np.array([0, 10 * workers.ATOL, 0], np.float32)}
+    with pytest.raises(AssertionError, match="trained w1"):
+        workers.assert_matches_single_device(reference, write("off", off, probe))
+    untrained = {"w0": initial["i0"], "w1": initial["i1"]}
+    with pytest.raises(AssertionError, match="moved the weights by only"):
+        workers.assert_matches_single_device(write("untrained", untrained, probe), write("u2", untrained, probe))
+
+
 def test_logical_cpus_after_tensorflow_started_are_a_distribution_error():
     import tensorflow as tf
 
@@ -214,7 +271,9 @@ def test_logical_cpus_after_tensorflow_started_are_a_distribution_error():
 
 @pytest.mark.slow
 def test_mirrored_over_two_logical_cpus_matches_single_device_training(tmp_path):
-    common = ["--n", "256", "--batch", "32", "--epochs", "3", "--lr", "0.3", "--seed", "7"]
+    # medops' own input pipeline (seeded shuffle, default augmentation), as training uses it
+    common = ["--n", "256", "--batch", "32", "--epochs", "3", "--lr", "0.3", "--seed", "7",
+              "--pipeline", "medops"]
     workers.run_workers(
         {
             "single": (["--strategy", "default", "--out", str(tmp_path / "single"), *common], {}),
