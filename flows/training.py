@@ -96,7 +96,24 @@ def run_stage(paths: ProjectPaths, name: str) -> dict[str, Any]:
         logger.warning("%s: %s", name, warning)
     create_markdown_artifact(key=f"stage-{name}", markdown=render_markdown(f"Stage `{name}`", result),
                              description=f"result of the {name} stage")
+    if result.get("files"):  # images a stage wrote (explain: Grad-CAM heatmaps) go to the run too
+        create_markdown_artifact(key=f"{name}-images", markdown=render_images(name, result["files"]),
+                                 description=f"images written by the {name} stage")
     return result
+
+
+def render_images(title: str, files: list[str], limit: int = 8) -> str:
+    """PNG files embedded in markdown (data URIs), so the Prefect UI shows them with the run."""
+    import base64
+
+    out = [f"# {title}", ""]
+    for name in files[:limit]:
+        path = Path(name)
+        if path.suffix.lower() != ".png" or not path.is_file():
+            continue
+        data = base64.b64encode(path.read_bytes()).decode()
+        out += [f"### {path.name}", "", f"![{path.name}](data:image/png;base64,{data})", ""]
+    return "\n".join(out)
 
 
 def _raise_quality_failure(paths: ProjectPaths) -> None:
@@ -124,9 +141,10 @@ def deploy_model(paths: ProjectPaths, params: Params) -> dict[str, Any]:
     """medops.serving.deploy.deploy: the exported model as a new version in the running Triton."""
     from medops.serving.deploy import deploy
 
-    cfg = params.serving
-    result = deploy(cfg, onnx=paths.onnx_model, gate=paths.gate, export_result=paths.export_result,
-                    repository=cfg.repository_path(paths.root), image_size=params.ingest.image_size)
+    from medops.pipeline import serving_kwargs
+
+    result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
+                    export_result=paths.export_result, **serving_kwargs(params, paths))
     payload = result.model_dump(mode="json")
     create_markdown_artifact(key="deployment", markdown=render_markdown("Deployed", payload),
                              description=f"{result.model_name} version {result.version} on Triton")

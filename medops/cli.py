@@ -96,28 +96,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.action == "status":
         print(server.server_status(paths.state))
         return 0
-    info = server.start_server(cfg, repository=cfg.repository_path(paths.root), state_dir=paths.state)
+    info = server.start_server(cfg, repository=cfg.repository_path(paths.root), state_dir=paths.state,
+                               admin_key=server.resolve_admin_key(cfg, state_dir=paths.state, create=True))
     print(f"Triton ready: HTTP {cfg.host}:{cfg.http_port}, gRPC {cfg.grpc_url}, "
           f"metrics {cfg.host}:{cfg.metrics_port} (pid {info.pid}, repository {info.repository})")
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from medops.pipeline import serving_kwargs
     from medops.serving.deploy import deploy
 
     paths, params = _context(args)
-    cfg = params.serving
-    result = deploy(
-        cfg,
-        onnx=paths.onnx_model,
-        gate=paths.gate,
-        export_result=paths.export_result,
-        repository=cfg.repository_path(paths.root),
-        url=args.url,
-        protocol=args.protocol,
-        image_size=params.ingest.image_size,
-    )
+    result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
+                    export_result=paths.export_result, url=args.url, protocol=args.protocol,
+                    **serving_kwargs(params, paths))
     print(f"deployed {result.model_name} version {result.version} (data version {result.data_version})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from medops.pipeline import serving_kwargs
+    from medops.serving.deploy import rollback
+
+    paths, params = _context(args)
+    result = rollback(params.serving, url=args.url, protocol=args.protocol, to_version=args.to,
+                      **serving_kwargs(params, paths))
+    print(f"{result.model_name}: version {result.from_version} -> {result.to_version} now serving")
     return 0
 
 
@@ -134,7 +139,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model_name=args.model or cfg.model_name,
         image_size=params.ingest.image_size,
         window=params.ingest.window,
-        threshold=params.evaluate.threshold,
+        via=args.via,
     )
     if args.json:
         for p in preds:
@@ -207,12 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="Triton address (default: from params serving)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
 
+    p = add("rollback", cmd_rollback, "serve the previous (or a given) model version again")
+    p.add_argument("--to", type=int, help="version to serve (default: the one before the served one)")
+    p.add_argument("--url", help="Triton address (default: from params serving)")
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+
     p = add("predict", cmd_predict, "classify DICOM files with the model served by Triton")
     p.add_argument("files", nargs="+")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     p.add_argument("--url", help="Triton address, host:port (default: params serving host and port)")
     p.add_argument("--model", help="model name (default: params serving.model_name)")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
+    p.add_argument("--via", choices=["ensemble", "tensor"], default="ensemble",
+                   help="ensemble: send the DICOM bytes, Triton preprocesses (default); "
+                        "tensor: preprocess here and call the classifier directly")
 
     add("up", cmd_up, "start the Prefect server and Triton (reusing running ones)")
     add("down", cmd_down, "stop what `medops up` / `make demo` started, by recorded pid")

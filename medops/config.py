@@ -119,6 +119,11 @@ class ServingConfig(_Section):
     preferred_batch_sizes: list[int] = [8, 16, 32]
     max_queue_delay_us: int = Field(default=500, ge=0)
     startup_timeout_s: float = Field(default=90, gt=0)
+    # the DICOM ensemble refuses larger inputs with a clear error instead of running out of memory
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=64 * 1024 * 1024, ge=64)
+    # the model-repository API (load/unload) needs this key; unset -> <project>/.medops/secrets
+    admin_key_env: str = "MEDOPS_TRITON_ADMIN_KEY"
 
     def repository_path(self, root: Path) -> Path:
         p = Path(self.repository)

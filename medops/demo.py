@@ -66,7 +66,7 @@ def ensure_raw_data(paths: ProjectPaths, params: Params) -> bool:
 def start_services(paths: ProjectPaths, params: Params) -> list[str]:
     """Start (or reuse) the Prefect server and the embedded Triton; returns what it did."""
     from medops.prefect_server import start_prefect
-    from medops.serving.server import server_status, start_server
+    from medops.serving.server import resolve_admin_key, server_status, start_server
 
     lines = []
     info = start_prefect(params.prefect, state_dir=paths.state)
@@ -76,7 +76,8 @@ def start_services(paths: ProjectPaths, params: Params) -> list[str]:
     if status.running:
         lines.append(f"Triton already running (pid {status.info.pid})")
     else:
-        tinfo = start_server(cfg, repository=cfg.repository_path(paths.root), state_dir=paths.state)
+        tinfo = start_server(cfg, repository=cfg.repository_path(paths.root), state_dir=paths.state,
+                             admin_key=resolve_admin_key(cfg, state_dir=paths.state, create=True))
         lines.append(f"Triton: HTTP {cfg.http_url}, gRPC {cfg.grpc_url}, metrics "
                      f"{cfg.host}:{cfg.metrics_port} (pid {tinfo.pid})")
     return lines

@@ -88,6 +88,11 @@ class ProjectPaths:
         return self.reports / "plots"
 
     @property
+    def explain_dir(self) -> Path:
+        """Grad-CAM heatmaps over a sample of the test split (PNG)."""
+        return self.reports / "explain"
+
+    @property
     def gate(self) -> Path:
         return self.reports / "gate.json"
 

@@ -71,6 +71,12 @@ STAGES: dict[str, Stage] = {
                                    split=pp.split, metrics_out=pp.metrics, plots_dir=pp.plots),
         ),
         Stage(
+            "explain", "medops.explain", ("evaluate",),
+            lambda m, p, pp: m.run(p.evaluate, model=pp.keras_model, ingested_dir=pp.ingested,
+                                   split=pp.split, out_dir=pp.explain_dir,
+                                   train_result=pp.train_result),
+        ),
+        Stage(
             "gate", "medops.gate", ("gate",),
             lambda m, p, pp: m.run(p.gate, metrics=pp.metrics, train_result=pp.train_result,
                                    out=pp.gate),
@@ -83,6 +89,21 @@ STAGES: dict[str, Stage] = {
         ),
     )
 }
+
+
+def serving_kwargs(params: Params, paths: ProjectPaths) -> dict[str, Any]:
+    """What deploy and rollback take from params and the project, the same for the CLI and flow."""
+    from medops.serving.server import resolve_admin_key
+
+    cfg = params.serving
+    return {
+        "repository": cfg.repository_path(paths.root),
+        "image_size": params.ingest.image_size,
+        "window": params.ingest.window,
+        "max_bytes": cfg.max_request_bytes,
+        "max_pixels": cfg.max_image_pixels,
+        "admin_key": resolve_admin_key(cfg, state_dir=paths.state),
+    }
 
 
 def run_stage(name: str, params: Params, paths: ProjectPaths) -> dict[str, Any]:

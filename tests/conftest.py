@@ -12,6 +12,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # TensorFlow's C++ logging is noise in test output
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# the test harness's Prefect server: no telemetry (it also logs "database is locked" noise)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @pytest.fixture(scope="session")

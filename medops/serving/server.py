@@ -136,6 +136,29 @@ def admin_key_from_env() -> str | None:
     return os.environ.get(ADMIN_KEY_ENV) or None
 
 
+def resolve_admin_key(cfg: ServingConfig, *, state_dir: Path, create: bool = False) -> str | None:
+    """The model-repository key: ``$<cfg.admin_key_env>``, else the project's key file.
+
+    The key file ``<state>/secrets/triton-admin.key`` is made (random, mode 0600) when ``create``
+    is set, i.e. by whoever starts the server; clients only read it. Never in the repository.
+    """
+    key = os.environ.get(cfg.admin_key_env)
+    if key:
+        return key
+    path = Path(state_dir) / "secrets" / "triton-admin.key"
+    if path.is_file():
+        return path.read_text().strip() or None
+    if not create:
+        return None
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
 def admin_headers(admin_key: str | None) -> dict[str, str] | None:
     """The request headers that unlock a restricted model-repository API (None without a key)."""
     return {ADMIN_HEADER: admin_key} if admin_key else None

@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.triton, pytest.mark.prefect, pytest.mark.dvc]
 
-SUBSET = 120  # images per official split
+SUBSET = 500  # images per official split: enough for two short epochs to learn something
 
 
 def _copy_clone(repo_root: Path, dest: Path) -> None:
@@ -45,10 +45,10 @@ def project(tmp_path_factory, repo_root, free_port):
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     update_params_file(root / "params.yaml", {
         "synth": {"max_images_per_split": SUBSET},
-        "train": {"epochs": 1, "batch_size": 32},
+        "train": {"epochs": 2, "batch_size": 16, "learning_rate": 0.003},
         "serving": {**ports, "repository": str(root / ".medops" / "triton" / "repository")},
-        # a one-epoch model on 240 training images: the gate is set for it, and tested both ways
-        "gate": {"min_auc": 0.6, "min_accuracy": 0.5, "min_sensitivity": 0.0, "min_specificity": 0.0},
+        # a two-epoch model on 500 training images: the gate is set for it, and tested both ways
+        "gate": {"min_auc": 0.7, "min_accuracy": 0.5, "min_sensitivity": 0.0, "min_specificity": 0.0},
     })
     git = ["git", "-c", "user.name=medops-test", "-c", "user.email=test@medops.invalid"]
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -73,10 +73,13 @@ def params(project):
 
 @pytest.fixture(scope="module")
 def triton(paths, params):
-    from medops.serving.server import start_server, stop_server
+    from medops.serving.server import resolve_admin_key, start_server, stop_server
 
     cfg = params.serving
-    info = start_server(cfg, repository=cfg.repository_path(paths.root), state_dir=paths.state)
+    # as `medops serve` starts it: the model-repository API locked with the project's key
+    info = start_server(cfg, repository=cfg.repository_path(paths.root), state_dir=paths.state,
+                        admin_key=resolve_admin_key(cfg, state_dir=paths.state, create=True))
+    assert info.restricted
     yield info
     stop_server(paths.state)
 
@@ -217,21 +220,32 @@ def test_medops_predict_on_dicom_and_on_a_broken_file(flow_run, paths, tmp_path,
 
 
 def test_the_run_is_recorded_in_prefect_with_a_task_per_stage(flow_run):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async def task_names():
-        async with get_client() as client:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.state_details.flow_run_id]))
-            )
-            return {r.name.rsplit("-", 1)[0] for r in runs}
-
     import asyncio
 
-    names = asyncio.run(task_names())
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRunFilterId, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
+
+    run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.state_details.flow_run_id]))
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=run_filter, limit=200,
+                                               sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(), flow_run_filter=run_filter,
+                task_run_filter=TaskRunFilter(), sort=ArtifactSort.KEY_ASC, limit=200)
+            return runs, artifacts
+
+    runs, artifacts = asyncio.run(read())
+    completed = {r.name for r in runs if r.state and r.state.is_completed()}
     for stage in ("ingest", "quality", "split", "train", "evaluate", "gate", "export", "deploy"):
-        assert any(stage in n for n in names), f"no task run for {stage}: {sorted(names)}"
+        assert any(n == stage or n.startswith(stage + "-") for n in completed), \
+            f"no completed task run for {stage}: {sorted(completed)}"
+    keys = {a.key for a in artifacts}
+    for stage in ("ingest", "quality", "split", "train", "evaluate", "gate", "export"):
+        assert f"stage-{stage}" in keys, f"no artifact for {stage}: {sorted(k for k in keys if k)}"
+    assert "deployment" in keys
 
 
 def test_a_stricter_gate_blocks_deployment_and_dvc_skips_training(flow_run, paths, params):
