@@ -36,6 +36,12 @@ one for callers that size batches per device. Multi-worker input is sharded by D
 reads the same in-memory dataset and keeps its part of every global batch): there are no files to
 shard by.
 
+What matches and what does not: with the same seed and data, N replicas (one machine or several)
+train the same model as one device up to float32 summation order (measured: 1e-7 after 24 steps,
+with medops' seeded shuffling and augmentation, SGD or Adam, class weights). Dropout is the
+exception: each replica draws its own masks, so with ``dropout > 0`` a distributed run is a
+different, still seeded, random draw.
+
 Multi-worker runs: every worker runs the same program with its own TF_CONFIG; the strategy must be
 created before any other TensorFlow op (collective ops are configured at start-up), so call
 ``make_strategy`` first and pass it to ``fit_under_plan``. Only the chief (``is_chief``) writes
