@@ -186,7 +186,7 @@ class _Connection:
         else:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         self.url, self.protocol = url, protocol
-        self.headers = admin_headers(admin_key or admin_key_from_env())
+        self.headers = admin_headers(admin_key or admin_key_from_env(), protocol)
 
     def __enter__(self) -> Any:
         try:
@@ -199,7 +199,7 @@ class _Connection:
             self.client.get_model_repository_index(headers=self.headers)
         except Exception as exc:  # noqa: BLE001
             self.client.close()
-            hint = (f"the key in ${ADMIN_KEY_ENV} was refused" if self.headers else
+            hint = ("the model-repository key was refused" if self.headers else
                     f"set ${ADMIN_KEY_ENV} to the key the server was started with")
             raise ServingError(
                 f"Triton at {self.url} refused its model-repository API ({hint}): {_first_line(exc)}"

@@ -159,9 +159,16 @@ def resolve_admin_key(cfg: ServingConfig, *, state_dir: Path, create: bool = Fal
     return path.read_text().strip()
 
 
-def admin_headers(admin_key: str | None) -> dict[str, str] | None:
-    """The request headers that unlock a restricted model-repository API (None without a key)."""
-    return {ADMIN_HEADER: admin_key} if admin_key else None
+def admin_headers(admin_key: str | None, protocol: str = "http") -> dict[str, str] | None:
+    """The request headers that unlock a restricted model-repository API (None without a key).
+
+    Triton's gRPC endpoint expects restricted-protocol headers prefixed with
+    ``triton-grpc-protocol-``; the HTTP endpoint takes the header name as configured.
+    """
+    if not admin_key:
+        return None
+    name = f"triton-grpc-protocol-{ADMIN_HEADER}" if protocol == "grpc" else ADMIN_HEADER
+    return {name: admin_key}
 
 
 def build_command(cfg: ServingConfig, *, repository: Path, backends: Path,
