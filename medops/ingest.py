@@ -387,6 +387,8 @@ class _ShardWriter:
 
 INDEX_NAME = "ingest_index.json"
 _STAGING = ".staging"
+# written before anything else, so a run that crashed half-way is still recognised as ours
+_OWNER_MARKER = ".medops-ingest"
 # reasons that belong to the file itself; no_label and duplicate depend on other inputs, so files
 # quarantined for them are looked at again on every run
 _INTRINSIC = {r.value for r in QuarantineReason} - {QuarantineReason.NO_LABEL.value,
@@ -472,7 +474,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-_OUTPUT_MARKERS = ("metadata.parquet", "quarantine.csv", INDEX_NAME, _STAGING)
+_OUTPUT_MARKERS = ("metadata.parquet", "quarantine.csv", INDEX_NAME, _STAGING, _OWNER_MARKER)
 
 
 def _check_folders(source_dir: Path, out_dir: Path) -> None:
@@ -598,6 +600,7 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
 
     _check_folders(source_dir, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / _OWNER_MARKER).write_text("medops ingest output: a rerun may replace this folder's files\n")
     previous = _load_previous(out_dir, fingerprint) if incremental else None
     if previous is None:
         _reset_outputs(out_dir)

@@ -360,3 +360,24 @@ def test_folders_that_would_lose_data_are_refused(tmp_path):
     with pytest.raises(IngestError, match="not empty"):
         ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=other, key=KEY)
     assert (other / "dicom" / "keep.dcm").read_bytes() == b"precious"
+
+
+def test_a_run_that_crashed_half_way_does_not_block_the_next(tmp_path, monkeypatch):
+    # what `make demo` met: a run died after writing shards but before metadata.parquet
+    synth.run(SynthConfig(max_images_per_split=2), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
+    raw, out = tmp_path / "raw", tmp_path / "ingested"
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    import pandas as pd
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", crash)
+    with pytest.raises(OSError):
+        ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out,
+                   manifest=raw / "labels.csv", key=KEY)
+    assert not (out / "metadata.parquet").exists() and any(out.iterdir())
+    monkeypatch.undo()
+    res = ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out,
+                     manifest=raw / "labels.csv", key=KEY)
+    assert res.used == 6 and (out / "metadata.parquet").is_file()
