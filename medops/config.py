@@ -88,10 +88,23 @@ class TrainConfig(_Section):
     dense_units: int = Field(default=128, ge=1)
     dropout: float = Field(default=0.3, ge=0, lt=1)
     seed: int = 42
+    class_weight: Literal["none", "balanced"] = "none"
+    early_stopping_patience: int = Field(default=0, ge=0)  # 0 = off
+    restore_best: bool = True            # keep the weights of the best validation-AUC epoch
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    threshold_strategy: Literal["fixed", "youden", "sensitivity"] = "youden"  # chosen on val
+    target_sensitivity: float = Field(default=0.9, gt=0, le=1)
+    # GPU and multi-machine paths (medops.distribute): "auto" uses what the machine has
+    strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    xla: Literal["auto", "on", "off"] = "auto"
 
 
 class EvaluateConfig(_Section):
     threshold: float = Field(default=0.5, gt=0, lt=1)
+    use_train_threshold: bool = True     # the threshold chosen on val in training, if recorded
+    bootstrap_samples: int = Field(default=1000, ge=0)
+    calibration_bins: int = Field(default=10, ge=2)
     gradcam_samples: int = Field(default=8, ge=0)
     gradcam_layer: str | None = None
 

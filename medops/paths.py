@@ -110,6 +110,11 @@ class ProjectPaths:
         return self.models / "train.json"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard logs of the last training run (`tensorboard --logdir models/tensorboard`)."""
+        return self.models / "tensorboard"
+
+    @property
     def onnx_model(self) -> Path:
         return self.models / "model.onnx"
 

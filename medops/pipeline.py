@@ -63,12 +63,13 @@ STAGES: dict[str, Stage] = {
             "train", "medops.train", ("train", "augment"),
             lambda m, p, pp: m.run(p.train, p.augment, ingested_dir=pp.ingested, split=pp.split,
                                    model_out=pp.keras_model, result_out=pp.train_result,
-                                   data_version=_data_version(pp)),
+                                   data_version=_data_version(pp), log_dir=pp.tensorboard),
         ),
         Stage(
             "evaluate", "medops.evaluate", ("evaluate",),
             lambda m, p, pp: m.run(p.evaluate, model=pp.keras_model, ingested_dir=pp.ingested,
-                                   split=pp.split, metrics_out=pp.metrics, plots_dir=pp.plots),
+                                   split=pp.split, metrics_out=pp.metrics, plots_dir=pp.plots,
+                                   train_result=pp.train_result),
         ),
         Stage(
             "explain", "medops.explain", ("evaluate",),

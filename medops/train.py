@@ -118,6 +118,14 @@ def compile_model(model: Any, cfg: TrainConfig, *, steps_per_epoch: int = 1) -> 
     return model
 
 
+def plan_for(train_cfg: TrainConfig) -> Any:
+    """The distribution plan (strategy, mixed precision, XLA) for this machine and TF_CONFIG."""
+    from medops.distribute import plan_distribution
+
+    return plan_distribution(strategy=train_cfg.strategy, mixed_precision=train_cfg.mixed_precision,
+                             xla=train_cfg.xla)
+
+
 def fit_model(
     train_cfg: TrainConfig,
     augment_cfg: AugmentConfig,
@@ -125,28 +133,24 @@ def fit_model(
     val: tuple[np.ndarray, np.ndarray],
     *,
     log_dir: Path | None = None,
+    plan: Any = None,
+    strategy: Any = None,
 ) -> tuple[Any, dict[str, list[float]], int | None]:
-    """Seed, build, compile and fit.
+    """Seed, build, compile and fit, under the distribution plan (one CPU, GPUs, or a cluster).
 
+    ``train_cfg.batch_size`` is the global batch: results do not depend on the hardware.
     Returns the model (with the best val-AUC epoch's weights when ``restore_best``), its
     per-epoch history and the 1-based epoch whose weights it holds (None: the last).
     """
     import keras
 
+    from medops.distribute import fit_under_plan
     from medops.models import build_model
 
-    keras.utils.set_random_seed(train_cfg.seed)
+    plan = plan if plan is not None else plan_for(train_cfg)
     x_train, y_train = train
     x_val, y_val = val
     steps = int(np.ceil(len(x_train) / train_cfg.batch_size))
-    model = compile_model(
-        build_model(train_cfg.model, train_cfg, x_train.shape[1:]), train_cfg, steps_per_epoch=steps
-    )
-    train_ds = make_dataset(
-        x_train, y_train, batch_size=train_cfg.batch_size, training=True,
-        augment_cfg=augment_cfg, seed=train_cfg.seed,
-    )
-    val_ds = make_dataset(x_val, y_val, batch_size=max(train_cfg.batch_size, 256), training=False)
     callbacks: list[Any] = []
     patience = int(option(train_cfg, "early_stopping_patience"))
     stopper = None
@@ -159,15 +163,22 @@ def fit_model(
         callbacks.append(stopper)
     if log_dir is not None:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=0))
-    fit = model.fit(
-        train_ds, validation_data=val_ds, epochs=train_cfg.epochs, shuffle=False, verbose=0,
-        callbacks=callbacks, class_weight=compute_class_weights(y_train, option(train_cfg, "class_weight")),
+    outcome = fit_under_plan(
+        plan,
+        lambda: build_model(train_cfg.model, train_cfg, x_train.shape[1:]),
+        lambda batch: make_dataset(x_train, y_train, batch_size=batch, training=True,
+                                   augment_cfg=augment_cfg, seed=train_cfg.seed),
+        validation_fn=lambda batch: make_dataset(x_val, y_val, batch_size=max(batch, 256), training=False),
+        compile_fn=lambda model: compile_model(model, train_cfg, steps_per_epoch=steps),
+        global_batch_size=train_cfg.batch_size, epochs=train_cfg.epochs,
+        learning_rate=train_cfg.learning_rate, seed=train_cfg.seed, callbacks=callbacks,
+        class_weight=compute_class_weights(y_train, option(train_cfg, "class_weight")),
+        strategy=strategy,
     )
-    history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     best = None
     if stopper is not None and option(train_cfg, "restore_best") and stopper.best_weights is not None:
         best = int(stopper.best_epoch) + 1
-    return model, history, best
+    return outcome.model, outcome.history, best
 
 
 def run(
@@ -185,6 +196,11 @@ def run(
 
     ``log_dir``: write TensorBoard logs there (off when None).
     """
+    from medops.distribute import is_chief, make_strategy
+
+    plan = plan_for(train_cfg)
+    strategy = make_strategy(plan)  # first: a multi-worker strategy must precede any other TF op
+
     import keras
     import tensorflow as tf
 
@@ -194,7 +210,8 @@ def run(
     check_both_classes(y_train, "train")
     check_both_classes(y_val, "val")
     model, history, best_epoch = fit_model(
-        train_cfg, augment_cfg, (x_train, y_train), (x_val, y_val), log_dir=log_dir
+        train_cfg, augment_cfg, (x_train, y_train), (x_val, y_val),
+        log_dir=log_dir if is_chief(plan) else None, plan=plan, strategy=strategy,
     )
     val_scores = predict_probabilities(model, x_val)
     strategy = str(option(train_cfg, "threshold_strategy"))
@@ -204,8 +221,9 @@ def run(
     duration = time.perf_counter() - started
 
     model_out, result_out = Path(model_out), Path(result_out)
-    model_out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(model_out)
+    if is_chief(plan):  # in a cluster every worker trains; only the chief writes
+        model_out.parent.mkdir(parents=True, exist_ok=True)
+        model.save(model_out)
     last = lambda key: history[key][-1] if history.get(key) else None  # noqa: E731
     result = TrainResult(
         model=train_cfg.model,
@@ -234,8 +252,26 @@ def run(
         "train_positive_fraction": float(y_train.mean()),
         "val_positive_fraction": float(y_val.mean()),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "distribution": plan.model_dump(mode="json"),
+        "code_commit": code_commit(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    result_out.parent.mkdir(parents=True, exist_ok=True)
-    result_out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if is_chief(plan):
+        result_out.parent.mkdir(parents=True, exist_ok=True)
+        result_out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return result
+
+
+def code_commit() -> str | None:
+    """The git commit of the medops code that trained (with "+dirty" for uncommitted changes)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
