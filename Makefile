@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medops-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast down repro clean-state
+.PHONY: setup demo quality test test-fast down repro
 
 ## setup: create or update the virtual environment (.venv) with pinned versions
 setup: $(STAMP)
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml requirements.lock
 ## demo: data -> DVC -> quality -> train -> gate -> Triton, with the Prefect UI; leaves servers up
 demo: setup
 	$(VENV)/bin/medops demo
+
+## quality: the pipeline with benchmarks/quality/params-quality.yaml on the official split, deployed
+quality: setup
+	$(PY) benchmarks/quality/run_quality.py
 
 ## down: stop what `make demo` started (by recorded pids)
 down:
