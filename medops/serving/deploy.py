@@ -76,6 +76,7 @@ class DeployResult(BaseModel):
     golden_atol: float
     n_golden: int
     threshold: float  # the ensemble labels "pneumonia" at probability >= this
+    unchanged: bool = False  # this very model (same ONNX, same threshold) was already served
 
 
 def sha256_file(path: Path) -> str:
@@ -446,6 +447,9 @@ def deploy(
     repository = Path(repository)
     with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
         previous = served_version(repository, contract.name)
+        already = already_served(client, repository, contract.name, previous, digest, ec.threshold)
+        if already is not None:
+            return already
         version, version_dir = write_version(contract, repository, Path(onnx), flavour="embedded",
                                              golden=golden)
         if previous is not None:
@@ -485,6 +489,23 @@ def deploy(
     )
     (version_dir / VERSION_INFO).write_text(result.model_dump_json(indent=2) + "\n")
     return result
+
+
+def already_served(client: Any, repository: Path, name: str, version: int | None, digest: str,
+                   threshold: float) -> DeployResult | None:
+    """The served version's record if it holds this very ONNX file and threshold and is ready:
+    deploying it again would only add an identical version (``make demo`` run twice)."""
+    if version is None:
+        return None
+    try:
+        record = DeployResult.model_validate_json(
+            (Path(repository) / name / str(version) / VERSION_INFO).read_text())
+        ready = client.is_model_ready(name, str(version))
+    except Exception:  # noqa: BLE001 - no record, or unreadable: deploy as usual
+        return None
+    if record.sha256 != digest or record.threshold != threshold or not ready:
+        return None
+    return record.model_copy(update={"unchanged": True})
 
 
 class RollbackResult(BaseModel):

@@ -273,6 +273,17 @@ def test_outputs_as_table_and_json_lines(triton, deployed, files):
     assert rows == preds
 
 
+def test_deploying_the_served_model_again_changes_nothing(triton, deployed):
+    # `make demo` run twice: the same export must not pile up identical versions
+    base, cfg = triton["base"], triton["cfg"]
+    onnx_path = base / "export2" / "model.onnx"
+    again = deploy(cfg, onnx=onnx_path, gate=base / "gate2.json",
+                   export_result=onnx_path.with_name("export.json"), repository=triton["repo"],
+                   url=triton["info"].grpc_url, protocol="grpc", image_size=S, max_pixels=MAX_PIXELS)
+    assert again.unchanged and again.version == deployed[1].version == 2
+    assert list_versions(triton["repo"], cfg.model_name) == [1, 2]
+
+
 def test_deploy_refuses_a_failed_gate_and_writes_nothing(triton, deployed):
     base = triton["base"]
     onnx_path = write_tiny_onnx(base / "rejected" / "model.onnx", w=1.0, b=0.0)
