@@ -1,26 +1,46 @@
-"""Ingest benchmark: medops ingest vs a plain single-process loop vs the parallel decode limit.
+"""Ingest benchmark (issue 3, item 9): medops ingest vs a plain single-process loop vs the
+parallel decode-only limit, and medops ingest's peak memory as the file count grows.
 
-Generates N CT-like 512 x 512 16-bit slices (signed, rescale intercept -1024, a soft-tissue
-window; a seeded phantom with body, lungs, bone and noise) in each encoding: uncompressed
-(explicit VR little endian), JPEG 2000 lossless and JPEG-LS lossless (JPEG-LS needs an encoder:
-``pip install pyjpegls``; without one it is skipped with a note). Then, per encoding, times:
+Throughput section. Generates N CT-like slices (default 2,000 of 512 x 512, 16-bit signed,
+rescale intercept -1024, a soft-tissue window; a seeded phantom with body, lungs, bone and noise)
+in each encoding: uncompressed (``raw``, explicit VR little endian) and JPEG 2000 lossless
+(``j2k``); JPEG-LS lossless (``jls``) only when asked for and an encoder is installed
+(``pip install pyjpegls``). Then, per encoding, times three contenders on the same files:
 
-- ``plain``: what one would write first: one process, ``dcmread`` + ``pixel_array`` + modality
-  LUT + VOI + resize per file (no de-identification, no output files);
-- ``medops``: ``medops.ingest.run`` with ``--workers`` processes (reads, de-identifies, writes
-  de-identified DICOM, decodes, preprocesses, writes shards + metadata);
+- ``plain``: the loop one writes first: one process, ``dcmread`` -> ``pixel_array`` -> modality
+  LUT + VOI (the rescale) -> resize, the images saved as one ``.npy`` at the end; no
+  de-identification;
+- ``medops``: the full ``medops ingest`` (:func:`medops.ingest.run`, what the CLI calls) with
+  ``--workers`` processes: reads, hashes, de-identifies, writes every de-identified DICOM file,
+  decodes, preprocesses, writes shards, metadata.parquet, quarantine.csv and the index;
 - ``decode-limit``: ``--workers`` processes that only read and decode (``pixel_array``), in
-  chunks: the most any parallel ingest could reach on this machine;
+  chunks: what no parallel ingest on this machine can beat;
 
-and prints files/s side by side with the ratios medops/plain and medops/decode-limit.
+and prints files/s side by side, the ratios medops/plain and medops/decode-limit checked against
+the issue's targets (compressed: >= 1.8x plain and >= 90 % of the decode limit; uncompressed:
+>= 1.2x plain), and each run's peak memory.
 
-Usage::
+Memory section. Ingests 2,000 and 20,000 small generated files (64 x 64, uncompressed, so that
+20,000 take minutes, not an hour) and checks that the peak memory of the ingest, worker
+processes included, stays flat (20,000 within 1.25x of 2,000).
 
-    python benchmarks/ingest/run.py --files 2000 --workers 2
-    python benchmarks/ingest/run.py --files 200 --encodings raw j2k   # a quick look
+Every measured run is a fresh Python process (this script with ``--measure-one``), timed inside
+from the call to its return (its own lazy imports and worker start-up included, interpreter start
+excluded). Memory is measured two ways: the peak of the summed RSS of the process and all its
+descendants, sampled every 0.1 s from /proc by the driver ("tree peak"; an upper bound, shared
+library pages count once per process), and ``getrusage`` ``ru_maxrss`` of the process itself and
+of its largest reaped child (exact maxima, per process). Files are read once before timing, so
+every contender reads from the page cache.
 
-Generated files are cached under ``--work-dir`` (default ``.medops/bench/ingest``) per
-(files, size, encoding), so repeated runs time only the ingest.
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/ingest/run.py                    # the issue's run: both sections
+    .venv/bin/python benchmarks/ingest/run.py --files 40 --size 128 --memory-files 100 400  # smoke
+    .venv/bin/python benchmarks/ingest/run.py --sections throughput --encodings j2k --repeats 3
+
+Generated files are cached under ``--work-dir`` (default ``.medops/bench/ingest``), one folder per
+(encoding, files, size, generator version) with a marker written when complete, so later runs
+time only the contenders. ``--json`` writes every figure.
 """
 
 from __future__ import annotations
@@ -29,8 +49,11 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -43,7 +66,17 @@ ENCODINGS = {
     "j2k": "1.2.840.10008.1.2.4.90",    # JPEG 2000 Image Compression (Lossless Only)
     "jls": "1.2.840.10008.1.2.4.80",    # JPEG-LS Lossless Image Compression
 }
+COMPRESSED = {"j2k", "jls"}
+# the issue's targets: (ratio name, minimum)
+TARGETS = {
+    "raw": [("medops/plain", 1.2)],
+    "j2k": [("medops/plain", 1.8), ("medops/limit", 0.90)],
+    "jls": [("medops/plain", 1.8), ("medops/limit", 0.90)],
+}
+MEMORY_FLAT = 1.25  # largest file count's peak / smallest file count's peak, at most
+GENERATOR_VERSION = 2  # bump when phantom() or make_dataset() change: invalidates the cache
 KEY = b"benchmark-key-not-a-secret-0123456789"
+CONTENDERS = ("plain", "decode-limit", "medops")
 
 
 # --- generation -------------------------------------------------------------------------------
@@ -121,41 +154,69 @@ def encoder_available(encoding: str) -> tuple[bool, str]:
     return enc.is_available, "; ".join(enc.missing_dependencies)
 
 
-def generate(folder: Path, n: int, size: int, encoding: str, workers: int) -> Path:
-    """Write the files once; a marker file makes later runs reuse them."""
+def work_folder(work_dir: Path, encoding: str, n: int, size: int) -> Path:
+    return work_dir / f"{encoding}-{n}-{size}"
+
+
+def spec_of(n: int, size: int, encoding: str) -> dict:
+    return {"files": n, "size": size, "encoding": encoding, "generator": GENERATOR_VERSION}
+
+
+def is_cached(folder: Path, spec: dict) -> bool:
     marker = folder.parent / f"{folder.name}.complete.json"  # outside: ingest reads every file
-    spec = {"files": n, "size": size, "encoding": encoding}
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
+    try:
+        return json.loads(marker.read_text()) == spec
+    except (OSError, ValueError):
+        return False
+
+
+def generate(folder: Path, n: int, size: int, encoding: str, workers: int) -> Path:
+    """Write the files once, on all workers; a marker written last makes later runs reuse them."""
+    marker = folder.parent / f"{folder.name}.complete.json"
+    spec = spec_of(n, size, encoding)
+    if is_cached(folder, spec):
         return folder
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     marker.unlink(missing_ok=True)
-    step = max(1, math.ceil(n / (workers * 8)))
+    step = max(1, min(200, math.ceil(n / (workers * 8))))
     batches = [(list(range(i, min(i + step, n))), size, encoding, str(folder)) for i in range(0, n, step)]
+    started = time.perf_counter()
+    print(f"{encoding}: generating {n} files of {size}x{size} in {folder} ...", flush=True)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         written = sum(pool.map(_write_batch, batches))
-    assert written == n
+    if written != n:
+        raise SystemExit(f"generated {written} of {n} files")
     marker.write_text(json.dumps(spec))
+    print(f"{encoding}: generated in {time.perf_counter() - started:.1f} s", flush=True)
     return folder
 
 
-# --- the three contenders ---------------------------------------------------------------------
+# --- the three contenders (each runs in a fresh process, see measure_one) -------------------
 
-def plain_loop(files: list[Path], image_size: int) -> int:
-    """The obvious single-process loop: read, decode, modality LUT, VOI, resize."""
+def list_files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.dcm"))
+
+
+def plain_loop(folder: Path, out: Path, image_size: int) -> int:
+    """The obvious single-process loop: read, decode, modality LUT, VOI, resize, save."""
     import pydicom
     from PIL import Image
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    done = 0
-    for f in files:
+    images = []
+    for f in list_files(folder):
         ds = pydicom.dcmread(f)
         arr = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
         arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-9)
-        Image.fromarray(arr.astype(np.float32)).resize((image_size, image_size), Image.Resampling.BILINEAR)
-        done += 1
-    return done
+        img = Image.fromarray(arr.astype(np.float32)).resize((image_size, image_size),
+                                                             Image.Resampling.BILINEAR)
+        images.append(np.asarray(img))
+    out.mkdir(parents=True, exist_ok=True)
+    # saved once at the end: the cheapest way to save, so the plain loop is not handicapped
+    np.save(out / "images.npy", np.stack(images))
+    return len(images)
 
 
 def _decode_chunk(paths: list[str]) -> int:
@@ -166,7 +227,9 @@ def _decode_chunk(paths: list[str]) -> int:
     return len(paths)
 
 
-def decode_limit(files: list[Path], workers: int) -> int:
+def decode_limit(folder: Path, workers: int) -> int:
+    """Decoding alone, on ``workers`` processes, chunked the way medops chunks its files."""
+    files = list_files(folder)
     size = max(1, min(64, math.ceil(len(files) / (workers * 4))))
     chunks = [[str(f) for f in files[i:i + size]] for i in range(0, len(files), size)]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -174,11 +237,10 @@ def decode_limit(files: list[Path], workers: int) -> int:
 
 
 def medops_ingest(folder: Path, out: Path, workers: int, image_size: int) -> int:
+    """The full stage, as ``medops ingest`` runs it (de-identification on, a full rebuild)."""
     from medops import ingest
     from medops.config import IngestConfig
 
-    if out.exists():
-        shutil.rmtree(out)
     cfg = IngestConfig(workers=workers, image_size=image_size)
     result = ingest.run(cfg, source_dir=folder, out_dir=out, key=KEY, incremental=False)
     if result.used != result.files_seen:
@@ -186,64 +248,313 @@ def medops_ingest(folder: Path, out: Path, workers: int, image_size: int) -> int
     return result.used
 
 
-def timed(fn, *args) -> tuple[float, int]:
+def measure_one(spec: dict) -> dict:
+    """Run one contender in this (fresh) process; time it and report this process's and its
+    largest child's peak RSS."""
+    folder, out = Path(spec["folder"]), Path(spec["out"])
     start = time.perf_counter()
-    n = fn(*args)
-    return time.perf_counter() - start, n
+    if spec["contender"] == "plain":
+        n = plain_loop(folder, out, spec["image_size"])
+    elif spec["contender"] == "decode-limit":
+        n = decode_limit(folder, spec["workers"])
+    else:
+        n = medops_ingest(folder, out, spec["workers"], spec["image_size"])
+    seconds = time.perf_counter() - start
+    # Linux reports ru_maxrss in KiB; RUSAGE_CHILDREN is the largest reaped descendant
+    return {"seconds": seconds, "files": n,
+            "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "child_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_rss_mb(root: int) -> tuple[float, int]:
+    """Summed RSS (MB) of ``root`` and all its descendants, and how many processes that is."""
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            parent[int(name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    total = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                total += int(fh.read().split()[1]) * _PAGE
+        except OSError:
+            pass
+    return total / 1e6, len(tree)
+
+
+def measure(contender: str, folder: Path, out: Path, workers: int, image_size: int) -> dict:
+    """One contender in a fresh process, its process tree's RSS sampled every 0.1 s."""
+    if out.exists():
+        shutil.rmtree(out)  # not timed
+    spec = {"contender": contender, "folder": str(folder), "out": str(out), "workers": workers,
+            "image_size": image_size}
+    with tempfile.TemporaryFile("w+") as result_file:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--measure-one",
+                                 json.dumps(spec)], stdout=result_file)
+        peak, processes = 0.0, 0
+        while proc.poll() is None:
+            rss, count = tree_rss_mb(proc.pid)
+            peak, processes = max(peak, rss), max(processes, count)
+            time.sleep(0.1)
+        result_file.seek(0)
+        output = result_file.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{contender} on {folder} failed (exit {proc.returncode}): {output[-2000:]}")
+    result = json.loads(output.strip().splitlines()[-1])
+    result.update(tree_peak_mb=peak, processes=processes)
+    return result
+
+
+def warm_cache(files: list[Path]) -> None:
+    """Read every file once, so no contender pays for the first read from disk."""
+    for f in files:
+        f.read_bytes()
+
+
+# --- estimate ---------------------------------------------------------------------------------
+
+def _per_file_costs(size: int, encoding: str) -> tuple[float, float]:
+    """Seconds to generate one file and to put it through the plain loop (best of 3)."""
+    import io
+
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from PIL import Image
+
+    gen, proc = [], []
+    for i in range(3):
+        t = time.perf_counter()
+        ds = make_dataset(i, size, "2.25.1", "2.25.2")
+        if encoding != "raw":
+            ds.compress(ENCODINGS[encoding])
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+        gen.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        buf.seek(0)
+        ds = pydicom.dcmread(buf)
+        arr = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float32)
+        Image.fromarray(arr).resize((28, 28), Image.Resampling.BILINEAR)
+        proc.append(time.perf_counter() - t)
+    return min(gen), min(proc)
+
+
+# medops' cost per file beyond decoding (hash, de-identify, write the file, bookkeeping), seconds
+# on one worker: from 64x64 files on the 2-core development machine; only feeds the estimate
+MEDOPS_FIXED_S = 0.012
+
+
+def estimate_seconds(args, encodings: list[str]) -> tuple[float, float]:
+    """A rough duration of this run from one file per encoding: (total, of it generating).
+
+    Model: generation on all workers; plain = n x per-file cost; decode-limit ~ that / workers;
+    medops ~ (1.5 x the per-file cost + MEDOPS_FIXED_S) / workers; ~3 s start-up per process.
+    """
+    total = gen_total = 0.0
+    workers = max(1, args.workers)
+    jobs = []
+    if "throughput" in args.sections:
+        jobs += [(enc, args.files, args.size, True) for enc in encodings]
+    if "memory" in args.sections:
+        jobs += [("raw", n, args.memory_size, False) for n in args.memory_files]
+    for enc, n, size, all_three in jobs:
+        t_gen, t_proc = _per_file_costs(size, enc)
+        if not is_cached(work_folder(args.work_dir, enc, n, size), spec_of(n, size, enc)):
+            gen_total += n * t_gen / workers
+        medops = n * (1.5 * t_proc + MEDOPS_FIXED_S) / workers + 3
+        total += (n * t_proc + n * t_proc / workers + medops + 6) * args.repeats if all_three else medops
+        total += n * 0.0002  # warming the page cache
+    return total + gen_total, gen_total
 
 
 # --- main -------------------------------------------------------------------------------------
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median time; memory figures are the maxima over all runs."""
+    best = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    return {**best, "tree_peak_mb": max(r["tree_peak_mb"] for r in runs),
+            "self_maxrss_mb": max(r["self_maxrss_mb"] for r in runs),
+            "child_maxrss_mb": max(r["child_maxrss_mb"] for r in runs),
+            "seconds_all": [round(r["seconds"], 3) for r in runs]}
+
+
+def throughput(args, encodings: list[str]) -> tuple[list[dict], bool]:
+    rows = []
+    for encoding in encodings:
+        t0 = time.perf_counter()
+        folder = generate(work_folder(args.work_dir, encoding, args.files, args.size), args.files,
+                          args.size, encoding, args.workers)
+        files = list_files(folder)
+        warm_cache(files)
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        print(f"{encoding}: {len(files)} files, {mb:.0f} MB (ready in {time.perf_counter() - t0:.1f} s)",
+              flush=True)
+        row: dict = {"encoding": encoding, "files": len(files), "megabytes": round(mb, 1)}
+        for contender in CONTENDERS:
+            runs = []
+            for _ in range(args.repeats):
+                runs.append(measure(contender, folder, args.work_dir / f"out-{contender}-{encoding}",
+                                    args.workers, args.image_size))
+                if runs[-1]["files"] != len(files):
+                    raise SystemExit(f"{contender} handled {runs[-1]['files']} of {len(files)} files")
+            r = _median_run(runs)
+            row[contender] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+            row[contender]["files_per_s"] = round(len(files) / r["seconds"], 2)
+            print(f"  {contender:12s} {r['seconds']:8.2f} s {len(files) / r['seconds']:8.1f} files/s   "
+                  f"tree peak {r['tree_peak_mb']:6.0f} MB ({r['processes']} processes), max RSS "
+                  f"self {r['self_maxrss_mb']:5.0f} MB, largest child {r['child_maxrss_mb']:5.0f} MB",
+                  flush=True)
+        plain, med, lim = (row[c]["files_per_s"] for c in ("plain", "medops", "decode-limit"))
+        row["ratios"] = {"medops/plain": round(med / plain, 3), "medops/limit": round(med / lim, 3)}
+        row["checks"] = [{"ratio": name, "target": target, "value": row["ratios"][name],
+                          "pass": row["ratios"][name] >= target} for name, target in TARGETS[encoding]]
+        rows.append(row)
+        if args.json:  # written as it goes, so a run cut short keeps what it measured
+            _write_json(args, rows, None)
+
+    header = (f"{'encoding':8s} {'files':>6s} {'plain f/s':>10s} {'medops f/s':>11s} "
+              f"{'limit f/s':>10s} {'medops/plain':>21s} {'medops/limit':>21s}")
+    print(f"\nThroughput: {args.files} files of {args.size}x{args.size} int16 CT, "
+          f"{args.workers} worker(s), output {args.image_size}x{args.image_size}")
+    print(header + "\n" + "-" * len(header))
+    ok = True
+
+    def cell(row: dict, name: str) -> str:
+        value = row["ratios"][name]
+        check = next((c for c in row["checks"] if c["ratio"] == name), None)
+        if check is None:
+            return f"{value:6.2f}x (no target)"
+        return f"{value:5.2f}x >= {check['target']:.2f} {'PASS' if check['pass'] else 'FAIL'}"
+
+    for row in rows:
+        ok &= all(c["pass"] for c in row["checks"])
+        print(f"{row['encoding']:8s} {row['files']:6d} {row['plain']['files_per_s']:10.1f} "
+              f"{row['medops']['files_per_s']:11.1f} {row['decode-limit']['files_per_s']:10.1f} "
+              f"{cell(row, 'medops/plain'):>21s} {cell(row, 'medops/limit'):>21s}")
+    print("\nPeak memory per run, MB (tree peak = summed RSS of the process and its workers):")
+    print(f"{'encoding':8s} " + " ".join(f"{c:>24s}" for c in CONTENDERS))
+    for row in rows:
+        print(f"{row['encoding']:8s} " + " ".join(
+            f"{row[c]['tree_peak_mb']:9.0f} ({row[c]['self_maxrss_mb']:4.0f}+{row[c]['child_maxrss_mb']:4.0f})"
+            .rjust(24) for c in CONTENDERS))
+    print("(in brackets: max RSS of the main process + of its largest worker)")
+    print("medops does more per file than either contender: it hashes, de-identifies and writes "
+          "every file, and writes shards and metadata; decode-limit is decoding alone on all workers.")
+    return rows, ok
+
+
+def memory_scaling(args) -> tuple[dict, bool]:
+    counts = sorted(args.memory_files)
+    print(f"\nMemory: medops ingest of {' vs '.join(f'{n:,}' for n in counts)} files, "
+          f"{args.memory_size}x{args.memory_size} uncompressed (small files, so that {counts[-1]:,} "
+          f"fit in minutes; the throughput section shows the peaks with full-size files), "
+          f"{args.workers} worker(s)", flush=True)
+    runs = []
+    for n in counts:
+        folder = generate(work_folder(args.work_dir, "raw", n, args.memory_size), n, args.memory_size,
+                          "raw", args.workers)
+        warm_cache(list_files(folder))
+        r = measure("medops", folder, args.work_dir / "out-memory", args.workers, args.image_size)
+        if r["files"] != n:
+            raise SystemExit(f"medops handled {r['files']} of {n} files")
+        runs.append({"files": n, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}})
+        print(f"  {n:7,d} files {r['seconds']:7.1f} s   tree peak {r['tree_peak_mb']:6.0f} MB "
+              f"({r['processes']} processes), max RSS main {r['self_maxrss_mb']:5.0f} MB, "
+              f"largest worker {r['child_maxrss_mb']:5.0f} MB", flush=True)
+    first, last = runs[0], runs[-1]
+    ratios = {k: round(last[k] / first[k], 3) for k in ("tree_peak_mb", "self_maxrss_mb", "child_maxrss_mb")}
+    ok = ratios["tree_peak_mb"] <= MEMORY_FLAT
+    print(f"  {last['files']:,} / {first['files']:,} files: tree peak x{ratios['tree_peak_mb']:.2f} "
+          f"(<= {MEMORY_FLAT} {'PASS' if ok else 'FAIL'}), main process x{ratios['self_maxrss_mb']:.2f}, "
+          f"largest worker x{ratios['child_maxrss_mb']:.2f}")
+    return {"size": args.memory_size, "runs": runs, "ratios": ratios, "limit": MEMORY_FLAT, "pass": ok}, ok
+
+
+def _write_json(args, rows, memory) -> None:
+    args.json.write_text(json.dumps({
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    "loadavg": os.getloadavg()},
+        "workers": args.workers, "files": args.files, "size": args.size, "image_size": args.image_size,
+        "repeats": args.repeats, "throughput": rows, "memory": memory}, indent=2) + "\n")
+
+
+def _duration(seconds: float) -> str:
+    return f"~{seconds:.0f} s" if seconds < 120 else f"~{seconds / 60:.0f} min"
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--files", type=int, default=2000)
     p.add_argument("--size", type=int, default=512, help="rows = columns of each slice")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                   help="processes for medops and decode-limit (default: all cores)")
     p.add_argument("--image-size", type=int, default=28, help="ingest output size")
-    p.add_argument("--encodings", nargs="+", choices=sorted(ENCODINGS), default=["raw", "j2k", "jls"])
+    p.add_argument("--encodings", nargs="+", choices=sorted(ENCODINGS), default=["raw", "j2k"],
+                   help="jls needs pyjpegls")
+    p.add_argument("--repeats", type=int, default=1, help="runs per contender; the median is shown")
+    p.add_argument("--sections", nargs="+", choices=["throughput", "memory"],
+                   default=["throughput", "memory"])
+    p.add_argument("--memory-files", type=int, nargs="+", default=[2000, 20000])
+    p.add_argument("--memory-size", type=int, default=64, help="rows = columns in the memory section")
     p.add_argument("--work-dir", type=Path, default=Path(".medops/bench/ingest"))
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--measure-one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.measure_one:
+        print(json.dumps(measure_one(json.loads(args.measure_one))), flush=True)
+        return 0
+    if len(args.memory_files) < 2 and "memory" in args.sections:
+        p.error("--memory-files needs at least two counts")
+    args.work_dir = args.work_dir.resolve()
 
-    print(f"{args.files} files of {args.size}x{args.size} int16, {args.workers} worker(s), "
-          f"{os.cpu_count()} CPU(s), python {sys.version.split()[0]}")
-    rows = []
+    encodings = []
     for encoding in args.encodings:
         ok, missing = encoder_available(encoding)
-        if not ok:
+        if ok:
+            encodings.append(encoding)
+        else:
             print(f"{encoding}: skipped, no encoder installed ({missing})")
-            continue
-        t0 = time.perf_counter()
-        folder = generate(args.work_dir / f"{encoding}-{args.files}-{args.size}", args.files, args.size,
-                          encoding, args.workers)
-        files = sorted(folder.rglob("*.dcm"))
-        mb = sum(f.stat().st_size for f in files) / 1e6
-        print(f"{encoding}: {len(files)} files, {mb:.0f} MB (ready in {time.perf_counter() - t0:.1f} s)")
-        t_plain, _ = timed(plain_loop, files, args.image_size)
-        t_limit, _ = timed(decode_limit, files, args.workers)
-        t_medops, _ = timed(medops_ingest, folder, args.work_dir / f"out-{encoding}", args.workers,
-                            args.image_size)
-        rows.append({"encoding": encoding, "files": len(files), "megabytes": round(mb, 1),
-                     "plain_s": round(t_plain, 2), "medops_s": round(t_medops, 2),
-                     "decode_limit_s": round(t_limit, 2)})
-
-    if not rows:
+    if "throughput" in args.sections and not encodings:
         return 1
-    header = (f"{'encoding':8s} {'plain f/s':>10s} {'medops f/s':>11s} {'decode-limit f/s':>17s} "
-              f"{'medops/plain':>13s} {'medops/limit':>13s}")
-    print("\n" + header + "\n" + "-" * len(header))
-    for r in rows:
-        n = r["files"]
-        plain, med, lim = n / r["plain_s"], n / r["medops_s"], n / r["decode_limit_s"]
-        r.update(plain_fps=round(plain, 1), medops_fps=round(med, 1), decode_limit_fps=round(lim, 1),
-                 medops_over_plain=round(med / plain, 2), medops_over_limit=round(med / lim, 2))
-        print(f"{r['encoding']:8s} {plain:10.1f} {med:11.1f} {lim:17.1f} {med / plain:12.2f}x "
-              f"{med / lim:12.2f}x")
-    print("\nmedops does more per file than either contender (de-identification, writing the "
-          "de-identified file, metadata, shards); decode-limit is decoding alone on all workers.")
+    load = os.getloadavg()[0]
+    print(f"{os.cpu_count()} CPU(s), load average {load:.1f}, python {sys.version.split()[0]}, "
+          f"work dir {args.work_dir}")
+    if load > 0.5 * (os.cpu_count() or 1):
+        print("warning: the machine is busy; throughput figures will be low and noisy")
+    total, gen = estimate_seconds(args, encodings)
+    print(f"estimated duration: {_duration(total)}"
+          + (f", of which {_duration(gen)} generating files (cached for later runs)" if gen else "")
+          + " (a rough guess from one file per encoding)", flush=True)
+    started = time.perf_counter()
+
+    rows, memory, ok = [], None, True
+    if "throughput" in args.sections:
+        rows, passed = throughput(args, encodings)
+        ok &= passed
+    if "memory" in args.sections:
+        memory, passed = memory_scaling(args)
+        ok &= passed
+    print(f"\n{'all targets met' if ok else 'some targets missed'} "
+          f"(took {(time.perf_counter() - started) / 60:.1f} min)")
     if args.json:
-        args.json.write_text(json.dumps({"workers": args.workers, "size": args.size, "rows": rows}, indent=2))
-    return 0
+        _write_json(args, rows, memory)
+    return 1 if args.check and not ok else 0
 
 
 if __name__ == "__main__":
