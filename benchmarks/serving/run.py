@@ -1,24 +1,36 @@
-"""Serving benchmark (issue 4): the same classifier served four ways, swept over concurrency.
+"""Serving benchmark (issue 4, item 8): one classifier served four ways, swept over concurrency.
 
-1. ``onnxruntime``: in-process onnxruntime session, one image per call, c threads (the floor: no
-   network, no server).
-2. ``triton-batched``: the embedded tritonserver, Python-backend model with dynamic batching as
-   the contract renders it (preferred sizes, max queue delay), c concurrent gRPC requests.
-3. ``triton-unbatched``: the same model with dynamic batching removed.
-4. ``fastapi-keras``: FastAPI + uvicorn with the Keras model in memory, c concurrent HTTP requests.
+Configurations:
 
-Every request carries one 28x28 image (a closed loop: each of the c workers sends its next request
-when the previous one is answered), for ``--seconds`` per point after a short warm-up. Client and
-servers share this machine, so the numbers include the client's CPU use; compare configurations
-with each other, not with a dedicated server.
+a. ``triton-batched``: the embedded tritonserver with the models as medops deploys them
+   (Python-backend ONNX classifier with dynamic batching as ``medops.serving.contract`` renders
+   it from ``params.yaml``'s ``serving`` section), gRPC.
+b. ``triton-unbatched``: the same models with ``dynamic_batching`` removed, gRPC.
+c. ``fastapi-keras``: the usual hand-made server, FastAPI + uvicorn (one worker) calling the Keras
+   model's ``model.predict`` per request (``keras_app.py``), HTTP.
+d. ``onnxruntime full batches``: in-process onnxruntime on full batches of
+   ``serving.max_batch_size`` images, the session options of the Triton model instance
+   (one intra-op thread): the throughput limit of what one model instance can do.
 
-The model is ``models/model.keras`` + ``models/model.onnx`` if the pipeline has produced them,
-otherwise an untrained ``simple_cnn`` from ``params.yaml`` (weights do not change the timing),
-exported with ``medops.export.convert_to_onnx``.
+Paths: ``tensor`` (one preprocessed 28x28 float32 image per request to the classifier) and
+``dicom`` (the raw bytes of one real DICOM file per request to the ensemble ``<model>_dicom``:
+preprocess -> classifier -> postprocess), the latter for both Triton configurations.
 
-    .venv/bin/python benchmarks/serving/run.py [--concurrency 1 4 16 64] [--seconds 3]
+Each of the c clients sends its next request when the previous one is answered (closed loop), for
+``--seconds`` per point after ``--warmup`` seconds. Client and servers share the machine, so the
+numbers include the client's CPU use; compare configurations with each other.
 
-Writes ``results.json`` and ``results.md`` to ``--out`` (default: this folder).
+The model is ``models/model.keras`` + ``models/model.onnx`` when the pipeline has produced them,
+otherwise an untrained model from ``params.yaml`` (weights do not change the timing). The DICOM
+files are the first ``--dicom-files`` of ``data/raw/dicom`` if present, otherwise written by
+``medops.dicom.synth`` from the bundled PneumoniaMNIST.
+
+    .venv/bin/python benchmarks/serving/run.py                 # c = 1 8 32, 5 s per point, ~3 min
+    .venv/bin/python benchmarks/serving/run.py --write         # also results.json / results.md
+    .venv/bin/python benchmarks/serving/run.py --seconds 1 --concurrency 1 2 --only triton
+
+Prints one side-by-side table and the three targets of the issue with measured values, ratios and
+PASS/FAIL. The exit status is 0 whether or not the targets pass (it is a measurement).
 """
 
 from __future__ import annotations
@@ -33,15 +45,25 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+BUNDLED = ROOT / "datasets" / "pneumoniamnist" / "pneumoniamnist.npz"
+
+TRITON = ("triton-batched", "triton-unbatched")
+FASTAPI = "fastapi-keras"
+ORT_LIMIT = "onnxruntime full batches"
+
+# The issue's targets, checked at these concurrencies.
+TARGET_SPEEDUP_OVER_FASTAPI = 5.0
+TARGET_FRACTION_OF_LIMIT = 0.5
+TARGET_P99_MS_AT_C1 = 5.0
+TARGET_CONCURRENCY = 32
 
 
 def free_port() -> int:
@@ -50,32 +72,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def summarize(latencies_s: list[float], wall_s: float) -> dict[str, float]:
+def summarize(latencies_s: list[float], wall_s: float, items_per_request: int = 1) -> dict[str, float]:
+    """Throughput (requests/s and images/s) and latency percentiles (nearest rank) in ms."""
     ms = sorted(x * 1000 for x in latencies_s)
     if not ms:
-        return {"requests": 0, "throughput_rps": 0.0}
+        return {"requests": 0, "throughput_rps": 0.0, "images_per_s": 0.0}
 
     def pct(p: float) -> float:
-        return ms[min(len(ms) - 1, int(round(p / 100 * (len(ms) - 1))))]
+        return ms[min(len(ms) - 1, max(0, int(np.ceil(p / 100 * len(ms))) - 1))]
 
-    return {"requests": len(ms), "throughput_rps": len(ms) / wall_s, "p50_ms": pct(50),
-            "p95_ms": pct(95), "p99_ms": pct(99), "mean_ms": statistics.fmean(ms)}
+    rps = len(ms) / wall_s
+    return {"requests": len(ms), "throughput_rps": rps, "images_per_s": rps * items_per_request,
+            "p50_ms": pct(50), "p99_ms": pct(99), "mean_ms": statistics.fmean(ms)}
 
 
-# -- models --------------------------------------------------------------------------------------
+# -- inputs --------------------------------------------------------------------------------------
 
-def prepare_models(workdir: Path) -> tuple[Path, Path, str]:
-    """``(keras, onnx, source)``: the project's models if present, else a fresh simple_cnn."""
+def prepare_models(workdir: Path, params: Any) -> tuple[Path, Path, str]:
+    """``(keras, onnx, source)``: the project's models if present, else a fresh untrained one."""
     keras_path, onnx_path = ROOT / "models" / "model.keras", ROOT / "models" / "model.onnx"
     if keras_path.is_file() and onnx_path.is_file():
-        return keras_path, onnx_path, "models/ (trained by the pipeline)"
+        return keras_path, onnx_path, "models/model.onnx + models/model.keras (the pipeline's)"
     import onnx
 
-    from medops.config import load_params
     from medops.export import convert_to_onnx
     from medops.models import build_model
 
-    params = load_params(ROOT / "params.yaml")
     size = params.ingest.image_size
     model = build_model(params.train.model, params.train, (size, size, 1))
     keras_path, onnx_path = workdir / "model.keras", workdir / "model.onnx"
@@ -84,145 +106,228 @@ def prepare_models(workdir: Path) -> tuple[Path, Path, str]:
     return keras_path, onnx_path, f"untrained {params.train.model} (params.yaml)"
 
 
-# -- load generators -----------------------------------------------------------------------------
-
-def run_threads(call: Callable[[], None], concurrency: int, seconds: float,
-                warmup: float = 0.5) -> dict[str, float]:
-    """Closed loop: ``concurrency`` threads call ``call`` back to back for ``seconds``."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup, start + warmup + seconds
-
-    def worker() -> None:
-        mine = []
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= stop_at:
-                break
-            call()
-            t1 = time.perf_counter()
-            if t0 >= measure_from:
-                mine.append(t1 - t0)
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summarize(latencies, seconds)
+def load_images(n: int, size: int) -> np.ndarray:
+    """``n`` bundled test images as the classifier takes them: ``(n, S, S, 1)`` float32 in [0, 1]."""
+    images = np.load(BUNDLED)["test_images"]
+    if images.shape[1:] != (size, size):
+        raise SystemExit(f"bundled images are {images.shape[1:]}, the model takes {size}x{size}")
+    idx = np.arange(n) % len(images)
+    return (images[idx].astype(np.float32) / 255.0)[..., np.newaxis]
 
 
-async def run_async(call: Callable[[], Any], concurrency: int, seconds: float,
-                    warmup: float = 0.5) -> dict[str, float]:
-    """Closed loop: ``concurrency`` asyncio tasks await ``call()`` back to back for ``seconds``."""
+def load_dicom_files(n: int, workdir: Path) -> tuple[list[bytes], str]:
+    """Raw bytes of ``n`` real DICOM files: ``data/raw/dicom`` if the pipeline wrote it, else a
+    small synthetic export of the bundled dataset (medops.dicom.synth)."""
+    raw = ROOT / "data" / "raw" / "dicom"
+    files = sorted(raw.rglob("*.dcm"))[:n] if raw.is_dir() else []
+    source = "data/raw/dicom"
+    if len(files) < n:
+        from medops.config import SynthConfig
+        from medops.dicom import synth
+
+        result = synth.run(SynthConfig(max_images_per_split=n), source_npz=BUNDLED,
+                           out_dir=workdir / "synth")
+        files = sorted(Path(result.dicom_dir).rglob("*.dcm"))[:n]
+        source = "medops.dicom.synth of the bundled PneumoniaMNIST"
+    return [f.read_bytes() for f in files], f"{len(files)} files from {source}"
+
+
+# -- load generation -----------------------------------------------------------------------------
+
+async def closed_loop(call: Callable[[int], Awaitable[Any]], concurrency: int, seconds: float,
+                      warmup: float, items_per_request: int = 1) -> dict[str, float]:
+    """``concurrency`` tasks each await ``call(k)`` back to back (k counts that task's requests,
+    offset per task); requests started in the ``seconds`` after ``warmup`` are measured."""
     latencies: list[float] = []
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
 
-    async def worker() -> None:
+    async def worker(offset: int) -> None:
+        k = offset
         while True:
             t0 = time.perf_counter()
             if t0 >= stop_at:
                 return
-            await call()
+            await call(k)
             if t0 >= measure_from:
                 latencies.append(time.perf_counter() - t0)
+            k += concurrency
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(latencies, seconds)
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return summarize(latencies, seconds, items_per_request)
 
 
-# -- the four configurations ---------------------------------------------------------------------
+# -- d: the in-process limit ---------------------------------------------------------------------
 
-def bench_onnxruntime(onnx_path: Path, image: np.ndarray, levels: list[int], seconds: float) -> dict:
+def bench_onnxruntime(onnx_path: Path, images: np.ndarray, seconds: float, warmup: float) -> dict:
+    """session.run on full batches back to back, with the Triton instance's session options."""
     import onnxruntime as ort
 
+    from medops.serving.contract import INPUT_NAME, OUTPUT_NAME
+
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # as the Triton model instance; threads give the concurrency
+    opts.intra_op_num_threads = 1  # as the Triton model instance (onnx_classifier.py)
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    return {c: run_threads(lambda: session.run(["probability"], {"image": image}), c, seconds)
-            for c in levels}
+
+    async def call(_: int) -> None:
+        session.run([OUTPUT_NAME], {INPUT_NAME: images})
+
+    result = asyncio.run(closed_loop(call, 1, seconds, warmup, items_per_request=len(images)))
+    return result | {"batch_size": len(images)}
 
 
-def load_triton_models(client: Any, onnx_path: Path, image_size: int) -> dict[str, str]:
-    """Load the classifier twice through the model-control API: with and without batching."""
-    from google.protobuf import json_format, text_format
+# -- a, b: Triton --------------------------------------------------------------------------------
+
+def write_triton_repository(params: Any, onnx_path: Path, repository: Path) -> dict[str, Any]:
+    """The models as deploy writes them (classifier version 1, pre/postprocessing, ensemble pinned
+    to 1), once per Triton configuration; the unbatched set has ``dynamic_batching`` removed from
+    every model that has it. Returns ``{configuration: EnsembleContract}``."""
+    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from medops.config import ServingConfig
-    from medops.serving.contract import build_contract, render_config
-    from medops.serving.repository import CLASSIFIER_BACKEND
+    from medops.serving.contract import build_ensemble_contract
+    from medops.serving.repository import (
+        write_config,
+        write_ensemble,
+        write_processing_models,
+        write_version,
+    )
 
-    files = {"file:1/model.onnx": onnx_path.read_bytes(),
-             "file:1/model.py": CLASSIFIER_BACKEND.read_bytes()}
-    names = {}
-    for label, batched in (("triton-batched", True), ("triton-unbatched", False)):
-        config = text_format.Parse(
-            render_config(build_contract(ServingConfig(), image_size=image_size), "embedded"),
-            model_config_pb2.ModelConfig())
-        config.name = label.replace("-", "_")
-        if not batched:
-            config.ClearField("dynamic_batching")
-        client.load_model(config.name, files=files,
-                          config=json_format.MessageToJson(config, preserving_proto_field_name=True))
-        names[label] = config.name
-    return names
+    contracts = {}
+    for label in TRITON:
+        cfg = params.serving.model_copy(update={"model_name": f"bench_{label.split('-')[1]}"})
+        ec = build_ensemble_contract(
+            cfg, image_size=params.ingest.image_size, window=params.ingest.window,
+            max_bytes=cfg.max_request_bytes, max_pixels=cfg.max_image_pixels)
+        write_version(ec.classifier, repository, onnx_path, flavour="embedded", version=1)
+        write_config(ec.classifier, repository, "embedded", versions=[1])
+        write_processing_models(ec, repository, "embedded")
+        write_ensemble(ec, repository, 1)
+        if label == "triton-unbatched":
+            for name in (ec.classifier.name, ec.preprocess_name, ec.postprocess_name):
+                path = repository / name / "config.pbtxt"
+                config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+                config.ClearField("dynamic_batching")
+                path.write_text(text_format.MessageToString(config))
+        contracts[label] = ec
+    return contracts
 
 
-async def bench_triton_model(url: str, model: str, image: np.ndarray, levels: list[int],
-                             seconds: float) -> dict:
+def check_triton_answers(url: str, contracts: dict[str, Any], images: np.ndarray,
+                         expected: np.ndarray, dicom: list[bytes]) -> None:
+    """Time only servers that answer right: the tensor path matches in-process onnxruntime, the
+    DICOM path answers the first file without an error."""
+    import tritonclient.grpc as grpcclient
+
+    from medops.client import infer_dicom, infer_images
+    from medops.serving.deploy import wait_version_ready
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        for label, ec in contracts.items():
+            for name in (ec.classifier.name, ec.ensemble_name):
+                wait_version_ready(client, name, 1, timeout=120)
+            probs, _ = infer_images(client, images[:8], protocol="grpc", model_name=ec.classifier.name)
+            diff = float(np.max(np.abs(probs - expected[:8])))
+            if not diff <= 1e-4:
+                raise SystemExit(f"{label}: served probabilities differ from onnxruntime by {diff:.3g}")
+            _, _, [error], _ = infer_dicom(client, dicom[:1], protocol="grpc",
+                                           model_name=ec.ensemble_name)
+            if error:
+                raise SystemExit(f"{label}: the DICOM ensemble refused a benchmark file: {error}")
+    finally:
+        client.close()
+
+
+async def bench_triton_paths(url: str, ec: Any, images: np.ndarray, dicom: list[bytes],
+                             levels: list[int], seconds: float, warmup: float) -> dict[str, dict]:
+    """``{"tensor": {c: stats}, "dicom": {c: stats}}`` for one Triton configuration."""
     import tritonclient.grpc.aio as aio
+
+    from medops.serving.contract import (
+        DICOM_INPUT,
+        ERROR_OUTPUT,
+        INPUT_NAME,
+        LABEL_OUTPUT,
+        OUTPUT_NAME,
+    )
 
     client = aio.InferenceServerClient(url)
     try:
-        inp = aio.InferInput("image", list(image.shape), "FP32")
-        inp.set_data_from_numpy(image)
-        out = [aio.InferRequestedOutput("probability")]
-        return {c: await run_async(lambda: client.infer(model, [inp], outputs=out), c, seconds)
-                for c in levels}
+        tensors = []
+        for i in range(len(images)):
+            inp = aio.InferInput(INPUT_NAME, [1, *images.shape[1:]], "FP32")
+            inp.set_data_from_numpy(images[i:i + 1])
+            tensors.append(inp)
+        files = []
+        for data in dicom:
+            inp = aio.InferInput(DICOM_INPUT, [1, 1], "BYTES")
+            inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+            files.append(inp)
+        prob_out = [aio.InferRequestedOutput(OUTPUT_NAME)]
+        # all three, as medops.client asks: the ensemble refuses a request that leaves a step's
+        # output unused ("unexpected deadlock")
+        dicom_out = [aio.InferRequestedOutput(n) for n in (OUTPUT_NAME, LABEL_OUTPUT, ERROR_OUTPUT)]
+
+        async def tensor_call(k: int) -> None:
+            await client.infer(ec.classifier.name, [tensors[k % len(tensors)]], outputs=prob_out)
+
+        async def dicom_call(k: int) -> None:
+            result = await client.infer(ec.ensemble_name, [files[k % len(files)]], outputs=dicom_out)
+            error = result.as_numpy(ERROR_OUTPUT).reshape(-1)[0]
+            if error:  # a refused file is answered fast: it must not count as a served one
+                raise RuntimeError(f"{ec.ensemble_name} refused file {k % len(files)}: {error!r}")
+
+        out: dict[str, dict] = {"tensor": {}, "dicom": {}}
+        for c in levels:
+            out["tensor"][c] = await closed_loop(tensor_call, c, seconds, warmup)
+        for c in levels:
+            out["dicom"][c] = await closed_loop(dicom_call, c, seconds, warmup)
+        return out
     finally:
         await client.close()
 
 
-def bench_triton(onnx_path: Path, image: np.ndarray, levels: list[int], seconds: float,
-                 workdir: Path) -> dict:
-    import tritonclient.grpc as grpcclient
-
-    from medops.config import ServingConfig
+def bench_triton(params: Any, onnx_path: Path, images: np.ndarray, expected: np.ndarray,
+                 dicom: list[bytes], levels: list[int], seconds: float, warmup: float,
+                 workdir: Path, progress: Callable[[str], None]) -> dict[str, dict]:
     from medops.serving.server import start_server, stop_server
 
-    cfg = ServingConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    state = workdir / "triton-state"
-    info = start_server(cfg, repository=workdir / "triton-repo", state_dir=state)
+    repository, state = workdir / "triton-repository", workdir / "triton-state"
+    contracts = write_triton_repository(params, onnx_path, repository)
+    cfg = params.serving.model_copy(update={
+        "http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()})
+    # No admin key: the benchmark's own throw-away server; the model-repository API is not used.
+    info = start_server(cfg, repository=repository, state_dir=state, admin_key=None)
     try:
-        control = grpcclient.InferenceServerClient(info.grpc_url)
-        try:
-            names = load_triton_models(control, onnx_path, image.shape[1])
-        finally:
-            control.close()
-        return {label: asyncio.run(bench_triton_model(info.grpc_url, name, image, levels, seconds))
-                for label, name in names.items()}
+        check_triton_answers(info.grpc_url, contracts, images, expected, dicom)
+        results = {}
+        for label, ec in contracts.items():
+            results[label] = asyncio.run(
+                bench_triton_paths(info.grpc_url, ec, images, dicom, levels, seconds, warmup))
+            progress(label)
+        return results
     finally:
         stop_server(state)
 
 
-def bench_fastapi(keras_path: Path, image: np.ndarray, levels: list[int], seconds: float,
-                  workdir: Path) -> dict:
+# -- c: FastAPI + Keras --------------------------------------------------------------------------
+
+def bench_fastapi(keras_path: Path, images: np.ndarray, levels: list[int], seconds: float,
+                  warmup: float, workdir: Path) -> dict[int, dict]:
     import httpx
 
     port = free_port()
     env = dict(os.environ, MEDOPS_BENCH_KERAS=str(keras_path), TF_CPP_MIN_LOG_LEVEL="2")
-    log = open(workdir / "fastapi.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "keras_app:app", "--host", "127.0.0.1", "--port",
-         str(port), "--log-level", "warning", "--no-access-log"],
-        cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = workdir / "fastapi.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "keras_app:app", "--host", "127.0.0.1", "--port",
+             str(port), "--workers", "1", "--log-level", "warning", "--no-access-log"],
+            cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             try:
                 if httpx.get(f"{base}/health", timeout=1).json().get("ready"):
@@ -230,87 +335,196 @@ def bench_fastapi(keras_path: Path, image: np.ndarray, levels: list[int], second
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"FastAPI baseline did not start; see {workdir / 'fastapi.log'}")
+                raise SystemExit(f"the FastAPI server did not start:\n{log_path.read_text()[-2000:]}")
             time.sleep(0.5)
-        body = image.tobytes()
+        bodies = [images[i].tobytes() for i in range(len(images))]
 
-        async def sweep() -> dict:
+        async def sweep() -> dict[int, dict]:
             limits = httpx.Limits(max_connections=max(levels), max_keepalive_connections=max(levels))
-            async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
-                return {c: await run_async(lambda: client.post("/predict", content=body), c, seconds)
-                        for c in levels}
+            async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+                async def call(k: int) -> None:
+                    (await client.post("/predict", content=bodies[k % len(bodies)])).raise_for_status()
+
+                return {c: await closed_loop(call, c, seconds, warmup) for c in levels}
 
         return asyncio.run(sweep())
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, 15)  # its own session: uvicorn and nothing else
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            os.killpg(proc.pid, 9)
+            proc.wait()
 
 
 # -- report --------------------------------------------------------------------------------------
 
-def render_markdown(results: dict, meta: dict) -> str:
-    levels = sorted({int(c) for r in results.values() for c in r})
+def rows_of(results: dict) -> list[dict]:
+    """Flat records ``{configuration, path, concurrency, ...stats}``."""
+    rows = []
+    for label in (*TRITON, FASTAPI):
+        for path, per_c in results.get(label, {}).items():
+            for c, stats in per_c.items():
+                rows.append({"configuration": label, "path": path, "concurrency": int(c), **stats})
+    return rows
+
+
+def find(rows: list[dict], configuration: str, path: str, concurrency: int) -> dict | None:
+    return next((r for r in rows if (r["configuration"], r["path"], r["concurrency"])
+                 == (configuration, path, concurrency) and r["requests"]), None)
+
+
+def check_targets(rows: list[dict], limit: dict | None) -> list[dict]:
+    """The issue's three targets, each with the measured values, the ratio and pass/fail
+    (None: not measured in this run)."""
+    c = TARGET_CONCURRENCY
+    batched = find(rows, "triton-batched", "tensor", c)
+    fastapi = find(rows, FASTAPI, "tensor", c)
+    at_one = find(rows, "triton-batched", "tensor", 1)
+    checks = []
+    if batched and fastapi:
+        ratio = batched["throughput_rps"] / fastapi["throughput_rps"]
+        checks.append({"target": f"c={c}: triton-batched >= {TARGET_SPEEDUP_OVER_FASTAPI:g}x fastapi-keras throughput",
+                       "measured": f"{batched['throughput_rps']:.0f} vs {fastapi['throughput_rps']:.0f} req/s",
+                       "ratio": ratio, "passed": ratio >= TARGET_SPEEDUP_OVER_FASTAPI})
+    else:
+        checks.append({"target": f"c={c}: triton-batched >= {TARGET_SPEEDUP_OVER_FASTAPI:g}x fastapi-keras throughput",
+                       "measured": "not measured", "ratio": None, "passed": None})
+    if batched and limit:
+        ratio = batched["images_per_s"] / limit["images_per_s"]
+        checks.append({"target": f"c={c}: triton-batched >= {TARGET_FRACTION_OF_LIMIT:g}x the in-process limit",
+                       "measured": f"{batched['images_per_s']:.0f} vs {limit['images_per_s']:.0f} images/s",
+                       "ratio": ratio, "passed": ratio >= TARGET_FRACTION_OF_LIMIT})
+    else:
+        checks.append({"target": f"c={c}: triton-batched >= {TARGET_FRACTION_OF_LIMIT:g}x the in-process limit",
+                       "measured": "not measured", "ratio": None, "passed": None})
+    if at_one:
+        checks.append({"target": f"c=1: triton-batched tensor p99 < {TARGET_P99_MS_AT_C1:g} ms",
+                       "measured": f"p99 {at_one['p99_ms']:.2f} ms",
+                       "ratio": at_one["p99_ms"] / TARGET_P99_MS_AT_C1,
+                       "passed": at_one["p99_ms"] < TARGET_P99_MS_AT_C1})
+    else:
+        checks.append({"target": f"c=1: triton-batched tensor p99 < {TARGET_P99_MS_AT_C1:g} ms",
+                       "measured": "not measured", "ratio": None, "passed": None})
+    return checks
+
+
+def render_markdown(rows: list[dict], limit: dict | None, checks: list[dict], meta: dict) -> str:
+    levels = sorted({r["concurrency"] for r in rows})
     lines = [
         "# Serving benchmark",
         "",
-        f"{meta['when']} on {meta['machine']} (1-min load average {meta['loadavg_1min'][0]} before, "
-        f"{meta['loadavg_1min'][1]} after); model: {meta['model']}; {meta['seconds']} s per point;",
-        "one 28x28 image per request; closed loop with c concurrent clients on the same machine.",
+        f"{meta['when']}, {meta['machine']}, 1-min load average {meta['loadavg_1min']['before']} "
+        f"before / {meta['loadavg_1min']['after']} after; commit {meta['commit']}.",
+        f"Model: {meta['model']}. DICOM: {meta['dicom']}. Closed loop, c concurrent clients on the "
+        f"same machine, {meta['seconds']:g} s per point after {meta['warmup']:g} s warm-up; "
+        f"Triton batching: {meta['batching']}.",
         "",
-        "| configuration | " + " | ".join(f"c={c}" for c in levels) + " |",
-        "|---|" + "---|" * len(levels),
+        "Cells: throughput (requests/s, one image per request), p50 / p99 latency in ms.",
+        "",
+        "| configuration | path | " + " | ".join(f"c={c}" for c in levels) + " |",
+        "|---|---|" + "---|" * len(levels),
     ]
-    for name, per_c in results.items():
-        cells = []
-        for c in levels:
-            r = per_c.get(c) or per_c.get(str(c))
-            cells.append(f"{r['throughput_rps']:.0f} req/s, p50 {r['p50_ms']:.1f} / p99 "
-                         f"{r['p99_ms']:.1f} ms" if r and r["requests"] else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for label in (*TRITON, FASTAPI):
+        for path in ("tensor", "dicom"):
+            cells = [find(rows, label, path, c) for c in levels]
+            if not any(cells):
+                continue
+            lines.append(f"| {label} | {path} | " + " | ".join(
+                f"{r['throughput_rps']:.0f}/s, {r['p50_ms']:.2f} / {r['p99_ms']:.2f}" if r else "-"
+                for r in cells) + " |")
+    if limit:
+        lines.append(f"| {ORT_LIMIT} ({limit['batch_size']}) | tensor | "
+                     f"{limit['images_per_s']:.0f} images/s, {limit['p50_ms']:.2f} / "
+                     f"{limit['p99_ms']:.2f} ms per batch (one thread) |" + " |" * (len(levels) - 1))
+    lines += ["", "## Targets (issue 4)", "", "| target | measured | ratio | result |",
+              "|---|---|---|---|"]
+    for chk in checks:
+        result = {True: "PASS", False: "FAIL", None: "not measured"}[chk["passed"]]
+        ratio = "-" if chk["ratio"] is None else f"{chk['ratio']:.2f}"
+        lines.append(f"| {chk['target']} | {chk['measured']} | {ratio} | {result} |")
     return "\n".join(lines) + "\n"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--only", nargs="+", choices=["onnxruntime", "triton", "fastapi-keras"],
-                        default=["onnxruntime", "triton", "fastapi-keras"])
-    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per point")
+    parser.add_argument("--only", nargs="+", choices=["onnxruntime", "triton", "fastapi"],
+                        default=["onnxruntime", "triton", "fastapi"])
+    parser.add_argument("--dicom-files", type=int, default=32)
+    parser.add_argument("--write", action="store_true", help="write results.json and results.md")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for --write")
     args = parser.parse_args(argv)
+    levels = sorted(set(args.concurrency))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    from medops.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
     load_before = os.getloadavg()[0]
+    began = time.monotonic()
+
+    def progress(what: str) -> None:
+        print(f"[{time.monotonic() - began:5.0f} s] {what} done", file=sys.stderr, flush=True)
+
+    results: dict[str, dict] = {}
+    limit = None
     with tempfile.TemporaryDirectory(prefix="medops-bench-") as tmp:
         workdir = Path(tmp)
-        keras_path, onnx_path, source = prepare_models(workdir)
-        size = 28
-        rng = np.random.default_rng(0)
-        image = rng.random((1, size, size, 1), dtype=np.float32)
-        results: dict[str, dict] = {}
+        keras_path, onnx_path, source = prepare_models(workdir, params)
+        size = params.ingest.image_size
+        batch = load_images(params.serving.max_batch_size, size)
+        dicom, dicom_source = load_dicom_files(args.dicom_files, workdir)
+        import onnxruntime as ort
+
+        from medops.serving.contract import INPUT_NAME, OUTPUT_NAME
+
+        expected = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
+            [OUTPUT_NAME], {INPUT_NAME: batch})[0].reshape(-1)
         if "onnxruntime" in args.only:
-            results["onnxruntime (in-process)"] = bench_onnxruntime(onnx_path, image, args.concurrency, args.seconds)
-            print("onnxruntime done", flush=True)
+            limit = bench_onnxruntime(onnx_path, batch, args.seconds, args.warmup)
+            progress(ORT_LIMIT)
         if "triton" in args.only:
-            for label, r in bench_triton(onnx_path, image, args.concurrency, args.seconds, workdir).items():
-                results[f"{label} (gRPC)"] = r
-            print("triton done", flush=True)
-        if "fastapi-keras" in args.only:
-            results["fastapi-keras (HTTP)"] = bench_fastapi(keras_path, image, args.concurrency,
-                                                            args.seconds, workdir)
-            print("fastapi done", flush=True)
-    meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-            "model": source, "seconds": args.seconds, "concurrency": args.concurrency,
-            # other work on the machine skews every number: record how busy it was
-            "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    (args.out / "results.md").write_text(render_markdown(results, meta))
-    print(render_markdown(results, meta))
+            results |= bench_triton(params, onnx_path, batch, expected, dicom, levels, args.seconds,
+                                    args.warmup, workdir, progress)
+        if "fastapi" in args.only:
+            results[FASTAPI] = {"tensor": bench_fastapi(keras_path, batch, levels, args.seconds,
+                                                        args.warmup, workdir)}
+            progress(FASTAPI)
+    sv = params.serving
+    meta = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "commit": git_commit(), "model": source, "dicom": dicom_source,
+        "seconds": args.seconds, "warmup": args.warmup, "concurrency": levels,
+        "batching": f"max_batch_size {sv.max_batch_size}, preferred {sv.preferred_batch_sizes}, "
+                    f"max queue delay {sv.max_queue_delay_us} us",
+        # other work on the machine skews every number: record how busy it was
+        "loadavg_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "total_s": round(time.monotonic() - began, 1),
+    }
+    rows = rows_of(results)
+    checks = check_targets(rows, limit)
+    report = render_markdown(rows, limit, checks, meta)
+    print(report)
+    if args.write:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(
+            {"meta": meta, "results": rows, "limit": limit, "targets": checks}, indent=2) + "\n")
+        (args.out / "results.md").write_text(report)
     return 0
 
 
