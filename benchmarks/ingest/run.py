@@ -26,11 +26,10 @@ processes included, stays flat (20,000 within 1.25x of 2,000).
 
 Every measured run is a fresh Python process (this script with ``--measure-one``), timed inside
 from the call to its return (its own lazy imports and worker start-up included, interpreter start
-excluded). Memory is measured two ways: the peak of the summed RSS of the process and all its
-descendants, sampled every 0.1 s from /proc by the driver ("tree peak"; an upper bound, shared
-library pages count once per process), and ``getrusage`` ``ru_maxrss`` of the process itself and
-of its largest reaped child (exact maxima, per process). Files are read once before timing, so
-every contender reads from the page cache.
+excluded). Memory: the driver samples the process and all its descendants from /proc every
+0.1 s; "tree peak" is the largest sum of their RSS (an upper bound: shared library pages count
+once per process), "worker peak" the largest VmHWM of a descendant, "main" the process's own
+``ru_maxrss``. Files are read once before timing, so every contender reads from the page cache.
 
 Usage (from the repository root)::
 
@@ -248,10 +247,27 @@ def medops_ingest(folder: Path, out: Path, workers: int, image_size: int) -> int
     return result.used
 
 
+_PEAKS_ENV = "MEDOPS_BENCH_WORKER_PEAKS"
+
+
+def _report_worker_peak() -> None:
+    """Write this worker's peak RSS (VmHWM, KiB) where the measured process collects it."""
+    folder = os.environ.get(_PEAKS_ENV)
+    if folder:
+        Path(folder, f"{os.getpid()}.kb").write_text(str(_status_kb(os.getpid())[1]))
+
+
 def measure_one(spec: dict) -> dict:
-    """Run one contender in this (fresh) process; time it and report this process's and its
-    largest child's peak RSS."""
+    """Run one contender in this (fresh) process: its time, its own peak RSS and its workers'.
+
+    Workers' peaks are not taken from RUSAGE_CHILDREN: a child started by fork + exec keeps the
+    high-water mark of the parent's pages it shared before the exec, so every worker would count
+    at least the parent's size when the pool started. Each worker reports its VmHWM (which starts
+    afresh at exec) as it exits instead; see the ``__mp_main__`` hook at the end of this file.
+    """
     folder, out = Path(spec["folder"]), Path(spec["out"])
+    peaks_dir = Path(tempfile.mkdtemp(prefix="ingest-bench-peaks-"))
+    os.environ[_PEAKS_ENV] = str(peaks_dir)  # inherited by the spawned workers
     start = time.perf_counter()
     if spec["contender"] == "plain":
         n = plain_loop(folder, out, spec["image_size"])
@@ -260,17 +276,35 @@ def measure_one(spec: dict) -> dict:
     else:
         n = medops_ingest(folder, out, spec["workers"], spec["image_size"])
     seconds = time.perf_counter() - start
-    # Linux reports ru_maxrss in KiB; RUSAGE_CHILDREN is the largest reaped descendant
+    worker_kb = [int(f.read_text()) for f in peaks_dir.glob("*.kb")]
+    shutil.rmtree(peaks_dir, ignore_errors=True)
     return {"seconds": seconds, "files": n,
-            "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "child_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB
+            "worker_peak_mb": max(worker_kb, default=0) / 1024, "workers_reported": len(worker_kb)}
 
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
+def _status_kb(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in KiB; VmHWM is its peak since its last exec."""
+    rss = hwm = 0
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    return rss, hwm
 
 
-def tree_rss_mb(root: int) -> tuple[float, int]:
-    """Summed RSS (MB) of ``root`` and all its descendants, and how many processes that is."""
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def sample_tree(root: int) -> tuple[float, dict[int, float]]:
+    """Summed RSS (MB) of ``root`` and all its descendants, and each descendant's peak RSS (MB)."""
     parent: dict[int, int] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -287,18 +321,28 @@ def tree_rss_mb(root: int) -> tuple[float, int]:
             if ppid == pid and child not in tree:
                 tree.add(child)
                 frontier.append(child)
-    total = 0
+    total, peaks = 0, {}
+    root_cmdline = _cmdline(root)
     for pid in tree:
         try:
-            with open(f"/proc/{pid}/statm") as fh:
-                total += int(fh.read().split()[1]) * _PAGE
-        except OSError:
-            pass
-    return total / 1e6, len(tree)
+            if pid != root and _cmdline(pid) == root_cmdline:
+                continue  # forked, not yet exec'd: its RSS is the parent's pages, counted already
+            rss, hwm = _status_kb(pid)
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+        total += rss
+        if pid != root:
+            peaks[pid] = hwm / 1024
+    return total / 1024, peaks
 
 
 def measure(contender: str, folder: Path, out: Path, workers: int, image_size: int) -> dict:
-    """One contender in a fresh process, its process tree's RSS sampled every 0.1 s."""
+    """One contender in a fresh process; its process tree sampled every 0.1 s from /proc.
+
+    Returns the contender's own report plus ``tree_peak_mb`` (the largest summed RSS of the
+    tree), ``worker_peak_mb`` (the largest VmHWM of a descendant, as last sampled) and
+    ``processes`` (the most processes seen at once).
+    """
     if out.exists():
         shutil.rmtree(out)  # not timed
     spec = {"contender": contender, "folder": str(folder), "out": str(out), "workers": workers,
@@ -306,17 +350,22 @@ def measure(contender: str, folder: Path, out: Path, workers: int, image_size: i
     with tempfile.TemporaryFile("w+") as result_file:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--measure-one",
                                  json.dumps(spec)], stdout=result_file)
-        peak, processes = 0.0, 0
+        peak, processes, workers_hwm = 0.0, 0, {}
         while proc.poll() is None:
-            rss, count = tree_rss_mb(proc.pid)
-            peak, processes = max(peak, rss), max(processes, count)
+            rss, peaks = sample_tree(proc.pid)
+            peak, processes = max(peak, rss), max(processes, len(peaks) + 1)
+            workers_hwm.update(peaks)
             time.sleep(0.1)
         result_file.seek(0)
         output = result_file.read()
     if proc.returncode != 0:
         raise SystemExit(f"{contender} on {folder} failed (exit {proc.returncode}): {output[-2000:]}")
+    shutil.rmtree(out, ignore_errors=True)  # keeps the work dir to the (cached) inputs
     result = json.loads(output.strip().splitlines()[-1])
-    result.update(tree_peak_mb=peak, processes=processes)
+    # the sampled VmHWM can only be lower than a worker's own report (it misses the end of its
+    # life), but it covers a worker that died without reporting
+    result.update(tree_peak_mb=peak, processes=processes,
+                  worker_peak_mb=max([result["worker_peak_mb"], *workers_hwm.values()]))
     return result
 
 
@@ -389,7 +438,7 @@ def _median_run(runs: list[dict]) -> dict:
     best = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
     return {**best, "tree_peak_mb": max(r["tree_peak_mb"] for r in runs),
             "self_maxrss_mb": max(r["self_maxrss_mb"] for r in runs),
-            "child_maxrss_mb": max(r["child_maxrss_mb"] for r in runs),
+            "worker_peak_mb": max(r["worker_peak_mb"] for r in runs),
             "seconds_all": [round(r["seconds"], 3) for r in runs]}
 
 
@@ -416,8 +465,8 @@ def throughput(args, encodings: list[str]) -> tuple[list[dict], bool]:
             row[contender] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
             row[contender]["files_per_s"] = round(len(files) / r["seconds"], 2)
             print(f"  {contender:12s} {r['seconds']:8.2f} s {len(files) / r['seconds']:8.1f} files/s   "
-                  f"tree peak {r['tree_peak_mb']:6.0f} MB ({r['processes']} processes), max RSS "
-                  f"self {r['self_maxrss_mb']:5.0f} MB, largest child {r['child_maxrss_mb']:5.0f} MB",
+                  f"tree peak {r['tree_peak_mb']:6.0f} MB ({r['processes']} processes), peak RSS "
+                  f"self {r['self_maxrss_mb']:5.0f} MB, largest worker {r['worker_peak_mb']:5.0f} MB",
                   flush=True)
         plain, med, lim = (row[c]["files_per_s"] for c in ("plain", "medops", "decode-limit"))
         row["ratios"] = {"medops/plain": round(med / plain, 3), "medops/limit": round(med / lim, 3)}
@@ -450,9 +499,9 @@ def throughput(args, encodings: list[str]) -> tuple[list[dict], bool]:
     print(f"{'encoding':8s} " + " ".join(f"{c:>24s}" for c in CONTENDERS))
     for row in rows:
         print(f"{row['encoding']:8s} " + " ".join(
-            f"{row[c]['tree_peak_mb']:9.0f} ({row[c]['self_maxrss_mb']:4.0f}+{row[c]['child_maxrss_mb']:4.0f})"
+            f"{row[c]['tree_peak_mb']:9.0f} ({row[c]['self_maxrss_mb']:4.0f}+{row[c]['worker_peak_mb']:4.0f})"
             .rjust(24) for c in CONTENDERS))
-    print("(in brackets: max RSS of the main process + of its largest worker)")
+    print("(in brackets: peak RSS of the main process + of its largest worker)")
     print("medops does more per file than either contender: it hashes, de-identifies and writes "
           "every file, and writes shards and metadata; decode-limit is decoding alone on all workers.")
     return rows, ok
@@ -474,14 +523,15 @@ def memory_scaling(args) -> tuple[dict, bool]:
             raise SystemExit(f"medops handled {r['files']} of {n} files")
         runs.append({"files": n, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}})
         print(f"  {n:7,d} files {r['seconds']:7.1f} s   tree peak {r['tree_peak_mb']:6.0f} MB "
-              f"({r['processes']} processes), max RSS main {r['self_maxrss_mb']:5.0f} MB, "
-              f"largest worker {r['child_maxrss_mb']:5.0f} MB", flush=True)
+              f"({r['processes']} processes), peak RSS main {r['self_maxrss_mb']:5.0f} MB, "
+              f"largest worker {r['worker_peak_mb']:5.0f} MB", flush=True)
     first, last = runs[0], runs[-1]
-    ratios = {k: round(last[k] / first[k], 3) for k in ("tree_peak_mb", "self_maxrss_mb", "child_maxrss_mb")}
+    ratios = {k: round(last[k] / first[k], 3) if first[k] else float("nan")
+              for k in ("tree_peak_mb", "self_maxrss_mb", "worker_peak_mb")}
     ok = ratios["tree_peak_mb"] <= MEMORY_FLAT
     print(f"  {last['files']:,} / {first['files']:,} files: tree peak x{ratios['tree_peak_mb']:.2f} "
           f"(<= {MEMORY_FLAT} {'PASS' if ok else 'FAIL'}), main process x{ratios['self_maxrss_mb']:.2f}, "
-          f"largest worker x{ratios['child_maxrss_mb']:.2f}")
+          f"largest worker x{ratios['worker_peak_mb']:.2f}")
     return {"size": args.memory_size, "runs": runs, "ratios": ratios, "limit": MEMORY_FLAT, "pass": ok}, ok
 
 
@@ -556,6 +606,13 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(args, rows, memory)
     return 1 if args.check and not ok else 0
 
+
+if __name__ == "__mp_main__" and os.environ.get(_PEAKS_ENV):
+    # this file imported as the main module of a spawned worker of a measured run: report the
+    # worker's peak RSS as it exits (multiprocessing runs these finalizers at a worker's exit)
+    from multiprocessing import util
+
+    util.Finalize(None, _report_worker_peak, exitpriority=0)
 
 if __name__ == "__main__":
     raise SystemExit(main())
