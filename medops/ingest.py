@@ -600,7 +600,9 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
 
     _check_folders(source_dir, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / _OWNER_MARKER).write_text("medops ingest output: a rerun may replace this folder's files\n")
+    marker = out_dir / _OWNER_MARKER
+    if not marker.exists():  # written once: a rerun that changes nothing writes nothing
+        marker.write_text("medops ingest output: a rerun may replace this folder's files\n")
     previous = _load_previous(out_dir, fingerprint) if incremental else None
     if previous is None:
         _reset_outputs(out_dir)
