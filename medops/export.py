@@ -24,7 +24,6 @@ Params (``export`` section, ExportConfig):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +36,7 @@ from medops.config import ExportConfig
 from medops.errors import ExportParityError, MedopsError
 from medops.models import INPUT_NAME, OUTPUT_NAME
 from medops.split import load_split_images
+from medops.hashing import sha256_file
 
 GOLDEN_FILE = "golden.npz"
 
@@ -130,14 +130,6 @@ def choose_golden(labels: np.ndarray, n_per_class: int) -> np.ndarray:
     """Indices of the first ``n_per_class`` images of each label (both classes, if present)."""
     picks = [np.nonzero(labels == c)[0][:n_per_class] for c in (0, 1)]
     return np.sort(np.concatenate(picks))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _shape(value: Any) -> list[int | str]:

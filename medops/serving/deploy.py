@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pydantic import BaseModel
 
 from medops.config import ServingConfig
 from medops.errors import GateRejectedError, ServingError
+from medops.hashing import sha256_file
 from medops.serving.contract import (
     ONNX_FILENAME,
     PYTHON_FILENAME,
@@ -77,14 +77,6 @@ class DeployResult(BaseModel):
     n_golden: int
     threshold: float  # the ensemble labels "pneumonia" at probability >= this
     unchanged: bool = False  # this very model (same ONNX, same threshold) was already served
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_gate(gate: Path) -> str:
