@@ -8,7 +8,8 @@
    result as an artifact. A failed critical data-quality expectation stops the flow with its message;
 4. ``deploy``: only if the gate passed (otherwise its reasons are logged and the flow completes
    without deploying); retried, because Triton may be briefly busy loading;
-5. ``push_outputs``: ``dvc push`` of the pipeline's outputs.
+5. ``push_outputs``: ``dvc push`` of the pipeline's outputs;
+6. ``record_experiment``: the run as a DVC experiment named after the flow run (``dvc exp show``).
 
 Each flow parameter is typed with the constraint of the params.yaml field it overrides (taken from
 the pydantic models in medops.config), so the UI form validates what params.yaml would. Empty
@@ -152,6 +153,22 @@ def deploy_model(paths: ProjectPaths, params: Params) -> dict[str, Any]:
 
 
 @task(cache_policy=NO_CACHE)
+def record_experiment(paths: ProjectPaths) -> Optional[str]:
+    """This run's params, data version, code commit and metrics as a DVC experiment named after
+    the flow run (``dvc exp show`` compares them). Bookkeeping: a failure is logged, not fatal."""
+    from prefect.runtime import flow_run
+
+    name = flow_run.get_name() or "medops-run"
+    try:
+        dvc.exp_save(paths.root, name, message=f"Prefect flow run {name}")
+    except DvcError as exc:
+        get_run_logger().warning("could not record the run as a DVC experiment: %s", exc)
+        return None
+    get_run_logger().info("recorded as DVC experiment %s (dvc exp show)", name)
+    return name
+
+
+@task(cache_policy=NO_CACHE)
 def push_outputs(paths: ProjectPaths) -> str:
     """``dvc push``: the pipeline's outputs (and the raw data) to the default remote."""
     summary = dvc.push(paths.root)
@@ -211,6 +228,7 @@ def training_pipeline(
     stages = {name: run_stage.with_options(name=name, task_run_name=name)(paths, name) for name in STAGES}
     deployed = deploy_if_passed(paths, params)
     pushed = push_outputs(paths)
+    experiment = record_experiment(paths)
     return {
         "project_root": str(paths.root),
         "data_version": data_version,
@@ -219,6 +237,7 @@ def training_pipeline(
         "gate": {"passed": stages["gate"].get("passed"), "reasons": stages["gate"].get("reasons")},
         "deployed": deployed,
         "pushed": pushed,
+        "experiment": experiment,
     }
 
 

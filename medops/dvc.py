@@ -130,6 +130,42 @@ def push(root: Path | str, targets: Sequence[str | Path] | None = None, remote: 
 _push = push
 
 
+def uncached_outputs(root: Path | str) -> list[str]:
+    """Files that DVC leaves to git: ``.dvc`` files and the ``cache: false`` outs, metrics and plots
+    of dvc.yaml (metrics, plots, the gate decision) — the ones that exist."""
+    import yaml
+
+    root = Path(root)
+    found: list[str] = [str(p.relative_to(root)) for p in root.glob("data/*.dvc")]
+    dvcfile = root / "dvc.yaml"
+    stages = (yaml.safe_load(dvcfile.read_text()) or {}).get("stages", {}) if dvcfile.is_file() else {}
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []) or []:
+                if isinstance(entry, dict):
+                    [(path, opts)] = entry.items()
+                    if (opts or {}).get("cache") is False and (root / path).exists():
+                        found.append(path)
+    found = sorted(set(found))
+    if not found:
+        return found
+    # git-ignored ones (per-stage JSON results) stay out: ignoring them was a decision
+    ignored = subprocess.run(["git", "check-ignore", "--", *found], cwd=root, capture_output=True,
+                             text=True).stdout.split()
+    return [p for p in found if p not in set(ignored)]
+
+
+def exp_save(root: Path | str, name: str, message: str | None = None) -> str:
+    """``dvc exp save``: record the workspace (params, metrics, dvc.lock, outputs) as an
+    experiment named ``name`` on top of the current git commit, so ``dvc exp show`` compares runs.
+    Untracked uncached outputs (metrics, plots, the gate decision, ``data/*.dvc``) are included."""
+    root = Path(root)
+    args = ["exp", "save", "--force", "-n", name, *(["-m", message] if message else [])]
+    for path in uncached_outputs(root):
+        args += ["-I", path]
+    return _tail(run_dvc(root, *args).stdout, 1)
+
+
 def pull(root: Path | str, targets: Sequence[str | Path] | None = None, remote: str | None = None) -> str:
     """``dvc pull [targets]`` from the default remote (or ``remote``); returns dvc's summary line."""
     root = Path(root)

@@ -108,10 +108,70 @@ def flow_run(project, paths, params, triton, prefect_api, monkeypatch_module):
 
     monkeypatch_module.setenv("PATH", venv_bin + os.pathsep + os.environ.get("PATH", ""))
     assert ensure_raw_data(paths, params) is True
+    add_canary_study(paths)
     from flows.training import training_pipeline
 
     state = training_pipeline(project_root=str(project), return_state=True)
     return state
+
+
+# Distinctive synthetic PHI, put everywhere it hides; none of it may reach any output.
+CANARIES = {
+    "PatientName": "Zebracanary^Quintessa",
+    "PatientID": "QX-CANARY-7731",
+    "PatientBirthDate": "19010203",
+    "PatientAddress": "17 Canarylane Road, Birdtown",
+    "OtherPatientIDs": "QX-CANARY-OTHER-1",
+    "InstitutionName": "Canarywood Memorial",
+    "InstitutionAddress": "1 Canarywood Plaza",
+    "ReferringPhysicianName": "Drcanary^Ophelia",
+    "PerformingPhysicianName": "Perfcanary^Ignatius",
+    "AccessionNumber": "CANACC99127",
+    "StudyDescription": "canarystudy description of the chest",
+    "ImageComments": "canarycomment patient said hello",
+    "StudyID": "CANSTUDY42",
+}
+NESTED_CANARY = "canarynested requested procedure"
+PRIVATE_CANARY = "canaryprivate vendor note"
+
+
+def canary_strings() -> list[str]:
+    values = [v for v in CANARIES.values()] + [NESTED_CANARY, PRIVATE_CANARY]
+    # names also appear as their components
+    return values + ["Zebracanary", "Quintessa", "Drcanary", "Perfcanary", "QX-CANARY"]
+
+
+def add_canary_study(paths) -> None:
+    """One labelled study full of canary PHI, and a truncated copy of it (to be quarantined)."""
+    import csv
+
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    with paths.manifest.open() as fh:
+        rows = list(csv.DictReader(fh))
+    template = next(r for r in rows if r["split"] == "train")
+    ds = pydicom.dcmread(paths.raw_dicom / template["path"])
+    for keyword, value in CANARIES.items():
+        setattr(ds, keyword, value)
+    item = Dataset()
+    item.RequestedProcedureDescription = NESTED_CANARY
+    item.RequestedProcedureID = "CANREQ1"
+    ds.RequestAttributesSequence = [item]
+    block = ds.private_block(0x0011, "CANARYCORP", create=True)
+    block.add_new(0x01, "LO", PRIVATE_CANARY)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    folder = paths.raw_dicom / "PAT90001" / "ST001"
+    folder.mkdir(parents=True)
+    ds.save_as(folder / "IM00001.dcm", enforce_file_format=True)
+    data = (folder / "IM00001.dcm").read_bytes()
+    (folder / "IM00002.dcm").write_bytes(data[: len(data) - 300])  # a transfer cut short
+    with paths.manifest.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writerow({**template, "sop_instance_uid": ds.SOPInstanceUID,
+                         "path": "PAT90001/ST001/IM00001.dcm"})
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +330,64 @@ def test_a_stricter_gate_blocks_deployment_and_dvc_skips_training(flow_run, path
     assert ready == ["1"], "the blocked model must not be served"
     model_dir = cfg.repository_path(paths.root) / cfg.model_name
     assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_no_phi_canary_reaches_any_output(flow_run, paths):
+    import asyncio
+
+    import pandas as pd
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRunFilterId, TaskRunFilter
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import ArtifactSort, LogSort
+
+    # the canary study was used (de-identified, not quarantined) and its broken copy quarantined
+    quarantine = pd.read_csv(paths.quarantine)
+    assert quarantine["path"].str.endswith("PAT90001/ST001/IM00002.dcm").any()
+    assert len(pd.read_parquet(paths.metadata)) == 3 * SUBSET + 1
+
+    needles = [c.lower().encode() for c in canary_strings()]
+    outputs = [paths.ingested, paths.reports, paths.models, paths.split.parent, paths.logs,
+               paths.root / ".medops" / "triton" / "repository", paths.root / "dvc.lock"]
+    searched = 0
+    for top in outputs:
+        for f in ([top] if top.is_file() else top.rglob("*")):
+            if f.is_file():
+                data = f.read_bytes().lower()
+                searched += 1
+                hits = [n.decode() for n in needles if n in data]
+                assert not hits, f"PHI canary {hits} in {f.relative_to(paths.root)}"
+    assert searched > 100
+
+    run_id = flow_run.state_details.flow_run_id
+
+    async def prefect_texts():
+        async with get_client() as client:
+            run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(), flow_run_filter=run_filter,
+                task_run_filter=TaskRunFilter(), sort=ArtifactSort.KEY_ASC, limit=200)
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                                          limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)
+            return [str(a.data) for a in artifacts] + [log.message for log in logs]
+
+    texts = asyncio.run(prefect_texts())
+    assert texts
+    for text in texts:
+        hits = [c for c in canary_strings() if c.lower() in text.lower()]
+        assert not hits, f"PHI canary {hits} in a Prefect artifact or log"
+
+
+def test_the_run_is_recorded_as_a_dvc_experiment_with_its_metrics(flow_run, paths):
+    import csv
+    import io
+
+    from medops import dvc
+
+    name = flow_run.result()["experiment"]
+    assert name, "the flow did not record the run as a DVC experiment"
+    rows = list(csv.DictReader(io.StringIO(dvc.run_dvc(paths.root, "exp", "show", "--csv").stdout)))
+    [row] = [r for r in rows if r.get("Experiment") == name]
+    metrics = json.loads(paths.metrics.read_text())
+    assert float(row["auc"]) == pytest.approx(metrics["auc"])
+    assert row["train.epochs"] == "2" and row["gate.min_auc"] == "0.7"
