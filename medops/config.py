@@ -114,6 +114,10 @@ class GateConfig(_Section):
     min_accuracy: float = Field(default=0.75, ge=0, le=1)
     min_sensitivity: float = Field(default=0.70, ge=0, le=1)
     min_specificity: float = Field(default=0.50, ge=0, le=1)
+    # champion/challenger: the model now serving is evaluated on the same test data in the same
+    # run; the candidate is promoted only if its AUC is not lower by more than this margin
+    compare_with_serving: bool = True
+    champion_margin: float = Field(default=0.01, ge=0, le=1)
 
 
 class ExportConfig(_Section):
