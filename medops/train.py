@@ -37,6 +37,7 @@ from medops.augment import make_dataset
 from medops.config import AugmentConfig, TrainConfig
 from medops.errors import MedopsError
 from medops.evaluate import compute_auc, predict_probabilities, select_threshold
+from medops.preview import save_augmentation_preview
 from medops.split import load_split_images
 
 
@@ -224,6 +225,8 @@ def run(
     if is_chief(plan):  # in a cluster every worker trains; only the chief writes
         model_out.parent.mkdir(parents=True, exist_ok=True)
         model.save(model_out)
+        # what the model saw: originals beside their augmented versions, through the same pipeline
+        save_augmentation_preview(x_train[:16], augment_cfg, preview_path(model_out), seed=train_cfg.seed)
     last = lambda key: history[key][-1] if history.get(key) else None  # noqa: E731
     result = TrainResult(
         model=train_cfg.model,
@@ -260,6 +263,11 @@ def run(
         result_out.parent.mkdir(parents=True, exist_ok=True)
         result_out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return result
+
+
+def preview_path(model_out: Path) -> Path:
+    """Where a training run saves its augmentation preview grid (beside the model)."""
+    return Path(model_out).with_name("augmentation_preview.png")
 
 
 def code_commit() -> str | None:

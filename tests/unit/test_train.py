@@ -153,3 +153,18 @@ def test_other_architectures_go_through_the_same_train_path(trained, tmp_path, n
     assert result.model == name and result.epochs_run == 1
     model = keras.saving.load_model(tmp_path / "m.keras", compile=False)
     assert model.name == name and model.output_names == ["probability"]
+
+
+@pytest.mark.slow
+def test_a_training_run_saves_its_augmentation_preview_and_provenance(trained):
+    from PIL import Image
+
+    from medops.train import preview_path
+
+    png = preview_path(trained["model"])
+    assert png.is_file()
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 100 and im.height > 100
+    record = json.loads(trained["train_result"].read_text())
+    assert record["distribution"]["strategy"] == "default"  # no GPU, no TF_CONFIG here
+    assert record["code_commit"] is None or len(record["code_commit"].split("+")[0]) == 40
