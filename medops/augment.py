@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def is_enabled(cfg: AugmentConfig | None) -> bool:
     """True when ``cfg`` turns on at least one augmentation."""
-    return cfg is not None and (cfg.flip != "none" or cfg.rotation > 0 or cfg.zoom > 0 or cfg.contrast > 0)
+    return cfg is not None and (cfg.flip != "none" or cfg.rotation > 0 or cfg.zoom > 0 or cfg.contrast > 0
+                                or cfg.noise > 0)
 
 
 def affine_transform(angle: "tf.Tensor", scale: "tf.Tensor", size: int) -> "tf.Tensor":
@@ -91,6 +92,8 @@ def augment_image(image: "tf.Tensor", seed: "tf.Tensor", cfg: AugmentConfig) -> 
         factor = tf.random.stateless_uniform((), seeds[4], 1 - cfg.contrast, 1 + cfg.contrast)
         mean = tf.reduce_mean(x)
         x = (x - mean) * factor + mean
+    if cfg.noise > 0:  # sensor noise: additive Gaussian, standard deviation cfg.noise
+        x = x + cfg.noise * tf.random.stateless_normal(tf.shape(x), seeds[5])
     return tf.clip_by_value(x, 0.0, 1.0)
 
 

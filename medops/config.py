@@ -77,6 +77,7 @@ class AugmentConfig(_Section):
     flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
     zoom: float = Field(default=0.1, ge=0, lt=1)
     contrast: float = Field(default=0.1, ge=0, lt=1)
+    noise: float = Field(default=0.0, ge=0, le=0.5)  # std of additive Gaussian noise, 0 = off
 
 
 class TrainConfig(_Section):

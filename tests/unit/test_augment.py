@@ -107,3 +107,17 @@ def test_bad_shapes_are_rejected(images):
         make_dataset(images[..., 0], None, batch_size=4, training=False)
     with pytest.raises(ValueError, match="labels"):
         make_dataset(images, np.zeros(3), batch_size=4, training=False)
+
+
+def test_noise_alone_is_enabled_seeded_and_of_the_configured_strength(images):
+    cfg = AugmentConfig(rotation=0, flip="none", zoom=0, contrast=0, noise=0.05)
+    assert is_enabled(cfg)
+    seed = tf.constant([7, 11], tf.int64)
+    # mid-grey image, so clipping to [0, 1] does not bias the measured noise
+    grey = np.full((28, 28, 1), 0.5, np.float32)
+    a = augment_image(grey, seed, cfg).numpy()
+    b = augment_image(grey, seed, cfg).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert abs(float((a - grey).std()) - 0.05) < 0.01
+    off = augment_image(images[0], seed, AugmentConfig(rotation=0, flip="none", zoom=0, contrast=0)).numpy()
+    np.testing.assert_allclose(off, images[0], atol=1e-6)
