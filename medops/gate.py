@@ -4,25 +4,43 @@ The decision is an artifact (like TFX's BLESSED file): deploy reads it with ``re
 refuses unless ``passed`` is true. Every check produces a reason line, pass or fail, with the
 value and the threshold, so the decision explains itself in the Prefect UI and in git history.
 
+Two kinds of check:
+
+1. Absolute thresholds: every test metric must reach its ``min_*`` value from params.yaml.
+2. Champion/challenger: the model now serving (the champion) is scored with onnxruntime on the
+   same test split in the same run, and the candidate (the challenger, through its recorded
+   test probabilities) must not have an AUC lower than the champion's by more than
+   ``champion_margin``. Both AUCs are computed here, on exactly the same rows and labels, so the
+   comparison does not depend on an old number recorded under other data.
+
 Inputs:
     metrics: ``reports/metrics.json`` (from evaluate).
     train_result: ``models/train.json`` (from train; gives data_version and the model name).
+    For the champion comparison (all optional; without ``repository`` nothing is compared):
+    predictions: ``reports/plots/predictions.csv`` (from evaluate: the candidate's test
+        probabilities per sop_instance_uid).
+    ingested_dir, split: the data and ``split.csv``; the ``test`` rows are scored.
+    repository: the Triton model repository the deploy step writes to;
+        ``<repository>/<model_name>/<N>/model.onnx`` of the served version N is the champion.
 Outputs:
-    out: ``reports/gate.json``, the GateDecision.
+    out: ``reports/gate.json``, the GateDecision (``champion`` holds the comparison).
 Params (``gate`` section, GateConfig):
-    min_auc, min_accuracy, min_sensitivity, min_specificity.
+    min_auc, min_accuracy, min_sensitivity, min_specificity, compare_with_serving,
+    champion_margin.
 
-No TensorFlow here.
+No TensorFlow here (the champion runs in onnxruntime).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
 from medops.config import GateConfig
@@ -37,6 +55,21 @@ CHECKS: tuple[tuple[str, str], ...] = (
 )
 
 
+class ChampionComparison(BaseModel):
+    """The side-by-side AUC of the served model and the candidate on the same test rows."""
+
+    compared: bool                        # both AUCs were computed
+    passed: bool                          # the candidate may replace the champion
+    reason: str
+    version: int | None = None            # the served version, if any
+    sha256: str | None = None             # of its model.onnx
+    auc: float | None = None              # the champion's AUC
+    candidate_auc: float | None = None    # the candidate's AUC on the same rows
+    difference: float | None = None       # candidate_auc - auc
+    margin: float | None = None
+    n: int | None = None                  # test images both were scored on
+
+
 class GateDecision(BaseModel):
     passed: bool
     reasons: list[str]
@@ -44,6 +77,7 @@ class GateDecision(BaseModel):
     model: str | None = None
     metrics: dict[str, float] = {}
     thresholds: dict[str, float] = {}
+    champion: ChampionComparison | None = None
     timestamp: str
 
 
@@ -67,8 +101,178 @@ def check_metrics(cfg: GateConfig, metrics: dict[str, Any]) -> tuple[bool, list[
     return passed, reasons
 
 
-def decide(cfg: GateConfig, metrics: dict[str, Any], train_record: dict[str, Any]) -> GateDecision:
+def compare_with_champion(
+    margin: float, *, version: int, y_true: np.ndarray, candidate: np.ndarray, champion: np.ndarray,
+    sha256: str | None = None,
+) -> ChampionComparison:
+    """Compare the candidate's and the champion's test AUC on the same rows and labels.
+
+    The candidate passes unless its AUC is lower than the champion's by more than ``margin``
+    (equal to the margin passes). AUC is threshold-free, so the two models' different decision
+    thresholds do not bias the comparison.
+    """
+    from medops.evaluate import compute_auc
+
+    champion_auc = compute_auc(y_true, champion)
+    candidate_auc = compute_auc(y_true, candidate)
+    difference = candidate_auc - champion_auc
+    # a tiny tolerance so that "worse by exactly the margin" is not failed by float rounding
+    ok = difference >= -margin - 1e-12
+    head = f"champion v{version} auc {champion_auc:.3f}, candidate auc {candidate_auc:.3f}"
+    if ok:
+        reason = f"{head}: within margin {margin:.3f}: pass"
+    else:
+        reason = f"{head}: worse by {-difference:.3f} > margin {margin:.3f}: fail"
+    return ChampionComparison(
+        compared=True, passed=ok, reason=reason, version=version, sha256=sha256, auc=champion_auc,
+        candidate_auc=candidate_auc, difference=difference, margin=margin, n=int(len(y_true)),
+    )
+
+
+@dataclass(frozen=True)
+class _TestSplit:
+    images: np.ndarray
+    labels: np.ndarray
+    uids: np.ndarray
+
+
+def read_candidate_scores(predictions: Path, uids: np.ndarray) -> np.ndarray:
+    """The candidate's test probabilities from evaluate's predictions.csv, in ``uids`` order.
+
+    Raises:
+        MedopsError: the file is missing or lacks a probability for some test image (it was
+            written for another split or dataset, so it cannot stand for this candidate).
+    """
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(predictions, dtype={"sop_instance_uid": str})
+    except FileNotFoundError:
+        raise MedopsError(f"gate needs the candidate's test predictions at {predictions}, which does not exist") from None
+    missing_cols = {"sop_instance_uid", "probability"} - set(table.columns)
+    if missing_cols:
+        raise MedopsError(f"{predictions} lacks column(s) {sorted(missing_cols)}")
+    scores = table.drop_duplicates("sop_instance_uid").set_index("sop_instance_uid")["probability"]
+    found = pd.Series(uids).map(scores)
+    lacking = found.isna().to_numpy()
+    if lacking.any():
+        raise MedopsError(
+            f"{predictions} has no probability for {int(lacking.sum())} of {len(uids)} test images "
+            f"(e.g. {uids[lacking][0]}): it is not this test split's evaluation"
+        )
+    return found.to_numpy(dtype=np.float64)
+
+
+def score_onnx(path: Path, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """Probabilities (n,) of the ONNX model at ``path`` (contract: input "image" (N, S, S, 1),
+    output "probability" (N, 1)), run with onnxruntime on the CPU.
+
+    Raises:
+        MedopsError: the model does not load, its input does not fit ``images`` or it fails to run.
+    """
+    import onnxruntime as ort
+
+    from medops.serving.contract import INPUT_NAME, OUTPUT_NAME
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable graphs
+        raise MedopsError(f"{path} does not load in onnxruntime: {_first_line(exc)}") from None
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    if INPUT_NAME not in inputs:
+        raise MedopsError(f"{path} has inputs {sorted(inputs)}, not {INPUT_NAME!r}")
+    want = inputs[INPUT_NAME]
+    have = images.shape
+    if len(want) != len(have) or any(isinstance(w, int) and w != h for w, h in zip(want[1:], have[1:])):
+        raise MedopsError(f"{path} takes {INPUT_NAME} of shape {want}, the test images are {list(have)}")
+    out = []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
+            out.append(np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], dtype=np.float64).reshape(-1))
+    except Exception as exc:
+        raise MedopsError(f"{path} failed to run on the test images: {_first_line(exc)}") from None
+    scores = np.concatenate(out) if out else np.zeros(0)
+    if len(scores) != len(images):
+        raise MedopsError(f"{path} gave {len(scores)} outputs for {len(images)} images")
+    if not np.isfinite(scores).all():
+        raise MedopsError(f"{path} gave {int((~np.isfinite(scores)).sum())} non-finite probabilities")
+    return scores
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def judge_champion(
+    cfg: GateConfig,
+    *,
+    repository: Path | None,
+    model_name: str,
+    load_test: Any,
+    predictions: Path | None,
+) -> ChampionComparison:
+    """The champion/challenger check, as a ChampionComparison (its reason ends pass or fail).
+
+    Outcomes:
+        - comparison off, no repository or no served version: pass, nothing to compare.
+        - the candidate's predictions are missing or do not cover the test split: a typed
+          error (MedopsError): the stage was called wrongly, and judging would be guessing.
+        - the champion cannot be scored (its file is gone or corrupted, its input shape differs
+          from today's images, it fails in onnxruntime): pass with a reason saying so. The
+          absolute thresholds still apply, so nothing below the params.yaml bar is deployed.
+          Blocking instead would make one broken or obsolete served model (e.g. after a
+          deliberate change of image_size) freeze deployment for good, and the only way out
+          would be to switch the check off, which protects less than this does.
+        - otherwise: ``compare_with_champion``.
+
+    ``load_test`` is a callable returning the test split (_TestSplit); it is called only when
+    a comparison will be made, so the gate without a served model reads no pixels.
+    """
+    margin = float(cfg.champion_margin)
+    if not cfg.compare_with_serving:
+        return ChampionComparison(compared=False, passed=True, margin=margin,
+                                  reason="compare_with_serving is off: champion not compared: pass")
+    if repository is None:
+        return ChampionComparison(compared=False, passed=True, margin=margin,
+                                  reason="no model repository given: nothing to compare: pass")
+    from medops.serving.repository import served_version
+    from medops.serving.contract import ONNX_FILENAME
+
+    version = served_version(Path(repository), model_name)
+    if version is None:
+        return ChampionComparison(compared=False, passed=True, margin=margin,
+                                  reason=f"no model is serving ({model_name} in {repository}): nothing to compare: pass")
+    if predictions is None:
+        raise MedopsError(f"champion v{version} of {model_name} is serving, but the gate was not given the candidate's test predictions")
+    test: _TestSplit = load_test()
+    candidate = read_candidate_scores(Path(predictions), test.uids)
+    onnx_path = Path(repository) / model_name / str(version) / ONNX_FILENAME
+    from medops.hashing import sha256_file
+
+    sha = None
+    try:
+        sha = sha256_file(onnx_path)
+        champion = score_onnx(onnx_path, test.images)
+    except (MedopsError, OSError) as exc:
+        why = _first_line(exc) if isinstance(exc, MedopsError) else f"cannot read {onnx_path}: {exc.strerror or exc}"
+        return ChampionComparison(
+            compared=False, passed=True, version=version, sha256=sha, margin=margin,
+            reason=f"champion v{version} could not be evaluated ({why}): not compared, absolute thresholds only: pass",
+        )
+    return compare_with_champion(margin, version=version, y_true=test.labels, candidate=candidate,
+                                 champion=champion, sha256=sha)
+
+
+def decide(
+    cfg: GateConfig, metrics: dict[str, Any], train_record: dict[str, Any],
+    champion: ChampionComparison | None = None,
+) -> GateDecision:
     passed, reasons = check_metrics(cfg, metrics)
+    if champion is not None:
+        passed = passed and champion.passed
+        reasons = [*reasons, champion.reason]
     return GateDecision(
         passed=passed,
         reasons=reasons,
@@ -76,6 +280,7 @@ def decide(cfg: GateConfig, metrics: dict[str, Any], train_record: dict[str, Any
         model=train_record.get("model"),
         metrics={k: float(metrics[k]) for k, _ in CHECKS if isinstance(metrics.get(k), (int, float))},
         thresholds={f: float(getattr(cfg, f)) for _, f in CHECKS},
+        champion=champion,
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -108,9 +313,37 @@ def require_passed(path: Path) -> GateDecision:
     return decision
 
 
-def run(cfg: GateConfig, *, metrics: Path, train_result: Path, out: Path) -> GateDecision:
-    """Read metrics and train result, decide, write the decision JSON (pass or fail)."""
-    decision = decide(cfg, _read_json(metrics, "metrics"), _read_json(train_result, "the train result"))
+def run(
+    cfg: GateConfig,
+    *,
+    metrics: Path,
+    train_result: Path,
+    out: Path,
+    predictions: Path | None = None,
+    ingested_dir: Path | None = None,
+    split: Path | None = None,
+    repository: Path | None = None,
+    model_name: str = "pneumonia_classifier",
+) -> GateDecision:
+    """Read metrics and train result, compare with the served model, write the decision JSON.
+
+    Without ``repository`` only the absolute thresholds are checked (and a reason says so).
+    With it, ``predictions``, ``ingested_dir`` and ``split`` are needed once a model is serving.
+    """
+    metrics_record = _read_json(metrics, "metrics")
+    train_record = _read_json(train_result, "the train result")
+
+    def load_test() -> _TestSplit:
+        if ingested_dir is None or split is None:
+            raise MedopsError("the champion comparison needs ingested_dir and split to score the test images")
+        from medops.split import load_split_images
+
+        images, labels, rows = load_split_images(Path(ingested_dir), Path(split), "test")
+        return _TestSplit(images=images, labels=labels, uids=rows["sop_instance_uid"].astype(str).to_numpy())
+
+    champion = judge_champion(cfg, repository=repository, model_name=model_name, load_test=load_test,
+                              predictions=predictions)
+    decision = decide(cfg, metrics_record, train_record, champion)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(decision.model_dump_json(indent=2) + "\n")
