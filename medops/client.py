@@ -6,16 +6,22 @@ to build the training arrays, so a file is seen by the served model as it was se
 whichever client sends it. ``via="tensor"`` preprocesses here with the same module and sends image
 tensors to the classifier. A file that cannot be used becomes a ``Prediction`` with ``error`` set;
 the other files are still answered. A server that cannot be reached, or a model that is not
-ready, is a ServingError.
+ready, is a ServingError. Connection errors (server not reachable, gRPC UNAVAILABLE) are retried
+with exponential backoff, a fresh connection each time; bad input and missing models never are.
+``apredict_files`` is the asyncio twin of ``predict_files`` (``tritonclient.grpc.aio`` /
+``tritonclient.http.aio``), with the same request building, answers and per-file errors.
 
 Imports neither TensorFlow nor the Triton client libraries until a prediction is asked for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import time
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Literal, Sequence, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -33,6 +39,11 @@ from medops.serving.contract import (
 
 Protocol = Literal["grpc", "http"]
 Via = Literal["ensemble", "tensor"]
+T = TypeVar("T")
+
+DEFAULT_RETRIES = 3
+DEFAULT_BACKOFF_S = 0.2
+BACKOFF_JITTER = 0.1  # up to +10 % per delay, so clients cut off together do not retry together
 
 
 class Prediction(BaseModel):
@@ -63,41 +74,162 @@ def _client(url: str, protocol: Protocol, timeout: float) -> Any:
     raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
 
 
-def _max_batch_size(client: Any, protocol: Protocol, model_name: str) -> int:
+def _aclient(url: str, protocol: Protocol, timeout: float) -> Any:
+    """The asyncio client; must be made inside the running event loop."""
     if protocol == "grpc":
-        return int(client.get_model_config(model_name).config.max_batch_size)
-    return int(client.get_model_config(model_name).get("max_batch_size", 0))
+        import tritonclient.grpc.aio as grpcaio
+
+        return grpcaio.InferenceServerClient(url)
+    if protocol == "http":
+        import tritonclient.http.aio as httpaio
+
+        return httpaio.InferenceServerClient(url, conn_timeout=timeout)
+    raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+
+
+def _tc(protocol: Protocol) -> Any:
+    """The tritonclient module whose InferInput/InferRequestedOutput the protocol takes (the
+    aio clients take the same classes)."""
+    if protocol == "grpc":
+        import tritonclient.grpc as tc
+    else:
+        import tritonclient.http as tc
+    return tc
+
+
+# -- retries -------------------------------------------------------------------------------------
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when ``exc`` means the server could not be reached, so asking again may work.
+
+    gRPC reports it as status UNAVAILABLE (tritonclient's InferenceServerException); HTTP as a
+    refused or reset connection (ConnectionError; aiohttp's ClientConnectionError). A timeout is
+    not one (the server may be working on the request), nor is any answer from the server (bad
+    input, unknown model).
+    """
+    if isinstance(exc, TimeoutError):  # also socket.timeout and asyncio.TimeoutError
+        return False
+    if isinstance(exc, ConnectionError):
+        return True
+    status = getattr(exc, "status", None)
+    if callable(status) and type(exc).__name__ == "InferenceServerException":
+        return status() == "StatusCode.UNAVAILABLE"
+    if type(exc).__module__.startswith("aiohttp"):
+        import aiohttp
+
+        return (isinstance(exc, aiohttp.ClientConnectionError)
+                and not isinstance(exc, aiohttp.ServerTimeoutError))
+    return False
+
+
+def backoff_delays(retries: int, backoff_s: float, *, jitter: float = BACKOFF_JITTER,
+                   rng: random.Random | None = None) -> list[float]:
+    """Seconds to wait before each retry: ``backoff_s * 2**k``, k = 0 .. retries-1, each
+    lengthened by up to ``jitter`` of itself at random."""
+    if retries < 0 or backoff_s < 0:
+        raise ValueError(f"retries and backoff_s must be >= 0, got {retries} and {backoff_s}")
+    draw = (rng or random).random
+    return [backoff_s * 2**k * (1.0 + jitter * draw()) for k in range(retries)]
+
+
+def _unreachable(url: str, protocol: Protocol, tries: int, waited: float,
+                 exc: BaseException) -> ServingError:
+    return ServingError(
+        f"cannot reach Triton at {url} over {protocol} after {tries} "
+        f"{'try' if tries == 1 else 'tries'} in {waited:.1f} s: {_short(exc)}; is the server "
+        "running (`medops serve start`) and is the url right?"
+    )
+
+
+def call_with_retries(call: Callable[[], T], *, url: str, protocol: Protocol,
+                      retries: int = DEFAULT_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
+                      reconnect: Callable[[], None] | None = None) -> T:
+    """``call()``, asked again after a connection error up to ``retries`` times with exponential
+    backoff (``backoff_delays``); ``reconnect()`` runs before each retry (a gRPC channel that
+    failed waits out its own reconnect backoff, so a fresh client is made instead).
+
+    Raises:
+        ServingError: still no connection after ``retries + 1`` tries, naming ``url``.
+        Exception: any other error from ``call`` as it is, at once.
+    """
+    delays = backoff_delays(retries, backoff_s)
+    start = time.monotonic()
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - sorted by is_connection_error
+            if not is_connection_error(exc):
+                raise
+            if attempt == retries:
+                raise _unreachable(url, protocol, attempt + 1, time.monotonic() - start, exc) from None
+        time.sleep(delays[attempt])
+        if reconnect is not None:
+            reconnect()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def acall_with_retries(call: Callable[[], Awaitable[T]], *, url: str, protocol: Protocol,
+                             retries: int = DEFAULT_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
+                             reconnect: Callable[[], Awaitable[None]] | None = None) -> T:
+    """``call_with_retries`` for coroutines: the same policy, waiting with ``asyncio.sleep``."""
+    delays = backoff_delays(retries, backoff_s)
+    start = time.monotonic()
+    for attempt in range(retries + 1):
+        try:
+            return await call()
+        except Exception as exc:  # noqa: BLE001 - sorted by is_connection_error
+            if not is_connection_error(exc):
+                raise
+            if attempt == retries:
+                raise _unreachable(url, protocol, attempt + 1, time.monotonic() - start, exc) from None
+        await asyncio.sleep(delays[attempt])
+        if reconnect is not None:
+            await reconnect()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# -- readiness -----------------------------------------------------------------------------------
+
+def _max_batch_size_of(config: Any, protocol: Protocol) -> int:
+    if protocol == "grpc":
+        return int(config.config.max_batch_size)
+    return int(config.get("max_batch_size", 0))
+
+
+def _max_batch_size(client: Any, protocol: Protocol, model_name: str) -> int:
+    return _max_batch_size_of(client.get_model_config(model_name), protocol)
+
+
+def _threshold_of(config: Any, protocol: Protocol) -> float:
+    if protocol == "grpc":
+        return float(config.config.parameters["threshold"].string_value)
+    return float(config["parameters"]["threshold"]["string_value"])
 
 
 def served_threshold(client: Any, protocol: Protocol, model_name: str, default: float = 0.5) -> float:
     """The decision threshold the served model was deployed with (its postprocessing model's
     ``threshold`` parameter), or ``default`` when there is none."""
-    name = f"{model_name}_postprocess"
     try:
-        config = client.get_model_config(name)
-        if protocol == "grpc":
-            value = config.config.parameters["threshold"].string_value
-        else:
-            value = config["parameters"]["threshold"]["string_value"]
-        return float(value)
+        return _threshold_of(client.get_model_config(f"{model_name}_postprocess"), protocol)
     except Exception:  # noqa: BLE001 - no postprocessing model deployed: the documented default
         return default
 
 
-def _check_ready(client: Any, *, url: str, protocol: Protocol, model_name: str) -> None:
+async def aserved_threshold(client: Any, protocol: Protocol, model_name: str,
+                            default: float = 0.5) -> float:
+    """``served_threshold`` with an asyncio client."""
     try:
-        live = client.is_server_live()
-    except Exception as exc:  # noqa: BLE001 - every transport failure means the same to a user
-        raise ServingError(
-            f"cannot reach Triton at {url} over {protocol}: {_short(exc)}; is the server running "
-            "(`medops serve start`) and is the url right?"
-        ) from None
+        return _threshold_of(await client.get_model_config(f"{model_name}_postprocess"), protocol)
+    except Exception:  # noqa: BLE001
+        return default
+
+
+def _judge_live(live: bool, url: str) -> None:
     if not live:
         raise ServingError(f"Triton at {url} is not live")
-    try:
-        ready = client.is_model_ready(model_name)
-    except Exception as exc:  # noqa: BLE001
-        raise ServingError(f"Triton at {url} could not report on model {model_name!r}: {_short(exc)}") from None
+
+
+def _judge_ready(ready: bool, url: str, model_name: str) -> None:
     if not ready:
         raise ServingError(
             f"model {model_name!r} is not loaded or not ready on Triton at {url}; deploy it first "
@@ -105,9 +237,104 @@ def _check_ready(client: Any, *, url: str, protocol: Protocol, model_name: str) 
         )
 
 
+def _not_live_error(exc: BaseException, url: str, protocol: Protocol) -> ServingError:
+    return ServingError(
+        f"cannot reach Triton at {url} over {protocol}: {_short(exc)}; is the server running "
+        "(`medops serve start`) and is the url right?"
+    )
+
+
+def _not_reporting_error(exc: BaseException, url: str, model_name: str) -> ServingError:
+    return ServingError(f"Triton at {url} could not report on model {model_name!r}: {_short(exc)}")
+
+
+def _check_ready(client: Any, *, url: str, protocol: Protocol, model_name: str) -> None:
+    """Live server and ready model, or a ServingError. A connection error is raised as it is, for
+    ``call_with_retries`` to judge."""
+    try:
+        live = client.is_server_live()
+    except Exception as exc:  # noqa: BLE001 - every transport failure means the same to a user
+        if is_connection_error(exc):
+            raise
+        raise _not_live_error(exc, url, protocol) from None
+    _judge_live(live, url)
+    try:
+        ready = client.is_model_ready(model_name)
+    except Exception as exc:  # noqa: BLE001
+        if is_connection_error(exc):
+            raise
+        raise _not_reporting_error(exc, url, model_name) from None
+    _judge_ready(ready, url, model_name)
+
+
+async def _acheck_ready(client: Any, *, url: str, protocol: Protocol, model_name: str) -> None:
+    """``_check_ready`` with an asyncio client."""
+    try:
+        live = await client.is_server_live()
+    except Exception as exc:  # noqa: BLE001
+        if is_connection_error(exc):
+            raise
+        raise _not_live_error(exc, url, protocol) from None
+    _judge_live(live, url)
+    try:
+        ready = await client.is_model_ready(model_name)
+    except Exception as exc:  # noqa: BLE001
+        if is_connection_error(exc):
+            raise
+        raise _not_reporting_error(exc, url, model_name) from None
+    _judge_ready(ready, url, model_name)
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+# -- one request: built and read the same way by the sync and asyncio clients ---------------------
+
+def _images_request(images: np.ndarray, protocol: Protocol) -> tuple[list[Any], list[Any]]:
+    tc = _tc(protocol)
+    inp = tc.InferInput(INPUT_NAME, list(images.shape), "FP32")
+    inp.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    return [inp], [tc.InferRequestedOutput(OUTPUT_NAME)]
+
+
+def _infer_kwargs(protocol: Protocol, timeout: float) -> dict[str, Any]:
+    # gRPC: a client-side deadline; HTTP: the request's timeout in microseconds (the sync client
+    # also has its network timeout, the asyncio one its session timeout)
+    return {"client_timeout": timeout} if protocol == "grpc" else {"timeout": int(timeout * 1e6)}
+
+
+def _version_of(result: Any, protocol: Protocol) -> str:
+    if protocol == "grpc":
+        return str(result.get_response().model_version)
+    return str(result.get_response().get("model_version", ""))
+
+
+def _images_response(result: Any, protocol: Protocol, model_name: str,
+                     n: int) -> tuple[np.ndarray, str]:
+    probs = result.as_numpy(OUTPUT_NAME)
+    if probs is None or probs.shape[0] != n:
+        raise ServingError(
+            f"model {model_name!r} answered output {OUTPUT_NAME!r} with shape "
+            f"{None if probs is None else list(probs.shape)} for {n} images"
+        )
+    return probs.reshape(n), _version_of(result, protocol)
+
+
+def _dicom_request(items: Sequence[bytes], protocol: Protocol) -> tuple[list[Any], list[Any]]:
+    tc = _tc(protocol)
+    data = np.array([bytes(b) for b in items], dtype=np.object_).reshape(-1, 1)
+    inp = tc.InferInput(DICOM_INPUT, list(data.shape), "BYTES")
+    inp.set_data_from_numpy(data)
+    return [inp], [tc.InferRequestedOutput(n) for n in (OUTPUT_NAME, LABEL_OUTPUT, ERROR_OUTPUT)]
+
+
+def _dicom_response(result: Any, protocol: Protocol) -> tuple[list[float], list[str], list[str], str]:
+    probs = result.as_numpy(OUTPUT_NAME).reshape(-1)
+    labels = [_text(x) for x in result.as_numpy(LABEL_OUTPUT).reshape(-1)]
+    errors = [_text(x) for x in result.as_numpy(ERROR_OUTPUT).reshape(-1)]
+    return [float(p) for p in probs], labels, errors, _version_of(result, protocol)
 
 
 def infer_images(
@@ -124,28 +351,26 @@ def infer_images(
     Returns:
         ``(probabilities (n,), model_version that answered)``.
     """
-    if protocol == "grpc":
-        import tritonclient.grpc as tc
-    else:
-        import tritonclient.http as tc
-    inp = tc.InferInput(INPUT_NAME, list(images.shape), "FP32")
-    inp.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    out = tc.InferRequestedOutput(OUTPUT_NAME)
-    if protocol == "grpc":
-        result = client.infer(model_name, [inp], model_version=model_version, outputs=[out],
-                              client_timeout=timeout)
-        version = result.get_response().model_version
-    else:
-        result = client.infer(model_name, [inp], model_version=model_version, outputs=[out],
-                              timeout=int(timeout * 1e6))
-        version = result.get_response().get("model_version", "")
-    probs = result.as_numpy(OUTPUT_NAME)
-    if probs is None or probs.shape[0] != images.shape[0]:
-        raise ServingError(
-            f"model {model_name!r} answered output {OUTPUT_NAME!r} with shape "
-            f"{None if probs is None else list(probs.shape)} for {images.shape[0]} images"
-        )
-    return probs.reshape(images.shape[0]), str(version)
+    inputs, outputs = _images_request(images, protocol)
+    result = client.infer(model_name, inputs, model_version=model_version, outputs=outputs,
+                          **_infer_kwargs(protocol, timeout))
+    return _images_response(result, protocol, model_name, images.shape[0])
+
+
+async def ainfer_images(
+    client: Any,
+    images: np.ndarray,
+    *,
+    protocol: Protocol,
+    model_name: str,
+    model_version: str = "",
+    timeout: float = 30.0,
+) -> tuple[np.ndarray, str]:
+    """``infer_images`` with an asyncio client (``tritonclient.grpc.aio`` / ``.http.aio``)."""
+    inputs, outputs = _images_request(images, protocol)
+    result = await client.infer(model_name, inputs, model_version=model_version, outputs=outputs,
+                                **_infer_kwargs(protocol, timeout))
+    return _images_response(result, protocol, model_name, images.shape[0])
 
 
 def infer_dicom(
@@ -162,24 +387,24 @@ def infer_dicom(
         ``(probabilities, labels, errors, model_version)``, one entry per item; ``errors[i]`` is ""
         for an answered item. The ensemble's version is the classifier version it serves.
     """
-    if protocol == "grpc":
-        import tritonclient.grpc as tc
-    else:
-        import tritonclient.http as tc
-    data = np.array([bytes(b) for b in items], dtype=np.object_).reshape(-1, 1)
-    inp = tc.InferInput(DICOM_INPUT, list(data.shape), "BYTES")
-    inp.set_data_from_numpy(data)
-    outs = [tc.InferRequestedOutput(n) for n in (OUTPUT_NAME, LABEL_OUTPUT, ERROR_OUTPUT)]
-    if protocol == "grpc":
-        result = client.infer(model_name, [inp], outputs=outs, client_timeout=timeout)
-        version = result.get_response().model_version
-    else:
-        result = client.infer(model_name, [inp], outputs=outs, timeout=int(timeout * 1e6))
-        version = result.get_response().get("model_version", "")
-    probs = result.as_numpy(OUTPUT_NAME).reshape(-1)
-    labels = [_text(x) for x in result.as_numpy(LABEL_OUTPUT).reshape(-1)]
-    errors = [_text(x) for x in result.as_numpy(ERROR_OUTPUT).reshape(-1)]
-    return [float(p) for p in probs], labels, errors, str(version)
+    inputs, outputs = _dicom_request(items, protocol)
+    result = client.infer(model_name, inputs, outputs=outputs, **_infer_kwargs(protocol, timeout))
+    return _dicom_response(result, protocol)
+
+
+async def ainfer_dicom(
+    client: Any,
+    items: Sequence[bytes],
+    *,
+    protocol: Protocol,
+    model_name: str,
+    timeout: float = 30.0,
+) -> tuple[list[float], list[str], list[str], str]:
+    """``infer_dicom`` with an asyncio client."""
+    inputs, outputs = _dicom_request(items, protocol)
+    result = await client.infer(model_name, inputs, outputs=outputs,
+                                **_infer_kwargs(protocol, timeout))
+    return _dicom_response(result, protocol)
 
 
 def _text(value: Any) -> str:
@@ -237,6 +462,55 @@ def chunk_requests(indices: Sequence[int], weights: Sequence[int], *, max_items:
     return chunks
 
 
+# -- many files: the plan and the answers, shared by predict_files and apredict_files -------------
+
+class _Plan:
+    """What to send where: per-file payloads (bytes or images), the files already known bad, and
+    the Prediction list the answers are written into, in the order of the paths."""
+
+    def __init__(self, paths: Iterable[Path | str], *, via: Via, model_name: str,
+                 image_size: int, window: Any) -> None:
+        if via == "ensemble":
+            self.target = ensemble_name(model_name)
+            self.items: list[tuple[str, Any, str | None]] = list(read_files(paths))
+        elif via == "tensor":
+            self.target = model_name
+            self.items = list(preprocess_files(paths, image_size=image_size, window=window))
+        else:
+            raise ValueError(f"via must be 'ensemble' or 'tensor', got {via!r}")
+        self.via = via
+        self.preds = [Prediction(file=f, error=e) for f, _, e in self.items]
+        self.todo = [i for i, (_, payload, _) in enumerate(self.items) if payload is not None]
+
+    def chunks(self, size: int) -> list[list[int]]:
+        weights = [len(self.items[i][1]) if self.via == "ensemble" else 0 for i in self.todo]
+        return chunk_requests(self.todo, weights, max_items=size, max_bytes=MAX_REQUEST_BYTES)
+
+    def payload(self, chunk: Sequence[int]) -> Any:
+        """The request's content: file bytes for the ensemble, an image batch for the tensor."""
+        if self.via == "ensemble":
+            return [self.items[i][1] for i in chunk]
+        return np.stack([self.items[i][1] for i in chunk])[..., np.newaxis]
+
+    def answer(self, chunk: Sequence[int], probs: Sequence[float], labels: Sequence[str],
+               errors: Sequence[str], version: str) -> None:
+        for i, prob, label, error in zip(chunk, probs, labels, errors):
+            name = self.items[i][0]
+            self.preds[i] = (Prediction(file=name, error=error) if error else
+                             Prediction(file=name, probability=prob, label=label,
+                                        model_version=version))
+
+    def answer_images(self, chunk: Sequence[int], arr: np.ndarray, version: str,
+                      threshold: float) -> None:
+        probs = [float(p) for p in arr]
+        self.answer(chunk, probs, [label_for(p, threshold) for p in probs], [""] * len(chunk),
+                    version)
+
+
+def _inference_failed(target: str, url: str, exc: BaseException) -> ServingError:
+    return ServingError(f"inference on {target!r} at {url} failed: {_short(exc)}")
+
+
 def predict_files(
     paths: Iterable[Path | str],
     *,
@@ -249,6 +523,8 @@ def predict_files(
     timeout: float = 30.0,
     batch_size: int | None = None,
     via: Via = "ensemble",
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float = DEFAULT_BACKOFF_S,
 ) -> list[Prediction]:
     """Classify DICOM files with the model served by Triton at ``url``.
 
@@ -267,57 +543,149 @@ def predict_files(
         via: "ensemble" (default): send the files' bytes to the DICOM ensemble, which
             preprocesses on the server; "tensor": preprocess here with the same
             ``medops.dicom.pixels`` and send image tensors to the classifier.
+        retries: times a call is asked again after a connection error (server not reachable,
+            gRPC UNAVAILABLE), each on a fresh connection; never after any other error.
+        backoff_s: wait before the first retry; doubled before each next one (plus up to 10 %
+            jitter).
 
     Returns:
         One Prediction per path, in order; unusable files carry ``error`` instead of a
         probability.
 
     Raises:
-        ServingError: the server cannot be reached, the model is not ready, or a request fails.
+        ServingError: the server cannot be reached (after the retries), the model is not
+            ready, or a request fails.
     """
-    if via == "ensemble":
-        target = ensemble_name(model_name)
-        items: list[tuple[str, Any, str | None]] = list(read_files(paths))
-    elif via == "tensor":
-        target = model_name
-        items = list(preprocess_files(paths, image_size=image_size, window=window))
-    else:
-        raise ValueError(f"via must be 'ensemble' or 'tensor', got {via!r}")
-    preds = [Prediction(file=f, error=e) for f, _, e in items]
-    todo = [i for i, (_, payload, _) in enumerate(items) if payload is not None]
-    if not todo:
-        return preds
-    client = _client(url, protocol, timeout)
+    plan = _Plan(paths, via=via, model_name=model_name, image_size=image_size, window=window)
+    if not plan.todo:
+        return plan.preds
+    target = plan.target
+    clients = [_client(url, protocol, timeout)]
+
+    def reconnect() -> None:
+        clients[0].close()
+        clients[0] = _client(url, protocol, timeout)
+
+    def retried(call: Callable[[], T]) -> T:
+        return call_with_retries(call, url=url, protocol=protocol, retries=retries,
+                                 backoff_s=backoff_s, reconnect=reconnect)
+
     try:
-        _check_ready(client, url=url, protocol=protocol, model_name=target)
-        size = batch_size or _max_batch_size(client, protocol, target) or 1
+        retried(lambda: _check_ready(clients[0], url=url, protocol=protocol, model_name=target))
+        size = batch_size or retried(lambda: _max_batch_size(clients[0], protocol, target)) or 1
         if via == "tensor" and threshold is None:
-            threshold = served_threshold(client, protocol, model_name)
-        weights = [len(items[i][1]) if via == "ensemble" else 0 for i in todo]
-        for chunk in chunk_requests(todo, weights, max_items=size, max_bytes=MAX_REQUEST_BYTES):
+            threshold = retried(lambda: served_threshold(clients[0], protocol, model_name))
+        for chunk in plan.chunks(size):
+            payload = plan.payload(chunk)
             try:
                 if via == "ensemble":
-                    probs, labels, errors, version = infer_dicom(
-                        client, [items[i][1] for i in chunk], protocol=protocol,
-                        model_name=target, timeout=timeout)
+                    plan.answer(chunk, *retried(lambda: infer_dicom(
+                        clients[0], payload, protocol=protocol, model_name=target,
+                        timeout=timeout)))
                 else:
-                    images = np.stack([items[i][1] for i in chunk])[..., np.newaxis]
-                    arr, version = infer_images(client, images, protocol=protocol,
-                                                model_name=target, timeout=timeout)
-                    probs = [float(p) for p in arr]
-                    labels = [label_for(p, threshold) for p in probs]
-                    errors = [""] * len(chunk)
+                    arr, version = retried(lambda: infer_images(
+                        clients[0], payload, protocol=protocol, model_name=target,
+                        timeout=timeout))
+                    plan.answer_images(chunk, arr, version, threshold)
             except ServingError:
                 raise
             except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
-                raise ServingError(f"inference on {target!r} at {url} failed: {_short(exc)}") from None
-            for i, prob, label, error in zip(chunk, probs, labels, errors):
-                preds[i] = (Prediction(file=items[i][0], error=error) if error else
-                            Prediction(file=items[i][0], probability=prob, label=label,
-                                       model_version=version))
+                raise _inference_failed(target, url, exc) from None
     finally:
-        client.close()
-    return preds
+        clients[0].close()
+    return plan.preds
+
+
+async def apredict_files(
+    paths: Iterable[Path | str],
+    *,
+    url: str,
+    protocol: Protocol = "grpc",
+    model_name: str,
+    image_size: int,
+    window: Any = None,
+    threshold: float | None = None,
+    timeout: float = 30.0,
+    batch_size: int | None = None,
+    via: Via = "ensemble",
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float = DEFAULT_BACKOFF_S,
+    concurrency: int = 4,
+) -> list[Prediction]:
+    """``predict_files`` with asyncio: the same arguments, answers, order and errors, with up to
+    ``concurrency`` requests in flight at once on one connection.
+
+    Reading and preprocessing the files (``via="tensor"``) run in a worker thread so the event
+    loop stays free.
+
+    Raises:
+        ServingError: as ``predict_files``; the first failed request cancels the others.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    plan = await asyncio.to_thread(_Plan, paths, via=via, model_name=model_name,
+                                   image_size=image_size, window=window)
+    if not plan.todo:
+        return plan.preds
+    target = plan.target
+    clients = [_aclient(url, protocol, timeout)]
+    lock = asyncio.Lock()
+
+    async def reconnect(seen: Any) -> None:
+        # one fresh client for all the requests that failed on the same old one
+        async with lock:
+            if clients[0] is seen:
+                await seen.close()
+                clients[0] = _aclient(url, protocol, timeout)
+
+    async def retried(make: Callable[[Any], Awaitable[T]]) -> T:
+        used: list[Any] = []
+
+        async def call() -> T:
+            used[:] = [clients[0]]
+            return await make(clients[0])
+
+        return await acall_with_retries(call, url=url, protocol=protocol, retries=retries,
+                                        backoff_s=backoff_s,
+                                        reconnect=lambda: reconnect(used[0]))
+
+    try:
+        await retried(lambda c: _acheck_ready(c, url=url, protocol=protocol, model_name=target))
+
+        async def max_batch(c: Any) -> int:
+            return _max_batch_size_of(await c.get_model_config(target), protocol)
+
+        size = batch_size or await retried(max_batch) or 1
+        if via == "tensor" and threshold is None:
+            threshold = await retried(lambda c: aserved_threshold(c, protocol, model_name))
+        gate = asyncio.Semaphore(concurrency)
+
+        async def send(chunk: list[int]) -> None:
+            payload = plan.payload(chunk)
+            async with gate:
+                try:
+                    if via == "ensemble":
+                        plan.answer(chunk, *await retried(lambda c: ainfer_dicom(
+                            c, payload, protocol=protocol, model_name=target, timeout=timeout)))
+                    else:
+                        arr, version = await retried(lambda c: ainfer_images(
+                            c, payload, protocol=protocol, model_name=target, timeout=timeout))
+                        plan.answer_images(chunk, arr, version, threshold)
+                except ServingError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    raise _inference_failed(target, url, exc) from None
+
+        tasks = [asyncio.ensure_future(send(chunk)) for chunk in plan.chunks(size)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await clients[0].close()
+    return plan.preds
 
 
 def format_predictions(preds: Sequence[Prediction]) -> str:

@@ -115,3 +115,201 @@ def test_requests_are_split_by_count_and_by_bytes():
     assert chunk_requests(idx, [0] * 5, max_items=2, max_bytes=10) == [[0, 2], [3, 5], [6]]
     assert chunk_requests(idx, [4, 4, 4, 20, 1], max_items=64, max_bytes=10) == [[0, 2], [3], [5], [6]]
     assert chunk_requests([], [], max_items=4, max_bytes=10) == []
+
+
+# -- retries on connection errors only -------------------------------------------------------------
+
+import asyncio  # noqa: E402
+import random  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from medops.client import (  # noqa: E402
+    apredict_files,
+    backoff_delays,
+    call_with_retries,
+    is_connection_error,
+)
+
+
+def _real_unreachable_errors(url: str) -> list[BaseException]:
+    """What each real client raises for a port nobody listens on: sync and asyncio, gRPC and HTTP."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc.aio as grpcaio
+    import tritonclient.http as httpclient
+    import tritonclient.http.aio as httpaio
+
+    errors: list[BaseException] = []
+    for client in (grpcclient.InferenceServerClient(url),
+                   httpclient.InferenceServerClient(url, connection_timeout=3, network_timeout=3)):
+        try:
+            client.is_server_live()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            client.close()
+
+    async def aio() -> None:
+        for client in (grpcaio.InferenceServerClient(url), httpaio.InferenceServerClient(url, conn_timeout=3)):
+            try:
+                await client.is_server_live()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+            finally:
+                await client.close()
+
+    asyncio.run(aio())
+    return errors
+
+
+def test_what_an_unreachable_server_raises_is_a_connection_error(free_port):
+    errors = _real_unreachable_errors(f"127.0.0.1:{free_port()}")
+    assert len(errors) == 4  # all four clients failed
+    assert [is_connection_error(e) for e in errors] == [True] * 4, [repr(e) for e in errors]
+
+
+def test_answers_from_the_server_and_timeouts_are_not_connection_errors():
+    import aiohttp
+    from tritonclient.utils import InferenceServerException
+
+    # what Triton answers for an unknown model (gRPC and HTTP) and for bad input
+    for status in ("StatusCode.NOT_FOUND", "404", "StatusCode.INVALID_ARGUMENT", "400"):
+        assert not is_connection_error(InferenceServerException("no", status=status))
+    assert is_connection_error(InferenceServerException("down", status="StatusCode.UNAVAILABLE"))
+    assert not is_connection_error(InferenceServerException("slow", status="StatusCode.DEADLINE_EXCEEDED"))
+    assert not is_connection_error(TimeoutError("timed out"))
+    assert not is_connection_error(aiohttp.ServerTimeoutError("timed out"))
+    assert not is_connection_error(ValueError("bad shape"))
+    assert not is_connection_error(ServingError("model 'm' is not loaded"))
+    assert is_connection_error(ConnectionResetError(104, "reset"))
+    assert is_connection_error(aiohttp.ServerDisconnectedError())
+
+
+def test_backoff_doubles_with_at_most_ten_percent_jitter():
+    assert backoff_delays(3, 0.2, jitter=0.0) == pytest.approx([0.2, 0.4, 0.8])
+    assert backoff_delays(0, 0.2) == []
+    delays = backoff_delays(5, 0.1, rng=random.Random(7))
+    for k, d in enumerate(delays):
+        assert 0.1 * 2**k <= d <= 0.1 * 2**k * 1.1
+    # the jitter is real: two draws differ
+    assert backoff_delays(5, 0.1, rng=random.Random(1)) != backoff_delays(5, 0.1, rng=random.Random(2))
+    with pytest.raises(ValueError, match="retries and backoff_s must be >= 0"):
+        backoff_delays(-1, 0.2)
+
+
+def test_connection_errors_are_retried_then_a_serving_error_names_the_url(free_port):
+    import tritonclient.grpc as grpcclient
+
+    url = f"127.0.0.1:{free_port()}"
+    clients = [grpcclient.InferenceServerClient(url)]
+    calls, reconnects = [], []
+
+    def live() -> bool:
+        calls.append(time.monotonic())
+        return clients[0].is_server_live()
+
+    def reconnect() -> None:
+        reconnects.append(1)
+        clients[0].close()
+        clients[0] = grpcclient.InferenceServerClient(url)
+
+    start = time.monotonic()
+    with pytest.raises(ServingError, match=rf"cannot reach Triton at {url} over grpc after 4 tries"):
+        call_with_retries(live, url=url, protocol="grpc", retries=3, backoff_s=0.05,
+                          reconnect=reconnect)
+    clients[0].close()
+    assert len(calls) == 4 and len(reconnects) == 3
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    for k, gap in enumerate(gaps):  # the schedule: 0.05, 0.1, 0.2 (+ jitter)
+        assert gap >= 0.05 * 2**k
+    assert time.monotonic() - start < 3
+
+
+def test_other_errors_are_raised_at_once_without_retry():
+    calls = []
+
+    def bad() -> None:
+        calls.append(1)
+        raise ValueError("input 'image' has shape [1, 3]")
+
+    with pytest.raises(ValueError, match="has shape"):
+        call_with_retries(bad, url="127.0.0.1:1", protocol="grpc", retries=5, backoff_s=1.0)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_predict_files_retries_an_unreachable_server(free_port, protocol):
+    url = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ServingError, match=rf"cannot reach Triton at {url} over {protocol} after 3 tries"):
+        predict_files([pydicom_file("CT_small.dcm")], url=url, protocol=protocol, model_name="m",
+                      image_size=28, timeout=3, retries=2, backoff_s=0.1)
+    assert time.monotonic() - start >= 0.1 + 0.2
+    with pytest.raises(ServingError, match=rf"cannot reach Triton at {url} over {protocol} after 1 try"):
+        predict_files([pydicom_file("CT_small.dcm")], url=url, protocol=protocol, model_name="m",
+                      image_size=28, timeout=3, retries=0)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_apredict_files_retries_an_unreachable_server(free_port, protocol):
+    url = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ServingError, match=rf"cannot reach Triton at {url} over {protocol} after 3 tries"):
+        asyncio.run(apredict_files([pydicom_file("CT_small.dcm")], url=url, protocol=protocol,
+                                   model_name="m", image_size=28, timeout=3, retries=2,
+                                   backoff_s=0.1))
+    assert time.monotonic() - start >= 0.1 + 0.2
+
+
+@pytest.mark.parametrize("via", ["ensemble", "tensor"])
+def test_apredict_files_answers_unusable_files_without_a_server(tmp_path, free_port, via):
+    missing = tmp_path / "missing.dcm"
+    bad = tmp_path / "x.txt"
+    bad.write_text("no")
+    paths = [missing] if via == "ensemble" else [missing, bad]
+    url = f"127.0.0.1:{free_port()}"
+    preds = asyncio.run(apredict_files(paths, url=url, model_name="m", image_size=28, via=via))
+    assert preds == predict_files(paths, url=url, model_name="m", image_size=28, via=via)
+    assert all(p.error.startswith("not_dicom: ") for p in preds)
+
+
+def test_apredict_files_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="via must be 'ensemble' or 'tensor'"):
+        asyncio.run(apredict_files([], url="127.0.0.1:1", model_name="m", image_size=28,
+                                   via="both"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        asyncio.run(apredict_files([], url="127.0.0.1:1", model_name="m", image_size=28,
+                                   concurrency=0))
+
+
+@pytest.mark.triton  # a few seconds: an empty repository starts fast
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_server_that_comes_up_during_the_retries_is_reached(tmp_path, free_port, protocol):
+    """A real tritonserver started 0.5 s after the client began: the client's retries reach it,
+    and the model it lacks is then reported at once (model-missing is never retried)."""
+    from medops.config import ServingConfig
+    from medops.serving.server import start_server, stop_server
+
+    cfg = ServingConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                        startup_timeout_s=60)
+    url = f"127.0.0.1:{cfg.grpc_port if protocol == 'grpc' else cfg.http_port}"
+    state = tmp_path / "state"
+    started = threading.Event()
+
+    def start_later() -> None:
+        time.sleep(0.5)
+        start_server(cfg, repository=tmp_path / "repo", state_dir=state, wait=False)
+        started.set()
+
+    thread = threading.Thread(target=start_later, daemon=True)
+    thread.start()
+    try:
+        begin = time.monotonic()
+        with pytest.raises(ServingError, match="model 'm_dicom' is not loaded or not ready") as err:
+            predict_files([pydicom_file("CT_small.dcm")], url=url, protocol=protocol,
+                          model_name="m", image_size=28, timeout=5, retries=8, backoff_s=0.1)
+        assert started.is_set() and time.monotonic() - begin > 0.5
+        assert "cannot reach" not in str(err.value)
+    finally:
+        thread.join(30)
+        stop_server(state)
