@@ -17,9 +17,12 @@ Params:  ``ingest`` (image_size, window, workers, shard_size, deid).
 
 Files are read, de-identified and decoded in ``workers`` processes, a chunk of files per task so
 that inter-process traffic does not dominate; the parent assigns rows to shards in source-path
-order, so the output does not depend on the number of workers. Shards are written as they fill,
-so memory stays bounded by a few chunks and one shard. A re-run over a grown export decodes only
-the new content (see :func:`run`); the same inputs always give byte-identical outputs.
+order, so the output does not depend on the number of workers. Memory stays bounded on exports of
+any size: the folder is listed as it is walked, a bounded number of chunks is in flight, and every
+output (shards, metadata row groups, quarantine rows, index entries) is written as it is produced;
+what the parent keeps per file is a few digests per used file (see the note above
+:func:`iter_source_files`). A re-run over a grown export decodes only the new content (see
+:func:`run`); the same inputs always give byte-identical outputs.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -264,21 +267,62 @@ def process_chunk(rels: list[str]) -> list[FileOutcome]:
 
 
 # --- orchestration ----------------------------------------------------------------------------
+#
+# Memory: the main process holds no per-file Python objects for the whole export. The listing is
+# walked one folder at a time, files are fed to the workers through a bounded window, and every
+# output is written as its rows arrive (shards, metadata.parquet in row groups, quarantine.csv,
+# the index). What remains per file is what duplicate detection and pruning need to remember about
+# each USED file: its content hash, a hash of its SOP Instance UID and of its de-identified path
+# (32-byte digests) and its source path (about 0.3 kB in all); an incremental run adds 40 bytes per
+# row of the earlier metadata (a sorted array of content hashes). The earlier quarantine list and
+# index are read forward in step with the listing, never loaded.
+
+def iter_source_files(source_dir: Path) -> Iterator[str]:
+    """Every regular file below ``source_dir`` (any name, any depth) as a POSIX path relative to it,
+    in ``sorted()`` order, listed one folder at a time (memory: one folder's names per level).
+
+    A folder's entries are visited in the order of their names with a sub-folder ``d`` keyed as
+    ``d/``: exactly the order ``sorted()`` gives the full paths (``a-b/x`` < ``a/x`` < ``a0``), so
+    no list of the whole tree is needed to produce it. Symbolic links to files are followed, links
+    to folders are not, unreadable folders are skipped (as :func:`os.walk` does).
+    """
+    def walk(folder: str, prefix: str) -> Iterator[str]:
+        entries: list[tuple[str, bool]] = []
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            entries.append((entry.name + "/", True))
+                        elif entry.is_file():
+                            entries.append((entry.name, False))
+                    except OSError:
+                        continue
+        except OSError:
+            return
+        entries.sort()
+        for key, is_dir in entries:
+            if is_dir:
+                yield from walk(os.path.join(folder, key[:-1]), prefix + key)
+            else:
+                yield prefix + key
+
+    yield from walk(os.fspath(source_dir), "")
+
 
 def list_source_files(source_dir: Path) -> list[str]:
     """Every regular file below ``source_dir`` (any name, any depth), as sorted POSIX paths."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(source_dir, followlinks=False):
-        dirnames.sort()
-        for name in filenames:
-            full = Path(dirpath) / name
-            if full.is_file():
-                files.append(full.relative_to(source_dir).as_posix())
-    return sorted(files)
+    return list(iter_source_files(source_dir))
 
 
-def _chunks(items: list[str], size: int) -> list[list[str]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+@dataclass(slots=True)
+class _Item:
+    """One source file on its way through the run."""
+
+    rel: str
+    sha: str = ""  # known before decoding in an incremental run only (a full run lets workers hash)
+    prior: dict[str, Any] | tuple[str, str] | None = None  # reused row / (reason, detail); None: decode
+    outcome: FileOutcome | None = None
 
 
 def _start_pool(workers: int, init_args: tuple) -> ProcessPoolExecutor | None:
@@ -319,43 +363,103 @@ def _isolate(chunk: list[str], init_args: tuple) -> list[FileOutcome]:
     return out
 
 
-def _outcomes(files: list[str], workers: int, init_args: tuple) -> Iterator[FileOutcome]:
-    """Outcomes in ``files`` order, with a bounded number of chunks in flight.
+def _done(value: list[FileOutcome]) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
-    ``workers == 1`` decodes in this process. Otherwise a worker that dies (a decoder plugin that
-    crashes on a malformed file) costs a pool restart, and the chunk it held is retried one file
-    per task, so only the culprit is quarantined and the stage goes on.
+
+def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: int) -> Iterator[_Item]:
+    """``items`` in their order, each one to decode (``prior is None``) with its ``outcome``.
+
+    Bounded whatever the number of files: at most ``workers * _AHEAD_PER_WORKER`` chunks in flight
+    and twice as many chunks' worth of items read ahead. ``expected`` (an upper bound of the files
+    to decode) sizes the chunks; ``workers == 1``, or a single chunk, decodes in this process.
+    Otherwise a worker that dies (a decoder plugin that crashes on a malformed file) costs a pool
+    restart, and the chunk it held is retried one file per task, so only the culprit is quarantined
+    and the stage goes on.
     """
-    if not files:
-        return
-    size = max(1, min(_MAX_CHUNK, math.ceil(len(files) / (workers * 4))))
-    chunks = _chunks(files, size)
-    pool = _start_pool(min(workers, len(chunks)), init_args) if workers > 1 and len(chunks) > 1 else None
-    if pool is None:
+    size = max(1, min(_MAX_CHUNK, math.ceil(expected / (workers * 4))))
+    n_workers = min(workers, math.ceil(expected / size))
+    if n_workers <= 1:
         _init_worker(*init_args)
-        for chunk in chunks:
-            yield from process_chunk(chunk)
+        for item in items:
+            if item.prior is None:
+                item.outcome = process_file(item.rel)
+            yield item
         return
-    pending: dict[int, Future] = {}
-    submitted = 0
-    try:
-        for current in range(len(chunks)):
-            while submitted < len(chunks) and len(pending) < workers * _AHEAD_PER_WORKER:
-                pending[submitted] = pool.submit(process_chunk, chunks[submitted])
-                submitted += 1
+    max_inflight = n_workers * _AHEAD_PER_WORKER
+    max_window = 2 * max_inflight * size
+    source = iter(items)
+    window: deque[_Item] = deque()
+    inflight: deque[tuple[Future, list[str]]] = deque()
+    ready: deque[FileOutcome] = deque()
+    chunk: list[str] = []
+    pool: ProcessPoolExecutor | None = None
+    started = exhausted = False
+
+    def submit() -> None:
+        nonlocal chunk, pool, started
+        if not started:  # lazily: a rerun with nothing new starts no process
+            started = True
+            pool = _start_pool(n_workers, init_args)
+            if pool is None:
+                _init_worker(*init_args)
+        if pool is None:
+            inflight.append((_done(process_chunk(chunk)), chunk))
+        else:
             try:
-                results = pending.pop(current).result()
-            except BrokenProcessPool:
-                pool.shutdown(wait=False, cancel_futures=True)
-                results = _isolate(chunks[current], init_args)
-                restarted = _start_pool(min(workers, len(chunks)), init_args)
-                if restarted is None:
-                    raise IngestError("ingest worker processes cannot be restarted after a crash")
-                pool = restarted
-                pending = {i: pool.submit(process_chunk, chunks[i]) for i in sorted(pending)}
-            yield from results
+                future = pool.submit(process_chunk, chunk)
+            except BrokenProcessPool as exc:  # a worker died meanwhile: dealt with in turn
+                future = Future()
+                future.set_exception(exc)
+            inflight.append((future, chunk))
+        chunk = []
+
+    def oldest() -> list[FileOutcome]:
+        nonlocal pool, inflight
+        future, rels = inflight.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            assert pool is not None
+            pool.shutdown(wait=False, cancel_futures=True)
+            results = _isolate(rels, init_args)
+            restarted = _start_pool(n_workers, init_args)
+            if restarted is None:
+                raise IngestError("ingest worker processes cannot be restarted after a crash")
+            pool = restarted
+            inflight = deque((pool.submit(process_chunk, r), r) for _, r in inflight)
+            return results
+
+    try:
+        while True:
+            while not exhausted and len(inflight) < max_inflight and len(window) < max_window:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                window.append(item)
+                if item.prior is None:
+                    chunk.append(item.rel)
+                    if len(chunk) == size:
+                        submit()
+            if chunk and len(inflight) < max_inflight and (exhausted or len(window) >= max_window):
+                submit()  # nothing more to add to it soon: keep the workers busy
+            if not window:
+                return
+            item = window.popleft()
+            if item.prior is None:
+                if not ready:
+                    if not inflight:
+                        submit()  # the item is in the open chunk
+                    ready.extend(oldest())
+                item.outcome = ready.popleft()
+                assert item.outcome.path == item.rel, (item.outcome.path, item.rel)
+            yield item
     finally:
-        pool.shutdown(cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 class _ShardWriter:
@@ -383,6 +487,205 @@ class _ShardWriter:
         np.save(path, np.stack(self.buffer).astype(np.float32))
         self.buffer = []
         self.shards += 1
+
+
+_ROW_GROUP = 1024  # metadata rows held before they are written: bounds memory, not the output
+_STRING_COLUMNS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "patient_id",
+                   "patient_sex", "modality", "manifest_split", "content_sha256", "deid_path")
+_FLOAT_COLUMNS = ("pixel_mean", "pixel_std", "pixel_min", "pixel_max")
+
+
+class _MetadataWriter:
+    """Metadata rows into a Parquet file of row groups as they arrive (memory: one row group).
+
+    The file it writes has plain types (string / int64 / double); :func:`_write_metadata` turns it
+    into the final ``metadata.parquet``, whose schema depends on all the rows (see there).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self.sample: dict[str, Any] = {}  # per column, the first value that is not None
+        self.count = 0
+        self._writer: Any = None
+        self._schema: Any = None
+
+    def add(self, row: dict[str, Any]) -> None:
+        for col in _FLOAT_COLUMNS:  # pandas would store NaN as null: so do we
+            if row[col] is not None and math.isnan(row[col]):
+                row[col] = None
+        for col, value in row.items():
+            if value is not None and self.sample.get(col) is None:
+                self.sample[col] = value
+        self.rows.append(row)
+        self.count += 1
+        if len(self.rows) >= _ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from medops.data import METADATA_COLUMNS
+
+        if not self.rows:
+            return
+        if self._writer is None:
+            schema = pa.schema([(c, pa.string() if c in _STRING_COLUMNS else
+                                 pa.float64() if c in _FLOAT_COLUMNS else pa.int64())
+                                for c in METADATA_COLUMNS])
+            self._writer = pq.ParquetWriter(self.path, schema)
+            self._schema = schema
+        self._writer.write_table(pa.Table.from_pylist(self.rows, schema=self._schema))
+        self.rows = []
+
+    def close(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _write_metadata(parts: _MetadataWriter, target: Path) -> None:
+    """Write ``metadata.parquet`` from the rows ``parts`` wrote, one row group at a time.
+
+    It reads back exactly as ``metadata_frame(rows).to_parquet(target, index=False)`` would, without
+    holding the rows: the schema, pandas' metadata included (nullable Int64 label and age), comes
+    from a one-row frame of each column's first non-null value, so a column that is None in every
+    row is stored as pandas stores it (Arrow's null type) and every other keeps its type.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if parts.count == 0:
+        metadata_frame([]).to_parquet(target, index=False)
+        return
+    schema = pa.Table.from_pandas(metadata_frame([parts.sample]), preserve_index=False).schema
+    source = pq.ParquetFile(parts.path)
+    try:
+        with pq.ParquetWriter(target, schema) as out:
+            for group in range(source.num_row_groups):
+                table = source.read_row_group(group)
+                out.write_table(pa.Table.from_arrays(
+                    [pa.nulls(table.num_rows) if schema.field(c).type == pa.null() else table.column(c)
+                     for c in schema.names], schema=schema))
+    finally:
+        source.close()
+
+
+def _write_index_entry(fh: Any, first: bool, rel: str, sha: str) -> None:
+    import json
+
+    fh.write(("\n" if first else ",\n") + json.dumps(rel) + ": " + json.dumps(sha))
+
+
+def _close_index(fh: Any, entries: int, fingerprint: str) -> None:
+    """End what :func:`_write_index_entry` began: ``json.dumps({"files": ..., "fingerprint": ...},
+    sort_keys=True, indent=0)`` byte for byte (the entries come in sorted order), then a newline."""
+    import json
+
+    fh.write(("\n}" if entries else "}") + ",\n\"fingerprint\": " + json.dumps(fingerprint) + "\n}\n")
+
+
+def _index_fingerprint(path: Path) -> str | None:
+    """The fingerprint of an index file, read line by line (it is the last key)."""
+    import json
+
+    found = None
+    with path.open() as fh:
+        for line in fh:
+            if line.startswith('"fingerprint": '):  # the last such line: a file may be named so
+                found = json.loads(line[len('"fingerprint": '):].rstrip().rstrip(","))
+    return found
+
+
+def _index_entries(path: Path) -> Iterator[tuple[str, str]]:
+    """``(rel, sha256)`` of an index file in its (sorted) order, one line at a time."""
+    import json
+
+    with path.open() as fh:
+        if fh.readline() != "{\n" or fh.readline() != '"files": {\n':
+            return
+        for line in fh:
+            if not line.startswith('"'):
+                return
+            ((rel, sha),) = json.loads("{" + line.rstrip("\n").rstrip(",") + "}").items()
+            yield rel, sha
+
+
+def _quarantine_entries(path: Path) -> Iterator[tuple[str, tuple[str, str]]]:
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            yield row["path"], (row["reason"], row["detail"])
+
+
+class _Cursor:
+    """Looks keys up, in ascending order, in ``(key, value)`` pairs sorted by key: one pass, O(1)
+    memory. A source that cannot be read further (or is out of order) only loses later matches."""
+
+    def __init__(self, pairs: Iterator[tuple[str, Any]]) -> None:
+        self._pairs = pairs
+        self._head: tuple[str, Any] | None = None
+        self._advance()
+
+    def _advance(self) -> None:
+        try:
+            self._head = next(self._pairs, None)
+        except (OSError, ValueError, KeyError, csv.Error):
+            self._head = None
+
+    def get(self, key: str) -> Any:
+        while self._head is not None and self._head[0] < key:
+            self._advance()
+        return self._head[1] if self._head is not None and self._head[0] == key else None
+
+    def close(self) -> None:
+        close = getattr(self._pairs, "close", None)
+        if close is not None:
+            close()
+
+
+class _PriorRows:
+    """An earlier run's metadata rows found by content hash, reading its Parquet file on demand.
+
+    In memory: the content hashes as a sorted array of 32-byte digests and their row numbers (40
+    bytes per row) and one decoded row group (rows are looked up mostly in file order).
+    """
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        from medops.data import METADATA_COLUMNS
+
+        self._file = pq.ParquetFile(path)
+        if self._file.schema_arrow.names != list(METADATA_COLUMNS):
+            self._file.close()
+            raise ValueError(f"{path} does not have the metadata columns")
+        parts = [np.array([bytes.fromhex(s or "") for s in batch.column(0).to_pylist()], dtype="S32")
+                 for batch in self._file.iter_batches(batch_size=4096, columns=["content_sha256"])]
+        digests = np.concatenate(parts) if parts else np.empty(0, dtype="S32")
+        self._order = np.argsort(digests, kind="stable")
+        self._sorted = digests[self._order]
+        sizes = [self._file.metadata.row_group(g).num_rows for g in range(self._file.num_row_groups)]
+        self._starts = np.cumsum([0] + sizes)
+        self._group: tuple[int, Any] = (-1, None)
+
+    def get(self, sha: str) -> dict[str, Any] | None:
+        if len(sha) != 64:
+            return None
+        key = np.array(bytes.fromhex(sha), dtype="S32")
+        i = int(np.searchsorted(self._sorted, key))
+        if i == len(self._sorted) or self._sorted[i] != key:
+            return None
+        row = int(self._order[i])
+        group = int(np.searchsorted(self._starts, row, side="right")) - 1
+        if self._group[0] != group:
+            self._group = (group, self._file.read_row_group(group))
+        return self._group[1].slice(row - int(self._starts[group]), 1).to_pylist()[0]
+
+    def close(self) -> None:
+        self._group = (-1, None)
+        self._file.close()
 
 
 INDEX_NAME = "ingest_index.json"
@@ -428,41 +731,45 @@ def _fingerprint(cfg: IngestConfig, key: bytes, frame: str) -> str:
 
 @dataclass
 class _Previous:
-    """The outputs of an earlier run with the same fingerprint."""
+    """The outputs of an earlier run with the same fingerprint, read as the listing goes."""
 
-    files: dict[str, str]                        # rel -> sha256
-    used: dict[str, dict[str, Any]]              # sha256 -> metadata row
-    quarantined: dict[str, tuple[str, str]]      # rel -> (reason, detail)
-    metadata: Any                                # the DataFrame as read
-    quarantine_text: str
+    used: _PriorRows     # content sha256 -> metadata row
+    quarantined: _Cursor  # rel -> (reason, detail)
+    files: _Cursor        # rel -> sha256
+
+    def close(self) -> None:
+        self.used.close()
+        self.quarantined.close()
+        self.files.close()
 
 
 def _load_previous(out_dir: Path, fingerprint: str) -> _Previous | None:
-    import json
-
-    import pandas as pd
-
-    from medops.data import METADATA_COLUMNS
-
     try:
-        index = json.loads((out_dir / INDEX_NAME).read_text())
-        if index.get("fingerprint") != fingerprint:
+        if _index_fingerprint(out_dir / INDEX_NAME) != fingerprint:
             return None
-        md = pd.read_parquet(out_dir / "metadata.parquet")
-        quarantine_text = (out_dir / "quarantine.csv").read_text()
-    except (OSError, ValueError, KeyError):
+        if not (out_dir / "quarantine.csv").is_file():
+            return None
+        used = _PriorRows(out_dir / "metadata.parquet")
+    except (OSError, ValueError, KeyError, UnicodeDecodeError):
         return None
-    if list(md.columns) != list(METADATA_COLUMNS):
-        return None
-    rows = [{k: (None if (v is pd.NA or (isinstance(v, float) and np.isnan(v) and k in ("label", "patient_age")))
-                 else v) for k, v in r.items()} for r in md.astype(object).to_dict("records")]
-    used = {r["content_sha256"]: r for r in rows}
-    quarantined = {r["path"]: (r["reason"], r["detail"])
-                   for r in csv.DictReader(quarantine_text.splitlines())}
-    return _Previous(files=index.get("files", {}), used=used, quarantined=quarantined, metadata=md,
-                     quarantine_text=quarantine_text)
+    return _Previous(used=used, quarantined=_Cursor(_quarantine_entries(out_dir / "quarantine.csv")),
+                     files=_Cursor(_index_entries(out_dir / INDEX_NAME)))
 
 
+def _plan(rels: Iterable[str], source_dir: Path, previous: _Previous | None) -> Iterator[_Item]:
+    """Each file with what an earlier run left for it: content never seen, or a reason that
+    depends on other inputs, is decoded again; the rest is reused."""
+    for rel in rels:
+        if previous is None:  # a full run lets the workers hash the bytes they read anyway
+            yield _Item(rel)
+            continue
+        sha = _sha256_file(source_dir / rel)
+        prior: dict[str, Any] | tuple[str, str] | None = previous.used.get(sha)
+        if prior is None:
+            quarantined = previous.quarantined.get(rel)
+            if quarantined is not None and quarantined[0] in _INTRINSIC and previous.files.get(rel) == sha:
+                prior = quarantined
+        yield _Item(rel, sha, prior)
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     try:
@@ -537,24 +844,36 @@ def metadata_frame(records: Iterable[dict[str, Any]]):
     return df
 
 
-def _quarantine_text(rows: list[tuple[str, str, str]]) -> str:
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(QUARANTINE_COLUMNS)
-    w.writerows(sorted(rows))
-    return buf.getvalue()
 
 
-def _prune_dicom(dicom_dir: Path, keep: set[str]) -> None:
-    """Delete de-identified files no metadata row points at (removed sources, duplicates, temps)."""
-    root = dicom_dir.parent
-    for path in sorted(dicom_dir.rglob("*"), reverse=True):
-        if path.is_file() and path.relative_to(root).as_posix() not in keep:
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+def _prune_dicom(dicom_dir: Path, keep: set[bytes]) -> None:
+    """Delete de-identified files no metadata row points at (removed sources, duplicates, temps).
+
+    ``keep``: :func:`_digest` of each kept ``deid_path``. The folder is read as it is walked.
+    """
+    def prune(folder: str, prefix: str) -> bool:  # True when the folder is left empty
+        empty = True
+        subfolders = []
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    subfolders.append(entry.name)
+                elif entry.is_file() and _digest(prefix + entry.name) not in keep:
+                    os.unlink(entry.path)
+                else:
+                    empty = False
+        for name in sorted(subfolders):
+            if prune(os.path.join(folder, name), f"{prefix}{name}/"):
+                os.rmdir(os.path.join(folder, name))
+            else:
+                empty = False
+        return empty
+
+    prune(os.fspath(dicom_dir), dicom_dir.name + "/")
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | None = None,
@@ -567,6 +886,10 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     its de-identified file are kept, and labels are re-applied from the current manifest. Only new
     content is decoded; files that went away lose their rows. A run that would change nothing
     writes nothing. (With DVC, the stage's outputs must be ``persist: true`` for this to apply.)
+
+    Memory does not grow with the number of files beyond a few hundred bytes per used file (see
+    the note above :func:`iter_source_files`): every output is written as it is produced, into
+    ``out_dir/.staging``, and moved into place at the end, the index last.
 
     Args:
         cfg: the ``ingest`` section.
@@ -583,9 +906,9 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
         IngestError: the source folder is missing or the manifest is unusable. A bad file never
             raises: it is quarantined.
     """
-    from medops.data import ARRAYS_DIR, METADATA_COLUMNS, shard_path
-    import json
+    import filecmp
 
+    from medops.data import ARRAYS_DIR, METADATA_COLUMNS, shard_path
     from medops.dicom.deid import pseudonymize_uid, resolve_deid_key
 
     started = time.monotonic()
@@ -595,7 +918,9 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     labels = read_manifest(manifest) if manifest is not None else None
     if key is None:
         key = resolve_deid_key(cfg.deid)
-    files = list_source_files(source_dir)
+    # counted first (a cheap walk) for the progress total and the chunk size; the files are then
+    # listed again as they are processed, so the listing is never held
+    total = sum(1 for _ in iter_source_files(source_dir))
     fingerprint = _fingerprint(cfg, key, frame)
 
     _check_folders(source_dir, out_dir)
@@ -613,22 +938,6 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
         shutil.rmtree(staging)
     staging.mkdir()  # also marks out_dir as an ingest output should this run be cut short
 
-    # which files need decoding: content never seen, or a reason that depends on other inputs
-    index: dict[str, str] = {}  # rel -> sha256; content only, so the output is reproducible
-    reuse: dict[str, dict[str, Any] | tuple[str, str]] = {}
-    for rel in files:
-        # a full run lets the workers hash the bytes they read anyway
-        sha = _sha256_file(source_dir / rel) if previous is not None else ""
-        index[rel] = sha
-        if previous is None:
-            continue
-        if sha in previous.used:
-            reuse[rel] = previous.used[sha]
-        elif rel in previous.quarantined and previous.quarantined[rel][0] in _INTRINSIC \
-                and previous.files.get(rel) == sha:
-            reuse[rel] = previous.quarantined[rel]
-    to_process = [rel for rel in files if rel not in reuse]
-
     by_pseudo_uid = {pseudonymize_uid(k[4:], key): v for k, v in (labels or {}).items() if k.startswith("uid:")}
 
     def label_for(rel: str, pseudo_sop: str) -> tuple[int | None, str | None] | None:
@@ -636,111 +945,135 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
             return labels_from_path(rel)
         return by_pseudo_uid.get(pseudo_sop) or labels.get(f"path:{rel}")
 
+    outputs = ("metadata.parquet", "quarantine.csv", INDEX_NAME)  # the index last: it commits
     writer = _ShardWriter(staging, cfg.shard_size)
+    metadata = _MetadataWriter(staging / "metadata.parts.parquet")
     init_args = (cfg, key, labels, str(source_dir), str(dicom_dir), frame)
-    records: list[dict[str, Any]] = []
-    quarantine: list[tuple[str, str, str]] = []
-    seen_content: dict[str, str] = {}
-    seen_sop: dict[str, tuple[str, str]] = {}  # pseudonymous SOP UID -> (path, deid_path)
+    # what duplicate detection and pruning remember of each used file (see the note above
+    # iter_source_files): 32-byte digests and the path, nothing else
+    seen_content: dict[bytes, str] = {}   # content sha256 -> path
+    seen_sop: dict[bytes, str] = {}       # digest of the pseudonymous SOP UID -> path
+    kept: set[bytes] = set()              # digests of the deid_path of used rows
     rewrite: list[str] = []
+    by_reason: Counter[str] = Counter()
+    files_seen = decoded = labelled = 0
     old_shards: dict[int, np.ndarray] = {}
-    callback, close = _progress_callback(progress, len(files))
-    processed = _outcomes(to_process, cfg.workers, init_args)
+    callback, close = _progress_callback(progress, total)
+    items = _decode(_plan(iter_source_files(source_dir), source_dir, previous), cfg.workers, init_args,
+                    total)
     try:
-        for done, rel in enumerate(files, start=1):
-            image: np.ndarray | None = None
-            prior_row = reuse.get(rel)
-            if isinstance(prior_row, tuple):
-                quarantine.append((rel, *prior_row))
-                continue
-            if isinstance(prior_row, dict):
-                record = {k: prior_row[k] for k in METADATA_COLUMNS if k not in ("shard", "shard_index")}
-                entry = label_for(rel, record["sop_instance_uid"])
-                reason, detail = (None, "") if entry is not None else (
-                    QuarantineReason.NO_LABEL.value, "neither its SOPInstanceUID nor its path is in the manifest")
-                record["label"], record["manifest_split"] = entry if entry is not None else (None, None)
-                sha = record["content_sha256"]
-                shard = int(prior_row["shard"])
-                if shard not in old_shards:
-                    old_shards[shard] = np.load(shard_path(out_dir, shard), mmap_mode="r")
-                image = np.array(old_shards[shard][int(prior_row["shard_index"])])
-            else:
-                outcome = next(processed)
-                assert outcome.path == rel, (outcome.path, rel)
-                reason, detail, record, image, sha = (outcome.reason, outcome.detail, outcome.record,
-                                                      outcome.image, outcome.sha256)
-                index[rel] = sha
-                if reason is None and labels is None:
-                    record["label"], record["manifest_split"] = labels_from_path(rel)
-            if reason is None:
-                first = seen_content.get(sha)
-                prior = seen_sop.get(record["sop_instance_uid"])
-                if first is not None:
-                    reason, detail = QuarantineReason.DUPLICATE.value, f"same bytes as {first}"
-                elif prior is not None:
-                    reason = QuarantineReason.DUPLICATE.value
-                    detail = f"same SOPInstanceUID as {prior[0]}, different content"
-                    rewrite.append(prior[0])  # a worker may have overwritten the kept file's copy
-            if reason is not None:
-                quarantine.append((rel, reason, detail))
-            else:
-                assert image is not None
-                seen_content[sha] = rel
-                seen_sop[record["sop_instance_uid"]] = (rel, record["deid_path"])
-                shard, position = writer.add(image)
-                records.append({**record, "shard": shard, "shard_index": position})
-            if callback is not None and (done % 64 == 0 or done == len(files)):
-                callback(done, len(files))
+        with (staging / "quarantine.csv").open("w", newline="") as qfh, \
+                (staging / INDEX_NAME).open("w") as ifh:
+            quarantine = csv.writer(qfh, lineterminator="\n")
+            quarantine.writerow(QUARANTINE_COLUMNS)
+            ifh.write('{\n"files": {')
+            for item in items:
+                rel, prior = item.rel, item.prior
+                files_seen += 1
+                image: np.ndarray | None = None
+                if isinstance(prior, tuple):
+                    reason, detail = prior
+                    sha = item.sha
+                elif isinstance(prior, dict):
+                    record = {k: prior[k] for k in METADATA_COLUMNS if k not in ("shard", "shard_index")}
+                    entry = label_for(rel, record["sop_instance_uid"])
+                    reason, detail = (None, "") if entry is not None else (
+                        QuarantineReason.NO_LABEL.value, "neither its SOPInstanceUID nor its path is in the manifest")
+                    record["label"], record["manifest_split"] = entry if entry is not None else (None, None)
+                    sha = record["content_sha256"]
+                    shard = int(prior["shard"])
+                    if shard not in old_shards:
+                        if len(old_shards) >= 2:  # rows come in shard order, mostly: keep few mapped
+                            old_shards.pop(next(iter(old_shards)))
+                        old_shards[shard] = np.load(shard_path(out_dir, shard), mmap_mode="r")
+                    image = np.array(old_shards[shard][int(prior["shard_index"])])
+                else:
+                    outcome = item.outcome
+                    assert outcome is not None
+                    decoded += 1
+                    reason, detail, record, image, sha = (outcome.reason, outcome.detail, outcome.record,
+                                                          outcome.image, outcome.sha256)
+                    if reason is None and labels is None:
+                        record["label"], record["manifest_split"] = labels_from_path(rel)
+                _write_index_entry(ifh, files_seen == 1, rel, sha)
+                if reason is None:
+                    content, sop = bytes.fromhex(sha), _digest(record["sop_instance_uid"])
+                    first = seen_content.get(content)
+                    prior_rel = seen_sop.get(sop)
+                    if first is not None:
+                        reason, detail = QuarantineReason.DUPLICATE.value, f"same bytes as {first}"
+                    elif prior_rel is not None:
+                        reason = QuarantineReason.DUPLICATE.value
+                        detail = f"same SOPInstanceUID as {prior_rel}, different content"
+                        rewrite.append(prior_rel)  # a worker may have overwritten the kept file's copy
+                if reason is not None:
+                    # rows come in path order, so the file is sorted as it is written
+                    quarantine.writerow((rel, reason, detail))
+                    by_reason[reason] += 1
+                else:
+                    assert image is not None
+                    seen_content[content] = seen_sop[sop] = rel
+                    kept.add(_digest(record["deid_path"]))
+                    shard, position = writer.add(image)
+                    metadata.add({**record, "shard": shard, "shard_index": position})
+                    labelled += record["label"] is not None
+                if callback is not None and files_seen % 64 == 0 and files_seen < total:
+                    callback(files_seen, total)
+            _close_index(ifh, files_seen, fingerprint)
         writer.flush()
+        metadata.close()
+        if callback is not None and files_seen:
+            callback(files_seen, files_seen)
     finally:
+        items.close()
         close()
         old_shards.clear()
+        if previous is not None:
+            previous.close()
+    seen_content.clear()
+    seen_sop.clear()
     if rewrite:
         _init_worker(*init_args)
         for rel in sorted(set(rewrite)):
             process_file(rel)
 
-    metadata = metadata_frame(records)
-    quarantine_text = _quarantine_text(quarantine)
-    metadata_path, quarantine_path = out_dir / "metadata.parquet", out_dir / "quarantine.csv"
-    unchanged = (previous is not None and not to_process and not rewrite
-                 and quarantine_text == previous.quarantine_text
-                 and metadata.equals(metadata_frame(previous.metadata.to_dict("records"))))
+    _write_metadata(metadata, staging / "metadata.parquet")
+    unchanged = (previous is not None and decoded == 0 and not rewrite
+                 and all((out_dir / name).is_file()
+                         and filecmp.cmp(staging / name, out_dir / name, shallow=False) for name in outputs))
     if unchanged:
         shutil.rmtree(staging, ignore_errors=True)  # a run that changes nothing writes nothing
     else:
+        # the index goes first and comes back last: a run cut short in between leaves outputs
+        # that the next run does not trust, so it rebuilds them
+        (out_dir / INDEX_NAME).unlink(missing_ok=True)
         if (out_dir / ARRAYS_DIR).exists():
             shutil.rmtree(out_dir / ARRAYS_DIR)
         if (staging / ARRAYS_DIR).exists():
             (staging / ARRAYS_DIR).rename(out_dir / ARRAYS_DIR)
+        _prune_dicom(dicom_dir, kept)
+        for name in outputs:
+            os.replace(staging / name, out_dir / name)
         shutil.rmtree(staging, ignore_errors=True)
-        _prune_dicom(dicom_dir, set(metadata["deid_path"]))
-        metadata.to_parquet(metadata_path, index=False)
-        quarantine_path.write_text(quarantine_text)
-        (out_dir / INDEX_NAME).write_text(json.dumps(
-            {"fingerprint": fingerprint, "files": index}, sort_keys=True, indent=0) + "\n")
 
-    by_reason = Counter(reason for _, reason, _ in quarantine)
     return IngestResult(
-        files_seen=len(files),
-        used=len(records),
-        quarantined=len(quarantine),
+        files_seen=files_seen,
+        used=metadata.count,
+        quarantined=sum(by_reason.values()),
         quarantined_by_reason=dict(sorted(by_reason.items())),
-        labelled=sum(1 for r in records if r["label"] is not None),
+        labelled=labelled,
         shards=writer.shards,
-        decoded=len(to_process),
-        reused=len(files) - len(to_process),
+        decoded=decoded,
+        reused=files_seen - decoded,
         changed=not unchanged,
         image_size=cfg.image_size,
         seconds=round(time.monotonic() - started, 3),
         out_dir=out_dir,
         dicom_dir=dicom_dir,
         arrays_dir=out_dir / ARRAYS_DIR,
-        metadata=metadata_path,
-        quarantine=quarantine_path,
+        metadata=out_dir / "metadata.parquet",
+        quarantine=out_dir / "quarantine.csv",
     )
-
-
 def format_summary(result: IngestResult) -> str:
     """A few lines for the CLI: counts, quarantine reasons, where things went."""
     lines = [
