@@ -79,8 +79,13 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "gate", "medops.gate", ("gate",),
+            # champion/challenger: the served model (read from the Triton repository at run time,
+            # not a DVC dependency: it changes when deploy runs) scored on the same test split
             lambda m, p, pp: m.run(p.gate, metrics=pp.metrics, train_result=pp.train_result,
-                                   out=pp.gate),
+                                   out=pp.gate, predictions=pp.plots / "predictions.csv",
+                                   ingested_dir=pp.ingested, split=pp.split,
+                                   repository=p.serving.repository_path(pp.root),
+                                   model_name=p.serving.model_name),
         ),
         Stage(
             "export", "medops.export", ("export",),
