@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from pydantic import BaseModel
@@ -148,7 +148,9 @@ def read_candidate_scores(predictions: Path, uids: np.ndarray) -> np.ndarray:
     try:
         table = pd.read_csv(predictions, dtype={"sop_instance_uid": str})
     except FileNotFoundError:
-        raise MedopsError(f"gate needs the candidate's test predictions at {predictions}, which does not exist") from None
+        raise MedopsError(
+            f"gate needs the candidate's test predictions at {predictions}, which does not exist"
+        ) from None
     missing_cols = {"sop_instance_uid", "probability"} - set(table.columns)
     if missing_cols:
         raise MedopsError(f"{predictions} lacks column(s) {sorted(missing_cols)}")
@@ -189,7 +191,8 @@ def score_onnx(path: Path, images: np.ndarray, *, batch_size: int = 256) -> np.n
     try:
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
-            out.append(np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], dtype=np.float64).reshape(-1))
+            probs = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+            out.append(np.asarray(probs, dtype=np.float64).reshape(-1))
     except Exception as exc:
         raise MedopsError(f"{path} failed to run on the test images: {_first_line(exc)}") from None
     scores = np.concatenate(out) if out else np.zeros(0)
@@ -210,7 +213,7 @@ def judge_champion(
     *,
     repository: Path | None,
     model_name: str,
-    load_test: Any,
+    load_test: Callable[[], _TestSplit],
     predictions: Path | None,
 ) -> ChampionComparison:
     """The champion/challenger check, as a ChampionComparison (its reason ends pass or fail).
@@ -242,11 +245,16 @@ def judge_champion(
 
     version = served_version(Path(repository), model_name)
     if version is None:
-        return ChampionComparison(compared=False, passed=True, margin=margin,
-                                  reason=f"no model is serving ({model_name} in {repository}): nothing to compare: pass")
+        return ChampionComparison(
+            compared=False, passed=True, margin=margin,
+            reason=f"no model is serving ({model_name} in {repository}): nothing to compare: pass",
+        )
     if predictions is None:
-        raise MedopsError(f"champion v{version} of {model_name} is serving, but the gate was not given the candidate's test predictions")
-    test: _TestSplit = load_test()
+        raise MedopsError(
+            f"champion v{version} of {model_name} is serving, but the gate was not given the "
+            "candidate's test predictions"
+        )
+    test = load_test()
     candidate = read_candidate_scores(Path(predictions), test.uids)
     onnx_path = Path(repository) / model_name / str(version) / ONNX_FILENAME
     from medops.hashing import sha256_file
@@ -259,7 +267,8 @@ def judge_champion(
         why = _first_line(exc) if isinstance(exc, MedopsError) else f"cannot read {onnx_path}: {exc.strerror or exc}"
         return ChampionComparison(
             compared=False, passed=True, version=version, sha256=sha, margin=margin,
-            reason=f"champion v{version} could not be evaluated ({why}): not compared, absolute thresholds only: pass",
+            reason=(f"champion v{version} could not be evaluated ({why}): not compared, "
+                    "absolute thresholds only: pass"),
         )
     return compare_with_champion(margin, version=version, y_true=test.labels, candidate=candidate,
                                  champion=champion, sha256=sha)
@@ -269,6 +278,7 @@ def decide(
     cfg: GateConfig, metrics: dict[str, Any], train_record: dict[str, Any],
     champion: ChampionComparison | None = None,
 ) -> GateDecision:
+    """The decision: every absolute threshold passed and, if given, the champion check passed."""
     passed, reasons = check_metrics(cfg, metrics)
     if champion is not None:
         passed = passed and champion.passed
