@@ -150,7 +150,8 @@ def _real_unreachable_errors(url: str) -> list[BaseException]:
             client.close()
 
     async def aio() -> None:
-        for client in (grpcaio.InferenceServerClient(url), httpaio.InferenceServerClient(url, conn_timeout=3)):
+        for client in (grpcaio.InferenceServerClient(url),
+                       httpaio.InferenceServerClient(url, conn_timeout=3)):
             try:
                 await client.is_server_live()
             except Exception as exc:  # noqa: BLE001
@@ -176,7 +177,8 @@ def test_answers_from_the_server_and_timeouts_are_not_connection_errors():
     for status in ("StatusCode.NOT_FOUND", "404", "StatusCode.INVALID_ARGUMENT", "400"):
         assert not is_connection_error(InferenceServerException("no", status=status))
     assert is_connection_error(InferenceServerException("down", status="StatusCode.UNAVAILABLE"))
-    assert not is_connection_error(InferenceServerException("slow", status="StatusCode.DEADLINE_EXCEEDED"))
+    assert not is_connection_error(
+        InferenceServerException("slow", status="StatusCode.DEADLINE_EXCEEDED"))
     assert not is_connection_error(TimeoutError("timed out"))
     assert not is_connection_error(aiohttp.ServerTimeoutError("timed out"))
     assert not is_connection_error(ValueError("bad shape"))
@@ -241,7 +243,8 @@ def test_other_errors_are_raised_at_once_without_retry():
 def test_predict_files_retries_an_unreachable_server(free_port, protocol):
     url = f"127.0.0.1:{free_port()}"
     start = time.monotonic()
-    with pytest.raises(ServingError, match=rf"cannot reach Triton at {url} over {protocol} after 3 tries"):
+    unreachable = rf"cannot reach Triton at {url} over {protocol} after 3 tries"
+    with pytest.raises(ServingError, match=unreachable):
         predict_files([pydicom_file("CT_small.dcm")], url=url, protocol=protocol, model_name="m",
                       image_size=28, timeout=3, retries=2, backoff_s=0.1)
     assert time.monotonic() - start >= 0.1 + 0.2
@@ -254,7 +257,8 @@ def test_predict_files_retries_an_unreachable_server(free_port, protocol):
 def test_apredict_files_retries_an_unreachable_server(free_port, protocol):
     url = f"127.0.0.1:{free_port()}"
     start = time.monotonic()
-    with pytest.raises(ServingError, match=rf"cannot reach Triton at {url} over {protocol} after 3 tries"):
+    unreachable = rf"cannot reach Triton at {url} over {protocol} after 3 tries"
+    with pytest.raises(ServingError, match=unreachable):
         asyncio.run(apredict_files([pydicom_file("CT_small.dcm")], url=url, protocol=protocol,
                                    model_name="m", image_size=28, timeout=3, retries=2,
                                    backoff_s=0.1))
