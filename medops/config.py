@@ -111,7 +111,7 @@ class EvaluateConfig(_Section):
 
 
 class GateConfig(_Section):
-    min_auc: float = Field(default=0.85, ge=0, le=1)
+    min_auc: float = Field(default=0.90, ge=0, le=1)
     min_accuracy: float = Field(default=0.75, ge=0, le=1)
     min_sensitivity: float = Field(default=0.70, ge=0, le=1)
     min_specificity: float = Field(default=0.50, ge=0, le=1)

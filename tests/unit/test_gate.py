@@ -39,7 +39,7 @@ def test_pass_writes_a_decision_with_every_reason(files):
     decision = gate.run(GateConfig(), **paths)
     assert decision.passed
     assert decision.reasons == [
-        "auc 0.912 >= min_auc 0.850: pass",
+        "auc 0.912 >= min_auc 0.900: pass",
         "accuracy 0.860 >= min_accuracy 0.750: pass",
         "sensitivity 0.930 >= min_sensitivity 0.700: pass",
         "specificity 0.740 >= min_specificity 0.500: pass",
@@ -255,7 +255,7 @@ def test_a_champion_that_cannot_be_evaluated_does_not_block_but_thresholds_still
     # the same unusable champion does not rescue a candidate below the absolute thresholds
     bad = gate_with(tmp_path, data, data["good_scores"], repository=tmp_path / "repo",
                     metrics={**GOOD, "auc": 0.6})
-    assert not bad.passed and "auc 0.600 < min_auc 0.850: fail" in bad.reasons
+    assert not bad.passed and "auc 0.600 < min_auc 0.900: fail" in bad.reasons
 
 
 def test_candidate_predictions_must_cover_the_test_split(tmp_path, data):
