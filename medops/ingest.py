@@ -463,29 +463,42 @@ def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: in
 
 
 class _ShardWriter:
-    """Writes images into ``root/arrays/shard-NNNNN.npy`` as each shard fills (bounded memory)."""
+    """Writes images into ``root/arrays/shard-NNNNN.npy`` as each shard fills (bounded memory).
+
+    One shard-sized array is allocated once and filled in place: allocating and freeing a shard's
+    worth per shard (as ``np.stack`` does) makes the allocator serve later ones from the heap,
+    which then cannot shrink past the small objects kept meanwhile, and the process grows a little
+    with every shard.
+    """
 
     def __init__(self, root: Path, shard_size: int) -> None:
         self.root, self.shard_size = root, shard_size
-        self.buffer: list[np.ndarray] = []
+        self.buffer: np.ndarray | None = None
+        self.filled = 0
         self.shards = 0
 
     def add(self, image: np.ndarray) -> tuple[int, int]:
-        where = (self.shards, len(self.buffer))
-        self.buffer.append(np.asarray(image, dtype=np.float32))
-        if len(self.buffer) == self.shard_size:
+        image = np.asarray(image, dtype=np.float32)
+        if self.buffer is None or self.buffer.shape[1:] != image.shape:
+            self.flush()
+            self.buffer = np.empty((self.shard_size, *image.shape), dtype=np.float32)
+        where = (self.shards, self.filled)
+        self.buffer[self.filled] = image
+        self.filled += 1
+        if self.filled == self.shard_size:
             self.flush()
         return where
 
     def flush(self) -> None:
         from medops.data import shard_path
 
-        if not self.buffer:
+        if not self.filled:
             return
+        assert self.buffer is not None
         path = shard_path(self.root, self.shards)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, np.stack(self.buffer).astype(np.float32))
-        self.buffer = []
+        np.save(path, self.buffer[:self.filled])
+        self.filled = 0
         self.shards += 1
 
 
@@ -944,6 +957,10 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
         if labels is None:
             return labels_from_path(rel)
         return by_pseudo_uid.get(pseudo_sop) or labels.get(f"path:{rel}")
+
+    # what writing metadata.parquet imports, imported before the files' state is allocated
+    import pyarrow.pandas_compat  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
 
     outputs = ("metadata.parquet", "quarantine.csv", INDEX_NAME)  # the index last: it commits
     writer = _ShardWriter(staging, cfg.shard_size)
