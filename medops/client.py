@@ -34,7 +34,9 @@ from medops.serving.contract import (
     LABEL_OUTPUT,
     LABELS,
     OUTPUT_NAME,
+    THRESHOLD_PARAM,
     ensemble_name,
+    version_threshold_param,
 )
 
 Protocol = Literal["grpc", "http"]
@@ -200,28 +202,52 @@ def _max_batch_size(client: Any, protocol: Protocol, model_name: str) -> int:
     return _max_batch_size_of(client.get_model_config(model_name), protocol)
 
 
-def _threshold_of(config: Any, protocol: Protocol) -> float:
+DEFAULT_THRESHOLD = 0.5  # when no postprocessing model says otherwise
+
+
+def _thresholds_of(config: Any, protocol: Protocol) -> dict[str, float]:
+    """``{model version: threshold}`` from a postprocessing model's config: its ``threshold.N``
+    parameters (deploy's, one per served version), and a plain ``threshold`` under "" (one for
+    whichever version answers: the production template)."""
     if protocol == "grpc":
-        return float(config.config.parameters["threshold"].string_value)
-    return float(config["parameters"]["threshold"]["string_value"])
+        params = {k: v.string_value for k, v in config.config.parameters.items()}
+    else:
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    prefix = version_threshold_param("")
+    out = {k[len(prefix):]: float(v) for k, v in params.items() if k.startswith(prefix)}
+    if THRESHOLD_PARAM in params:
+        out[""] = float(params[THRESHOLD_PARAM])
+    return out
 
 
-def served_threshold(client: Any, protocol: Protocol, model_name: str, default: float = 0.5) -> float:
-    """The decision threshold the served model was deployed with (its postprocessing model's
-    ``threshold`` parameter), or ``default`` when there is none."""
+def served_thresholds(client: Any, protocol: Protocol, model_name: str) -> dict[str, float]:
+    """The decision thresholds the served versions were deployed with, ``{version: threshold}``
+    (see ``_thresholds_of``); empty when no postprocessing model is deployed."""
     try:
-        return _threshold_of(client.get_model_config(f"{model_name}_postprocess"), protocol)
+        return _thresholds_of(client.get_model_config(f"{model_name}_postprocess"), protocol)
     except Exception:  # noqa: BLE001 - no postprocessing model deployed: the documented default
-        return default
+        return {}
 
 
-async def aserved_threshold(client: Any, protocol: Protocol, model_name: str,
-                            default: float = 0.5) -> float:
-    """``served_threshold`` with an asyncio client."""
+async def aserved_thresholds(client: Any, protocol: Protocol, model_name: str) -> dict[str, float]:
+    """``served_thresholds`` with an asyncio client."""
     try:
-        return _threshold_of(await client.get_model_config(f"{model_name}_postprocess"), protocol)
+        return _thresholds_of(await client.get_model_config(f"{model_name}_postprocess"), protocol)
     except Exception:  # noqa: BLE001
-        return default
+        return {}
+
+
+def knows_threshold(thresholds: dict[str, float], version: str) -> bool:
+    """Whether ``thresholds`` (``served_thresholds``) says how to label ``version``'s answers;
+    if not, a version deployed since they were read answered: read them again."""
+    return version in thresholds or "" in thresholds
+
+
+def threshold_for(thresholds: dict[str, float], version: str) -> float:
+    """The threshold for an answer from ``version``: the one it was deployed with (deploy
+    serves postprocess version N beside classifier version N, so the served config names the
+    threshold of every version that can answer), else the one for any version, else 0.5."""
+    return thresholds.get(version, thresholds.get("", DEFAULT_THRESHOLD))
 
 
 def _judge_live(live: bool, url: str) -> None:
@@ -536,8 +562,9 @@ def predict_files(
         window: VOI window override (``ingest.window``), for ``via="tensor"``; the ensemble
             applies the window it was deployed with.
         threshold: probability at or above which the label is "pneumonia", for
-            ``via="tensor"``; default: the threshold the served model was deployed with (the
-            ensemble always labels with that one).
+            ``via="tensor"``; default: the threshold the version that answered was deployed
+            with (the ensemble always labels with that one), read from the postprocessing
+            model's config, again when a version it does not name answers (a rollout).
         timeout: seconds per request.
         batch_size: files per request; default the model's max_batch_size.
         via: "ensemble" (default): send the files' bytes to the DICOM ensemble, which
@@ -573,8 +600,9 @@ def predict_files(
     try:
         retried(lambda: _check_ready(clients[0], url=url, protocol=protocol, model_name=target))
         size = batch_size or retried(lambda: _max_batch_size(clients[0], protocol, target)) or 1
-        if via == "tensor" and threshold is None:
-            threshold = retried(lambda: served_threshold(clients[0], protocol, model_name))
+        thresholds = ({"": threshold} if threshold is not None else
+                      retried(lambda: served_thresholds(clients[0], protocol, model_name))
+                      if via == "tensor" else {})
         for chunk in plan.chunks(size):
             payload = plan.payload(chunk)
             try:
@@ -586,7 +614,10 @@ def predict_files(
                     arr, version = retried(lambda: infer_images(
                         clients[0], payload, protocol=protocol, model_name=target,
                         timeout=timeout))
-                    plan.answer_images(chunk, arr, version, threshold)
+                    if not knows_threshold(thresholds, version):
+                        thresholds = retried(lambda: served_thresholds(clients[0], protocol,
+                                                                       model_name))
+                    plan.answer_images(chunk, arr, version, threshold_for(thresholds, version))
             except ServingError:
                 raise
             except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
@@ -656,8 +687,9 @@ async def apredict_files(
             return _max_batch_size_of(await c.get_model_config(target), protocol)
 
         size = batch_size or await retried(max_batch) or 1
-        if via == "tensor" and threshold is None:
-            threshold = await retried(lambda c: aserved_threshold(c, protocol, model_name))
+        thresholds = ({"": threshold} if threshold is not None else
+                      await retried(lambda c: aserved_thresholds(c, protocol, model_name))
+                      if via == "tensor" else {})
         gate = asyncio.Semaphore(concurrency)
 
         async def send(chunk: list[int]) -> None:
@@ -670,7 +702,13 @@ async def apredict_files(
                     else:
                         arr, version = await retried(lambda c: ainfer_images(
                             c, payload, protocol=protocol, model_name=target, timeout=timeout))
-                        plan.answer_images(chunk, arr, version, threshold)
+                        if not knows_threshold(thresholds, version):
+                            fresh = await retried(
+                                lambda c: aserved_thresholds(c, protocol, model_name))
+                            thresholds.clear()
+                            thresholds.update(fresh)
+                        plan.answer_images(chunk, arr, version,
+                                           threshold_for(thresholds, version))
                 except ServingError:
                     raise
                 except Exception as exc:  # noqa: BLE001

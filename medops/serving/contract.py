@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from medops.config import ServingConfig
 
@@ -278,14 +278,40 @@ def render_preprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
     return _python_model(ec, ec.preprocess_name, ec.preprocess, params, flavour)
 
 
-def render_postprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
-    """The postprocessing model: ``probability`` and ``error`` -> ``label``."""
-    params = {"threshold": repr(ec.threshold), "labels": ",".join(ec.classifier.labels)}
-    return _python_model(ec, ec.postprocess_name, ec.postprocess, params, flavour)
+THRESHOLD_PARAM = "threshold"
+
+
+def version_threshold_param(version: int | str) -> str:
+    """The postprocess parameter holding the threshold of (classifier) ``version``."""
+    return f"{THRESHOLD_PARAM}.{version}"
+
+
+def render_postprocess_config(ec: EnsembleContract, flavour: Flavour, *,
+                              thresholds: Mapping[int, float] | None = None) -> str:
+    """The postprocessing model: ``probability`` and ``error`` -> ``label``.
+
+    Args:
+        thresholds: ``{version: threshold}``: serve exactly these versions, version N labelling
+            at ``threshold.N`` (deploy keeps postprocess N in lockstep with classifier N, so a
+            label always uses the threshold of the version whose probability it labels). None:
+            one ``threshold`` parameter (``ec.threshold``) for the latest version.
+    """
+    if thresholds is None:
+        params = {THRESHOLD_PARAM: repr(ec.threshold)}
+    else:
+        params = {version_threshold_param(v): repr(float(t)) for v, t in sorted(thresholds.items())}
+    params["labels"] = ",".join(ec.classifier.labels)
+    text = _python_model(ec, ec.postprocess_name, ec.postprocess, params, flavour)
+    if thresholds is None:
+        return text
+    head, rest = text.split("\nmax_batch_size:", 1)
+    return "\n".join([head, *_policy(sorted(thresholds))]) + "\nmax_batch_size:" + rest
 
 
 def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | None) -> str:
-    """The ensemble, pinned to ``classifier_version`` (its own only version); None: latest.
+    """The ensemble, pinned to ``classifier_version`` (its own only version) for both the
+    classifier and the postprocessing model (which hold that version's probabilities and
+    threshold); None: latest.
 
     The same in both flavours (an ensemble has no backend of its own).
     """
@@ -303,7 +329,7 @@ def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | No
         step(ec.preprocess_name, -1, {DICOM_INPUT: DICOM_INPUT},
              {INPUT_NAME: image, ERROR_OUTPUT: ERROR_OUTPUT}),
         step(ec.classifier.name, cv, {INPUT_NAME: image}, {OUTPUT_NAME: OUTPUT_NAME}),
-        step(ec.postprocess_name, -1, {OUTPUT_NAME: OUTPUT_NAME, ERROR_OUTPUT: ERROR_OUTPUT},
+        step(ec.postprocess_name, cv, {OUTPUT_NAME: OUTPUT_NAME, ERROR_OUTPUT: ERROR_OUTPUT},
              {LABEL_OUTPUT: LABEL_OUTPUT}),
     ])
     parts = [

@@ -49,6 +49,7 @@ from medops.serving.repository import (
     LOCK_FILE,
     VERSION_INFO,
     list_versions,
+    postprocess_thresholds,
     processing_files,
     remove_version,
     restore_files,
@@ -300,18 +301,23 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
             restore: dict[str, bytes | None] | None = None) -> None:
     """Serve classifier version ``new`` (and the ensemble pinned to it) instead of ``old``.
 
-    No gap: both classifier versions are loaded while the ensemble is re-pinned (Triton keeps
-    the old ensemble answering until the new one is ready); then ``old`` is unloaded.
-    ``new`` None unloads the classifier and the ensemble (nothing was served before).
-    The pre/postprocessing models are rendered from ``ec``, or, when undoing a failed deploy,
-    put back as ``restore`` (a ``snapshot_files`` taken before) and reloaded.
+    No gap, and no answer labelled with another version's threshold: postprocess version N
+    holds version N's threshold, so first the postprocessing model serves ``old`` and ``new``
+    (each at its own threshold), then the classifier serves both (a tensor client labels with
+    the threshold of the version that answered, read from the postprocessing config), then the
+    ensemble is re-pinned to classifier ``new`` and postprocess ``new`` in one load (Triton
+    keeps the old ensemble answering until the new one is ready); then ``old`` is unloaded from
+    both. ``new`` None unloads the classifier and the ensemble (nothing was served before).
+    The preprocessing model is rendered from ``ec``, or, when undoing a failed deploy, put back
+    as ``restore`` (a ``snapshot_files`` taken before); so is the postprocessing model, once
+    the ensemble no longer uses the versions it leaves out.
     """
     c, repository = ec.classifier, Path(repository)
-    processing = (ec.preprocess_name, ec.postprocess_name)
-    if restore is not None:
-        restore_files(repository, restore)
+    pre, post = ec.preprocess_name, ec.postprocess_name
     if new is None:
-        for name in (ec.ensemble_name, c.name, *(processing if restore is not None else ())):
+        if restore is not None:
+            restore_files(repository, restore)
+        for name in (ec.ensemble_name, c.name, *((pre, post) if restore is not None else ())):
             (repository / name / "config.pbtxt").unlink(missing_ok=True)
             try:
                 client.unload_model(name)
@@ -320,14 +326,29 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
         return
     on_disk = list_versions(repository, c.name)
     both = sorted({v for v in (old, new) if v is not None and v in on_disk})
+    post_config = f"{post}/config.pbtxt"
+    served = postprocess_thresholds(_read_or_none(repository / post_config))
+    if restore is not None:
+        # keep whatever the ensemble may still pin until it is re-pinned; trimmed below
+        target = postprocess_thresholds(restore.get(post_config))
+        thresholds = served | {new: _threshold_of_version(repository, c.name, new, target,
+                                                          ec.threshold)}
+        restore_files(repository, {k: v for k, v in restore.items() if k.startswith(f"{pre}/")})
+        changed = [pre]
+    else:
+        thresholds = {v: _threshold_of_version(repository, c.name, v, served, ec.threshold)
+                      for v in both if v != new} | {new: ec.threshold}
+        changed = write_processing_models(ec, repository, "embedded", thresholds=thresholds,
+                                          models=[pre])
+    changed += write_processing_models(ec, repository, "embedded", thresholds=thresholds,
+                                       models=[post])
+    for name in (pre, post):
+        if name in changed or not client.is_model_ready(name):
+            client.load_model(name)
+    wait_version_ready(client, post, new, timeout)
     write_config(c, repository, "embedded", versions=both)
     client.load_model(c.name)
     wait_version_ready(client, c.name, new, timeout)
-    changed = (list(processing) if restore is not None
-               else write_processing_models(ec, repository, "embedded"))
-    for name in processing:
-        if name in changed or not client.is_model_ready(name):
-            client.load_model(name)
     write_ensemble(ec, repository, new)
     client.load_model(ec.ensemble_name)
     wait_version_ready(client, ec.ensemble_name, new, timeout)
@@ -335,6 +356,29 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
         write_config(c, repository, "embedded", versions=[new])
         client.load_model(c.name)
         wait_version_ready(client, c.name, new, timeout)
+    before = snapshot_files(repository, [post_config])
+    if restore is not None:
+        restore_files(repository, {k: v for k, v in restore.items() if k.startswith(f"{post}/")})
+    else:
+        write_processing_models(ec, repository, "embedded", thresholds={new: ec.threshold},
+                                models=[post])
+    if snapshot_files(repository, [post_config]) != before:
+        client.load_model(post)
+        wait_version_ready(client, post, new, timeout)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _threshold_of_version(repository: Path, name: str, version: int, served: dict[int, float],
+                          default: float) -> float:
+    """The threshold classifier ``version`` is served with: the postprocessing model's, else the
+    one its deploy.json recorded, else ``default``."""
+    if version in served:
+        return served[version]
+    return _recorded_threshold(Path(repository) / name / str(version) / VERSION_INFO, "threshold",
+                               default)
 
 
 def smoke_dicom(image: np.ndarray) -> bytes:
@@ -456,7 +500,7 @@ def deploy(
                 f"not serving {contract.name!r} version {version}: candidate check failed: "
                 f"{_why(exc)}; {kept}"
             ) from None
-        before = snapshot_files(repository, processing_files(ec, "embedded"))
+        before = snapshot_files(repository, _processing_rels(ec, previous, version))
         try:
             _switch(client, ec, repository, previous, version, timeout)
             diff = check_golden(client, protocol=protocol, name=contract.name, images=images,
@@ -556,7 +600,7 @@ def rollback(
     url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
     golden = repository / contract.name / str(to_version) / GOLDEN_FILE
     with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
-        before = snapshot_files(repository, processing_files(ec, "embedded"))
+        before = snapshot_files(repository, _processing_rels(ec, current, to_version))
         try:
             _switch(client, ec, repository, current, to_version, timeout)
             diff = None
@@ -580,6 +624,12 @@ def rollback(
             ) from None
     return RollbackResult(model_name=contract.name, from_version=current, to_version=to_version,
                           golden_max_abs_diff=diff, threshold=ec.threshold)
+
+
+def _processing_rels(ec: EnsembleContract, *versions: int | None) -> list[str]:
+    """The pre/postprocessing files a switch between ``versions`` may write (to snapshot)."""
+    return list(processing_files(ec, "embedded",
+                                 thresholds={v: ec.threshold for v in versions if v is not None}))
 
 
 def _recorded_threshold(path: Path, key: str, default: float = 0.5) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from medops.serving.contract import (
     ONNX_FILENAME,
@@ -24,6 +24,7 @@ from medops.serving.contract import (
     render_ensemble_config,
     render_postprocess_config,
     render_preprocess_config,
+    version_threshold_param,
 )
 
 GOLDEN_FILE = "golden.npz"  # export's golden samples, kept in each version folder
@@ -148,16 +149,40 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-def processing_files(ec: EnsembleContract, flavour: Flavour) -> dict[str, bytes]:
-    """The pre- and postprocessing models as ``{relative path: content}`` (config + 1/model.py)."""
-    files: dict[str, bytes] = {}
-    for name, render, backend in (
-        (ec.preprocess_name, render_preprocess_config, PREPROCESS_BACKEND),
-        (ec.postprocess_name, render_postprocess_config, POSTPROCESS_BACKEND),
-    ):
-        files[f"{name}/config.pbtxt"] = render(ec, flavour).encode()
-        files[f"{name}/1/{PYTHON_FILENAME}"] = (BACKENDS_DIR / backend).read_bytes()
+def processing_files(ec: EnsembleContract, flavour: Flavour, *,
+                     thresholds: Mapping[int, float] | None = None) -> dict[str, bytes]:
+    """The pre- and postprocessing models as ``{relative path: content}`` (config + model.py).
+
+    ``thresholds`` (``{version: threshold}``): the postprocessing model serves exactly these
+    versions, ``<N>/model.py`` each, version N labelling at its own threshold
+    (``render_postprocess_config``); None: version 1 at ``ec.threshold``.
+    """
+    files: dict[str, bytes] = {
+        f"{ec.preprocess_name}/config.pbtxt": render_preprocess_config(ec, flavour).encode(),
+        f"{ec.preprocess_name}/1/{PYTHON_FILENAME}":
+            (BACKENDS_DIR / PREPROCESS_BACKEND).read_bytes(),
+        f"{ec.postprocess_name}/config.pbtxt":
+            render_postprocess_config(ec, flavour, thresholds=thresholds).encode(),
+    }
+    postprocess = (BACKENDS_DIR / POSTPROCESS_BACKEND).read_bytes()
+    for version in sorted(thresholds) if thresholds is not None else [1]:
+        files[f"{ec.postprocess_name}/{version}/{PYTHON_FILENAME}"] = postprocess
     return files
+
+
+def postprocess_thresholds(config_text: str | bytes | None) -> dict[int, float]:
+    """``{version: threshold}`` of a postprocessing config.pbtxt's ``threshold.N`` parameters
+    (empty for None or a config without them)."""
+    if not config_text:
+        return {}
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    text = config_text.decode() if isinstance(config_text, bytes) else config_text
+    params = text_format.Parse(text, model_config_pb2.ModelConfig()).parameters
+    prefix = version_threshold_param("")
+    return {int(k[len(prefix):]): float(v.string_value) for k, v in params.items()
+            if k.startswith(prefix) and k[len(prefix):].isdigit()}
 
 
 def snapshot_files(repository: Path, rels: Iterable[str]) -> dict[str, bytes | None]:
@@ -175,23 +200,37 @@ def restore_files(repository: Path, snapshot: dict[str, bytes | None]) -> None:
         path = Path(repository) / rel
         if data is None:
             path.unlink(missing_ok=True)
+            # a version folder left behind (empty but for the Python backend's __pycache__)
+            # would be "the latest version" to Triton
+            folder = path.parent
+            if folder.name.isdigit() and folder.is_dir() \
+                    and {p.name for p in folder.iterdir()} <= {"__pycache__"}:
+                shutil.rmtree(folder)
         else:
             _write_if_changed(path, data)
 
 
-def write_processing_models(ec: EnsembleContract, repository: Path, flavour: Flavour) -> list[str]:
-    """Write (only what changed of) the pre- and postprocessing models; returns the model names
-    whose files changed, i.e. those a running Triton must reload."""
+def write_processing_models(
+    ec: EnsembleContract, repository: Path, flavour: Flavour, *,
+    thresholds: Mapping[int, float] | None = None, models: Iterable[str] | None = None,
+) -> list[str]:
+    """Write (only what changed of) the pre- and postprocessing models (``thresholds`` as for
+    ``processing_files``; ``models``: only these names); returns the model names whose files
+    changed, i.e. those a running Triton must reload."""
     changed = set()
-    for rel, data in processing_files(ec, flavour).items():
+    only = None if models is None else set(models)
+    for rel, data in processing_files(ec, flavour, thresholds=thresholds).items():
+        if only is not None and rel.split("/", 1)[0] not in only:
+            continue
         if _write_if_changed(Path(repository) / rel, data):
             changed.add(rel.split("/", 1)[0])
     return sorted(changed)
 
 
 def write_ensemble(ec: EnsembleContract, repository: Path, classifier_version: int) -> Path:
-    """Write the ensemble pinned to ``classifier_version``: its config and the (empty) version
-    folder of the same number Triton requires. Returns the config path."""
+    """Write the ensemble pinned to ``classifier_version`` (classifier and postprocessing model):
+    its config and the (empty) version folder of the same number Triton requires. Returns the
+    config path."""
     model_dir = Path(repository) / ec.ensemble_name
     (model_dir / str(classifier_version)).mkdir(parents=True, exist_ok=True)
     path = model_dir / "config.pbtxt"

@@ -201,7 +201,7 @@ def test_ensemble_steps_wire_matching_tensors(ensemble, flavour):
             produced[value] = tensors(model, "output")[key]
     for name, spec in tensors(ens, "output").items():
         assert produced[name] == spec
-    assert [s.model_version for s in ens.ensemble_scheduling.step] == [-1, 7, -1]
+    assert [s.model_version for s in ens.ensemble_scheduling.step] == [-1, 7, 7]
     assert tensors(ens, "output") == {"probability": ("TYPE_FP32", [1]),
                                       "label": ("TYPE_STRING", [1]), "error": ("TYPE_STRING", [1])}
 

@@ -246,10 +246,6 @@ def test_no_request_fails_during_a_rollout_and_failed_rollouts(server, tmp_path)
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(strict=True, reason=(
-    "deploy._switch changes the classifier version, the shared postprocess model's threshold and "
-    "the ensemble's pin in three steps: for about 1.5 s each, tensor clients get v2's "
-    "probabilities with v1's threshold, then the ensemble labels v1's probabilities with v2's"))
 def test_labels_during_a_rollout_use_the_answering_versions_threshold(server, tmp_path):
     # v2 chose 0.3: CT_small is "normal" at v1 (p 0.379 < 0.5) and "pneumonia" at v2 (0.468 >= 0.3),
     # and v1's p 0.379 would be "pneumonia" under v2's threshold, so a mix-up shows either way

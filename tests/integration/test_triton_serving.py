@@ -249,7 +249,12 @@ def test_the_ensemble_is_pinned_to_the_served_classifier_version(triton, deploye
     ens = read_config(repo, f"{name}_dicom")
     assert list(ens.version_policy.specific.versions) == [2]
     step = {s.model_name: s.model_version for s in ens.ensemble_scheduling.step}
-    assert step == {f"{name}_preprocess": -1, name: 2, f"{name}_postprocess": -1}
+    # postprocess version 2 holds v2's threshold: one re-pin switches probability and label
+    assert step == {f"{name}_preprocess": -1, name: 2, f"{name}_postprocess": 2}
+    post = read_config(repo, f"{name}_postprocess")
+    assert list(post.version_policy.specific.versions) == [2]
+    assert {k: v.string_value for k, v in post.parameters.items()} == {
+        "threshold.2": repr(V2_THRESHOLD), "labels": "normal,pneumonia"}
     pre = read_config(repo, f"{name}_preprocess")
     assert pre.parameters["max_pixels"].string_value == str(MAX_PIXELS)
 
@@ -291,7 +296,9 @@ def test_deploy_refuses_a_failed_gate_and_writes_nothing(triton, deployed):
     with pytest.raises(GateRejectedError) as err:
         deploy(triton["cfg"], onnx=onnx_path, gate=gate, export_result=write_export_result(onnx_path),
                repository=triton["repo"], url=triton["info"].grpc_url, image_size=S)
-    assert "auc 0.610 < min_auc 0.850: fail" in str(err.value)
+    from medops.config import GateConfig
+
+    assert f"auc 0.610 < min_auc {GateConfig().min_auc:.3f}: fail" in str(err.value)
     assert "sensitivity 0.400 < min_sensitivity 0.700: fail" in str(err.value)
     assert "accuracy" not in str(err.value)  # only the failed checks are listed
     assert list_versions(triton["repo"], triton["cfg"].model_name) == [1, 2]
@@ -342,7 +349,9 @@ def assert_v2_serves(triton, files):
     from medops.serving.repository import read_config
 
     post = read_config(triton["repo"], f"{name}_postprocess")
-    assert post.parameters["threshold"].string_value == repr(V2_THRESHOLD)  # v2's, not the last try's
+    # v2's, not the last try's
+    assert post.parameters["threshold.2"].string_value == repr(V2_THRESHOLD)
+    assert list(post.version_policy.specific.versions) == [2]
 
 
 def test_a_version_that_fails_to_load_is_removed_and_v2_keeps_serving(triton, deployed, files):
@@ -375,6 +384,8 @@ def test_a_version_that_fails_once_promoted_is_undone_with_its_settings(triton, 
     pre = read_config(triton["repo"], f"{triton['cfg'].model_name}_preprocess")
     assert pre.parameters["max_pixels"].string_value == str(MAX_PIXELS)
     assert not (triton["repo"] / f"{triton['cfg'].model_name}_dicom" / "3").exists()
+    # the postprocess version written for it is gone too (not even its __pycache__ is left)
+    assert list_versions(triton["repo"], f"{triton['cfg'].model_name}_postprocess") == [1, 2]
     assert_v2_serves(triton, files)
     [ct] = predict_files([files["ct"]], url=triton["info"].grpc_url,
                          model_name=triton["cfg"].model_name, image_size=S)

@@ -1,6 +1,10 @@
 """Triton Python-backend model: the classifier's probability -> a label, per item.
 
-Copied as ``model.py`` into ``<name>_postprocess/1/``. Needs only numpy. An item that
+Copied as ``model.py`` into ``<name>_postprocess/<N>/``, one version per classifier version: version
+N labels at the ``threshold.N`` parameter (the threshold classifier version N was deployed with),
+so the ensemble, pinned to classifier N and postprocess N, switches probability and label in one
+load. Without a ``threshold.N`` parameter the ``threshold`` one applies (the production template,
+one version for whatever classifier is latest). Needs only numpy. An item that
 preprocessing could not use (non-empty ``error``) gets an empty label: its probability is that of
 a blank image and means nothing.
 """
@@ -31,7 +35,8 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         params = {k: v["string_value"]
                   for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
-        self.threshold = float(params["threshold"])
+        key = f"threshold.{args['model_version']}"
+        self.threshold = float(params[key] if key in params else params["threshold"])
         self.labels = tuple(params["labels"].split(","))
 
     def execute(self, requests: list) -> list:
