@@ -142,6 +142,8 @@ class ServingConfig(_Section):
     max_image_pixels: int = Field(default=64 * 1024 * 1024, ge=64)
     # the model-repository API (load/unload) needs this key; unset -> <project>/.medops/secrets
     admin_key_env: str = "MEDOPS_TRITON_ADMIN_KEY"
+    # production repository only (onnxruntime backend on GPUs): TensorRT execution accelerator in FP16
+    tensorrt_fp16: bool = False
 
     def repository_path(self, root: Path) -> Path:
         p = Path(self.repository)

@@ -63,6 +63,7 @@ class ModelContract:
     preferred_batch_sizes: tuple[int, ...]
     max_queue_delay_us: int
     labels: tuple[str, ...] = LABELS
+    tensorrt_fp16: bool = False  # production: onnxruntime's TensorRT execution accelerator, FP16
 
     @property
     def image_size(self) -> int:
@@ -89,6 +90,7 @@ def build_contract(cfg: ServingConfig, *, image_size: int) -> ModelContract:
         max_batch_size=cfg.max_batch_size,
         preferred_batch_sizes=tuple(sorted(set(cfg.preferred_batch_sizes))),
         max_queue_delay_us=cfg.max_queue_delay_us,
+        tensorrt_fp16=cfg.tensorrt_fp16,
     )
 
 
@@ -147,23 +149,68 @@ def render_config(
             default policy, the latest version.
     """
     _check_flavour(flavour)
-    if flavour == "production":
+    production = flavour == "production"
+    if production:
         header, kind = 'platform: "onnxruntime_onnx"\nbackend: "onnxruntime"', "KIND_GPU"
     else:
         header, kind = 'backend: "python"', "KIND_CPU"
+    policy = _policy(versions)
+    if production and not policy:
+        # serve one version; `medops deploy` pins versions explicitly when it switches
+        policy = ["version_policy: { latest: { num_versions: 1 } }"]
     parts = [
         f"# Rendered by medops.serving.contract ({flavour}); do not edit by hand.",
         f'name: "{contract.name}"',
         header,
-        *_policy(versions),
+        *policy,
         f"max_batch_size: {contract.max_batch_size}",
         _tensor_block("input", contract.inputs),
         _tensor_block("output", contract.outputs),
         _batching(contract),
         _instances(kind),
+        *([_warmup(contract)] if production else []),
+        *([_tensorrt_fp16()] if production and contract.tensorrt_fp16 else []),
         *_parameters({"labels": ",".join(contract.labels)}),
     ]
     return "\n".join(parts) + "\n"
+
+
+def _warmup(contract: ModelContract) -> str:
+    """One zero-filled request per batch size Triton will form, run at load time, so the first
+    real requests do not pay for GPU kernel selection (and TensorRT engine building)."""
+    spec = contract.inputs[0]
+    dims = ", ".join(str(d) for d in spec.dims)
+    sizes = sorted({1, *contract.preferred_batch_sizes})
+    items = ",\n".join(
+        f"""  {{
+    name: "zeros_batch_{b}"
+    batch_size: {b}
+    inputs {{
+      key: "{spec.name}"
+      value {{
+        data_type: {spec.data_type}
+        dims: [ {dims} ]
+        zero_data: true
+      }}
+    }}
+  }}"""
+        for b in sizes
+    )
+    return f"model_warmup [\n{items}\n]"
+
+
+def _tensorrt_fp16() -> str:
+    return """optimization {
+  execution_accelerators {
+    gpu_execution_accelerator: [
+      {
+        name: "tensorrt"
+        parameters { key: "precision_mode" value: "FP16" }
+        parameters { key: "max_workspace_size_bytes" value: "1073741824" }
+      }
+    ]
+  }
+}"""
 
 
 # -- the DICOM-bytes ensemble: preprocess (Python) -> classifier -> postprocess (Python) ------------

@@ -165,7 +165,9 @@ def test_pinned_versions_render_a_specific_policy_and_nothing_else_changes(contr
     pinned = parse(render_config(contract, "embedded", versions=[3]))
     assert list(pinned.version_policy.specific.versions) == [3]
     assert client_view(pinned) == client_view(parse(render_config(contract, "embedded")))
-    assert not parse(render_config(contract, "production")).HasField("version_policy")
+    # production serves the latest version unless deploy pins some (issue 4: a version policy)
+    assert parse(render_config(contract, "production")).version_policy.latest.num_versions == 1
+    assert list(parse(render_config(contract, "production", versions=[3])).version_policy.specific.versions) == [3]
 
 
 # -- the DICOM ensemble ----------------------------------------------------------------------------
@@ -257,3 +259,28 @@ def test_postprocess_labels_at_the_threshold_and_blanks_errors():
                       [b"", b"", b"", b"not_dicom: x"], threshold=0.5, labels=("normal", "pneumonia"))
     assert out.shape == (4, 1)
     assert out.reshape(-1).tolist() == [b"normal", b"pneumonia", b"pneumonia", b""]
+
+
+def test_production_config_has_warmup_version_policy_and_optional_tensorrt_fp16(params):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    def parse_text(text):
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+    contract = build_contract(params.serving, image_size=params.ingest.image_size)
+    prod = parse_text(render_config(contract, "production"))
+    assert prod.version_policy.latest.num_versions == 1
+    sizes = sorted(w.batch_size for w in prod.model_warmup)
+    assert sizes == sorted({1, *params.serving.preferred_batch_sizes})
+    warm = prod.model_warmup[0].inputs["image"]
+    assert warm.zero_data and list(warm.dims) == [params.ingest.image_size, params.ingest.image_size, 1]
+    assert not prod.optimization.execution_accelerators.gpu_execution_accelerator  # off by default
+    fp16 = parse_text(render_config(
+        build_contract(params.serving.model_copy(update={"tensorrt_fp16": True}),
+                       image_size=params.ingest.image_size), "production"))
+    [trt] = fp16.optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
+    # the embedded server (Python backend, CPU) gets none of these
+    emb = parse_text(render_config(contract, "embedded"))
+    assert not emb.model_warmup and not emb.HasField("version_policy")
