@@ -198,10 +198,10 @@ def test_write_params_records_only_changed_values(project: ProjectPaths) -> None
     def edit(overrides):
         return write_params(project, overrides)
 
-    params = edit({"train": {"epochs": epochs, "learning_rate": 0.0005}, "gate": {"min_auc": 0.9}})
-    assert params.train.learning_rate == 0.0005 and params.gate.min_auc == 0.9
+    params = edit({"train": {"epochs": epochs, "learning_rate": 0.0005}, "gate": {"min_auc": 0.95}})
+    assert params.train.learning_rate == 0.0005 and params.gate.min_auc == 0.95
     after = project.params.read_text()
-    assert "learning_rate: 0.0005" in after and "min_auc: 0.9" in after
+    assert "learning_rate: 0.0005" in after and "min_auc: 0.95" in after
     assert "# medops pipeline settings" in after  # comments kept
     changed = [a for b, a in zip(before.splitlines(), after.splitlines()) if a != b]
     assert len(changed) == 2, changed  # epochs was unchanged and is not rewritten
