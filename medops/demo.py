@@ -18,21 +18,9 @@ from pathlib import Path
 from medops.config import Params
 from medops.errors import MedopsError
 from medops.paths import BUNDLED_DATASET, ProjectPaths
+from medops.procs import pid_alive, signal_group
 
 DEPLOYMENT_PID = "flow-serve.pid"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    # a zombie child still answers kill(0); treat it as gone
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text().split()[2]
-        return status != "Z"
-    except OSError:
-        return True
 
 
 def _read_pid(pidfile: Path) -> int | None:
@@ -40,7 +28,7 @@ def _read_pid(pidfile: Path) -> int | None:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if pid_alive(pid) else None
 
 
 def _service_env(paths: ProjectPaths, params: Params) -> dict[str, str]:
@@ -166,16 +154,13 @@ def stop_services(paths: ProjectPaths) -> list[str]:
     pidfile = paths.run_dir / DEPLOYMENT_PID
     pid = _read_pid(pidfile)
     if pid:
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        signal_group(pid, signal.SIGTERM)
         for _ in range(50):
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 break
             time.sleep(0.2)
         else:
-            os.killpg(pid, signal.SIGKILL)
+            signal_group(pid, signal.SIGKILL)
         out.append(f"stopped the deployment server (pid {pid})")
     pidfile.unlink(missing_ok=True)
     out.append("stopped Triton" if stop_server(paths.state) else "Triton was not running")

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from medops.config import PrefectConfig
 from medops.errors import PrefectServerError
+from medops.procs import cmdline_contains, pid_alive, signal_group
 
 LOG_TAIL_LINES = 30
 
@@ -81,31 +82,12 @@ def _read_pid(state_dir: Path) -> int | None:
         return None
 
 
-def _reap(pid: int) -> None:
-    """Collect ``pid`` if it is our child and has exited, so it does not linger as a zombie."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
 def _is_prefect_process(pid: int) -> bool:
     """Whether ``pid`` is alive and is a Prefect server (guards against a recycled pid)."""
-    _reap(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return False  # someone else's process: not the server we started
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc (macOS): trust the pid file
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-        return False
-    return b"prefect" in cmdline
+    is_prefect = cmdline_contains(pid, b"prefect")
+    return True if is_prefect is None else is_prefect  # no /proc (macOS): trust the pid file
 
 
 def _log_tail(state_dir: Path) -> str:
@@ -205,24 +187,17 @@ def stop_prefect(state_dir: Path, timeout: float = 20.0) -> bool:
     pid = _read_pid(state_dir)
     stopped = False
     if pid is not None and _is_prefect_process(pid):
-        _signal_group(pid, signal.SIGTERM)
+        signal_group(pid, signal.SIGTERM)
+        # wait on the pid itself, not on "is it still prefect": while it exits its cmdline is
+        # already empty but the process (and the port) is not gone yet
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _is_prefect_process(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.2)
-        if _is_prefect_process(pid):
-            _signal_group(pid, signal.SIGKILL)
+        if pid_alive(pid):
+            signal_group(pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and _is_prefect_process(pid):
+            while time.monotonic() < deadline and pid_alive(pid):
                 time.sleep(0.1)
         stopped = True
     pid_file(state_dir).unlink(missing_ok=True)
     return stopped
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)  # the server leads its own session: pgid == pid
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        os.kill(pid, sig)

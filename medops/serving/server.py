@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from medops.config import ServingConfig
 from medops.errors import ServingError
+from medops.procs import cmdline_contains, pid_alive, signal_group
 
 PID_FILE = "triton.pid"
 INFO_FILE = "triton.json"
@@ -214,33 +215,10 @@ def _log_path(state_dir: Path) -> Path:
     return Path(state_dir) / "logs" / LOG_FILE
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live (not zombie) process; reaps it if it is our exited child."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: the checks below decide
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _is_tritonserver(pid: int) -> bool:
     """Guard against a recycled pid: the recorded pid must still be a tritonserver."""
-    try:
-        return b"tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return pid_alive(pid)
+    found = cmdline_contains(pid, b"tritonserver")
+    return pid_alive(pid) if found is None else found
 
 
 def read_info(state_dir: Path) -> ServerInfo | None:
@@ -414,21 +392,11 @@ def stop_server(state_dir: Path, *, timeout: float = 15.0) -> bool:
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if pid_alive(pid):
-        _signal_group(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGKILL)
         while pid_alive(pid) and time.monotonic() < deadline + 5:
             time.sleep(0.1)
     _clear_record(state_dir)
     return True
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def server_status(state_dir: Path) -> ServerStatus:
