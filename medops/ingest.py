@@ -162,6 +162,14 @@ def _init_worker(cfg: IngestConfig, key: bytes, labels: dict | None, source_dir:
                   dicom_dir=Path(dicom_dir), frame=frame)
 
 
+def _init_pool_worker(*init_args: Any) -> None:
+    """A worker process' initializer: :func:`_init_worker` in a process tuned for decoding."""
+    from medops.procs import reuse_freed_memory
+
+    reuse_freed_memory()
+    _init_worker(*init_args)
+
+
 def _write_atomically(ds: Any, target: Path) -> None:
     import pydicom
 
@@ -331,7 +339,7 @@ def _start_pool(workers: int, init_args: tuple) -> ProcessPoolExecutor | None:
     spawn, not fork: the caller (a Prefect worker, a test runner) may hold threads and locks.
     """
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                               initializer=_init_worker, initargs=init_args)
+                               initializer=_init_pool_worker, initargs=init_args)
     try:
         pool.submit(int).result()
     except Exception as exc:  # e.g. a __main__ that cannot be re-imported (python - < script)

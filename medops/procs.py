@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cmdline_contains", "pid_alive", "signal_group"]
+__all__ = ["cmdline_contains", "pid_alive", "reuse_freed_memory", "signal_group"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -55,3 +55,27 @@ def signal_group(pid: int, sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+_M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
+_M_MMAP_THRESHOLD = -3
+
+
+def reuse_freed_memory(mmap_threshold: int = 16 << 20, trim_threshold: int = 32 << 20) -> bool:
+    """Let glibc's malloc serve large temporary buffers from memory it already holds.
+
+    By default glibc gives each block over 128 kB (a decoded slice, its float copy) fresh pages
+    from ``mmap`` and returns them on ``free``, so a worker that decodes one image after another
+    takes every page fault again, per image. Raising the mmap threshold and the trim threshold
+    keeps up to ``trim_threshold`` bytes of freed memory for the next image instead. For worker
+    processes with a bounded per-item working set (ingest workers); returns False where the C
+    library is not glibc (nothing changed).
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))

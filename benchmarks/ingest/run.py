@@ -226,12 +226,21 @@ def _decode_chunk(paths: list[str]) -> int:
     return len(paths)
 
 
+def _limit_worker_init() -> None:
+    # the same allocator setting medops' ingest workers get (medops.procs.reuse_freed_memory):
+    # it makes decoding itself faster, so the limit must have it too to stay a limit
+    from medops.procs import reuse_freed_memory
+
+    reuse_freed_memory()
+
+
 def decode_limit(folder: Path, workers: int) -> int:
     """Decoding alone, on ``workers`` processes, chunked the way medops chunks its files."""
     files = list_files(folder)
     size = max(1, min(64, math.ceil(len(files) / (workers * 4))))
     chunks = [[str(f) for f in files[i:i + size]] for i in range(0, len(files), size)]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                             initializer=_limit_worker_init) as pool:
         return sum(pool.map(_decode_chunk, chunks))
 
 

@@ -128,7 +128,7 @@ def _colour_to_unit(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarra
         peak = float(2 ** int(ds.get("BitsStored", 8)) - 1)
     if rgb.shape[-1] == 4:
         rgb = rgb[..., :3]
-    return np.clip((rgb @ _BT601) / peak, 0.0, 1.0)
+    return finite_unit(np.clip((rgb @ _BT601) / peak, 0.0, 1.0))
 
 
 def _lut_max_palette(ds: Dataset) -> float:
@@ -156,9 +156,21 @@ def apply_grayscale_pipeline(arr: np.ndarray, ds: Dataset, window: "Window | Non
         lo, hi = int(arr.min()), int(arr.max())
         if hi - lo + 1 <= arr.size // 4:
             domain = np.arange(lo, hi + 1, dtype=arr.dtype)  # lo..hi occur in arr: the dtype holds them
-            lut = _grayscale_values(domain, ds, window, photometric).astype(np.float32)
-            return lut[np.subtract(arr, lo, dtype=np.int32)]
-    return _grayscale_values(arr, ds, window, photometric)
+            lut = finite_unit(_grayscale_values(domain, ds, window, photometric).astype(np.float32))
+            # intp offsets: numpy would otherwise convert narrower indices to intp, a second pass
+            return lut[np.subtract(arr, lo, dtype=np.intp)]
+    return finite_unit(_grayscale_values(arr, ds, window, photometric))
+
+
+def finite_unit(values: np.ndarray) -> np.ndarray:
+    """``values`` with NaN -> 0, +inf -> 1, -inf -> 0 (a corrupt LUT or float pixel data).
+
+    Only a float array with a non-finite value is copied; the check is one pass.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        return np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
+    return values
 
 
 def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
@@ -205,7 +217,7 @@ def prepare_image(ds: Dataset, *, image_size: int, window: "Window | None" = Non
     except Exception as exc:
         raise DicomReadError(f"cannot apply the display pipeline: {type(exc).__name__}: {exc}",
                              QuarantineReason.UNSUPPORTED_PIXELS) from exc
-    unit = np.nan_to_num(np.asarray(unit), nan=0.0, posinf=1.0, neginf=0.0)
+    unit = np.asarray(unit)  # finite: both pipelines map non-finite values (finite_unit)
     if unit.ndim == 3 and frame == "max" and number_of_frames(ds) > 1:
         unit = unit.max(axis=0)  # maximum intensity projection over frames
     if unit.ndim != 2:

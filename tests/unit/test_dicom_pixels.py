@@ -217,3 +217,21 @@ def test_lookup_table_path_gives_the_pixelwise_numbers(photometric, signed):
     no_window = make_dataset(values, photometric=photometric, bits_stored=12, signed=signed)
     np.testing.assert_array_equal(pixels.apply_grayscale_pipeline(values, no_window, None, photometric),
                                   pixels._grayscale_values(values, no_window, None, photometric).astype(np.float32))
+
+
+def test_non_finite_float_pixels_become_0_and_1_in_both_pipeline_paths():
+    # Float Pixel Data (7FE0,0008) may hold NaN and infinities; windowed, -inf maps to 0, +inf to
+    # 1 and NaN to 0, and the finite values keep their hand-computed window values
+    values = np.array([[np.nan, np.inf], [-np.inf, 50.0]], dtype=np.float32)
+    ds = make_dataset(np.zeros((2, 2), dtype=np.float32), WindowCenter="50", WindowWidth="101")
+    unit = pixels.apply_grayscale_pipeline(values, ds, None, "MONOCHROME2")
+    # LINEAR c=50, w=101: 50 -> (50 - 49.5) / 100 + 0.5 = 0.505
+    np.testing.assert_allclose(unit, [[0.0, 1.0], [0.0, 0.505]], atol=1e-6)
+    assert pixels.finite_unit(np.array([1.0, np.nan])).tolist() == [1.0, 0.0]
+    # the integer (lookup-table) path keeps the same values as computing every pixel
+    stored = np.random.default_rng(0).integers(-1000, 3000, size=(128, 128)).astype(np.int16)
+    ct = make_dataset(stored, signed=True, RescaleSlope="1", RescaleIntercept="-1024",
+                      WindowCenter="40", WindowWidth="400")
+    by_lut = pixels.apply_grayscale_pipeline(stored, ct, None, "MONOCHROME2")
+    direct = np.clip((stored.astype(np.float64) - 1024 - 39.5) / 399 + 0.5, 0, 1)
+    np.testing.assert_allclose(by_lut, direct, atol=1e-6)
