@@ -139,6 +139,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model_name=args.model or cfg.model_name,
         image_size=params.ingest.image_size,
         window=params.ingest.window,
+        frame=params.ingest.frame,
+        pixel_spacing=params.ingest.pixel_spacing,
         via=args.via,
     )
     if args.json:

@@ -449,7 +449,8 @@ def read_files(paths: Iterable[Path | str]) -> list[tuple[str, bytes | None, str
 
 
 def preprocess_files(
-    paths: Iterable[Path | str], *, image_size: int, window: Any = None
+    paths: Iterable[Path | str], *, image_size: int, window: Any = None, frame: str = "middle",
+    pixel_spacing: float | None = None,
 ) -> list[tuple[str, np.ndarray | None, str | None]]:
     """``(file, image (S, S) float32 or None, error or None)`` per path, in order."""
     from medops.dicom.pixels import preprocess_file
@@ -458,7 +459,8 @@ def preprocess_files(
     for p in paths:
         name = str(p)
         try:
-            out.append((name, preprocess_file(Path(p), image_size=image_size, window=window), None))
+            out.append((name, preprocess_file(Path(p), image_size=image_size, window=window,
+                                              frame=frame, pixel_spacing=pixel_spacing), None))
         except DicomReadError as exc:
             out.append((name, None, f"{exc.reason.value}: {exc}"))
         except (OSError, MedopsError) as exc:
@@ -495,13 +497,15 @@ class _Plan:
     the Prediction list the answers are written into, in the order of the paths."""
 
     def __init__(self, paths: Iterable[Path | str], *, via: Via, model_name: str,
-                 image_size: int, window: Any) -> None:
+                 image_size: int, window: Any, frame: str = "middle",
+                 pixel_spacing: float | None = None) -> None:
         if via == "ensemble":
             self.target = ensemble_name(model_name)
             self.items: list[tuple[str, Any, str | None]] = list(read_files(paths))
         elif via == "tensor":
             self.target = model_name
-            self.items = list(preprocess_files(paths, image_size=image_size, window=window))
+            self.items = list(preprocess_files(paths, image_size=image_size, window=window,
+                                               frame=frame, pixel_spacing=pixel_spacing))
         else:
             raise ValueError(f"via must be 'ensemble' or 'tensor', got {via!r}")
         self.via = via
@@ -545,6 +549,8 @@ def predict_files(
     model_name: str,
     image_size: int,
     window: Any = None,
+    frame: str = "middle",
+    pixel_spacing: float | None = None,
     threshold: float | None = None,
     timeout: float = 30.0,
     batch_size: int | None = None,
@@ -561,6 +567,8 @@ def predict_files(
         image_size: model input size (``ingest.image_size``), for ``via="tensor"``.
         window: VOI window override (``ingest.window``), for ``via="tensor"``; the ensemble
             applies the window it was deployed with.
+        frame, pixel_spacing: ``ingest.frame`` and ``ingest.pixel_spacing``, for
+            ``via="tensor"`` (the ensemble uses the ones it was deployed with).
         threshold: probability at or above which the label is "pneumonia", for
             ``via="tensor"``; default: the threshold the version that answered was deployed
             with (the ensemble always labels with that one), read from the postprocessing
@@ -583,7 +591,8 @@ def predict_files(
         ServingError: the server cannot be reached (after the retries), the model is not
             ready, or a request fails.
     """
-    plan = _Plan(paths, via=via, model_name=model_name, image_size=image_size, window=window)
+    plan = _Plan(paths, via=via, model_name=model_name, image_size=image_size, window=window,
+                 frame=frame, pixel_spacing=pixel_spacing)
     if not plan.todo:
         return plan.preds
     target = plan.target
@@ -635,6 +644,8 @@ async def apredict_files(
     model_name: str,
     image_size: int,
     window: Any = None,
+    frame: str = "middle",
+    pixel_spacing: float | None = None,
     threshold: float | None = None,
     timeout: float = 30.0,
     batch_size: int | None = None,
@@ -655,7 +666,8 @@ async def apredict_files(
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     plan = await asyncio.to_thread(_Plan, paths, via=via, model_name=model_name,
-                                   image_size=image_size, window=window)
+                                   image_size=image_size, window=window, frame=frame,
+                                   pixel_spacing=pixel_spacing)
     if not plan.todo:
         return plan.preds
     target = plan.target

@@ -51,6 +51,9 @@ class IngestConfig(_Section):
     image_size: int = Field(default=28, ge=8, le=1024)
     window: Window | None = None
     frame: Literal["first", "middle", "max"] = "middle"  # which frame of a multi-frame image
+    # mm per output pixel: resample to it and centre on the image_size canvas (a fixed field of
+    # view); None = resize the whole image. Files without a pixel spacing are then quarantined.
+    pixel_spacing: float | None = Field(default=None, gt=0)
     incremental: bool = True
     workers: int = Field(default=2, ge=1)
     shard_size: int = Field(default=2048, ge=1)
@@ -93,7 +96,7 @@ class TrainConfig(_Section):
     early_stopping_patience: int = Field(default=0, ge=0)  # 0 = off
     restore_best: bool = True            # keep the weights of the best validation-AUC epoch
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    threshold_strategy: Literal["fixed", "youden", "sensitivity"] = "youden"  # chosen on val
+    threshold_strategy: Literal["fixed", "youden", "youden_bootstrap", "sensitivity"] = "youden"  # on val
     target_sensitivity: float = Field(default=0.9, gt=0, le=1)
     # GPU and multi-machine paths (medops.distribute): "auto" uses what the machine has
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"

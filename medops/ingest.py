@@ -220,7 +220,7 @@ def process_file(rel: str) -> FileOutcome:
                                      QuarantineReason.NO_LABEL)
             label, split = entry
         image = prepare_image(ds, image_size=cfg.image_size, window=cfg.window,
-                              frame=_STATE["frame"])
+                              frame=_STATE["frame"], pixel_spacing=cfg.pixel_spacing)
     except DicomReadError as exc:
         out.reason, out.detail = exc.reason.value, _strip_source(str(exc))
         return out

@@ -182,8 +182,55 @@ def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
     return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
 
 
+def pixel_spacing_mm(ds: Dataset) -> tuple[float, float] | None:
+    """(row, column) spacing in mm of a data set's pixels, or None when it does not say.
+
+    Pixel Spacing (0028,0030, in the patient) first, else Imager Pixel Spacing (0018,1164, at the
+    detector, what CR/DX files often carry alone); the first value is the row spacing (the
+    distance between rows), the second the column spacing (PS3.3 10.7.1.3).
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        try:
+            rows, columns = float(value[0]), float(value[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if rows > 0 and columns > 0 and np.isfinite(rows) and np.isfinite(columns):
+            return rows, columns
+    return None
+
+
+def resample_to_spacing(image: np.ndarray, spacing: tuple[float, float], target: float,
+                        image_size: int) -> np.ndarray:
+    """Resample a 2-D [0, 1] image to ``target`` mm per pixel, then centre it on an
+    ``image_size`` x ``image_size`` canvas: a fixed field of view of ``image_size * target`` mm.
+
+    Resampling is Pillow bilinear (antialiased when shrinking), separately per axis, so
+    anisotropic pixels come out square. A larger result is centre-cropped; a smaller one is
+    padded with 0. The same physical size in every image, whatever its detector or zoom.
+    """
+    rows, columns = image.shape
+    new_rows = max(1, int(round(rows * spacing[0] / target)))
+    new_columns = max(1, int(round(columns * spacing[1] / target)))
+    if (new_rows, new_columns) != (rows, columns):
+        pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+        image = np.asarray(pil.resize((new_columns, new_rows), Image.Resampling.BILINEAR))
+    out = np.zeros((image_size, image_size), dtype=np.float32)
+    src_r, dst_r, n_r = _centre(new_rows, image_size)
+    src_c, dst_c, n_c = _centre(new_columns, image_size)
+    out[dst_r:dst_r + n_r, dst_c:dst_c + n_c] = image[src_r:src_r + n_r, src_c:src_c + n_c]
+    return np.clip(out, 0.0, 1.0)
+
+
+def _centre(length: int, size: int) -> tuple[int, int, int]:
+    """(source start, destination start, count) that centres ``length`` on ``size``."""
+    if length >= size:
+        return (length - size) // 2, 0, size
+    return 0, (size - length) // 2, length
+
+
 def prepare_image(ds: Dataset, *, image_size: int, window: "Window | None" = None,
-                  frame: FramePolicy = "middle") -> np.ndarray:
+                  frame: FramePolicy = "middle", pixel_spacing: float | None = None) -> np.ndarray:
     """Turn a data set's pixel data into the model input: float32 (S, S) in [0, 1].
 
     Implements the grayscale pipeline of PS3.4 N.2.1.1: modality LUT (PS3.3 C.11.1), VOI
@@ -195,10 +242,20 @@ def prepare_image(ds: Dataset, *, image_size: int, window: "Window | None" = Non
         window: a fixed VOI window (ingest.window) that overrides the file's VOI; None = the
             file's own VOI LUT / window, or min-max when it has neither.
         frame: multi-frame policy: ``first``, ``middle`` or ``max`` (maximum over frames).
+        pixel_spacing: mm per output pixel (ingest.pixel_spacing): resample to it and centre on
+            the S x S canvas (:func:`resample_to_spacing`); None = resize the whole image to S.
 
     Raises:
-        DicomReadError: the pixel data cannot be decoded or described (reason says why).
+        DicomReadError: the pixel data cannot be decoded or described (reason says why), or
+            ``pixel_spacing`` is set and the file gives no pixel spacing.
     """
+    spacing = None
+    if pixel_spacing is not None:
+        spacing = pixel_spacing_mm(ds)
+        if spacing is None:
+            raise DicomReadError(
+                f"no Pixel Spacing or Imager Pixel Spacing: cannot resample to "
+                f"ingest.pixel_spacing = {pixel_spacing:g} mm", QuarantineReason.UNSUPPORTED_PIXELS)
     arr, photometric = decode_pixels(ds, frame=frame)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     try:
@@ -223,16 +280,20 @@ def prepare_image(ds: Dataset, *, image_size: int, window: "Window | None" = Non
     if unit.ndim != 2:
         raise DicomReadError(f"expected a 2-D image after preprocessing, got shape {unit.shape}",
                              QuarantineReason.UNSUPPORTED_PIXELS)
+    if spacing is not None and pixel_spacing is not None:
+        return resample_to_spacing(unit, spacing, pixel_spacing, image_size)
     return resize_image(unit, image_size)
 
 
 def preprocess_bytes(data: bytes, *, image_size: int, window: "Window | None" = None,
-                     frame: FramePolicy = "middle") -> np.ndarray:
+                     frame: FramePolicy = "middle", pixel_spacing: float | None = None) -> np.ndarray:
     """:func:`prepare_image` for a DICOM file's bytes (what a client uploads to Triton)."""
-    return prepare_image(read_dataset(data), image_size=image_size, window=window, frame=frame)
+    return prepare_image(read_dataset(data), image_size=image_size, window=window, frame=frame,
+                         pixel_spacing=pixel_spacing)
 
 
 def preprocess_file(path: str | os.PathLike, *, image_size: int, window: "Window | None" = None,
-                    frame: FramePolicy = "middle") -> np.ndarray:
+                    frame: FramePolicy = "middle", pixel_spacing: float | None = None) -> np.ndarray:
     """:func:`prepare_image` for a DICOM file on disk."""
-    return prepare_image(read_dataset(path), image_size=image_size, window=window, frame=frame)
+    return prepare_image(read_dataset(path), image_size=image_size, window=window, frame=frame,
+                         pixel_spacing=pixel_spacing)

@@ -237,6 +237,8 @@ class EnsembleContract:
     threshold: float
     max_bytes: int
     max_pixels: int
+    frame: str = "middle"                # ingest.frame
+    pixel_spacing: float | None = None   # ingest.pixel_spacing
 
     @property
     def preprocess_name(self) -> str:
@@ -280,6 +282,8 @@ def build_ensemble_contract(
     threshold: float = 0.5,
     max_bytes: int = 64 * 1024 * 1024,
     max_pixels: int = 8192 * 8192,
+    frame: str = "middle",
+    pixel_spacing: float | None = None,
 ) -> EnsembleContract:
     """The ensemble around ``build_contract(cfg, image_size=...)``.
 
@@ -288,14 +292,19 @@ def build_ensemble_contract(
         threshold: ``evaluate.threshold``: probability at or above which the label is pneumonia.
         max_bytes / max_pixels: larger uploads (bytes) or images (rows x columns x frames x
             samples) are answered with an error instead of being decoded.
+        frame / pixel_spacing: ``ingest.frame`` and ``ingest.pixel_spacing``: the server
+            prepares pixels exactly as ingest prepared the training data.
     """
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
     if max_bytes < 1 or max_pixels < 1:
         raise ValueError(f"max_bytes ({max_bytes}) and max_pixels ({max_pixels}) must be >= 1")
     win = None if window is None else (float(window.center), float(window.width))
+    if frame not in ("first", "middle", "max"):
+        raise ValueError(f"frame must be first, middle or max, got {frame!r}")
     return EnsembleContract(build_contract(cfg, image_size=image_size), win, float(threshold),
-                            int(max_bytes), int(max_pixels))
+                            int(max_bytes), int(max_pixels), frame=frame,
+                            pixel_spacing=None if pixel_spacing is None else float(pixel_spacing))
 
 
 def _python_model(ec: EnsembleContract, name: str, tensors, params: dict[str, str],
@@ -319,9 +328,11 @@ def _python_model(ec: EnsembleContract, name: str, tensors, params: dict[str, st
 def render_preprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
     """The preprocessing model: raw DICOM bytes -> ``image`` (medops.dicom.pixels) and ``error``."""
     params = {"image_size": str(ec.classifier.image_size), "max_bytes": str(ec.max_bytes),
-              "max_pixels": str(ec.max_pixels)}
+              "max_pixels": str(ec.max_pixels), "frame": ec.frame}
     if ec.window is not None:
         params |= {"window_center": repr(ec.window[0]), "window_width": repr(ec.window[1])}
+    if ec.pixel_spacing is not None:
+        params |= {"pixel_spacing": repr(float(ec.pixel_spacing))}
     return _python_model(ec, ec.preprocess_name, ec.preprocess, params, flavour)
 
 

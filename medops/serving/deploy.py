@@ -440,6 +440,8 @@ def deploy(
     threshold: float | None = None,
     max_bytes: int = 64 * 1024 * 1024,
     max_pixels: int = 8192 * 8192,
+    frame: str = "middle",
+    pixel_spacing: float | None = None,
     golden: Path | None = None,
     golden_atol: float | None = None,
     admin_key: str | None = None,
@@ -455,7 +457,8 @@ def deploy(
        probabilities (``golden.npz`` beside the ONNX file) within ``golden_atol`` (default:
        export's ``parity_atol``).
     4. Only then is it served: pinned in the classifier's config and in the DICOM ensemble's
-       (``<name>_dicom``: preprocessing with ``window`` and the ``max_bytes``/``max_pixels``
+       (``<name>_dicom``: preprocessing with ``window``, ``frame``, ``pixel_spacing`` (as ingest
+       prepared the training data) and the ``max_bytes``/``max_pixels``
        limits -> classifier -> labels at ``threshold``, default export.json's
        ``decision_threshold``, else 0.5), and checked again through both.
        A failure at 3 or 4 removes the new version and keeps (or restores) the previous one.
@@ -478,7 +481,8 @@ def deploy(
         threshold = _recorded_threshold(export_result, "decision_threshold")
     url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
     ec = build_ensemble_contract(cfg, image_size=image_size, window=window, threshold=threshold,
-                                 max_bytes=max_bytes, max_pixels=max_pixels)
+                                 max_bytes=max_bytes, max_pixels=max_pixels, frame=frame,
+                                 pixel_spacing=pixel_spacing)
     contract = ec.classifier
     repository = Path(repository)
     with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
@@ -564,6 +568,8 @@ def rollback(
     threshold: float | None = None,
     max_bytes: int = 64 * 1024 * 1024,
     max_pixels: int = 8192 * 8192,
+    frame: str = "middle",
+    pixel_spacing: float | None = None,
     admin_key: str | None = None,
     timeout: float = 120.0,
 ) -> RollbackResult:
@@ -595,7 +601,8 @@ def rollback(
     if threshold is None:
         threshold = _recorded_threshold(repository / name / str(to_version) / VERSION_INFO, "threshold")
     ec = build_ensemble_contract(cfg, image_size=image_size, window=window, threshold=threshold,
-                                 max_bytes=max_bytes, max_pixels=max_pixels)
+                                 max_bytes=max_bytes, max_pixels=max_pixels, frame=frame,
+                                 pixel_spacing=pixel_spacing)
     contract = ec.classifier
     url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
     golden = repository / contract.name / str(to_version) / GOLDEN_FILE

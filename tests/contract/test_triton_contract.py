@@ -4,6 +4,8 @@ batching logic answers one response per request; the serving/client path imports
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 
@@ -74,7 +76,8 @@ def test_flavours_differ_only_in_backend_and_device(contract):
 
 def test_committed_production_repository_is_the_rendering(params):
     ec = build_ensemble_contract(params.serving, image_size=params.ingest.image_size,
-                                 window=params.ingest.window, threshold=params.evaluate.threshold)
+                                 window=params.ingest.window, threshold=params.evaluate.threshold,
+                                 frame=params.ingest.frame, pixel_spacing=params.ingest.pixel_spacing)
     expected = render_production_repository(ec)
     committed = {p.relative_to(DEPLOY_REPOSITORY).as_posix(): p.read_text()
                  for p in DEPLOY_REPOSITORY.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
@@ -212,11 +215,22 @@ def test_processing_parameters_carry_the_settings(params):
     from medops.config import Window
 
     ec = build_ensemble_contract(params.serving, image_size=64, window=Window(center=40, width=400),
-                                 threshold=0.3, max_bytes=1000, max_pixels=500)
+                                 threshold=0.3, max_bytes=1000, max_pixels=500, frame="max",
+                                 pixel_spacing=0.7)
     pre = parse(render_preprocess_config(ec, "embedded")).parameters
     assert {k: v.string_value for k, v in pre.items()} == {
-        "image_size": "64", "max_bytes": "1000", "max_pixels": "500",
-        "window_center": "40.0", "window_width": "400.0"}
+        "image_size": "64", "max_bytes": "1000", "max_pixels": "500", "frame": "max",
+        "window_center": "40.0", "window_width": "400.0", "pixel_spacing": "0.7"}
+    # what the preprocessing model reads back from them: the settings ingest used
+    from medops.serving.backends.dicom_preprocess import TritonPythonModel
+
+    model = TritonPythonModel()
+    model.initialize({"model_config": json.dumps(
+        {"parameters": {k: {"string_value": v.string_value} for k, v in pre.items()}})})
+    assert (model.image_size, model.frame, model.pixel_spacing) == (64, "max", 0.7)
+    assert (model.window.center, model.window.width) == (40, 400)
+    with pytest.raises(ValueError, match="frame"):
+        build_ensemble_contract(params.serving, image_size=64, frame="last")
     post = parse(render_postprocess_config(ec, "embedded")).parameters
     assert post["threshold"].string_value == "0.3"
     assert post["labels"].string_value == "normal,pneumonia"

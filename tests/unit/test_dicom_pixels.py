@@ -12,6 +12,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medops.config import SynthConfig, Window
 from medops.dicom import pixels, synth
+from medops.errors import DicomReadError, QuarantineReason
 from medops.paths import BUNDLED_DATASET
 
 
@@ -235,3 +236,40 @@ def test_non_finite_float_pixels_become_0_and_1_in_both_pipeline_paths():
     by_lut = pixels.apply_grayscale_pipeline(stored, ct, None, "MONOCHROME2")
     direct = np.clip((stored.astype(np.float64) - 1024 - 39.5) / 399 + 0.5, 0, 1)
     np.testing.assert_allclose(by_lut, direct, atol=1e-6)
+
+
+def test_resampling_to_a_pixel_spacing_makes_anisotropic_pixels_square():
+    # 4 rows x 2 columns, rows 1 mm apart, columns 2 mm apart: at 1 mm per pixel it is 4 x 4.
+    # Columns 0 -> 1 upsampled by Pillow's bilinear (triangle) filter: output centres at 0.25,
+    # 0.75, 1.25, 1.75 input pixels -> 0, 0.25, 0.75, 1 (edges take the nearest pixel alone)
+    values = np.tile(np.array([0, 255], dtype=np.uint8), (4, 1))
+    ds = make_dataset(values, PixelSpacing=[1.0, 2.0], WindowCenter="128", WindowWidth="256")
+    out = pixels.prepare_image(ds, image_size=4, pixel_spacing=1.0)
+    expected_row = np.clip((np.array([0, 0.25, 0.75, 1.0]) * 255 - 127.5) / 255 + 0.5, 0, 1)
+    np.testing.assert_allclose(out, np.tile(expected_row, (4, 1)), atol=1e-5)
+
+
+def test_resampling_centres_the_field_of_view_cropping_or_padding():
+    # 6 x 6 at 1 mm, 4 x 4 output at 1 mm: the central 4 x 4 (rows/columns 1..4)
+    big = np.arange(36, dtype=np.float32).reshape(6, 6) / 35
+    np.testing.assert_allclose(pixels.resample_to_spacing(big, (1.0, 1.0), 1.0, 4), big[1:5, 1:5])
+    # 2 x 2 at 1 mm on a 4 x 4 canvas: padded with 0 around the centre
+    small = np.full((2, 2), 0.5, dtype=np.float32)
+    out = pixels.resample_to_spacing(small, (1.0, 1.0), 1.0, 4)
+    assert out[1:3, 1:3].tolist() == [[0.5, 0.5], [0.5, 0.5]] and out.sum() == 2.0
+    # 8 x 8 at 0.5 mm = 4 x 4 at 1 mm: the whole image shrunk (a constant image stays constant)
+    np.testing.assert_allclose(pixels.resample_to_spacing(np.full((8, 8), 0.3, np.float32),
+                                                          (0.5, 0.5), 1.0, 4), 0.3, atol=1e-6)
+
+
+def test_pixel_spacing_falls_back_to_imager_pixel_spacing_and_is_required_when_set():
+    values = np.zeros((4, 4), dtype=np.uint8)
+    assert pixels.pixel_spacing_mm(make_dataset(values, ImagerPixelSpacing=[0.2, 0.3])) == (0.2, 0.3)
+    assert pixels.pixel_spacing_mm(make_dataset(values, PixelSpacing=[0.5, 0.5],
+                                                ImagerPixelSpacing=[0.2, 0.3])) == (0.5, 0.5)
+    bare = make_dataset(values)
+    assert pixels.pixel_spacing_mm(bare) is None
+    with pytest.raises(DicomReadError, match="cannot resample") as info:
+        pixels.prepare_image(bare, image_size=4, pixel_spacing=1.0)
+    assert info.value.reason is QuarantineReason.UNSUPPORTED_PIXELS
+    assert pixels.prepare_image(bare, image_size=4).shape == (4, 4)  # not set: a plain resize

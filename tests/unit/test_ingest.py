@@ -347,6 +347,33 @@ def test_burned_in_annotation_is_used_only_when_allowed(export, tmp_path):
     assert res.used == 14 + 1
 
 
+def test_pixel_spacing_resamples_files_that_have_one_and_quarantines_the_rest(tmp_path):
+    # two 16 x 16 CT slices, one at 0.5 mm, one without any spacing: at 1 mm per pixel on an
+    # 8 x 8 canvas the first is the whole slice shrunk 2x, the second cannot be resampled
+    src = tmp_path / "src"
+    src.mkdir()
+    with_spacing, without = _small_ct(1), _small_ct(2)
+    with_spacing.PixelSpacing = [0.5, 0.5]
+    with_spacing.save_as(src / "a.dcm", enforce_file_format=True)
+    without.save_as(src / "b.dcm", enforce_file_format=True)
+    cfg = IngestConfig(workers=1, image_size=8, pixel_spacing=1.0)
+    res = ingest.run(cfg, source_dir=src, out_dir=tmp_path / "out", key=KEY)
+    assert (res.used, res.quarantined_by_reason) == (1, {"unsupported_pixels": 1})
+    quarantined = _read_csv(res.quarantine)
+    assert [(r["path"], r["reason"]) for r in quarantined] == [("b.dcm", "unsupported_pixels")]
+    assert "cannot resample to ingest.pixel_spacing = 1 mm" in quarantined[0]["detail"]
+    from medops.dicom.pixels import apply_grayscale_pipeline, resample_to_spacing
+
+    stored = with_spacing.pixel_array
+    expected = resample_to_spacing(apply_grayscale_pipeline(stored, with_spacing, None, "MONOCHROME2"),
+                                   (0.5, 0.5), 1.0, 8)
+    images = np.load(next((tmp_path / "out" / "arrays").glob("*.npy")))
+    np.testing.assert_allclose(images[0], expected, atol=1e-6)
+    # without the setting both are resized whole, so the setting is part of the fingerprint
+    res = ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "out", key=KEY)
+    assert (res.used, res.decoded) == (2, 2)
+
+
 def test_folders_that_would_lose_data_are_refused(tmp_path):
     synth.run(SynthConfig(max_images_per_split=1), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
     raw = tmp_path / "raw"

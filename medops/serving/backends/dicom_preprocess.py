@@ -52,7 +52,8 @@ def check_limits(data: bytes, limits: Limits) -> str | None:
 
 
 def preprocess_items(
-    items: list[bytes], *, image_size: int, window: Any, limits: Limits
+    items: list[bytes], *, image_size: int, window: Any, limits: Limits, frame: str = "middle",
+    pixel_spacing: float | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Preprocess each DICOM byte string. Returns ``(images (n, S, S, 1) float32, errors)``,
     where ``errors[i]`` is "" for a usable item and the reason otherwise (its image is zeros)."""
@@ -67,7 +68,8 @@ def preprocess_items(
             errors[i] = refused
             continue
         try:
-            images[i, ..., 0] = preprocess_bytes(data, image_size=image_size, window=window)
+            images[i, ..., 0] = preprocess_bytes(data, image_size=image_size, window=window,
+                                                 frame=frame, pixel_spacing=pixel_spacing)
         except DicomReadError as exc:
             errors[i] = f"{exc.reason.value}: {exc}"
         except Exception as exc:  # noqa: BLE001 - never fail the batch for one file
@@ -91,6 +93,9 @@ class TritonPythonModel:
         self.image_size = int(params["image_size"])
         self.window = window_from_parameters(params)
         self.limits = Limits(params["max_bytes"], params["max_pixels"])
+        self.frame = params.get("frame", "middle")
+        spacing = params.get("pixel_spacing")
+        self.pixel_spacing = float(spacing) if spacing else None
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -101,7 +106,8 @@ class TritonPythonModel:
                 raw = pb_utils.get_input_tensor_by_name(request, DICOM_INPUT).as_numpy()
                 items = [bytes(x) for x in raw.reshape(-1)]
                 images, errors = preprocess_items(items, image_size=self.image_size,
-                                                  window=self.window, limits=self.limits)
+                                                  window=self.window, limits=self.limits,
+                                                  frame=self.frame, pixel_spacing=self.pixel_spacing)
                 err = np.array([e.encode() for e in errors], dtype=np.object_).reshape(-1, 1)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor(IMAGE_OUTPUT, images), pb_utils.Tensor(ERROR_OUTPUT, err)]))
