@@ -221,13 +221,24 @@ def compute_subgroup_metrics(rows: pd.DataFrame, y_true: np.ndarray, y_score: np
     return pd.DataFrame(out, columns=["attribute", "value", "n", "n_positive", "auc", "accuracy", "sensitivity", "specificity"])
 
 
+def _youden_index(fpr: np.ndarray, tpr: np.ndarray) -> int:
+    return int(np.argmax(tpr - fpr))  # first maximum: the highest threshold among ties
+
+
 def select_threshold(
-    y_true: np.ndarray, y_score: np.ndarray, strategy: str, *, target_sensitivity: float = 0.9
+    y_true: np.ndarray, y_score: np.ndarray, strategy: str, *, target_sensitivity: float = 0.9,
+    bootstrap_samples: int = 1000, seed: int = 0,
 ) -> float:
     """The decision threshold for ``strategy``, chosen on (validation) labels and scores.
 
     - ``fixed``: 0.5.
     - ``youden``: the ROC point maximising Youden's J = sensitivity + specificity - 1.
+    - ``youden_bootstrap``: the median, over ``bootstrap_samples`` resamples of the labels and
+      scores (stratified by class, seeded), of each resample's Youden threshold. On a validation
+      split that the model separates almost perfectly, the single argmax of J sits on whichever
+      few borderline images happen to be in it and moves a lot from one split (or seed) to the
+      next; the bootstrap median is the same choice with that variance averaged out (the
+      "maximize_boot_metric" cut-point of Thiele & Hirschfeld, cutpointr, J. Stat. Softw. 2021).
     - ``sensitivity``: the highest threshold whose sensitivity is at least ``target_sensitivity``
       (the most specific operating point that still finds that share of positives).
     """
@@ -241,14 +252,27 @@ def select_threshold(
     finite = np.isfinite(thr)
     fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
     if strategy == "youden":
-        i = int(np.argmax(tpr - fpr))  # first maximum: the highest threshold among ties
+        value = thr[_youden_index(fpr, tpr)]
+    elif strategy == "youden_bootstrap":
+        if bootstrap_samples < 1:
+            raise MedopsError(f"youden_bootstrap needs bootstrap_samples >= 1, got {bootstrap_samples}")
+        rng = np.random.default_rng(seed)
+        pos, neg = np.flatnonzero(y_true == 1), np.flatnonzero(y_true == 0)
+        picks = []
+        for _ in range(bootstrap_samples):
+            idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+            b_fpr, b_tpr, b_thr = roc_curve(y_true[idx], y_score[idx])
+            ok = np.isfinite(b_thr)
+            picks.append(b_thr[ok][_youden_index(b_fpr[ok], b_tpr[ok])])
+        value = float(np.median(picks))
     elif strategy == "sensitivity":
         if not 0 < target_sensitivity <= 1:
             raise MedopsError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
-        i = int(np.nonzero(tpr >= target_sensitivity)[0][0])
+        value = thr[int(np.nonzero(tpr >= target_sensitivity)[0][0])]
     else:
-        raise MedopsError(f"threshold_strategy must be fixed, youden or sensitivity, got {strategy!r}")
-    return float(min(max(thr[i], 1e-6), 1.0))
+        raise MedopsError("threshold_strategy must be fixed, youden, youden_bootstrap or sensitivity, "
+                          f"got {strategy!r}")
+    return float(min(max(value, 1e-6), 1.0))
 
 
 def compute_roc(y_true: np.ndarray, y_score: np.ndarray) -> pd.DataFrame:

@@ -17,7 +17,8 @@ Params (``train`` and ``augment`` sections, TrainConfig and AugmentConfig):
     Optional keys (read with defaults until they are in TrainConfig; see TRAIN_DEFAULTS):
     class_weight ("none" | "balanced"), early_stopping_patience (0 = train every epoch),
     restore_best (keep the weights of the best val AUC epoch), lr_schedule ("constant" |
-    "cosine"), threshold_strategy ("fixed" | "youden" | "sensitivity") and target_sensitivity:
+    "cosine"), threshold_strategy ("fixed" | "youden" | "youden_bootstrap" | "sensitivity") and
+    target_sensitivity:
     how the decision threshold is chosen on val and recorded in train.json
     (``decision_threshold``) for evaluate, export and serving.
 """
@@ -206,7 +207,8 @@ def run(
     import tensorflow as tf
 
     started = time.perf_counter()
-    x_train, y_train, _ = load_split_images(ingested_dir, split, "train")
+    x_train, y_train, train_rows = load_split_images(ingested_dir, split, "train")
+    x_train, y_train = canonical_order(x_train, y_train, train_rows)
     x_val, y_val, _ = load_split_images(ingested_dir, split, "val")
     check_both_classes(y_train, "train")
     check_both_classes(y_val, "val")
@@ -217,7 +219,8 @@ def run(
     val_scores = predict_probabilities(model, x_val)
     strategy = str(option(train_cfg, "threshold_strategy"))
     threshold = select_threshold(
-        y_val, val_scores, strategy, target_sensitivity=float(option(train_cfg, "target_sensitivity"))
+        y_val, val_scores, strategy, target_sensitivity=float(option(train_cfg, "target_sensitivity")),
+        seed=train_cfg.seed,
     )
     duration = time.perf_counter() - started
 
@@ -263,6 +266,21 @@ def run(
         result_out.parent.mkdir(parents=True, exist_ok=True)
         result_out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return result
+
+
+def canonical_order(x: np.ndarray, y: np.ndarray, rows: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The training examples in the order of their source files' content hashes.
+
+    split.csv lists images by pseudonymous patient and SOP Instance UID, which depend on the
+    de-identification key; the seeded shuffle then permutes that order, so the same data, params
+    and seed would train a different model under another key (each clone makes its own). Ordered
+    by ``content_sha256`` (the original file's bytes, key-free) first, a run is reproducible from
+    the data, params.yaml and the seed alone.
+    """
+    if "content_sha256" not in getattr(rows, "columns", ()):
+        return x, y
+    order = np.argsort(rows["content_sha256"].to_numpy(dtype=str), kind="stable")
+    return x[order], y[order]
 
 
 def preview_path(model_out: Path) -> Path:

@@ -51,6 +51,28 @@ def test_threshold_selection_by_hand():
         evaluate.select_threshold(Y, S, "magic")
 
 
+def test_youden_bootstrap_is_seeded_and_stratified():
+    # Y/S above: J ties at 0.8, 0.6 and 0.4 (J = 0.5); resamples break the tie either way, and the
+    # median of their picks is one of the scores, the same for the same seed
+    t = evaluate.select_threshold(Y, S, "youden_bootstrap", bootstrap_samples=201, seed=1)
+    assert np.isclose(S, t).any()  # an odd number of picks: the median is one of them
+    assert t == evaluate.select_threshold(Y, S, "youden_bootstrap", bootstrap_samples=201, seed=1)
+    # stratified: two positives among many negatives still give both classes in every resample
+    y = np.array([1, 1] + [0] * 30)
+    s = np.r_[[0.9, 0.7], np.linspace(0.0, 0.6, 30)]
+    assert evaluate.select_threshold(y, s, "youden_bootstrap", bootstrap_samples=50) == pytest.approx(0.7)
+    # separable scores: every resample's J = 1 first at its lowest positive, so the median is one
+    # of the lowest positives, above every negative
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(80), np.ones(60)].astype(int)
+    s = np.r_[rng.uniform(0.0, 0.5, 80), rng.uniform(0.7, 1.0, 60)]
+    boot = evaluate.select_threshold(y, s, "youden_bootstrap", bootstrap_samples=101, seed=0)
+    assert boot in np.sort(s[y == 1])[:3]
+    assert evaluate.select_threshold(y, s, "youden") == np.sort(s[y == 1])[0]
+    with pytest.raises(MedopsError, match="bootstrap_samples"):
+        evaluate.select_threshold(Y, S, "youden_bootstrap", bootstrap_samples=0)
+
+
 def test_expected_calibration_error_by_hand():
     y = np.array([0, 1, 1, 0])
     s = np.array([0.05, 0.95, 0.85, 0.75])

@@ -168,3 +168,22 @@ def test_a_training_run_saves_its_augmentation_preview_and_provenance(trained):
     record = json.loads(trained["train_result"].read_text())
     assert record["distribution"]["strategy"] == "default"  # no GPU, no TF_CONFIG here
     assert record["code_commit"] is None or len(record["code_commit"].split("+")[0]) == 40
+
+
+def test_training_order_does_not_depend_on_the_order_split_csv_lists_images():
+    # split.csv's order follows pseudonyms (key-dependent); two listings of the same images in
+    # different orders must reach the model in one order, that of the source content hashes
+    import pandas as pd
+
+    from medops.train import canonical_order
+
+    rng = np.random.default_rng(0)
+    hashes = np.array([f"{h:064x}" for h in rng.integers(0, 2**62, 20)])
+    x = rng.random((20, 4, 4, 1)).astype(np.float32)
+    y = (rng.random(20) > 0.5).astype(np.float32)
+    first = canonical_order(x, y, pd.DataFrame({"content_sha256": hashes}))
+    perm = rng.permutation(20)
+    second = canonical_order(x[perm], y[perm], pd.DataFrame({"content_sha256": hashes[perm]}))
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    np.testing.assert_array_equal(first[0], x[np.argsort(hashes)])
