@@ -209,7 +209,8 @@ def run(
     started = time.perf_counter()
     x_train, y_train, train_rows = load_split_images(ingested_dir, split, "train")
     x_train, y_train = canonical_order(x_train, y_train, train_rows)
-    x_val, y_val, _ = load_split_images(ingested_dir, split, "val")
+    x_val, y_val, val_rows = load_split_images(ingested_dir, split, "val")
+    x_val, y_val = canonical_order(x_val, y_val, val_rows)  # the threshold's bootstrap too
     check_both_classes(y_train, "train")
     check_both_classes(y_val, "val")
     model, history, best_epoch = fit_model(
@@ -269,7 +270,8 @@ def run(
 
 
 def canonical_order(x: np.ndarray, y: np.ndarray, rows: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The training examples in the order of their source files' content hashes.
+    """Examples (train, and val for the threshold's bootstrap) in the order of their source
+    files' content hashes.
 
     split.csv lists images by pseudonymous patient and SOP Instance UID, which depend on the
     de-identification key; the seeded shuffle then permutes that order, so the same data, params
