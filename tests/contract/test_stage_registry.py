@@ -32,6 +32,62 @@ def test_dvc_stage_runs_the_registered_stage(name, dvc_stages):
     assert module_file in stage["deps"], f"{name}: dvc.yaml deps lack {module_file}"
 
 
+# Definitions every stage imports; their behaviour reaches a stage through params.yaml (tracked
+# per section) or the stage's own code, so they are not listed as code deps.
+_SHARED = {"medops/__init__.py", "medops/errors.py", "medops/config.py", "medops/paths.py"}
+
+
+def _medops_imports(path, repo_root) -> set[str]:
+    """The medops source files ``path`` imports (any import statement, lazy ones included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            if not name.startswith("medops"):
+                continue
+            base = repo_root / name.replace(".", "/")
+            for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+                if candidate.is_file():
+                    found.add(candidate.relative_to(repo_root).as_posix())
+    return found
+
+
+def code_closure(module: str, repo_root) -> set[str]:
+    """Every medops file the stage module runs, following imports transitively."""
+    todo = [module.replace(".", "/") + ".py"]
+    seen: set[str] = set()
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        todo.extend(_medops_imports(repo_root / rel, repo_root) - seen)
+    return seen - _SHARED
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_dvc_deps_cover_all_the_code_a_stage_runs(name, dvc_stages, repo_root):
+    # a change to any medops file a stage imports must rerun that stage under `dvc repro`
+    deps = [d.rstrip("/") for d in dvc_stages[name]["deps"] if d.startswith("medops")]
+    covered = lambda rel: any(rel == d or rel.startswith(d + "/") for d in deps)  # noqa: E731
+    missing = sorted(rel for rel in code_closure(STAGES[name].module, repo_root) if not covered(rel))
+    assert not missing, f"dvc.yaml stage {name!r} lacks code deps: {missing}"
+
+
+def test_code_closure_follows_lazy_and_transitive_imports(repo_root):
+    closure = code_closure("medops.train", repo_root)
+    assert "medops/augment.py" in closure          # module-level import
+    assert "medops/distribute.py" in closure       # imported inside a function
+    assert "medops/models/__init__.py" in closure  # a package
+    assert "medops/config.py" not in closure       # shared definitions are left out
+
+
 @pytest.mark.parametrize("name", list(STAGES))
 def test_stage_sections_exist_in_params(name):
     for section in STAGES[name].sections:
