@@ -15,10 +15,14 @@ BUNDLED_DATASET = PACKAGE_ROOT.parent / "datasets" / "pneumoniamnist" / "pneumon
 
 
 def find_project_root(start: Path | None = None) -> Path:
-    """The nearest folder at or above ``start`` (default: $MEDOPS_ROOT or the cwd) with params.yaml."""
-    env = os.environ.get("MEDOPS_ROOT")
-    here = Path(env) if env else (start or Path.cwd())
-    here = here.resolve()
+    """The nearest folder at or above ``start`` with params.yaml (``start`` itself if none has one).
+
+    ``start`` defaults to $MEDOPS_ROOT, then the current folder; an explicit ``start`` wins.
+    """
+    if start is None:
+        env = os.environ.get("MEDOPS_ROOT")
+        start = Path(env) if env else Path.cwd()
+    here = Path(start).resolve()
     for candidate in (here, *here.parents):
         if (candidate / "params.yaml").is_file():
             return candidate

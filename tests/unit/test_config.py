@@ -41,3 +41,21 @@ def test_update_params_file_keeps_comments_and_validates(tmp_path, repo_root):
     assert p.read_text() == before  # an invalid override never reaches the file
     with pytest.raises(ConfigError, match="unknown params section"):
         update_params_file(p, {"trian": {"epochs": 3}})
+
+
+def test_find_project_root_explicit_start_wins_over_medops_root(tmp_path, monkeypatch):
+    from medops.paths import ProjectPaths, find_project_root
+
+    given, env_root = tmp_path / "given", tmp_path / "env"
+    for root in (given, env_root):
+        (root / "sub").mkdir(parents=True)
+        (root / "params.yaml").write_text("{}\n")
+    monkeypatch.setenv("MEDOPS_ROOT", str(env_root))
+    monkeypatch.chdir(tmp_path)
+    assert find_project_root(given / "sub") == given.resolve()
+    assert ProjectPaths.discover(given).root == given.resolve()
+    # no start: $MEDOPS_ROOT, then the current folder
+    assert find_project_root() == env_root.resolve()
+    monkeypatch.delenv("MEDOPS_ROOT")
+    monkeypatch.chdir(given / "sub")
+    assert find_project_root() == given.resolve()
