@@ -107,7 +107,7 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     threshold: float = Field(default=0.5, gt=0, lt=1)
     use_train_threshold: bool = True     # the threshold chosen on val in training, if recorded
-    bootstrap_samples: int = Field(default=1000, ge=0)
+    bootstrap_samples: int = Field(default=1000, ge=1)
     calibration_bins: int = Field(default=10, ge=2)
     gradcam_samples: int = Field(default=8, ge=0)
     gradcam_layer: str | None = None

@@ -133,9 +133,16 @@ def bootstrap_auc_ci(
     y_true: np.ndarray, y_score: np.ndarray, *, n_samples: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval for the AUC (images resampled with replacement;
-    resamples holding one class only are skipped)."""
+    resamples holding one class only are skipped).
+
+    Raises:
+        MedopsError: ``n_samples`` < 1, only one class is present, or no resample held both
+            classes (too few samples for a minority class this small).
+    """
     from sklearn.metrics import roc_auc_score
 
+    if n_samples < 1:
+        raise MedopsError(f"the AUC bootstrap needs n_samples >= 1, got {n_samples}")
     y_true, y_score = _check_inputs(y_true, y_score)
     compute_auc(y_true, y_score)
     rng = np.random.default_rng(seed)
@@ -147,6 +154,12 @@ def bootstrap_auc_ci(
         if yt.min() == yt.max():
             continue
         aucs.append(roc_auc_score(yt, y_score[idx]))
+    if not aucs:
+        raise MedopsError(
+            f"AUC confidence interval undefined: none of {n_samples} bootstrap resamples of "
+            f"{n} images ({int(y_true.sum())} positive) held both classes; raise "
+            "evaluate.bootstrap_samples"
+        )
     alpha = (1 - level) / 2
     lo, hi = np.quantile(aucs, [alpha, 1 - alpha])
     return float(lo), float(hi)

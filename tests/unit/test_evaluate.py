@@ -96,6 +96,23 @@ def test_bootstrap_ci_brackets_the_auc_and_narrows_with_data():
     assert evaluate.bootstrap_auc_ci(y, s, n_samples=300) == (lo, hi)  # seeded
 
 
+def test_bootstrap_ci_without_a_two_class_resample_is_a_clear_error():
+    y, s = np.array([0, 1]), np.array([0.2, 0.8])
+    # seed 4: each of the 3 resamples of 2 images draws the same image twice
+    with pytest.raises(MedopsError, match="none of 3 bootstrap resamples of 2 images .* held both classes"):
+        evaluate.bootstrap_auc_ci(y, s, n_samples=3, seed=4)
+    with pytest.raises(MedopsError, match="n_samples >= 1, got 0"):
+        evaluate.bootstrap_auc_ci(y, s, n_samples=0)
+
+
+def test_bootstrap_samples_must_be_at_least_one():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="bootstrap_samples"):
+        EvaluateConfig(bootstrap_samples=0)
+    assert EvaluateConfig(bootstrap_samples=1).bootstrap_samples == 1
+
+
 def test_pr_curve_and_average_precision():
     pr, ap = evaluate.compute_pr(Y, S)
     assert list(pr.columns) == ["recall", "precision", "threshold"]
