@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medops.errors import ConfigError
 
@@ -84,11 +84,12 @@ class AugmentConfig(_Section):
 
 
 class TrainConfig(_Section):
-    model: str = "simple_cnn"
+    model: str = "simple_cnn"            # a name in the model registry (medops.models.MODELS)
     epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=64, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
-    filters: list[int] = [32, 64, 128]
+    # one entry per block/stage (resnet, vit: the last sets the width); each at least 1
+    filters: list[Annotated[int, Field(ge=1)]] = Field(default=[32, 64, 128], min_length=1)
     dense_units: int = Field(default=128, ge=1)
     dropout: float = Field(default=0.3, ge=0, lt=1)
     seed: int = 42
@@ -102,6 +103,16 @@ class TrainConfig(_Section):
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     xla: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("model")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        # the registry imports no TensorFlow; imported here because it imports this module
+        from medops.models import MODELS
+
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; choices: {', '.join(sorted(MODELS))}")
+        return name
 
 
 class EvaluateConfig(_Section):

@@ -43,6 +43,37 @@ def test_update_params_file_keeps_comments_and_validates(tmp_path, repo_root):
         update_params_file(p, {"trian": {"epochs": 3}})
 
 
+@pytest.mark.parametrize(("yaml_value", "key"), [
+    ("filters: []", "train.filters"),
+    ("filters: [16, 0, 32]", "train.filters.1"),
+    ("model: resnet50", "train.model"),
+])
+def test_bad_train_architecture_fails_at_load(tmp_path, repo_root, yaml_value, key):
+    p = tmp_path / "params.yaml"
+    text = (repo_root / "params.yaml").read_text()
+    field = yaml_value.split(":")[0]
+    lines = [f"  {yaml_value}" if line.startswith(f"  {field}:") else line for line in text.splitlines()]
+    assert lines != text.splitlines()
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        load_params(p)
+    if field == "model":
+        assert "choices: efficientnet_b0, resnet, simple_cnn, vit" in str(err.value)
+
+
+def test_every_registered_model_is_a_valid_train_model_and_config_loads_no_tensorflow():
+    import subprocess
+    import sys
+
+    from medops.config import TrainConfig
+    from medops.models import MODELS
+
+    assert all(TrainConfig(model=name).model == name for name in MODELS)
+    code = "import sys, medops.config as c; c.TrainConfig(model='vit'); print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_find_project_root_explicit_start_wins_over_medops_root(tmp_path, monkeypatch):
     from medops.paths import ProjectPaths, find_project_root
 
