@@ -1063,7 +1063,10 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
             process_file(rel)
 
     _write_metadata(metadata, staging / "metadata.parquet")
-    unchanged = (previous is not None and decoded == 0 and not rewrite
+    # a file decoded again (no_label and duplicate are looked at on every run) either ends
+    # quarantined before its de-identified copy is written, or adds a metadata row, or shares a
+    # kept file's SOP Instance UID (then it is in rewrite): comparing the staged outputs is enough
+    unchanged = (previous is not None and not rewrite
                  and all((out_dir / name).is_file()
                          and filecmp.cmp(staging / name, out_dir / name, shallow=False) for name in outputs))
     if unchanged:

@@ -284,6 +284,28 @@ def test_rerun_on_the_same_folder_changes_nothing(grown):
     assert _mtimes(out) == before
 
 
+def test_rerun_with_an_unlabelled_file_changes_nothing(grown):
+    """A no_label file is looked at again on every run (the manifest may have gained it); when it
+    is still unlabelled, nothing changed and nothing is written."""
+    rows = _read_csv(grown["manifest"])
+    in_src = {p.relative_to(grown["src"]).as_posix() for p in grown["src"].rglob("*.dcm")}
+    unlabelled = next(r for r in rows if r["path"] in in_src)
+    manifest = grown["tmp"] / "partial.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(r for r in rows if r is not unlabelled)
+    cfg = IngestConfig(workers=1)
+    out = grown["tmp"] / "out"
+    first = ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=manifest, key=KEY)
+    assert first.quarantined_by_reason == {"no_label": 1}
+    before = _mtimes(out)
+    again = ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=manifest, key=KEY)
+    assert again.decoded == 1 and again.quarantined_by_reason == {"no_label": 1}
+    assert again.changed is False and "nothing changed" in ingest.format_summary(again)
+    assert _mtimes(out) == before
+
+
 def test_removed_files_lose_their_rows_and_deidentified_copies(grown):
     cfg = IngestConfig(workers=1)
     out = grown["tmp"] / "out"
