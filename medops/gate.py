@@ -81,18 +81,33 @@ class GateDecision(BaseModel):
     timestamp: str
 
 
+def metric_value(metrics: dict[str, Any], key: str) -> float | None:
+    """``metrics[key]`` as a float if it is a finite number (not a bool); None otherwise.
+
+    The one test of a usable metric: ``check_metrics`` fails a check without one, and ``decide``
+    records only these (NaN or infinity would be written to gate.json as null, which
+    ``read_decision`` could not read back).
+    """
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def check_metrics(cfg: GateConfig, metrics: dict[str, Any]) -> tuple[bool, list[str]]:
     """Compare each metric with its threshold; returns (all passed, one reason per check).
 
-    A missing or non-numeric metric fails its check (a gate must not pass on absent evidence).
+    A missing, non-numeric or non-finite (NaN, infinite) metric fails its check (a gate must not
+    pass on absent evidence).
     """
     reasons: list[str] = []
     passed = True
     for key, field in CHECKS:
         limit = float(getattr(cfg, field))
-        value = metrics.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-            reasons.append(f"{key} missing from metrics (need {field} {limit:.3f}): fail")
+        value = metric_value(metrics, key)
+        if value is None:
+            what = "missing from metrics" if key not in metrics else f"is not a finite number ({metrics[key]!r})"
+            reasons.append(f"{key} {what} (need {field} {limit:.3f}): fail")
             passed = False
             continue
         ok = value >= limit
@@ -288,7 +303,7 @@ def decide(
         reasons=reasons,
         data_version=str(train_record.get("data_version", "unknown")),
         model=train_record.get("model"),
-        metrics={k: float(metrics[k]) for k, _ in CHECKS if isinstance(metrics.get(k), (int, float))},
+        metrics={k: v for k, _ in CHECKS if (v := metric_value(metrics, k)) is not None},
         thresholds={f: float(getattr(cfg, f)) for _, f in CHECKS},
         champion=champion,
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),

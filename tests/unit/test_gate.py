@@ -75,6 +75,18 @@ def test_missing_metric_fails_rather_than_passes(files):
     assert decision.reasons[-2] == "specificity missing from metrics (need min_specificity 0.500): fail"
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, "0.95"])
+def test_a_nan_or_non_numeric_metric_fails_and_the_decision_stays_readable(files, bad):
+    paths = files({**GOOD, "auc": bad})
+    decision = gate.run(GateConfig(), **paths)
+    assert not decision.passed
+    assert decision.reasons[0] == f"auc is not a finite number ({bad!r}) (need min_auc 0.900): fail"
+    assert "auc" not in decision.metrics and decision.metrics["accuracy"] == GOOD["accuracy"]
+    assert gate.read_decision(paths["out"]) == decision  # no null written where a float belongs
+    with pytest.raises(GateRejectedError, match="auc is not a finite number"):
+        gate.require_passed(paths["out"])
+
+
 def test_missing_inputs_and_decisions_are_typed_errors(tmp_path):
     with pytest.raises(MedopsError, match="metrics"):
         gate.run(GateConfig(), metrics=tmp_path / "no.json", train_result=tmp_path / "no2.json", out=tmp_path / "g.json")
