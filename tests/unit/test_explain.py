@@ -220,7 +220,8 @@ def test_run_writes_a_sample_of_the_test_split(project, tmp_path):
     for s in result.samples:
         assert s.sop_instance_uid in test_uids and s.sop_instance_uid in s.file
         assert s.probability == pytest.approx(float(scores[s.sop_instance_uid]), abs=1e-5)
-        assert s.outcome == ("TP" if s.label else "FP") if s.probability >= 0.4 else ("FN" if s.label else "TN")
+        expected = ("TP" if s.label else "FP") if s.probability >= 0.4 else ("FN" if s.label else "TN")
+        assert s.outcome == expected
         with Image.open(s.file) as im:
             assert im.format == "PNG"
     # The sample is select_samples' choice (round-robin over outcomes, most confident first).
