@@ -29,12 +29,11 @@ DEFAULT_DATASET = "data/deidentified"
 def ingest(paths: ProjectPaths, source: Path, dataset: Path, manifest: Optional[Path]) -> dict[str, Any]:
     """medops ingest of ``source`` into ``dataset`` (incremental)."""
     from medops import ingest as ingest_stage
-    from medops.dicom.deid import resolve_deid_key
+    from medops.pipeline import deid_key
 
-    cfg = load_params(paths.params).ingest
-    result = ingest_stage.run(cfg, source_dir=source, out_dir=dataset, manifest=manifest,
-                              key=resolve_deid_key(cfg.deid, state_dir=paths.state),
-                              frame=cfg.frame, incremental=cfg.incremental)
+    params = load_params(paths.params)
+    result = ingest_stage.run(params.ingest, source_dir=source, out_dir=dataset, manifest=manifest,
+                              key=deid_key(params, paths))
     get_run_logger().info(ingest_stage.format_summary(result))
     return result.model_dump(mode="json")
 

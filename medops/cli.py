@@ -38,21 +38,21 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from medops import ingest
-    from medops.dicom.deid import resolve_deid_key
+    from medops.pipeline import deid_key
 
     paths, params = _context(args)
     cfg = params.ingest
     if args.workers:
         cfg = cfg.model_copy(update={"workers": args.workers})
+    if args.full:
+        cfg = cfg.model_copy(update={"incremental": False})
     result = ingest.run(
         cfg,
         source_dir=Path(args.source),
         out_dir=Path(args.out),
         manifest=Path(args.manifest) if args.manifest else None,
-        key=resolve_deid_key(cfg.deid, state_dir=paths.state),
+        key=deid_key(params, paths),
         progress=not args.quiet,
-        frame=cfg.frame,
-        incremental=cfg.incremental and not args.full,
     )
     print(ingest.format_summary(result))
     return 0

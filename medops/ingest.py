@@ -156,10 +156,8 @@ def read_manifest(path: Path) -> dict[str, tuple[int | None, str | None]]:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(cfg: IngestConfig, key: bytes, labels: dict | None, source_dir: str, dicom_dir: str,
-                 frame: str) -> None:
-    _STATE.update(cfg=cfg, key=key, labels=labels, source_dir=Path(source_dir),
-                  dicom_dir=Path(dicom_dir), frame=frame)
+def _init_worker(cfg: IngestConfig, key: bytes, labels: dict | None, source_dir: str, dicom_dir: str) -> None:
+    _STATE.update(cfg=cfg, key=key, labels=labels, source_dir=Path(source_dir), dicom_dir=Path(dicom_dir))
 
 
 def _init_pool_worker(*init_args: Any) -> None:
@@ -220,7 +218,7 @@ def process_file(rel: str) -> FileOutcome:
                                      QuarantineReason.NO_LABEL)
             label, split = entry
         image = prepare_image(ds, image_size=cfg.image_size, window=cfg.window,
-                              frame=_STATE["frame"], pixel_spacing=cfg.pixel_spacing)
+                              frame=cfg.frame, pixel_spacing=cfg.pixel_spacing)
     except DicomReadError as exc:
         out.reason, out.detail = exc.reason.value, _strip_source(str(exc))
         return out
@@ -737,15 +735,17 @@ def labels_from_path(rel: str) -> tuple[int | None, str | None]:
     return label, split
 
 
-def _fingerprint(cfg: IngestConfig, key: bytes, frame: str) -> str:
-    """What makes earlier outputs reusable: every setting that changes a pixel or a pseudonym."""
+def _fingerprint(cfg: IngestConfig, key: bytes) -> str:
+    """What makes earlier outputs reusable: every setting that changes a pixel or a pseudonym
+    (not ``workers``, which changes no output byte, nor ``incremental``: a full rebuild's outputs
+    are reused by the incremental runs after it)."""
     import hmac
     import json
 
     from medops import __version__
 
     key_id = hmac.new(key, b"medops ingest key id", hashlib.sha256).hexdigest()[:16]
-    payload = json.dumps({"ingest": cfg.model_dump(mode="json", exclude={"workers"}), "frame": frame,
+    payload = json.dumps({"ingest": cfg.model_dump(mode="json", exclude={"workers", "incremental"}),
                           "key": key_id, "medops": __version__}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -898,30 +898,29 @@ def _digest(text: str) -> bytes:
 
 
 def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | None = None,
-        key: bytes | None = None, progress: bool | Progress | None = None,
-        frame: str = "middle", incremental: bool = True) -> IngestResult:
+        key: bytes | None = None, progress: bool | Progress | None = None) -> IngestResult:
     """Ingest every file below ``source_dir`` into ``out_dir``; see the module docstring.
 
-    Incremental: when ``out_dir`` holds the outputs of an earlier run with the same settings and
-    key, a file whose content (SHA-256) was seen before is not read again: its row, its pixels and
-    its de-identified file are kept, and labels are re-applied from the current manifest. Only new
-    content is decoded; files that went away lose their rows. A run that would change nothing
-    writes nothing. (With DVC, the stage's outputs must be ``persist: true`` for this to apply.)
+    Incremental (``cfg.incremental``; False rebuilds everything): when ``out_dir`` holds the
+    outputs of an earlier run with the same settings and key, a file whose content (SHA-256) was
+    seen before is not read again: its row, its pixels and its de-identified file are kept, and
+    labels are re-applied from the current manifest. Only new content is decoded; files that went
+    away lose their rows. A run that would change nothing writes nothing. (With DVC, the stage's
+    outputs must be ``persist: true`` for this to apply.)
 
     Memory does not grow with the number of files beyond a few hundred bytes per used file (see
     the note above :func:`iter_source_files`): every output is written as it is produced, into
     ``out_dir/.staging``, and moved into place at the end, the index last.
 
     Args:
-        cfg: the ``ingest`` section.
+        cfg: the ``ingest`` section (``frame``: the multi-frame policy; ``incremental``: reuse an
+            earlier run's outputs).
         source_dir: the export to read.
         out_dir: where the processed dataset goes.
         manifest: labels keyed by original SOPInstanceUID or by path; None = labels from folder
             names (``NORMAL`` / ``PNEUMONIA`` ..., ``train`` / ``val`` / ``test``), else none.
         key: de-identification key; None = :func:`medops.dicom.deid.resolve_deid_key`.
         progress: True for a tqdm bar, a ``callback(done, total)``, or None.
-        frame: multi-frame policy (``first`` | ``middle`` | ``max``).
-        incremental: reuse an earlier run's outputs; False rebuilds everything.
 
     Raises:
         IngestError: the source folder is missing or the manifest is unusable. A bad file never
@@ -942,14 +941,14 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     # counted first (a cheap walk) for the progress total and the chunk size; the files are then
     # listed again as they are processed, so the listing is never held
     total = sum(1 for _ in iter_source_files(source_dir))
-    fingerprint = _fingerprint(cfg, key, frame)
+    fingerprint = _fingerprint(cfg, key)
 
     _check_folders(source_dir, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / _OWNER_MARKER
     if not marker.exists():  # written once: a rerun that changes nothing writes nothing
         marker.write_text("medops ingest output: a rerun may replace this folder's files\n")
-    previous = _load_previous(out_dir, fingerprint) if incremental else None
+    previous = _load_previous(out_dir, fingerprint) if cfg.incremental else None
     if previous is None:
         _reset_outputs(out_dir)
     dicom_dir = out_dir / "dicom"
@@ -973,7 +972,7 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     outputs = ("metadata.parquet", "quarantine.csv", INDEX_NAME)  # the index last: it commits
     writer = _ShardWriter(staging, cfg.shard_size)
     metadata = _MetadataWriter(staging / "metadata.parts.parquet")
-    init_args = (cfg, key, labels, str(source_dir), str(dicom_dir), frame)
+    init_args = (cfg, key, labels, str(source_dir), str(dicom_dir))
     # what duplicate detection and pruning remember of each used file (see the note above
     # iter_source_files): 32-byte digests and the path, nothing else
     seen_content: dict[bytes, str] = {}   # content sha256 -> path

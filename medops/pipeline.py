@@ -30,7 +30,8 @@ class Stage:
         return self.call(module, params, paths)
 
 
-def _deid_key(params: Params, paths: ProjectPaths) -> bytes:
+def deid_key(params: Params, paths: ProjectPaths) -> bytes:
+    """The de-identification key every ingest entry point uses (the CLI, the stage, the flow)."""
     from medops.dicom.deid import resolve_deid_key
 
     return resolve_deid_key(params.ingest.deid, state_dir=paths.state)
@@ -48,8 +49,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "ingest", "medops.ingest", ("ingest",),
             lambda m, p, pp: m.run(p.ingest, source_dir=pp.raw_dicom, out_dir=pp.ingested,
-                                   manifest=pp.manifest, key=_deid_key(p, pp),
-                                   frame=p.ingest.frame, incremental=p.ingest.incremental),
+                                   manifest=pp.manifest, key=deid_key(p, pp)),
         ),
         Stage(
             "quality", "medops.quality", ("quality",),

@@ -249,8 +249,8 @@ def medops_ingest(folder: Path, out: Path, workers: int, image_size: int) -> int
     from medops import ingest
     from medops.config import IngestConfig
 
-    cfg = IngestConfig(workers=workers, image_size=image_size)
-    result = ingest.run(cfg, source_dir=folder, out_dir=out, key=KEY, incremental=False)
+    cfg = IngestConfig(workers=workers, image_size=image_size, incremental=False)
+    result = ingest.run(cfg, source_dir=folder, out_dir=out, key=KEY)
     if result.used != result.files_seen:
         raise SystemExit(f"medops quarantined {result.quarantined} files: {result.quarantined_by_reason}")
     return result.used

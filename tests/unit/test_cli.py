@@ -32,6 +32,12 @@ def test_synth_then_ingest_prints_a_summary_and_quarantines_bad_files(project, c
     quarantine = pd.read_csv(out / "quarantine.csv")
     assert quarantine[["path", "reason"]].values.tolist() == [["notes.txt", "not_dicom"]]
     assert len(pd.read_parquet(out / "metadata.parquet")) == 9
+    args = ["--project", str(project), "ingest", str(src), "--out", str(out),
+            "--manifest", str(project / "data" / "raw" / "labels.csv"), "--quiet"]
+    assert main(args + ["--full"]) == 0
+    assert "reused" not in capsys.readouterr().out  # --full decodes everything again
+    assert main(args) == 0  # and the incremental run after it reuses what it wrote
+    assert "0 file(s) decoded, 10 reused; nothing changed" in capsys.readouterr().out
 
 
 def test_predict_with_no_server_is_a_clear_error_not_a_traceback(project, capsys, free_port):

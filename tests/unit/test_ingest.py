@@ -265,8 +265,8 @@ def test_incremental_run_decodes_only_new_files_and_matches_a_full_run(grown):
         shutil.copytree(p, src / p.name)
     second = ingest.run(cfg, source_dir=src, out_dir=out, manifest=grown["manifest"], key=KEY)
     assert second.reused == first.files_seen and second.decoded == second.files_seen - first.files_seen > 0
-    full = ingest.run(cfg, source_dir=src, out_dir=grown["tmp"] / "full", manifest=grown["manifest"],
-                      key=KEY, incremental=False)
+    full = ingest.run(cfg.model_copy(update={"incremental": False}), source_dir=src,
+                      out_dir=grown["tmp"] / "full", manifest=grown["manifest"], key=KEY)
     pd.testing.assert_frame_equal(read_metadata(out), read_metadata(grown["tmp"] / "full"))
     md = read_metadata(out)
     np.testing.assert_array_equal(load_images(out, md), load_images(grown["tmp"] / "full", md))
@@ -334,6 +334,25 @@ def test_a_changed_manifest_relabels_without_decoding(grown):
     after = read_metadata(out)
     assert res.decoded == 0 and res.changed
     assert (after["label"] == 1 - before["label"]).all()
+
+
+def test_a_full_rebuild_is_reused_by_the_incremental_runs_after_it(grown):
+    cfg = IngestConfig(workers=1)
+    out = grown["tmp"] / "out"
+    full = ingest.run(cfg.model_copy(update={"incremental": False}), source_dir=grown["src"], out_dir=out,
+                      manifest=grown["manifest"], key=KEY)
+    assert full.decoded == full.files_seen
+    again = ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=grown["manifest"], key=KEY)
+    assert again.decoded == 0 and again.changed is False
+
+
+def test_the_fingerprint_holds_what_changes_an_output_byte_and_only_that():
+    cfg = IngestConfig()
+    same = [cfg.model_copy(update={"workers": 7}), cfg.model_copy(update={"incremental": False})]
+    assert {ingest._fingerprint(c, KEY) for c in same} == {ingest._fingerprint(cfg, KEY)}
+    other = [cfg.model_copy(update={"frame": "max"}), cfg.model_copy(update={"image_size": 16})]
+    assert ingest._fingerprint(cfg, KEY) not in {ingest._fingerprint(c, KEY) for c in other}
+    assert ingest._fingerprint(cfg, b"another-key-0123456789abcdef") != ingest._fingerprint(cfg, KEY)
 
 
 def test_changed_settings_rebuild_everything(grown):
@@ -524,8 +543,8 @@ def test_bounded_window_with_reuse_and_parallel_workers_matches_a_full_run(grown
     second = ingest.run(cfg, source_dir=src, out_dir=out, manifest=grown["manifest"], key=KEY)
     assert second.reused == first.files_seen and second.decoded == second.files_seen - first.files_seen > 0
     full_dir = grown["tmp"] / "full"
-    ingest.run(IngestConfig(workers=1, shard_size=3), source_dir=src, out_dir=full_dir,
-               manifest=grown["manifest"], key=KEY, incremental=False)
+    ingest.run(IngestConfig(workers=1, shard_size=3, incremental=False), source_dir=src, out_dir=full_dir,
+               manifest=grown["manifest"], key=KEY)
     pd.testing.assert_frame_equal(read_metadata(out), read_metadata(full_dir))
     for name in ("quarantine.csv", ingest.INDEX_NAME):
         assert (out / name).read_bytes() == (full_dir / name).read_bytes(), name
@@ -560,8 +579,8 @@ def _traced_peak(src: Path, out: Path) -> int:
 
     tracemalloc.start()
     try:
-        res = ingest.run(IngestConfig(workers=1, image_size=8, shard_size=16), source_dir=src, out_dir=out,
-                         key=KEY, incremental=False)
+        res = ingest.run(IngestConfig(workers=1, image_size=8, shard_size=16, incremental=False),
+                         source_dir=src, out_dir=out, key=KEY)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
