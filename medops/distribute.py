@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Seq
 from pydantic import BaseModel, ConfigDict, Field
 
 from medops.errors import ConfigError, DistributionError
+from medops.serving.contract import OUTPUT_NAME
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -76,7 +77,6 @@ STRATEGY_CHOICES = ("auto", "default", "mirrored", "multi_worker")
 SWITCH_CHOICES = ("auto", "on", "off")
 # Tensor Cores, which make float16 matmuls/convolutions faster, arrived with compute capability 7.0.
 MIN_MIXED_PRECISION_CC = (7, 0)
-OUTPUT_LAYER = "probability"  # medops.models.OUTPUT_NAME, without importing the registry
 
 
 class GpuInfo(BaseModel):
@@ -491,7 +491,7 @@ def ensure_float32_output(model: "keras.Model") -> "keras.Model":
     if model.outputs[0].dtype == "float32":
         return model
     names = [layer.name for layer in model.layers]
-    target = OUTPUT_LAYER if OUTPUT_LAYER in names else model.layers[-1].name
+    target = OUTPUT_NAME if OUTPUT_NAME in names else model.layers[-1].name
 
     def clone(layer: "keras.layers.Layer") -> "keras.layers.Layer":
         if layer.name != target:

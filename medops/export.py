@@ -34,11 +34,10 @@ from pydantic import BaseModel
 
 from medops.config import ExportConfig
 from medops.errors import ExportParityError, MedopsError
-from medops.models import INPUT_NAME, OUTPUT_NAME
-from medops.split import load_split_images
 from medops.hashing import sha256_file
-
-GOLDEN_FILE = "golden.npz"
+from medops.serving.contract import INPUT_NAME, OUTPUT_NAME
+from medops.serving.repository import GOLDEN_FILE
+from medops.split import load_split_images
 
 
 class TensorInfo(BaseModel):

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Sequence
 
 from medops.config import TrainConfig
 from medops.errors import ConfigError
+from medops.serving.contract import INPUT_NAME, OUTPUT_NAME  # the serving contract's names
+
+__all__ = ["INPUT_NAME", "MODELS", "OUTPUT_NAME", "build_model", "check_model_contract"]
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
-
-INPUT_NAME = "image"
-OUTPUT_NAME = "probability"
 
 # name -> "module:function"
 MODELS: dict[str, str] = {
