@@ -307,6 +307,7 @@ def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -
 
 
 def load_model(path: Path):
+    """The Keras model saved at ``path``, uncompiled (for inference only)."""
     import keras
 
     return keras.saving.load_model(Path(path), compile=False)

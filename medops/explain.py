@@ -354,12 +354,6 @@ def save_gradcam_pngs(
     return paths
 
 
-def load_model(path: Path) -> "keras.Model":
-    import keras
-
-    return keras.saving.load_model(Path(path), compile=False)
-
-
 def run(
     cfg: EvaluateConfig,
     *,
@@ -370,7 +364,7 @@ def run(
     train_result: Path | None = None,
 ) -> ExplainResult:
     """Explain a sample of the test split: write Grad-CAM PNGs to ``out_dir``."""
-    from medops.evaluate import predict_probabilities, resolve_threshold
+    from medops.evaluate import load_model, predict_probabilities, resolve_threshold
     from medops.split import load_split_images
 
     limit = int(getattr(cfg, "gradcam_samples", EXPLAIN_DEFAULTS["gradcam_samples"]))

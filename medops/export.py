@@ -151,9 +151,11 @@ def run(
     import keras
     import onnx
 
+    from medops.evaluate import load_model
+
     record = json.loads(Path(train_result).read_text())
     data_version = str(record.get("data_version", "unknown"))
-    keras_model = keras.saving.load_model(Path(model), compile=False)
+    keras_model = load_model(model)
     images, labels, rows = load_split_images(ingested_dir, split, "val")
     input_size = int(images.shape[1])
     metadata = {
