@@ -519,17 +519,6 @@ def shard_by_data(dataset: "tf.data.Dataset") -> "tf.data.Dataset":
     return dataset.with_options(options)
 
 
-def compile_default(model: "keras.Model", learning_rate: float) -> None:
-    """Adam(learning_rate), binary cross-entropy, AUC and accuracy: medops' classifier defaults."""
-    import keras
-
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
-    )
-
-
 @dataclass
 class FitOutcome:
     """What ``fit_under_plan`` returns: the trained model (its variables belong to the strategy),
@@ -545,12 +534,11 @@ def fit_under_plan(
     build_model_fn: Callable[[], "keras.Model"],
     dataset_fn: Callable[[int], "tf.data.Dataset"],
     *,
+    compile_fn: Callable[["keras.Model"], Any],
     global_batch_size: int,
     epochs: int,
-    learning_rate: float,
     seed: int,
     validation_fn: Callable[[int], "tf.data.Dataset"] | None = None,
-    compile_fn: Callable[["keras.Model"], None] | None = None,
     callbacks: Sequence[Any] = (),
     class_weight: dict[int, float] | None = None,
     strategy: "tf.distribute.Strategy | None" = None,
@@ -569,11 +557,10 @@ def fit_under_plan(
             global size. Keep it divisible by ``plan.num_replicas`` (warned otherwise): an uneven
             split weighs the replicas' examples unequally, as does a short last batch.
         global_batch_size: examples per step over all replicas (see ``scale_batch_size``).
-        epochs, learning_rate, seed: as in TrainConfig; ``learning_rate`` is used by the default
-            compile (Adam), ignored when ``compile_fn`` is given.
+        compile_fn: compiles the model it is given (called inside the scope; its return value
+            is ignored), e.g. ``lambda m: medops.train.compile_model(m, cfg)``.
+        epochs, seed: as in TrainConfig.
         validation_fn: like ``dataset_fn``, for validation data (optional).
-        compile_fn: ``model -> None`` that compiles it (called inside the scope); default
-            ``compile_default``.
         callbacks, class_weight: passed to ``model.fit``.
         strategy: a strategy already made from ``plan`` (required in multi-worker processes, which
             must create it first); default ``make_strategy(plan)``.
@@ -591,10 +578,7 @@ def fit_under_plan(
             model = build_model_fn()
             if plan.mixed_precision:
                 model = ensure_float32_output(model)
-            if compile_fn is None:
-                compile_default(model, learning_rate)
-            else:
-                compile_fn(model)
+            compile_fn(model)
             # after compile: compile's own "auto" would decide by Keras' rule, the plan already did
             model.jit_compile = plan.xla
         train_ds = shard_by_data(dataset_fn(global_batch_size))

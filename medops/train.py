@@ -173,7 +173,7 @@ def fit_model(
         validation_fn=lambda batch: make_dataset(x_val, y_val, batch_size=max(batch, 256), training=False),
         compile_fn=lambda model: compile_model(model, train_cfg, steps_per_epoch=steps),
         global_batch_size=train_cfg.batch_size, epochs=train_cfg.epochs,
-        learning_rate=train_cfg.learning_rate, seed=train_cfg.seed, callbacks=callbacks,
+        seed=train_cfg.seed, callbacks=callbacks,
         class_weight=compute_class_weights(y_train, option(train_cfg, "class_weight")),
         strategy=strategy,
     )

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     outcome = distribute.fit_under_plan(
         plan, build, dataset, global_batch_size=args.batch, epochs=args.epochs,
-        learning_rate=args.lr, seed=args.seed, compile_fn=compile_sgd, strategy=strategy,
+        seed=args.seed, compile_fn=compile_sgd, strategy=strategy,
         validation_fn=validation,
     )
     model = outcome.model

@@ -185,6 +185,8 @@ def test_fit_under_a_mixed_precision_plan_scales_the_loss_and_outputs_float32():
     with np.load(BUNDLED_DATASET) as data:
         x = (data["train_images"][:64].astype(np.float32) / 255.0)[..., None]
         y = data["train_labels"][:64].astype(np.float32)
+    from medops.train import compile_model
+
     plan = plan_distribution(mixed_precision="on", env={}, gpus=[])
     cfg = TrainConfig(filters=[4], dense_units=4, dropout=0.0)
     previous = keras.mixed_precision.global_policy().name
@@ -192,7 +194,7 @@ def test_fit_under_a_mixed_precision_plan_scales_the_loss_and_outputs_float32():
         plan,
         lambda: build_model("simple_cnn", cfg, (28, 28, 1)),
         lambda b: tf.data.Dataset.from_tensor_slices((x, y.reshape(-1, 1))).batch(b),
-        global_batch_size=32, epochs=1, learning_rate=1e-3, seed=3,
+        compile_fn=lambda model: compile_model(model, cfg), global_batch_size=32, epochs=1, seed=3,
     )
     assert keras.mixed_precision.global_policy().name == previous
     assert outcome.model.outputs[0].dtype == "float32"
@@ -209,12 +211,15 @@ def test_fit_under_an_explicit_xla_plan_compiles_with_xla():
 
     x = np.random.default_rng(0).random((32, 28, 28, 1), dtype=np.float32)
     y = (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.float32).reshape(-1, 1)
+    from medops.train import compile_model
+
     plan = plan_distribution(xla="on", env={}, gpus=[])
+    cfg = TrainConfig(filters=[4], dense_units=4, dropout=0.0)
     outcome = distribute.fit_under_plan(
         plan,
-        lambda: build_model("simple_cnn", TrainConfig(filters=[4], dense_units=4, dropout=0.0), (28, 28, 1)),
+        lambda: build_model("simple_cnn", cfg, (28, 28, 1)),
         lambda b: tf.data.Dataset.from_tensor_slices((x, y)).batch(b),
-        global_batch_size=16, epochs=1, learning_rate=1e-3, seed=3,
+        compile_fn=lambda model: compile_model(model, cfg), global_batch_size=16, epochs=1, seed=3,
     )
     assert outcome.model.jit_compile is True
     assert np.isfinite(outcome.history["loss"]).all()
