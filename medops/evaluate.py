@@ -34,6 +34,7 @@ from pydantic import BaseModel
 
 from medops.config import EvaluateConfig
 from medops.errors import MedopsError
+from medops.paths import read_json
 from medops.split import load_split_images
 
 
@@ -363,7 +364,7 @@ def resolve_threshold(cfg: EvaluateConfig, train_result: Path | None) -> tuple[f
     """The decision threshold and where it came from: train.json's (chosen on val) or the config's."""
     use_train = getattr(cfg, "use_train_threshold", EVALUATE_DEFAULTS["use_train_threshold"])
     if use_train and train_result is not None:
-        record = json.loads(Path(train_result).read_text())
+        record = read_json(train_result, "train result")
         if record.get("decision_threshold") is not None:
             return float(record["decision_threshold"]), "train"
     return float(cfg.threshold), "config"

@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from medops.config import ExportConfig
 from medops.errors import ExportParityError, MedopsError
 from medops.hashing import sha256_file
+from medops.paths import read_json
 from medops.serving.contract import INPUT_NAME, OUTPUT_NAME
 from medops.serving.repository import GOLDEN_FILE
 from medops.split import load_split_images
@@ -153,7 +154,7 @@ def run(
 
     from medops.evaluate import load_model
 
-    record = json.loads(Path(train_result).read_text())
+    record = read_json(train_result, "train result")
     data_version = str(record.get("data_version", "unknown"))
     keras_model = load_model(model)
     images, labels, rows = load_split_images(ingested_dir, split, "val")

@@ -33,7 +33,6 @@ No TensorFlow here (the champion runs in onnxruntime).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -45,6 +44,7 @@ from pydantic import BaseModel
 
 from medops.config import GateConfig
 from medops.errors import GateRejectedError, MedopsError
+from medops.paths import read_json
 
 # (metric key in metrics.json, GateConfig field); every metric must be >= its threshold
 CHECKS: tuple[tuple[str, str], ...] = (
@@ -310,15 +310,6 @@ def decide(
     )
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MedopsError(f"gate needs {what} at {path}, which does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise MedopsError(f"gate cannot parse {what} at {path}: {exc}") from None
-
-
 def read_decision(path: Path) -> GateDecision:
     """Read a gate.json written by ``run``; missing or invalid files raise GateRejectedError."""
     try:
@@ -355,8 +346,8 @@ def run(
     Without ``repository`` only the absolute thresholds are checked (and a reason says so).
     With it, ``predictions``, ``ingested_dir`` and ``split`` are needed once a model is serving.
     """
-    metrics_record = _read_json(metrics, "metrics")
-    train_record = _read_json(train_result, "the train result")
+    metrics_record = read_json(metrics, "metrics")
+    train_record = read_json(train_result, "train result")
 
     def load_test() -> _TestSplit:
         if ingested_dir is None or split is None:

@@ -6,9 +6,13 @@ temporary copy of the project.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from medops.errors import MedopsError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 BUNDLED_DATASET = PACKAGE_ROOT.parent / "datasets" / "pneumoniamnist" / "pneumoniamnist.npz"
@@ -27,6 +31,25 @@ def find_project_root(start: Path | None = None) -> Path:
         if (candidate / "params.yaml").is_file():
             return candidate
     return here
+
+
+def read_json(path: Path | str, what: str) -> dict[str, Any]:
+    """The JSON object a stage wrote at ``path`` (``what``, e.g. "the train result", names it in
+    errors).
+
+    Raises:
+        MedopsError: no file there (its stage has not run), or it is not a JSON object.
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MedopsError(f"no {what} at {path}: run the stage that writes it first") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MedopsError(f"cannot read {what} at {path}: {exc}") from None
+    if not isinstance(record, dict):
+        raise MedopsError(f"{what} at {path} is not a JSON object")
+    return record
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,20 @@ def test_bootstrap_ci_without_a_two_class_resample_is_a_clear_error():
         evaluate.bootstrap_auc_ci(y, s, n_samples=0)
 
 
+def test_a_missing_or_corrupt_train_result_is_a_clear_error(tmp_path):
+    with pytest.raises(MedopsError, match=r"no train result at .*train\.json: run the stage"):
+        evaluate.resolve_threshold(EvaluateConfig(), tmp_path / "train.json")
+    (tmp_path / "train.json").write_text("{not json")
+    with pytest.raises(MedopsError, match=r"cannot read train result at .*train\.json"):
+        evaluate.resolve_threshold(EvaluateConfig(), tmp_path / "train.json")
+    (tmp_path / "train.json").write_text("[0.4]")
+    with pytest.raises(MedopsError, match="is not a JSON object"):
+        evaluate.resolve_threshold(EvaluateConfig(), tmp_path / "train.json")
+    (tmp_path / "train.json").write_text('{"decision_threshold": 0.4}')
+    assert evaluate.resolve_threshold(EvaluateConfig(), tmp_path / "train.json") == (0.4, "train")
+    assert evaluate.resolve_threshold(EvaluateConfig(use_train_threshold=False), tmp_path / "nothing") == (0.5, "config")
+
+
 def test_bootstrap_samples_must_be_at_least_one():
     from pydantic import ValidationError
 

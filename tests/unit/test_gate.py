@@ -88,8 +88,12 @@ def test_a_nan_or_non_numeric_metric_fails_and_the_decision_stays_readable(files
 
 
 def test_missing_inputs_and_decisions_are_typed_errors(tmp_path):
-    with pytest.raises(MedopsError, match="metrics"):
+    with pytest.raises(MedopsError, match="no metrics at"):
         gate.run(GateConfig(), metrics=tmp_path / "no.json", train_result=tmp_path / "no2.json", out=tmp_path / "g.json")
+    (tmp_path / "m.json").write_text(json.dumps(GOOD))
+    (tmp_path / "t.json").write_text("{truncated")
+    with pytest.raises(MedopsError, match="cannot read train result at"):
+        gate.run(GateConfig(), metrics=tmp_path / "m.json", train_result=tmp_path / "t.json", out=tmp_path / "g.json")
     with pytest.raises(GateRejectedError, match="no gate decision"):
         gate.read_decision(tmp_path / "gate.json")
     (tmp_path / "gate.json").write_text('{"passed": "maybe"}')
