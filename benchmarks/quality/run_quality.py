@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
-from medops.config import load_params, update_params_file
-from medops.paths import ProjectPaths
+from medops.config import update_params_file
+from medops.gate import read_decision
+from medops.paths import ProjectPaths, read_json
 
 HERE = Path(__file__).resolve().parent
 FULL_DATASET_IMAGES = 5856  # 4,708 train + 524 val + 624 test
@@ -96,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     ensure_raw_data(paths, params)
     for line in start_services(paths, params):
         print(line, flush=True)
-    run_training_flow(paths, load_params(paths.params))
+    run_training_flow(paths, params)
 
-    metrics = json.loads(paths.metrics.read_text())
-    train = json.loads(paths.train_result.read_text())
-    gate = json.loads(paths.gate.read_text())
+    metrics = read_json(paths.metrics, "metrics")
+    train = read_json(paths.train_result, "train result")
+    gate = read_decision(paths.gate)
     print("\nPneumoniaMNIST, official test split (624 images):\n")
     print(comparison_table(metrics, train))
-    print(f"\ngate: {'passed' if gate['passed'] else 'REJECTED'}; "
-          + ("deployed to Triton" if gate["passed"] else "not deployed") + f" ({paths.gate})")
+    print(f"\ngate: {'passed' if gate.passed else 'REJECTED'}; "
+          + ("deployed to Triton" if gate.passed else "not deployed") + f" ({paths.gate})")
     return 0
 
 
