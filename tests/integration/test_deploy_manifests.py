@@ -4,6 +4,7 @@ No Docker or cluster here: these check the files' key fields, not a running depl
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -140,6 +141,36 @@ def test_dockerfile_builds_on_triton_with_medops_and_the_rendered_repository():
     assert "/v2/health/ready" in text
     cmd = re.search(r"^CMD (\[.*?\])$", text, re.M | re.S).group(1)
     assert "--model-control-mode=explicit" in cmd and "--model-repository=/models" in cmd
+
+
+# A fresh repository has no classifier version until the first `medops deploy`: with Triton's
+# defaults (--exit-on-error=true, --strict-readiness=true) --load-model=* makes the server exit
+# ("failed to load all models"), or never report ready, so it could never receive that deploy.
+STARTUP_FLAGS = ("--load-model=*", "--exit-on-error=false", "--strict-readiness=false")
+
+
+def dockerfile_cmd() -> list[str]:
+    text = (DEPLOY / "Dockerfile").read_text()
+    return json.loads(re.search(r"^CMD (\[.*?\])$", text, re.M | re.S).group(1).replace("\\\n", ""))
+
+
+def startup_args() -> dict[str, list[str]]:
+    """The tritonserver arguments of every way deploy/ starts it."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    [container] = load_k8s()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return {"Dockerfile": dockerfile_cmd(), "docker-compose": compose["services"]["triton"]["command"],
+            "k8s": container["args"]}
+
+
+@pytest.mark.parametrize("where", ["Dockerfile", "docker-compose", "k8s"])
+def test_the_server_starts_and_is_ready_before_the_first_deploy(where):
+    args = startup_args()[where]
+    for flag in STARTUP_FLAGS:
+        assert flag in args, f"{where} lacks {flag}"
+    assert not {"--exit-on-error=true", "--strict-readiness=true"} & set(args)
+    # the committed repository indeed has no classifier version: it is what deploy adds
+    assert not [p for p in (DEPLOY / "model_repository" / "pneumonia_classifier").iterdir()
+                if p.is_dir()]
 
 
 def test_the_triton_release_matches_the_embedded_server():

@@ -88,6 +88,58 @@ def test_command_binds_the_configured_host_and_ports(tmp_path, free_port):
         "libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"}
 
 
+@pytest.mark.parametrize("flags", ["deploy", "defaults"])
+def test_a_fresh_production_repository_serves_with_the_deploy_startup_flags(tmp_path, free_port,
+                                                                            flags):
+    """deploy/'s tritonserver arguments on the committed repository, which has no classifier
+    version before the first deploy: the server stays up and reports ready (the pre- and
+    postprocessing models load); Triton's defaults make it exit instead."""
+    import shutil
+    import subprocess
+
+    import tritonclient.http as httpclient
+    from test_deploy_manifests import DEPLOY, dockerfile_cmd
+
+    from medops.serving.server import ServerInfo, server_environment, tritonserver_binary, wait_ready
+
+    repo = tmp_path / "models"
+    shutil.copytree(DEPLOY / "model_repository", repo)
+    args = [a for a in dockerfile_cmd() if not a.startswith(("--model-repository=", "--exit-timeout"))]
+    if flags == "defaults":
+        args = [a for a in args if not a.startswith(("--exit-on-error", "--strict-readiness"))]
+    cfg = serving_cfg(free_port, host="127.0.0.1")
+    log = tmp_path / "logs" / "triton.log"
+    log.parent.mkdir()
+    cmd = [str(tritonserver_binary()), f"--model-repository={repo}",
+           f"--backend-directory={prepare_backends(tmp_path)}", *args, "--exit-timeout-secs=5",
+           *(f"--{k}-address=127.0.0.1" for k in ("http", "grpc", "metrics")),
+           f"--http-port={cfg.http_port}", f"--grpc-port={cfg.grpc_port}",
+           f"--metrics-port={cfg.metrics_port}"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_environment())
+    info = ServerInfo(pid=proc.pid, host="127.0.0.1", http_port=cfg.http_port,
+                      grpc_port=cfg.grpc_port, metrics_port=cfg.metrics_port, repository=str(repo),
+                      log_file=str(log), started_at="")
+    try:
+        if flags == "defaults":
+            with pytest.raises(ServingError, match="exited during startup"):
+                wait_ready(info, state_dir=tmp_path, timeout=60)
+            assert "failed to load all models" in log.read_text()
+            return
+        wait_ready(info, state_dir=tmp_path, timeout=60)
+        client = httpclient.InferenceServerClient(info.http_url)
+        try:
+            name = "pneumonia_classifier"
+            assert client.is_model_ready(f"{name}_preprocess")
+            assert client.is_model_ready(f"{name}_postprocess")
+            assert not client.is_model_ready(name) and not client.is_model_ready(f"{name}_dicom")
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_port_in_use_sees_a_listener():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
