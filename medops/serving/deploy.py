@@ -466,6 +466,13 @@ def deploy(
     ``admin_key`` (default ``$MEDOPS_TRITON_ADMIN_KEY``) unlocks a server whose model-repository
     API is restricted (``start_server(admin_key=...)``); it is checked before anything is written.
 
+    ``repository`` must be the server's own model repository (the same folder, e.g. a shared
+    volume mounted here): files are written here and the server is only asked to load models
+    by name, so a remote server with a repository of its own never sees them. What is written
+    is the embedded flavour (classifier as a Python-backend ``model.py`` running onnxruntime on
+    the CPU), not the production onnxruntime-backend GPU config. The same holds for
+    ``rollback``.
+
     Raises:
         GateRejectedError: gate not passed (its failed checks are in the message), or the ONNX
             file / data version is not what the gate judged.
@@ -579,6 +586,7 @@ def rollback(
     its version folder (directly and through the DICOM ensemble, re-pinned to it) before the
     rollback counts as done. The newer version stays on disk. ``window`` ... ``max_pixels`` as
     for ``deploy``; ``threshold`` defaults to the one the target version was deployed with.
+    ``repository`` must be the server's own model repository, as for ``deploy``.
 
     Raises:
         ServingError: no earlier version, Triton unreachable, or the target failed to load or

@@ -138,6 +138,9 @@ def test_dockerfile_builds_on_triton_with_medops_and_the_rendered_repository():
     pyproject = (ROOT / "pyproject.toml").read_text()
     numpy_spec = re.search(r'"numpy(>=[^"]+)"', pyproject).group(1)
     assert f'"numpy{numpy_spec}"' in text
+    # medops deploy writes the classifier as a Python-backend model.py that imports onnxruntime
+    ort_spec = re.search(r'"onnxruntime(>=[^"]+)"', pyproject).group(1)
+    assert f'"onnxruntime{ort_spec}"' in text
     assert "/v2/health/ready" in text
     cmd = re.search(r"^CMD (\[.*?\])$", text, re.M | re.S).group(1)
     assert "--model-control-mode=explicit" in cmd and "--model-repository=/models" in cmd
