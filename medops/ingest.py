@@ -85,7 +85,6 @@ class FileOutcome:
 
     path: str                      # relative to source_dir, POSIX separators
     sha256: str = ""
-    original_sop_uid: str = ""
     reason: str | None = None      # a QuarantineReason value, None when used
     detail: str = ""
     record: dict[str, Any] = field(default_factory=dict)
@@ -177,6 +176,8 @@ def _write_atomically(ds: Any, target: Path) -> None:
     try:
         try:
             pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+        except OSError:
+            raise
         except Exception:
             # e.g. a file read without File Meta whose meta cannot be completed: write as read
             pydicom.dcmwrite(tmp, ds, enforce_file_format=False)
@@ -187,7 +188,13 @@ def _write_atomically(ds: Any, target: Path) -> None:
 
 
 def process_file(rel: str) -> FileOutcome:
-    """Read, check, decode and de-identify one file; every per-file failure becomes data."""
+    """Read, check, decode and de-identify one file; every per-file failure becomes data.
+
+    Raises:
+        IngestError: the de-identified file cannot be written to the output folder (disk full, no
+            permission): a failure of the stage, not of the file, so not a quarantine row that
+            later runs would keep.
+    """
     from medops.dicom import deid
     from medops.dicom.io import read_dataset
     from medops.dicom.pixels import prepare_image
@@ -204,7 +211,7 @@ def process_file(rel: str) -> FileOutcome:
     out.sha256 = hashlib.sha256(data).hexdigest()
     try:
         ds = read_dataset(data)
-        out.original_sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+        original_sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
         if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES" \
                 and not cfg.deid.allow_burned_in:
             raise DicomReadError("BurnedInAnnotation is YES: the pixels may show identifying text",
@@ -212,7 +219,7 @@ def process_file(rel: str) -> FileOutcome:
         label: int | None = None
         split: str | None = None
         if labels is not None:
-            entry = labels.get(f"uid:{out.original_sop_uid}") or labels.get(f"path:{rel}")
+            entry = labels.get(f"uid:{original_sop_uid}") or labels.get(f"path:{rel}")
             if entry is None:
                 raise DicomReadError("neither its SOPInstanceUID nor its path is in the manifest",
                                      QuarantineReason.NO_LABEL)
@@ -229,13 +236,21 @@ def process_file(rel: str) -> FileOutcome:
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     try:
         deid.deidentify(ds, key, retain_longitudinal=cfg.deid.retain_longitudinal)
-        if not out.original_sop_uid:
+        if not original_sop_uid:
             ds.SOPInstanceUID = deid.pseudonymize_uid("content:" + out.sha256, key)
         sop = str(ds.SOPInstanceUID)
         study = str(ds.get("StudyInstanceUID", "") or "") or "no-study"
         rel_deid = Path("dicom") / study / f"{sop}.dcm"
-        _write_atomically(ds, _STATE["dicom_dir"].parent / rel_deid)
-    except Exception as exc:  # never keep a half-de-identified file, never stop the stage
+        target = _STATE["dicom_dir"].parent / rel_deid
+        try:
+            _write_atomically(ds, target)
+        except OSError as exc:  # the output folder, not this file: the stage cannot go on
+            # the path holds pseudonymous UIDs only, and the OS's reason names no header value
+            raise IngestError(f"cannot write the de-identified file {target}: "
+                              f"{exc.strerror or type(exc).__name__}") from exc
+    except IngestError:
+        raise
+    except Exception as exc:  # never keep a half-de-identified file; the stage goes on
         out.reason = QuarantineReason.DEID_FAILED.value
         # the type only: a message could quote a header value, and this lands in quarantine.csv
         out.detail = f"could not de-identify or write the file ({type(exc).__name__})"
@@ -923,8 +938,8 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
         progress: True for a tqdm bar, a ``callback(done, total)``, or None.
 
     Raises:
-        IngestError: the source folder is missing or the manifest is unusable. A bad file never
-            raises: it is quarantined.
+        IngestError: the source folder is missing, the manifest is unusable, or an output cannot
+            be written (disk full, no permission). A bad file never raises: it is quarantined.
     """
     import filecmp
 
@@ -1056,10 +1071,14 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
             previous.close()
     seen_content.clear()
     seen_sop.clear()
-    if rewrite:
+    if rewrite:  # restore the kept files' de-identified copies a duplicate may have overwritten
         _init_worker(*init_args)
         for rel in sorted(set(rewrite)):
-            process_file(rel)
+            restored = process_file(rel)
+            if restored.reason is not None:  # it was used a moment ago: the file changed meanwhile?
+                raise IngestError(f"cannot restore the de-identified copy of {rel}, which shares its "
+                                  f"SOP Instance UID with a duplicate: {restored.reason} "
+                                  f"({restored.detail})")
 
     _write_metadata(metadata, staging / "metadata.parquet")
     # a file decoded again (no_label and duplicate are looked at on every run) either ends

@@ -18,6 +18,7 @@ from medops.config import DeidConfig, IngestConfig, SynthConfig
 from medops.data import METADATA_COLUMNS, load_images, read_metadata, shard_path
 from medops.dicom import synth
 from medops.errors import IngestError
+from medops.hashing import sha256_file
 from medops.paths import BUNDLED_DATASET
 
 KEY = b"ingest-test-key-0123456789abcdef"
@@ -447,6 +448,86 @@ def test_a_run_that_crashed_half_way_does_not_block_the_next(tmp_path, monkeypat
     res = ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out,
                      manifest=raw / "labels.csv", key=KEY)
     assert res.used == 6 and (out / "metadata.parquet").is_file()
+
+
+def test_an_output_that_cannot_be_written_fails_the_stage_not_the_file(tmp_path, monkeypatch):
+    """Disk full or no permission on the output is the stage's failure: a deid_failed row would be
+    kept by every later run although nothing is wrong with the file."""
+    import errno
+
+    synth.run(SynthConfig(max_images_per_split=1), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
+    raw, out = tmp_path / "raw", tmp_path / "out"
+
+    def disk_full(ds, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ingest, "_write_atomically", disk_full)
+    with pytest.raises(IngestError, match=r"cannot write the de-identified file .*dicom/.*\.dcm: "
+                                          r"No space left on device"):
+        ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out, key=KEY)
+    assert not (out / "quarantine.csv").exists() and not (out / ingest.INDEX_NAME).exists()
+    monkeypatch.undo()
+    res = ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out, key=KEY)
+    assert (res.used, res.quarantined) == (3, 0)
+
+
+def test_a_file_that_cannot_be_deidentified_is_quarantined(tmp_path, monkeypatch):
+    from medops.dicom import deid
+
+    synth.run(SynthConfig(max_images_per_split=1), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
+
+    def fails(ds, key, **kwargs):
+        raise ValueError("CANARY value that must not reach quarantine.csv")
+
+    monkeypatch.setattr(deid, "deidentify", fails)
+    res = ingest.run(IngestConfig(workers=1), source_dir=tmp_path / "raw" / "dicom", out_dir=tmp_path / "out",
+                     key=KEY)
+    assert (res.used, res.quarantined_by_reason) == (0, {"deid_failed": 3})
+    assert "CANARY" not in res.quarantine.read_text()
+    assert not list((tmp_path / "out" / "dicom").rglob("*.dcm"))
+
+
+def test_an_output_write_failure_in_a_worker_fails_the_run_clearly(grown):
+    """The same in a worker process: the chunk's error ends the run; it is not taken for a crash
+    of the worker (which would quarantine the file as decode_error and go on)."""
+    cfg = IngestConfig(workers=2)
+    out = grown["tmp"] / "out"
+    first = ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=grown["manifest"], key=KEY)
+    row = read_metadata(out).iloc[0]
+    source = next(p for p in grown["src"].rglob("*.dcm")
+                  if sha256_file(p) == row["content_sha256"])
+    ds = pydicom.dcmread(source)
+    ds.ImageComments = "re-exported"  # new content, same SOP Instance UID: decoded again
+    ds.save_as(source)
+    study = out / Path(row["deid_path"]).parent
+    shutil.rmtree(study)
+    study.write_text("not a folder")  # where the de-identified file goes cannot be created
+    with pytest.raises(IngestError, match="cannot write the de-identified file"):
+        ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=grown["manifest"], key=KEY)
+    assert len(read_metadata(out)) == first.used  # the earlier outputs are untouched
+
+
+def test_a_kept_file_whose_copy_cannot_be_restored_fails_the_run(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    _small_ct(1).save_as(src / "a.dcm", enforce_file_format=True)
+    twin = _small_ct(1)
+    twin.PixelData = bytes(len(twin.PixelData))  # same SOP Instance UID, other content
+    twin.save_as(src / "b.dcm", enforce_file_format=True)
+    real, calls = ingest.process_file, []
+
+    def process_file(rel):
+        calls.append(rel)
+        if calls.count(rel) == 2:  # the restore of a.dcm after b.dcm overwrote its copy
+            return ingest.FileOutcome(path=rel, reason="not_dicom", detail="cannot read: gone")
+        return real(rel)
+
+    res = ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "ok", key=KEY)
+    assert res.quarantined_by_reason == {"duplicate": 1}
+    monkeypatch.setattr(ingest, "process_file", process_file)
+    with pytest.raises(IngestError, match="cannot restore the de-identified copy of a.dcm"):
+        ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "out", key=KEY)
+    assert calls == ["a.dcm", "b.dcm", "a.dcm"]
 
 
 # --- memory flat in the number of files: everything streamed, outputs unchanged ----------------
