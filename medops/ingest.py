@@ -331,11 +331,6 @@ def iter_source_files(source_dir: Path) -> Iterator[str]:
     yield from walk(os.fspath(source_dir), "")
 
 
-def list_source_files(source_dir: Path) -> list[str]:
-    """Every regular file below ``source_dir`` (any name, any depth), as sorted POSIX paths."""
-    return list(iter_source_files(source_dir))
-
-
 @dataclass(slots=True)
 class _Item:
     """One source file on its way through the run."""
