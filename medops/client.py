@@ -222,10 +222,15 @@ def _thresholds_of(config: Any, protocol: Protocol) -> dict[str, float]:
 
 def served_thresholds(client: Any, protocol: Protocol, model_name: str) -> dict[str, float]:
     """The decision thresholds the served versions were deployed with, ``{version: threshold}``
-    (see ``_thresholds_of``); empty when no postprocessing model is deployed."""
+    (see ``_thresholds_of``); empty when no postprocessing model is deployed.
+
+    A connection error is raised as it is, for ``call_with_retries`` to judge: an unreachable
+    server says nothing about the thresholds, and labelling at the default would be wrong."""
     try:
         return _thresholds_of(client.get_model_config(f"{model_name}_postprocess"), protocol)
-    except Exception:  # noqa: BLE001 - no postprocessing model deployed: the documented default
+    except Exception as exc:  # noqa: BLE001 - no postprocessing model deployed: the default
+        if is_connection_error(exc):
+            raise
         return {}
 
 
@@ -233,7 +238,9 @@ async def aserved_thresholds(client: Any, protocol: Protocol, model_name: str) -
     """``served_thresholds`` with an asyncio client."""
     try:
         return _thresholds_of(await client.get_model_config(f"{model_name}_postprocess"), protocol)
-    except Exception:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001
+        if is_connection_error(exc):
+            raise
         return {}
 
 

@@ -125,10 +125,13 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 from medops.client import (  # noqa: E402
+    acall_with_retries,
     apredict_files,
+    aserved_thresholds,
     backoff_delays,
     call_with_retries,
     is_connection_error,
+    served_thresholds,
 )
 
 
@@ -237,6 +240,58 @@ def test_other_errors_are_raised_at_once_without_retry():
     with pytest.raises(ValueError, match="has shape"):
         call_with_retries(bad, url="127.0.0.1:1", protocol="grpc", retries=5, backoff_s=1.0)
     assert calls == [1]
+
+
+class _ConfigClient:
+    """Answers get_model_config with the given outcomes in turn (exceptions are raised)."""
+
+    def __init__(self, *outcomes) -> None:
+        self.outcomes, self.calls = list(outcomes), 0
+
+    def _next(self):
+        self.calls += 1
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def get_model_config(self, name):
+        return self._next()
+
+
+class _AsyncConfigClient(_ConfigClient):
+    async def get_model_config(self, name):
+        return self._next()
+
+
+POSTPROCESS_CONFIG = {"parameters": {"threshold.2": {"string_value": "0.4"}}}
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_served_thresholds_raise_connection_errors_for_the_retries(aio):
+    from tritonclient.utils import InferenceServerException
+
+    def read(client):
+        if aio:
+            return asyncio.run(aserved_thresholds(client, "http", "m"))
+        return served_thresholds(client, "http", "m")
+
+    # no postprocessing model deployed: an answer from the server, the documented default
+    missing = InferenceServerException("unknown model", status="400")
+    assert read((_AsyncConfigClient if aio else _ConfigClient)(missing)) == {}
+    with pytest.raises(ConnectionRefusedError):
+        read((_AsyncConfigClient if aio else _ConfigClient)(ConnectionRefusedError(111, "refused")))
+
+    # through the retry wrapper: asked again, and the server's thresholds are the answer
+    client = (_AsyncConfigClient if aio else _ConfigClient)(
+        ConnectionResetError(104, "reset"), POSTPROCESS_CONFIG)
+    if aio:
+        got = asyncio.run(acall_with_retries(lambda: aserved_thresholds(client, "http", "m"),
+                                             url="u", protocol="http", retries=2, backoff_s=0.01))
+    else:
+        got = call_with_retries(lambda: served_thresholds(client, "http", "m"), url="u",
+                                protocol="http", retries=2, backoff_s=0.01)
+    assert got == {"2": 0.4} and client.calls == 2
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
