@@ -593,6 +593,50 @@ def rollback(
             answer (the previously served version is then restored).
     """
     name, repository = cfg.model_name, Path(repository)
+    with _exclusive(repository):
+        # read what is served only under the lock: a deploy finishing meanwhile changes it
+        current, to_version = _rollback_target(repository, name, to_version)
+        if threshold is None:
+            threshold = _recorded_threshold(repository / name / str(to_version) / VERSION_INFO,
+                                            "threshold")
+        ec = build_ensemble_contract(cfg, image_size=image_size, window=window,
+                                     threshold=threshold, max_bytes=max_bytes,
+                                     max_pixels=max_pixels, frame=frame,
+                                     pixel_spacing=pixel_spacing)
+        contract = ec.classifier
+        url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
+        golden = repository / contract.name / str(to_version) / GOLDEN_FILE
+        with _Connection(url, protocol, admin_key) as client:
+            before = snapshot_files(repository, _processing_rels(ec, current, to_version))
+            try:
+                _switch(client, ec, repository, current, to_version, timeout)
+                diff = None
+                image = np.full((image_size, image_size, 1), 0.5, dtype=np.float32)
+                if golden.is_file():
+                    images, expected = read_golden(golden, image_size)
+                    diff = check_golden(client, protocol=protocol, name=contract.name,
+                                        images=images, expected=expected,
+                                        atol=_golden_atol_of(golden),
+                                        expect_version=str(to_version))
+                    image = images[0]
+                check_ensemble(client, protocol=protocol, ec=ec, image=image,
+                               expect_version=to_version)
+            except Exception as exc:  # noqa: BLE001
+                served = f"version {current} is served"
+                try:
+                    _switch(client, ec, repository, to_version, current, timeout, restore=before)
+                except Exception as again:  # noqa: BLE001
+                    served = f"restoring version {current} failed too: {_why(again)}"
+                raise ServingError(
+                    f"rollback of {contract.name!r} to version {to_version} failed: "
+                    f"{_why(exc)}; {served}"
+                ) from None
+    return RollbackResult(model_name=contract.name, from_version=current, to_version=to_version,
+                          golden_max_abs_diff=diff, threshold=ec.threshold)
+
+
+def _rollback_target(repository: Path, name: str, to_version: int | None) -> tuple[int | None, int]:
+    """``(served version, version to serve)``: ``to_version``, or the newest below the served one."""
     current = served_version(repository, name)
     versions = list_versions(repository, name)
     if to_version is None:
@@ -602,43 +646,11 @@ def rollback(
                 f"no version of {name!r} older than the served version {current} in "
                 f"{repository} (versions on disk: {versions or 'none'})"
             )
-        to_version = older[-1]
-    elif to_version not in versions:
+        return current, older[-1]
+    if to_version not in versions:
         raise ServingError(f"{name!r} has no version {to_version} in {repository} "
                            f"(versions on disk: {versions or 'none'})")
-    if threshold is None:
-        threshold = _recorded_threshold(repository / name / str(to_version) / VERSION_INFO, "threshold")
-    ec = build_ensemble_contract(cfg, image_size=image_size, window=window, threshold=threshold,
-                                 max_bytes=max_bytes, max_pixels=max_pixels, frame=frame,
-                                 pixel_spacing=pixel_spacing)
-    contract = ec.classifier
-    url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
-    golden = repository / contract.name / str(to_version) / GOLDEN_FILE
-    with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
-        before = snapshot_files(repository, _processing_rels(ec, current, to_version))
-        try:
-            _switch(client, ec, repository, current, to_version, timeout)
-            diff = None
-            image = np.full((image_size, image_size, 1), 0.5, dtype=np.float32)
-            if golden.is_file():
-                images, expected = read_golden(golden, image_size)
-                diff = check_golden(client, protocol=protocol, name=contract.name, images=images,
-                                    expected=expected, atol=_golden_atol_of(golden),
-                                    expect_version=str(to_version))
-                image = images[0]
-            check_ensemble(client, protocol=protocol, ec=ec, image=image, expect_version=to_version)
-        except Exception as exc:  # noqa: BLE001
-            served = f"version {current} is served"
-            try:
-                _switch(client, ec, repository, to_version, current, timeout, restore=before)
-            except Exception as again:  # noqa: BLE001
-                served = f"restoring version {current} failed too: {_why(again)}"
-            raise ServingError(
-                f"rollback of {contract.name!r} to version {to_version} failed: {_why(exc)}; "
-                f"{served}"
-            ) from None
-    return RollbackResult(model_name=contract.name, from_version=current, to_version=to_version,
-                          golden_max_abs_diff=diff, threshold=ec.threshold)
+    return current, to_version
 
 
 def _processing_rels(ec: EnsembleContract, *versions: int | None) -> list[str]:

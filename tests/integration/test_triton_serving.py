@@ -459,6 +459,10 @@ def test_a_second_deploy_at_the_same_time_is_refused(triton, deployed):
         with pytest.raises(ServingError, match="another deploy or rollback is running"):
             rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
                      image_size=S)
+        # the served and available versions are read under the lock, not before it
+        with pytest.raises(ServingError, match="another deploy or rollback is running"):
+            rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
+                     image_size=S, to_version=99)
     assert served_version(triton["repo"], triton["cfg"].model_name) == 2
 
 
