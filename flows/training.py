@@ -184,8 +184,8 @@ def deploy_if_passed(paths: ProjectPaths, params: Params) -> Optional[dict[str, 
 
     decision = read_decision(paths.gate)
     if not decision.passed:
-        failed = [r for r in decision.reasons if r.endswith("fail")] or decision.reasons
-        get_run_logger().warning("gate rejected the model, not deploying: %s", "; ".join(failed))
+        get_run_logger().warning("gate rejected the model, not deploying: %s",
+                                 "; ".join(decision.failed_reasons or decision.reasons))
         return None
     return deploy_model(paths, params)
 

@@ -80,6 +80,11 @@ class GateDecision(BaseModel):
     champion: ChampionComparison | None = None
     timestamp: str
 
+    @property
+    def failed_reasons(self) -> list[str]:
+        """The reasons of the checks that failed (each reason line ends in "pass" or "fail")."""
+        return [r for r in self.reasons if r.endswith("fail")]
+
 
 def metric_value(metrics: dict[str, Any], key: str) -> float | None:
     """``metrics[key]`` as a float if it is a finite number (not a bool); None otherwise.
@@ -324,8 +329,9 @@ def require_passed(path: Path) -> GateDecision:
     """The decision at ``path`` if it passed; otherwise GateRejectedError listing the failed checks."""
     decision = read_decision(path)
     if not decision.passed:
-        failed = [r for r in decision.reasons if r.endswith("fail")]
-        raise GateRejectedError(f"gate rejected the model ({decision.timestamp}): {'; '.join(failed)}")
+        raise GateRejectedError(
+            f"gate rejected the model ({decision.timestamp}): {'; '.join(decision.failed_reasons)}"
+        )
     return decision
 
 

@@ -49,6 +49,7 @@ def test_pass_writes_a_decision_with_every_reason(files):
     assert decision.data_version == "abc123"
     assert gate.read_decision(paths["out"]) == decision
     assert gate.require_passed(paths["out"]).passed
+    assert decision.failed_reasons == []
 
 
 def test_one_failed_check_fails_the_gate_and_deploy_refuses(files):
@@ -57,6 +58,7 @@ def test_one_failed_check_fails_the_gate_and_deploy_refuses(files):
     assert not decision.passed
     assert "sensitivity 0.610 < min_sensitivity 0.700: fail" in decision.reasons
     assert sum(r.endswith(": pass") for r in decision.reasons) == 4  # 3 metrics + nothing to compare
+    assert decision.failed_reasons == ["sensitivity 0.610 < min_sensitivity 0.700: fail"]
     assert json.loads(paths["out"].read_text())["passed"] is False
     with pytest.raises(GateRejectedError, match="sensitivity 0.610 < min_sensitivity 0.700"):
         gate.require_passed(paths["out"])
