@@ -1,7 +1,8 @@
 """Ingest: a hospital DICOM export -> de-identified DICOM + model-ready arrays + metadata.
 
 Inputs:  ``source_dir``: every file below it, any name, any depth (nothing is skipped silently:
-         each file is either used or listed in quarantine.csv with a reason);
+         each file, and each entry that cannot be read as one, is either used or listed in
+         quarantine.csv with a reason);
          ``manifest`` (optional): CSV or Parquet with ``label`` (0/1, may be empty), optionally
          ``split``, and ``sop_instance_uid`` (the ORIGINAL SOP Instance UID) and/or ``path``
          (relative to source_dir) to match files. With a manifest, a file it does not list is
@@ -33,6 +34,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections import Counter, deque
@@ -203,8 +205,13 @@ def process_file(rel: str) -> FileOutcome:
     key: bytes = _STATE["key"]
     labels: dict | None = _STATE["labels"]
     out = FileOutcome(path=rel)
+    path = _STATE["source_dir"] / rel
+    unusable = _not_a_file(path)
+    if unusable is not None:
+        out.reason, out.detail = QuarantineReason.NOT_DICOM.value, unusable
+        return out
     try:
-        data = (_STATE["source_dir"] / rel).read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         out.reason, out.detail = QuarantineReason.NOT_DICOM.value, f"cannot read: {exc}"
         return out
@@ -299,13 +306,20 @@ def process_chunk(rels: list[str]) -> list[FileOutcome]:
 # index are read forward in step with the listing, never loaded.
 
 def iter_source_files(source_dir: Path) -> Iterator[str]:
-    """Every regular file below ``source_dir`` (any name, any depth) as a POSIX path relative to it,
-    in ``sorted()`` order, listed one folder at a time (memory: one folder's names per level).
+    """Every entry below ``source_dir`` that is not a folder (any name, any depth) as a POSIX path
+    relative to it, in ``sorted()`` order, listed one folder at a time (memory: one folder's names
+    per level).
 
     A folder's entries are visited in the order of their names with a sub-folder ``d`` keyed as
     ``d/``: exactly the order ``sorted()`` gives the full paths (``a-b/x`` < ``a/x`` < ``a0``), so
     no list of the whole tree is needed to produce it. Symbolic links to files are followed, links
-    to folders are not, unreadable folders are skipped (as :func:`os.walk` does).
+    to folders are not. Nothing is skipped: what is no file to read (a link to a folder, a broken
+    link, a device, pipe or socket, an entry whose type cannot be read) is listed like a file, and
+    a sub-folder that cannot be listed as its path with a trailing ``/``, so that
+    :func:`process_file` quarantines each with the reason (see :func:`_not_a_file`).
+
+    Raises:
+        IngestError: ``source_dir`` itself cannot be listed.
     """
     def walk(folder: str, prefix: str) -> Iterator[str]:
         entries: list[tuple[str, bool]] = []
@@ -313,13 +327,15 @@ def iter_source_files(source_dir: Path) -> Iterator[str]:
             with os.scandir(folder) as it:
                 for entry in it:
                     try:
-                        if entry.is_dir(follow_symlinks=False):
-                            entries.append((entry.name + "/", True))
-                        elif entry.is_file():
-                            entries.append((entry.name, False))
+                        is_dir = entry.is_dir(follow_symlinks=False)
                     except OSError:
-                        continue
-        except OSError:
+                        is_dir = False  # listed as a file: process_file says why it cannot be read
+                    entries.append((entry.name + "/", True) if is_dir else (entry.name, False))
+        except OSError as exc:
+            if not prefix:
+                raise IngestError(f"source folder {source_dir} cannot be listed: "
+                                  f"{exc.strerror or type(exc).__name__}") from exc
+            yield prefix  # "sub/folder/", in its place in the order: quarantined as unreadable
             return
         entries.sort()
         for key, is_dir in entries:
@@ -329,6 +345,30 @@ def iter_source_files(source_dir: Path) -> Iterator[str]:
                 yield prefix + key
 
     yield from walk(os.fspath(source_dir), "")
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` (an entry :func:`iter_source_files` listed) is no file to read, as a
+    quarantine detail; None for a regular file or a link to one. Asked before a file is opened:
+    opening a pipe would wait forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if os.path.islink(path):
+            return f"cannot read: a link whose target cannot be reached ({exc.strerror})"
+        return f"cannot read: {exc.strerror or type(exc).__name__}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        if os.path.islink(path):
+            return "cannot read: a link to a folder, not followed"
+        try:
+            with os.scandir(path):
+                pass
+        except OSError as exc:
+            return f"cannot read: a folder that cannot be listed ({exc.strerror})"
+        return "cannot read: a folder that could not be listed"
+    return "cannot read: not a regular file (a device, pipe or socket)"
 
 
 @dataclass(slots=True)
@@ -801,15 +841,18 @@ def _plan(rels: Iterable[str], source_dir: Path, previous: _Previous | None) -> 
             if quarantined is not None and quarantined[0] in _INTRINSIC and previous.files.get(rel) == sha:
                 prior = quarantined
         yield _Item(rel, sha, prior)
+
+
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    """The file's SHA-256, or "" when it cannot be read (the worker will say why)."""
+    from medops.hashing import sha256_file
+
+    if _not_a_file(path) is not None:  # a pipe is never opened
+        return ""
     try:
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        return sha256_file(path)
     except OSError:
-        return ""  # unreadable: the worker will say why
-    return h.hexdigest()
+        return ""
 
 
 _OUTPUT_MARKERS = ("metadata.parquet", "quarantine.csv", INDEX_NAME, _STAGING, _OWNER_MARKER)

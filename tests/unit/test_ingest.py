@@ -540,10 +540,60 @@ def test_listing_streams_in_the_order_sorted_gives(tmp_path):
         (tmp_path / name).write_text(name)
     (tmp_path / "link-to-file").symlink_to(tmp_path / "a0")
     (tmp_path / "link-to-dir").symlink_to(tmp_path / "a", target_is_directory=True)
+    (tmp_path / "a" / "broken-link").symlink_to(tmp_path / "missing")
+    os.mkfifo(tmp_path / "sub" / "pipe")
     (tmp_path / "empty").mkdir()
     listing = ingest.iter_source_files(tmp_path)
     assert not isinstance(listing, list)
-    assert list(listing) == sorted(names + ["link-to-file"])
+    # nothing is skipped: what is no file to read is listed for process_file to quarantine
+    assert list(listing) == sorted(names + ["link-to-file", "link-to-dir", "a/broken-link", "sub/pipe"])
+
+
+def test_a_folder_that_cannot_be_listed_is_listed_in_its_place(tmp_path, monkeypatch):
+    for name in ("a-b/x", "a/x", "a/y/z", "a0"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    scandir = os.scandir
+
+    def locked(path):
+        if isinstance(path, (str, Path)) and os.fspath(path).endswith(os.sep + "a"):
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    assert list(ingest.iter_source_files(tmp_path)) == ["a-b/x", "a/", "a0"]  # sorted() order still
+    with pytest.raises(IngestError, match="cannot be listed: Permission denied"):
+        list(ingest.iter_source_files(tmp_path / "a"))
+
+
+def test_entries_that_are_no_files_are_quarantined_with_the_reason(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    (src / "series").mkdir(parents=True)
+    _small_ct(1).save_as(src / "series" / "IM1.dcm", enforce_file_format=True)
+    (src / "series" / "IM2.dcm").symlink_to(src / "gone.dcm")
+    (src / "series-link").symlink_to(src / "series", target_is_directory=True)
+    os.mkfifo(src / "pipe")
+    (src / "locked").mkdir()
+    _small_ct(2).save_as(src / "locked" / "IM3.dcm", enforce_file_format=True)
+    scandir = os.scandir
+
+    def locked(path):
+        if isinstance(path, (str, Path)) and os.fspath(path).endswith(os.sep + "locked"):
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    res = ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "out", key=KEY)
+    assert (res.files_seen, res.used, res.quarantined_by_reason) == (5, 1, {"not_dicom": 4})
+    assert {r["path"]: r["detail"] for r in _read_csv(res.quarantine)} == {
+        "locked/": "cannot read: a folder that cannot be listed (Permission denied)",
+        "pipe": "cannot read: not a regular file (a device, pipe or socket)",
+        "series-link": "cannot read: a link to a folder, not followed",
+        "series/IM2.dcm": "cannot read: a link whose target cannot be reached (No such file or directory)",
+    }
+    # an incremental run reads them the same way (never opening the pipe) and keeps their rows
+    again = ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "out", key=KEY)
+    assert (again.decoded, again.changed) == (0, False)
 
 
 @pytest.mark.parametrize("files", [{}, {"a.dcm": "0" * 64}, {"a": "1" * 64, "b/\"x\"\n.dcm": "",
