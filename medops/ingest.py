@@ -123,7 +123,8 @@ def read_manifest(path: Path) -> dict[str, tuple[int | None, str | None]]:
 
     Raises:
         IngestError: the file is missing or unreadable, lacks ``label`` or both key columns, has
-            a label that is not 0/1/empty, or gives one UID or path two different labels.
+            a label that is not 0/1/empty or a row with neither key, or gives one UID or path two
+            different labels.
     """
     path = Path(path)
     if not path.is_file():
@@ -144,6 +145,9 @@ def read_manifest(path: Path) -> dict[str, tuple[int | None, str | None]]:
         split = (row.get("split") or "").strip() or None
         uid = (row.get("sop_instance_uid") or "").strip()
         rel = (row.get("path") or "").strip().replace("\\", "/")
+        if not uid and not rel:
+            raise IngestError(f"manifest {path} line {line}: neither sop_instance_uid nor path is "
+                              f"given, so the row matches no file")
         for key in ([f"uid:{uid}"] if uid else []) + ([f"path:{rel}"] if rel and not uid else []):
             if key in labels and labels[key][0] != label:
                 raise IngestError(f"manifest {path} line {line}: {key[key.index(':') + 1:]} has "

@@ -218,6 +218,9 @@ def test_stage_failures_are_typed(tmp_path):
     bad.write_text("sop_instance_uid,label\n1.2.3,yes\n")
     with pytest.raises(IngestError, match="line 2"):
         ingest.run(IngestConfig(), source_dir=tmp_path / "src", out_dir=tmp_path / "out", manifest=bad, key=KEY)
+    bad.write_text("sop_instance_uid,path,label\n1.2.3,,0\n,a/b.dcm,1\n ,,1\n")
+    with pytest.raises(IngestError, match="line 4: neither sop_instance_uid nor path"):
+        ingest.read_manifest(bad)
 
 
 def test_key_defaults_to_the_environment(deid_key, tmp_path):
