@@ -423,6 +423,12 @@ def _isolate(chunk: list[str], init_args: tuple) -> list[FileOutcome]:
     return out
 
 
+def chunk_size(expected: int, workers: int) -> int:
+    """Files per worker task for ``expected`` files on ``workers`` processes: about four tasks per
+    worker (so a slow chunk does not leave the others idle), at most ``_MAX_CHUNK``."""
+    return max(1, min(_MAX_CHUNK, math.ceil(expected / (workers * 4))))
+
+
 def _done(value: list[FileOutcome]) -> Future:
     future: Future = Future()
     future.set_result(value)
@@ -439,7 +445,7 @@ def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: in
     restart, and the chunk it held is retried one file per task, so only the culprit is quarantined
     and the stage goes on.
     """
-    size = max(1, min(_MAX_CHUNK, math.ceil(expected / (workers * 4))))
+    size = chunk_size(expected, workers)
     n_workers = min(workers, math.ceil(expected / size))
     if n_workers <= 1:
         _init_worker(*init_args)

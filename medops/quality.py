@@ -31,7 +31,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from medops.config import QualityConfig
-from medops.data import METADATA_COLUMNS
+from medops.data import METADATA_COLUMNS, read_metadata
 from medops.errors import DataQualityError
 
 ASSET_NAME = "metadata"  # how the table is named in messages and in the Data Docs
@@ -258,7 +258,7 @@ def run(cfg: QualityConfig, *, ingested_dir: Path, out_dir: Path) -> QualityResu
     table_path = ingested_dir / "metadata.parquet"
     if not table_path.is_file():
         raise DataQualityError(f"no metadata table at {table_path}: run the ingest stage first")
-    table = pd.read_parquet(table_path)
+    table = read_metadata(ingested_dir)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     docs_dir = out_dir / DATA_DOCS_DIR

@@ -236,8 +236,10 @@ def _limit_worker_init() -> None:
 
 def decode_limit(folder: Path, workers: int) -> int:
     """Decoding alone, on ``workers`` processes, chunked the way medops chunks its files."""
+    from medops.ingest import chunk_size
+
     files = list_files(folder)
-    size = max(1, min(64, math.ceil(len(files) / (workers * 4))))
+    size = chunk_size(len(files), workers)
     chunks = [[str(f) for f in files[i:i + size]] for i in range(0, len(files), size)]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                              initializer=_limit_worker_init) as pool:

@@ -651,6 +651,11 @@ def test_metadata_written_in_row_groups_reads_back_as_the_whole_frame_would(tmp_
                                   pd.read_parquet(tmp_path / "whole.parquet"))
 
 
+def test_chunk_size_gives_each_worker_about_four_tasks_of_bounded_size():
+    assert [ingest.chunk_size(n, 2) for n in (0, 1, 8, 9, 80)] == [1, 1, 1, 2, 10]
+    assert ingest.chunk_size(10**6, 8) == ingest._MAX_CHUNK
+
+
 def test_cursor_reads_sorted_pairs_once_and_forgives_gaps():
     cursor = ingest._Cursor(iter([("a", 1), ("c", 3), ("d", 4)]))
     assert [cursor.get(k) for k in ("0", "a", "b", "c", "e")] == [None, 1, None, 3, None]
