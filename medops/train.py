@@ -13,14 +13,13 @@ Outputs:
     result_out: ``models/train.json``: params used, data_version, per-epoch history, split sizes,
         duration, input size, library versions.
 Params (``train`` and ``augment`` sections, TrainConfig and AugmentConfig):
-    model, epochs, batch_size, learning_rate, filters, dense_units, dropout, seed; augment.*.
-    Optional keys (read with defaults until they are in TrainConfig; see TRAIN_DEFAULTS):
+    model, epochs, batch_size, learning_rate, filters, dense_units, dropout, seed;
     class_weight ("none" | "balanced"), early_stopping_patience (0 = train every epoch),
     restore_best (keep the weights of the best val AUC epoch), lr_schedule ("constant" |
-    "cosine"), threshold_strategy ("fixed" | "youden" | "youden_bootstrap" | "sensitivity") and
-    target_sensitivity:
-    how the decision threshold is chosen on val and recorded in train.json
-    (``decision_threshold``) for evaluate, export and serving.
+    "cosine"); threshold_strategy ("fixed" | "youden" | "youden_bootstrap" | "sensitivity") and
+    target_sensitivity: how the decision threshold is chosen on val and recorded in train.json
+    (``decision_threshold``) for evaluate, export and serving; strategy, mixed_precision, xla
+    (medops.distribute); augment.*.
 """
 
 from __future__ import annotations
@@ -40,22 +39,6 @@ from medops.errors import MedopsError
 from medops.evaluate import compute_auc, predict_probabilities, select_threshold
 from medops.preview import save_augmentation_preview
 from medops.split import load_split_images
-
-
-# Keys Part-B training reads with getattr(cfg, key, default) until TrainConfig declares them.
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "class_weight": "none",
-    "early_stopping_patience": 0,
-    "restore_best": True,
-    "lr_schedule": "constant",
-    "threshold_strategy": "youden",
-    "target_sensitivity": 0.9,
-}
-
-
-def option(cfg: TrainConfig, key: str) -> Any:
-    """A training option from ``cfg`` or its default (TRAIN_DEFAULTS)."""
-    return getattr(cfg, key, TRAIN_DEFAULTS[key])
 
 
 class TrainResult(BaseModel):
@@ -106,12 +89,10 @@ def compile_model(model: Any, cfg: TrainConfig, *, steps_per_epoch: int = 1) -> 
     import keras
 
     lr: Any = cfg.learning_rate
-    if option(cfg, "lr_schedule") == "cosine":
+    if cfg.lr_schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(
             cfg.learning_rate, decay_steps=max(1, cfg.epochs * steps_per_epoch), alpha=0.01
         )
-    elif option(cfg, "lr_schedule") != "constant":
-        raise MedopsError(f"train.lr_schedule must be 'constant' or 'cosine', got {option(cfg, 'lr_schedule')!r}")
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=lr),
         loss=keras.losses.BinaryCrossentropy(),
@@ -154,13 +135,13 @@ def fit_model(
     x_val, y_val = val
     steps = int(np.ceil(len(x_train) / train_cfg.batch_size))
     callbacks: list[Any] = []
-    patience = int(option(train_cfg, "early_stopping_patience"))
+    patience = train_cfg.early_stopping_patience
     stopper = None
-    if patience > 0 or option(train_cfg, "restore_best"):
+    if patience > 0 or train_cfg.restore_best:
         # Keras restores the best weights at the end of training whether or not it stopped early.
         stopper = keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=patience if patience > 0 else train_cfg.epochs + 1,
-            restore_best_weights=bool(option(train_cfg, "restore_best")),
+            restore_best_weights=train_cfg.restore_best,
         )
         callbacks.append(stopper)
     if log_dir is not None:
@@ -174,11 +155,11 @@ def fit_model(
         compile_fn=lambda model: compile_model(model, train_cfg, steps_per_epoch=steps),
         global_batch_size=train_cfg.batch_size, epochs=train_cfg.epochs,
         seed=train_cfg.seed, callbacks=callbacks,
-        class_weight=compute_class_weights(y_train, option(train_cfg, "class_weight")),
+        class_weight=compute_class_weights(y_train, train_cfg.class_weight),
         strategy=strategy,
     )
     best = None
-    if stopper is not None and option(train_cfg, "restore_best") and stopper.best_weights is not None:
+    if stopper is not None and train_cfg.restore_best and stopper.best_weights is not None:
         best = int(stopper.best_epoch) + 1
     return outcome.model, outcome.history, best
 
@@ -218,9 +199,8 @@ def run(
         log_dir=log_dir if is_chief(plan) else None, plan=plan, strategy=strategy,
     )
     val_scores = predict_probabilities(model, x_val)
-    strategy = str(option(train_cfg, "threshold_strategy"))
     threshold = select_threshold(
-        y_val, val_scores, strategy, target_sensitivity=float(option(train_cfg, "target_sensitivity")),
+        y_val, val_scores, train_cfg.threshold_strategy, target_sensitivity=train_cfg.target_sensitivity,
         seed=train_cfg.seed,
     )
     duration = time.perf_counter() - started
@@ -245,7 +225,7 @@ def run(
         best_epoch=best_epoch,
         best_val_auc=compute_auc(y_val, val_scores),
         decision_threshold=threshold,
-        threshold_strategy=strategy,
+        threshold_strategy=train_cfg.threshold_strategy,
         history=history,
         model_path=str(model_out),
         result_path=str(result_out),
@@ -253,7 +233,7 @@ def run(
     record = {
         **result.model_dump(mode="json"),
         "params": {
-            "train": {**{k: option(train_cfg, k) for k in TRAIN_DEFAULTS}, **train_cfg.model_dump(mode="json")},
+            "train": train_cfg.model_dump(mode="json"),
             "augment": augment_cfg.model_dump(mode="json"),
         },
         "train_positive_fraction": float(y_train.mean()),

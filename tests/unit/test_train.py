@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -116,17 +117,57 @@ def test_a_one_class_training_split_is_refused(tmp_path):
     assert not (tmp_path / "m.keras").exists()
 
 
-@pytest.mark.slow
-def test_part_b_options_early_stopping_class_weights_cosine_tensorboard(trained, tmp_path):
-    # The keys TrainConfig does not declare yet, given the way params.yaml will once it does.
-    class FutureTrainConfig(TrainConfig):
-        class_weight: str = "balanced"
-        early_stopping_patience: int = 1
-        lr_schedule: str = "cosine"
-        threshold_strategy: str = "sensitivity"
-        target_sensitivity: float = 0.95
+def test_cosine_schedule_decays_the_learning_rate_over_the_run():
+    from medops.models import build_model
 
-    cfg = FutureTrainConfig(epochs=12, batch_size=64, filters=[8, 16, 32], dense_units=16, learning_rate=3e-3)
+    cfg = TrainConfig(lr_schedule="cosine", epochs=4, learning_rate=1e-2, filters=[4], dense_units=4)
+    optimizer = train_stage.compile_model(build_model("simple_cnn", cfg, (28, 28, 1)), cfg,
+                                          steps_per_epoch=5).optimizer
+    rates = {}
+    for step in (0, 10, 20):  # the run is epochs * steps_per_epoch = 20 steps
+        optimizer.iterations.assign(step)
+        rates[step] = float(optimizer.learning_rate)
+    assert rates[0] == pytest.approx(1e-2)
+    assert rates[0] > rates[10] > rates[20]
+    assert rates[20] == pytest.approx(1e-2 * 0.01, rel=1e-3)  # alpha: 1 % of the initial rate left
+    constant = train_stage.compile_model(build_model("simple_cnn", cfg, (28, 28, 1)),
+                                         cfg.model_copy(update={"lr_schedule": "constant"}),
+                                         steps_per_epoch=5).optimizer
+    constant.iterations.assign(20)
+    assert float(constant.learning_rate) == pytest.approx(1e-2)
+
+
+def test_fit_model_passes_class_weights_early_stopping_and_the_schedule_to_fit(monkeypatch):
+    import medops.distribute
+    from medops.distribute import plan_distribution
+
+    seen = {}
+
+    def fake_fit(plan, build_model_fn, dataset_fn, **kwargs):
+        seen.update(kwargs, model=build_model_fn())
+        return medops.distribute.FitOutcome(model=seen["model"], history={"loss": [1.0]}, plan=plan)
+
+    monkeypatch.setattr(medops.distribute, "fit_under_plan", fake_fit)
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 28, 28, 1)).astype(np.float32)
+    y = np.array([1] * 30 + [0] * 10, dtype=np.float32)
+    cfg = TrainConfig(class_weight="balanced", early_stopping_patience=2, lr_schedule="cosine", epochs=3,
+                      batch_size=8, filters=[4], dense_units=4)
+    train_stage.fit_model(cfg, AugmentConfig(), (x, y), (x, y), plan=plan_distribution(env={}, gpus=[]))
+    assert seen["class_weight"] == train_stage.compute_class_weights(y, "balanced") == {
+        0: pytest.approx(2.0), 1: pytest.approx(40 / 60)}
+    [stopper] = [c for c in seen["callbacks"] if isinstance(c, keras.callbacks.EarlyStopping)]
+    assert stopper.patience == 2 and stopper.restore_best_weights
+    compiled = seen["compile_fn"](seen["model"])
+    compiled.optimizer.iterations.assign(3 * 5)  # epochs * ceil(40 / 8) steps: the end of the run
+    assert float(compiled.optimizer.learning_rate) == pytest.approx(cfg.learning_rate * 0.01, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_training_options_early_stopping_class_weights_cosine_tensorboard(trained, tmp_path):
+    cfg = TrainConfig(epochs=12, batch_size=64, filters=[8, 16, 32], dense_units=16, learning_rate=3e-3,
+                      class_weight="balanced", early_stopping_patience=1, lr_schedule="cosine",
+                      threshold_strategy="sensitivity", target_sensitivity=0.95)
     result = train_stage.run(
         cfg, AugmentConfig(), ingested_dir=trained["ingested"], split=trained["split"],
         model_out=tmp_path / "m.keras", result_out=tmp_path / "t.json", data_version="v",
@@ -135,7 +176,8 @@ def test_part_b_options_early_stopping_class_weights_cosine_tensorboard(trained,
     assert result.epochs_run < 12  # patience 1 stops well before 12 epochs
     assert result.best_epoch == result.epochs_run - 1
     record = json.loads((tmp_path / "t.json").read_text())
-    assert record["params"]["train"]["class_weight"] == "balanced"
+    assert record["params"]["train"] == cfg.model_dump(mode="json")
+    assert record["threshold_strategy"] == "sensitivity"
     x_val, y_val, _ = load_split_images(trained["ingested"], trained["split"], "val")
     scores = keras.saving.load_model(tmp_path / "m.keras", compile=False).predict(x_val, verbose=0)[:, 0]
     assert ((scores >= result.decision_threshold)[y_val == 1]).mean() >= 0.95
@@ -167,7 +209,7 @@ def test_a_training_run_saves_its_augmentation_preview_and_provenance(trained):
         assert im.format == "PNG" and im.width > 100 and im.height > 100
     record = json.loads(trained["train_result"].read_text())
     assert record["distribution"]["strategy"] == "default"  # no GPU, no TF_CONFIG here
-    assert record["code_commit"] is None or len(record["code_commit"].split("+")[0]) == 40
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", record["code_commit"])  # this is a git checkout
 
 
 def test_training_order_does_not_depend_on_the_order_split_csv_lists_images():
