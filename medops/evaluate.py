@@ -16,9 +16,9 @@ Outputs:
         predicted) and ``subgroups.csv`` (the metrics per patient_sex and age band).
 Params (``evaluate`` section, EvaluateConfig):
     threshold: probability at or above which an image is called positive (pneumonia), when no
-        decision threshold comes from training.
-    Optional (read with defaults until EvaluateConfig declares them): use_train_threshold
-    (True), bootstrap_samples (1000), calibration_bins (10).
+        decision threshold comes from training (or ``use_train_threshold`` is false).
+    bootstrap_samples: resamples for the AUC confidence interval (at least 1).
+    calibration_bins: equal-width probability bins of the reliability table and the ECE.
 
 The metric functions are pure numpy / scikit-learn and tested on hand-made arrays.
 """
@@ -38,7 +38,6 @@ from medops.paths import read_json
 from medops.split import load_split_images
 
 
-EVALUATE_DEFAULTS = {"use_train_threshold": True, "bootstrap_samples": 1000, "calibration_bins": 10}
 AGE_BANDS = ((0, 4, "0-4"), (5, 17, "5-17"), (18, 39, "18-39"), (40, 64, "40-64"), (65, 200, "65+"))
 
 
@@ -362,8 +361,7 @@ def write_plots(
 
 def resolve_threshold(cfg: EvaluateConfig, train_result: Path | None) -> tuple[float, str]:
     """The decision threshold and where it came from: train.json's (chosen on val) or the config's."""
-    use_train = getattr(cfg, "use_train_threshold", EVALUATE_DEFAULTS["use_train_threshold"])
-    if use_train and train_result is not None:
+    if cfg.use_train_threshold and train_result is not None:
         record = read_json(train_result, "train result")
         if record.get("decision_threshold") is not None:
             return float(record["decision_threshold"]), "train"
@@ -375,12 +373,8 @@ def evaluate_scores(
 ) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Flat metrics, calibration table, PR table and subgroup table for one set of predictions."""
     metrics = compute_metrics(y_true, y_score, threshold)
-    lo, hi = bootstrap_auc_ci(
-        y_true, y_score, n_samples=int(getattr(cfg, "bootstrap_samples", EVALUATE_DEFAULTS["bootstrap_samples"]))
-    )
-    calibration, ece = compute_calibration(
-        y_true, y_score, int(getattr(cfg, "calibration_bins", EVALUATE_DEFAULTS["calibration_bins"]))
-    )
+    lo, hi = bootstrap_auc_ci(y_true, y_score, n_samples=cfg.bootstrap_samples)
+    calibration, ece = compute_calibration(y_true, y_score, cfg.calibration_bins)
     pr, ap = compute_pr(y_true, y_score)
     metrics.update(auc_ci_low=lo, auc_ci_high=hi, ece=ece, average_precision=ap)
     return metrics, calibration, pr, compute_subgroup_metrics(rows, y_true, y_score, threshold)

@@ -22,13 +22,14 @@ Outputs:
         pseudonymous SOPInstanceUID of the ingested metadata names an image; no other header
         value is read. Earlier ``gradcam-*.png`` files in ``out_dir`` are removed first, so the
         folder always holds exactly one run's sample.
-Params (``evaluate`` section, EvaluateConfig; read with defaults until it declares them):
+Params (``evaluate`` section, EvaluateConfig):
     gradcam_samples (8): how many test images to explain.
     gradcam_layer (None): the feature layer, as a name or ``outer/inner`` path into a nested
         model; None = the last Conv2D layer with at least a 2x2 output, found automatically (also
         inside nested models: ``efficientnetb0/block6a_expand_conv`` for efficientnet_b0 at 28 px,
         whose later convolutions are 1x1 and would give constant maps).
-    threshold: the decision threshold when train.json gives none.
+    threshold, use_train_threshold: the decision threshold when train.json gives none or is not
+        to be used, as in evaluate.
 
 The sample takes images round-robin from the outcomes TP, TN, FP, FN, the most confident of
 each first, so a reviewer sees both what the model gets right and its most confident mistakes.
@@ -53,7 +54,6 @@ from medops.errors import MedopsError
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-EXPLAIN_DEFAULTS = {"gradcam_samples": 8, "gradcam_layer": None}
 PNG_PREFIX = "gradcam-"
 OUTCOMES = ("TP", "TN", "FP", "FN")
 # A 1x1 feature map gives a constant heatmap by construction (efficientnet_b0's top_conv at 28 px
@@ -367,14 +367,12 @@ def run(
     from medops.evaluate import load_model, predict_probabilities, resolve_threshold
     from medops.split import load_split_images
 
-    limit = int(getattr(cfg, "gradcam_samples", EXPLAIN_DEFAULTS["gradcam_samples"]))
-    layer = getattr(cfg, "gradcam_layer", EXPLAIN_DEFAULTS["gradcam_layer"])
     threshold, source = resolve_threshold(cfg, train_result)
     keras_model = load_model(model)
-    layer_path, _ = find_layer(keras_model, layer)
+    layer_path, _ = find_layer(keras_model, cfg.gradcam_layer)
     images, labels, rows = load_split_images(ingested_dir, split, "test")
     probabilities = predict_probabilities(keras_model, images)
-    chosen = select_samples(labels, probabilities, threshold, limit)
+    chosen = select_samples(labels, probabilities, threshold, cfg.gradcam_samples)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f"{PNG_PREFIX}*.png"):
