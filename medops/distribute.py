@@ -50,8 +50,8 @@ the model and results; the other workers train and exit.
 TensorFlow and Keras are imported inside the functions: importing this module is cheap, and
 ``plan_distribution`` with ``gpus`` given never touches TensorFlow.
 
-Params: none of its own. The three choices are keyword arguments until TrainConfig declares them
-(proposed: ``train.strategy``, ``train.mixed_precision``, ``train.xla``, each default "auto").
+Params: ``train.strategy``, ``train.mixed_precision`` and ``train.xla`` (TrainConfig, each "auto" by
+default), which ``medops.train.plan_for`` passes to ``plan_distribution``.
 """
 
 from __future__ import annotations
