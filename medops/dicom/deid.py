@@ -203,7 +203,7 @@ def _tag(keyword: str) -> BaseTag:
 
 
 PROFILE: dict[BaseTag, Action] = {_tag(k): a for k, a in _PROFILE.items()}
-_PATIENT_ID, _PATIENT_NAME, _BIRTH_DATE = _tag("PatientID"), _tag("PatientName"), _tag("PatientBirthDate")
+_BIRTH_DATE = _tag("PatientBirthDate")
 _DATE_VRS, _TEXT_VRS = {"DA", "DT"}, {"ST", "LT", "UT"}
 
 METHOD = f"PS3.15 E Basic Profile; medops {__version__}"
@@ -382,11 +382,8 @@ def _apply(ds: Dataset, key: bytes, pseudonym: str, shift: int | None) -> None:
             elem.value = Sequence() if vr == "SQ" else None
         elif action == "U":
             elem.value = _replace_uids(elem.value, key)
-        elif action == "D":
-            if tag == _PATIENT_ID:
-                elem.value = pseudonym
-            elif tag == _PATIENT_NAME:
-                elem.value = pseudonym
+        elif action == "D":  # PatientName and PatientID: both become the patient's pseudonym
+            elem.value = pseudonym
         elif vr == "SQ":
             for item in elem.value:
                 _apply(item, key, pseudonym, shift)

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from medops.config import DeidConfig
@@ -184,9 +185,29 @@ def test_key_file_defaults_to_the_project_state_folder(monkeypatch, tmp_path):
     assert (tmp_path / ".medops" / "secrets" / "deid.key").is_file()
 
 
-def test_every_profile_keyword_is_a_dicom_attribute():
-    from pydicom.datadict import keyword_for_tag
+# PS3.15 Table E.1-1, Basic Profile, with the choice deid.py documents where the table allows one:
+# Z/D -> D (the pseudonym) for the patient's name and ID, Z for Type 2 attributes, X otherwise, U for
+# UIDs, K for patient characteristics (E.3.7 Retain Patient Characteristics)
+TABLE_E_1_1 = {
+    "PatientName": "D", "PatientID": "D", "PatientBirthDate": "Z", "PatientSex": "K", "PatientAge": "K",
+    "PatientAddress": "X", "OtherPatientIDsSequence": "X", "PatientTelephoneNumbers": "X",
+    "StudyInstanceUID": "U", "SeriesInstanceUID": "U", "SOPInstanceUID": "U",
+    "FrameOfReferenceUID": "U", "ReferencedSOPInstanceUID": "U",
+    "AccessionNumber": "Z", "StudyID": "Z", "StudyDate": "Z", "StudyTime": "Z",
+    "ReferringPhysicianName": "Z", "SeriesDate": "X", "AcquisitionDateTime": "X",
+    "InstitutionName": "X", "InstitutionAddress": "X", "StationName": "X", "OperatorsName": "X",
+    "DeviceSerialNumber": "X", "StudyDescription": "X", "ImageComments": "X", "ProtocolName": "X",
+}
 
-    assert len(deid.PROFILE) >= 290
-    assert all(keyword_for_tag(tag) for tag in deid.PROFILE)
-    assert set(deid.PROFILE.values()) <= {"X", "Z", "K", "U", "D"}
+
+def test_profile_actions_follow_table_e_1_1():
+    from pydicom.datadict import tag_for_keyword
+
+    actions = {k: deid.PROFILE.get(Tag(tag_for_keyword(k))) for k in TABLE_E_1_1}
+    assert actions == TABLE_E_1_1
+    # D writes the patient's pseudonym: right for these two attributes only
+    assert {t for t, a in deid.PROFILE.items() if a == "D"} == {Tag("PatientName"), Tag("PatientID")}
+    # what the model and the checks need is not in the table: kept (or, UIDs, left if registered)
+    for keyword in ("Modality", "BodyPartExamined", "Rows", "Columns", "PhotometricInterpretation",
+                    "PixelData", "SOPClassUID"):
+        assert Tag(tag_for_keyword(keyword)) not in deid.PROFILE, keyword
