@@ -20,6 +20,7 @@ numpy, pydicom and Pillow only: no TensorFlow.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -34,6 +35,8 @@ from medops.errors import DicomReadError, QuarantineReason
 
 if TYPE_CHECKING:
     from medops.config import Window
+
+log = logging.getLogger(__name__)
 
 _BT601 = np.array([0.299, 0.587, 0.114])
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"}
@@ -107,8 +110,10 @@ def apply_voi_to_unit(values: np.ndarray, ds: Dataset, window: "Window | None" =
         try:
             out = apply_voi(np.asarray(values), ds, index=0)
             return np.clip(np.asarray(out, dtype=np.float64) / _lut_max(ds, "VOILUTSequence"), 0.0, 1.0)
-        except Exception:
-            pass  # a malformed VOI LUT: fall back to the window or the image's range
+        except Exception as exc:  # a malformed VOI LUT: fall back to the window or the image's range
+            # the exception's type only: its message could quote a header value
+            log.warning("the file's VOI LUT cannot be applied (%s); using its window or the image's "
+                        "range instead", type(exc).__name__)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         try:
             center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
@@ -280,7 +285,7 @@ def prepare_image(ds: Dataset, *, image_size: int, window: "Window | None" = Non
     if unit.ndim != 2:
         raise DicomReadError(f"expected a 2-D image after preprocessing, got shape {unit.shape}",
                              QuarantineReason.UNSUPPORTED_PIXELS)
-    if spacing is not None and pixel_spacing is not None:
+    if spacing is not None:  # only set when pixel_spacing is
         return resample_to_spacing(unit, spacing, pixel_spacing, image_size)
     return resize_image(unit, image_size)
 

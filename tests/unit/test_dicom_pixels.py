@@ -182,6 +182,24 @@ def test_voi_lut_sequence_maps_through_the_table():
                                [[0, 64 / 255], [128 / 255, 1]], atol=1e-7)
 
 
+def test_a_malformed_voi_lut_falls_back_to_the_window_with_a_warning(caplog):
+    import logging
+
+    ds = make_dataset(np.array([[99, 101], [102, 200]], dtype=np.uint16), bits_stored=12,
+                      WindowCenter="150", WindowWidth="101")
+    item = Dataset()
+    item.LUTDescriptor = [4, 100, 8]  # and no LUTData
+    item.LUTExplanation = "CANARY-LUT"
+    ds.VOILUTSequence = [item]
+    with caplog.at_level(logging.WARNING, logger="medops.dicom.pixels"):
+        out = pixels.prepare_image(ds, image_size=2)
+    window = pixels.prepare_image(make_dataset(np.array([[99, 101], [102, 200]], dtype=np.uint16),
+                                               bits_stored=12, WindowCenter="150", WindowWidth="101"),
+                                  image_size=2)
+    np.testing.assert_array_equal(out, window)
+    assert "VOI LUT cannot be applied" in caplog.text and "CANARY" not in caplog.text
+
+
 def test_palette_colour_becomes_luminance_of_its_palette():
     # PALETTE COLOR (C.7.6.3.1.5): index -> (R, G, B) from 16-bit tables; gray = BT.601 luminance
     ds = make_dataset(np.array([[0, 1], [2, 3]], dtype=np.uint8), photometric="PALETTE COLOR")
