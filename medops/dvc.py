@@ -108,6 +108,16 @@ def add(root: Path | str, path: Path | str) -> str:
     return data_version(root, rel)
 
 
+def push(root: Path | str, targets: Sequence[str | Path] | None = None, remote: str | None = None) -> str:
+    """``dvc push [targets]`` to the default remote (or ``remote``); returns dvc's summary line."""
+    root = Path(root)
+    args = ["push", *(["--remote", remote] if remote else []), *(_relative(root, t) for t in targets or ())]
+    return _tail(run_dvc(root, *args).stdout, 1)
+
+
+_push = push  # for version_dataset, whose ``push`` flag (a public keyword) shadows the function
+
+
 def version_dataset(root: Path | str, path: Path | str, push: bool = True) -> str:
     """Track ``path`` with DVC (``dvc add``) and, with ``push``, send it to the default remote.
 
@@ -116,25 +126,13 @@ def version_dataset(root: Path | str, path: Path | str, push: bool = True) -> st
     init(root)
     version = add(root, path)
     if push:
-        _push(root, [path])  # the parameter shadows push()
+        _push(root, [path])
     return version
-
-
-def push(root: Path | str, targets: Sequence[str | Path] | None = None, remote: str | None = None) -> str:
-    """``dvc push [targets]`` to the default remote (or ``remote``); returns dvc's summary line."""
-    root = Path(root)
-    args = ["push", *(["--remote", remote] if remote else []), *(_relative(root, t) for t in targets or ())]
-    return _tail(run_dvc(root, *args).stdout, 1)
-
-
-_push = push
 
 
 def uncached_outputs(root: Path | str) -> list[str]:
     """Files that DVC leaves to git: ``.dvc`` files and the ``cache: false`` outs, metrics and plots
     of dvc.yaml (metrics, plots, the gate decision) — the ones that exist."""
-    import yaml
-
     root = Path(root)
     found: list[str] = [str(p.relative_to(root)) for p in root.glob("data/*.dvc")]
     dvcfile = root / "dvc.yaml"
@@ -173,9 +171,8 @@ def pull(root: Path | str, targets: Sequence[str | Path] | None = None, remote: 
     return _tail(run_dvc(root, *args).stdout, 1)
 
 
-def repro(root: Path | str, stage: str | None = None, single_item: bool = False,
-          force: bool = False) -> str:
-    """``dvc repro [--single-item] [--force] [stage]``; returns dvc's output.
+def repro(root: Path | str, stage: str | None = None, single_item: bool = False) -> str:
+    """``dvc repro [--single-item] [stage]``; returns dvc's output.
 
     ``single_item`` reproduces ``stage`` alone, without checking its upstream stages: the flow runs
     the stages one task at a time in order, so each task's DVC run records exactly that stage.
@@ -185,12 +182,9 @@ def repro(root: Path | str, stage: str | None = None, single_item: bool = False,
         if stage is None:
             raise ValueError("single_item needs a stage name")
         args.append("--single-item")
-    if force:
-        args.append("--force")
     if stage:
         args.append(stage)
-    proc = run_dvc(root, *args)
-    return proc.stdout
+    return run_dvc(root, *args).stdout
 
 
 def status(root: Path | str, cloud: bool = False) -> dict[str, Any]:
