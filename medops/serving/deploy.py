@@ -42,6 +42,7 @@ from medops.serving.contract import (
     ModelContract,
     build_ensemble_contract,
     render_config,
+    render_ensemble_config,
 )
 from medops.serving.server import ADMIN_KEY_ENV, admin_headers, admin_key_from_env
 from medops.serving.repository import (
@@ -494,7 +495,7 @@ def deploy(
     repository = Path(repository)
     with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
         previous = served_version(repository, contract.name)
-        already = already_served(client, repository, contract.name, previous, digest, ec.threshold)
+        already = already_served(client, repository, ec, previous, digest)
         if already is not None:
             return already
         version, version_dir = write_version(contract, repository, Path(onnx), flavour="embedded",
@@ -538,21 +539,39 @@ def deploy(
     return result
 
 
-def already_served(client: Any, repository: Path, name: str, version: int | None, digest: str,
-                   threshold: float) -> DeployResult | None:
-    """The served version's record if it holds this very ONNX file and threshold and is ready:
-    deploying it again would only add an identical version (``make demo`` run twice)."""
+def already_served(client: Any, repository: Path, ec: EnsembleContract, version: int | None,
+                   digest: str) -> DeployResult | None:
+    """The served version's record if it holds this very ONNX file, is ready, and every served
+    config is what deploying it with ``ec`` would write (threshold, batching, and the
+    preprocessing settings: limits, window, frame, pixel spacing): deploying it again would only
+    add an identical version (``make demo`` run twice). Any difference deploys as usual, so new
+    settings reach the server."""
     if version is None:
         return None
+    name = ec.classifier.name
     try:
         record = DeployResult.model_validate_json(
             (Path(repository) / name / str(version) / VERSION_INFO).read_text())
         ready = client.is_model_ready(name, str(version))
     except Exception:  # noqa: BLE001 - no record, or unreadable: deploy as usual
         return None
-    if record.sha256 != digest or record.threshold != threshold or not ready:
+    if record.sha256 != digest or record.threshold != ec.threshold or not ready:
+        return None
+    expected = _served_files(ec, version)
+    if snapshot_files(repository, expected) != expected:
         return None
     return record.model_copy(update={"unchanged": True})
+
+
+def _served_files(ec: EnsembleContract, version: int) -> dict[str, bytes]:
+    """What a deploy (or rollback) serving classifier ``version`` with ``ec`` leaves in the
+    repository's configs and processing models, ``{relative path: content}``."""
+    files = processing_files(ec, "embedded", thresholds={version: ec.threshold})
+    files[f"{ec.classifier.name}/config.pbtxt"] = render_config(
+        ec.classifier, "embedded", versions=[version]).encode()
+    files[f"{ec.ensemble_name}/config.pbtxt"] = render_ensemble_config(
+        ec, classifier_version=version).encode()
+    return files
 
 
 class RollbackResult(BaseModel):

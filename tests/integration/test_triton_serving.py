@@ -405,6 +405,32 @@ def test_golden_tolerance_is_respected(triton, deployed, files):
     assert_v2_serves(triton, files)
 
 
+def test_new_preprocessing_settings_reach_the_server_for_the_served_model(triton, deployed, files):
+    # The served v2 again, with a pixel limit that lets the 140 x 140 file through: not
+    # "unchanged" (its ONNX and threshold are), but a new version served with the new settings.
+    from medops.serving.repository import read_config
+
+    base, cfg, repo = triton["base"], triton["cfg"], triton["repo"]
+    onnx_path = base / "export2" / "model.onnx"
+    again = dict(onnx=onnx_path, gate=base / "gate2.json",
+                 export_result=onnx_path.with_name("export.json"), repository=repo,
+                 url=triton["info"].grpc_url, protocol="grpc", image_size=S)
+    wider = deploy(cfg, max_pixels=4 * MAX_PIXELS, **again)
+    assert not wider.unchanged and (wider.version, wider.previous_version) == (3, 2)
+    pre = read_config(repo, f"{cfg.model_name}_preprocess")
+    assert pre.parameters["max_pixels"].string_value == str(4 * MAX_PIXELS)
+    [big] = predict_files([files["big"]], url=triton["info"].grpc_url, model_name=cfg.model_name,
+                          image_size=S)
+    assert big.error is None and big.model_version == "3"
+    # the same settings again: now it is unchanged
+    assert deploy(cfg, max_pixels=4 * MAX_PIXELS, **again).unchanged
+    back = rollback(cfg, repository=repo, url=triton["info"].grpc_url, image_size=S,
+                    max_pixels=MAX_PIXELS)
+    assert (back.from_version, back.to_version) == (3, 2)
+    remove_version(repo, cfg.model_name, 3)
+    assert_v2_serves(triton, files)
+
+
 def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed, files):
     cfg, repo, url = triton["cfg"], triton["repo"], triton["info"].http_url
     back = rollback(cfg, repository=repo, url=url, protocol="http", image_size=S)
