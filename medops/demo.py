@@ -32,8 +32,10 @@ def _read_pid(pidfile: Path) -> int | None:
 
 
 def _service_env(paths: ProjectPaths, params: Params) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PREFECT_API_URL"] = params.prefect.api_url
+    from medops.prefect_server import prefect_env
+
+    # the Prefect server's own environment (API url and PREFECT_HOME under .medops/)
+    env = {**os.environ, **prefect_env(params.prefect, paths.state)}
     env["MEDOPS_ROOT"] = str(paths.root)
     # the flow's `dvc repro` runs `medops stage NAME`: the venv's bin must come first on PATH
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import urllib.request
 from pathlib import Path
@@ -20,26 +19,12 @@ from medops.prefect_server import (
     start_prefect,
     stop_prefect,
 )
+from medops.procs import pid_alive
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
-
-
-def test_start_reuse_status_stop(tmp_path: Path) -> None:
+def test_start_reuse_status_stop(tmp_path: Path, free_port) -> None:
     cfg = PrefectConfig(port=free_port())
     state = tmp_path / ".medops"
     try:
@@ -62,7 +47,7 @@ def test_start_reuse_status_stop(tmp_path: Path) -> None:
                                            "PREFECT_HOME": str(state / "prefect")}
 
         assert stop_prefect(state) is True
-        assert not _alive(info.pid)
+        assert not pid_alive(info.pid)
         assert not pid_file(state).exists()
         assert not is_healthy(cfg.api_url)
         status = prefect_status(cfg, state_dir=state)
@@ -72,7 +57,7 @@ def test_start_reuse_status_stop(tmp_path: Path) -> None:
     assert stop_prefect(state) is False  # nothing left to stop
 
 
-def test_stale_pid_file_is_replaced_and_busy_port_is_reported(tmp_path: Path) -> None:
+def test_stale_pid_file_is_replaced_and_busy_port_is_reported(tmp_path: Path, free_port) -> None:
     state = tmp_path / ".medops"
     pid_file(state).parent.mkdir(parents=True)
     pid_file(state).write_text("999999\n")  # no such process
@@ -85,3 +70,14 @@ def test_stale_pid_file_is_replaced_and_busy_port_is_reported(tmp_path: Path) ->
         with pytest.raises(PrefectServerError, match="exited before .*/health answered"):
             start_prefect(cfg, state_dir=state, timeout=60)
     assert not pid_file(state).exists()
+
+
+def test_the_demos_processes_get_the_servers_environment(tmp_path: Path, params) -> None:
+    """What `make demo` starts (the flow, flows.serve) talks to this server with its PREFECT_HOME."""
+    from medops.demo import _service_env
+    from medops.paths import ProjectPaths
+
+    paths = ProjectPaths(tmp_path)
+    env = _service_env(paths, params)
+    assert prefect_env(params.prefect, paths.state).items() <= env.items()
+    assert env["PREFECT_HOME"] == str(paths.state / "prefect")
