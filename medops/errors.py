@@ -53,7 +53,7 @@ class QuarantineReason(str, Enum):
     BURNED_IN_ANNOTATION = "burned_in_annotation"
     NO_LABEL = "no_label"
     DUPLICATE = "duplicate"
-    DEID_FAILED = "deid_failed"  # de-identified file could not be written (never kept with PHI)
+    DEID_FAILED = "deid_failed"  # de-identification itself failed (the file is never kept with PHI)
     TOO_LARGE = "too_large"  # over serving's byte or pixel limit; refused before decoding
 
 
