@@ -155,7 +155,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from medops import demo
 
     paths, params = _context(args)
-    demo.start_services(paths, params)
+    for line in demo.start_services(paths, params):
+        print(line)
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medops.config import Params
+from medops.errors import ConfigError
 from medops.paths import ProjectPaths
 
 
@@ -119,7 +120,7 @@ def run_stage(name: str, params: Params, paths: ProjectPaths) -> dict[str, Any]:
     try:
         stage = STAGES[name]
     except KeyError:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
+        raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
     result = stage.run(params, paths)
     payload = result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
     out = paths.stage_result(name)
