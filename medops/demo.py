@@ -9,7 +9,6 @@ the generated data and DVC's cache, so unchanged stages are skipped.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from medops.config import Params
 from medops.errors import MedopsError
 from medops.paths import BUNDLED_DATASET, ProjectPaths
-from medops.procs import pid_alive, signal_group
+from medops.procs import pid_alive, terminate
 
 DEPLOYMENT_PID = "flow-serve.pid"
 
@@ -156,13 +155,7 @@ def stop_services(paths: ProjectPaths) -> list[str]:
     pidfile = paths.run_dir / DEPLOYMENT_PID
     pid = _read_pid(pidfile)
     if pid:
-        signal_group(pid, signal.SIGTERM)
-        for _ in range(50):
-            if not pid_alive(pid):
-                break
-            time.sleep(0.2)
-        else:
-            signal_group(pid, signal.SIGKILL)
+        terminate(pid, 10.0, group_first=True)
         out.append(f"stopped the deployment server (pid {pid})")
     pidfile.unlink(missing_ok=True)
     out.append("stopped Triton" if stop_server(paths.state) else "Triton was not running")

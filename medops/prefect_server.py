@@ -14,7 +14,6 @@ Processes that talk to this server (flows, ``flows/serve.py``, the CLI) get thei
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pydantic import BaseModel
 
 from medops.config import PrefectConfig
 from medops.errors import PrefectServerError
-from medops.procs import cmdline_contains, pid_alive, signal_group
+from medops.procs import cmdline_contains, pid_alive, terminate
 
 LOG_TAIL_LINES = 30
 
@@ -187,17 +186,7 @@ def stop_prefect(state_dir: Path, timeout: float = 20.0) -> bool:
     pid = _read_pid(state_dir)
     stopped = False
     if pid is not None and _is_prefect_process(pid):
-        signal_group(pid, signal.SIGTERM)
-        # wait on the pid itself, not on "is it still prefect": while it exits its cmdline is
-        # already empty but the process (and the port) is not gone yet
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and pid_alive(pid):
-            time.sleep(0.2)
-        if pid_alive(pid):
-            signal_group(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and pid_alive(pid):
-                time.sleep(0.1)
+        terminate(pid, timeout, group_first=True, kill_wait=10.0)
         stopped = True
     pid_file(state_dir).unlink(missing_ok=True)
     return stopped

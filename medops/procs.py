@@ -7,9 +7,11 @@ running" and signal it, without mistaking a zombie or an exiting process for a l
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
-__all__ = ["cmdline_contains", "pid_alive", "reuse_freed_memory", "signal_group"]
+__all__ = ["cmdline_contains", "pid_alive", "reuse_freed_memory", "signal_group", "terminate"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -55,6 +57,41 @@ def signal_group(pid: int, sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def terminate(pid: int, timeout: float, *, group_first: bool = True,
+              kill_wait: float = 5.0) -> bool:
+    """Stop ``pid`` (a session leader medops started): SIGTERM, then SIGKILL to its whole process
+    group if it still runs after ``timeout`` seconds; then wait up to ``kill_wait`` seconds more.
+
+    ``group_first``: the SIGTERM goes to the whole group too; False sends it to ``pid`` alone,
+    for a server that ends its own children on SIGTERM and must not have them killed under it
+    (tritonserver and its Python-backend stubs). Waits on the pid itself, never on its command
+    line, which an exiting process has already emptied while it still holds its ports.
+
+    Returns:
+        Whether ``pid`` is gone.
+    """
+    if group_first:
+        signal_group(pid, signal.SIGTERM)
+    else:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return True
+    if _wait_gone(pid, timeout):
+        return True
+    signal_group(pid, signal.SIGKILL)
+    return _wait_gone(pid, kill_wait)
 
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>

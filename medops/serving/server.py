@@ -14,11 +14,9 @@ by ``<state>/run/triton.pid`` (plus ``triton.json`` with its ports), so ``stop_s
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +29,7 @@ from pydantic import BaseModel
 
 from medops.config import ServingConfig
 from medops.errors import ServingError
-from medops.procs import cmdline_contains, pid_alive, signal_group
+from medops.procs import cmdline_contains, pid_alive, terminate
 
 PID_FILE = "triton.pid"
 INFO_FILE = "triton.json"
@@ -370,31 +368,31 @@ def start_server(
     return info
 
 
+def _recorded_pid(state_dir: Path) -> int | None:
+    try:
+        return int((_run_dir(state_dir) / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def stop_server(state_dir: Path, *, timeout: float = 15.0) -> bool:
     """Stop the server recorded under ``state_dir``: SIGTERM, then SIGKILL after ``timeout`` s.
+
+    The pid comes from the record (``triton.json``), else from the pid file alone (a record that
+    cannot be read must not orphan a running server); it must still be a tritonserver.
 
     Returns:
         True if a running server was stopped, False if none was running.
     """
     state_dir = Path(state_dir).resolve()
     info = read_info(state_dir)
-    if info is None:
-        _clear_record(state_dir)  # a pid file without its info file is no server we can stop
-        return False
-    pid = info.pid
-    if not (pid_alive(pid) and _is_tritonserver(pid)):
+    pid = info.pid if info is not None else _recorded_pid(state_dir)
+    if pid is None or not (pid_alive(pid) and _is_tritonserver(pid)):
         _clear_record(state_dir)
         return False
     # SIGTERM the server alone so it unloads models and ends its backend stubs itself; only a
     # server that ignores it gets SIGKILL for its whole session (it leads one), stubs included.
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if pid_alive(pid):
-        signal_group(pid, signal.SIGKILL)
-        while pid_alive(pid) and time.monotonic() < deadline + 5:
-            time.sleep(0.1)
+    terminate(pid, timeout, group_first=False)
     _clear_record(state_dir)
     return True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 
@@ -55,13 +56,66 @@ def test_start_refuse_second_status_stop(tmp_path, free_port):
     assert stop_server(state) is False
 
 
-def test_a_stale_pid_file_is_cleared(tmp_path):
+def _record(state, pid: int, info: str | None) -> None:
+    """A server record as start_server writes it: the pid file and ``info`` as triton.json."""
+    run = state / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "triton.pid").write_text(f"{pid}\n")
+    if info is not None:
+        (run / "triton.json").write_text(info)
+
+
+def _info_json(pid: int) -> str:
+    from medops.serving.server import ServerInfo
+
+    return ServerInfo(pid=pid, host="127.0.0.1", http_port=1, grpc_port=2, metrics_port=3,
+                      repository="/nowhere", log_file="/nowhere.log", started_at="").model_dump_json()
+
+
+@pytest.mark.parametrize("with_info", [True, False])
+def test_a_stale_record_is_cleared(tmp_path, with_info):
     state = tmp_path / "state"
-    (state / "run").mkdir(parents=True)
-    (state / "run" / "triton.pid").write_text("999999999\n")
-    assert not server_status(state).running
+    _record(state, 999999999, _info_json(999999999) if with_info else None)
+    status = server_status(state)
+    assert not status.running
+    if with_info:  # the record was read: its pid is what is not running
+        assert status.detail == "recorded pid 999999999 is not running"
     assert stop_server(state) is False
     assert not (state / "run" / "triton.pid").exists()
+    assert not (state / "run" / "triton.json").exists()
+
+
+def test_an_unreadable_record_does_not_orphan_a_running_server(tmp_path):
+    """triton.json unreadable, the pid file naming a live tritonserver: stop it by the pid."""
+    import subprocess
+    import sys
+
+    from medops.procs import cmdline_contains, pid_alive
+
+    # a stand-in whose command line names tritonserver, leading its own session like the server
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "tritonserver"],
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10  # until it has exec'd: before that it is still pytest
+        while not cmdline_contains(proc.pid, b"tritonserver") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        state = tmp_path / "state"
+        _record(state, proc.pid, "{not json")
+        assert read_info(state) is None
+        assert stop_server(state, timeout=5) is True
+        assert not pid_alive(proc.pid)
+        assert not (state / "run" / "triton.pid").exists()
+        # a pid file naming a live process that is not a tritonserver is left alone
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            _record(state, other.pid, "{not json")
+            assert stop_server(state) is False and pid_alive(other.pid)
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_server_that_dies_at_startup_reports_its_log(tmp_path, free_port):

@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
-from medops.procs import cmdline_contains, pid_alive, signal_group
+import pytest
+
+from medops.procs import cmdline_contains, pid_alive, signal_group, terminate
 
 
 def _sleeper(**kwargs) -> subprocess.Popen:
@@ -66,3 +68,81 @@ def test_signal_group_on_a_gone_process_is_quiet() -> None:
     proc.wait()
     signal_group(proc.pid, signal.SIGTERM)  # no exception
     assert not pid_alive(proc.pid)
+
+
+# A session leader with a child, like the servers medops starts. The child notes a SIGTERM in a
+# marker file. On SIGTERM the leader gives its child a second to end, then ends it itself with
+# SIGKILL (as tritonserver ends its backend stubs); "hung", it ignores SIGTERM.
+_CHILD = (
+    "import os, signal, sys, time\n"
+    "def term(*_):\n"
+    "    open(sys.argv[1], 'w').write('TERM'); sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, term)\n"
+    "print(os.getpid(), flush=True)\n"
+    "time.sleep(60)\n"
+)
+_LEADER = (
+    "import signal, subprocess, sys, time\n"
+    "def bye(*_):\n"
+    "    try:\n"
+    "        c.wait(timeout=1)\n"
+    "    except subprocess.TimeoutExpired:\n"
+    "        c.kill(); c.wait()\n"
+    "    sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[1] == 'hung' else bye)\n"
+    "c = subprocess.Popen([sys.executable, '-c', sys.argv[2], sys.argv[3]])\n"
+    "time.sleep(60)\n"
+)
+
+
+def _leader(mode: str, marker) -> tuple[subprocess.Popen, int]:
+    """The leader and its child's pid (read once the child's SIGTERM handler is in place)."""
+    leader = subprocess.Popen([sys.executable, "-c", _LEADER, mode, _CHILD, str(marker)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    return leader, int(leader.stdout.readline())
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+@pytest.mark.parametrize("group_first", [False, True])
+def test_terminate_sends_sigterm_to_the_leader_alone_or_to_its_group(tmp_path, group_first):
+    marker = tmp_path / "child-got-sigterm"
+    leader, child = _leader("clean", marker)
+    try:
+        start = time.monotonic()
+        assert terminate(leader.pid, 10, group_first=group_first) is True
+        assert time.monotonic() - start < 5  # SIGTERM was enough: no wait for the timeout
+        assert _gone(child)
+        # alone: the leader ended its child itself; group: the child got SIGTERM as well
+        assert marker.exists() is group_first
+    finally:
+        leader.kill()
+        leader.wait()
+
+
+@pytest.mark.parametrize("group_first", [False, True])
+def test_terminate_kills_the_whole_group_of_a_leader_that_ignores_sigterm(tmp_path, group_first):
+    marker = tmp_path / "child-got-sigterm"
+    leader, child = _leader("hung", marker)
+    try:
+        start = time.monotonic()
+        assert terminate(leader.pid, 0.5, group_first=group_first) is True
+        assert time.monotonic() - start >= 0.5  # waited out the timeout, then SIGKILL
+        assert _gone(child)  # SIGKILL went to the whole group
+        assert marker.exists() is group_first
+    finally:
+        leader.kill()
+        leader.wait()
+
+
+def test_terminate_a_gone_process_is_quiet() -> None:
+    proc = _sleeper()
+    proc.kill()
+    proc.wait()
+    assert terminate(proc.pid, 1, group_first=False) is True
+    assert terminate(proc.pid, 1, group_first=True) is True
