@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from medops import dvc
 from medops.config import GateConfig, Params, TrainConfig, load_params, update_params_file
-from medops.errors import DataQualityError, DvcError, GateRejectedError
+from medops.errors import DvcError, GateRejectedError
 from medops.paths import ProjectPaths
 from medops.pipeline import STAGES, read_stage_result
 
@@ -119,15 +119,14 @@ def render_images(title: str, files: list[str], limit: int = 8) -> str:
 
 def _raise_quality_failure(paths: ProjectPaths) -> None:
     """A failed quality stage wrote its report before failing: stop with its message."""
-    report = paths.quality_dir / "result.json"
-    try:
-        result = json.loads(report.read_text())
-    except (OSError, ValueError):
-        return  # it failed before validating; the DvcError says why
-    if result.get("success") is False:
-        create_markdown_artifact(key="stage-quality", markdown=render_markdown("Stage `quality` FAILED", result),
+    from medops import quality
+
+    failed = quality.failed_result(paths.quality_dir)
+    if failed is not None:  # else it failed before validating; the DvcError says why
+        create_markdown_artifact(key="stage-quality",
+                                 markdown=render_markdown("Stage `quality` FAILED", failed.model_dump(mode="json")),
                                  description="data-quality expectations that failed")
-        raise DataQualityError("; ".join(result.get("critical_failures", [])))
+        raise quality.failure_error(failed)
 
 
 def _is_transient(task: Any, task_run: Any, state: Any) -> bool:

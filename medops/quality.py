@@ -247,6 +247,24 @@ def validate_metadata(table: pd.DataFrame, cfg: QualityConfig, docs_dir: Path) -
     return outcomes
 
 
+RESULT_FILE = "result.json"
+
+
+def failed_result(out_dir: Path) -> QualityResult | None:
+    """The report a failed quality run left in ``out_dir`` (written before it raises), or None
+    when the run passed or failed before validating (nothing readable there)."""
+    try:
+        result = QualityResult.model_validate_json((Path(out_dir) / RESULT_FILE).read_text())
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
+    return None if result.success else result
+
+
+def failure_error(result: QualityResult) -> DataQualityError:
+    """The error that stops the pipeline: which critical expectations failed, on what."""
+    return DataQualityError("; ".join(result.critical_failures))
+
+
 def run(cfg: QualityConfig, *, ingested_dir: Path, out_dir: Path) -> QualityResult:
     """Validate ``ingested_dir/metadata.parquet``; write Data Docs and result.json under ``out_dir``.
 
@@ -275,12 +293,12 @@ def run(cfg: QualityConfig, *, ingested_dir: Path, out_dir: Path) -> QualityResu
         warnings=[describe_failure(o) for o in failed if not o.critical],
         expectations=outcomes,
         data_docs=str(docs_dir / "index.html"),
-        result=str(out_dir / "result.json"),
+        result=str(out_dir / RESULT_FILE),
     )
     (out_dir / "expectations.json").write_text(
         json.dumps([s.model_dump() for s in build_expectations(cfg)], indent=2) + "\n"
     )
-    (out_dir / "result.json").write_text(result.model_dump_json(indent=2) + "\n")
+    (out_dir / RESULT_FILE).write_text(result.model_dump_json(indent=2) + "\n")
     if not result.success:
-        raise DataQualityError("; ".join(result.critical_failures))
+        raise failure_error(result)
     return result

@@ -66,6 +66,7 @@ def test_good_table_passes_and_writes_data_docs(tmp_path: Path) -> None:
     result = quality.run(QualityConfig(), ingested_dir=tmp_path / "ingested", out_dir=out)
 
     assert result.success and result.critical_failures == []
+    assert quality.failed_result(out) is None  # a passed run leaves nothing for the flow to raise
     assert result.n_rows == N_IMAGES
     assert result.n_passed == result.n_expectations == len(quality.build_expectations(QualityConfig()))
     index = out / "data_docs" / "index.html"
@@ -108,6 +109,10 @@ def test_bad_table_fails_naming_check_column_and_figure(tmp_path: Path) -> None:
     # the report and the docs are written before the stage fails, for inspection
     report = json.loads((out / "result.json").read_text())
     assert report["success"] is False and len(report["critical_failures"]) == 3
+    # what the flow reads back after `dvc repro` failed: the same message
+    failed = quality.failed_result(out)
+    assert failed is not None and str(quality.failure_error(failed)) == message
+    assert quality.failed_result(tmp_path / "nowhere") is None
     assert any("metadata.pixel_mean" in w and "(warning)" in w for w in report["warnings"])
     assert (out / "data_docs" / "index.html").is_file()
 
