@@ -138,7 +138,7 @@ def _unreachable(url: str, protocol: Protocol, tries: int, waited: float,
                  exc: BaseException) -> ServingError:
     return ServingError(
         f"cannot reach Triton at {url} over {protocol} after {tries} "
-        f"{'try' if tries == 1 else 'tries'} in {waited:.1f} s: {_short(exc)}; is the server "
+        f"{'try' if tries == 1 else 'tries'} in {waited:.1f} s: {first_line(exc)}; is the server "
         "running (`medops serve start`) and is the url right?"
     )
 
@@ -272,13 +272,13 @@ def _judge_ready(ready: bool, url: str, model_name: str) -> None:
 
 def _not_live_error(exc: BaseException, url: str, protocol: Protocol) -> ServingError:
     return ServingError(
-        f"cannot reach Triton at {url} over {protocol}: {_short(exc)}; is the server running "
+        f"cannot reach Triton at {url} over {protocol}: {first_line(exc)}; is the server running "
         "(`medops serve start`) and is the url right?"
     )
 
 
 def _not_reporting_error(exc: BaseException, url: str, model_name: str) -> ServingError:
-    return ServingError(f"Triton at {url} could not report on model {model_name!r}: {_short(exc)}")
+    return ServingError(f"Triton at {url} could not report on model {model_name!r}: {first_line(exc)}")
 
 
 def _check_ready(client: Any, *, url: str, protocol: Protocol, model_name: str) -> None:
@@ -318,7 +318,8 @@ async def _acheck_ready(client: Any, *, url: str, protocol: Protocol, model_name
     _judge_ready(ready, url, model_name)
 
 
-def _short(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (tritonclient's run to many), else its type's name."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -545,7 +546,7 @@ class _Plan:
 
 
 def _inference_failed(target: str, url: str, exc: BaseException) -> ServingError:
-    return ServingError(f"inference on {target!r} at {url} failed: {_short(exc)}")
+    return ServingError(f"inference on {target!r} at {url} failed: {first_line(exc)}")
 
 
 def predict_files(

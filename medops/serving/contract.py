@@ -39,18 +39,6 @@ class TensorSpec:
     data_type: str  # Triton's DataType enum name, e.g. "TYPE_FP32"
     dims: tuple[int, ...]
 
-    @property
-    def numpy_dtype(self) -> str:
-        return _NUMPY_DTYPES[self.data_type]
-
-    @property
-    def client_dtype(self) -> str:
-        """The datatype string tritonclient's InferInput expects ("FP32", "BYTES")."""
-        return "BYTES" if self.data_type == "TYPE_STRING" else self.data_type.removeprefix("TYPE_")
-
-
-_NUMPY_DTYPES = {"TYPE_FP32": "float32", "TYPE_STRING": "object"}
-
 
 @dataclass(frozen=True)
 class ModelContract:

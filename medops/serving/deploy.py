@@ -33,6 +33,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from medops.config import ServingConfig
+from medops.client import first_line
 from medops.errors import GateRejectedError, ServingError
 from medops.hashing import sha256_file
 from medops.serving.contract import (
@@ -44,7 +45,7 @@ from medops.serving.contract import (
     render_config,
     render_ensemble_config,
 )
-from medops.serving.server import ADMIN_KEY_ENV, admin_headers, admin_key_from_env
+from medops.serving.server import ADMIN_KEY_ENV, admin_headers, admin_key_from_env, endpoint
 from medops.serving.repository import (
     GOLDEN_FILE,
     LOCK_FILE,
@@ -189,7 +190,7 @@ class _Connection:
         except Exception as exc:  # noqa: BLE001 - any transport failure
             self.client.close()
             raise ServingError(f"cannot reach Triton at {self.url} over {self.protocol}: "
-                               f"{_first_line(exc)}") from None
+                               f"{first_line(exc)}") from None
         try:
             self.client.get_model_repository_index(headers=self.headers)
         except Exception as exc:  # noqa: BLE001
@@ -197,7 +198,7 @@ class _Connection:
             hint = ("the model-repository key was refused" if self.headers else
                     f"set ${ADMIN_KEY_ENV} to the key the server was started with")
             raise ServingError(
-                f"Triton at {self.url} refused its model-repository API ({hint}): {_first_line(exc)}"
+                f"Triton at {self.url} refused its model-repository API ({hint}): {first_line(exc)}"
             ) from None
         return _AdminClient(self.client, self.headers)
 
@@ -223,11 +224,6 @@ def _exclusive(repository: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def wait_version_ready(client: Any, name: str, version: int, timeout: float) -> None:
     """Poll until ``name`` version ``version`` reports ready."""
     deadline = time.monotonic() + timeout
@@ -243,17 +239,15 @@ def wait_version_ready(client: Any, name: str, version: int, timeout: float) -> 
 
 def check_golden(
     client: Any, *, protocol: str, name: str, images: np.ndarray, expected: np.ndarray,
-    atol: float, version: str = "", expect_version: str | None = None,
+    atol: float, expect_version: str | None = None,
 ) -> float:
-    """Infer the golden images on ``name``; every probability within ``atol`` of export's.
-
-    ``version`` "" asks whatever Triton serves by default; ``expect_version`` is the version that
-    must answer. Returns the largest absolute difference.
+    """Infer the golden images on ``name`` (whichever version Triton serves); every probability
+    within ``atol`` of export's. ``expect_version``: the version that must answer. Returns the
+    largest absolute difference.
     """
     from medops.client import infer_images
 
-    probs, answered = infer_images(client, images, protocol=protocol, model_name=name,
-                                   model_version=version)
+    probs, answered = infer_images(client, images, protocol=protocol, model_name=name)
     diff = float(np.max(np.abs(probs.astype(np.float64) - expected)))
     if not diff <= atol:
         raise ServingError(
@@ -487,10 +481,9 @@ def deploy(
     atol = golden_atol if golden_atol is not None else _export_atol(export_result)
     if threshold is None:
         threshold = _recorded_threshold(export_result, "decision_threshold")
-    url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
-    ec = build_ensemble_contract(cfg, image_size=image_size, window=window, threshold=threshold,
-                                 max_bytes=max_bytes, max_pixels=max_pixels, frame=frame,
-                                 pixel_spacing=pixel_spacing)
+    ec, url = _contract_and_url(cfg, url, protocol, image_size=image_size, window=window,
+                                threshold=threshold, max_bytes=max_bytes, max_pixels=max_pixels,
+                                frame=frame, pixel_spacing=pixel_spacing)
     contract = ec.classifier
     repository = Path(repository)
     with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
@@ -618,12 +611,11 @@ def rollback(
         if threshold is None:
             threshold = _recorded_threshold(repository / name / str(to_version) / VERSION_INFO,
                                             "threshold")
-        ec = build_ensemble_contract(cfg, image_size=image_size, window=window,
-                                     threshold=threshold, max_bytes=max_bytes,
-                                     max_pixels=max_pixels, frame=frame,
-                                     pixel_spacing=pixel_spacing)
+        ec, url = _contract_and_url(cfg, url, protocol, image_size=image_size, window=window,
+                                    threshold=threshold, max_bytes=max_bytes,
+                                    max_pixels=max_pixels, frame=frame,
+                                    pixel_spacing=pixel_spacing)
         contract = ec.classifier
-        url = url or (cfg.grpc_url if protocol == "grpc" else cfg.http_url)
         golden = repository / contract.name / str(to_version) / GOLDEN_FILE
         with _Connection(url, protocol, admin_key) as client:
             before = snapshot_files(repository, _processing_rels(ec, current, to_version))
@@ -670,6 +662,13 @@ def _rollback_target(repository: Path, name: str, to_version: int | None) -> tup
         raise ServingError(f"{name!r} has no version {to_version} in {repository} "
                            f"(versions on disk: {versions or 'none'})")
     return current, to_version
+
+
+def _contract_and_url(cfg: ServingConfig, url: str | None, protocol: str,
+                      **settings: Any) -> tuple[EnsembleContract, str]:
+    """The ensemble contract deploy and rollback serve (``settings``: build_ensemble_contract's
+    keywords), and ``url`` or ``cfg``'s endpoint for ``protocol``."""
+    return build_ensemble_contract(cfg, **settings), url or endpoint(cfg, protocol)
 
 
 def _processing_rels(ec: EnsembleContract, *versions: int | None) -> list[str]:

@@ -69,6 +69,16 @@ class ServerStatus(BaseModel):
     detail: str = ""
 
 
+def endpoint(target: ServingConfig | ServerInfo, protocol: str) -> str:
+    """``host:port`` of ``target``'s (a ServingConfig or a started ServerInfo) gRPC or HTTP
+    endpoint, for ``protocol`` "grpc" or "http"."""
+    if protocol == "grpc":
+        return target.grpc_url
+    if protocol == "http":
+        return target.http_url
+    raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+
+
 def _url_host(host: str) -> str:
     # A server bound to all interfaces is reached on loopback from this machine.
     return "127.0.0.1" if host in ("0.0.0.0", "") else host

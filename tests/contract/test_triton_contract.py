@@ -298,3 +298,15 @@ def test_production_config_has_warmup_version_policy_and_optional_tensorrt_fp16(
     # the embedded server (Python backend, CPU) gets none of these
     emb = parse_text(render_config(contract, "embedded"))
     assert not emb.model_warmup and not emb.HasField("version_policy")
+
+
+def test_endpoint_is_the_url_of_the_protocol_for_settings_and_started_servers():
+    from medops.serving.server import ServerInfo, endpoint
+
+    cfg = ServingConfig(host="10.0.0.5", http_port=8100, grpc_port=8101)
+    assert (endpoint(cfg, "grpc"), endpoint(cfg, "http")) == ("10.0.0.5:8101", "10.0.0.5:8100")
+    info = ServerInfo(pid=1, host="0.0.0.0", http_port=8100, grpc_port=8101, metrics_port=8102,
+                      repository="r", log_file="l", started_at="")
+    assert (endpoint(info, "grpc"), endpoint(info, "http")) == ("127.0.0.1:8101", "127.0.0.1:8100")
+    with pytest.raises(ValueError, match="protocol must be 'grpc' or 'http'"):
+        endpoint(cfg, "tcp")

@@ -17,7 +17,7 @@ from medops.client import apredict_files, predict_files
 from medops.config import ServingConfig
 from medops.errors import ServingError
 from medops.serving.deploy import deploy
-from medops.serving.server import start_server, stop_server
+from medops.serving.server import endpoint, start_server, stop_server
 from test_triton_serving import (
     S,
     expected_probability,
@@ -65,7 +65,7 @@ def paths(tmp_path_factory):
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_async_answers_equal_the_sync_ones(served, paths, protocol, via):
     info, name = served["info"], served["cfg"].model_name
-    url = info.grpc_url if protocol == "grpc" else info.http_url
+    url = endpoint(info, protocol)
     kwargs = dict(url=url, protocol=protocol, model_name=name, image_size=S, via=via)
     sync = predict_files(paths, **kwargs)
     # batch_size 2: four requests, three in flight at once
@@ -85,7 +85,7 @@ def test_async_answers_equal_the_sync_ones(served, paths, protocol, via):
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_async_unknown_model_is_a_clear_error_at_once(served, paths, protocol):
     info = served["info"]
-    url = info.grpc_url if protocol == "grpc" else info.http_url
+    url = endpoint(info, protocol)
     start = time.monotonic()
     with pytest.raises(ServingError, match="model 'nope_dicom' is not loaded or not ready"):
         asyncio.run(apredict_files(paths[:2], url=url, protocol=protocol, model_name="nope",
@@ -97,7 +97,7 @@ def test_async_unknown_model_is_a_clear_error_at_once(served, paths, protocol):
 def test_async_bad_input_is_an_inference_error_not_retried(served, paths, protocol):
     """Images of the wrong size reach the classifier: Triton refuses them, at once, no retry."""
     info = served["info"]
-    url = info.grpc_url if protocol == "grpc" else info.http_url
+    url = endpoint(info, protocol)
     start = time.monotonic()
     with pytest.raises(ServingError, match=rf"inference on 'pneumonia_classifier' at {url} failed: .*"
                                            rf"{S + 1}"):

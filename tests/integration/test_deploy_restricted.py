@@ -10,7 +10,7 @@ from medops.config import ServingConfig
 from medops.errors import ServingError
 from medops.serving.deploy import deploy
 from medops.serving.repository import list_versions
-from medops.serving.server import ADMIN_KEY_ENV, start_server, stop_server
+from medops.serving.server import ADMIN_KEY_ENV, endpoint, start_server, stop_server
 from test_triton_serving import (
     S,
     write_bundled_dicom,
@@ -45,7 +45,7 @@ def _deploy(restricted, protocol, **kw):
     info = restricted["info"]
     return deploy(restricted["cfg"], onnx=onnx_path, gate=write_gate(base / "gate.json", passed=True),
                   export_result=write_export_result(onnx_path), repository=restricted["repo"],
-                  url=info.grpc_url if protocol == "grpc" else info.http_url, protocol=protocol,
+                  url=endpoint(info, protocol), protocol=protocol,
                   image_size=S, **kw)
 
 
@@ -76,7 +76,7 @@ def test_the_right_key_unlocks_the_model_repository_api_on_both_protocols(restri
     from medops.serving.deploy import _Connection
 
     info = restricted["info"]
-    url = info.grpc_url if protocol == "grpc" else info.http_url
+    url = endpoint(info, protocol)
     with _Connection(url, protocol, KEY) as admin:  # enters only if the index call was accepted
         assert admin is not None
 

@@ -22,7 +22,7 @@ from medops.config import ServingConfig
 from medops.errors import GateRejectedError, ServingError
 from medops.serving.deploy import deploy, rollback, sha256_file
 from medops.serving.repository import list_versions, remove_version, served_version
-from medops.serving.server import start_server, stop_server
+from medops.serving.server import endpoint, start_server, stop_server
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -212,7 +212,7 @@ def test_predict_files_answers_each_file_with_v2_and_flags_the_non_dicom(
     triton, deployed, files, protocol, via
 ):
     info = triton["info"]
-    url = info.grpc_url if protocol == "grpc" else info.http_url
+    url = endpoint(info, protocol)
     paths = [files["ct"], files["bad"], files["cr"]]
     preds = predict_files(paths, url=url, protocol=protocol, model_name=triton["cfg"].model_name,
                           image_size=S, via=via)
