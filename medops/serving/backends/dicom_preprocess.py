@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 
 from medops.errors import QuarantineReason
+from medops.serving.contract import DICOM_INPUT, ERROR_OUTPUT
+from medops.serving.contract import INPUT_NAME as IMAGE_OUTPUT  # the classifier's input
 
-DICOM_INPUT = "dicom"
-IMAGE_OUTPUT = "image"
-ERROR_OUTPUT = "error"
 TOO_LARGE = QuarantineReason.TOO_LARGE.value
 
 
