@@ -159,6 +159,15 @@ class ServingConfig(_Section):
     # production repository only (onnxruntime backend on GPUs): TensorRT execution accelerator in FP16
     tensorrt_fp16: bool = False
 
+    @model_validator(mode="after")
+    def _batch_sizes(self) -> "ServingConfig":
+        # Triton refuses a model whose preferred batch size exceeds its max_batch_size
+        too_big = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if too_big:
+            raise ValueError(f"preferred_batch_sizes {too_big} must lie in 1..max_batch_size "
+                             f"({self.max_batch_size})")
+        return self
+
     def repository_path(self, root: Path) -> Path:
         p = Path(self.repository)
         return p if p.is_absolute() else root / p

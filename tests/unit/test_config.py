@@ -90,3 +90,13 @@ def test_find_project_root_explicit_start_wins_over_medops_root(tmp_path, monkey
     monkeypatch.delenv("MEDOPS_ROOT")
     monkeypatch.chdir(given / "sub")
     assert find_project_root() == given.resolve()
+
+
+def test_preferred_batch_size_above_max_batch_size_fails_at_load(tmp_path, repo_root):
+    # Triton would refuse the model config: say so when params load, not as a deploy traceback
+    p = tmp_path / "params.yaml"
+    text = (repo_root / "params.yaml").read_text()
+    assert "max_batch_size: 64" in text
+    p.write_text(text.replace("max_batch_size: 64", "max_batch_size: 32"))
+    with pytest.raises(ConfigError, match=r"preferred_batch_sizes \[64\] must lie in 1\.\.max_batch_size \(32\)"):
+        load_params(p)
