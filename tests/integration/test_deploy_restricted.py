@@ -77,8 +77,17 @@ def test_the_right_key_unlocks_the_model_repository_api_on_both_protocols(restri
 
     info = restricted["info"]
     url = endpoint(info, protocol)
+    from tritonclient.utils import InferenceServerException
+
     with _Connection(url, protocol, KEY) as admin:  # enters only if the index call was accepted
-        assert admin is not None
+        # model control carries the key: the server gets to the request itself
+        admin.unload_model("no_such_model")
+        with pytest.raises(InferenceServerException, match="failed to load 'no_such_model'"):
+            admin.load_model("no_such_model")
+        # the same calls without it are refused
+        for call in (admin._client.unload_model, admin._client.load_model):
+            with pytest.raises(InferenceServerException, match="restricted, expecting header"):
+                call("no_such_model")
 
 
 def test_the_key_is_not_written_down(restricted):

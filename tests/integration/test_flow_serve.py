@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from medops.config import load_params, update_params_file
+from medops.config import update_params_file
 from medops.prefect_server import prefect_env, start_prefect, stop_prefect
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
@@ -23,23 +22,17 @@ pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _read_deployment(api_url: str, flow: str, name: str) -> dict | None:
     resp = httpx.get(f"{api_url}/deployments/name/{flow}/{name}", timeout=5)
     return resp.json() if resp.status_code == 200 else None
 
 
-def test_serve_registers_the_deployment_with_typed_parameters(tmp_path: Path) -> None:
+def test_serve_registers_the_deployment_with_typed_parameters(tmp_path: Path, free_port) -> None:
     root = tmp_path / "project"
     root.mkdir()
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     params = update_params_file(root / "params.yaml", {
-        "prefect": {"port": _free_port(), "deployment_name": "medops-test"}})
+        "prefect": {"port": free_port(), "deployment_name": "medops-test"}})
     state = root / ".medops"
     proc = None
     try:
@@ -72,4 +65,3 @@ def test_serve_registers_the_deployment_with_typed_parameters(tmp_path: Path) ->
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
         stop_prefect(state)
-    assert load_params(root / "params.yaml").prefect.deployment_name == "medops-test"

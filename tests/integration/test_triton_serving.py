@@ -323,6 +323,7 @@ def test_deploy_refuses_a_gate_for_another_data_version(triton, deployed):
     with pytest.raises(GateRejectedError, match="dv-older"):
         deploy(triton["cfg"], onnx=onnx_path, gate=gate, export_result=write_export_result(onnx_path),
                repository=triton["repo"], url=triton["info"].grpc_url, image_size=S)
+    assert list_versions(triton["repo"], triton["cfg"].model_name) == [1, 2]
 
 
 def deploy_other(triton, tag: str, *, w: float, b: float, size: int = S,
