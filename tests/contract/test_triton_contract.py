@@ -99,8 +99,13 @@ def test_contract_follows_settings():
 
 
 def test_preferred_batch_larger_than_max_is_refused():
-    cfg = ServingConfig(max_batch_size=8, preferred_batch_sizes=[8, 16])
-    with pytest.raises(ValueError, match=r"preferred_batch_sizes \[16\].*max_batch_size \(8\)"):
+    too_big = r"preferred_batch_sizes \[16\].*max_batch_size \(8\)"
+    with pytest.raises(ValueError, match=too_big):  # when params load
+        ServingConfig(max_batch_size=8, preferred_batch_sizes=[8, 16])
+    # and by the contract, for settings that were never validated
+    cfg = ServingConfig.model_construct(**{**ServingConfig().model_dump(), "max_batch_size": 8,
+                                           "preferred_batch_sizes": [8, 16]})
+    with pytest.raises(ValueError, match=too_big):
         build_contract(cfg, image_size=28)
 
 
