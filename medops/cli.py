@@ -128,10 +128,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from medops import client
+    from medops.serving.server import endpoint
 
     paths, params = _context(args)
     cfg = params.serving
-    url = args.url or (cfg.grpc_url if args.protocol == "grpc" else cfg.http_url)
+    url = args.url or endpoint(cfg, args.protocol)
     preds = client.predict_files(
         [Path(f) for f in args.files],
         url=url,
@@ -144,8 +145,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         via=args.via,
     )
     if args.json:
-        for p in preds:
-            print(json.dumps(p.model_dump(mode="json", exclude_none=True)))
+        print(client.to_json_lines(preds), end="")
     else:
         print(client.format_predictions(preds))
     return 0 if all(p.error is None for p in preds) else 1

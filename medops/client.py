@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, Iterable, Literal, Sequence, TypeVa
 import numpy as np
 from pydantic import BaseModel
 
-from medops.errors import DicomReadError, MedopsError, QuarantineReason, ServingError
+from medops.errors import DicomReadError, MedopsError, QuarantineReason, ServingError, first_line
 from medops.serving.contract import (
     DICOM_INPUT,
     ERROR_OUTPUT,
@@ -316,12 +316,6 @@ async def _acheck_ready(client: Any, *, url: str, protocol: Protocol, model_name
             raise
         raise _not_reporting_error(exc, url, model_name) from None
     _judge_ready(ready, url, model_name)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (tritonclient's run to many), else its type's name."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # -- one request: built and read the same way by the sync and asyncio clients ---------------------
@@ -763,5 +757,7 @@ def format_predictions(preds: Sequence[Prediction]) -> str:
 
 
 def to_json_lines(preds: Sequence[Prediction]) -> str:
-    """One JSON object per line, one line per file."""
-    return "".join(json.dumps(p.model_dump(mode="json"), sort_keys=True) + "\n" for p in preds)
+    """One JSON object per line, one line per file (``medops predict --json``): ``file``,
+    ``probability``, ``label`` and ``model_version`` for an answer, ``file`` and ``error`` else."""
+    return "".join(json.dumps(p.model_dump(mode="json", exclude_none=True), sort_keys=True) + "\n"
+                   for p in preds)

@@ -72,3 +72,10 @@ class PrefectServerError(MedopsError):
 class DistributionError(MedopsError):
     """A distribution plan cannot be carried out here (devices already initialised, a cluster
     that does not match TF_CONFIG, a replica count that differs from the plan)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (tritonclient's and onnxruntime's run to many), else
+    its type's name: what an error message quotes of an underlying exception."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -43,7 +43,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from medops.config import GateConfig
-from medops.errors import GateRejectedError, MedopsError
+from medops.errors import GateRejectedError, MedopsError, first_line
 from medops.paths import read_json
 
 # (metric key in metrics.json, GateConfig field); every metric must be >= its threshold
@@ -199,7 +199,7 @@ def score_onnx(path: Path, images: np.ndarray, *, batch_size: int = 256) -> np.n
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable graphs
-        raise MedopsError(f"{path} does not load in onnxruntime: {_first_line(exc)}") from None
+        raise MedopsError(f"{path} does not load in onnxruntime: {first_line(exc)}") from None
     inputs = {i.name: i.shape for i in session.get_inputs()}
     if INPUT_NAME not in inputs:
         raise MedopsError(f"{path} has inputs {sorted(inputs)}, not {INPUT_NAME!r}")
@@ -214,18 +214,13 @@ def score_onnx(path: Path, images: np.ndarray, *, batch_size: int = 256) -> np.n
             probs = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
             out.append(np.asarray(probs, dtype=np.float64).reshape(-1))
     except Exception as exc:
-        raise MedopsError(f"{path} failed to run on the test images: {_first_line(exc)}") from None
+        raise MedopsError(f"{path} failed to run on the test images: {first_line(exc)}") from None
     scores = np.concatenate(out) if out else np.zeros(0)
     if len(scores) != len(images):
         raise MedopsError(f"{path} gave {len(scores)} outputs for {len(images)} images")
     if not np.isfinite(scores).all():
         raise MedopsError(f"{path} gave {int((~np.isfinite(scores)).sum())} non-finite probabilities")
     return scores
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def judge_champion(
@@ -284,7 +279,7 @@ def judge_champion(
         sha = sha256_file(onnx_path)
         champion = score_onnx(onnx_path, test.images)
     except (MedopsError, OSError) as exc:
-        why = _first_line(exc) if isinstance(exc, MedopsError) else f"cannot read {onnx_path}: {exc.strerror or exc}"
+        why = first_line(exc) if isinstance(exc, MedopsError) else f"cannot read {onnx_path}: {exc.strerror or exc}"
         return ChampionComparison(
             compared=False, passed=True, version=version, sha256=sha, margin=margin,
             reason=(f"champion v{version} could not be evaluated ({why}): not compared, "

@@ -33,8 +33,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from medops.config import ServingConfig
-from medops.client import first_line
-from medops.errors import GateRejectedError, ServingError
+from medops.errors import GateRejectedError, ServingError, first_line
 from medops.hashing import sha256_file
 from medops.serving.contract import (
     ONNX_FILENAME,
