@@ -59,18 +59,8 @@ class ModelContract:
 
 
 def build_contract(cfg: ServingConfig, *, image_size: int) -> ModelContract:
-    """The classifier contract for ``cfg`` and model input size ``image_size``.
-
-    Raises:
-        ValueError: a preferred batch size exceeds ``max_batch_size`` (Triton would refuse the
-            config at load time with a less direct message).
-    """
-    too_big = [b for b in cfg.preferred_batch_sizes if not 1 <= b <= cfg.max_batch_size]
-    if too_big:
-        raise ValueError(
-            f"serving.preferred_batch_sizes {too_big} must lie in 1..max_batch_size "
-            f"({cfg.max_batch_size})"
-        )
+    """The classifier contract for ``cfg`` and model input size ``image_size`` (``cfg`` keeps its
+    preferred batch sizes within ``max_batch_size``: ServingConfig validates that)."""
     return ModelContract(
         name=cfg.model_name,
         inputs=(TensorSpec(INPUT_NAME, "TYPE_FP32", (image_size, image_size, 1)),),
