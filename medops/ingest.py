@@ -238,7 +238,7 @@ def process_file(rel: str) -> FileOutcome:
         image = prepare_image(ds, image_size=cfg.image_size, window=cfg.window,
                               frame=cfg.frame, pixel_spacing=cfg.pixel_spacing)
     except DicomReadError as exc:
-        out.reason, out.detail = exc.reason.value, _strip_source(str(exc))
+        out.reason, out.detail = exc.reason.value, str(exc)
         return out
 
     # read from the ORIGINAL header, before de-identification removes what they come from
@@ -287,11 +287,6 @@ def process_file(rel: str) -> FileOutcome:
         "deid_path": rel_deid.as_posix(),
     }
     return out
-
-
-def _strip_source(message: str) -> str:
-    """Drop the '<bytes>: ' prefix read_dataset puts on messages; the path column says which file."""
-    return message.split(": ", 1)[1] if message.startswith("<bytes>: ") else message
 
 
 def process_chunk(rels: list[str]) -> list[FileOutcome]:

@@ -38,9 +38,11 @@ _EVIDENCE = (Tag(0x0008, 0x0016), Tag(0x0008, 0x0018), Tag(0x0008, 0x0060), Tag(
 
 
 def _describe(source: Source) -> str:
+    """The prefix of this source's error messages: its path, or nothing for bytes and streams
+    (the caller knows which file it gave; "<bytes>: " would only be noise in its report)."""
     if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    return "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else "<stream>"
+        return f"{source}: "
+    return ""
 
 
 def _open(source: Source) -> BinaryIO:
@@ -63,7 +65,7 @@ def _size(fp: BinaryIO) -> int | None:
         return None
 
 
-def _check_complete(ds: Dataset, where: str, total: int | None) -> None:
+def _check_complete(ds: Dataset, prefix: str, total: int | None) -> None:
     """Raise TRUNCATED when an element's value is shorter than its header says, or the file ends
     inside an element header.
 
@@ -77,7 +79,7 @@ def _check_complete(ds: Dataset, where: str, total: int | None) -> None:
         if tell is not None and length is not None and length != _UNDEFINED_LENGTH:
             left = total - (tell + length)
             if 0 < left < 8:  # fewer bytes than one element header (PS3.5 7.1.2): cut mid-header
-                raise DicomReadError(f"{where}: truncated: the file ends {left} byte(s) into an "
+                raise DicomReadError(f"{prefix}truncated: the file ends {left} byte(s) into an "
                                      f"element header after {Tag(keys[-1])}", QuarantineReason.TRUNCATED)
     for tag in keys:
         raw = ds.get_item(tag)
@@ -87,13 +89,13 @@ def _check_complete(ds: Dataset, where: str, total: int | None) -> None:
             continue
         if len(value) < length:
             raise DicomReadError(
-                f"{where}: truncated: element {Tag(tag)} declares {length} bytes but the file holds "
+                f"{prefix}truncated: element {Tag(tag)} declares {length} bytes but the file holds "
                 f"{len(value)}",
                 QuarantineReason.TRUNCATED,
             )
 
 
-def _convert_all(ds: Dataset, where: str) -> None:
+def _convert_all(ds: Dataset, prefix: str) -> None:
     """Parse every element now (pydicom parses lazily) so that corrupt headers fail here."""
     try:
         for _ in ds.iterall():
@@ -101,10 +103,10 @@ def _convert_all(ds: Dataset, where: str) -> None:
     except DicomReadError:
         raise
     except (EOFError, OSError) as exc:
-        raise DicomReadError(f"{where}: truncated or corrupt element: {exc}",
+        raise DicomReadError(f"{prefix}truncated or corrupt element: {exc}",
                              QuarantineReason.TRUNCATED) from exc
     except Exception as exc:  # pydicom raises many kinds for bad values; all are per-file data
-        raise DicomReadError(f"{where}: corrupt header: {type(exc).__name__}: {exc}",
+        raise DicomReadError(f"{prefix}corrupt header: {type(exc).__name__}: {exc}",
                              QuarantineReason.DECODE_ERROR) from exc
 
 
@@ -127,7 +129,7 @@ def read_dataset(source: Source, *, require_pixels: bool = True) -> FileDataset:
     Raises:
         DicomReadError: reason ``not_dicom``, ``truncated``, ``decode_error`` or ``no_pixel_data``.
     """
-    where = _describe(source)
+    prefix = _describe(source)
     fp = _open(source)
     start = fp.tell()
     with warnings.catch_warnings():
@@ -139,25 +141,25 @@ def read_dataset(source: Source, *, require_pixels: bool = True) -> FileDataset:
             try:
                 ds = pydicom.dcmread(fp, force=True)
             except Exception as exc:
-                raise DicomReadError(f"{where}: not a DICOM file ({type(exc).__name__}: {exc})",
+                raise DicomReadError(f"{prefix}not a DICOM file ({type(exc).__name__}: {exc})",
                                      QuarantineReason.NOT_DICOM) from exc
             if not any(tag in ds for tag in _EVIDENCE):
                 raise DicomReadError(
-                    f"{where}: not a DICOM file: no 'DICM' prefix and no DICOM attributes found",
+                    f"{prefix}not a DICOM file: no 'DICM' prefix and no DICOM attributes found",
                     QuarantineReason.NOT_DICOM,
                 )
         except (EOFError, OSError) as exc:
-            raise DicomReadError(f"{where}: truncated: {exc}", QuarantineReason.TRUNCATED) from exc
+            raise DicomReadError(f"{prefix}truncated: {exc}", QuarantineReason.TRUNCATED) from exc
         except Exception as exc:
-            raise DicomReadError(f"{where}: unreadable DICOM: {type(exc).__name__}: {exc}",
+            raise DicomReadError(f"{prefix}unreadable DICOM: {type(exc).__name__}: {exc}",
                                  QuarantineReason.DECODE_ERROR) from exc
         if len(ds) == 0:
-            raise DicomReadError(f"{where}: no data elements after the file meta information",
+            raise DicomReadError(f"{prefix}no data elements after the file meta information",
                                  QuarantineReason.TRUNCATED if len(ds.file_meta) else QuarantineReason.NOT_DICOM)
-        _check_complete(ds, where, _size(fp))
-        _convert_all(ds, where)
+        _check_complete(ds, prefix, _size(fp))
+        _convert_all(ds, prefix)
     if require_pixels and not any(k in ds for k in _PIXEL_KEYWORDS):
-        raise DicomReadError(f"{where}: no pixel data (7FE0,0010); SOP class "
+        raise DicomReadError(f"{prefix}no pixel data (7FE0,0010); SOP class "
                              f"{ds.get('SOPClassUID', 'unknown')!s}", QuarantineReason.NO_PIXEL_DATA)
     return ds
 

@@ -52,6 +52,18 @@ def test_garbage_text_json_and_empty_are_not_dicom():
     assert _reason(b"") == R.NOT_DICOM
 
 
+def test_messages_name_a_path_but_not_a_byte_string(tmp_path):
+    # the caller of read_dataset(bytes) reports which file it was; a path is named in the message
+    text = b"patient,label\n1,0\n"
+    with pytest.raises(DicomReadError) as from_bytes:
+        dio.read_dataset(text)
+    assert str(from_bytes.value).startswith("not a DICOM file")
+    (tmp_path / "notes.csv").write_bytes(text)
+    with pytest.raises(DicomReadError) as from_path:
+        dio.read_dataset(tmp_path / "notes.csv")
+    assert str(from_path.value) == f"{tmp_path / 'notes.csv'}: {from_bytes.value}"
+
+
 def test_missing_file_is_a_typed_error(tmp_path):
     assert _reason(tmp_path / "nope.dcm") == R.NOT_DICOM
 
