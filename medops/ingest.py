@@ -174,19 +174,21 @@ def _init_pool_worker(*init_args: Any) -> None:
 
 
 def _write_atomically(ds: Any, target: Path) -> None:
-    import pydicom
+    """Encode ``ds`` and write it to ``target`` through a temporary file in the same folder, so
+    that ``target`` is either absent or whole.
 
+    Raises:
+        OSError: the file cannot be written (the output folder's problem, not the file's).
+        Exception: ``ds`` cannot be encoded (the file's problem).
+    """
+    from medops.dicom.io import encode_file
+
+    data = encode_file(ds)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".dcm")
-    os.close(fd)
     try:
-        try:
-            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
-        except OSError:
-            raise
-        except Exception:
-            # e.g. a file read without File Meta whose meta cannot be completed: write as read
-            pydicom.dcmwrite(tmp, ds, enforce_file_format=False)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -221,7 +223,9 @@ def process_file(rel: str) -> FileOutcome:
         return out
     out.sha256 = hashlib.sha256(data).hexdigest()
     try:
-        ds = read_dataset(data)
+        # values are parsed as they are used: de-identification parses what it changes and the
+        # rest is written back as read, so any access below may be the first to meet a corrupt one
+        ds = read_dataset(data, parse_all=False)
         original_sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
         if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES" \
                 and not cfg.deid.allow_burned_in:
@@ -237,21 +241,27 @@ def process_file(rel: str) -> FileOutcome:
             label, split = entry
         image = prepare_image(ds, image_size=cfg.image_size, window=cfg.window,
                               frame=cfg.frame, pixel_spacing=cfg.pixel_spacing)
+        # read from the ORIGINAL header, before de-identification removes what they come from
+        sex, age = deid.patient_sex(ds), deid.patient_age_years(ds)
+        modality = str(ds.get("Modality", "") or "") or None
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     except DicomReadError as exc:
         out.reason, out.detail = exc.reason.value, str(exc)
         return out
+    except Exception as exc:  # a value pydicom cannot parse; the type only: a message may quote it
+        out.reason = QuarantineReason.DECODE_ERROR.value
+        out.detail = f"corrupt header: a value cannot be parsed ({type(exc).__name__})"
+        return out
 
-    # read from the ORIGINAL header, before de-identification removes what they come from
-    sex, age = deid.patient_sex(ds), deid.patient_age_years(ds)
-    modality = str(ds.get("Modality", "") or "") or None
-    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     try:
         deid.deidentify(ds, key, retain_longitudinal=cfg.deid.retain_longitudinal)
         if not original_sop_uid:
             ds.SOPInstanceUID = deid.pseudonymize_uid("content:" + out.sha256, key)
         sop = str(ds.SOPInstanceUID)
-        study = str(ds.get("StudyInstanceUID", "") or "") or "no-study"
-        rel_deid = Path("dicom") / study / f"{sop}.dcm"
+        study = str(ds.get("StudyInstanceUID", "") or "") or None
+        series = str(ds.get("SeriesInstanceUID", "") or "") or None
+        patient_id = str(ds.PatientID)
+        rel_deid = Path("dicom") / (study or "no-study") / f"{sop}.dcm"
         target = _STATE["dicom_dir"].parent / rel_deid
         try:
             _write_atomically(ds, target)
@@ -269,9 +279,9 @@ def process_file(rel: str) -> FileOutcome:
     out.image = image
     out.record = {
         "sop_instance_uid": sop,
-        "study_instance_uid": str(ds.get("StudyInstanceUID", "") or "") or None,
-        "series_instance_uid": str(ds.get("SeriesInstanceUID", "") or "") or None,
-        "patient_id": str(ds.PatientID),
+        "study_instance_uid": study,
+        "series_instance_uid": series,
+        "patient_id": patient_id,
         "patient_sex": sex,
         "patient_age": age,
         "modality": modality,

@@ -40,7 +40,8 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
@@ -346,17 +347,37 @@ def _replace_uids(value: object, key: bytes) -> object:
     return pseudonymize_uid(str(value), key)
 
 
+def _vr_of(tag: BaseTag, elem: DataElement | RawDataElement) -> str:
+    """The VR that decides an element's action, without parsing its value.
+
+    An element read from an explicit-VR file carries its VR; one read from an implicit-VR file, or
+    stored as UN, takes the data dictionary's (as pydicom does when it parses the value); a tag the
+    dictionary does not know is UN, which the safety net removes.
+    """
+    vr = elem.VR
+    if vr is None or vr == "UN":
+        try:
+            return dictionary_VR(tag)
+        except KeyError:
+            return "UN"
+    return vr
+
+
 def _apply(ds: Dataset, key: bytes, pseudonym: str, shift: int | None) -> None:
-    """Apply the profile to one data set level, then recurse into kept sequences."""
+    """Apply the profile to one data set level, then recurse into kept sequences.
+
+    An element is parsed only when its action needs its value (a UID to replace, a date to shift,
+    a sequence to walk): a kept element stays as read and is written back byte for byte, and a
+    removed one is never parsed.
+    """
     for tag in list(ds.keys()):
-        elem = ds[tag]
         tag = Tag(tag)
         group = tag.group
         if tag.is_private or 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
             del ds[tag]
             continue
         action = PROFILE.get(tag)
-        vr = elem.VR
+        vr = _vr_of(tag, ds.get_item(tag))
         if action is None:
             # safety net for attributes the table does not name
             if vr == "PN":
@@ -369,10 +390,16 @@ def _apply(ds: Dataset, key: bytes, pseudonym: str, shift: int | None) -> None:
                 action = "X"  # free text, or a value whose meaning this pydicom does not know
             else:
                 action = "K"
-        if shift is not None and vr in _DATE_VRS and action in ("X", "Z") and tag != _BIRTH_DATE \
-                and elem.value:
+        shift_date = shift is not None and vr in _DATE_VRS and action in ("X", "Z") and tag != _BIRTH_DATE
+        if action == "K" and vr != "SQ":
+            continue
+        if action == "X" and not shift_date:
+            del ds[tag]
+            continue
+        elem = ds[tag]  # parsed from here on
+        if shift_date and elem.value:
             # E.3.6: keep the intervals between a patient's events, move the dates
-            shifted = _shift_date_value(str(elem.value), shift) if elem.VM == 1 else None
+            shifted = _shift_date_value(str(elem.value), shift) if elem.VM == 1 else None  # type: ignore[arg-type]
             if shifted is not None:
                 elem.value = shifted
                 continue
@@ -405,7 +432,8 @@ def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False) ->
     """De-identify ``ds`` in place by the PS3.15 Annex E Basic Profile and return it.
 
     Args:
-        ds: a fully parsed data set (from :func:`medops.dicom.io.read_dataset`).
+        ds: a data set from :func:`medops.dicom.io.read_dataset`, parsed or not: only what the
+            profile changes is parsed, kept elements stay as read.
         key: the secret for keyed hashes (:func:`resolve_deid_key`).
         retain_longitudinal: E.3.6 Modified Dates option: shift dates per patient instead of
             removing them.

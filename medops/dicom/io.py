@@ -21,8 +21,10 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from medops.errors import DicomReadError, QuarantineReason
 
@@ -110,8 +112,8 @@ def _convert_all(ds: Dataset, prefix: str) -> None:
                              QuarantineReason.DECODE_ERROR) from exc
 
 
-def read_dataset(source: Source, *, require_pixels: bool = True) -> FileDataset:
-    """Read a DICOM file (path, bytes or binary stream) into a fully parsed pydicom Dataset.
+def read_dataset(source: Source, *, require_pixels: bool = True, parse_all: bool = True) -> FileDataset:
+    """Read a DICOM file (path, bytes or binary stream) into a pydicom Dataset.
 
     Files with the PS3.10 preamble and File Meta Information (PS3.10 7.1) are read strictly. Files
     without them (older exports, PS3.10 7.1 makes them non-conformant but they exist) are read with
@@ -122,9 +124,14 @@ def read_dataset(source: Source, *, require_pixels: bool = True) -> FileDataset:
         source: a path, the file's bytes, or a binary stream positioned at its start.
         require_pixels: raise ``no_pixel_data`` when the data set has no Pixel Data (7FE0,0010)
             (nor Float / Double Float Pixel Data).
+        parse_all: parse every element's value now, so that a corrupt value fails here. False
+            leaves values as read until they are used (pydicom parses lazily): what ingest does,
+            which parses only what it changes and copies the rest through unchanged, and must
+            then treat a failure on any later access as this file's failure. The file's
+            structure (truncation, the File Meta Information) is checked either way.
 
     Returns:
-        The data set, every element parsed.
+        The data set.
 
     Raises:
         DicomReadError: reason ``not_dicom``, ``truncated``, ``decode_error`` or ``no_pixel_data``.
@@ -157,11 +164,74 @@ def read_dataset(source: Source, *, require_pixels: bool = True) -> FileDataset:
             raise DicomReadError(f"{prefix}no data elements after the file meta information",
                                  QuarantineReason.TRUNCATED if len(ds.file_meta) else QuarantineReason.NOT_DICOM)
         _check_complete(ds, prefix, _size(fp))
-        _convert_all(ds, prefix)
+        if parse_all:
+            _convert_all(ds, prefix)
     if require_pixels and not any(k in ds for k in _PIXEL_KEYWORDS):
         raise DicomReadError(f"{prefix}no pixel data (7FE0,0010); SOP class "
                              f"{ds.get('SOPClassUID', 'unknown')!s}", QuarantineReason.NO_PIXEL_DATA)
     return ds
+
+
+def _parse_foreign(ds: Dataset, implicit_vr: bool, little_endian: bool) -> None:
+    """Parse the elements still stored in another encoding than the one ``ds`` is written in
+    (a file whose header declares explicit VR but holds implicit VR, say): their bytes cannot be
+    copied, so pydicom re-encodes them from their values."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if elem.is_raw and (elem.is_implicit_VR, elem.is_little_endian) != (implicit_vr, little_endian):
+            ds[tag]  # noqa: B018 -- parses the element in place
+
+
+def encode_file(ds: Dataset) -> bytes:
+    """A data set as a DICOM file (PS3.10): a zeroed preamble, 'DICM', the File Meta Information
+    (completed: group length, version, implementation), then the data set in its transfer syntax.
+
+    Elements left as read (see :func:`read_dataset`'s ``parse_all``) are copied byte for byte and
+    parsed ones are encoded; a kept element costs no parsing. The preamble is never copied: it is
+    for application profiles and may hold anything. Deflated and big-endian files, files without
+    File Meta Information, and files whose header cannot be completed go through pydicom's
+    ``dcmwrite`` (written as read where the meta cannot be completed).
+
+    Raises:
+        ValueError and others from pydicom: the data set cannot be encoded.
+    """
+    meta = getattr(ds, "file_meta", None)
+    uid = UID(meta.get("TransferSyntaxUID", "") or "") if meta is not None else UID("")
+    fast = (uid.is_transfer_syntax and not uid.is_private and uid.is_little_endian
+            and uid != DeflatedExplicitVRLittleEndian
+            and not any(tag >> 16 in (0, 2) for tag in ds.keys()))
+    if fast:
+        assert meta is not None
+        encoding = (uid.is_implicit_VR, uid.is_little_endian)
+        _parse_foreign(ds, *encoding)
+        for meta_keyword, keyword in (("MediaStorageSOPClassUID", "SOPClassUID"),
+                                      ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
+            if keyword in ds and meta.get(meta_keyword) != ds[keyword].value:
+                setattr(meta, meta_keyword, ds[keyword].value)
+        if "PixelData" in ds:  # PS3.5 A.4: encapsulated pixel data has an undefined length
+            ds["PixelData"].is_undefined_length = uid.is_compressed
+        try:
+            fp = DicomBytesIO()
+            fp.is_implicit_VR, fp.is_little_endian = False, True
+            fp.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(fp, meta, enforce_standard=True)
+            fp.is_implicit_VR, fp.is_little_endian = encoding
+            write_dataset(fp, ds)
+            return fp.getvalue()
+        except ValueError:
+            pass  # a File Meta Information that cannot be completed: as pydicom writes it below
+    for elem in ds.iterall():  # parsed, so that pydicom can re-encode whatever it must
+        pass
+    if getattr(ds, "preamble", None) is not None:
+        ds.preamble = None
+    out = io.BytesIO()
+    try:
+        pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    except Exception:
+        # e.g. a file read without File Meta whose meta cannot be completed: write as read
+        out = io.BytesIO()
+        pydicom.dcmwrite(out, ds, enforce_file_format=False)
+    return out.getvalue()
 
 
 def transfer_syntax(ds: Dataset) -> UID:
