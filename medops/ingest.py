@@ -56,6 +56,9 @@ from medops.errors import DicomReadError, IngestError, QuarantineReason
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
+# bumped when the de-identified files change for the same input (2: the preamble is zeroed), so
+# that an incremental run does not keep files written the old way
+OUTPUT_VERSION = 2
 _MAX_CHUNK = 64        # files per task: bounds the memory a task's results hold
 _AHEAD_PER_WORKER = 3  # tasks in flight per worker: keeps workers busy without piling up results
 
@@ -808,10 +811,12 @@ def _fingerprint(cfg: IngestConfig, key: bytes) -> str:
     import json
 
     from medops import __version__
+    from medops.dicom.pixels import PREPROCESSING_VERSION
 
     key_id = hmac.new(key, b"medops ingest key id", hashlib.sha256).hexdigest()[:16]
     payload = json.dumps({"ingest": cfg.model_dump(mode="json", exclude={"workers", "incremental"}),
-                          "key": key_id, "medops": __version__}, sort_keys=True)
+                          "key": key_id, "medops": __version__, "pixels": PREPROCESSING_VERSION,
+                          "files": OUTPUT_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
