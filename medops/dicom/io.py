@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Literal, Union
 
@@ -22,7 +25,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -172,6 +175,24 @@ def read_dataset(source: Source, *, require_pixels: bool = True, parse_all: bool
     return ds
 
 
+@contextmanager
+def looking_only(ds: Dataset) -> Iterator[Dataset]:
+    """Parse ``ds``'s values freely inside the block; on leaving it, every top-level element that
+    was left as read before it (``read_dataset(..., parse_all=False)``) is put back as read.
+
+    Looking at a value parses it, and a parsed element is re-encoded when written; what was only
+    looked at (the pixel description, the window, the patient's sex) is copied byte for byte
+    instead, by :func:`encode_file`. Changes made inside the block to those elements are undone.
+    """
+    as_read = {tag: elem for tag in ds.keys() if (elem := ds.get_item(tag)).is_raw}
+    try:
+        yield ds
+    finally:
+        for tag, elem in as_read.items():
+            if tag in ds and not ds.get_item(tag).is_raw:
+                ds[tag] = elem
+
+
 def _parse_foreign(ds: Dataset, implicit_vr: bool, little_endian: bool) -> None:
     """Parse the elements still stored in another encoding than the one ``ds`` is written in
     (a file whose header declares explicit VR but holds implicit VR, say): their bytes cannot be
@@ -180,6 +201,61 @@ def _parse_foreign(ds: Dataset, implicit_vr: bool, little_endian: bool) -> None:
         elem = ds.get_item(tag)
         if elem.is_raw and (elem.is_implicit_VR, elem.is_little_endian) != (implicit_vr, little_endian):
             ds[tag]  # noqa: B018 -- parses the element in place
+
+
+# explicit VRs with a reserved field and a 4-byte length (PS3.5 7.1.2)
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
+
+
+def _write_elements(fp: DicomBytesIO, ds: Dataset, implicit_vr: bool) -> None:
+    """pydicom's ``write_dataset`` for a little-endian data set stored in the encoding it is
+    written in: an element still as read is copied (its header rebuilt from the tag, VR and
+    length it was read with, a sequence delimiter after an undefined length, as pydicom writes
+    it), a parsed one is encoded by pydicom. Group lengths (gggg,0000) above group 6 are dropped,
+    as pydicom drops them (PS3.5 7.2)."""
+    charset = ds.get("SpecificCharacterSet", None) or "iso8859"
+    for tag in sorted(ds.keys()):
+        if tag & 0xFFFF == 0 and tag >> 16 > 6:
+            continue
+        elem = ds.get_item(tag)
+        if not elem.is_raw:
+            write_data_element(fp, elem, charset)
+            continue
+        value = elem.value or b""
+        undefined = elem.length == 0xFFFFFFFF
+        length = 0xFFFFFFFF if undefined else len(value)
+        if implicit_vr:
+            header = struct.pack("<HHL", tag >> 16, tag & 0xFFFF, length)
+        elif elem.VR in _LONG_VRS:
+            header = struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, elem.VR.encode(), 0, length)
+        elif undefined:  # not readable as explicit VR, but what pydicom writes
+            header = struct.pack("<HH2sL", tag >> 16, tag & 0xFFFF, elem.VR.encode(), length)
+        else:
+            header = struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, elem.VR.encode(), length)
+        fp.write(header)
+        fp.write(value)
+        if undefined:
+            fp.write(_SEQUENCE_DELIMITER)
+
+
+def _copyable(ds: Dataset, encoding: tuple[bool, bool]) -> bool:
+    """Whether :func:`_write_elements` writes ``ds`` as pydicom would: read in this encoding, with
+    its character set as read, and every explicit-VR element short enough for its length field."""
+    if tuple(ds.original_encoding) != encoding or not encoding[1]:
+        return False
+    # the test pydicom's write_dataset makes before it re-encodes every element (pydicom parses
+    # Specific Character Set as it reads, so the element itself is never left as read)
+    if ds.original_character_set != ds._character_set:
+        return False
+    if not encoding[0]:
+        for tag in ds.keys():
+            elem = ds.get_item(tag)
+            if elem.is_raw and (elem.VR is None or (elem.VR not in _LONG_VRS
+                                                    and elem.length != 0xFFFFFFFF
+                                                    and len(elem.value or b"") > 0xFFFF)):
+                return False
+    return True
 
 
 def encode_file(ds: Dataset) -> bytes:
@@ -208,7 +284,9 @@ def encode_file(ds: Dataset) -> bytes:
                                       ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
             if keyword in ds and meta.get(meta_keyword) != ds[keyword].value:
                 setattr(meta, meta_keyword, ds[keyword].value)
-        if "PixelData" in ds:  # PS3.5 A.4: encapsulated pixel data has an undefined length
+        pixels = ds.get_item(Tag(0x7FE0, 0x0010)) if "PixelData" in ds else None
+        if pixels is not None and (not pixels.is_raw or (pixels.length == 0xFFFFFFFF) != uid.is_compressed):
+            # PS3.5 A.4: encapsulated pixel data has an undefined length, native a defined one
             ds["PixelData"].is_undefined_length = uid.is_compressed
         try:
             fp = DicomBytesIO()
@@ -216,10 +294,13 @@ def encode_file(ds: Dataset) -> bytes:
             fp.write(b"\x00" * 128 + b"DICM")
             write_file_meta_info(fp, meta, enforce_standard=True)
             fp.is_implicit_VR, fp.is_little_endian = encoding
-            write_dataset(fp, ds)
+            if _copyable(ds, encoding):
+                _write_elements(fp, ds, implicit_vr=encoding[0])
+            else:
+                write_dataset(fp, ds)
             return fp.getvalue()
-        except ValueError:
-            pass  # a File Meta Information that cannot be completed: as pydicom writes it below
+        except Exception:  # noqa: BLE001 -- e.g. a File Meta Information that cannot be completed
+            pass  # pydicom's own writer below decides
     for elem in ds.iterall():  # parsed, so that pydicom can re-encode whatever it must
         pass
     if getattr(ds, "preamble", None) is not None:

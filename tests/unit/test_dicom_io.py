@@ -141,3 +141,42 @@ def test_frame_selection():
     assert dio.select_frame(5, "max") is None
     with pytest.raises(ValueError):
         dio.select_frame(5, "last")  # type: ignore[arg-type]
+
+
+def test_encode_file_writes_what_pydicom_writes_for_every_bundled_file():
+    """encode_file copies elements left as read instead of going through pydicom's writer; for
+    every file pydicom ships that both can write, the bytes must be the same as pydicom's own
+    dcmwrite of the same data set (with the preamble zeroed, which encode_file always does)."""
+    from pydicom.data import get_testdata_files
+
+    compared = 0
+    for path in get_testdata_files():
+        try:
+            ours = dio.read_dataset(path, parse_all=False, require_pixels=False)
+            theirs = dio.read_dataset(path, parse_all=False, require_pixels=False)
+        except DicomReadError:
+            continue
+        theirs.preamble = None
+        expected = io.BytesIO()
+        try:
+            pydicom.dcmwrite(expected, theirs, enforce_file_format=True)
+        except (AttributeError, ValueError, TypeError):  # a header pydicom cannot write as is
+            continue
+        assert dio.encode_file(ours) == expected.getvalue(), path
+        compared += 1
+    assert compared > 150
+
+
+def test_looking_only_puts_back_what_was_looked_at_as_read():
+    path = pydicom_file("CT_small.dcm")
+    ds = dio.read_dataset(path, parse_all=False)
+    as_read = {tag for tag in ds.keys() if ds.get_item(tag).is_raw}
+    assert len(as_read) == len(ds) - 1  # pydicom parses Specific Character Set as it reads
+    with dio.looking_only(ds):
+        prepare_image(ds, image_size=8)  # parses the pixel description, window, rescale ...
+        assert ds.Rows == 128 and not ds.get_item(pydicom.tag.Tag("Rows")).is_raw
+        ds.PatientName = "CHANGED"  # changes to elements as read are undone too
+    assert {tag for tag in ds.keys() if ds.get_item(tag).is_raw} == as_read
+    assert ds.PatientName == pydicom.dcmread(path).PatientName and ds.Rows == 128
+    ds.PatientName = "KEPT"  # outside the block a change stays
+    assert dio.read_dataset(dio.encode_file(ds)).PatientName == "KEPT"
