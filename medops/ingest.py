@@ -207,7 +207,7 @@ def process_file(rel: str) -> FileOutcome:
             later runs would keep.
     """
     from medops.dicom import deid
-    from medops.dicom.io import read_dataset
+    from medops.dicom.io import looking_only, read_dataset
     from medops.dicom.pixels import prepare_image
 
     cfg: IngestConfig = _STATE["cfg"]
@@ -229,25 +229,30 @@ def process_file(rel: str) -> FileOutcome:
         # values are parsed as they are used: de-identification parses what it changes and the
         # rest is written back as read, so any access below may be the first to meet a corrupt one
         ds = read_dataset(data, parse_all=False)
-        original_sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
-        if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES" \
-                and not cfg.deid.allow_burned_in:
-            raise DicomReadError("BurnedInAnnotation is YES: the pixels may show identifying text",
-                                 QuarantineReason.BURNED_IN_ANNOTATION)
-        label: int | None = None
-        split: str | None = None
-        if labels is not None:
-            entry = labels.get(f"uid:{original_sop_uid}") or labels.get(f"path:{rel}")
-            if entry is None:
-                raise DicomReadError("neither its SOPInstanceUID nor its path is in the manifest",
-                                     QuarantineReason.NO_LABEL)
-            label, split = entry
-        image = prepare_image(ds, image_size=cfg.image_size, window=cfg.window,
-                              frame=cfg.frame, pixel_spacing=cfg.pixel_spacing)
-        # read from the ORIGINAL header, before de-identification removes what they come from
-        sex, age = deid.patient_sex(ds), deid.patient_age_years(ds)
-        modality = str(ds.get("Modality", "") or "") or None
-        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except DicomReadError as exc:
+        out.reason, out.detail = exc.reason.value, str(exc)
+        return out
+    try:
+        with looking_only(ds):  # what is only looked at is written back as read
+            original_sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+            if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES" \
+                    and not cfg.deid.allow_burned_in:
+                raise DicomReadError("BurnedInAnnotation is YES: the pixels may show identifying text",
+                                     QuarantineReason.BURNED_IN_ANNOTATION)
+            label: int | None = None
+            split: str | None = None
+            if labels is not None:
+                entry = labels.get(f"uid:{original_sop_uid}") or labels.get(f"path:{rel}")
+                if entry is None:
+                    raise DicomReadError("neither its SOPInstanceUID nor its path is in the manifest",
+                                         QuarantineReason.NO_LABEL)
+                label, split = entry
+            image = prepare_image(ds, image_size=cfg.image_size, window=cfg.window,
+                                  frame=cfg.frame, pixel_spacing=cfg.pixel_spacing)
+            # read from the ORIGINAL header, before de-identification removes what they come from
+            sex, age = deid.patient_sex(ds), deid.patient_age_years(ds)
+            modality = str(ds.get("Modality", "") or "") or None
+            rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     except DicomReadError as exc:
         out.reason, out.detail = exc.reason.value, str(exc)
         return out
@@ -393,21 +398,46 @@ class _Item:
     outcome: FileOutcome | None = None
 
 
-def _start_pool(workers: int, init_args: tuple) -> ProcessPoolExecutor | None:
-    """A started worker pool, or None when worker processes cannot run here at all.
+@dataclass
+class _Starting:
+    """A worker pool whose processes are starting: one probe task per worker, so that all of them
+    start at once (a spawn pool starts a process per task waiting for one)."""
+
+    pool: ProcessPoolExecutor
+    probes: list[Future]
+
+
+def _launch_pool(workers: int, init_args: tuple) -> _Starting:
+    """Start ``workers`` processes without waiting for them (:func:`_ready` waits).
 
     spawn, not fork: the caller (a Prefect worker, a test runner) may hold threads and locks.
     """
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
                                initializer=_init_pool_worker, initargs=init_args)
+    return _Starting(pool, [pool.submit(int) for _ in range(workers)])
+
+
+def _ready(starting: _Starting) -> ProcessPoolExecutor | None:
+    """The pool once its processes answer, or None when worker processes cannot run here at all."""
     try:
-        pool.submit(int).result()
+        for probe in starting.probes:
+            probe.result()
     except Exception as exc:  # e.g. a __main__ that cannot be re-imported (python - < script)
-        pool.shutdown(wait=False, cancel_futures=True)
+        starting.pool.shutdown(wait=False, cancel_futures=True)
         log.warning("ingest worker processes cannot start (%s: %s); decoding in this process",
                     type(exc).__name__, exc)
         return None
-    return pool
+    return starting.pool
+
+
+def _start_pool(workers: int, init_args: tuple) -> ProcessPoolExecutor | None:
+    """A started worker pool, or None when worker processes cannot run here at all."""
+    return _ready(_launch_pool(workers, init_args))
+
+
+def pool_size(expected: int, workers: int) -> int:
+    """How many worker processes ``expected`` files get: one per chunk at most (1 = this process)."""
+    return min(workers, math.ceil(expected / chunk_size(expected, workers))) if expected else 1
 
 
 def _isolate(chunk: list[str], init_args: tuple) -> list[FileOutcome]:
@@ -443,7 +473,8 @@ def _done(value: list[FileOutcome]) -> Future:
     return future
 
 
-def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: int) -> Iterator[_Item]:
+def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: int,
+            starting: _Starting | None = None) -> Iterator[_Item]:
     """``items`` in their order, each one to decode (``prior is None``) with its ``outcome``.
 
     Bounded whatever the number of files: at most ``workers * _AHEAD_PER_WORKER`` chunks in flight
@@ -451,10 +482,12 @@ def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: in
     to decode) sizes the chunks; ``workers == 1``, or a single chunk, decodes in this process.
     Otherwise a worker that dies (a decoder plugin that crashes on a malformed file) costs a pool
     restart, and the chunk it held is retried one file per task, so only the culprit is quarantined
-    and the stage goes on.
+    and the stage goes on. ``starting``: the pool, already launched by the caller for
+    ``pool_size(expected, workers)`` processes (the caller shuts it down should this generator
+    never start).
     """
     size = chunk_size(expected, workers)
-    n_workers = min(workers, math.ceil(expected / size))
+    n_workers = pool_size(expected, workers)
     if n_workers <= 1:
         _init_worker(*init_args)
         for item in items:
@@ -476,7 +509,7 @@ def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: in
         nonlocal chunk, pool, started
         if not started:  # lazily: a rerun with nothing new starts no process
             started = True
-            pool = _start_pool(n_workers, init_args)
+            pool = _ready(starting) if starting is not None else _start_pool(n_workers, init_args)
             if pool is None:
                 _init_worker(*init_args)
         if pool is None:
@@ -999,24 +1032,42 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
         IngestError: the source folder is missing, the manifest is unusable, or an output cannot
             be written (disk full, no permission). A bad file never raises: it is quarantined.
     """
-    import filecmp
-
-    from medops.data import ARRAYS_DIR, METADATA_COLUMNS, shard_path
-    from medops.dicom.deid import pseudonymize_uid, resolve_deid_key
-
     started = time.monotonic()
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if not source_dir.is_dir():
         raise IngestError(f"source folder {source_dir} does not exist or is not a folder")
     labels = read_manifest(manifest) if manifest is not None else None
     if key is None:
+        from medops.dicom.deid import resolve_deid_key
+
         key = resolve_deid_key(cfg.deid)
     # counted first (a cheap walk) for the progress total and the chunk size; the files are then
     # listed again as they are processed, so the listing is never held
     total = sum(1 for _ in iter_source_files(source_dir))
-    fingerprint = _fingerprint(cfg, key)
-
     _check_folders(source_dir, out_dir)
+    init_args = (cfg, key, labels, str(source_dir), str(out_dir / "dicom"))
+    # a full rebuild decodes every file: its workers are launched now and start up while this
+    # process imports what it writes with and sets up its outputs
+    n_workers = pool_size(total, cfg.workers)
+    rebuild = not cfg.incremental or not (out_dir / INDEX_NAME).is_file()
+    starting = _launch_pool(n_workers, init_args) if rebuild and n_workers > 1 else None
+    try:
+        return _ingest(cfg, source_dir, out_dir, labels, key, total, init_args, starting, progress,
+                       started)
+    finally:
+        if starting is not None:  # shut down by the decoding once it started; again is harmless
+            starting.pool.shutdown(cancel_futures=True)
+
+
+def _ingest(cfg: IngestConfig, source_dir: Path, out_dir: Path, labels: dict | None, key: bytes,
+            total: int, init_args: tuple, starting: _Starting | None,
+            progress: bool | Progress | None, started: float) -> IngestResult:
+    """:func:`run` once its arguments are checked and, for a full rebuild, its workers launched."""
+    import filecmp
+
+    from medops.dicom.deid import pseudonymize_uid
+
+    fingerprint = _fingerprint(cfg, key)
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / _OWNER_MARKER
     if not marker.exists():  # written once: a rerun that changes nothing writes nothing
@@ -1038,14 +1089,9 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
             return labels_from_path(rel)
         return by_pseudo_uid.get(pseudo_sop) or labels.get(f"path:{rel}")
 
-    # what writing metadata.parquet imports, imported before the files' state is allocated
-    import pyarrow.pandas_compat  # noqa: F401
-    import pyarrow.parquet  # noqa: F401
-
     outputs = ("metadata.parquet", "quarantine.csv", INDEX_NAME)  # the index last: it commits
     writer = _ShardWriter(staging, cfg.shard_size)
     metadata = _MetadataWriter(staging / "metadata.parts.parquet")
-    init_args = (cfg, key, labels, str(source_dir), str(dicom_dir))
     # what duplicate detection and pruning remember of each used file (see the note above
     # iter_source_files): 32-byte digests and the path, nothing else
     seen_content: dict[bytes, str] = {}   # content sha256 -> path
@@ -1057,8 +1103,14 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     old_shards: dict[int, np.ndarray] = {}
     callback, close = _progress_callback(progress, total)
     items = _decode(_plan(iter_source_files(source_dir), source_dir, previous), cfg.workers, init_args,
-                    total)
+                    total, starting if previous is None else None)
     try:
+        # what writing metadata.parquet imports, imported before the files' state is allocated
+        import pyarrow.pandas_compat  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+
+        from medops.data import METADATA_COLUMNS, shard_path
+
         with (staging / "quarantine.csv").open("w", newline="") as qfh, \
                 (staging / INDEX_NAME).open("w") as ifh:
             quarantine = csv.writer(qfh, lineterminator="\n")
@@ -1129,6 +1181,8 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
             previous.close()
     seen_content.clear()
     seen_sop.clear()
+    from medops.data import ARRAYS_DIR
+
     if rewrite:  # restore the kept files' de-identified copies a duplicate may have overwritten
         _init_worker(*init_args)
         for rel in sorted(set(rewrite)):
