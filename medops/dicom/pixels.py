@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# 2: large reductions average pixel blocks before the bilinear filter (_REDUCING_GAP)
+# 2: large reductions average pixel blocks before the bilinear filter (_REDUCING_GAP); a
+# linear grayscale pipeline is computed in float32
 PREPROCESSING_VERSION = 2
 
 _BT601 = np.array([0.299, 0.587, 0.114])
@@ -153,16 +154,56 @@ def _grayscale_values(values: np.ndarray, ds: Dataset, window: "Window | None",
     return 1.0 - unit if photometric == "MONOCHROME1" else unit
 
 
+def _linear_map(ds: Dataset, window: "Window | None", photometric: str) -> tuple[float, float] | None:
+    """``(a, b)`` when the whole grayscale pipeline is ``clip(a * stored + b, 0, 1)``: a rescale
+    (or none) and a LINEAR or LINEAR_EXACT window (the configured one, or the file's when it has
+    no VOI LUT Sequence), MONOCHROME1 folded in; None for anything else (a Modality or VOI LUT
+    Sequence, a sigmoid, min-max, a window the general path rejects)."""
+    try:
+        if ds.get("ModalityLUTSequence"):
+            return None
+        slope, intercept = 1.0, 0.0
+        if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+            slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        if window is not None:
+            center, width, function = float(window.center), float(window.width), "LINEAR"
+        elif ds.get("VOILUTSequence") or "WindowCenter" not in ds or "WindowWidth" not in ds:
+            return None
+        else:
+            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+            function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    if function == "LINEAR" and width > 1:
+        c, w = center - 0.5, width - 1.0
+    elif function == "LINEAR_EXACT" and width > 0:
+        c, w = center, width
+    else:
+        return None
+    a, b = slope / w, (intercept - c) / w + 0.5
+    if photometric == "MONOCHROME1":
+        a, b = -a, 1.0 - b  # 1 - clip(z, 0, 1) == clip(1 - z, 0, 1)
+    return (a, b) if np.isfinite(a) and np.isfinite(b) else None
+
+
 def apply_grayscale_pipeline(arr: np.ndarray, ds: Dataset, window: "Window | None",
                              photometric: str) -> np.ndarray:
     """The grayscale pipeline of PS3.4 N.2.1.1 (modality LUT, VOI, presentation) onto [0, 1].
 
     Every step maps one stored value to one output value (min-max too, once the image's range is
-    fixed), so for integer images it is computed once per distinct value in ``min..max`` and then
-    looked up: the same numbers as applying it pixel by pixel, at a fraction of the cost for
-    large images (a 512 x 512 CT slice has ~262,000 pixels but at most 4,096 values in 12 bits).
+    fixed). For large integer images: when the steps are a rescale and a linear window (CT, most
+    CR/DX) it is one multiply-add and a clip in float32 (within 1e-6 of float64); otherwise it is
+    computed once per distinct value in ``min..max`` and looked up. Either way the numbers are
+    those of applying it pixel by pixel, at a fraction of the cost for large images (a 512 x 512
+    CT slice has ~262,000 pixels but at most 4,096 values in 12 bits).
     """
     if arr.dtype.kind in "iu" and arr.size > 4096:
+        linear = _linear_map(ds, window, photometric)
+        if linear is not None:
+            out = np.multiply(arr, np.float32(linear[0]), dtype=np.float32)
+            out += np.float32(linear[1])
+            np.minimum(out, np.float32(1.0), out=out)
+            return np.maximum(out, np.float32(0.0), out=out)
         lo, hi = int(arr.min()), int(arr.max())
         if hi - lo + 1 <= arr.size // 4:
             domain = np.arange(lo, hi + 1, dtype=arr.dtype)  # lo..hi occur in arr: the dtype holds them

@@ -251,7 +251,17 @@ def test_lookup_table_path_gives_the_pixelwise_numbers(photometric, signed):
                       RescaleSlope="0.5", RescaleIntercept="-30", WindowCenter="100", WindowWidth="700")
     fast = pixels.apply_grayscale_pipeline(values, ds, None, photometric)
     slow = pixels._grayscale_values(values, ds, None, photometric).astype(np.float32)
-    np.testing.assert_array_equal(fast, slow)
+    # rescale + linear window: one multiply-add and a clip in float32
+    assert fast.dtype == np.float32 and pixels._linear_map(ds, None, photometric) is not None
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-6)
+    assert 0.1 < (fast == 0).mean() + (fast == 1).mean() < 0.9  # both clipped and in-window pixels
+    for function in ("LINEAR_EXACT", "SIGMOID"):  # the first linear, the second by lookup table
+        other = make_dataset(values, photometric=photometric, bits_stored=12, signed=signed,
+                             RescaleSlope="0.5", RescaleIntercept="-30", WindowCenter="100",
+                             WindowWidth="700", VOILUTFunction=function)
+        np.testing.assert_allclose(pixels.apply_grayscale_pipeline(values, other, None, photometric),
+                                   pixels._grayscale_values(values, other, None, photometric),
+                                   rtol=0, atol=1e-6)
     no_window = make_dataset(values, photometric=photometric, bits_stored=12, signed=signed)
     np.testing.assert_array_equal(pixels.apply_grayscale_pipeline(values, no_window, None, photometric),
                                   pixels._grayscale_values(values, no_window, None, photometric).astype(np.float32))
@@ -310,3 +320,16 @@ def test_pixel_spacing_falls_back_to_imager_pixel_spacing_and_is_required_when_s
         pixels.prepare_image(bare, image_size=4, pixel_spacing=1.0)
     assert info.value.reason is QuarantineReason.UNSUPPORTED_PIXELS
     assert pixels.prepare_image(bare, image_size=4).shape == (4, 4)  # not set: a plain resize
+
+
+def test_a_configured_window_on_a_large_ct_slice_is_the_pixelwise_window():
+    from medops.config import Window
+
+    stored = np.random.default_rng(3).integers(-1000, 3000, size=(256, 256)).astype(np.int16)
+    ct = make_dataset(stored, signed=True, RescaleSlope="1", RescaleIntercept="-1024",
+                      WindowCenter="40", WindowWidth="400")
+    lung = Window(center=-600, width=1500)
+    out = pixels.apply_grayscale_pipeline(stored, ct, lung, "MONOCHROME2")
+    # the configured window replaces the file's: HU = stored - 1024, LINEAR c=-600, w=1500
+    expected = np.clip((stored.astype(np.float64) - 1024 - (-600 - 0.5)) / 1499 + 0.5, 0, 1)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
