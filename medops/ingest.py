@@ -265,10 +265,11 @@ def process_file(rel: str) -> FileOutcome:
         deid.deidentify(ds, key, retain_longitudinal=cfg.deid.retain_longitudinal)
         if not original_sop_uid:
             ds.SOPInstanceUID = deid.pseudonymize_uid("content:" + out.sha256, key)
-        sop = str(ds.SOPInstanceUID)
-        study = str(ds.get("StudyInstanceUID", "") or "") or None
-        series = str(ds.get("SeriesInstanceUID", "") or "") or None
-        patient_id = str(ds.PatientID)
+        with looking_only(ds):  # de-identification stored its values encoded: keep them so
+            sop = str(ds.SOPInstanceUID)
+            study = str(ds.get("StudyInstanceUID", "") or "") or None
+            series = str(ds.get("SeriesInstanceUID", "") or "") or None
+            patient_id = str(ds.PatientID)
         rel_deid = Path("dicom") / (study or "no-study") / f"{sop}.dcm"
         target = _STATE["dicom_dir"].parent / rel_deid
         try:

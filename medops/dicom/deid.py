@@ -32,6 +32,7 @@ per-project key file below ``.medops/secrets`` (never in the repository, never l
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import logging
@@ -43,6 +44,8 @@ from typing import Literal
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID_dictionary
@@ -205,6 +208,10 @@ def _tag(keyword: str) -> BaseTag:
 
 PROFILE: dict[BaseTag, Action] = {_tag(k): a for k, a in _PROFILE.items()}
 _BIRTH_DATE = _tag("PatientBirthDate")
+_PATIENT_ID, _PATIENT_NAME, _PATIENT_AGE = _tag("PatientID"), _tag("PatientName"), _tag("PatientAge")
+_IDENTITY_REMOVED, _METHOD = _tag("PatientIdentityRemoved"), _tag("DeidentificationMethod")
+_METHOD_CODES = _tag("DeidentificationMethodCodeSequence")
+_LONGITUDINAL = _tag("LongitudinalTemporalInformationModified")
 _DATE_VRS, _TEXT_VRS = {"DA", "DT"}, {"ST", "LT", "UT"}
 
 METHOD = f"PS3.15 E Basic Profile; medops {__version__}"
@@ -363,6 +370,30 @@ def _vr_of(tag: BaseTag, elem: DataElement | RawDataElement) -> str:
     return vr
 
 
+def _encoding(ds: Dataset) -> tuple[bool, bool] | None:
+    """(implicit VR, little endian) of a data set read from a file in a little-endian transfer
+    syntax; None for one built in memory (or big endian)."""
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    return (implicit, little) if implicit is not None and little is True else None
+
+
+def _put(ds: Dataset, tag: BaseTag, vr: str, text: str | None) -> None:
+    """Set an element to a text value (None: empty). In a data set read from a file it is stored
+    already encoded, as pydicom encodes it (ASCII, padded to an even length with NUL for UI and a
+    space otherwise), so that it is written back without being parsed (medops.dicom.io); the
+    values set here (pseudonyms, UIDs, dates, codes) are ASCII, which every DICOM character set
+    encodes alike."""
+    encoding = _encoding(ds)
+    if encoding is None or (text is not None and not text.isascii()):
+        ds[tag] = DataElement(tag, vr, Sequence() if vr == "SQ" and text is None else text)
+        return
+    data = (text or "").encode("ascii")
+    if len(data) % 2:
+        data += b"\x00" if vr == "UI" else b" "
+    implicit = encoding[0]
+    ds[tag] = RawDataElement(tag, None if implicit else vr, len(data), data, 0, implicit, True)
+
+
 def _apply(ds: Dataset, key: bytes, pseudonym: str, shift: int | None) -> None:
     """Apply the profile to one data set level, then recurse into kept sequences.
 
@@ -396,21 +427,27 @@ def _apply(ds: Dataset, key: bytes, pseudonym: str, shift: int | None) -> None:
         if action == "X" and not shift_date:
             del ds[tag]
             continue
+        if action == "D":  # PatientName and PatientID: both become the patient's pseudonym
+            _put(ds, tag, vr, pseudonym)
+            continue
+        if action == "Z" and not shift_date:
+            _put(ds, tag, vr, None)
+            continue
         elem = ds[tag]  # parsed from here on
         if shift_date and elem.value:
             # E.3.6: keep the intervals between a patient's events, move the dates
             shifted = _shift_date_value(str(elem.value), shift) if elem.VM == 1 else None  # type: ignore[arg-type]
             if shifted is not None:
-                elem.value = shifted
+                _put(ds, tag, vr, shifted)
                 continue
         if action == "X":
             del ds[tag]
         elif action == "Z":
-            elem.value = Sequence() if vr == "SQ" else None
+            _put(ds, tag, vr, None)
         elif action == "U":
-            elem.value = _replace_uids(elem.value, key)
-        elif action == "D":  # PatientName and PatientID: both become the patient's pseudonym
-            elem.value = pseudonym
+            uids = _replace_uids(elem.value, key)
+            text = "\\".join(str(u) for u in uids) if isinstance(uids, list) else uids
+            _put(ds, tag, vr, str(text) if text else None)
         elif vr == "SQ":
             for item in elem.value:
                 _apply(item, key, pseudonym, shift)
@@ -426,6 +463,15 @@ def _method_code_sequence(options: list[str]) -> Sequence:
         item.CodeMeaning = meaning
         items.append(item)
     return Sequence(items)
+
+
+@functools.lru_cache(maxsize=8)
+def _method_code_sequence_value(options: tuple[str, ...], implicit_vr: bool) -> bytes:
+    """The encoded value (items) of DeidentificationMethodCodeSequence, little endian."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit_vr
+    write_data_element(fp, DataElement(_METHOD_CODES, "SQ", _method_code_sequence(list(options))))
+    return fp.getvalue()[8 if implicit_vr else 12:]  # after the tag, (VR, reserved,) and length
 
 
 def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False) -> Dataset:
@@ -448,19 +494,25 @@ def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False) ->
 
     _apply(ds, key, pseudonym, shift)
 
-    ds.PatientID = pseudonym
-    ds.PatientName = pseudonym
-    if "PatientBirthDate" in ds:
-        ds.PatientBirthDate = None
+    _put(ds, _PATIENT_ID, "LO", pseudonym)
+    _put(ds, _PATIENT_NAME, "PN", pseudonym)
+    if _BIRTH_DATE in ds:
+        _put(ds, _BIRTH_DATE, "DA", None)
     if age is not None:
-        ds.PatientAge = _age_string(age)
-    elif "PatientAge" in ds:
-        del ds.PatientAge  # an unparseable age string is free text
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = METHOD
-    options = ["characteristics"] + (["longitudinal"] if retain_longitudinal else [])
-    ds.DeidentificationMethodCodeSequence = _method_code_sequence(options)
-    ds.LongitudinalTemporalInformationModified = "MODIFIED" if retain_longitudinal else "REMOVED"
+        _put(ds, _PATIENT_AGE, "AS", _age_string(age))
+    elif _PATIENT_AGE in ds:
+        del ds[_PATIENT_AGE]  # an unparseable age string is free text
+    _put(ds, _IDENTITY_REMOVED, "CS", "YES")
+    _put(ds, _METHOD, "LO", METHOD)
+    options = ("characteristics",) + (("longitudinal",) if retain_longitudinal else ())
+    encoding = _encoding(ds)
+    if encoding is None:
+        ds[_METHOD_CODES] = DataElement(_METHOD_CODES, "SQ", _method_code_sequence(list(options)))
+    else:  # the same few bytes for every file: encoded once per process
+        value = _method_code_sequence_value(options, encoding[0])
+        ds[_METHOD_CODES] = RawDataElement(_METHOD_CODES, None if encoding[0] else "SQ", len(value),
+                                           value, 0, encoding[0], True)
+    _put(ds, _LONGITUDINAL, "CS", "MODIFIED" if retain_longitudinal else "REMOVED")
 
     meta = getattr(ds, "file_meta", None)
     if meta is not None:

@@ -22,7 +22,7 @@ from typing import BinaryIO, Literal, Union
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileDataset
+from pydicom.dataset import Dataset, FileDataset, validate_file_meta
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
@@ -258,6 +258,62 @@ def _copyable(ds: Dataset, encoding: tuple[bool, bool]) -> bool:
     return True
 
 
+_META_PADDING = {"UI": b"\x00", "SH": b" ", "AE": b" ", "LO": b" ", "CS": b" ", "OB": b"\x00"}
+
+
+def _encode_meta(meta: Dataset) -> bytes | None:
+    """The File Meta Information group as pydicom's ``write_file_meta_info`` writes it (explicit VR
+    little endian, the group length first), for a meta already completed by
+    ``validate_file_meta``; None when an element is not a plain text, OB or UL value (pydicom
+    then writes it)."""
+    body = []
+    for tag in sorted(meta.keys()):
+        if tag == 0x00020000:
+            continue
+        elem = meta.get_item(tag)
+        vr = elem.VR
+        if elem.is_raw:
+            if vr is None or elem.length == 0xFFFFFFFF:
+                return None
+            data = elem.value or b""
+        elif vr in _META_PADDING and vr != "OB":
+            value = elem.value
+            if value is not None and not isinstance(value, str):
+                return None  # several values
+            if value is not None and not value.isascii():
+                return None
+            data = (value or "").encode("ascii")
+        elif vr == "OB":
+            data = bytes(elem.value or b"")
+        elif vr == "UL" and isinstance(elem.value, int):
+            data = struct.pack("<L", elem.value)
+        else:
+            return None
+        if len(data) % 2:
+            data += _META_PADDING.get(vr, b" ")
+        if vr in _LONG_VRS:
+            body.append(struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(data)))
+        elif len(data) <= 0xFFFF:
+            body.append(struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(data)))
+        else:
+            return None
+        body.append(data)
+    content = b"".join(body)
+    return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(content)) + content
+
+
+def _uid_of(ds: Dataset, keyword: str) -> str | None:
+    """A UI element's value without parsing the element when it is still as read."""
+    tag = Tag(keyword)
+    if tag not in ds:
+        return None
+    elem = ds.get_item(tag)
+    if elem.is_raw and elem.VR == "UI":
+        return (elem.value or b"").decode("ascii", "replace").rstrip("\x00 ") or None
+    value = ds[tag].value  # parsed: an implicit-VR or UN-encoded one gets its VR, as with pydicom
+    return str(value) if value else None
+
+
 def encode_file(ds: Dataset) -> bytes:
     """A data set as a DICOM file (PS3.10): a zeroed preamble, 'DICM', the File Meta Information
     (completed: group length, version, implementation), then the data set in its transfer syntax.
@@ -282,8 +338,9 @@ def encode_file(ds: Dataset) -> bytes:
         _parse_foreign(ds, *encoding)
         for meta_keyword, keyword in (("MediaStorageSOPClassUID", "SOPClassUID"),
                                       ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
-            if keyword in ds and meta.get(meta_keyword) != ds[keyword].value:
-                setattr(meta, meta_keyword, ds[keyword].value)
+            uid_value = _uid_of(ds, keyword)
+            if uid_value and meta.get(meta_keyword) != uid_value:
+                setattr(meta, meta_keyword, uid_value)
         pixels = ds.get_item(Tag(0x7FE0, 0x0010)) if "PixelData" in ds else None
         if pixels is not None and (not pixels.is_raw or (pixels.length == 0xFFFFFFFF) != uid.is_compressed):
             # PS3.5 A.4: encapsulated pixel data has an undefined length, native a defined one
@@ -292,7 +349,12 @@ def encode_file(ds: Dataset) -> bytes:
             fp = DicomBytesIO()
             fp.is_implicit_VR, fp.is_little_endian = False, True
             fp.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(fp, meta, enforce_standard=True)
+            validate_file_meta(meta, enforce_standard=True)  # completes it, or raises
+            encoded_meta = _encode_meta(meta)
+            if encoded_meta is None:
+                write_file_meta_info(fp, meta, enforce_standard=True)
+            else:
+                fp.write(encoded_meta)
             fp.is_implicit_VR, fp.is_little_endian = encoding
             if _copyable(ds, encoding):
                 _write_elements(fp, ds, implicit_vr=encoding[0])

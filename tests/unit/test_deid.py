@@ -217,8 +217,10 @@ def test_profile_actions_follow_table_e_1_1():
 @pytest.mark.parametrize("longitudinal", [False, True])
 def test_elements_left_as_read_get_the_same_actions_as_parsed_ones(transfer_syntax, longitudinal):
     """Ingest de-identifies a data set whose values are parsed only where an action needs them
-    (kept elements are copied as read, VRs of implicit-VR files come from the dictionary): the
-    written file must hold no canary and the same elements and values as the fully parsed path."""
+    (kept elements are copied as read, VRs of implicit-VR files come from the dictionary, new
+    values are stored already encoded): the written file must hold no canary and the same
+    elements and values as the fully parsed path and as de-identifying the data set in memory
+    (where every new value is a pydicom DataElement)."""
     from medops.dicom.io import encode_file, read_dataset
 
     source = phi_dataset("1")
@@ -234,9 +236,17 @@ def test_elements_left_as_read_get_the_same_actions_as_parsed_ones(transfer_synt
         if not parse_all:
             assert ds.get_item(Tag("Modality")).is_raw and ds.get_item(Tag("Rows")).is_raw
         outputs.append(encode_file(ds))
+    in_memory = deid.deidentify(phi_dataset("1"), KEY, retain_longitudinal=longitudinal)
+    in_memory.file_meta.TransferSyntaxUID = transfer_syntax
+    outputs.append(encode_file(in_memory))
     for data in outputs:
         for canary in CANARIES:
             assert canary.lower().encode() not in data.lower(), canary
-    parsed, lazy = (pydicom.dcmread(io.BytesIO(data)) for data in outputs)
-    assert [(e.tag, e.VR, e.value) for e in lazy.iterall()] == [(e.tag, e.VR, e.value) for e in parsed.iterall()]
-    assert lazy.file_meta == parsed.file_meta and lazy.PatientIdentityRemoved == "YES"
+    parsed, lazy, memory = (pydicom.dcmread(io.BytesIO(data)) for data in outputs)
+    elements = [(e.tag, e.VR, e.value) for e in memory.iterall()]
+    assert [(e.tag, e.VR, e.value) for e in lazy.iterall()] == elements
+    assert [(e.tag, e.VR, e.value) for e in parsed.iterall()] == elements
+    assert lazy.file_meta == parsed.file_meta == memory.file_meta and lazy.PatientIdentityRemoved == "YES"
+    assert len(lazy.DeidentificationMethodCodeSequence) == (3 if longitudinal else 2)
+    if longitudinal:  # dates shifted, not emptied
+        assert lazy.StudyDate and lazy.StudyDate != "20240229" and lazy.StudyDate == memory.StudyDate
