@@ -262,7 +262,7 @@ def process_file(rel: str) -> FileOutcome:
         return out
 
     try:
-        deid.deidentify(ds, key, retain_longitudinal=cfg.deid.retain_longitudinal)
+        deid.deidentify(ds, key, retain_longitudinal=cfg.deid.retain_longitudinal, age=age)
         if not original_sop_uid:
             ds.SOPInstanceUID = deid.pseudonymize_uid("content:" + out.sha256, key)
         with looking_only(ds):  # de-identification stored its values encoded: keep them so
@@ -845,7 +845,7 @@ def _fingerprint(cfg: IngestConfig, key: bytes) -> str:
     import json
 
     from medops import __version__
-    from medops.dicom.pixels import PREPROCESSING_VERSION
+    from medops.dicom import PREPROCESSING_VERSION
 
     key_id = hmac.new(key, b"medops ingest key id", hashlib.sha256).hexdigest()[:16]
     payload = json.dumps({"ingest": cfg.model_dump(mode="json", exclude={"workers", "incremental"}),
@@ -1066,8 +1066,6 @@ def _ingest(cfg: IngestConfig, source_dir: Path, out_dir: Path, labels: dict | N
     """:func:`run` once its arguments are checked and, for a full rebuild, its workers launched."""
     import filecmp
 
-    from medops.dicom.deid import pseudonymize_uid
-
     fingerprint = _fingerprint(cfg, key)
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / _OWNER_MARKER
@@ -1083,7 +1081,11 @@ def _ingest(cfg: IngestConfig, source_dir: Path, out_dir: Path, labels: dict | N
         shutil.rmtree(staging)
     staging.mkdir()  # also marks out_dir as an ingest output should this run be cut short
 
-    by_pseudo_uid = {pseudonymize_uid(k[4:], key): v for k, v in (labels or {}).items() if k.startswith("uid:")}
+    by_pseudo_uid: dict[str, tuple[int | None, str | None]] = {}
+    if labels:
+        from medops.dicom.deid import pseudonymize_uid
+
+        by_pseudo_uid = {pseudonymize_uid(k[4:], key): v for k, v in labels.items() if k.startswith("uid:")}
 
     def label_for(rel: str, pseudo_sop: str) -> tuple[int | None, str | None] | None:
         if labels is None:

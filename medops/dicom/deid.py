@@ -298,8 +298,13 @@ def patient_key_of(ds: Dataset) -> str:
 
 
 def _parse_da(value: str) -> dt.date | None:
+    """The date of a DA value, or the date part of a DT value (YYYYMMDD, PS3.5 6.2); None if it
+    is not one."""
+    text = str(value).strip()[:8]
+    if len(text) != 8 or not text.isdigit():
+        return None
     try:
-        return dt.datetime.strptime(str(value).strip()[:8], "%Y%m%d").date()
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
     except ValueError:
         return None
 
@@ -474,7 +479,11 @@ def _method_code_sequence_value(options: tuple[str, ...], implicit_vr: bool) -> 
     return fp.getvalue()[8 if implicit_vr else 12:]  # after the tag, (VR, reserved,) and length
 
 
-def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False) -> Dataset:
+_UNSET: object = object()
+
+
+def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False,
+               age: "int | None | object" = _UNSET) -> Dataset:
     """De-identify ``ds`` in place by the PS3.15 Annex E Basic Profile and return it.
 
     Args:
@@ -483,13 +492,15 @@ def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False) ->
         key: the secret for keyed hashes (:func:`resolve_deid_key`).
         retain_longitudinal: E.3.6 Modified Dates option: shift dates per patient instead of
             removing them.
+        age: :func:`patient_age_years` of ``ds`` when the caller has it already.
 
     Returns:
         ``ds``, with its file meta updated (new Media Storage SOP Instance UID, no AE titles).
     """
     patient_key = patient_key_of(ds)
     pseudonym = pseudonymize_patient(patient_key, key)
-    age = patient_age_years(ds)
+    if age is _UNSET:
+        age = patient_age_years(ds)
     shift = date_shift_days(patient_key, key) if retain_longitudinal else None
 
     _apply(ds, key, pseudonym, shift)
@@ -499,7 +510,7 @@ def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False) ->
     if _BIRTH_DATE in ds:
         _put(ds, _BIRTH_DATE, "DA", None)
     if age is not None:
-        _put(ds, _PATIENT_AGE, "AS", _age_string(age))
+        _put(ds, _PATIENT_AGE, "AS", _age_string(age))  # type: ignore[arg-type]
     elif _PATIENT_AGE in ds:
         del ds[_PATIENT_AGE]  # an unparseable age string is free text
     _put(ds, _IDENTITY_REMOVED, "CS", "YES")

@@ -32,6 +32,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
 
+from medops.dicom import PREPROCESSING_VERSION  # noqa: F401 -- see there
 from medops.dicom.io import FramePolicy, decode_pixels, number_of_frames, read_dataset
 from medops.errors import DicomReadError, QuarantineReason
 
@@ -40,9 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# 2: large reductions average pixel blocks before the bilinear filter (_REDUCING_GAP); a
-# linear grayscale pipeline is computed in float32
-PREPROCESSING_VERSION = 2
 
 _BT601 = np.array([0.299, 0.587, 0.114])
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"}
@@ -235,7 +233,9 @@ def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
     when shrinking; large reductions average blocks first, see ``_REDUCING_GAP``)."""
     if image.shape == (image_size, image_size):
         return image.astype(np.float32)
-    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    # a view of the array's memory, not a copy (Pillow's "F" mode is native float32)
+    pil = Image.frombuffer("F", (image.shape[1], image.shape[0]), image, "raw", "F", 0, 1)
     out = pil.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP)
     return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
 
