@@ -25,7 +25,7 @@ CANARIES = ["Canaryname", "Canarygiven", "CANARY-PID-77", "Canary General", "Can
             "Canary Street", "555-0199", "CANARYAE", "CANARY-OTHER-ID", "Canarynested", "CANARYPRIV",
             "Canaryoperator", "Canary study note", "19610704", "20240229", "CANARYSTATION",
             STUDY_UID, SERIES_UID, "1.2.826.0.1.3680043.8.498.3333", "CANARY-DEVICE-SN",
-            "CANARYUN"]
+            "CANARYUN", "Canaryverifier"]
 
 
 def phi_dataset(sop_suffix: str, *, patient_id: str = "CANARY-PID-77") -> Dataset:
@@ -65,6 +65,9 @@ def phi_dataset(sop_suffix: str, *, patient_id: str = "CANARY-PID-77") -> Datase
     item.VerifyingObserverName = "Canarynested^Ann"
     item.add_new(0x00091010, "LO", "CANARYPRIV nested")
     ds.SourceImageSequence = Sequence([item])
+    # a Type 2 sequence the profile empties (Z): its item must not survive
+    ds.VerifyingObserverIdentificationCodeSequence = Sequence([Dataset()])
+    ds.VerifyingObserverIdentificationCodeSequence[0].CodeMeaning = "Canaryverifier"
     ds.add_new(0x00709999, "UN", b"CANARYUN")  # a public tag this pydicom does not know
     ds.add_new(0x00290010, "LO", "CANARY VENDOR")
     ds.add_new(0x00291001, "LO", "CANARYPRIV")
