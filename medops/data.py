@@ -8,15 +8,19 @@ Layout below an ingest output folder (``data/ingested``):
 - ``quarantine.csv``: ``path``, ``reason``, ``detail`` for every file not used.
 - ``dicom/``: the de-identified DICOM files (``deid_path`` is relative to the ingest folder).
 
-numpy + pandas only: no TensorFlow here.
+numpy + pandas only: no TensorFlow here (and pandas only where a table is read: ingest's main
+process imports this module for its names long before it needs pandas).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ARRAYS_DIR = "arrays"
 METADATA_COLUMNS = (
@@ -47,6 +51,8 @@ def shard_path(ingested_dir: Path, shard: int) -> Path:
 
 
 def read_metadata(ingested_dir: Path) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.read_parquet(Path(ingested_dir) / "metadata.parquet")
 
 

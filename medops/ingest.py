@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -1108,7 +1109,10 @@ def _ingest(cfg: IngestConfig, source_dir: Path, out_dir: Path, labels: dict | N
     items = _decode(_plan(iter_source_files(source_dir), source_dir, previous), cfg.workers, init_args,
                     total, starting if previous is None else None)
     try:
-        # what writing metadata.parquet imports, imported before the files' state is allocated
+        # the workers get their first chunks before this process imports what writing
+        # metadata.parquet needs (pandas, pyarrow: ~0.5 s of CPU), which it does while they work,
+        # before the files' state grows
+        head = next(items, None)
         import pyarrow.pandas_compat  # noqa: F401
         import pyarrow.parquet  # noqa: F401
 
@@ -1119,7 +1123,7 @@ def _ingest(cfg: IngestConfig, source_dir: Path, out_dir: Path, labels: dict | N
             quarantine = csv.writer(qfh, lineterminator="\n")
             quarantine.writerow(QUARANTINE_COLUMNS)
             ifh.write('{\n"files": {')
-            for item in items:
+            for item in itertools.chain([head] if head is not None else [], items):
                 rel, prior = item.rel, item.prior
                 files_seen += 1
                 image: np.ndarray | None = None
