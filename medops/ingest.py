@@ -463,10 +463,14 @@ def _isolate(chunk: list[str], init_args: tuple) -> list[FileOutcome]:
     return out
 
 
-def chunk_size(expected: int, workers: int) -> int:
-    """Files per worker task for ``expected`` files on ``workers`` processes: about four tasks per
-    worker (so a slow chunk does not leave the others idle), at most ``_MAX_CHUNK``."""
-    return max(1, min(_MAX_CHUNK, math.ceil(expected / (workers * 4))))
+def chunk_size(expected: int, workers: int, handed_out: int = 0) -> int:
+    """Files for the next worker task, ``handed_out`` of ``expected`` files on ``workers``
+    processes being given out already: a quarter of each worker's share of what is left, at most
+    ``_MAX_CHUNK`` (guided self-scheduling). Tasks stay a few seconds long while there is much to
+    do and shrink to single files at the end, so that no worker sits idle while another finishes
+    a long last task."""
+    left = max(expected - handed_out, 1)
+    return max(1, min(_MAX_CHUNK, math.ceil(left / (workers * 4))))
 
 
 def _done(value: list[FileOutcome]) -> Future:
@@ -507,8 +511,10 @@ def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: in
     pool: ProcessPoolExecutor | None = None
     started = exhausted = False
 
+    handed_out = 0
+
     def submit() -> None:
-        nonlocal chunk, pool, started
+        nonlocal chunk, pool, started, size, handed_out
         if not started:  # lazily: a rerun with nothing new starts no process
             started = True
             pool = _ready(starting) if starting is not None else _start_pool(n_workers, init_args)
@@ -523,6 +529,8 @@ def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: in
                 future = Future()
                 future.set_exception(exc)
             inflight.append((future, chunk))
+        handed_out += len(chunk)
+        size = chunk_size(expected, workers, handed_out)
         chunk = []
 
     def oldest() -> list[FileOutcome]:
@@ -551,7 +559,7 @@ def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: in
                 window.append(item)
                 if item.prior is None:
                     chunk.append(item.rel)
-                    if len(chunk) == size:
+                    if len(chunk) >= size:
                         submit()
             if chunk and len(inflight) < max_inflight and (exhausted or len(window) >= max_window):
                 submit()  # nothing more to add to it soon: keep the workers busy

@@ -239,8 +239,10 @@ def decode_limit(folder: Path, workers: int) -> int:
     from medops.ingest import chunk_size
 
     files = list_files(folder)
-    size = chunk_size(len(files), workers)
-    chunks = [[str(f) for f in files[i:i + size]] for i in range(0, len(files), size)]
+    chunks: list[list[str]] = []
+    while (handed_out := sum(map(len, chunks))) < len(files):
+        size = chunk_size(len(files), workers, handed_out)
+        chunks.append([str(f) for f in files[handed_out:handed_out + size]])
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                              initializer=_limit_worker_init) as pool:
         return sum(pool.map(_decode_chunk, chunks))

@@ -654,6 +654,13 @@ def test_metadata_written_in_row_groups_reads_back_as_the_whole_frame_would(tmp_
 def test_chunk_size_gives_each_worker_about_four_tasks_of_bounded_size():
     assert [ingest.chunk_size(n, 2) for n in (0, 1, 8, 9, 80)] == [1, 1, 1, 2, 10]
     assert ingest.chunk_size(10**6, 8) == ingest._MAX_CHUNK
+    # near the end tasks shrink (a quarter of each worker's share of what is left) down to 1 file
+    assert [ingest.chunk_size(2000, 2, done) for done in (0, 1488, 1744, 1992, 1999)] == [64, 64, 32, 1, 1]
+    sizes, done = [], 0
+    while done < 2000:
+        sizes.append(ingest.chunk_size(2000, 2, done))
+        done += sizes[-1]
+    assert done == 2000 and sizes == sorted(sizes, reverse=True) and sizes[-1] == 1 and len(sizes) < 100
 
 
 def test_cursor_reads_sorted_pairs_once_and_forgives_gaps():
