@@ -52,6 +52,7 @@ from pydicom.uid import UID_dictionary
 
 from medops import __version__
 from medops.config import DeidConfig
+from medops.dicom.io import uid_value
 
 log = logging.getLogger(__name__)
 
@@ -530,10 +531,11 @@ def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False,
         for keyword in _META_REMOVE:
             if keyword in meta:
                 delattr(meta, keyword)
-        if "SOPInstanceUID" in ds:
-            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        if "SOPClassUID" in ds:
-            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        # read as stored: parsing them would have them re-encoded when the file is written
+        for meta_keyword, keyword in (("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
+                                      ("MediaStorageSOPClassUID", "SOPClassUID")):
+            if keyword in ds:
+                setattr(meta, meta_keyword, uid_value(ds, keyword))
         meta.ImplementationClassUID = MEDOPS_IMPLEMENTATION_UID
         meta.ImplementationVersionName = f"MEDOPS_{__version__}"[:16]
     return ds

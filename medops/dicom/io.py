@@ -86,7 +86,9 @@ def _check_complete(ds: Dataset, prefix: str, total: int | None) -> None:
             if 0 < left < 8:  # fewer bytes than one element header (PS3.5 7.1.2): cut mid-header
                 raise DicomReadError(f"{prefix}truncated: the file ends {left} byte(s) into an "
                                      f"element header after {Tag(keys[-1])}", QuarantineReason.TRUNCATED)
-    for tag in keys:
+    # pydicom reads each value whole unless the file ends first, so only the last element read
+    # can be short
+    for tag in keys[-1:]:
         raw = ds.get_item(tag)
         length = getattr(raw, "length", None)
         value = getattr(raw, "value", None)
@@ -302,8 +304,9 @@ def _encode_meta(meta: Dataset) -> bytes | None:
     return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(content)) + content
 
 
-def _uid_of(ds: Dataset, keyword: str) -> str | None:
-    """A UI element's value without parsing the element when it is still as read."""
+def uid_value(ds: Dataset, keyword: str) -> str | None:
+    """A UI element's value (None when absent or empty), without parsing the element when it is
+    still as read (see :func:`encode_file`)."""
     tag = Tag(keyword)
     if tag not in ds:
         return None
@@ -338,9 +341,9 @@ def encode_file(ds: Dataset) -> bytes:
         _parse_foreign(ds, *encoding)
         for meta_keyword, keyword in (("MediaStorageSOPClassUID", "SOPClassUID"),
                                       ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
-            uid_value = _uid_of(ds, keyword)
-            if uid_value and meta.get(meta_keyword) != uid_value:
-                setattr(meta, meta_keyword, uid_value)
+            uid_value_ = uid_value(ds, keyword)
+            if uid_value_ and meta.get(meta_keyword) != uid_value_:
+                setattr(meta, meta_keyword, uid_value_)
         pixels = ds.get_item(Tag(0x7FE0, 0x0010)) if "PixelData" in ds else None
         if pixels is not None and (not pixels.is_raw or (pixels.length == 0xFFFFFFFF) != uid.is_compressed):
             # PS3.5 A.4: encapsulated pixel data has an undefined length, native a defined one
