@@ -467,14 +467,18 @@ def throughput(args, encodings: list[str]) -> tuple[list[dict], bool]:
         print(f"{encoding}: {len(files)} files, {mb:.0f} MB (ready in {time.perf_counter() - t0:.1f} s)",
               flush=True)
         row: dict = {"encoding": encoding, "files": len(files), "megabytes": round(mb, 1)}
+        # repeats interleave the contenders (plain, limit, medops, plain, ...), so that a machine
+        # whose speed drifts during the run (a shared VM) slows all of them alike
+        runs: dict[str, list[dict]] = {contender: [] for contender in CONTENDERS}
+        for _ in range(args.repeats):
+            for contender in CONTENDERS:
+                run = measure(contender, folder, args.work_dir / f"out-{contender}-{encoding}",
+                              args.workers, args.image_size)
+                if run["files"] != len(files):
+                    raise SystemExit(f"{contender} handled {run['files']} of {len(files)} files")
+                runs[contender].append(run)
         for contender in CONTENDERS:
-            runs = []
-            for _ in range(args.repeats):
-                runs.append(measure(contender, folder, args.work_dir / f"out-{contender}-{encoding}",
-                                    args.workers, args.image_size))
-                if runs[-1]["files"] != len(files):
-                    raise SystemExit(f"{contender} handled {runs[-1]['files']} of {len(files)} files")
-            r = _median_run(runs)
+            r = _median_run(runs[contender])
             row[contender] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
             row[contender]["files_per_s"] = round(len(files) / r["seconds"], 2)
             print(f"  {contender:12s} {r['seconds']:8.2f} s {len(files) / r['seconds']:8.1f} files/s   "
