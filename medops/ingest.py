@@ -1121,6 +1121,7 @@ def _ingest(cfg: IngestConfig, source_dir: Path, out_dir: Path, labels: dict | N
         # metadata.parquet needs (pandas, pyarrow: ~0.5 s of CPU), which it does while they work,
         # before the files' state grows
         head = next(items, None)
+        import pandas  # noqa: F401 -- metadata_frame at the end: not a serial half second there
         import pyarrow.pandas_compat  # noqa: F401
         import pyarrow.parquet  # noqa: F401
 
