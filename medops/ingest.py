@@ -437,7 +437,7 @@ def _start_pool(workers: int, init_args: tuple) -> ProcessPoolExecutor | None:
     return _ready(_launch_pool(workers, init_args))
 
 
-def pool_size(expected: int, workers: int) -> int:
+def _pool_size(expected: int, workers: int) -> int:
     """How many worker processes ``expected`` files get: one per chunk at most (1 = this process)."""
     return min(workers, math.ceil(expected / chunk_size(expected, workers))) if expected else 1
 
@@ -489,11 +489,11 @@ def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: in
     Otherwise a worker that dies (a decoder plugin that crashes on a malformed file) costs a pool
     restart, and the chunk it held is retried one file per task, so only the culprit is quarantined
     and the stage goes on. ``starting``: the pool, already launched by the caller for
-    ``pool_size(expected, workers)`` processes (the caller shuts it down should this generator
+    ``_pool_size(expected, workers)`` processes (the caller shuts it down should this generator
     never start).
     """
     size = chunk_size(expected, workers)
-    n_workers = pool_size(expected, workers)
+    n_workers = _pool_size(expected, workers)
     if n_workers <= 1:
         _init_worker(*init_args)
         for item in items:
@@ -1058,7 +1058,7 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     init_args = (cfg, key, labels, str(source_dir), str(out_dir / "dicom"))
     # a full rebuild decodes every file: its workers are launched now and start up while this
     # process imports what it writes with and sets up its outputs
-    n_workers = pool_size(total, cfg.workers)
+    n_workers = _pool_size(total, cfg.workers)
     rebuild = not cfg.incremental or not (out_dir / INDEX_NAME).is_file()
     starting = _launch_pool(n_workers, init_args) if rebuild and n_workers > 1 else None
     try:

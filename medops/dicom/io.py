@@ -210,6 +210,21 @@ _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
 
 
+def _header(tag: int, vr: str | None, length: int, implicit_vr: bool) -> bytes:
+    """A little-endian element header as pydicom writes it (PS3.5 7.1): tag and length for
+    implicit VR; tag, VR and a 2-byte length, or a reserved field and a 4-byte length for the long
+    VRs, for explicit VR (an undefined length on a short VR gets a 4-byte length, as in pydicom)."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if implicit_vr:
+        return struct.pack("<HHL", group, element, length)
+    assert vr is not None
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHL", group, element, vr.encode(), 0, length)
+    if length == 0xFFFFFFFF:
+        return struct.pack("<HH2sL", group, element, vr.encode(), length)
+    return struct.pack("<HH2sH", group, element, vr.encode(), length)
+
+
 def _write_elements(fp: DicomBytesIO, ds: Dataset, implicit_vr: bool) -> None:
     """pydicom's ``write_dataset`` for a little-endian data set stored in the encoding it is
     written in: an element still as read is copied (its header rebuilt from the tag, VR and
@@ -226,38 +241,18 @@ def _write_elements(fp: DicomBytesIO, ds: Dataset, implicit_vr: bool) -> None:
             continue
         value = elem.value or b""
         undefined = elem.length == 0xFFFFFFFF
-        length = 0xFFFFFFFF if undefined else len(value)
-        if implicit_vr:
-            header = struct.pack("<HHL", tag >> 16, tag & 0xFFFF, length)
-        elif elem.VR in _LONG_VRS:
-            header = struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, elem.VR.encode(), 0, length)
-        elif undefined:  # not readable as explicit VR, but what pydicom writes
-            header = struct.pack("<HH2sL", tag >> 16, tag & 0xFFFF, elem.VR.encode(), length)
-        else:
-            header = struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, elem.VR.encode(), length)
-        fp.write(header)
+        fp.write(_header(tag, elem.VR, 0xFFFFFFFF if undefined else len(value), implicit_vr))
         fp.write(value)
         if undefined:
             fp.write(_SEQUENCE_DELIMITER)
 
 
 def _copyable(ds: Dataset, encoding: tuple[bool, bool]) -> bool:
-    """Whether :func:`_write_elements` writes ``ds`` as pydicom would: read in this encoding, with
-    its character set as read, and every explicit-VR element short enough for its length field."""
-    if tuple(ds.original_encoding) != encoding or not encoding[1]:
-        return False
-    # the test pydicom's write_dataset makes before it re-encodes every element (pydicom parses
-    # Specific Character Set as it reads, so the element itself is never left as read)
-    if ds.original_character_set != ds._character_set:
-        return False
-    if not encoding[0]:
-        for tag in ds.keys():
-            elem = ds.get_item(tag)
-            if elem.is_raw and (elem.VR is None or (elem.VR not in _LONG_VRS
-                                                    and elem.length != 0xFFFFFFFF
-                                                    and len(elem.value or b"") > 0xFFFF)):
-                return False
-    return True
+    """Whether :func:`_write_elements` writes ``ds`` as pydicom's ``write_dataset`` would: ``ds``
+    was read in this encoding and its character set is unchanged (otherwise pydicom re-encodes
+    every element; pydicom parses Specific Character Set as it reads, so the test is its own).
+    Elements stored in another encoding were parsed by :func:`_parse_foreign` before."""
+    return tuple(ds.original_encoding) == encoding and ds.original_character_set == ds._character_set
 
 
 _META_PADDING = {"UI": b"\x00", "SH": b" ", "AE": b" ", "LO": b" ", "CS": b" ", "OB": b"\x00"}
@@ -268,7 +263,7 @@ def _encode_meta(meta: Dataset) -> bytes | None:
     little endian, the group length first), for a meta already completed by
     ``validate_file_meta``; None when an element is not a plain text, OB or UL value (pydicom
     then writes it)."""
-    body = []
+    body: list[bytes] = []
     for tag in sorted(meta.keys()):
         if tag == 0x00020000:
             continue
@@ -293,15 +288,11 @@ def _encode_meta(meta: Dataset) -> bytes | None:
             return None
         if len(data) % 2:
             data += _META_PADDING.get(vr, b" ")
-        if vr in _LONG_VRS:
-            body.append(struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(data)))
-        elif len(data) <= 0xFFFF:
-            body.append(struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(data)))
-        else:
+        if vr not in _LONG_VRS and len(data) > 0xFFFF:
             return None
-        body.append(data)
+        body += (_header(tag, vr, len(data), implicit_vr=False), data)
     content = b"".join(body)
-    return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(content)) + content
+    return _header(0x00020000, "UL", 4, implicit_vr=False) + struct.pack("<L", len(content)) + content
 
 
 def uid_value(ds: Dataset, keyword: str) -> str | None:
@@ -341,9 +332,9 @@ def encode_file(ds: Dataset) -> bytes:
         _parse_foreign(ds, *encoding)
         for meta_keyword, keyword in (("MediaStorageSOPClassUID", "SOPClassUID"),
                                       ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
-            uid_value_ = uid_value(ds, keyword)
-            if uid_value_ and meta.get(meta_keyword) != uid_value_:
-                setattr(meta, meta_keyword, uid_value_)
+            value = uid_value(ds, keyword)
+            if value and meta.get(meta_keyword) != value:
+                setattr(meta, meta_keyword, value)
         pixels = ds.get_item(Tag(0x7FE0, 0x0010)) if "PixelData" in ds else None
         if pixels is not None and (not pixels.is_raw or (pixels.length == 0xFFFFFFFF) != uid.is_compressed):
             # PS3.5 A.4: encapsulated pixel data has an undefined length, native a defined one

@@ -73,12 +73,7 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     if function == "SIGMOID":
         x = np.asarray(values, dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-    if function == "LINEAR_EXACT":
-        c, w = center, width
-    else:
-        if width < 1:
-            raise ValueError(f"a LINEAR window needs Window Width >= 1, got {width}")
-        c, w = center - 0.5, width - 1.0
+    c, w = _linear_terms(center, width, function)
     if w == 0:
         return (np.asarray(values) > c).astype(np.float64)
     # in place on one float64 copy: this runs on every pixel of every image
@@ -87,6 +82,33 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     x /= w
     x += 0.5
     return np.clip(x, 0.0, 1.0, out=x)
+
+
+def _linear_terms(center: float, width: float, function: str) -> tuple[float, float]:
+    """``(c, w)`` of a LINEAR or LINEAR_EXACT window: the output is ``clip((x - c) / w + 0.5, 0, 1)``
+    (``x > c`` when ``w`` is 0). LINEAR uses the standard's half-pixel convention (c - 0.5, w - 1).
+
+    Raises:
+        ValueError: a LINEAR window narrower than 1.
+    """
+    if function == "LINEAR_EXACT":
+        return center, width
+    if width < 1:
+        raise ValueError(f"a LINEAR window needs Window Width >= 1, got {width}")
+    return center - 0.5, width - 1.0
+
+
+def _file_window(ds: Dataset) -> tuple[float, float, str] | None:
+    """The file's Window Center / Width (the first of several) and VOI LUT Function; None when it
+    has no window.
+
+    Raises:
+        TypeError, ValueError, IndexError: empty or invalid window values.
+    """
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    return _first(ds.WindowCenter), _first(ds.WindowWidth), function
 
 
 def scale_min_max(values: np.ndarray) -> np.ndarray:
@@ -118,12 +140,12 @@ def apply_voi_to_unit(values: np.ndarray, ds: Dataset, window: "Window | None" =
             # the exception's type only: its message could quote a header value
             log.warning("the file's VOI LUT cannot be applied (%s); using its window or the image's "
                         "range instead", type(exc).__name__)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        try:
-            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            return apply_window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")))
-        except (TypeError, ValueError, IndexError):
-            pass  # empty or invalid window values: use the image's own range
+    try:
+        file_window = _file_window(ds)
+        if file_window is not None:
+            return apply_window(values, *file_window)
+    except (TypeError, ValueError, IndexError):
+        pass  # empty or invalid window values: use the image's own range
     return scale_min_max(values)
 
 
@@ -165,18 +187,16 @@ def _linear_map(ds: Dataset, window: "Window | None", photometric: str) -> tuple
             slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         if window is not None:
             center, width, function = float(window.center), float(window.width), "LINEAR"
-        elif ds.get("VOILUTSequence") or "WindowCenter" not in ds or "WindowWidth" not in ds:
+        elif ds.get("VOILUTSequence") or (file_window := _file_window(ds)) is None:
             return None
         else:
-            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+            center, width, function = file_window
+        if function not in ("LINEAR", "LINEAR_EXACT"):
+            return None
+        c, w = _linear_terms(center, width, function)
     except (TypeError, ValueError, IndexError, KeyError):
-        return None
-    if function == "LINEAR" and width > 1:
-        c, w = center - 0.5, width - 1.0
-    elif function == "LINEAR_EXACT" and width > 0:
-        c, w = center, width
-    else:
+        return None  # the general path decides what such values mean
+    if not w > 0:  # a threshold (w == 0) or a negative width: not a multiply-add
         return None
     a, b = slope / w, (intercept - c) / w + 0.5
     if photometric == "MONOCHROME1":

@@ -552,18 +552,23 @@ def test_listing_streams_in_the_order_sorted_gives(tmp_path):
     assert list(listing) == sorted(names + ["link-to-file", "link-to-dir", "a/broken-link", "sub/pipe"])
 
 
-def test_a_folder_that_cannot_be_listed_is_listed_in_its_place(tmp_path, monkeypatch):
-    for name in ("a-b/x", "a/x", "a/y/z", "a0"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(name)
+def _refuse_listing(monkeypatch, folder_name: str) -> None:
+    """os.scandir of any folder named ``folder_name`` fails as an unreadable folder does."""
     scandir = os.scandir
 
     def locked(path):
-        if isinstance(path, (str, Path)) and os.fspath(path).endswith(os.sep + "a"):
+        if isinstance(path, (str, Path)) and os.fspath(path).endswith(os.sep + folder_name):
             raise PermissionError(13, "Permission denied")
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", locked)
+
+
+def test_a_folder_that_cannot_be_listed_is_listed_in_its_place(tmp_path, monkeypatch):
+    for name in ("a-b/x", "a/x", "a/y/z", "a0"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    _refuse_listing(monkeypatch, "a")
     assert list(ingest.iter_source_files(tmp_path)) == ["a-b/x", "a/", "a0"]  # sorted() order still
     with pytest.raises(IngestError, match="cannot be listed: Permission denied"):
         list(ingest.iter_source_files(tmp_path / "a"))
@@ -578,14 +583,7 @@ def test_entries_that_are_no_files_are_quarantined_with_the_reason(tmp_path, mon
     os.mkfifo(src / "pipe")
     (src / "locked").mkdir()
     _small_ct(2).save_as(src / "locked" / "IM3.dcm", enforce_file_format=True)
-    scandir = os.scandir
-
-    def locked(path):
-        if isinstance(path, (str, Path)) and os.fspath(path).endswith(os.sep + "locked"):
-            raise PermissionError(13, "Permission denied")
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", locked)
+    _refuse_listing(monkeypatch, "locked")
     res = ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "out", key=KEY)
     assert (res.files_seen, res.used, res.quarantined_by_reason) == (5, 1, {"not_dicom": 4})
     assert {r["path"]: r["detail"] for r in _read_csv(res.quarantine)} == {
