@@ -490,6 +490,30 @@ def test_a_file_that_cannot_be_deidentified_is_quarantined(tmp_path, monkeypatch
     assert not list((tmp_path / "out" / "dicom").rglob("*.dcm"))
 
 
+def test_a_header_value_that_fails_when_first_read_quarantines_only_that_file(tmp_path, monkeypatch):
+    """Headers are parsed as they are used, so reading the patient's sex (say) may be the first to
+    meet a corrupt value: that file is quarantined as decode_error without quoting the value, the
+    others are used, and nothing of it is written."""
+    from medops.dicom import deid
+
+    synth.run(SynthConfig(max_images_per_split=1), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
+    real, calls = deid.patient_sex, []
+
+    def sex(ds):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("CANARY value that must not reach quarantine.csv")
+        return real(ds)
+
+    monkeypatch.setattr(deid, "patient_sex", sex)
+    res = ingest.run(IngestConfig(workers=1), source_dir=tmp_path / "raw" / "dicom", out_dir=tmp_path / "out",
+                     key=KEY)
+    assert (res.used, res.quarantined_by_reason) == (2, {"decode_error": 1})
+    [row] = _read_csv(res.quarantine)
+    assert row["detail"] == "corrupt header: a value cannot be parsed (ValueError)"
+    assert len(list((tmp_path / "out" / "dicom").rglob("*.dcm"))) == 2
+
+
 def test_an_output_write_failure_in_a_worker_fails_the_run_clearly(grown):
     """The same in a worker process: the chunk's error ends the run; it is not taken for a crash
     of the worker (which would quarantine the file as decode_error and go on)."""
