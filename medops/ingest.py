@@ -36,7 +36,6 @@ import math
 import os
 import shutil
 import stat
-import tempfile
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -57,9 +56,10 @@ from medops.errors import DicomReadError, IngestError, QuarantineReason
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
-# bumped when the de-identified files change for the same input (2: the preamble is zeroed), so
-# that an incremental run does not keep files written the old way
-OUTPUT_VERSION = 2
+# bumped when the outputs change for the same input (2: the preamble is zeroed; 3: the pixel
+# statistics are computed in float64), so that an incremental run does not keep rows and files
+# written the old way
+OUTPUT_VERSION = 3
 _MAX_CHUNK = 64        # files per task: bounds the memory a task's results hold
 _AHEAD_PER_WORKER = 3  # tasks in flight per worker: keeps workers busy without piling up results
 
@@ -179,7 +179,8 @@ def _init_pool_worker(*init_args: Any) -> None:
 
 def _write_atomically(ds: Any, target: Path) -> None:
     """Encode ``ds`` and write it to ``target`` through a temporary file in the same folder, so
-    that ``target`` is either absent or whole.
+    that ``target`` is either absent or whole (a temporary left by a crash is pruned by the
+    next run, see :func:`_prune_dicom`).
 
     Raises:
         OSError: the file cannot be written (the output folder's problem, not the file's).
@@ -188,15 +189,31 @@ def _write_atomically(ds: Any, target: Path) -> None:
     from medops.dicom.io import encode_file
 
     data = encode_file(ds)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".dcm")
+    # this process' own name for it: no other process writes it, so no random names to try
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileNotFoundError:  # the study's folder, on its first file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o644)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _image_stats(image: np.ndarray) -> dict[str, float]:
+    """``pixel_mean``, ``pixel_std`` (population), ``pixel_min``, ``pixel_max`` of an image, in
+    float64; a few array passes, not numpy's general-purpose ``mean``/``std``."""
+    x = image.astype(np.float64).ravel()
+    mean = float(np.add.reduce(x)) / x.size
+    x -= mean
+    return {"pixel_mean": mean, "pixel_std": math.sqrt(float(np.dot(x, x)) / x.size),
+            "pixel_min": float(image.min()), "pixel_max": float(image.max())}
 
 
 def process_file(rel: str) -> FileOutcome:
@@ -299,10 +316,7 @@ def process_file(rel: str) -> FileOutcome:
         "columns": columns,
         "label": label,
         "manifest_split": split,
-        "pixel_mean": float(image.mean()),
-        "pixel_std": float(image.std()),
-        "pixel_min": float(image.min()),
-        "pixel_max": float(image.max()),
+        **_image_stats(image),
         "content_sha256": out.sha256,
         "deid_path": rel_deid.as_posix(),
     }
