@@ -225,7 +225,7 @@ def process_file(rel: str) -> FileOutcome:
             later runs would keep.
     """
     from medops.dicom import deid
-    from medops.dicom.io import looking_only, read_dataset
+    from medops.dicom.io import looking_only, read_dataset, text_value
     from medops.dicom.pixels import prepare_image
 
     cfg: IngestConfig = _STATE["cfg"]
@@ -252,8 +252,8 @@ def process_file(rel: str) -> FileOutcome:
         return out
     try:
         with looking_only(ds):  # what is only looked at is written back as read
-            original_sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
-            if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES" \
+            original_sop_uid = text_value(ds, "SOPInstanceUID").strip()
+            if text_value(ds, "BurnedInAnnotation").strip().upper() == "YES" \
                     and not cfg.deid.allow_burned_in:
                 raise DicomReadError("BurnedInAnnotation is YES: the pixels may show identifying text",
                                      QuarantineReason.BURNED_IN_ANNOTATION)
@@ -269,7 +269,7 @@ def process_file(rel: str) -> FileOutcome:
                                   frame=cfg.frame, pixel_spacing=cfg.pixel_spacing)
             # read from the ORIGINAL header, before de-identification removes what they come from
             sex, age = deid.patient_sex(ds), deid.patient_age_years(ds)
-            modality = str(ds.get("Modality", "") or "") or None
+            modality = text_value(ds, "Modality") or None
             rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     except DicomReadError as exc:
         out.reason, out.detail = exc.reason.value, str(exc)
@@ -284,10 +284,10 @@ def process_file(rel: str) -> FileOutcome:
         if not original_sop_uid:
             ds.SOPInstanceUID = deid.pseudonymize_uid("content:" + out.sha256, key)
         with looking_only(ds):  # de-identification stored its values encoded: keep them so
-            sop = str(ds.SOPInstanceUID)
-            study = str(ds.get("StudyInstanceUID", "") or "") or None
-            series = str(ds.get("SeriesInstanceUID", "") or "") or None
-            patient_id = str(ds.PatientID)
+            sop = text_value(ds, "SOPInstanceUID")
+            study = text_value(ds, "StudyInstanceUID") or None
+            series = text_value(ds, "SeriesInstanceUID") or None
+            patient_id = text_value(ds, "PatientID")
         rel_deid = Path("dicom") / (study or "no-study") / f"{sop}.dcm"
         target = _STATE["dicom_dir"].parent / rel_deid
         try:

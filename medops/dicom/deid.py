@@ -52,7 +52,7 @@ from pydicom.uid import UID_dictionary
 
 from medops import __version__
 from medops.config import DeidConfig
-from medops.dicom.io import uid_value
+from medops.dicom.io import text_value, uid_value
 
 log = logging.getLogger(__name__)
 
@@ -289,13 +289,13 @@ def date_shift_days(patient_key: str, key: bytes) -> int:
 
 def patient_key_of(ds: Dataset) -> str:
     """What identifies the patient in the original: Patient ID, else name + birth date, else study."""
-    pid = str(ds.get("PatientID", "") or "").strip()
+    pid = text_value(ds, "PatientID").strip()
     if pid:
         return "id:" + pid
-    name, birth = str(ds.get("PatientName", "") or "").strip(), str(ds.get("PatientBirthDate", "") or "")
+    name, birth = text_value(ds, "PatientName").strip(), text_value(ds, "PatientBirthDate")
     if name:
         return f"name:{name}|{birth}"
-    return "study:" + str(ds.get("StudyInstanceUID", "") or "")
+    return "study:" + text_value(ds, "StudyInstanceUID")
 
 
 def _parse_da(value: str) -> dt.date | None:
@@ -313,15 +313,15 @@ def _parse_da(value: str) -> dt.date | None:
 def patient_age_years(ds: Dataset) -> int | None:
     """Whole years at the study, from the ORIGINAL header: Patient's Age (AS, PS3.5 6.2), else the
     birth date and the first of Study / Series / Acquisition / Content Date. None if unknown."""
-    age = str(ds.get("PatientAge", "") or "").strip().upper()
+    age = text_value(ds, "PatientAge").strip().upper()
     if len(age) == 4 and age[:3].isdigit() and age[3] in "DWMY":
         n = int(age[:3])
         return {"Y": n, "M": n // 12, "W": n // 52, "D": n // 365}[age[3]]
-    birth = _parse_da(str(ds.get("PatientBirthDate", "") or ""))
+    birth = _parse_da(text_value(ds, "PatientBirthDate"))
     if birth is None:
         return None
     for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
-        on = _parse_da(str(ds.get(keyword, "") or ""))
+        on = _parse_da(text_value(ds, keyword))
         if on is not None and on >= birth:
             return on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
     return None
@@ -329,7 +329,7 @@ def patient_age_years(ds: Dataset) -> int | None:
 
 def patient_sex(ds: Dataset) -> str | None:
     """Patient's Sex (0010,0040) as M / F / O, None when absent or not one of those."""
-    sex = str(ds.get("PatientSex", "") or "").strip().upper()
+    sex = text_value(ds, "PatientSex").strip().upper()
     return sex if sex in {"M", "F", "O"} else None
 
 

@@ -15,7 +15,7 @@ import io
 import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Literal, Union
@@ -306,6 +306,52 @@ def uid_value(ds: Dataset, keyword: str) -> str | None:
         return (elem.value or b"").decode("ascii", "replace").rstrip("\x00 ") or None
     value = ds[tag].value  # parsed: an implicit-VR or UN-encoded one gets its VR, as with pydicom
     return str(value) if value else None
+
+
+# text VRs whose value pydicom decodes alike in every character set when it is ASCII without an
+# escape sequence (PS3.5 6.1.2.5.3: ISO 2022 switches repertoires only with ESC)
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "PN", "SH", "TM", "UI"})
+
+
+def text_value(ds: Dataset, keyword: str) -> str:
+    """``str(ds.get(keyword, "") or "")`` without parsing the element when it is still as read.
+
+    An element as read with an explicit text VR whose bytes are one ASCII value (no backslash,
+    no escape) is decoded here, as pydicom would decode it, and stays as read (so it is copied
+    byte for byte, see :func:`encode_file`); anything else (parsed, implicit VR, several values,
+    another VR, other characters) is parsed by pydicom as before.
+    """
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return ""
+    if elem.is_raw and elem.VR in _TEXT_VRS:
+        value = elem.value
+        if isinstance(value, bytes) and value.isascii() and b"\\" not in value and b"\x1b" not in value:
+            return value.decode("ascii").rstrip(" \x00")
+    return str(ds.get(keyword, "") or "")
+
+
+def number_value(ds: Dataset, keyword: str, *, first: bool = False) -> float:
+    """A DS or IS element's value as a float, as ``float`` of pydicom's value gives it (``first``:
+    of its first value, for a VM 1-n attribute such as Window Center), read from its bytes when
+    it is still as read with an explicit VR, so that it stays as read.
+
+    Raises:
+        KeyError: no such element. TypeError, ValueError, IndexError: no value, several values
+            (unless ``first``), or not a number.
+    """
+    elem = ds.get_item(keyword)
+    if elem is None:
+        raise KeyError(keyword)
+    if elem.is_raw and elem.VR in ("DS", "IS") and isinstance(elem.value, bytes) and elem.value.isascii():
+        values = elem.value.split(b"\\")
+        if len(values) > 1 and not first:
+            raise TypeError(f"{keyword} has {len(values)} values")
+        return float(values[0].strip(b" \x00").decode("ascii"))
+    value = ds[keyword].value
+    if first and isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        value = value[0]
+    return float(value)
 
 
 def encode_file(ds: Dataset) -> bytes:

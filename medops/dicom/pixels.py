@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,7 +32,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
 
 from medops.dicom import PREPROCESSING_VERSION  # noqa: F401 -- see there
-from medops.dicom.io import FramePolicy, decode_pixels, number_of_frames, read_dataset
+from medops.dicom.io import (FramePolicy, decode_pixels, number_of_frames, number_value, read_dataset,
+                             text_value)
 from medops.errors import DicomReadError, QuarantineReason
 
 if TYPE_CHECKING:
@@ -44,13 +44,6 @@ log = logging.getLogger(__name__)
 
 _BT601 = np.array([0.299, 0.587, 0.114])
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"}
-
-
-def _first(value: object) -> float:
-    """The first value of a possibly multi-valued DS (Window Center/Width have VM 1-n)."""
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        value = value[0]
-    return float(value)  # type: ignore[arg-type]
 
 
 def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
@@ -107,8 +100,9 @@ def _file_window(ds: Dataset) -> tuple[float, float, str] | None:
     """
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
-    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
-    return _first(ds.WindowCenter), _first(ds.WindowWidth), function
+    function = (text_value(ds, "VOILUTFunction") or "LINEAR").strip().upper()
+    center, width = number_value(ds, "WindowCenter", first=True), number_value(ds, "WindowWidth", first=True)
+    return center, width, function
 
 
 def scale_min_max(values: np.ndarray) -> np.ndarray:
@@ -184,7 +178,7 @@ def _linear_map(ds: Dataset, window: "Window | None", photometric: str) -> tuple
             return None
         slope, intercept = 1.0, 0.0
         if "RescaleSlope" in ds and "RescaleIntercept" in ds:
-            slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+            slope, intercept = number_value(ds, "RescaleSlope"), number_value(ds, "RescaleIntercept")
         if window is not None:
             center, width, function = float(window.center), float(window.width), "LINEAR"
         elif ds.get("VOILUTSequence") or (file_window := _file_window(ds)) is None:

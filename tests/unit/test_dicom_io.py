@@ -180,3 +180,74 @@ def test_looking_only_puts_back_what_was_looked_at_as_read():
     assert ds.PatientName == pydicom.dcmread(path).PatientName and ds.Rows == 128
     ds.PatientName = "KEPT"  # outside the block a change stays
     assert dio.read_dataset(dio.encode_file(ds)).PatientName == "KEPT"
+
+
+def _bundled_pairs():
+    """(path, a, b): every readable bundled pydicom file read twice, values left as read."""
+    from pydicom.data import get_testdata_files
+
+    for path in get_testdata_files():
+        try:
+            yield (path, dio.read_dataset(path, parse_all=False, require_pixels=False),
+                   dio.read_dataset(path, parse_all=False, require_pixels=False))
+        except DicomReadError:
+            continue
+
+
+def _keyword(tag):
+    from pydicom.datadict import keyword_for_tag, tag_for_keyword
+
+    keyword = keyword_for_tag(tag)
+    return keyword if keyword and tag_for_keyword(keyword) == tag else None  # not repeating groups
+
+
+def test_text_value_is_what_pydicom_parses_and_leaves_the_element_as_read():
+    """text_value decodes single ASCII text values itself (AE, AS, CS, DA, DT, LO, PN, SH, TM, UI)
+    instead of parsing them; over every element of every bundled file it must give exactly
+    ``str(ds.get(keyword, "") or "")``, and the values it decodes stay as read."""
+    compared = from_bytes = 0
+    for path, ds, parsed in _bundled_pairs():
+        for tag in list(ds.keys()):
+            keyword = _keyword(tag)
+            if keyword is None:
+                continue
+            try:
+                expected = str(parsed.get(keyword, "") or "")
+            except Exception:  # a value pydicom cannot parse: text_value parses it the same way
+                continue
+            was_raw = ds.get_item(tag).is_raw
+            assert dio.text_value(ds, keyword) == expected, (path, keyword)
+            compared += 1
+            from_bytes += was_raw and ds.get_item(tag).is_raw
+    assert "BurnedInAnnotation" not in ds and dio.text_value(ds, "BurnedInAnnotation") == ""
+    assert compared > 3000 and from_bytes > 1500  # most values are decoded from their bytes
+
+
+def test_number_value_is_float_of_what_pydicom_parses():
+    """number_value reads DS and IS values from their bytes; over every DS/IS element of every
+    bundled file it gives float() of pydicom's (first) value, or fails where that fails."""
+    compared = 0
+    for path, ds, parsed in _bundled_pairs():
+        for tag in list(ds.keys()):
+            keyword = _keyword(tag)
+            if keyword is None or ds.get_item(tag).VR not in ("DS", "IS"):
+                continue
+            for first in (True, False):
+                try:
+                    value = parsed[keyword].value
+                    if first and isinstance(value, pydicom.multival.MultiValue):
+                        value = value[0]
+                    expected = float(value)
+                except (TypeError, ValueError, IndexError):
+                    with pytest.raises((TypeError, ValueError, IndexError)):
+                        dio.number_value(ds, keyword, first=first)
+                    continue
+                got = dio.number_value(ds, keyword, first=first)
+                assert got == expected or (np.isnan(got) and np.isnan(expected)), (path, keyword)
+                compared += 1
+    assert compared > 500
+    ds = dio.read_dataset(pydicom_file("CT_small.dcm"), parse_all=False)
+    assert dio.number_value(ds, "RescaleIntercept") == -1024.0
+    assert ds.get_item(pydicom.tag.Tag("RescaleIntercept")).is_raw  # still as read
+    with pytest.raises(KeyError):
+        dio.number_value(ds, "WindowCenter")  # CT_small has no window
