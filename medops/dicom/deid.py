@@ -52,7 +52,7 @@ from pydicom.uid import UID_dictionary
 
 from medops import __version__
 from medops.config import DeidConfig
-from medops.dicom.io import text_value, uid_value
+from medops.dicom.io import elements, text_value, uid_value
 
 log = logging.getLogger(__name__)
 
@@ -407,14 +407,13 @@ def _apply(ds: Dataset, key: bytes, pseudonym: str, shift: int | None) -> None:
     a sequence to walk): a kept element stays as read and is written back byte for byte, and a
     removed one is never parsed.
     """
-    for tag in list(ds.keys()):
-        tag = Tag(tag)
-        group = tag.group
-        if tag.is_private or 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
+    for tag, stored in list(elements(ds).items()):
+        group = tag >> 16
+        if group & 1 or 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:  # odd: private
             del ds[tag]
             continue
         action = PROFILE.get(tag)
-        vr = _vr_of(tag, ds.get_item(tag))
+        vr = _vr_of(tag, stored)
         if action is None:
             # safety net for attributes the table does not name
             if vr == "PN":

@@ -177,6 +177,15 @@ def read_dataset(source: Source, *, require_pixels: bool = True, parse_all: bool
     return ds
 
 
+def elements(ds: Dataset) -> dict:
+    """A data set's elements by tag, as pydicom stores them (``RawDataElement`` while as read):
+    its own mapping, so that walking every element does not go through ``get_item`` per tag.
+    Read values only; an element stored here is not converted, so only put back one that was
+    stored before. (pydicom 3 keeps them in ``Dataset._dict``; pyproject pins pydicom < 4 and
+    the encode_file tests would catch a change.)"""
+    return ds._dict
+
+
 @contextmanager
 def looking_only(ds: Dataset) -> Iterator[Dataset]:
     """Parse ``ds``'s values freely inside the block; on leaving it, every top-level element that
@@ -186,21 +195,22 @@ def looking_only(ds: Dataset) -> Iterator[Dataset]:
     looked at (the pixel description, the window, the patient's sex) is copied byte for byte
     instead, by :func:`encode_file`. Changes made inside the block to those elements are undone.
     """
-    as_read = {tag: elem for tag in ds.keys() if (elem := ds.get_item(tag)).is_raw}
+    stored = elements(ds)
+    as_read = {tag: elem for tag, elem in stored.items() if elem.is_raw}
     try:
         yield ds
     finally:
         for tag, elem in as_read.items():
-            if tag in ds and not ds.get_item(tag).is_raw:
-                ds[tag] = elem
+            now = stored.get(tag)
+            if now is not None and not now.is_raw:
+                stored[tag] = elem  # as pydicom's __setitem__ stores an element as read
 
 
 def _parse_foreign(ds: Dataset, implicit_vr: bool, little_endian: bool) -> None:
     """Parse the elements still stored in another encoding than the one ``ds`` is written in
     (a file whose header declares explicit VR but holds implicit VR, say): their bytes cannot be
     copied, so pydicom re-encodes them from their values."""
-    for tag in list(ds.keys()):
-        elem = ds.get_item(tag)
+    for tag, elem in list(elements(ds).items()):
         if elem.is_raw and (elem.is_implicit_VR, elem.is_little_endian) != (implicit_vr, little_endian):
             ds[tag]  # noqa: B018 -- parses the element in place
 
@@ -232,10 +242,11 @@ def _write_elements(fp: DicomBytesIO, ds: Dataset, implicit_vr: bool) -> None:
     it), a parsed one is encoded by pydicom. Group lengths (gggg,0000) above group 6 are dropped,
     as pydicom drops them (PS3.5 7.2)."""
     charset = ds.get("SpecificCharacterSet", None) or "iso8859"
-    for tag in sorted(ds.keys()):
+    for tag, elem in sorted(elements(ds).items()):
         if tag & 0xFFFF == 0 and tag >> 16 > 6:
             continue
-        elem = ds.get_item(tag)
+        if elem.is_raw and elem.value is None:  # no value read (an empty UN): pydicom parses it
+            elem = ds[tag]
         if not elem.is_raw:
             write_data_element(fp, elem, charset)
             continue
