@@ -52,7 +52,7 @@ from pydicom.uid import UID_dictionary
 
 from medops import __version__
 from medops.config import DeidConfig
-from medops.dicom.io import elements, text_value, uid_value
+from medops.dicom.io import elements, stored_text, text_value, uid_value
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +438,13 @@ def _apply(ds: Dataset, key: bytes, pseudonym: str, shift: int | None) -> None:
         if action == "Z" and not shift_date:
             _put(ds, tag, vr, None)
             continue
+        if action == "U":  # read from the stored bytes where possible: no need to parse it
+            text = stored_text(stored)
+            value = ds[tag].value if text is None else text.split("\\") if "\\" in text else text
+            uids = _replace_uids(value, key)
+            text = "\\".join(str(u) for u in uids) if isinstance(uids, list) else uids
+            _put(ds, tag, vr, str(text) if text else None)
+            continue
         elem = ds[tag]  # parsed from here on
         if shift_date and elem.value:
             # E.3.6: keep the intervals between a patient's events, move the dates
@@ -449,10 +456,6 @@ def _apply(ds: Dataset, key: bytes, pseudonym: str, shift: int | None) -> None:
             del ds[tag]
         elif action == "Z":
             _put(ds, tag, vr, None)
-        elif action == "U":
-            uids = _replace_uids(elem.value, key)
-            text = "\\".join(str(u) for u in uids) if isinstance(uids, list) else uids
-            _put(ds, tag, vr, str(text) if text else None)
         elif vr == "SQ":
             for item in elem.value:
                 _apply(item, key, pseudonym, shift)

@@ -22,6 +22,7 @@ from typing import BinaryIO, Literal, Union
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset, validate_file_meta
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
@@ -335,11 +336,22 @@ def text_value(ds: Dataset, keyword: str) -> str:
     elem = ds.get_item(keyword)
     if elem is None:
         return ""
-    if elem.is_raw and elem.VR in _TEXT_VRS:
-        value = elem.value
-        if isinstance(value, bytes) and value.isascii() and b"\\" not in value and b"\x1b" not in value:
-            return value.decode("ascii").rstrip(" \x00")
+    text = stored_text(elem)
+    if text is not None and "\\" not in text:
+        return text
     return str(ds.get(keyword, "") or "")
+
+
+def stored_text(elem: DataElement | RawDataElement) -> str | None:
+    """An element's value as pydicom decodes it before splitting it into values (backslashes
+    kept, trailing spaces and NULs removed), when it is still as read with an explicit text VR
+    (:data:`_TEXT_VRS`) and ASCII without an escape; None otherwise (parse it)."""
+    if not elem.is_raw or elem.VR not in _TEXT_VRS:
+        return None
+    value = elem.value
+    if not isinstance(value, bytes) or not value.isascii() or b"\x1b" in value:
+        return None
+    return value.decode("ascii").rstrip(" \x00")
 
 
 def number_value(ds: Dataset, keyword: str, *, first: bool = False) -> float:

@@ -69,6 +69,8 @@ def phi_dataset(sop_suffix: str, *, patient_id: str = "CANARY-PID-77") -> Datase
     ds.VerifyingObserverIdentificationCodeSequence = Sequence([Dataset()])
     ds.VerifyingObserverIdentificationCodeSequence[0].CodeMeaning = "Canaryverifier"
     ds.add_new(0x00709999, "UN", b"CANARYUN")  # a public tag this pydicom does not know
+    # several UIDs in one element: the instance UID is replaced, the registered one kept
+    ds.FailedSOPInstanceUIDList = ["1.2.826.0.1.3680043.8.498.3333.7", "1.2.840.10008.5.1.4.1.1.1"]
     ds.add_new(0x00290010, "LO", "CANARY VENDOR")
     ds.add_new(0x00291001, "LO", "CANARYPRIV")
     ds.Rows = ds.Columns = 2
