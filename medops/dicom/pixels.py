@@ -248,9 +248,7 @@ def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
     when shrinking; large reductions average blocks first, see ``_REDUCING_GAP``)."""
     if image.shape == (image_size, image_size):
         return image.astype(np.float32)
-    image = np.ascontiguousarray(image, dtype=np.float32)
-    # Pillow reads the array where it is (fromarray would copy it first)
-    pil = Image.frombuffer("F", (image.shape[1], image.shape[0]), image, "raw", "F", 0, 1)
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
     out = pil.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP)
     return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
 
