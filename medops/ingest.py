@@ -637,6 +637,7 @@ _ROW_GROUP = 1024  # metadata rows held before they are written: bounds memory, 
 _STRING_COLUMNS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "patient_id",
                    "patient_sex", "modality", "manifest_split", "content_sha256", "deid_path")
 _FLOAT_COLUMNS = ("pixel_mean", "pixel_std", "pixel_min", "pixel_max")
+_NULLABLE_INT_COLUMNS = ("label", "patient_age")  # pandas' Int64: may hold nulls
 
 
 class _MetadataWriter:
@@ -680,7 +681,9 @@ class _MetadataWriter:
                                 for c in METADATA_COLUMNS])
             self._writer = pq.ParquetWriter(self.path, schema)
             self._schema = schema
-        self._writer.write_table(pa.Table.from_pylist(self.rows, schema=self._schema))
+        self._writer.write_table(pa.Table.from_arrays(
+            [_arrow_column([row[f.name] for row in self.rows], f.type) for f in self._schema],
+            schema=self._schema))
         self.rows = []
 
     def close(self) -> None:
@@ -688,6 +691,25 @@ class _MetadataWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _arrow_column(values: list[Any], arrow_type: Any) -> Any:
+    """An Arrow string, int64 or float64 array of ``values`` (None: null), built from its buffers:
+    ``pa.array`` on Python values imports pandas (pyarrow checks every input for pandas types),
+    ~0.4 s of CPU the main process would take from the workers while they decode."""
+    import pyarrow as pa
+
+    valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
+    if arrow_type == pa.string():
+        data = [v.encode("utf-8") if v is not None else b"" for v in values]
+        offsets = np.zeros(len(data) + 1, dtype=np.int32)
+        np.cumsum([len(d) for d in data], out=offsets[1:])
+        buffers = [bitmap, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))]
+    else:
+        dtype = np.float64 if arrow_type == pa.float64() else np.int64
+        buffers = [bitmap, pa.py_buffer(np.array([0 if v is None else v for v in values], dtype=dtype))]
+    return pa.Array.from_buffers(arrow_type, len(values), buffers, null_count=int(len(values) - valid.sum()))
 
 
 def _write_metadata(parts: _MetadataWriter, target: Path) -> None:
@@ -701,10 +723,10 @@ def _write_metadata(parts: _MetadataWriter, target: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if parts.count == 0:
-        metadata_frame([]).to_parquet(target, index=False)
+    schema = _metadata_schema(parts.sample)
+    if parts.count == 0:  # (schema.empty_table() would import pandas)
+        pq.write_table(pa.Table.from_arrays([pa.nulls(0, f.type) for f in schema], schema=schema), target)
         return
-    schema = pa.Table.from_pandas(metadata_frame([parts.sample]), preserve_index=False).schema
     source = pq.ParquetFile(parts.path)
     try:
         with pq.ParquetWriter(target, schema) as out:
@@ -715,6 +737,39 @@ def _write_metadata(parts: _MetadataWriter, target: Path) -> None:
                      for c in schema.names], schema=schema))
     finally:
         source.close()
+
+
+def _metadata_schema(sample: dict[str, Any]) -> Any:
+    """metadata.parquet's Arrow schema, pandas' metadata included, exactly as
+    ``pa.Table.from_pandas(metadata_frame([sample]), preserve_index=False).schema`` (tested), but
+    without importing pandas (~0.4 s of CPU, taken from the workers while they decode): a text
+    column without a value in ``sample`` is Arrow's null type (pandas' "empty"), label and age
+    nullable Int64, the other numbers int64 / float64."""
+    import importlib.metadata
+    import json
+
+    import pyarrow as pa
+
+    from medops.data import METADATA_COLUMNS
+
+    fields, columns = [], []
+    for name in METADATA_COLUMNS:
+        if name in _STRING_COLUMNS:
+            present = sample.get(name) is not None
+            arrow, pandas_type, numpy_type = ((pa.string(), "unicode", "object") if present
+                                              else (pa.null(), "empty", "object"))
+        elif name in _FLOAT_COLUMNS:
+            arrow, pandas_type, numpy_type = pa.float64(), "float64", "float64"
+        else:
+            arrow, pandas_type = pa.int64(), "int64"
+            numpy_type = "Int64" if name in _NULLABLE_INT_COLUMNS else "int64"
+        fields.append(pa.field(name, arrow))
+        columns.append({"name": name, "field_name": name, "pandas_type": pandas_type,
+                        "numpy_type": numpy_type, "metadata": None})
+    pandas_metadata = {"index_columns": [], "column_indexes": [], "columns": columns, "attributes": {},
+                       "creator": {"library": "pyarrow", "version": pa.__version__},
+                       "pandas_version": importlib.metadata.version("pandas")}
+    return pa.schema(fields, metadata={b"pandas": json.dumps(pandas_metadata).encode()})
 
 
 def _write_index_entry(fh: Any, first: bool, rel: str, sha: str) -> None:
@@ -983,14 +1038,13 @@ def metadata_frame(records: Iterable[dict[str, Any]]):
     import pandas as pd
 
     df = pd.DataFrame(list(records), columns=list(METADATA_COLUMNS))
-    for col in ("label", "patient_age"):
+    for col in _NULLABLE_INT_COLUMNS:
         df[col] = df[col].astype("Int64")
     for col in ("rows", "columns", "shard", "shard_index"):
         df[col] = df[col].astype("int64")
-    for col in ("pixel_mean", "pixel_std", "pixel_min", "pixel_max"):
+    for col in _FLOAT_COLUMNS:
         df[col] = df[col].astype("float64")
-    for col in ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "patient_id",
-                "patient_sex", "modality", "manifest_split", "content_sha256", "deid_path"):
+    for col in _STRING_COLUMNS:
         df[col] = df[col].astype(object).where(df[col].notna(), None)
     return df
 
@@ -1132,11 +1186,9 @@ def _ingest(cfg: IngestConfig, source_dir: Path, out_dir: Path, labels: dict | N
                     total, starting if previous is None else None)
     try:
         # the workers get their first chunks before this process imports what writing
-        # metadata.parquet needs (pandas, pyarrow: ~0.5 s of CPU), which it does while they work,
-        # before the files' state grows
+        # metadata.parquet needs (pyarrow; not pandas, see _metadata_schema), which it does while
+        # they work, before the files' state grows
         head = next(items, None)
-        import pandas  # noqa: F401 -- metadata_frame at the end: not a serial half second there
-        import pyarrow.pandas_compat  # noqa: F401
         import pyarrow.parquet  # noqa: F401
 
         from medops.data import METADATA_COLUMNS, shard_path

@@ -667,7 +667,8 @@ def test_metadata_written_in_row_groups_reads_back_as_the_whole_frame_would(tmp_
     ingest._write_metadata(parts, tmp_path / "metadata.parquet")
     ingest.metadata_frame(rows).to_parquet(tmp_path / "whole.parquet", index=False)
     written, whole = pq.ParquetFile(tmp_path / "metadata.parquet"), pq.ParquetFile(tmp_path / "whole.parquet")
-    assert written.schema_arrow.equals(whole.schema_arrow, check_metadata=False)
+    # pandas' metadata too (built without pandas, see _metadata_schema): same bytes
+    assert written.schema_arrow.equals(whole.schema_arrow, check_metadata=True)
     assert written.metadata.num_row_groups == -(-len(rows) // 3) or not rows
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "metadata.parquet"),
                                   pd.read_parquet(tmp_path / "whole.parquet"))
@@ -773,3 +774,29 @@ def test_main_process_memory_per_file_is_a_few_hundred_bytes(tmp_path, monkeypat
     per_file = (_traced_peak(tmp_path / "src", tmp_path / "out-500")
                 - _traced_peak(small, tmp_path / "out-100")) / 400
     assert per_file < 1000, f"{per_file:.0f} bytes per file"
+
+
+def test_the_main_process_of_a_parallel_run_imports_neither_pandas_nor_the_decoders(export, tmp_path):
+    """The main process only hands out files and writes what the workers return: importing pandas
+    (~0.4 s of CPU), pydicom or Pillow there would take CPU from the workers on a small machine.
+    Run in a fresh interpreter, so that nothing this test session imported counts."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys
+from pathlib import Path
+from medops import ingest
+from medops.config import IngestConfig
+result = ingest.run(IngestConfig(workers=2, shard_size=4), source_dir=Path({str(export["src"] / "synthetic")!r}),
+                    out_dir=Path({str(tmp_path / "out")!r}), key=b"k" * 32, progress=False)
+print(json.dumps({{"used": result.used, "modules": sorted(m for m in ("pandas", "pydicom", "PIL")
+                                                          if m in sys.modules)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"used": 12, "modules": []}
+    # and what it wrote reads back with pandas as the documented table
+    assert list(read_metadata(tmp_path / "out").columns) == list(METADATA_COLUMNS)
