@@ -675,10 +675,8 @@ class _MetadataWriter:
 
         if not self.rows:
             return
-        if self._writer is None:
-            schema = pa.schema([(c, pa.string() if c in _STRING_COLUMNS else
-                                 pa.float64() if c in _FLOAT_COLUMNS else pa.int64())
-                                for c in METADATA_COLUMNS])
+        if self._writer is None:  # every text column a string: the final schema is decided later
+            schema = pa.schema([(c, _column_types(c, present=True)[0]) for c in METADATA_COLUMNS])
             self._writer = pq.ParquetWriter(self.path, schema)
             self._schema = schema
         self._writer.write_table(pa.Table.from_arrays(
@@ -739,12 +737,25 @@ def _write_metadata(parts: _MetadataWriter, target: Path) -> None:
         source.close()
 
 
+def _column_types(name: str, present: bool) -> tuple[Any, str, str]:
+    """A metadata column's (Arrow type, pandas type, numpy type), as pandas writes it: a text
+    column with no value (``present`` False) is Arrow's null type, pandas' "empty"; label and age
+    are nullable Int64."""
+    import pyarrow as pa
+
+    if name in _STRING_COLUMNS:
+        return (pa.string(), "unicode", "object") if present else (pa.null(), "empty", "object")
+    if name in _FLOAT_COLUMNS:
+        return pa.float64(), "float64", "float64"
+    return pa.int64(), "int64", "Int64" if name in _NULLABLE_INT_COLUMNS else "int64"
+
+
 def _metadata_schema(sample: dict[str, Any]) -> Any:
     """metadata.parquet's Arrow schema, pandas' metadata included, exactly as
     ``pa.Table.from_pandas(metadata_frame([sample]), preserve_index=False).schema`` (tested), but
-    without importing pandas (~0.4 s of CPU, taken from the workers while they decode): a text
-    column without a value in ``sample`` is Arrow's null type (pandas' "empty"), label and age
-    nullable Int64, the other numbers int64 / float64."""
+    without importing pandas (~0.4 s of CPU, taken from the workers while they decode); each
+    column's types from :func:`_column_types`, a text column being "present" when ``sample`` has a
+    value for it."""
     import importlib.metadata
     import json
 
@@ -754,15 +765,7 @@ def _metadata_schema(sample: dict[str, Any]) -> Any:
 
     fields, columns = [], []
     for name in METADATA_COLUMNS:
-        if name in _STRING_COLUMNS:
-            present = sample.get(name) is not None
-            arrow, pandas_type, numpy_type = ((pa.string(), "unicode", "object") if present
-                                              else (pa.null(), "empty", "object"))
-        elif name in _FLOAT_COLUMNS:
-            arrow, pandas_type, numpy_type = pa.float64(), "float64", "float64"
-        else:
-            arrow, pandas_type = pa.int64(), "int64"
-            numpy_type = "Int64" if name in _NULLABLE_INT_COLUMNS else "int64"
+        arrow, pandas_type, numpy_type = _column_types(name, present=sample.get(name) is not None)
         fields.append(pa.field(name, arrow))
         columns.append({"name": name, "field_name": name, "pandas_type": pandas_type,
                         "numpy_type": numpy_type, "metadata": None})

@@ -240,9 +240,11 @@ def decode_limit(folder: Path, workers: int) -> int:
 
     files = list_files(folder)
     chunks: list[list[str]] = []
-    while (handed_out := sum(map(len, chunks))) < len(files):
+    handed_out = 0
+    while handed_out < len(files):
         size = chunk_size(len(files), workers, handed_out)
         chunks.append([str(f) for f in files[handed_out:handed_out + size]])
+        handed_out += len(chunks[-1])
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                              initializer=_limit_worker_init) as pool:
         return sum(pool.map(_decode_chunk, chunks))

@@ -52,7 +52,7 @@ from pydicom.uid import UID_dictionary
 
 from medops import __version__
 from medops.config import DeidConfig
-from medops.dicom.io import elements, stored_text, text_value, uid_value
+from medops.dicom.io import elements, stored_text, text_value
 
 log = logging.getLogger(__name__)
 
@@ -537,7 +537,7 @@ def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False,
         for meta_keyword, keyword in (("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
                                       ("MediaStorageSOPClassUID", "SOPClassUID")):
             if keyword in ds:
-                setattr(meta, meta_keyword, uid_value(ds, keyword))
+                setattr(meta, meta_keyword, text_value(ds, keyword) or None)
         meta.ImplementationClassUID = MEDOPS_IMPLEMENTATION_UID
         meta.ImplementationVersionName = f"MEDOPS_{__version__}"[:16]
     return ds

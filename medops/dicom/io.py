@@ -307,19 +307,6 @@ def _encode_meta(meta: Dataset) -> bytes | None:
     return _header(0x00020000, "UL", 4, implicit_vr=False) + struct.pack("<L", len(content)) + content
 
 
-def uid_value(ds: Dataset, keyword: str) -> str | None:
-    """A UI element's value (None when absent or empty), without parsing the element when it is
-    still as read (see :func:`encode_file`)."""
-    tag = Tag(keyword)
-    if tag not in ds:
-        return None
-    elem = ds.get_item(tag)
-    if elem.is_raw and elem.VR == "UI":
-        return (elem.value or b"").decode("ascii", "replace").rstrip("\x00 ") or None
-    value = ds[tag].value  # parsed: an implicit-VR or UN-encoded one gets its VR, as with pydicom
-    return str(value) if value else None
-
-
 # text VRs whose value pydicom decodes alike in every character set when it is ASCII without an
 # escape sequence (PS3.5 6.1.2.5.3: ISO 2022 switches repertoires only with ESC)
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "PN", "SH", "TM", "UI"})
@@ -401,7 +388,7 @@ def encode_file(ds: Dataset) -> bytes:
         _parse_foreign(ds, *encoding)
         for meta_keyword, keyword in (("MediaStorageSOPClassUID", "SOPClassUID"),
                                       ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
-            value = uid_value(ds, keyword)
+            value = text_value(ds, keyword)
             if value and meta.get(meta_keyword) != value:
                 setattr(meta, meta_keyword, value)
         pixels = ds.get_item(Tag(0x7FE0, 0x0010)) if "PixelData" in ds else None
