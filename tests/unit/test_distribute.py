@@ -253,7 +253,7 @@ def test_the_single_device_comparison_fails_on_a_difference_or_an_untrained_mode
         return folder
 
     reference = write("reference", trained, probe)
-    assert workers.assert_matches_single_device(reference, write("same", trained, probe + 1e-6))
+    assert workers.assert_matches_single_device(reference, write("same", trained, probe + workers.ATOL / 10))
     off = {**trained, "w1": trained["w1"] + np.array([0, 10 * workers.ATOL, 0], np.float32)}
     with pytest.raises(AssertionError, match="trained w1"):
         workers.assert_matches_single_device(reference, write("off", off, probe))
@@ -278,7 +278,7 @@ def test_logical_cpus_after_tensorflow_started_are_a_distribution_error():
 def test_mirrored_over_two_logical_cpus_matches_single_device_training(tmp_path):
     # medops' own input pipeline (seeded shuffle, default augmentation), as training uses it
     common = ["--n", "256", "--batch", "32", "--epochs", "3", "--lr", "0.3", "--seed", "7",
-              "--pipeline", "medops"]
+              "--pipeline", "medops", "--dtype", "float64"]
     workers.run_workers(
         {
             "single": (["--strategy", "default", "--out", str(tmp_path / "single"), *common], {}),
