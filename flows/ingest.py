@@ -8,7 +8,7 @@
    data version (DVC hash) is returned and posted as an artifact. Unchanged data keeps its version.
 
 Only de-identified data is versioned here: the source folder (with its PHI) is read, never added.
-Wiring only; the work is medops.ingest and medops.dvc.
+Wiring only; the work is medops.ingest and medops.ops.dvc.
 """
 
 from pathlib import Path
@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from medops import dvc
+from medops.ops import dvc
 from medops.config import load_params
 from medops.paths import ProjectPaths
 

@@ -2,7 +2,7 @@
 
 The deployment is named ``params.prefect.deployment_name``; users start runs from the Prefect UI
 (or ``prefect deployment run training-pipeline/<name>``) with edited parameters. The process talks
-to the server named by PREFECT_API_URL (medops.prefect_server.prefect_env) and runs the flow in the
+to the server named by PREFECT_API_URL (medops.ops.prefect_server.prefect_env) and runs the flow in the
 project found from $MEDOPS_ROOT or the current folder.
 """
 

@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from medops import dvc
+from medops.ops import dvc
 from medops.config import GateConfig, Params, TrainConfig, load_params, update_params_file
 from medops.errors import DvcError, GateRejectedError
 from medops.paths import ProjectPaths
@@ -119,8 +119,7 @@ def render_images(title: str, files: list[str], limit: int = 8) -> str:
 
 def _raise_quality_failure(paths: ProjectPaths) -> None:
     """A failed quality stage wrote its report before failing: stop with its message."""
-    from medops import quality
-
+    from medops.stages import quality
     failed = quality.failed_result(paths.quality_dir)
     if failed is not None:  # else it failed before validating; the DvcError says why
         create_markdown_artifact(key="stage-quality",
@@ -179,7 +178,7 @@ def push_outputs(paths: ProjectPaths) -> str:
 
 def deploy_if_passed(paths: ProjectPaths, params: Params) -> Optional[dict[str, Any]]:
     """Run the deploy task only if reports/gate.json passed; otherwise log why and return None."""
-    from medops.gate import read_decision
+    from medops.stages.gate import read_decision
 
     decision = read_decision(paths.gate)
     if not decision.passed:

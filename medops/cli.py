@@ -76,8 +76,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
 
 
 def cmd_version_data(args: argparse.Namespace) -> int:
-    from medops import dvc
-
+    from medops.ops import dvc
     paths, _ = _context(args)
     version = dvc.version_dataset(paths.root, paths.raw, push=not args.no_push)
     print(f"{paths.raw.relative_to(paths.root)} is at data version {version}")
@@ -127,7 +126,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from medops import client
+    from medops.serving import client
     from medops.serving.server import endpoint
 
     paths, params = _context(args)
@@ -152,8 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from medops import demo
-
+    from medops.ops import demo
     paths, params = _context(args)
     for line in demo.start_services(paths, params):
         print(line)
@@ -161,8 +159,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from medops import demo
-
+    from medops.ops import demo
     paths, _ = _context(args)
     for line in demo.stop_services(paths):
         print(line)
@@ -170,8 +167,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from medops import demo
-
+    from medops.ops import demo
     paths, params = _context(args)
     print(demo.run_demo(paths, params))
     return 0

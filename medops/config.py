@@ -99,7 +99,7 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     threshold_strategy: Literal["fixed", "youden", "youden_bootstrap", "sensitivity"] = "youden"  # on val
     target_sensitivity: float = Field(default=0.9, gt=0, le=1)
-    # GPU and multi-machine paths (medops.distribute): "auto" uses what the machine has
+    # GPU and multi-machine paths (medops.learn.distribute): "auto" uses what the machine has
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     xla: Literal["auto", "on", "off"] = "auto"

@@ -39,7 +39,7 @@ def deid_key(params: Params, paths: ProjectPaths) -> bytes:
 
 
 def _data_version(paths: ProjectPaths) -> str:
-    from medops.dvc import data_version
+    from medops.ops.dvc import data_version
 
     return data_version(paths.root, paths.raw)
 
@@ -53,33 +53,33 @@ STAGES: dict[str, Stage] = {
                                    manifest=pp.manifest, key=deid_key(p, pp)),
         ),
         Stage(
-            "quality", "medops.quality", ("quality",),
+            "quality", "medops.stages.quality", ("quality",),
             lambda m, p, pp: m.run(p.quality, ingested_dir=pp.ingested, out_dir=pp.quality_dir),
         ),
         Stage(
-            "split", "medops.split", ("split",),
+            "split", "medops.stages.split", ("split",),
             lambda m, p, pp: m.run(p.split, metadata=pp.metadata, out=pp.split),
         ),
         Stage(
-            "train", "medops.train", ("train", "augment"),
+            "train", "medops.stages.train", ("train", "augment"),
             lambda m, p, pp: m.run(p.train, p.augment, ingested_dir=pp.ingested, split=pp.split,
                                    model_out=pp.keras_model, result_out=pp.train_result,
                                    data_version=_data_version(pp), log_dir=pp.tensorboard),
         ),
         Stage(
-            "evaluate", "medops.evaluate", ("evaluate",),
+            "evaluate", "medops.stages.evaluate", ("evaluate",),
             lambda m, p, pp: m.run(p.evaluate, model=pp.keras_model, ingested_dir=pp.ingested,
                                    split=pp.split, metrics_out=pp.metrics, plots_dir=pp.plots,
                                    train_result=pp.train_result),
         ),
         Stage(
-            "explain", "medops.explain", ("evaluate",),
+            "explain", "medops.stages.explain", ("evaluate",),
             lambda m, p, pp: m.run(p.evaluate, model=pp.keras_model, ingested_dir=pp.ingested,
                                    split=pp.split, out_dir=pp.explain_dir,
                                    train_result=pp.train_result),
         ),
         Stage(
-            "gate", "medops.gate", ("gate",),
+            "gate", "medops.stages.gate", ("gate",),
             # champion/challenger: the served model (read from the Triton repository at run time,
             # not a DVC dependency: it changes when deploy runs) scored on the same test split
             lambda m, p, pp: m.run(p.gate, metrics=pp.metrics, train_result=pp.train_result,
@@ -89,7 +89,7 @@ STAGES: dict[str, Stage] = {
                                    model_name=p.serving.model_name),
         ),
         Stage(
-            "export", "medops.export", ("export",),
+            "export", "medops.stages.export", ("export",),
             lambda m, p, pp: m.run(p.export, model=pp.keras_model, ingested_dir=pp.ingested,
                                    split=pp.split, train_result=pp.train_result,
                                    onnx_out=pp.onnx_model, result_out=pp.export_result),

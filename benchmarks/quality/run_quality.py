@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from medops.config import update_params_file
-from medops.gate import read_decision
+from medops.stages.gate import read_decision
 from medops.paths import ProjectPaths, read_json
 
 HERE = Path(__file__).resolve().parent
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="section.key=value override")
     args = parser.parse_args(argv)
 
-    from medops.demo import ensure_raw_data, run_training_flow, start_services
+    from medops.ops.demo import ensure_raw_data, run_training_flow, start_services
 
     paths = ProjectPaths.discover(args.project)
     params = update_params_file(paths.params, read_overrides(args.params, args.set))

@@ -82,7 +82,7 @@ class DeployResult(BaseModel):
 
 
 def check_gate(gate: Path) -> str:
-    """The gate decision must exist and have passed (``medops.gate.require_passed``).
+    """The gate decision must exist and have passed (``medops.stages.gate.require_passed``).
 
     Returns:
         The data version the gate judged.
@@ -90,7 +90,7 @@ def check_gate(gate: Path) -> str:
     Raises:
         GateRejectedError: missing, invalid or failed decision; the message lists the failed checks.
     """
-    from medops.gate import require_passed
+    from medops.stages.gate import require_passed
 
     return require_passed(Path(gate)).data_version
 
@@ -244,7 +244,7 @@ def check_golden(
     within ``atol`` of export's. ``expect_version``: the version that must answer. Returns the
     largest absolute difference.
     """
-    from medops.client import infer_images
+    from medops.serving.client import infer_images
 
     probs, answered = infer_images(client, images, protocol=protocol, model_name=name)
     diff = float(np.max(np.abs(probs.astype(np.float64) - expected)))
@@ -402,7 +402,7 @@ def smoke_dicom(image: np.ndarray) -> bytes:
 def check_ensemble(client: Any, *, protocol: str, ec: EnsembleContract, image: np.ndarray,
                    expect_version: int) -> None:
     """One DICOM through the ensemble: answered, no error, a label, from ``expect_version``."""
-    from medops.client import infer_dicom
+    from medops.serving.client import infer_dicom
 
     [prob], [label], [error], answered = infer_dicom(
         client, [smoke_dicom(image)], protocol=protocol, model_name=ec.ensemble_name)

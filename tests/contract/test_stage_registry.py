@@ -82,9 +82,9 @@ def test_dvc_deps_cover_all_the_code_a_stage_runs(name, dvc_stages, repo_root):
 
 
 def test_code_closure_follows_lazy_and_transitive_imports(repo_root):
-    closure = code_closure("medops.train", repo_root)
-    assert "medops/augment.py" in closure          # module-level import
-    assert "medops/distribute.py" in closure       # imported inside a function
+    closure = code_closure("medops.stages.train", repo_root)
+    assert "medops/learn/input_pipeline.py" in closure          # module-level import
+    assert "medops/learn/distribute.py" in closure       # imported inside a function
     assert "medops/models/__init__.py" in closure  # a package
     assert "medops/config.py" not in closure       # shared definitions are left out
 
@@ -124,7 +124,7 @@ def test_cli_has_the_documented_commands():
 def test_light_imports_do_not_pull_tensorflow(repo_root):
     # Triton's Python-backend stub and `medops predict` import these; TensorFlow must stay out
     code = (
-        "import sys; import medops.config, medops.dicom.pixels, medops.client, "
+        "import sys; import medops.config, medops.dicom.pixels, medops.serving.client, "
         "medops.serving.contract, medops.cli, medops.pipeline; "
         "bad = [m for m in ('tensorflow', 'keras', 'prefect') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"

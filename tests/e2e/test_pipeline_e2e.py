@@ -98,7 +98,7 @@ def prefect_api():
 
 @pytest.fixture(scope="module")
 def flow_run(project, paths, params, triton, prefect_api, monkeypatch_module):
-    from medops.demo import ensure_raw_data
+    from medops.ops.demo import ensure_raw_data
 
     monkeypatch_module.chdir(project)
     monkeypatch_module.setenv("MEDOPS_ROOT", str(project))
@@ -190,8 +190,7 @@ def test_flow_completes_and_deploys(flow_run, paths):
 
 
 def test_every_stage_ran_through_dvc_and_is_up_to_date(flow_run, paths):
-    from medops import dvc
-
+    from medops.ops import dvc
     assert (paths.root / "dvc.lock").is_file()
     lock = (paths.root / "dvc.lock").read_text()
     for stage in ("ingest", "quality", "split", "train", "evaluate", "gate", "export"):
@@ -203,8 +202,7 @@ def test_raw_data_is_versioned_and_pushed_and_recorded_with_the_model(flow_run, 
     import onnx
     import yaml
 
-    from medops import dvc
-
+    from medops.ops import dvc
     version = dvc.data_version(paths.root, paths.raw)
     dvcfile = yaml.safe_load((paths.root / "data" / "raw.dvc").read_text())
     assert version == dvcfile["outs"][0]["md5"]
@@ -382,8 +380,7 @@ def test_the_run_is_recorded_as_a_dvc_experiment_with_its_metrics(flow_run, path
     import csv
     import io
 
-    from medops import dvc
-
+    from medops.ops import dvc
     name = flow_run.result()["experiment"]
     assert name, "the flow did not record the run as a DVC experiment"
     rows = list(csv.DictReader(io.StringIO(dvc.run_dvc(paths.root, "exp", "show", "--csv").stdout)))

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed-precision", default="off")
     parser.add_argument(
         "--pipeline", choices=("plain", "medops"), default="plain",
-        help="plain: the subset in order; medops: medops.augment.make_dataset with seeded shuffling "
+        help="plain: the subset in order; medops: medops.learn.input_pipeline.make_dataset with seeded shuffling "
         "and the default augmentation, as training uses it",
     )
     parser.add_argument(
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from medops import distribute
-
+    from medops.learn import distribute
     # No GPU in these tests (and on a GPU machine we still want the CPU code path they check).
     plan = distribute.plan_distribution(
         strategy=args.strategy, mixed_precision=args.mixed_precision, xla="off", gpus=[]
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from medops.augment import make_dataset
+    from medops.learn.input_pipeline import make_dataset
     from medops.config import AugmentConfig, TrainConfig
     from medops.models import build_model
     from medops.paths import BUNDLED_DATASET

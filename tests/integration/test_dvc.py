@@ -1,4 +1,4 @@
-"""medops.dvc against the real dvc command in a temporary git + DVC repository."""
+"""medops.ops.dvc against the real dvc command in a temporary git + DVC repository."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from medops import dvc
+from medops.ops import dvc
 from medops.errors import DvcError
 
 pytestmark = pytest.mark.dvc

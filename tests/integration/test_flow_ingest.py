@@ -38,8 +38,7 @@ def project(tmp_path, monkeypatch):
 
 def test_ingest_flow_versions_the_deidentified_dataset_and_a_rerun_changes_nothing(project, tmp_path):
     from flows.ingest import ingest_studies
-    from medops import dvc
-
+    from medops.ops import dvc
     export = tmp_path / "hospital"
     synth.run(SynthConfig(max_images_per_split=4), source_npz=BUNDLED_DATASET, out_dir=export)
     grown_later = sorted((export / "dicom").iterdir())[-2:]  # two patients arrive later

@@ -1,4 +1,4 @@
-"""flows.serve against a real Prefect server started by medops.prefect_server: the deployment
+"""flows.serve against a real Prefect server started by medops.ops.prefect_server: the deployment
 appears under params.prefect.deployment_name, with the parameter form and its constraints."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from medops.config import update_params_file
-from medops.prefect_server import prefect_env, start_prefect, stop_prefect
+from medops.ops.prefect_server import prefect_env, start_prefect, stop_prefect
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 

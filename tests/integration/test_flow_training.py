@@ -230,8 +230,7 @@ def dvc_project(tmp_path: Path) -> ProjectPaths:
     """A git + DVC project with the repo's dvc.yaml and params.yaml and an ingested folder."""
     from test_quality_gx import build_ingested
 
-    from medops import dvc
-
+    from medops.ops import dvc
     root = tmp_path / "dvcproject"
     root.mkdir()
     for name in ("params.yaml", "dvc.yaml"):

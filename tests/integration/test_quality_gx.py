@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medops import quality
+from medops.stages import quality
 from medops.config import QualityConfig
 from medops.data import METADATA_COLUMNS, shard_path
 from medops.errors import DataQualityError

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import pydicom_file
-from medops.client import Prediction, format_predictions, predict_files, to_json_lines
+from medops.serving.client import Prediction, format_predictions, predict_files, to_json_lines
 from medops.config import ServingConfig
 from medops.errors import GateRejectedError, ServingError
 from medops.serving.deploy import deploy, rollback, sha256_file
@@ -78,9 +78,9 @@ def write_export_result(onnx_path: Path, data_version: str = "dv-test",
 
 
 def write_gate(path: Path, *, passed: bool, data_version: str = "dv-test") -> Path:
-    """A real gate decision (medops.gate.decide) from metrics that pass or fail the defaults."""
+    """A real gate decision (medops.stages.gate.decide) from metrics that pass or fail the defaults."""
     from medops.config import GateConfig
-    from medops.gate import decide
+    from medops.stages.gate import decide
 
     metrics = ({"auc": 0.95, "accuracy": 0.9, "sensitivity": 0.9, "specificity": 0.8} if passed
                else {"auc": 0.61, "accuracy": 0.9, "sensitivity": 0.40, "specificity": 0.8})

@@ -8,7 +8,7 @@ import pytest
 from _ingested import load_bundled
 import tensorflow as tf
 
-from medops.augment import affine_transform, augment_image, is_enabled, make_dataset
+from medops.learn.input_pipeline import affine_transform, augment_image, is_enabled, make_dataset
 from medops.config import AugmentConfig
 
 STRONG = AugmentConfig(rotation=0.2, flip="horizontal_and_vertical", zoom=0.3, contrast=0.9)

@@ -1,4 +1,4 @@
-"""medops.client without a server: labels, per-file errors, the table and JSON-lines outputs."""
+"""medops.serving.client without a server: labels, per-file errors, the table and JSON-lines outputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import pydicom_file
-from medops.client import (
+from medops.serving.client import (
     Prediction,
     chunk_requests,
     format_predictions,
@@ -124,7 +124,7 @@ import random  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from medops.client import (  # noqa: E402
+from medops.serving.client import (  # noqa: E402
     acall_with_retries,
     apredict_files,
     aserved_thresholds,

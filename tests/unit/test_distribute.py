@@ -1,4 +1,4 @@
-"""medops.distribute: plan decisions from TF_CONFIG and GPUs, the mixed-precision policy and the
+"""medops.learn.distribute: plan decisions from TF_CONFIG and GPUs, the mixed-precision policy and the
 float32 output, and MirroredStrategy over two logical CPU devices matching single-device training.
 
 Training comparisons run tests/integration/_multiworker_worker.py in fresh interpreters: logical
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medops import distribute
-from medops.distribute import GpuInfo, is_chief, plan_distribution, scale_batch_size
+from medops.learn import distribute
+from medops.learn.distribute import GpuInfo, is_chief, plan_distribution, scale_batch_size
 from medops.errors import ConfigError, DistributionError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,7 +142,7 @@ def test_bad_choices_and_tf_config_are_config_errors(kwargs, env, message):
 def test_hidden_gpus_are_decided_without_importing_tensorflow():
     code = (
         "import sys\n"
-        "from medops.distribute import plan_distribution\n"
+        "from medops.learn.distribute import plan_distribution\n"
         "plan = plan_distribution(env={'CUDA_VISIBLE_DEVICES': '-1'})\n"
         "assert plan.strategy == 'default' and not plan.mixed_precision and not plan.xla, plan\n"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
@@ -185,7 +185,7 @@ def test_fit_under_a_mixed_precision_plan_scales_the_loss_and_outputs_float32():
     with np.load(BUNDLED_DATASET) as data:
         x = (data["train_images"][:64].astype(np.float32) / 255.0)[..., None]
         y = data["train_labels"][:64].astype(np.float32)
-    from medops.train import compile_model
+    from medops.stages.train import compile_model
 
     plan = plan_distribution(mixed_precision="on", env={}, gpus=[])
     cfg = TrainConfig(filters=[4], dense_units=4, dropout=0.0)
@@ -211,7 +211,7 @@ def test_fit_under_an_explicit_xla_plan_compiles_with_xla():
 
     x = np.random.default_rng(0).random((32, 28, 28, 1), dtype=np.float32)
     y = (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.float32).reshape(-1, 1)
-    from medops.train import compile_model
+    from medops.stages.train import compile_model
 
     plan = plan_distribution(xla="on", env={}, gpus=[])
     cfg = TrainConfig(filters=[4], dense_units=4, dropout=0.0)

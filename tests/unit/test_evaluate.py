@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from _ingested import build_trained
-from medops import evaluate
+from medops.stages import evaluate
 from medops.config import EvaluateConfig
 from medops.errors import MedopsError
 

@@ -13,13 +13,13 @@ from onnx import TensorProto, helper, numpy_helper
 from sklearn.metrics import roc_auc_score
 
 from _ingested import build_ingested
-from medops import gate
-from medops import split as split_stage
+from medops.stages import gate
+from medops.stages import split as split_stage
 from medops.config import GateConfig, SplitConfig
 from medops.errors import GateRejectedError, MedopsError
 from medops.hashing import sha256_file
 from medops.serving.contract import INPUT_NAME, ONNX_FILENAME, OUTPUT_NAME
-from medops.split import load_split_images
+from medops.stages.split import load_split_images
 
 GOOD = {"auc": 0.912, "accuracy": 0.86, "sensitivity": 0.93, "specificity": 0.74, "n": 624}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from medops import quality
+from medops.stages import quality
 from medops.config import QualityConfig
 from medops.data import METADATA_COLUMNS
 
@@ -78,7 +78,7 @@ def test_aggregate_failure_and_unevaluated_expectation() -> None:
 
 
 def test_quality_module_imports_without_great_expectations_or_tensorflow() -> None:
-    code = ("import sys, medops.quality; "
+    code = ("import sys, medops.stages.quality; "
             "print('great_expectations' in sys.modules, 'tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

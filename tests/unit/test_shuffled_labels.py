@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 
 from _ingested import build_ingested
-from medops import evaluate as evaluate_stage
-from medops import export as export_stage
-from medops import gate
-from medops import split as split_stage
-from medops import train as train_stage
+from medops.stages import evaluate as evaluate_stage
+from medops.stages import export as export_stage
+from medops.stages import gate
+from medops.stages import split as split_stage
+from medops.stages import train as train_stage
 from medops.config import load_params
 from medops.errors import GateRejectedError
 from medops.paths import find_project_root

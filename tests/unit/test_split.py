@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from _ingested import build_ingested
-from medops import split as split_stage
+from medops.stages import split as split_stage
 from medops.config import SplitConfig
 from medops.errors import SplitError
 

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from medops.config import EvaluateConfig
 from medops.errors import MedopsError
 from medops.paths import read_json
-from medops.split import load_split_images
+from medops.stages.split import load_split_images
 
 
 AGE_BANDS = ((0, 4, "0-4"), (5, 17, "5-17"), (18, 39, "18-39"), (40, 64, "40-64"), (65, 200, "65+"))
@@ -300,7 +300,7 @@ def compute_roc(y_true: np.ndarray, y_score: np.ndarray) -> pd.DataFrame:
 
 def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """The model's sigmoid outputs for ``images``, shape (n,)."""
-    from medops.augment import make_dataset
+    from medops.learn.input_pipeline import make_dataset
 
     ds = make_dataset(images, None, batch_size=batch_size, training=False)
     return np.asarray(model.predict(ds, verbose=0), dtype=np.float64).reshape(-1)

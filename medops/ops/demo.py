@@ -31,7 +31,7 @@ def _read_pid(pidfile: Path) -> int | None:
 
 
 def _service_env(paths: ProjectPaths, params: Params) -> dict[str, str]:
-    from medops.prefect_server import prefect_env
+    from medops.ops.prefect_server import prefect_env
 
     # the Prefect server's own environment (API url and PREFECT_HOME under .medops/)
     env = {**os.environ, **prefect_env(params.prefect, paths.state)}
@@ -54,7 +54,7 @@ def ensure_raw_data(paths: ProjectPaths, params: Params) -> bool:
 
 def start_services(paths: ProjectPaths, params: Params) -> list[str]:
     """Start (or reuse) the Prefect server and the embedded Triton; returns what it did."""
-    from medops.prefect_server import start_prefect
+    from medops.ops.prefect_server import start_prefect
     from medops.serving.server import resolve_admin_key, server_status, start_server
 
     lines = []
@@ -148,7 +148,7 @@ def run_demo(paths: ProjectPaths, params: Params) -> str:
 
 def stop_services(paths: ProjectPaths) -> list[str]:
     """Stop the deployment server, Triton and Prefect, by the pids recorded when they started."""
-    from medops.prefect_server import stop_prefect
+    from medops.ops.prefect_server import stop_prefect
     from medops.serving.server import stop_server
 
     out = []

@@ -51,7 +51,7 @@ TensorFlow and Keras are imported inside the functions: importing this module is
 ``plan_distribution`` with ``gpus`` given never touches TensorFlow.
 
 Params: ``train.strategy``, ``train.mixed_precision`` and ``train.xla`` (TrainConfig, each "auto" by
-default), which ``medops.train.plan_for`` passes to ``plan_distribution``.
+default), which ``medops.stages.train.plan_for`` passes to ``plan_distribution``.
 """
 
 from __future__ import annotations
@@ -558,7 +558,7 @@ def fit_under_plan(
             split weighs the replicas' examples unequally, as does a short last batch.
         global_batch_size: examples per step over all replicas (see ``scale_batch_size``).
         compile_fn: compiles the model it is given (called inside the scope; its return value
-            is ignored), e.g. ``lambda m: medops.train.compile_model(m, cfg)``.
+            is ignored), e.g. ``lambda m: medops.stages.train.compile_model(m, cfg)``.
         epochs, seed: as in TrainConfig.
         validation_fn: like ``dataset_fn``, for validation data (optional).
         callbacks, class_weight: passed to ``model.fit``.

@@ -19,7 +19,7 @@ Params (``train`` and ``augment`` sections, TrainConfig and AugmentConfig):
     "cosine"); threshold_strategy ("fixed" | "youden" | "youden_bootstrap" | "sensitivity") and
     target_sensitivity: how the decision threshold is chosen on val and recorded in train.json
     (``decision_threshold``) for evaluate, export and serving; strategy, mixed_precision, xla
-    (medops.distribute); augment.*.
+    (medops.learn.distribute); augment.*.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from medops.augment import make_dataset
+from medops.learn.input_pipeline import make_dataset
 from medops.config import AugmentConfig, TrainConfig
 from medops.errors import MedopsError
-from medops.evaluate import compute_auc, predict_probabilities, select_threshold
-from medops.preview import save_augmentation_preview
-from medops.split import load_split_images
+from medops.stages.evaluate import compute_auc, predict_probabilities, select_threshold
+from medops.learn.preview import save_augmentation_preview
+from medops.stages.split import load_split_images
 
 
 class TrainResult(BaseModel):
@@ -103,7 +103,7 @@ def compile_model(model: Any, cfg: TrainConfig, *, steps_per_epoch: int = 1) -> 
 
 def plan_for(train_cfg: TrainConfig) -> Any:
     """The distribution plan (strategy, mixed precision, XLA) for this machine and TF_CONFIG."""
-    from medops.distribute import plan_distribution
+    from medops.learn.distribute import plan_distribution
 
     return plan_distribution(strategy=train_cfg.strategy, mixed_precision=train_cfg.mixed_precision,
                              xla=train_cfg.xla)
@@ -127,7 +127,7 @@ def fit_model(
     """
     import keras
 
-    from medops.distribute import fit_under_plan
+    from medops.learn.distribute import fit_under_plan
     from medops.models import build_model
 
     plan = plan if plan is not None else plan_for(train_cfg)
@@ -179,7 +179,7 @@ def run(
 
     ``log_dir``: write TensorBoard logs there (off when None).
     """
-    from medops.distribute import is_chief, make_strategy
+    from medops.learn.distribute import is_chief, make_strategy
 
     plan = plan_for(train_cfg)
     strategy = make_strategy(plan)  # first: a multi-worker strategy must precede any other TF op
@@ -274,7 +274,7 @@ def code_commit() -> str | None:
     """The git commit of the medops code that trained (with "+dirty" for uncommitted changes)."""
     import subprocess
 
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the medops package
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()

@@ -1,6 +1,6 @@
 """preview: a PNG grid of images next to their augmented versions, to see what training is fed.
 
-The augmented images come from the training input pipeline itself (medops.augment.make_dataset
+The augmented images come from the training input pipeline itself (medops.learn.input_pipeline.make_dataset
 with ``training=True``: the same shuffle, per-image stateless seeds and augment_image), not from
 a re-implementation, so a wrong ``augment`` setting (a rotation that turns lungs upside down, a
 contrast that clips to black) shows here exactly as the model would see it. The draws are those
@@ -13,7 +13,7 @@ by pixel repetition and written as round(255 * pixel). ``pad`` px between the tw
 pair, ``gap`` px around and between pairs, on a white background. The PNG's ``Description`` text
 chunk records the layout, the augment settings and the seed.
 
-TensorFlow is imported inside the functions (through medops.augment): importing this module is
+TensorFlow is imported inside the functions (through medops.learn.input_pipeline): importing this module is
 cheap.
 """
 
@@ -44,7 +44,7 @@ def augment_pairs(
     Returns:
         originals and augmented, both float32 (min(n, m), S, S).
     """
-    from medops.augment import make_dataset
+    from medops.learn.input_pipeline import make_dataset
 
     x = np.asarray(images, dtype=np.float32)
     if x.ndim == 3:

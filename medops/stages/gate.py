@@ -131,7 +131,7 @@ def compare_with_champion(
     (equal to the margin passes). AUC is threshold-free, so the two models' different decision
     thresholds do not bias the comparison.
     """
-    from medops.evaluate import compute_auc
+    from medops.stages.evaluate import compute_auc
 
     champion_auc = compute_auc(y_true, champion)
     candidate_auc = compute_auc(y_true, candidate)
@@ -353,7 +353,7 @@ def run(
     def load_test() -> _TestSplit:
         if ingested_dir is None or split is None:
             raise MedopsError("the champion comparison needs ingested_dir and split to score the test images")
-        from medops.split import load_split_images
+        from medops.stages.split import load_split_images
 
         images, labels, rows = load_split_images(Path(ingested_dir), Path(split), "test")
         return _TestSplit(images=images, labels=labels, uids=rows["sop_instance_uid"].astype(str).to_numpy())
