@@ -178,7 +178,7 @@ def push_outputs(paths: ProjectPaths) -> str:
 
 def deploy_if_passed(paths: ProjectPaths, params: Params) -> Optional[dict[str, Any]]:
     """Run the deploy task only if reports/gate.json passed; otherwise log why and return None."""
-    from medops.stages.gate import read_decision
+    from medops.results import read_decision
 
     decision = read_decision(paths.gate)
     if not decision.passed:

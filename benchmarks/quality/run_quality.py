@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from medops.config import update_params_file
-from medops.stages.gate import read_decision
+from medops.results import read_decision
 from medops.paths import ProjectPaths, read_json
 
 HERE = Path(__file__).resolve().parent

@@ -82,7 +82,7 @@ class DeployResult(BaseModel):
 
 
 def check_gate(gate: Path) -> str:
-    """The gate decision must exist and have passed (``medops.stages.gate.require_passed``).
+    """The gate decision must exist and have passed (``medops.results.require_passed``).
 
     Returns:
         The data version the gate judged.
@@ -90,7 +90,7 @@ def check_gate(gate: Path) -> str:
     Raises:
         GateRejectedError: missing, invalid or failed decision; the message lists the failed checks.
     """
-    from medops.stages.gate import require_passed
+    from medops.results import require_passed
 
     return require_passed(Path(gate)).data_version
 

@@ -364,8 +364,8 @@ def run(
     train_result: Path | None = None,
 ) -> ExplainResult:
     """Explain a sample of the test split: write Grad-CAM PNGs to ``out_dir``."""
-    from medops.stages.evaluate import load_model, predict_probabilities, resolve_threshold
-    from medops.stages.split import load_split_images
+    from medops.learn.inference import load_model, predict_probabilities, resolve_threshold
+    from medops.data import load_split_images
 
     threshold, source = resolve_threshold(cfg, train_result)
     keras_model = load_model(model)

@@ -38,7 +38,7 @@ from medops.hashing import sha256_file
 from medops.paths import read_json
 from medops.serving.contract import INPUT_NAME, OUTPUT_NAME
 from medops.serving.repository import GOLDEN_FILE
-from medops.stages.split import load_split_images
+from medops.data import load_split_images
 
 
 class TensorInfo(BaseModel):
@@ -152,7 +152,7 @@ def run(
     import keras
     import onnx
 
-    from medops.stages.evaluate import load_model
+    from medops.learn.inference import load_model
 
     record = read_json(train_result, "train result")
     data_version = str(record.get("data_version", "unknown"))

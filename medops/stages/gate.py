@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from pydantic import BaseModel
 
 from medops.config import GateConfig
-from medops.errors import GateRejectedError, MedopsError, first_line
+from medops.errors import MedopsError, first_line
 from medops.paths import read_json
+from medops.results import ChampionComparison, GateDecision
 
 # (metric key in metrics.json, GateConfig field); every metric must be >= its threshold
 CHECKS: tuple[tuple[str, str], ...] = (
@@ -53,37 +53,6 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("sensitivity", "min_sensitivity"),
     ("specificity", "min_specificity"),
 )
-
-
-class ChampionComparison(BaseModel):
-    """The side-by-side AUC of the served model and the candidate on the same test rows."""
-
-    compared: bool                        # both AUCs were computed
-    passed: bool                          # the candidate may replace the champion
-    reason: str
-    version: int | None = None            # the served version, if any
-    sha256: str | None = None             # of its model.onnx
-    auc: float | None = None              # the champion's AUC
-    candidate_auc: float | None = None    # the candidate's AUC on the same rows
-    difference: float | None = None       # candidate_auc - auc
-    margin: float | None = None
-    n: int | None = None                  # test images both were scored on
-
-
-class GateDecision(BaseModel):
-    passed: bool
-    reasons: list[str]
-    data_version: str
-    model: str | None = None
-    metrics: dict[str, float] = {}
-    thresholds: dict[str, float] = {}
-    champion: ChampionComparison | None = None
-    timestamp: str
-
-    @property
-    def failed_reasons(self) -> list[str]:
-        """The reasons of the checks that failed (each reason line ends in "pass" or "fail")."""
-        return [r for r in self.reasons if r.endswith("fail")]
 
 
 def metric_value(metrics: dict[str, Any], key: str) -> float | None:
@@ -131,7 +100,7 @@ def compare_with_champion(
     (equal to the margin passes). AUC is threshold-free, so the two models' different decision
     thresholds do not bias the comparison.
     """
-    from medops.stages.evaluate import compute_auc
+    from medops.metrics import compute_auc
 
     champion_auc = compute_auc(y_true, champion)
     candidate_auc = compute_auc(y_true, candidate)
@@ -310,26 +279,6 @@ def decide(
     )
 
 
-def read_decision(path: Path) -> GateDecision:
-    """Read a gate.json written by ``run``; missing or invalid files raise GateRejectedError."""
-    try:
-        return GateDecision.model_validate_json(Path(path).read_text())
-    except FileNotFoundError:
-        raise GateRejectedError(f"no gate decision at {path}: run the gate before deploying") from None
-    except ValueError as exc:
-        raise GateRejectedError(f"gate decision at {path} is not valid: {exc}") from None
-
-
-def require_passed(path: Path) -> GateDecision:
-    """The decision at ``path`` if it passed; otherwise GateRejectedError listing the failed checks."""
-    decision = read_decision(path)
-    if not decision.passed:
-        raise GateRejectedError(
-            f"gate rejected the model ({decision.timestamp}): {'; '.join(decision.failed_reasons)}"
-        )
-    return decision
-
-
 def run(
     cfg: GateConfig,
     *,
@@ -353,7 +302,7 @@ def run(
     def load_test() -> _TestSplit:
         if ingested_dir is None or split is None:
             raise MedopsError("the champion comparison needs ingested_dir and split to score the test images")
-        from medops.stages.split import load_split_images
+        from medops.data import load_split_images
 
         images, labels, rows = load_split_images(Path(ingested_dir), Path(split), "test")
         return _TestSplit(images=images, labels=labels, uids=rows["sop_instance_uid"].astype(str).to_numpy())

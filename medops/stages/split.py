@@ -13,8 +13,8 @@ Params (``split`` section, SplitConfig):
     val_fraction, test_fraction: fractions of images for the seeded patient-grouped split.
     seed: seed of that split.
 
-Also here, for the stages downstream (train, evaluate, export): ``select_split`` and
-``load_split_images``, which read one split's rows and pixels. numpy and pandas only.
+The stages downstream read one split's rows and pixels with ``medops.data.load_split_images``.
+numpy and pandas only.
 """
 
 from __future__ import annotations
@@ -27,11 +27,8 @@ import pandas as pd
 from pydantic import BaseModel
 
 from medops.config import SplitConfig
+from medops.data import SPLIT_COLUMNS, SPLITS, check_patient_disjoint
 from medops.errors import SplitError
-
-SPLITS = ("train", "val", "test")
-SPLIT_COLUMNS = ("sop_instance_uid", "patient_id", "label", "split")
-
 
 class SplitResult(BaseModel):
     source: Literal["manifest", "grouped"]
@@ -42,18 +39,6 @@ class SplitResult(BaseModel):
     patients: dict[str, int]              # split -> patients
     labels: dict[str, dict[str, int]]     # split -> {"0": n, "1": n}
     out: str
-
-
-def check_patient_disjoint(frame: pd.DataFrame) -> None:
-    """Raise SplitError if any patient_id has images in more than one split."""
-    per_patient = frame.groupby("patient_id")["split"].nunique()
-    leaked = per_patient[per_patient > 1]
-    if len(leaked):
-        examples = ", ".join(map(str, leaked.index[:5]))
-        raise SplitError(
-            f"patient-level split violated: {len(leaked)} patient(s) in more than one split "
-            f"(e.g. {examples})"
-        )
 
 
 def has_manifest_split(frame: pd.DataFrame) -> bool:
@@ -165,51 +150,6 @@ def summarize_split(table: pd.DataFrame) -> dict[str, dict]:
         for s in SPLITS
     }
     return {"images": images, "patients": patients, "labels": labels}
-
-
-def read_split(path: Path) -> pd.DataFrame:
-    """Read split.csv and re-check that no patient crosses splits."""
-    table = pd.read_csv(path, dtype={"sop_instance_uid": str, "patient_id": str, "split": str})
-    missing = set(SPLIT_COLUMNS) - set(table.columns)
-    if missing:
-        raise SplitError(f"{path} lacks column(s) {sorted(missing)}")
-    check_patient_disjoint(table)
-    return table
-
-
-def select_split(ingested_dir: Path, split: Path, name: str) -> pd.DataFrame:
-    """Metadata rows (with ``label`` from split.csv) of one split, in split.csv order."""
-    if name not in SPLITS:
-        raise SplitError(f"unknown split {name!r}; splits: {', '.join(SPLITS)}")
-    from medops.data import read_metadata
-
-    table = read_split(Path(split))
-    chosen = table[table["split"] == name]
-    if len(chosen) == 0:
-        raise SplitError(f"split {name!r} in {split} has no images")
-    meta = read_metadata(Path(ingested_dir)).drop(columns=["label"], errors="ignore")
-    rows = chosen.merge(
-        meta.drop(columns=["patient_id"], errors="ignore"), on="sop_instance_uid", how="left",
-        validate="one_to_one",
-    )
-    lost = rows["shard"].isna().sum()
-    if lost:
-        raise SplitError(f"{lost} image(s) of split {name!r} are not in {ingested_dir}/metadata.parquet")
-    rows["shard"] = rows["shard"].astype(int)
-    rows["shard_index"] = rows["shard_index"].astype(int)
-    return rows.reset_index(drop=True)
-
-
-def load_split_images(
-    ingested_dir: Path, split: Path, name: str
-) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """Pixels (n, S, S, 1) float32, labels (n,) float32 and metadata rows of one split."""
-    from medops.data import load_images
-
-    rows = select_split(ingested_dir, split, name)
-    images = load_images(Path(ingested_dir), rows)
-    labels = rows["label"].to_numpy(dtype=np.float32)
-    return images, labels, rows
 
 
 def run(cfg: SplitConfig, *, metadata: Path, out: Path) -> SplitResult:

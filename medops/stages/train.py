@@ -36,9 +36,10 @@ from pydantic import BaseModel
 from medops.learn.input_pipeline import make_dataset
 from medops.config import AugmentConfig, TrainConfig
 from medops.errors import MedopsError
-from medops.stages.evaluate import compute_auc, predict_probabilities, select_threshold
+from medops.metrics import compute_auc, select_threshold
+from medops.learn.inference import predict_probabilities
 from medops.learn.preview import save_augmentation_preview
-from medops.stages.split import load_split_images
+from medops.data import load_split_images
 
 
 class TrainResult(BaseModel):

@@ -81,6 +81,21 @@ def test_dvc_deps_cover_all_the_code_a_stage_runs(name, dvc_stages, repo_root):
     assert not missing, f"dvc.yaml stage {name!r} lacks code deps: {missing}"
 
 
+@pytest.mark.parametrize("name", list(STAGES))
+def test_dvc_deps_list_no_code_the_stage_does_not_run(name, dvc_stages, repo_root):
+    # the other direction: a code dep the stage never imports reruns it for nothing (editing a plot
+    # in evaluate used to retrain the model, because train listed medops/evaluate.py)
+    closure = code_closure(STAGES[name].module, repo_root)
+    deps = [d.rstrip("/") for d in dvc_stages[name]["deps"] if d.startswith("medops")]
+    unused = [d for d in deps if not any(rel == d or rel.startswith(d + "/") for rel in closure)]
+    assert not unused, f"dvc.yaml stage {name!r} lists code it does not run: {unused}"
+
+
+def test_a_plot_in_evaluate_does_not_retrain(repo_root):
+    assert "medops/stages/evaluate.py" not in code_closure("medops.stages.train", repo_root)
+    assert "medops/metrics.py" in code_closure("medops.stages.train", repo_root)
+
+
 def test_code_closure_follows_lazy_and_transitive_imports(repo_root):
     closure = code_closure("medops.stages.train", repo_root)
     assert "medops/learn/input_pipeline.py" in closure          # module-level import

@@ -20,7 +20,7 @@ from medops.stages import split as split_stage
 from medops.config import EvaluateConfig, SplitConfig, TrainConfig
 from medops.errors import MedopsError
 from medops.models import build_model
-from medops.stages.split import load_split_images
+from medops.data import load_split_images
 
 
 @pytest.fixture(scope="module")

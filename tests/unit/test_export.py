@@ -16,7 +16,7 @@ from _ingested import build_trained
 from medops.stages import export
 from medops.config import ExportConfig
 from medops.errors import ExportParityError
-from medops.stages.split import load_split_images
+from medops.data import load_split_images
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from _ingested import build_ingested
+from medops import results
 from medops.stages import evaluate as evaluate_stage
 from medops.stages import export as export_stage
 from medops.stages import gate
@@ -123,7 +124,7 @@ def test_a_model_trained_on_shuffled_labels_is_never_deployed(served, tmp_path, 
             f"{'pass' if auc_ok else 'fail'}") in decision.reasons
 
     # and deploy's gate check refuses it, naming every failed check
-    for refuse in (check_gate, gate.require_passed):
+    for refuse in (check_gate, results.require_passed):
         with pytest.raises(GateRejectedError, match="gate rejected the model") as info:
             refuse(tmp_path / "gate.json")
         assert all(r in str(info.value) for r in failed)

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from _ingested import build_trained
 from medops.stages import train as train_stage
 from medops.config import AugmentConfig, TrainConfig
-from medops.stages.split import load_split_images
+from medops.data import load_split_images
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_best_epoch_weights_and_val_threshold_are_kept(trained):
     assert record["threshold_strategy"] == "youden"
     model = keras.saving.load_model(trained["model"], compile=False)
     x_val, y_val, _ = load_split_images(trained["ingested"], trained["split"], "val")
-    from medops.stages.evaluate import select_threshold
+    from medops.metrics import select_threshold
 
     scores = model.predict(x_val, verbose=0)[:, 0]
     assert record["decision_threshold"] == pytest.approx(select_threshold(y_val, scores, "youden"), abs=1e-5)
