@@ -26,7 +26,14 @@ from typing import Any, Awaitable, Callable, Iterable, Literal, Sequence, TypeVa
 import numpy as np
 from pydantic import BaseModel
 
-from medops.errors import DicomReadError, MedopsError, QuarantineReason, ServingError, first_line
+from medops.errors import (
+    DicomReadError,
+    MedopsError,
+    QuarantineReason,
+    ServerUnreachableError,
+    ServingError,
+    first_line,
+)
 from medops.serving.contract import (
     DICOM_INPUT,
     ERROR_OUTPUT,
@@ -135,8 +142,8 @@ def backoff_delays(retries: int, backoff_s: float, *, jitter: float = BACKOFF_JI
 
 
 def _unreachable(url: str, protocol: Protocol, tries: int, waited: float,
-                 exc: BaseException) -> ServingError:
-    return ServingError(
+                 exc: BaseException) -> ServerUnreachableError:
+    return ServerUnreachableError(
         f"cannot reach Triton at {url} over {protocol} after {tries} "
         f"{'try' if tries == 1 else 'tries'} in {waited:.1f} s: {first_line(exc)}; is the server "
         "running (`medops serve start`) and is the url right?"
@@ -151,7 +158,7 @@ def call_with_retries(call: Callable[[], T], *, url: str, protocol: Protocol,
     failed waits out its own reconnect backoff, so a fresh client is made instead).
 
     Raises:
-        ServingError: still no connection after ``retries + 1`` tries, naming ``url``.
+        ServerUnreachableError: still no connection after ``retries + 1`` tries, naming ``url``.
         Exception: any other error from ``call`` as it is, at once.
     """
     delays = backoff_delays(retries, backoff_s)
@@ -259,7 +266,7 @@ def threshold_for(thresholds: dict[str, float], version: str) -> float:
 
 def _judge_live(live: bool, url: str) -> None:
     if not live:
-        raise ServingError(f"Triton at {url} is not live")
+        raise ServerUnreachableError(f"Triton at {url} is not live")
 
 
 def _judge_ready(ready: bool, url: str, model_name: str) -> None:
@@ -270,8 +277,8 @@ def _judge_ready(ready: bool, url: str, model_name: str) -> None:
         )
 
 
-def _not_live_error(exc: BaseException, url: str, protocol: Protocol) -> ServingError:
-    return ServingError(
+def _not_live_error(exc: BaseException, url: str, protocol: Protocol) -> ServerUnreachableError:
+    return ServerUnreachableError(
         f"cannot reach Triton at {url} over {protocol}: {first_line(exc)}; is the server running "
         "(`medops serve start`) and is the url right?"
     )
