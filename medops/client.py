@@ -520,6 +520,13 @@ class _Plan:
         self.via = via
         self.preds = [Prediction(file=f, error=e) for f, _, e in self.items]
         self.todo = [i for i, (_, payload, _) in enumerate(self.items) if payload is not None]
+        self.done = len(self.items) - len(self.todo)  # files answered, or known bad before sending
+
+    def report(self, chunk: Sequence[int], progress: Callable[[int, int], None] | None) -> None:
+        """Count ``chunk`` as answered and tell ``progress(done, total)``, if given."""
+        self.done += len(chunk)
+        if progress is not None:
+            progress(self.done, len(self.items))
 
     def chunks(self, size: int) -> list[list[int]]:
         weights = [len(self.items[i][1]) if self.via == "ensemble" else 0 for i in self.todo]
@@ -566,6 +573,7 @@ def predict_files(
     via: Via = "ensemble",
     retries: int = DEFAULT_RETRIES,
     backoff_s: float = DEFAULT_BACKOFF_S,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Prediction]:
     """Classify DICOM files with the model served by Triton at ``url``.
 
@@ -591,6 +599,8 @@ def predict_files(
             gRPC UNAVAILABLE), each on a fresh connection; never after any other error.
         backoff_s: wait before the first retry; doubled before each next one (plus up to 10 %
             jitter).
+        progress: ``progress(done, total)`` after each answered request (files known bad
+            before sending count as done), e.g. the CLI's progress bar.
 
     Returns:
         One Prediction per path, in order; unusable files carry ``error`` instead of a
@@ -640,6 +650,7 @@ def predict_files(
                 raise
             except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
                 raise _inference_failed(target, url, exc) from None
+            plan.report(chunk, progress)
     finally:
         clients[0].close()
     return plan.preds
@@ -662,6 +673,7 @@ async def apredict_files(
     retries: int = DEFAULT_RETRIES,
     backoff_s: float = DEFAULT_BACKOFF_S,
     concurrency: int = 4,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Prediction]:
     """``predict_files`` with asyncio: the same arguments, answers, order and errors, with up to
     ``concurrency`` requests in flight at once on one connection.
@@ -734,6 +746,7 @@ async def apredict_files(
                     raise
                 except Exception as exc:  # noqa: BLE001
                     raise _inference_failed(target, url, exc) from None
+                plan.report(chunk, progress)
 
         tasks = [asyncio.ensure_future(send(chunk)) for chunk in plan.chunks(size)]
         try:
