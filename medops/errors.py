@@ -32,15 +32,17 @@ class ExitCode(IntEnum):
 
 _MEANINGS = {
     ExitCode.OK: "success",
-    ExitCode.FAILURE: "the command failed (a stage error, a model that failed its checks) or an "
-                      "unexpected error (a bug: Python's traceback on stderr)",
-    ExitCode.USAGE: "usage error: unknown command or option, bad option value (argparse)",
+    ExitCode.FAILURE: "the command failed (a stage error, a model that failed its checks on "
+                      "Triton, DVC failed) or an unexpected error (a bug: Python's traceback on "
+                      "stderr)",
+    ExitCode.USAGE: "usage error: unknown command or option, bad option value (argparse's own code)",
     ExitCode.BAD_INPUT: "bad input: invalid params.yaml, unknown stage, missing or unusable input "
-                        "files (predict: some files got no answer)",
-    ExitCode.REFUSED: "refused by the gate: its decision is missing, invalid or failed, or the "
-                      "model is not the one it judged",
-    ExitCode.UNAVAILABLE: "server unreachable or not running (Triton; `serve status` when it is "
-                          "not ready)",
+                        "files or data (ingest's source or manifest, a failed data-quality suite); "
+                        "predict: some files got no answer (the others did)",
+    ExitCode.REFUSED: "refused by the gate: its decision (reports/gate.json) is missing, invalid or "
+                      "failed, or the model is not the one it judged",
+    ExitCode.UNAVAILABLE: "server unreachable: Triton cannot be reached (after the retries) or is "
+                          "not live; serve status: it is not running or not ready",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 

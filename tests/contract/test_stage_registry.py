@@ -101,14 +101,14 @@ def test_deploy_is_not_a_dvc_stage(dvc_stages):
 
 
 def test_cli_stage_rejects_unknown_stage(capsys):
-    # a typed error the CLI reports in one line (exit 2), not a traceback
+    # a typed error the CLI reports in one line (bad input, exit 3), not a traceback
     from medops.cli import main
-    from medops.errors import ConfigError
+    from medops.errors import ConfigError, ExitCode
     from medops.pipeline import run_stage
 
     with pytest.raises(ConfigError, match="unknown stage 'nope'"):
         run_stage("nope", None, None)
-    assert main(["stage", "nope"]) == 2
+    assert main(["stage", "nope"]) == ExitCode.BAD_INPUT
     err = capsys.readouterr().err
     assert "medops stage: error: unknown stage 'nope'; stages: ingest, quality" in err
     assert "Traceback" not in err
