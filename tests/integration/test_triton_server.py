@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import time
 
 import pytest
 
+from medops.cli import main
 from medops.config import ServingConfig
-from medops.errors import ServingError
+from medops.errors import ExitCode, ServingError
 from medops.serving.server import (
     build_command,
     port_in_use,
@@ -28,14 +31,24 @@ def serving_cfg(free_port, **extra) -> ServingConfig:
                          startup_timeout_s=60, **extra)
 
 
-def test_start_refuse_second_status_stop(tmp_path, free_port):
-    cfg, state = serving_cfg(free_port), tmp_path / "state"
+def test_start_refuse_second_status_stop(tmp_path, free_port, repo_root, capsys):
+    # the project's own state folder, so `medops serve status` finds the server
+    cfg, state = serving_cfg(free_port), tmp_path / ".medops"
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
     info = start_server(cfg, repository=tmp_path / "repo", state_dir=state)
     try:
         assert (state / "run" / "triton.pid").read_text().strip() == str(info.pid)
         assert read_info(state) == info
         status = server_status(state)
         assert status.running and status.ready
+        assert main(["--project", str(tmp_path), "serve", "status", "--json"]) == ExitCode.OK
+        out = json.loads(capsys.readouterr().out)
+        assert (out["running"], out["ready"], out["detail"]) == (True, True, "ready")
+        assert out["info"] == json.loads(info.model_dump_json())
+        assert main(["--project", str(tmp_path), "serve", "status"]) == ExitCode.OK
+        assert capsys.readouterr().out.startswith(
+            f"Triton is ready: HTTP {info.http_url}, gRPC {info.grpc_url}, metrics {info.metrics_url} "
+            f"(pid {info.pid}, since ")
         assert port_in_use(cfg.host, cfg.http_port) and port_in_use(cfg.host, cfg.grpc_port)
 
         with pytest.raises(ServingError, match=rf"already running \(pid {info.pid}"):
@@ -54,6 +67,8 @@ def test_start_refuse_second_status_stop(tmp_path, free_port):
         assert not port_in_use(cfg.host, port), f"port {port} still bound after stop"
     assert not server_status(state).running
     assert stop_server(state) is False
+    assert main(["--project", str(tmp_path), "serve", "status"]) == ExitCode.UNAVAILABLE
+    assert capsys.readouterr().out.startswith("Triton is not running (no server recorded)")
 
 
 def _record(state, pid: int, info: str | None) -> None:
