@@ -71,6 +71,32 @@ def test_start_refuse_second_status_stop(tmp_path, free_port, repo_root, capsys)
     assert capsys.readouterr().out.startswith("Triton is not running (no server recorded)")
 
 
+def test_medops_serve_start_status_stop_json(tmp_path, free_port, repo_root, capsys):
+    from medops.config import update_params_file
+
+    cfg = serving_cfg(free_port)
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    update_params_file(tmp_path / "params.yaml", {"serving": {
+        "http_port": cfg.http_port, "grpc_port": cfg.grpc_port, "metrics_port": cfg.metrics_port}})
+    project = ["--project", str(tmp_path)]
+    try:
+        assert main([*project, "serve", "start", "--json"]) == ExitCode.OK
+        started = json.loads(capsys.readouterr().out)
+        assert started["http_url"] == f"127.0.0.1:{cfg.http_port}"
+        assert started["grpc_url"] == f"127.0.0.1:{cfg.grpc_port}"
+        assert started["restricted"] is True  # `medops serve` always sets a model-repository key
+        assert main([*project, "serve", "status", "--json"]) == ExitCode.OK
+        assert json.loads(capsys.readouterr().out)["info"]["pid"] == started["pid"]
+        # a second start is refused (a ServingError: exit 1), the first server keeps running
+        assert main([*project, "serve", "start", "--json"]) == ExitCode.FAILURE
+        assert "already running" in json.loads(capsys.readouterr().out)["error"]["message"]
+    finally:
+        assert main([*project, "serve", "stop", "--json"]) == ExitCode.OK
+    assert json.loads(capsys.readouterr().out) == {"stopped": True}
+    assert main([*project, "serve", "status", "--json"]) == ExitCode.UNAVAILABLE
+    assert json.loads(capsys.readouterr().out)["running"] is False
+
+
 def _record(state, pid: int, info: str | None) -> None:
     """A server record as start_server writes it: the pid file and ``info`` as triton.json."""
     run = state / "run"
