@@ -314,8 +314,16 @@ def _print_json(data: dict[str, Any], stream: TextIO) -> None:
     print(json.dumps(data, sort_keys=True), file=stream)
 
 
+def _error_object(exc: BaseException, code: ExitCode) -> dict[str, Any]:
+    return {"error": {"code": int(code), "type": type(exc).__name__, "message": str(exc)}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``medops`` with ``argv`` (default: the command line); returns the exit code."""
+    """Run ``medops`` with ``argv`` (default: the command line); returns the exit code.
+
+    A MedopsError is one line on stderr and its class's exit code; any other exception is a bug
+    and goes on up (Python prints the traceback and exits 1, ``ExitCode.FAILURE``).
+    """
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help / --version (0) or a usage error (2): argparse has printed
@@ -326,14 +334,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # with --json, whatever the libraries print goes to stderr: stdout is the object alone
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
             report = args.func(args)
-    except (MedopsError, KeyboardInterrupt) as exc:
-        code = exit_code_for(exc)
-        if isinstance(exc, MedopsError):
-            print(f"medops {args.command}: error: {exc}", file=sys.stderr)
-            if as_json:
-                _print_json({"error": {"code": int(code), "type": type(exc).__name__,
-                                       "message": str(exc)}}, stdout)
-        return int(code)
+    except KeyboardInterrupt:
+        return int(ExitCode.INTERRUPTED)
+    except MedopsError as exc:
+        print(f"medops {args.command}: error: {exc}", file=sys.stderr)
+        if as_json:
+            _print_json(_error_object(exc, exc.exit_code), stdout)
+        return int(exc.exit_code)
+    except Exception as exc:
+        if as_json:  # a script still gets its one object; the traceback follows on stderr
+            _print_json(_error_object(exc, exit_code_for(exc)), stdout)
+        raise
     if as_json:
         _print_json(report.data, stdout)
     elif report.text:

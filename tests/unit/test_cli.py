@@ -78,6 +78,29 @@ def test_a_usage_error_exits_2_with_argparse_usage(argv, capsys):
     assert captured.out == "" and "usage: medops" in captured.err
 
 
+def test_an_unexpected_error_goes_on_up_after_its_json_object(monkeypatch, capsys):
+    from medops import cli
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_stages", broken)
+    with pytest.raises(RuntimeError, match="a bug"):  # `python -m medops`: traceback, exit 1
+        main(["stages", "--json"])
+    assert json.loads(capsys.readouterr().out) == {
+        "error": {"code": ExitCode.FAILURE, "type": "RuntimeError", "message": "a bug"}}
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    from medops import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_stages", interrupted)
+    assert main(["stages"]) == ExitCode.INTERRUPTED == 130
+
+
 # -- 3: bad input ---------------------------------------------------------------------------------
 
 def test_a_typo_in_params_is_bad_input(tmp_path, repo_root, capsys):
