@@ -24,6 +24,7 @@ import datetime as dt
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pydicom
@@ -273,12 +274,17 @@ def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, ob
     return ds
 
 
-def run(cfg: SynthConfig, *, source_npz: Path, out_dir: Path) -> SynthResult:
-    """Write the synthetic DICOM export and its label manifest; see the module docstring."""
+def run(cfg: SynthConfig, *, source_npz: Path, out_dir: Path,
+        progress: Callable[[int, int], None] | None = None) -> SynthResult:
+    """Write the synthetic DICOM export and its label manifest; see the module docstring.
+
+    ``progress(done, total)`` is called after each file written (e.g. the CLI's progress bar).
+    """
     source_npz, out_dir = Path(source_npz), Path(out_dir)
     data = load_pneumoniamnist(source_npz, cfg.max_images_per_split)
     rng = np.random.default_rng(cfg.seed)
     patients = group_into_patients({s: data[s][1] for s in SPLITS}, cfg.images_per_patient, rng)
+    total = sum(len(images) for images in patients)
 
     dicom_dir = out_dir / "dicom"
     dicom_dir.mkdir(parents=True, exist_ok=True)
@@ -318,6 +324,8 @@ def run(cfg: SynthConfig, *, source_npz: Path, out_dir: Path) -> SynthResult:
                     (dicom_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 pydicom.dcmwrite(dicom_dir / rel, ds, enforce_file_format=True)
                 manifest_rows.append((sop_uid, rel.as_posix(), image.label, image.split))
+                if progress is not None:
+                    progress(len(manifest_rows), total)
             pos += n
             day = day + dt.timedelta(days=int(rng.integers(3, 60)))
 

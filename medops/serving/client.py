@@ -26,7 +26,14 @@ from typing import Any, Awaitable, Callable, Iterable, Literal, Sequence, TypeVa
 import numpy as np
 from pydantic import BaseModel
 
-from medops.errors import DicomReadError, MedopsError, QuarantineReason, ServingError, first_line
+from medops.errors import (
+    DicomReadError,
+    MedopsError,
+    QuarantineReason,
+    ServerUnreachableError,
+    ServingError,
+    first_line,
+)
 from medops.serving.contract import (
     DICOM_INPUT,
     ERROR_OUTPUT,
@@ -135,8 +142,8 @@ def backoff_delays(retries: int, backoff_s: float, *, jitter: float = BACKOFF_JI
 
 
 def _unreachable(url: str, protocol: Protocol, tries: int, waited: float,
-                 exc: BaseException) -> ServingError:
-    return ServingError(
+                 exc: BaseException) -> ServerUnreachableError:
+    return ServerUnreachableError(
         f"cannot reach Triton at {url} over {protocol} after {tries} "
         f"{'try' if tries == 1 else 'tries'} in {waited:.1f} s: {first_line(exc)}; is the server "
         "running (`medops serve start`) and is the url right?"
@@ -151,7 +158,7 @@ def call_with_retries(call: Callable[[], T], *, url: str, protocol: Protocol,
     failed waits out its own reconnect backoff, so a fresh client is made instead).
 
     Raises:
-        ServingError: still no connection after ``retries + 1`` tries, naming ``url``.
+        ServerUnreachableError: still no connection after ``retries + 1`` tries, naming ``url``.
         Exception: any other error from ``call`` as it is, at once.
     """
     delays = backoff_delays(retries, backoff_s)
@@ -259,7 +266,7 @@ def threshold_for(thresholds: dict[str, float], version: str) -> float:
 
 def _judge_live(live: bool, url: str) -> None:
     if not live:
-        raise ServingError(f"Triton at {url} is not live")
+        raise ServerUnreachableError(f"Triton at {url} is not live")
 
 
 def _judge_ready(ready: bool, url: str, model_name: str) -> None:
@@ -270,8 +277,8 @@ def _judge_ready(ready: bool, url: str, model_name: str) -> None:
         )
 
 
-def _not_live_error(exc: BaseException, url: str, protocol: Protocol) -> ServingError:
-    return ServingError(
+def _not_live_error(exc: BaseException, url: str, protocol: Protocol) -> ServerUnreachableError:
+    return ServerUnreachableError(
         f"cannot reach Triton at {url} over {protocol}: {first_line(exc)}; is the server running "
         "(`medops serve start`) and is the url right?"
     )
@@ -513,6 +520,13 @@ class _Plan:
         self.via = via
         self.preds = [Prediction(file=f, error=e) for f, _, e in self.items]
         self.todo = [i for i, (_, payload, _) in enumerate(self.items) if payload is not None]
+        self.done = len(self.items) - len(self.todo)  # files answered, or known bad before sending
+
+    def report(self, chunk: Sequence[int], progress: Callable[[int, int], None] | None) -> None:
+        """Count ``chunk`` as answered and tell ``progress(done, total)``, if given."""
+        self.done += len(chunk)
+        if progress is not None:
+            progress(self.done, len(self.items))
 
     def chunks(self, size: int) -> list[list[int]]:
         weights = [len(self.items[i][1]) if self.via == "ensemble" else 0 for i in self.todo]
@@ -559,6 +573,7 @@ def predict_files(
     via: Via = "ensemble",
     retries: int = DEFAULT_RETRIES,
     backoff_s: float = DEFAULT_BACKOFF_S,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Prediction]:
     """Classify DICOM files with the model served by Triton at ``url``.
 
@@ -584,6 +599,8 @@ def predict_files(
             gRPC UNAVAILABLE), each on a fresh connection; never after any other error.
         backoff_s: wait before the first retry; doubled before each next one (plus up to 10 %
             jitter).
+        progress: ``progress(done, total)`` after each answered request (files known bad
+            before sending count as done), e.g. the CLI's progress bar.
 
     Returns:
         One Prediction per path, in order; unusable files carry ``error`` instead of a
@@ -633,6 +650,7 @@ def predict_files(
                 raise
             except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
                 raise _inference_failed(target, url, exc) from None
+            plan.report(chunk, progress)
     finally:
         clients[0].close()
     return plan.preds
@@ -655,6 +673,7 @@ async def apredict_files(
     retries: int = DEFAULT_RETRIES,
     backoff_s: float = DEFAULT_BACKOFF_S,
     concurrency: int = 4,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Prediction]:
     """``predict_files`` with asyncio: the same arguments, answers, order and errors, with up to
     ``concurrency`` requests in flight at once on one connection.
@@ -727,6 +746,7 @@ async def apredict_files(
                     raise
                 except Exception as exc:  # noqa: BLE001
                     raise _inference_failed(target, url, exc) from None
+                plan.report(chunk, progress)
 
         tasks = [asyncio.ensure_future(send(chunk)) for chunk in plan.chunks(size)]
         try:

@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from medops.config import ServingConfig
-from medops.errors import GateRejectedError, ServingError, first_line
+from medops.errors import GateRejectedError, ServerUnreachableError, ServingError, first_line
 from medops.hashing import sha256_file
 from medops.serving.contract import (
     ONNX_FILENAME,
@@ -188,7 +188,7 @@ class _Connection:
             self.client.is_server_live()
         except Exception as exc:  # noqa: BLE001 - any transport failure
             self.client.close()
-            raise ServingError(f"cannot reach Triton at {self.url} over {self.protocol}: "
+            raise ServerUnreachableError(f"cannot reach Triton at {self.url} over {self.protocol}: "
                                f"{first_line(exc)}") from None
         try:
             self.client.get_model_repository_index(headers=self.headers)
@@ -470,7 +470,8 @@ def deploy(
     Raises:
         GateRejectedError: gate not passed (its failed checks are in the message), or the ONNX
             file / data version is not what the gate judged.
-        ServingError: Triton unreachable, or the new version failed to load or to match the
+        ServerUnreachableError: Triton does not answer at ``url``.
+        ServingError: the new version failed to load or to match the
             golden samples; the message says which version is still served.
     """
     gate_data_version = check_gate(gate)
@@ -600,7 +601,8 @@ def rollback(
     ``repository`` must be the server's own model repository, as for ``deploy``.
 
     Raises:
-        ServingError: no earlier version, Triton unreachable, or the target failed to load or
+        ServerUnreachableError: Triton does not answer at ``url``.
+        ServingError: no earlier version, or the target failed to load or
             answer (the previously served version is then restored).
     """
     name, repository = cfg.model_name, Path(repository)

@@ -84,7 +84,7 @@ def test_dvc_deps_cover_all_the_code_a_stage_runs(name, dvc_stages, repo_root):
 @pytest.mark.parametrize("name", list(STAGES))
 def test_dvc_deps_list_no_code_the_stage_does_not_run(name, dvc_stages, repo_root):
     # the other direction: a code dep the stage never imports reruns it for nothing (editing a plot
-    # in evaluate used to retrain the model, because train listed medops/evaluate.py)
+    # in evaluate used to retrain the model, because train listed medops/stages/evaluate.py)
     closure = code_closure(STAGES[name].module, repo_root)
     deps = [d.rstrip("/") for d in dvc_stages[name]["deps"] if d.startswith("medops")]
     unused = [d for d in deps if not any(rel == d or rel.startswith(d + "/") for rel in closure)]
@@ -116,14 +116,14 @@ def test_deploy_is_not_a_dvc_stage(dvc_stages):
 
 
 def test_cli_stage_rejects_unknown_stage(capsys):
-    # a typed error the CLI reports in one line (exit 2), not a traceback
+    # a typed error the CLI reports in one line (bad input, exit 3), not a traceback
     from medops.cli import main
-    from medops.errors import ConfigError
+    from medops.errors import ConfigError, ExitCode
     from medops.pipeline import run_stage
 
     with pytest.raises(ConfigError, match="unknown stage 'nope'"):
         run_stage("nope", None, None)
-    assert main(["stage", "nope"]) == 2
+    assert main(["stage", "nope"]) == ExitCode.BAD_INPUT
     err = capsys.readouterr().err
     assert "medops stage: error: unknown stage 'nope'; stages: ingest, quality" in err
     assert "Traceback" not in err

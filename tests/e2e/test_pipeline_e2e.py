@@ -268,14 +268,16 @@ def test_triton_answers_like_the_exported_model(flow_run, paths, params):
 
 def test_medops_predict_on_dicom_and_on_a_broken_file(flow_run, paths, tmp_path, capsys):
     from medops.cli import main
+    from medops.errors import ExitCode
 
     dicom_file = next(paths.raw_dicom.rglob("*.dcm"))
     broken = tmp_path / "notes.dcm"
     broken.write_text("this is not DICOM")
     code = main(["--project", str(paths.root), "predict", "--json", str(dicom_file), str(broken)])
-    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert code == 1  # one file failed
-    ok, bad = lines
+    out = json.loads(capsys.readouterr().out)  # one JSON object
+    assert code == ExitCode.BAD_INPUT  # one file got no answer
+    assert out["failed"] == 1
+    ok, bad = out["predictions"]
     assert 0.0 <= ok["probability"] <= 1.0 and ok["label"] in ("normal", "pneumonia")
     assert ok["model_version"] == "1"
     assert bad["file"].endswith("notes.dcm") and bad["error"]

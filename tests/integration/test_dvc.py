@@ -137,6 +137,19 @@ def test_version_dataset_adds_and_pushes(project: Path) -> None:
     assert dvc.version_dataset(project, "data/raw", push=False) == version
 
 
+def test_medops_version_data_json(project: Path, repo_root: Path, capsys) -> None:
+    import json
+
+    from medops.cli import main
+
+    shutil.copy(repo_root / "params.yaml", project / "params.yaml")
+    assert main(["--project", str(project), "version-data", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)  # one object; dvc's own output stays off stdout
+    assert out == {"path": "data/raw", "data_version": dvc.data_version(project, "data/raw"),
+                   "pushed": True}
+    assert dvc.status(project, cloud=True) == {}
+
+
 def test_repro_runs_stage_commands_on_the_reproduced_project(project: Path, monkeypatch) -> None:
     monkeypatch.setenv("MEDOPS_ROOT", "/somewhere/else")
     (project / "dvc.yaml").write_text(

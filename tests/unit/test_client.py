@@ -18,7 +18,7 @@ from medops.serving.client import (
     read_files,
     to_json_lines,
 )
-from medops.errors import ServingError
+from medops.errors import ExitCode, ServerUnreachableError, ServingError
 
 
 def test_label_threshold_is_inclusive():
@@ -66,11 +66,12 @@ def test_read_files_reads_bytes_and_reports_unreadable(tmp_path):
     assert none is None and e2.startswith("not_dicom: cannot read file:") and "gone.dcm" in e2
 
 
-def test_unreachable_server_is_a_serving_error(free_port):
+def test_unreachable_server_is_a_serving_error_of_its_own(free_port):
     url = f"127.0.0.1:{free_port()}"
-    with pytest.raises(ServingError, match=rf"cannot reach Triton at {url} over http"):
+    with pytest.raises(ServerUnreachableError, match=rf"cannot reach Triton at {url} over http") as err:
         predict_files([pydicom_file("CT_small.dcm")], url=url, protocol="http", model_name="m",
                       image_size=28, timeout=3)
+    assert isinstance(err.value, ServingError) and err.value.exit_code == ExitCode.UNAVAILABLE
 
 
 def test_bad_via_is_refused():
@@ -369,6 +370,7 @@ def test_a_server_that_comes_up_during_the_retries_is_reached(tmp_path, free_por
                           model_name="m", image_size=28, timeout=5, retries=8, backoff_s=0.1)
         assert started.is_set() and time.monotonic() - begin > 0.5
         assert "cannot reach" not in str(err.value)
+        assert not isinstance(err.value, ServerUnreachableError)  # an answer: the server is there
     finally:
         thread.join(30)
         stop_server(state)

@@ -135,3 +135,10 @@ def test_a_small_subset_keeps_both_classes_in_every_split():
             full = npz[f"{split}_labels"][:, 0]
         # the class balance of the split is kept (within one image of rounding)
         assert abs(labels.mean() - full.mean()) * 40 <= 1.0
+
+
+def test_progress_counts_every_file_written(tmp_path):
+    calls: list[tuple[int, int]] = []
+    result = synth.run(SynthConfig(max_images_per_split=2), source_npz=BUNDLED_DATASET,
+                       out_dir=tmp_path, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(n, 6) for n in range(1, 7)] and result.files == 6
