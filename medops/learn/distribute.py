@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Seq
 from pydantic import BaseModel, ConfigDict, Field
 
 from medops.errors import ConfigError, DistributionError
-from medops.serving.contract import OUTPUT_NAME
+from medops.models import OUTPUT_NAME
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
