@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from conftest import pydicom_file
-from medops import ingest
+from medops.stages.ingest import stage as ingest
 from medops.config import DeidConfig, IngestConfig, SynthConfig
 from medops.data import METADATA_COLUMNS, load_images, read_metadata, shard_path
 from medops.dicom import synth
@@ -787,7 +787,7 @@ def test_the_main_process_of_a_parallel_run_imports_neither_pandas_nor_the_decod
     code = f"""
 import json, sys
 from pathlib import Path
-from medops import ingest
+from medops.stages import ingest
 from medops.config import IngestConfig
 result = ingest.run(IngestConfig(workers=2, shard_size=4), source_dir=Path({str(export["src"] / "synthetic")!r}),
                     out_dir=Path({str(tmp_path / "out")!r}), key=b"k" * 32, progress=False)
