@@ -13,7 +13,8 @@ import pydicom
 import pytest
 
 from conftest import pydicom_file
-from medops.stages.ingest import stage as ingest
+from medops.stages import ingest
+from medops.stages.ingest import index, pool, stage, worker, writers
 from medops.config import DeidConfig, IngestConfig, SynthConfig
 from medops.data import METADATA_COLUMNS, load_images, read_metadata, shard_path
 from medops.dicom import synth
@@ -353,10 +354,10 @@ def test_a_full_rebuild_is_reused_by_the_incremental_runs_after_it(grown):
 def test_the_fingerprint_holds_what_changes_an_output_byte_and_only_that():
     cfg = IngestConfig()
     same = [cfg.model_copy(update={"workers": 7}), cfg.model_copy(update={"incremental": False})]
-    assert {ingest._fingerprint(c, KEY) for c in same} == {ingest._fingerprint(cfg, KEY)}
+    assert {index._fingerprint(c, KEY) for c in same} == {index._fingerprint(cfg, KEY)}
     other = [cfg.model_copy(update={"frame": "max"}), cfg.model_copy(update={"image_size": 16})]
-    assert ingest._fingerprint(cfg, KEY) not in {ingest._fingerprint(c, KEY) for c in other}
-    assert ingest._fingerprint(cfg, b"another-key-0123456789abcdef") != ingest._fingerprint(cfg, KEY)
+    assert index._fingerprint(cfg, KEY) not in {index._fingerprint(c, KEY) for c in other}
+    assert index._fingerprint(cfg, b"another-key-0123456789abcdef") != index._fingerprint(cfg, KEY)
 
 
 def test_changed_settings_rebuild_everything(grown):
@@ -442,7 +443,7 @@ def test_a_run_that_crashed_half_way_does_not_block_the_next(tmp_path, monkeypat
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ingest, "_write_metadata", crash)  # where metadata.parquet is written
+    monkeypatch.setattr(stage, "_write_metadata", crash)  # where metadata.parquet is written
     with pytest.raises(OSError):
         ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out,
                    manifest=raw / "labels.csv", key=KEY)
@@ -464,7 +465,7 @@ def test_an_output_that_cannot_be_written_fails_the_stage_not_the_file(tmp_path,
     def disk_full(ds, target):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ingest, "_write_atomically", disk_full)
+    monkeypatch.setattr(worker, "_write_atomically", disk_full)
     with pytest.raises(IngestError, match=r"cannot write the de-identified file .*dicom/.*\.dcm: "
                                           r"No space left on device"):
         ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out, key=KEY)
@@ -551,7 +552,8 @@ def test_a_kept_file_whose_copy_cannot_be_restored_fails_the_run(tmp_path, monke
 
     res = ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "ok", key=KEY)
     assert res.quarantined_by_reason == {"duplicate": 1}
-    monkeypatch.setattr(ingest, "process_file", process_file)
+    monkeypatch.setattr(pool, "process_file", process_file)   # decoding (one worker: in-process)
+    monkeypatch.setattr(stage, "process_file", process_file)  # restoring a kept file's copy
     with pytest.raises(IngestError, match="cannot restore the de-identified copy of a.dcm"):
         ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "out", key=KEY)
     assert calls == ["a.dcm", "b.dcm", "a.dcm"]
@@ -630,13 +632,13 @@ def test_index_written_entry_by_entry_is_the_json_it_always_was(tmp_path, files)
     with path.open("w") as fh:
         fh.write('{\n"files": {')
         for i, rel in enumerate(sorted(files)):
-            ingest._write_index_entry(fh, i == 0, rel, files[rel])
-        ingest._close_index(fh, len(files), "f" * 64)
+            index._write_index_entry(fh, i == 0, rel, files[rel])
+        index._close_index(fh, len(files), "f" * 64)
     assert path.read_text() == json.dumps({"fingerprint": "f" * 64, "files": files}, sort_keys=True,
                                           indent=0) + "\n"
     assert json.loads(path.read_text())["files"] == files
-    assert ingest._index_fingerprint(path) == "f" * 64
-    assert list(ingest._index_entries(path)) == sorted(files.items())
+    assert index._index_fingerprint(path) == "f" * 64
+    assert list(index._index_entries(path)) == sorted(files.items())
 
 
 def _row(i: int, **overrides) -> dict:
@@ -659,12 +661,12 @@ def _row(i: int, **overrides) -> dict:
 def test_metadata_written_in_row_groups_reads_back_as_the_whole_frame_would(tmp_path, monkeypatch, rows):
     import pyarrow.parquet as pq
 
-    monkeypatch.setattr(ingest, "_ROW_GROUP", 3)
-    parts = ingest._MetadataWriter(tmp_path / "parts.parquet")
+    monkeypatch.setattr(writers, "_ROW_GROUP", 3)
+    parts = writers._MetadataWriter(tmp_path / "parts.parquet")
     for row in rows:
         parts.add(dict(row))
     parts.close()
-    ingest._write_metadata(parts, tmp_path / "metadata.parquet")
+    writers._write_metadata(parts, tmp_path / "metadata.parquet")
     ingest.metadata_frame(rows).to_parquet(tmp_path / "whole.parquet", index=False)
     written, whole = pq.ParquetFile(tmp_path / "metadata.parquet"), pq.ParquetFile(tmp_path / "whole.parquet")
     # pandas' metadata too (built without pandas, see _metadata_schema): same bytes
@@ -676,7 +678,7 @@ def test_metadata_written_in_row_groups_reads_back_as_the_whole_frame_would(tmp_
 
 def test_chunk_size_gives_each_worker_about_four_tasks_of_bounded_size():
     assert [ingest.chunk_size(n, 2) for n in (0, 1, 8, 9, 80)] == [1, 1, 1, 2, 10]
-    assert ingest.chunk_size(10**6, 8) == ingest._MAX_CHUNK
+    assert ingest.chunk_size(10**6, 8) == pool._MAX_CHUNK
     # near the end tasks shrink (a quarter of each worker's share of what is left) down to 1 file
     assert [ingest.chunk_size(2000, 2, done) for done in (0, 1488, 1744, 1992, 1999)] == [64, 64, 32, 1, 1]
     sizes, done = [], 0
@@ -687,16 +689,16 @@ def test_chunk_size_gives_each_worker_about_four_tasks_of_bounded_size():
 
 
 def test_cursor_reads_sorted_pairs_once_and_forgives_gaps():
-    cursor = ingest._Cursor(iter([("a", 1), ("c", 3), ("d", 4)]))
+    cursor = index._Cursor(iter([("a", 1), ("c", 3), ("d", 4)]))
     assert [cursor.get(k) for k in ("0", "a", "b", "c", "e")] == [None, 1, None, 3, None]
     assert cursor.get("d") is None  # passed: keys must be asked for in ascending order
 
 
 def test_bounded_window_with_reuse_and_parallel_workers_matches_a_full_run(grown, monkeypatch):
     """Tiny chunks, one chunk ahead per worker, a run that mixes reused and new files on 2 workers."""
-    monkeypatch.setattr(ingest, "_MAX_CHUNK", 2)
-    monkeypatch.setattr(ingest, "_AHEAD_PER_WORKER", 1)
-    monkeypatch.setattr(ingest, "_ROW_GROUP", 3)
+    monkeypatch.setattr(pool, "_MAX_CHUNK", 2)
+    monkeypatch.setattr(pool, "_AHEAD_PER_WORKER", 1)
+    monkeypatch.setattr(writers, "_ROW_GROUP", 3)
     cfg = IngestConfig(workers=2, shard_size=3)
     out, src = grown["tmp"] / "out", grown["src"]
     for p in sorted(grown["extra"].iterdir()):
@@ -767,7 +769,7 @@ def test_main_process_memory_per_file_is_a_few_hundred_bytes(tmp_path, monkeypat
         _small_ct(i).save_as(target, enforce_file_format=True)
     # metadata rows are held until a row group of _ROW_GROUP is written: a bound, but one larger
     # than these exports, so it is made smaller here
-    monkeypatch.setattr(ingest, "_ROW_GROUP", 50, raising=False)
+    monkeypatch.setattr(writers, "_ROW_GROUP", 50, raising=False)
     small = tmp_path / "small"
     shutil.copytree(tmp_path / "src" / "series0", small / "series0")
     _traced_peak(small, tmp_path / "warm-up")  # imports and caches, not per-file state

@@ -1,0 +1,218 @@
+"""The ingest stage's local process pool: files handed out in chunks (guided self-scheduling)
+through a bounded window, outcomes in source order, a crashed worker isolated to its file."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Any, Iterable, Iterator
+
+from medops.errors import IngestError, QuarantineReason
+from medops.stages.ingest.worker import FileOutcome, _init_worker, process_chunk, process_file
+
+
+log = logging.getLogger(__name__)
+_MAX_CHUNK = 64        # files per task: bounds the memory a task's results hold
+_AHEAD_PER_WORKER = 3  # tasks in flight per worker: keeps workers busy without piling up results
+
+
+def _init_pool_worker(*init_args: Any) -> None:
+    """A worker process' initializer: :func:`_init_worker` in a process tuned for decoding."""
+    from medops.procs import reuse_freed_memory
+
+    reuse_freed_memory()
+    _init_worker(*init_args)
+
+
+@dataclass(slots=True)
+class _Item:
+    """One source file on its way through the run."""
+
+    rel: str
+    sha: str = ""  # known before decoding in an incremental run only (a full run lets workers hash)
+    prior: dict[str, Any] | tuple[str, str] | None = None  # reused row / (reason, detail); None: decode
+    outcome: FileOutcome | None = None
+
+
+@dataclass
+class _Starting:
+    """A worker pool whose processes are starting: one probe task per worker, so that all of them
+    start at once (a spawn pool starts a process per task waiting for one)."""
+
+    pool: ProcessPoolExecutor
+    probes: list[Future]
+
+
+def _launch_pool(workers: int, init_args: tuple) -> _Starting:
+    """Start ``workers`` processes without waiting for them (:func:`_ready` waits).
+
+    spawn, not fork: the caller (a Prefect worker, a test runner) may hold threads and locks.
+    """
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                               initializer=_init_pool_worker, initargs=init_args)
+    return _Starting(pool, [pool.submit(int) for _ in range(workers)])
+
+
+def _ready(starting: _Starting) -> ProcessPoolExecutor | None:
+    """The pool once its processes answer, or None when worker processes cannot run here at all."""
+    try:
+        for probe in starting.probes:
+            probe.result()
+    except Exception as exc:  # e.g. a __main__ that cannot be re-imported (python - < script)
+        starting.pool.shutdown(wait=False, cancel_futures=True)
+        log.warning("ingest worker processes cannot start (%s: %s); decoding in this process",
+                    type(exc).__name__, exc)
+        return None
+    return starting.pool
+
+
+def _start_pool(workers: int, init_args: tuple) -> ProcessPoolExecutor | None:
+    """A started worker pool, or None when worker processes cannot run here at all."""
+    return _ready(_launch_pool(workers, init_args))
+
+
+def _pool_size(expected: int, workers: int) -> int:
+    """How many worker processes ``expected`` files get: one per chunk at most (1 = this process)."""
+    return min(workers, math.ceil(expected / chunk_size(expected, workers))) if expected else 1
+
+
+def _isolate(chunk: list[str], init_args: tuple) -> list[FileOutcome]:
+    """Run a chunk whose worker died one file per task, to quarantine only the file that kills it."""
+    out: list[FileOutcome] = []
+    pool = _start_pool(1, init_args)
+    for rel in chunk:
+        if pool is None:
+            _init_worker(*init_args)
+            out.append(process_file(rel))
+            continue
+        try:
+            out.append(pool.submit(process_file, rel).result())
+        except BrokenProcessPool:
+            pool.shutdown(wait=False, cancel_futures=True)
+            out.append(FileOutcome(path=rel, reason=QuarantineReason.DECODE_ERROR.value,
+                                   detail="the decoder crashed the worker process reading this file"))
+            pool = _start_pool(1, init_args)
+    if pool is not None:
+        pool.shutdown()
+    return out
+
+
+def chunk_size(expected: int, workers: int, handed_out: int = 0) -> int:
+    """Files for the next worker task, ``handed_out`` of ``expected`` files on ``workers``
+    processes being given out already: a quarter of each worker's share of what is left, at most
+    ``_MAX_CHUNK`` (guided self-scheduling). Tasks stay a few seconds long while there is much to
+    do and shrink to single files at the end, so that no worker sits idle while another finishes
+    a long last task."""
+    left = max(expected - handed_out, 1)
+    return max(1, min(_MAX_CHUNK, math.ceil(left / (workers * 4))))
+
+
+def _done(value: list[FileOutcome]) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: int,
+            starting: _Starting | None = None) -> Iterator[_Item]:
+    """``items`` in their order, each one to decode (``prior is None``) with its ``outcome``.
+
+    Bounded whatever the number of files: at most ``workers * _AHEAD_PER_WORKER`` chunks in flight
+    and twice as many chunks' worth of items read ahead. ``expected`` (an upper bound of the files
+    to decode) sizes the chunks; ``workers == 1``, or a single chunk, decodes in this process.
+    Otherwise a worker that dies (a decoder plugin that crashes on a malformed file) costs a pool
+    restart, and the chunk it held is retried one file per task, so only the culprit is quarantined
+    and the stage goes on. ``starting``: the pool, already launched by the caller for
+    ``_pool_size(expected, workers)`` processes (the caller shuts it down should this generator
+    never start).
+    """
+    size = chunk_size(expected, workers)
+    n_workers = _pool_size(expected, workers)
+    if n_workers <= 1:
+        _init_worker(*init_args)
+        for item in items:
+            if item.prior is None:
+                item.outcome = process_file(item.rel)
+            yield item
+        return
+    max_inflight = n_workers * _AHEAD_PER_WORKER
+    max_window = 2 * max_inflight * size
+    source = iter(items)
+    window: deque[_Item] = deque()
+    inflight: deque[tuple[Future, list[str]]] = deque()
+    ready: deque[FileOutcome] = deque()
+    chunk: list[str] = []
+    pool: ProcessPoolExecutor | None = None
+    started = exhausted = False
+
+    handed_out = 0
+
+    def submit() -> None:
+        nonlocal chunk, pool, started, size, handed_out
+        if not started:  # lazily: a rerun with nothing new starts no process
+            started = True
+            pool = _ready(starting) if starting is not None else _start_pool(n_workers, init_args)
+            if pool is None:
+                _init_worker(*init_args)
+        if pool is None:
+            inflight.append((_done(process_chunk(chunk)), chunk))
+        else:
+            try:
+                future = pool.submit(process_chunk, chunk)
+            except BrokenProcessPool as exc:  # a worker died meanwhile: dealt with in turn
+                future = Future()
+                future.set_exception(exc)
+            inflight.append((future, chunk))
+        handed_out += len(chunk)
+        size = chunk_size(expected, workers, handed_out)
+        chunk = []
+
+    def oldest() -> list[FileOutcome]:
+        nonlocal pool, inflight
+        future, rels = inflight.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            assert pool is not None
+            pool.shutdown(wait=False, cancel_futures=True)
+            results = _isolate(rels, init_args)
+            restarted = _start_pool(n_workers, init_args)
+            if restarted is None:
+                raise IngestError("ingest worker processes cannot be restarted after a crash")
+            pool = restarted
+            inflight = deque((pool.submit(process_chunk, r), r) for _, r in inflight)
+            return results
+
+    try:
+        while True:
+            while not exhausted and len(inflight) < max_inflight and len(window) < max_window:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                window.append(item)
+                if item.prior is None:
+                    chunk.append(item.rel)
+                    if len(chunk) >= size:
+                        submit()
+            if chunk and len(inflight) < max_inflight and (exhausted or len(window) >= max_window):
+                submit()  # nothing more to add to it soon: keep the workers busy
+            if not window:
+                return
+            item = window.popleft()
+            if item.prior is None:
+                if not ready:
+                    if not inflight:
+                        submit()  # the item is in the open chunk
+                    ready.extend(oldest())
+                item.outcome = ready.popleft()
+                assert item.outcome.path == item.rel, (item.outcome.path, item.rel)
+            yield item
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
