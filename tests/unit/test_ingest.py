@@ -544,11 +544,11 @@ def test_a_kept_file_whose_copy_cannot_be_restored_fails_the_run(tmp_path, monke
     twin.save_as(src / "b.dcm", enforce_file_format=True)
     real, calls = ingest.process_file, []
 
-    def process_file(rel):
+    def process_file(spec, rel):
         calls.append(rel)
         if calls.count(rel) == 2:  # the restore of a.dcm after b.dcm overwrote its copy
             return ingest.FileOutcome(path=rel, reason="not_dicom", detail="cannot read: gone")
-        return real(rel)
+        return real(spec, rel)
 
     res = ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "ok", key=KEY)
     assert res.quarantined_by_reason == {"duplicate": 1}
@@ -557,6 +557,25 @@ def test_a_kept_file_whose_copy_cannot_be_restored_fails_the_run(tmp_path, monke
     with pytest.raises(IngestError, match="cannot restore the de-identified copy of a.dcm"):
         ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "out", key=KEY)
     assert calls == ["a.dcm", "b.dcm", "a.dcm"]
+
+
+def test_process_file_takes_its_settings_as_an_argument(tmp_path):
+    """No settings live in a module global: two runs' specs in one process, used in turn, each
+    de-identify with their own key and write to their own folder."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _small_ct(1).save_as(src / "a.dcm", enforce_file_format=True)
+    cfg = IngestConfig(workers=1, image_size=8)
+    one = ingest.WorkerSpec(cfg, KEY, None, src, tmp_path / "one")
+    two = ingest.WorkerSpec(cfg, b"another-key-0123456789abcdef", {"path:a.dcm": (1, "test")}, src,
+                            tmp_path / "two")
+    first, second, again = (ingest.process_file(s, "a.dcm") for s in (one, two, one))
+    assert first.reason is None and second.reason is None
+    assert first.record["sop_instance_uid"] != second.record["sop_instance_uid"]
+    assert (first.record["label"], second.record["label"]) == (None, 1)
+    assert again.record == first.record
+    assert (tmp_path / "one" / first.record["deid_path"]).is_file()
+    assert (tmp_path / "two" / second.record["deid_path"]).is_file()
 
 
 # --- memory flat in the number of files: everything streamed, outputs unchanged ----------------

@@ -39,11 +39,11 @@ from medops.stages.ingest.manifest import FOLDER_LABELS, FOLDER_SPLITS, labels_f
 from medops.stages.ingest.pool import chunk_size
 from medops.stages.ingest.source import iter_source_files
 from medops.stages.ingest.stage import IngestResult, format_summary, run
-from medops.stages.ingest.worker import FileOutcome, process_chunk, process_file
+from medops.stages.ingest.worker import FileOutcome, WorkerSpec, process_chunk, process_file
 from medops.stages.ingest.writers import QUARANTINE_COLUMNS, metadata_frame
 
 __all__ = [
     "FOLDER_LABELS", "FOLDER_SPLITS", "INDEX_NAME", "OUTPUT_VERSION", "QUARANTINE_COLUMNS",
-    "FileOutcome", "IngestResult", "chunk_size", "format_summary", "iter_source_files",
+    "FileOutcome", "IngestResult", "WorkerSpec", "chunk_size", "format_summary", "iter_source_files",
     "labels_from_path", "metadata_frame", "process_chunk", "process_file", "read_manifest", "run",
 ]

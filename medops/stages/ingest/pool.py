@@ -13,7 +13,7 @@ from multiprocessing import get_context
 from typing import Any, Iterable, Iterator
 
 from medops.errors import IngestError, QuarantineReason
-from medops.stages.ingest.worker import FileOutcome, _init_worker, process_chunk, process_file
+from medops.stages.ingest.worker import FileOutcome, WorkerSpec, process_chunk, process_file
 
 
 log = logging.getLogger(__name__)
@@ -21,12 +21,30 @@ _MAX_CHUNK = 64        # files per task: bounds the memory a task's results hold
 _AHEAD_PER_WORKER = 3  # tasks in flight per worker: keeps workers busy without piling up results
 
 
-def _init_pool_worker(*init_args: Any) -> None:
-    """A worker process' initializer: :func:`_init_worker` in a process tuned for decoding."""
+# The spec of the run a pool's worker process decodes for, set once, in that process, by the pool's
+# initializer: the tasks carry only file names, because a manifest's labels can be megabytes
+# (100,000 rows: ~6 MB, ~35 ms to pickle), too much to send with every chunk. Only
+# _init_pool_worker writes it and only _decode_chunk reads it; the main process never sets it
+# (decoding there passes its spec to process_file directly), so two runs in one process cannot
+# see each other's settings.
+_worker_spec: WorkerSpec | None = None
+
+
+def _init_pool_worker(spec: WorkerSpec) -> None:
+    """A worker process' initializer: keeps the run's spec for its tasks, in a process tuned for
+    decoding."""
+    global _worker_spec
     from medops.procs import reuse_freed_memory
 
     reuse_freed_memory()
-    _init_worker(*init_args)
+    _worker_spec = spec
+
+
+def _decode_chunk(rels: list[str]) -> list[FileOutcome]:
+    """A pool task: :func:`process_chunk` with the spec this worker process was started with."""
+    if _worker_spec is None:
+        raise RuntimeError("_decode_chunk runs in an ingest pool's worker process only")
+    return process_chunk(_worker_spec, rels)
 
 
 @dataclass(slots=True)
@@ -48,13 +66,13 @@ class _Starting:
     probes: list[Future]
 
 
-def _launch_pool(workers: int, init_args: tuple) -> _Starting:
+def _launch_pool(workers: int, spec: WorkerSpec) -> _Starting:
     """Start ``workers`` processes without waiting for them (:func:`_ready` waits).
 
     spawn, not fork: the caller (a Prefect worker, a test runner) may hold threads and locks.
     """
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                               initializer=_init_pool_worker, initargs=init_args)
+                               initializer=_init_pool_worker, initargs=(spec,))
     return _Starting(pool, [pool.submit(int) for _ in range(workers)])
 
 
@@ -71,9 +89,9 @@ def _ready(starting: _Starting) -> ProcessPoolExecutor | None:
     return starting.pool
 
 
-def _start_pool(workers: int, init_args: tuple) -> ProcessPoolExecutor | None:
+def _start_pool(workers: int, spec: WorkerSpec) -> ProcessPoolExecutor | None:
     """A started worker pool, or None when worker processes cannot run here at all."""
-    return _ready(_launch_pool(workers, init_args))
+    return _ready(_launch_pool(workers, spec))
 
 
 def _pool_size(expected: int, workers: int) -> int:
@@ -81,22 +99,21 @@ def _pool_size(expected: int, workers: int) -> int:
     return min(workers, math.ceil(expected / chunk_size(expected, workers))) if expected else 1
 
 
-def _isolate(chunk: list[str], init_args: tuple) -> list[FileOutcome]:
+def _isolate(chunk: list[str], spec: WorkerSpec) -> list[FileOutcome]:
     """Run a chunk whose worker died one file per task, to quarantine only the file that kills it."""
     out: list[FileOutcome] = []
-    pool = _start_pool(1, init_args)
+    pool = _start_pool(1, spec)
     for rel in chunk:
         if pool is None:
-            _init_worker(*init_args)
-            out.append(process_file(rel))
+            out.append(process_file(spec, rel))
             continue
         try:
-            out.append(pool.submit(process_file, rel).result())
+            out.extend(pool.submit(_decode_chunk, [rel]).result())
         except BrokenProcessPool:
             pool.shutdown(wait=False, cancel_futures=True)
             out.append(FileOutcome(path=rel, reason=QuarantineReason.DECODE_ERROR.value,
                                    detail="the decoder crashed the worker process reading this file"))
-            pool = _start_pool(1, init_args)
+            pool = _start_pool(1, spec)
     if pool is not None:
         pool.shutdown()
     return out
@@ -118,7 +135,7 @@ def _done(value: list[FileOutcome]) -> Future:
     return future
 
 
-def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: int,
+def _decode(items: Iterable[_Item], workers: int, spec: WorkerSpec, expected: int,
             starting: _Starting | None = None) -> Iterator[_Item]:
     """``items`` in their order, each one to decode (``prior is None``) with its ``outcome``.
 
@@ -134,10 +151,9 @@ def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: in
     size = chunk_size(expected, workers)
     n_workers = _pool_size(expected, workers)
     if n_workers <= 1:
-        _init_worker(*init_args)
         for item in items:
             if item.prior is None:
-                item.outcome = process_file(item.rel)
+                item.outcome = process_file(spec, item.rel)
             yield item
         return
     max_inflight = n_workers * _AHEAD_PER_WORKER
@@ -156,14 +172,12 @@ def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: in
         nonlocal chunk, pool, started, size, handed_out
         if not started:  # lazily: a rerun with nothing new starts no process
             started = True
-            pool = _ready(starting) if starting is not None else _start_pool(n_workers, init_args)
-            if pool is None:
-                _init_worker(*init_args)
+            pool = _ready(starting) if starting is not None else _start_pool(n_workers, spec)
         if pool is None:
-            inflight.append((_done(process_chunk(chunk)), chunk))
+            inflight.append((_done(process_chunk(spec, chunk)), chunk))
         else:
             try:
-                future = pool.submit(process_chunk, chunk)
+                future = pool.submit(_decode_chunk, chunk)
             except BrokenProcessPool as exc:  # a worker died meanwhile: dealt with in turn
                 future = Future()
                 future.set_exception(exc)
@@ -180,12 +194,12 @@ def _decode(items: Iterable[_Item], workers: int, init_args: tuple, expected: in
         except BrokenProcessPool:
             assert pool is not None
             pool.shutdown(wait=False, cancel_futures=True)
-            results = _isolate(rels, init_args)
-            restarted = _start_pool(n_workers, init_args)
+            results = _isolate(rels, spec)
+            restarted = _start_pool(n_workers, spec)
             if restarted is None:
                 raise IngestError("ingest worker processes cannot be restarted after a crash")
             pool = restarted
-            inflight = deque((pool.submit(process_chunk, r), r) for _, r in inflight)
+            inflight = deque((pool.submit(_decode_chunk, r), r) for _, r in inflight)
             return results
 
     try:

@@ -23,7 +23,7 @@ from medops.stages.ingest.index import (INDEX_NAME, _close_index, _fingerprint, 
 from medops.stages.ingest.manifest import labels_from_path, read_manifest
 from medops.stages.ingest.pool import _decode, _launch_pool, _pool_size, _Starting
 from medops.stages.ingest.source import iter_source_files
-from medops.stages.ingest.worker import _init_worker, process_file
+from medops.stages.ingest.worker import WorkerSpec, process_file
 from medops.stages.ingest.writers import (QUARANTINE_COLUMNS, _digest, _MetadataWriter,
                                           _prune_dicom, _ShardWriter, _write_metadata)
 
@@ -144,14 +144,14 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     # listed again as they are processed, so the listing is never held
     total = sum(1 for _ in iter_source_files(source_dir))
     _check_folders(source_dir, out_dir)
-    init_args = (cfg, key, labels, str(source_dir), str(out_dir / "dicom"))
+    spec = WorkerSpec(cfg, key, labels, source_dir, out_dir)
     # a full rebuild decodes every file: its workers are launched now and start up while this
     # process imports what it writes with and sets up its outputs
     n_workers = _pool_size(total, cfg.workers)
     rebuild = not cfg.incremental or not (out_dir / INDEX_NAME).is_file()
-    starting = _launch_pool(n_workers, init_args) if rebuild and n_workers > 1 else None
+    starting = _launch_pool(n_workers, spec) if rebuild and n_workers > 1 else None
     try:
-        return _ingest(cfg, source_dir, out_dir, labels, key, total, init_args, starting, progress,
+        return _ingest(cfg, source_dir, out_dir, labels, key, total, spec, starting, progress,
                        started)
     finally:
         if starting is not None:  # shut down by the decoding once it started; again is harmless
@@ -159,7 +159,7 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
 
 
 def _ingest(cfg: IngestConfig, source_dir: Path, out_dir: Path, labels: dict | None, key: bytes,
-            total: int, init_args: tuple, starting: _Starting | None,
+            total: int, spec: WorkerSpec, starting: _Starting | None,
             progress: bool | Progress | None, started: float) -> IngestResult:
     """:func:`run` once its arguments are checked and, for a full rebuild, its workers launched."""
     import filecmp
@@ -203,7 +203,7 @@ def _ingest(cfg: IngestConfig, source_dir: Path, out_dir: Path, labels: dict | N
     files_seen = decoded = labelled = 0
     old_shards: dict[int, np.ndarray] = {}
     callback, close = _progress_callback(progress, total)
-    items = _decode(_plan(iter_source_files(source_dir), source_dir, previous), cfg.workers, init_args,
+    items = _decode(_plan(iter_source_files(source_dir), source_dir, previous), cfg.workers, spec,
                     total, starting if previous is None else None)
     try:
         # the workers get their first chunks before this process imports what writing
@@ -287,9 +287,8 @@ def _ingest(cfg: IngestConfig, source_dir: Path, out_dir: Path, labels: dict | N
     from medops.data import ARRAYS_DIR
 
     if rewrite:  # restore the kept files' de-identified copies a duplicate may have overwritten
-        _init_worker(*init_args)
         for rel in sorted(set(rewrite)):
-            restored = process_file(rel)
+            restored = process_file(spec, rel)
             if restored.reason is not None:  # it was used a moment ago: the file changed meanwhile?
                 raise IngestError(f"cannot restore the de-identified copy of {rel}, which shares its "
                                   f"SOP Instance UID with a duplicate: {restored.reason} "

@@ -29,11 +29,17 @@ class FileOutcome:
     image: np.ndarray | None = None
 
 
-_STATE: dict[str, Any] = {}
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the per-file work needs besides the file, passed whole: to :func:`process_file` with
+    each call, and to each worker process once, as its pool's initializer argument (see
+    :mod:`medops.stages.ingest.pool`)."""
 
-
-def _init_worker(cfg: IngestConfig, key: bytes, labels: dict | None, source_dir: str, dicom_dir: str) -> None:
-    _STATE.update(cfg=cfg, key=key, labels=labels, source_dir=Path(source_dir), dicom_dir=Path(dicom_dir))
+    cfg: IngestConfig
+    key: bytes                     # the de-identification key
+    labels: dict[str, tuple[int | None, str | None]] | None  # read_manifest's; None: no manifest
+    source_dir: Path
+    out_dir: Path                  # de-identified files go to out_dir/dicom/
 
 
 def _write_atomically(ds: Any, target: Path) -> None:
@@ -75,7 +81,7 @@ def _image_stats(image: np.ndarray) -> dict[str, float]:
             "pixel_min": float(image.min()), "pixel_max": float(image.max())}
 
 
-def process_file(rel: str) -> FileOutcome:
+def process_file(spec: WorkerSpec, rel: str) -> FileOutcome:
     """Read, check, decode and de-identify one file; every per-file failure becomes data.
 
     Raises:
@@ -87,11 +93,9 @@ def process_file(rel: str) -> FileOutcome:
     from medops.dicom.io import looking_only, read_dataset, text_value
     from medops.dicom.pixels import prepare_image
 
-    cfg: IngestConfig = _STATE["cfg"]
-    key: bytes = _STATE["key"]
-    labels: dict | None = _STATE["labels"]
+    cfg, key, labels = spec.cfg, spec.key, spec.labels
     out = FileOutcome(path=rel)
-    path = _STATE["source_dir"] / rel
+    path = spec.source_dir / rel
     unusable = _not_a_file(path)
     if unusable is not None:
         out.reason, out.detail = QuarantineReason.NOT_DICOM.value, unusable
@@ -148,7 +152,7 @@ def process_file(rel: str) -> FileOutcome:
             series = text_value(ds, "SeriesInstanceUID") or None
             patient_id = text_value(ds, "PatientID")
         rel_deid = Path("dicom") / (study or "no-study") / f"{sop}.dcm"
-        target = _STATE["dicom_dir"].parent / rel_deid
+        target = spec.out_dir / rel_deid
         try:
             _write_atomically(ds, target)
         except OSError as exc:  # the output folder, not this file: the stage cannot go on
@@ -182,5 +186,5 @@ def process_file(rel: str) -> FileOutcome:
     return out
 
 
-def process_chunk(rels: list[str]) -> list[FileOutcome]:
-    return [process_file(rel) for rel in rels]
+def process_chunk(spec: WorkerSpec, rels: list[str]) -> list[FileOutcome]:
+    return [process_file(spec, rel) for rel in rels]
