@@ -535,6 +535,49 @@ def test_an_output_write_failure_in_a_worker_fails_the_run_clearly(grown):
     assert len(read_metadata(out)) == first.used  # the earlier outputs are untouched
 
 
+def test_a_worker_process_that_dies_costs_only_the_file_it_was_reading(export, tmp_path):
+    """A decoder that kills its process (a crashing plugin) on one file: the pool restarts, the
+    chunk it held is retried one file per task, and only that file is quarantined. Run as a
+    script, so that its spawned workers import it (as __mp_main__) and get the crashing decoder."""
+    import json
+    import subprocess
+    import sys
+
+    source = export["src"] / "synthetic"
+    victim = sorted(p.relative_to(source).as_posix() for p in source.rglob("*.dcm"))[4]
+    script = tmp_path / "crashing_decoder.py"
+    script.write_text(f"""
+import json, os
+from pathlib import Path
+
+if __name__ == "__mp_main__":  # a worker process
+    from medops.stages.ingest import worker
+
+    real = worker._read_original
+
+    def read_original(ds, spec, rel):
+        if rel == {victim!r}:
+            os._exit(3)
+        return real(ds, spec, rel)
+
+    worker._read_original = read_original
+
+if __name__ == "__main__":
+    from medops.config import IngestConfig
+    from medops.stages import ingest
+
+    res = ingest.run(IngestConfig(workers=2, shard_size=4), source_dir=Path({str(source)!r}),
+                     out_dir=Path({str(tmp_path / "out")!r}), key=b"k" * 32, progress=False)
+    print(json.dumps({{"used": res.used, "quarantined": res.quarantined_by_reason}}))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"used": 11, "quarantined": {"decode_error": 1}}
+    [row] = _read_csv(tmp_path / "out" / "quarantine.csv")
+    assert row == {"path": victim, "reason": "decode_error",
+                   "detail": "the decoder crashed the worker process reading this file"}
+
+
 def test_a_kept_file_whose_copy_cannot_be_restored_fails_the_run(tmp_path, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()

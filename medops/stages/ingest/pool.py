@@ -135,6 +135,70 @@ def _done(value: list[FileOutcome]) -> Future:
     return future
 
 
+class _Chunks:
+    """The pool's side of :func:`_decode`: files gathered into chunks sized by :func:`chunk_size`,
+    handed to the workers, and their outcomes taken back oldest chunk first. The pool starts with
+    the first chunk (a rerun with nothing new starts no process); when no worker process can run,
+    chunks are decoded here as they are handed out."""
+
+    def __init__(self, spec: WorkerSpec, workers: int, expected: int, starting: _Starting | None) -> None:
+        self.spec, self.workers, self.expected, self.starting = spec, workers, expected, starting
+        self.n_workers = _pool_size(expected, workers)
+        self.size = chunk_size(expected, workers)  # of the chunk being filled
+        self.open: list[str] = []                  # the chunk being filled
+        self.inflight: deque[tuple[Future, list[str]]] = deque()
+        self.handed_out = 0
+        self.pool: ProcessPoolExecutor | None = None
+        self.started = False
+
+    def add(self, rel: str) -> None:
+        """A file for the open chunk, handed out once the chunk is full."""
+        self.open.append(rel)
+        if len(self.open) >= self.size:
+            self.submit()
+
+    def submit(self) -> None:
+        """Hand out the open chunk."""
+        if not self.started:  # lazily: a rerun with nothing new starts no process
+            self.started = True
+            self.pool = (_ready(self.starting) if self.starting is not None
+                         else _start_pool(self.n_workers, self.spec))
+        chunk = self.open
+        if self.pool is None:
+            self.inflight.append((_done(process_chunk(self.spec, chunk)), chunk))
+        else:
+            try:
+                future = self.pool.submit(_decode_chunk, chunk)
+            except BrokenProcessPool as exc:  # a worker died meanwhile: dealt with in turn
+                future = Future()
+                future.set_exception(exc)
+            self.inflight.append((future, chunk))
+        self.handed_out += len(chunk)
+        self.size = chunk_size(self.expected, self.workers, self.handed_out)
+        self.open = []
+
+    def oldest(self) -> list[FileOutcome]:
+        """The outcomes of the oldest chunk handed out. A worker that died costs a pool restart,
+        and the chunk it held is retried one file per task (:func:`_isolate`)."""
+        future, rels = self.inflight.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            assert self.pool is not None
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            results = _isolate(rels, self.spec)
+            restarted = _start_pool(self.n_workers, self.spec)
+            if restarted is None:
+                raise IngestError("ingest worker processes cannot be restarted after a crash")
+            self.pool = restarted
+            self.inflight = deque((self.pool.submit(_decode_chunk, r), r) for _, r in self.inflight)
+            return results
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
 def _decode(items: Iterable[_Item], workers: int, spec: WorkerSpec, expected: int,
             starting: _Starting | None = None) -> Iterator[_Item]:
     """``items`` in their order, each one to decode (``prior is None``) with its ``outcome``.
@@ -148,85 +212,41 @@ def _decode(items: Iterable[_Item], workers: int, spec: WorkerSpec, expected: in
     ``_pool_size(expected, workers)`` processes (the caller shuts it down should this generator
     never start).
     """
-    size = chunk_size(expected, workers)
-    n_workers = _pool_size(expected, workers)
-    if n_workers <= 1:
+    if _pool_size(expected, workers) <= 1:
         for item in items:
             if item.prior is None:
                 item.outcome = process_file(spec, item.rel)
             yield item
         return
-    max_inflight = n_workers * _AHEAD_PER_WORKER
-    max_window = 2 * max_inflight * size
+    chunks = _Chunks(spec, workers, expected, starting)
+    max_inflight = chunks.n_workers * _AHEAD_PER_WORKER
+    max_window = 2 * max_inflight * chunks.size
     source = iter(items)
     window: deque[_Item] = deque()
-    inflight: deque[tuple[Future, list[str]]] = deque()
     ready: deque[FileOutcome] = deque()
-    chunk: list[str] = []
-    pool: ProcessPoolExecutor | None = None
-    started = exhausted = False
-
-    handed_out = 0
-
-    def submit() -> None:
-        nonlocal chunk, pool, started, size, handed_out
-        if not started:  # lazily: a rerun with nothing new starts no process
-            started = True
-            pool = _ready(starting) if starting is not None else _start_pool(n_workers, spec)
-        if pool is None:
-            inflight.append((_done(process_chunk(spec, chunk)), chunk))
-        else:
-            try:
-                future = pool.submit(_decode_chunk, chunk)
-            except BrokenProcessPool as exc:  # a worker died meanwhile: dealt with in turn
-                future = Future()
-                future.set_exception(exc)
-            inflight.append((future, chunk))
-        handed_out += len(chunk)
-        size = chunk_size(expected, workers, handed_out)
-        chunk = []
-
-    def oldest() -> list[FileOutcome]:
-        nonlocal pool, inflight
-        future, rels = inflight.popleft()
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            assert pool is not None
-            pool.shutdown(wait=False, cancel_futures=True)
-            results = _isolate(rels, spec)
-            restarted = _start_pool(n_workers, spec)
-            if restarted is None:
-                raise IngestError("ingest worker processes cannot be restarted after a crash")
-            pool = restarted
-            inflight = deque((pool.submit(_decode_chunk, r), r) for _, r in inflight)
-            return results
-
+    exhausted = False
     try:
         while True:
-            while not exhausted and len(inflight) < max_inflight and len(window) < max_window:
+            while not exhausted and len(chunks.inflight) < max_inflight and len(window) < max_window:
                 item = next(source, None)
                 if item is None:
                     exhausted = True
                     break
                 window.append(item)
                 if item.prior is None:
-                    chunk.append(item.rel)
-                    if len(chunk) >= size:
-                        submit()
-            if chunk and len(inflight) < max_inflight and (exhausted or len(window) >= max_window):
-                submit()  # nothing more to add to it soon: keep the workers busy
+                    chunks.add(item.rel)
+            if chunks.open and len(chunks.inflight) < max_inflight and (exhausted or len(window) >= max_window):
+                chunks.submit()  # nothing more to add to it soon: keep the workers busy
             if not window:
                 return
             item = window.popleft()
             if item.prior is None:
                 if not ready:
-                    if not inflight:
-                        submit()  # the item is in the open chunk
-                    ready.extend(oldest())
+                    if not chunks.inflight:
+                        chunks.submit()  # the item is in the open chunk
+                    ready.extend(chunks.oldest())
                 item.outcome = ready.popleft()
                 assert item.outcome.path == item.rel, (item.outcome.path, item.rel)
             yield item
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        chunks.close()

@@ -81,6 +81,75 @@ def _image_stats(image: np.ndarray) -> dict[str, float]:
             "pixel_min": float(image.min()), "pixel_max": float(image.max())}
 
 
+def _read_original(ds: Any, spec: WorkerSpec, rel: str) -> tuple[str, np.ndarray, dict[str, Any]]:
+    """What comes from the ORIGINAL header, read before de-identification removes it: the original
+    SOP Instance UID, the prepared image, and the record's header fields (label and split from
+    the manifest, when there is one).
+
+    Raises:
+        DicomReadError: a burned-in annotation (unless allowed), a file the manifest does not
+            list, pixels that cannot be prepared.
+        Exception: a header value pydicom cannot parse (values are parsed as they are used).
+    """
+    from medops.dicom import deid
+    from medops.dicom.io import looking_only, text_value
+    from medops.dicom.pixels import prepare_image
+
+    cfg, labels = spec.cfg, spec.labels
+    with looking_only(ds):  # what is only looked at is written back as read
+        original_sop_uid = text_value(ds, "SOPInstanceUID").strip()
+        if text_value(ds, "BurnedInAnnotation").strip().upper() == "YES" \
+                and not cfg.deid.allow_burned_in:
+            raise DicomReadError("BurnedInAnnotation is YES: the pixels may show identifying text",
+                                 QuarantineReason.BURNED_IN_ANNOTATION)
+        label: int | None = None
+        split: str | None = None
+        if labels is not None:
+            entry = labels.get(f"uid:{original_sop_uid}") or labels.get(f"path:{rel}")
+            if entry is None:
+                raise DicomReadError("neither its SOPInstanceUID nor its path is in the manifest",
+                                     QuarantineReason.NO_LABEL)
+            label, split = entry
+        image = prepare_image(ds, image_size=cfg.image_size, window=cfg.window,
+                              frame=cfg.frame, pixel_spacing=cfg.pixel_spacing)
+        sex, age = deid.patient_sex(ds), deid.patient_age_years(ds)
+        header = {"patient_sex": sex, "patient_age": age, "modality": text_value(ds, "Modality") or None,
+                  "rows": int(ds.get("Rows", 0) or 0), "columns": int(ds.get("Columns", 0) or 0),
+                  "label": label, "manifest_split": split}
+    return original_sop_uid, image, header
+
+
+def _deidentify_and_write(ds: Any, spec: WorkerSpec, original_sop_uid: str, age: int | None,
+                          sha256: str) -> tuple[dict[str, Any], str]:
+    """De-identify ``ds`` (PS3.15 Annex E) and write it below ``spec.out_dir``; returns its
+    pseudonymous identifiers (the record's first fields) and its path relative to ``out_dir``.
+
+    Raises:
+        IngestError: the file cannot be written to the output folder (the stage's failure).
+        Exception: ``ds`` cannot be de-identified or encoded (the file's).
+    """
+    from medops.dicom import deid
+    from medops.dicom.io import looking_only, text_value
+
+    deid.deidentify(ds, spec.key, retain_longitudinal=spec.cfg.deid.retain_longitudinal, age=age)
+    if not original_sop_uid:
+        ds.SOPInstanceUID = deid.pseudonymize_uid("content:" + sha256, spec.key)
+    with looking_only(ds):  # de-identification stored its values encoded: keep them so
+        ids = {"sop_instance_uid": text_value(ds, "SOPInstanceUID"),
+               "study_instance_uid": text_value(ds, "StudyInstanceUID") or None,
+               "series_instance_uid": text_value(ds, "SeriesInstanceUID") or None,
+               "patient_id": text_value(ds, "PatientID")}
+    rel_deid = Path("dicom") / (ids["study_instance_uid"] or "no-study") / f"{ids['sop_instance_uid']}.dcm"
+    target = spec.out_dir / rel_deid
+    try:
+        _write_atomically(ds, target)
+    except OSError as exc:  # the output folder, not this file: the stage cannot go on
+        # the path holds pseudonymous UIDs only, and the OS's reason names no header value
+        raise IngestError(f"cannot write the de-identified file {target}: "
+                          f"{exc.strerror or type(exc).__name__}") from exc
+    return ids, rel_deid.as_posix()
+
+
 def process_file(spec: WorkerSpec, rel: str) -> FileOutcome:
     """Read, check, decode and de-identify one file; every per-file failure becomes data.
 
@@ -89,11 +158,8 @@ def process_file(spec: WorkerSpec, rel: str) -> FileOutcome:
             permission): a failure of the stage, not of the file, so not a quarantine row that
             later runs would keep.
     """
-    from medops.dicom import deid
-    from medops.dicom.io import looking_only, read_dataset, text_value
-    from medops.dicom.pixels import prepare_image
+    from medops.dicom.io import read_dataset
 
-    cfg, key, labels = spec.cfg, spec.key, spec.labels
     out = FileOutcome(path=rel)
     path = spec.source_dir / rel
     unusable = _not_a_file(path)
@@ -114,26 +180,7 @@ def process_file(spec: WorkerSpec, rel: str) -> FileOutcome:
         out.reason, out.detail = exc.reason.value, str(exc)
         return out
     try:
-        with looking_only(ds):  # what is only looked at is written back as read
-            original_sop_uid = text_value(ds, "SOPInstanceUID").strip()
-            if text_value(ds, "BurnedInAnnotation").strip().upper() == "YES" \
-                    and not cfg.deid.allow_burned_in:
-                raise DicomReadError("BurnedInAnnotation is YES: the pixels may show identifying text",
-                                     QuarantineReason.BURNED_IN_ANNOTATION)
-            label: int | None = None
-            split: str | None = None
-            if labels is not None:
-                entry = labels.get(f"uid:{original_sop_uid}") or labels.get(f"path:{rel}")
-                if entry is None:
-                    raise DicomReadError("neither its SOPInstanceUID nor its path is in the manifest",
-                                         QuarantineReason.NO_LABEL)
-                label, split = entry
-            image = prepare_image(ds, image_size=cfg.image_size, window=cfg.window,
-                                  frame=cfg.frame, pixel_spacing=cfg.pixel_spacing)
-            # read from the ORIGINAL header, before de-identification removes what they come from
-            sex, age = deid.patient_sex(ds), deid.patient_age_years(ds)
-            modality = text_value(ds, "Modality") or None
-            rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        original_sop_uid, image, header = _read_original(ds, spec, rel)
     except DicomReadError as exc:
         out.reason, out.detail = exc.reason.value, str(exc)
         return out
@@ -143,22 +190,7 @@ def process_file(spec: WorkerSpec, rel: str) -> FileOutcome:
         return out
 
     try:
-        deid.deidentify(ds, key, retain_longitudinal=cfg.deid.retain_longitudinal, age=age)
-        if not original_sop_uid:
-            ds.SOPInstanceUID = deid.pseudonymize_uid("content:" + out.sha256, key)
-        with looking_only(ds):  # de-identification stored its values encoded: keep them so
-            sop = text_value(ds, "SOPInstanceUID")
-            study = text_value(ds, "StudyInstanceUID") or None
-            series = text_value(ds, "SeriesInstanceUID") or None
-            patient_id = text_value(ds, "PatientID")
-        rel_deid = Path("dicom") / (study or "no-study") / f"{sop}.dcm"
-        target = spec.out_dir / rel_deid
-        try:
-            _write_atomically(ds, target)
-        except OSError as exc:  # the output folder, not this file: the stage cannot go on
-            # the path holds pseudonymous UIDs only, and the OS's reason names no header value
-            raise IngestError(f"cannot write the de-identified file {target}: "
-                              f"{exc.strerror or type(exc).__name__}") from exc
+        ids, deid_path = _deidentify_and_write(ds, spec, original_sop_uid, header["patient_age"], out.sha256)
     except IngestError:
         raise
     except Exception as exc:  # never keep a half-de-identified file; the stage goes on
@@ -167,22 +199,8 @@ def process_file(spec: WorkerSpec, rel: str) -> FileOutcome:
         out.detail = f"could not de-identify or write the file ({type(exc).__name__})"
         return out
     out.image = image
-    out.record = {
-        "sop_instance_uid": sop,
-        "study_instance_uid": study,
-        "series_instance_uid": series,
-        "patient_id": patient_id,
-        "patient_sex": sex,
-        "patient_age": age,
-        "modality": modality,
-        "rows": rows,
-        "columns": columns,
-        "label": label,
-        "manifest_split": split,
-        **_image_stats(image),
-        "content_sha256": out.sha256,
-        "deid_path": rel_deid.as_posix(),
-    }
+    out.record = {**ids, **header, **_image_stats(image), "content_sha256": out.sha256,
+                  "deid_path": deid_path}
     return out
 
 
