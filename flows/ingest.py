@@ -1,6 +1,6 @@
 """The ingest flow: a hospital's export folder in, a de-identified, DVC-versioned dataset out.
 
-1. ``ingest``: medops.ingest.run over the folder into the dataset folder (default
+1. ``ingest``: medops.stages.ingest.run over the folder into the dataset folder (default
    ``data/deidentified``): de-identified DICOM, array shards, metadata table, quarantine list.
    Incremental by content hash: a grown folder costs only its new files; the same folder again
    writes nothing.
@@ -8,7 +8,7 @@
    data version (DVC hash) is returned and posted as an artifact. Unchanged data keeps its version.
 
 Only de-identified data is versioned here: the source folder (with its PHI) is read, never added.
-Wiring only; the work is medops.ingest and medops.ops.dvc.
+Wiring only; the work is medops.stages.ingest and medops.ops.dvc.
 """
 
 from pathlib import Path
@@ -28,7 +28,7 @@ DEFAULT_DATASET = "data/deidentified"
 @task(cache_policy=NO_CACHE)
 def ingest(paths: ProjectPaths, source: Path, dataset: Path, manifest: Optional[Path]) -> dict[str, Any]:
     """medops ingest of ``source`` into ``dataset`` (incremental)."""
-    from medops import ingest as ingest_stage
+    from medops.stages import ingest as ingest_stage
     from medops.pipeline import deid_key
 
     params = load_params(paths.params)

@@ -84,7 +84,7 @@ def cmd_synth(args: argparse.Namespace) -> Report:
 
 
 def cmd_ingest(args: argparse.Namespace) -> Report:
-    from medops import ingest
+    from medops.stages import ingest
     from medops.pipeline import deid_key
 
     paths, params = _context(args)

@@ -48,7 +48,7 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage(
-            "ingest", "medops.ingest", ("ingest",),
+            "ingest", "medops.stages.ingest", ("ingest",),
             lambda m, p, pp: m.run(p.ingest, source_dir=pp.raw_dicom, out_dir=pp.ingested,
                                    manifest=pp.manifest, key=deid_key(p, pp)),
         ),

@@ -23,18 +23,24 @@ def test_every_registered_stage_is_a_dvc_stage_and_back(dvc_stages):
 
 
 @pytest.mark.parametrize("name", list(STAGES))
-def test_dvc_stage_runs_the_registered_stage(name, dvc_stages):
+def test_dvc_stage_runs_the_registered_stage(name, dvc_stages, repo_root):
     stage = dvc_stages[name]
     assert stage["cmd"] == f"medops stage {name}"
     # only the sections the stage reads, so an unrelated change does not rerun it
     assert sorted(stage["params"]) == sorted(STAGES[name].sections)
-    module_file = STAGES[name].module.replace(".", "/") + ".py"
+    module_file = _module_file(STAGES[name].module, repo_root)
     assert module_file in stage["deps"], f"{name}: dvc.yaml deps lack {module_file}"
 
 
 # Definitions every stage imports; their behaviour reaches a stage through params.yaml (tracked
 # per section) or the stage's own code, so they are not listed as code deps.
 _SHARED = {"medops/__init__.py", "medops/errors.py", "medops/config.py", "medops/paths.py"}
+
+
+def _module_file(module: str, repo_root) -> str:
+    """The file a module's import runs: ``a/b.py``, or ``a/b/__init__.py`` for a package."""
+    base = module.replace(".", "/")
+    return base + ".py" if (repo_root / (base + ".py")).is_file() else base + "/__init__.py"
 
 
 def _medops_imports(path, repo_root) -> set[str]:
@@ -60,7 +66,7 @@ def _medops_imports(path, repo_root) -> set[str]:
 
 def code_closure(module: str, repo_root) -> set[str]:
     """Every medops file the stage module runs, following imports transitively."""
-    todo = [module.replace(".", "/") + ".py"]
+    todo = [_module_file(module, repo_root)]
     seen: set[str] = set()
     while todo:
         rel = todo.pop()
