@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("medops.data", "medops.metrics", "medops.results", "medops.dicom"),  # formats, numbers, DICOM
     ("medops.learn",),                             # input pipeline, distribution, inference
     ("medops.serving.contract", "medops.serving.repository", "medops.serving.backends"),
-    ("medops.stages", "medops.ingest"),            # one package or module per stage
+    ("medops.stages",),                            # one package or module per stage
     ("medops.serving.server", "medops.serving.client", "medops.serving.deploy"),
     ("medops.ops", "medops.pipeline"),             # DVC, Prefect server, the demo; the registry
     ("medops.cli", "medops.__main__"),
