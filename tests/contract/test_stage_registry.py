@@ -154,3 +154,14 @@ def test_light_imports_do_not_pull_tensorflow(repo_root):
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_each_adapter_runs_the_module_the_registry_names(name):
+    # the registry is a table a reader (and this test) can follow: the adapter named NAME imports
+    # run() from the module the table lists, so `module` (which dvc.yaml deps follow) cannot drift
+    import inspect
+
+    stage = STAGES[name]
+    assert stage.call.__name__ == name
+    assert f"from {stage.module} import run\n" in inspect.getsource(stage.call)
