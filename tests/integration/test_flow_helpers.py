@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def test_render_markdown_tables_lists_and_scalars() -> None:
-    from flows.training import render_markdown
+    from flows.artifacts import render_markdown
 
     text = render_markdown("Stage `gate`", {
         "passed": False, "auc": 0.912345, "reasons": ["auc 0.91 >= 0.85: pass", "a|b"],
@@ -17,7 +17,7 @@ def test_render_markdown_tables_lists_and_scalars() -> None:
 
 
 def test_summarize_repro_keeps_dvc_lines_only() -> None:
-    from flows.training import summarize_repro
+    from flows.artifacts import summarize_repro
 
     ran = ("Running stage 'gate':\n> medops stage gate\n{\n  \"passed\": true\n}\n"
            "Updating lock file 'dvc.lock'\n\nTo track the changes with git, run:\n\n\tgit add dvc.lock\n")
