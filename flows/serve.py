@@ -18,14 +18,13 @@ from medops.paths import ProjectPaths
 
 def describe(params_path: Path) -> str:
     """The deployment's description: what it does, and params.yaml's values when it was served."""
-    params = load_params(params_path)
-    t, g = params.train, params.gate
+    from flows.training import UI_PARAMETERS
+
+    values = load_params(params_path).model_dump()
+    current = ", ".join(f"{d.split('.')[1]}={values[d.split('.')[0]][d.split('.')[1]]}" for d in UI_PARAMETERS)
     return (
         "Version data/raw with DVC, reproduce every stage (dvc repro --single-item), deploy to Triton "
-        "if the gate passes. Empty parameters keep params.yaml's values; when served: "
-        f"epochs={t.epochs}, batch_size={t.batch_size}, learning_rate={t.learning_rate}, "
-        f"min_auc={g.min_auc}, min_accuracy={g.min_accuracy}, min_sensitivity={g.min_sensitivity}, "
-        f"min_specificity={g.min_specificity}."
+        f"if the gate passes. Empty parameters keep params.yaml's values; when served: {current}."
     )
 
 

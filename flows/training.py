@@ -20,15 +20,15 @@ evaluated annotations.)
 """
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+import inspect
+from typing import Annotated, Any, Callable, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from medops.ops import dvc
-from medops.config import GateConfig, Params, TrainConfig, load_params, update_params_file
+from medops.config import Params, load_params, update_params_file
 from medops.errors import DvcError, GateRejectedError
 from medops.paths import ProjectPaths
 from medops.pipeline import STAGES, read_stage_result
@@ -39,18 +39,46 @@ DEPLOY_RETRIES = 2
 DEPLOY_RETRY_DELAY_S = 10.0
 
 
-def _override(model: type[BaseModel], field: str, type_: Any) -> Any:
-    """``Optional[type_]`` with the constraints (ge, gt, le ...) of ``model.field``."""
-    return Annotated[(Optional[type_], *model.model_fields[field].metadata)]
+# The run parameters the Prefect UI form offers, as "section.field" of params.yaml. Each becomes a
+# keyword parameter of training_pipeline named after its field, typed with that field's constraints
+# (so the form validates what params.yaml would) and empty by default (keep params.yaml's value).
+# Adding one to the form, the deployment's description and the overrides is this one line.
+UI_PARAMETERS: tuple[str, ...] = (
+    "train.epochs", "train.batch_size", "train.learning_rate",
+    "gate.min_auc", "gate.min_accuracy", "gate.min_sensitivity", "gate.min_specificity",
+)
 
 
-Epochs = _override(TrainConfig, "epochs", int)
-BatchSize = _override(TrainConfig, "batch_size", int)
-LearningRate = _override(TrainConfig, "learning_rate", float)
-MinAuc = _override(GateConfig, "min_auc", float)
-MinAccuracy = _override(GateConfig, "min_accuracy", float)
-MinSensitivity = _override(GateConfig, "min_sensitivity", float)
-MinSpecificity = _override(GateConfig, "min_specificity", float)
+def _ui_parameter(dotted: str) -> inspect.Parameter:
+    section, field = dotted.split(".")
+    info = Params.model_fields[section].annotation.model_fields[field]
+    annotation = Annotated[(Optional[info.annotation], *info.metadata)]
+    return inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def with_ui_parameters(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``fn(project_root=None, **overrides)`` the signature and docstring Prefect builds its
+    form from: one typed keyword parameter per entry of UI_PARAMETERS."""
+    names = [d.split(".")[1] for d in UI_PARAMETERS]
+    assert len(set(names)) == len(names), f"UI parameter names must be unique: {names}"
+    head = list(inspect.signature(fn).parameters.values())[:-1]  # drop **overrides
+    fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        head + [_ui_parameter(d) for d in UI_PARAMETERS],
+        return_annotation=inspect.signature(fn).return_annotation)
+    docs = "".join(f"        {d.split('.')[1]}: {d} for this run; empty keeps params.yaml's value.\n"
+                   for d in UI_PARAMETERS)
+    fn.__doc__ = (fn.__doc__ or "").replace("        {ui_parameters}\n", docs)
+    return fn
+
+
+def overrides_by_section(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"epochs": 3}`` as ``{"train": {"epochs": 3}}``; None (empty in the form) is left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for dotted in UI_PARAMETERS:
+        section, field = dotted.split(".")
+        if overrides.get(field) is not None:
+            out.setdefault(section, {})[field] = overrides[field]
+    return out
 
 
 # --- tasks ------------------------------------------------------------------------------------
@@ -176,39 +204,19 @@ def deploy_if_passed(paths: ProjectPaths, params: Params) -> Optional[dict[str, 
 
 
 @flow(name="training-pipeline")
-def training_pipeline(
-    project_root: Optional[str] = None,
-    epochs: Epochs = None,
-    batch_size: BatchSize = None,
-    learning_rate: LearningRate = None,
-    min_auc: MinAuc = None,
-    min_accuracy: MinAccuracy = None,
-    min_sensitivity: MinSensitivity = None,
-    min_specificity: MinSpecificity = None,
-) -> dict[str, Any]:
+@with_ui_parameters
+def training_pipeline(project_root: Optional[str] = None, **overrides: Any) -> dict[str, Any]:
     """Version the raw data, reproduce every stage with DVC, deploy if the gate passed, push.
 
     Args:
         project_root: the medops project (default: $MEDOPS_ROOT or the worker's current folder).
-        epochs: train.epochs; empty keeps params.yaml's value.
-        batch_size: train.batch_size; empty keeps params.yaml's value.
-        learning_rate: train.learning_rate; empty keeps params.yaml's value.
-        min_auc: gate.min_auc, the smallest test AUC that may be deployed; empty keeps params.yaml's.
-        min_accuracy: gate.min_accuracy; empty keeps params.yaml's value.
-        min_sensitivity: gate.min_sensitivity; empty keeps params.yaml's value.
-        min_specificity: gate.min_specificity; empty keeps params.yaml's value.
+        {ui_parameters}
 
     Returns:
         A summary: data version, params used, every stage's result, the gate, the deployment.
     """
     paths = ProjectPaths(Path(project_root).resolve()) if project_root else ProjectPaths.discover()
-    overrides = {
-        "train": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate},
-        "gate": {"min_auc": min_auc, "min_accuracy": min_accuracy,
-                 "min_sensitivity": min_sensitivity, "min_specificity": min_specificity},
-    }
-    overrides = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()}
-    params = write_params(paths, {s: vals for s, vals in overrides.items() if vals})
+    params = write_params(paths, overrides_by_section(overrides))
     data_version = version_data(paths)
     stages = {name: run_stage.with_options(name=name, task_run_name=name)(paths, name) for name in STAGES}
     deployed = deploy_if_passed(paths, params)

@@ -283,3 +283,32 @@ def test_quality_failure_stops_the_flow_with_its_message(dvc_project: ProjectPat
         state.result()
     assert str(err.value).startswith(
         f"expect_column_values_to_not_be_null failed on metadata.patient_id: 5 of {len(table):,} rows")
+
+
+def test_ui_parameters_are_declared_once(monkeypatch) -> None:
+    import inspect
+
+    import flows.training as training
+
+    props = training.training_pipeline.parameters.model_dump()["properties"]
+    assert list(props) == ["project_root"] + [d.split(".")[1] for d in training.UI_PARAMETERS]
+    assert training.overrides_by_section({"epochs": 3, "min_auc": None, "min_accuracy": 0.6}) == {
+        "train": {"epochs": 3}, "gate": {"min_accuracy": 0.6}}
+    # one more line in the table is one more typed, documented parameter of the flow
+    monkeypatch.setattr(training, "UI_PARAMETERS", training.UI_PARAMETERS + ("train.dropout",))
+
+    def pipeline(project_root=None, **overrides):
+        """Args:
+            project_root: where.
+            {ui_parameters}
+        """
+        return overrides
+
+    wrapped = training.with_ui_parameters(pipeline)
+    dropout = inspect.signature(wrapped).parameters["dropout"]
+    assert dropout.default is None and "dropout: train.dropout for this run" in wrapped.__doc__
+    from prefect import flow
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises(ParameterTypeError, match="dropout"):
+        flow(wrapped).validate_parameters({"dropout": 1.5})  # TrainConfig.dropout < 1
