@@ -56,6 +56,10 @@ class IngestConfig(_Section):
     pixel_spacing: float | None = Field(default=None, gt=0)
     incremental: bool = True
     workers: int = Field(default=2, ge=1)
+    # where the per-file work runs: None = a local process pool of ``workers`` processes; "local"
+    # = a dask.distributed LocalCluster of ``workers`` processes that medops starts; a scheduler's
+    # address ("tcp://host:8786") = an existing Dask cluster (its workers must see the source folder)
+    cluster: str | None = Field(default=None, pattern=r"^(local|(tcp|tls|ucx|inproc)://\S+)$")
     shard_size: int = Field(default=2048, ge=1)
     deid: DeidConfig = DeidConfig()
 
