@@ -9,6 +9,13 @@
 
 Only de-identified data is versioned here: the source folder (with its PHI) is read, never added.
 Wiring only; the work is medops.stages.ingest and medops.ops.dvc.
+
+On a cluster: ``cluster`` (or ``ingest.cluster`` in params.yaml) sends the per-file work to Dask,
+through the same executor as ``medops ingest --cluster``. The flow keeps Prefect's default task
+runner, not prefect-dask's ``DaskTaskRunner``: that runs Prefect *tasks* on Dask, and this flow has
+two, one after the other; making each file a Prefect task would put a million task runs (states,
+logs) through the Prefect API for a million files, where one Dask task per chunk of files costs
+the scheduler a few milliseconds.
 """
 
 from pathlib import Path
@@ -26,13 +33,19 @@ DEFAULT_DATASET = "data/deidentified"
 
 
 @task(cache_policy=NO_CACHE)
-def ingest(paths: ProjectPaths, source: Path, dataset: Path, manifest: Optional[Path]) -> dict[str, Any]:
-    """medops ingest of ``source`` into ``dataset`` (incremental)."""
+def ingest(paths: ProjectPaths, source: Path, dataset: Path, manifest: Optional[Path],
+           cluster: Optional[str] = None) -> dict[str, Any]:
+    """medops ingest of ``source`` into ``dataset`` (incremental); ``cluster`` overrides
+    ``ingest.cluster``."""
+    from medops.config import IngestConfig
     from medops.stages import ingest as ingest_stage
     from medops.pipeline import deid_key
 
     params = load_params(paths.params)
-    result = ingest_stage.run(params.ingest, source_dir=source, out_dir=dataset, manifest=manifest,
+    cfg = params.ingest
+    if cluster is not None:
+        cfg = IngestConfig.model_validate({**cfg.model_dump(), "cluster": None if cluster == "none" else cluster})
+    result = ingest_stage.run(cfg, source_dir=source, out_dir=dataset, manifest=manifest,
                               key=deid_key(params, paths))
     get_run_logger().info(ingest_stage.format_summary(result))
     return result.model_dump(mode="json")
@@ -50,6 +63,7 @@ def ingest_studies(
     dataset: str = DEFAULT_DATASET,
     manifest: Optional[str] = None,
     project_root: Optional[str] = None,
+    cluster: Optional[str] = None,
 ) -> dict[str, Any]:
     """De-identify and prepare every file below ``source_dir``, version the result with DVC.
 
@@ -58,13 +72,15 @@ def ingest_studies(
         dataset: the DVC-tracked dataset folder, relative to the project (default data/deidentified).
         manifest: labels CSV/Parquet keyed by SOPInstanceUID or relative path (optional).
         project_root: the medops project (default: $MEDOPS_ROOT or the current folder).
+        cluster: where files are decoded: "none" (local pool), "local" (a Dask LocalCluster) or a
+            Dask scheduler address; default: params.yaml's ingest.cluster.
 
     Returns:
         The ingest summary, the data version, and whether anything changed.
     """
     paths = ProjectPaths(Path(project_root).resolve()) if project_root else ProjectPaths.discover()
     target = paths.root / dataset
-    summary = ingest(paths, Path(source_dir).resolve(), target, Path(manifest) if manifest else None)
+    summary = ingest(paths, Path(source_dir).resolve(), target, Path(manifest) if manifest else None, cluster)
     data_version = version(paths, target)
     create_markdown_artifact(
         key="ingest-studies",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import medops
-from medops.config import Params, load_params
+from medops.config import IngestConfig, Params, load_params
 from medops.errors import ExitCode, MedopsError, exit_code_for
 from medops.paths import BUNDLED_DATASET, ProjectPaths
 
@@ -93,6 +93,8 @@ def cmd_ingest(args: argparse.Namespace) -> Report:
         cfg = cfg.model_copy(update={"workers": args.workers})
     if args.full:
         cfg = cfg.model_copy(update={"incremental": False})
+    if args.cluster:
+        cfg = IngestConfig.model_validate({**cfg.model_dump(), "cluster": None if args.cluster == "none" else args.cluster})
     with progress_bar("ingest", enabled=not args.quiet) as bar:
         result = ingest.run(
             cfg,
@@ -103,6 +105,28 @@ def cmd_ingest(args: argparse.Namespace) -> Report:
             progress=bar,
         )
     return Report(ingest.format_summary(result), result.model_dump(mode="json"))
+
+
+def cmd_dataset_get(args: argparse.Namespace) -> Report:
+    from medops.data import find_row, read_deidentified
+    from medops.errors import IngestError
+
+    paths, _ = _context(args)
+    dataset = Path(args.dataset) if args.dataset else paths.ingested
+    if not (dataset / "metadata.parquet").is_file():
+        raise IngestError(f"{dataset} holds no ingested dataset (no metadata.parquet): run `medops ingest` "
+                        f"or `dvc pull` first, or name one with --dataset")
+    row = find_row(dataset, args.uid)
+    if row is None:
+        raise IngestError(f"no image with SOP Instance UID {args.uid} in {dataset} (UIDs in a dataset are "
+                        f"the pseudonymous ones of metadata.parquet)")
+    data = read_deidentified(dataset, row)
+    out = Path(args.out) if args.out else Path(f"{args.uid}.dcm")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    info = {"sop_instance_uid": args.uid, "out": str(out), "bytes": len(data), "shard": row["shard"],
+            "deid_path": row["deid_path"], "dataset": str(dataset)}
+    return Report(f"wrote {out} ({len(data)} bytes; {row['deid_path']} of shard {row['shard']})", info)
 
 
 def cmd_stage(args: argparse.Namespace) -> Report:
@@ -271,6 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless "
                                                         "stderr is a terminal)")
     p.add_argument("--full", action="store_true", help="rebuild everything, even files seen before")
+    p.add_argument("--cluster", help="where files are decoded: none (a local process pool), local (a "
+                                     "Dask LocalCluster of --workers processes) or a Dask scheduler "
+                                     "address tcp://host:8786 (default: params ingest.cluster)")
+
+    p = sub.add_parser("dataset", help="read an ingested dataset", description="read an ingested dataset")
+    dataset_sub = p.add_subparsers(dest="dataset_command", required=True)
+    p = dataset_sub.add_parser("get", help="write one de-identified DICOM file, found by its SOP "
+                                           "Instance UID, from its shard's pack",
+                               description="write one de-identified DICOM file, found by its "
+                                           "(pseudonymous) SOP Instance UID, from its shard's pack")
+    p.set_defaults(func=cmd_dataset_get)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (and nothing else there)")
+    p.add_argument("uid", help="the SOP Instance UID, as in metadata.parquet")
+    p.add_argument("--out", help="file to write (default: ./UID.dcm)")
+    p.add_argument("--dataset", help="the ingested folder (default: data/ingested)")
 
     p = add("stage", cmd_stage, "run one pipeline stage (what dvc.yaml calls)")
     p.add_argument("name")
