@@ -108,8 +108,9 @@ class DaskCluster:
                                     detail="the decoder crashed the worker process reading this file")]
             log.warning("an ingest task kept killing Dask workers; its %d files are retried one by one",
                         len(rels))
-            singles = [(self.submit([rel]), [rel]) for rel in rels]
-            return [outcome for handle_, one in singles for outcome in self.outcomes(handle_, one)]
+            # one at a time: a worker's death counts against every task it held, so a single that
+            # shared a worker with the culprit could be taken for one
+            return [outcome for rel in rels for outcome in self.outcomes(self.submit([rel]), [rel])]
         except FutureCancelledError as exc:  # the scheduler went away, or the client lost it
             raise IngestError(f"the Dask cluster at {self.address} lost an ingest task: {exc}") from exc
 

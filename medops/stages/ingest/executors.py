@@ -89,11 +89,11 @@ def decode_in_order(items: Iterable[_Item], executor: Executor, expected: int) -
 
 
 def _windowed(items: Iterable[_Item], executor: Executor) -> Iterator[_Item]:
+    size = executor.chunk_size(0)  # first: a cluster knows its slots once connected
     max_inflight = executor.slots * _AHEAD_PER_WORKER
     inflight: deque[tuple[Any, list[str]]] = deque()
     open_chunk: list[str] = []
     open_bytes = handed_out = 0
-    size = executor.chunk_size(0)
     max_window = 2 * max_inflight * size
     source = iter(items)
     window: deque[_Item] = deque()
