@@ -204,6 +204,15 @@ def bench_objects(work: Path, n: int) -> dict:
 
 # --- 3. peak memory at two sizes ------------------------------------------------------------
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM): per address space, so unlike ru_maxrss it does
+    not carry the peak of the process that started this one (which Linux keeps across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _memory_child(work: Path, n: int) -> dict:
     """In a fresh process: a fresh cluster, one ingest; peak RSS of this process and each worker."""
     from distributed import Client
@@ -214,11 +223,10 @@ def _memory_child(work: Path, n: int) -> dict:
     with process_cluster(2) as cluster:
         res, seconds = _ingest(src, work / f"out-mem-{n}", cluster.address)
         with Client(cluster.address) as client:
-            workers = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            workers = client.run(peak_rss_mb)
     shutil.rmtree(work / f"out-mem-{n}", ignore_errors=True)
     return {"files": n, "used": res.used, "seconds": round(seconds, 1),
-            "main_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "worker_peak_mb": sorted(round(v / 1024, 1) for v in workers.values())}
+            "main_peak_mb": peak_rss_mb(), "worker_peak_mb": sorted(workers.values())}
 
 
 def bench_memory(work: Path, sizes: list[int]) -> dict:
