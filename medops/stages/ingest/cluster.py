@@ -73,9 +73,10 @@ class DaskCluster:
         from distributed import Client, LocalCluster
 
         if self.address == "local":
-            # processes, one thread each: decoding holds the GIL; on the loopback, no dashboard
+            # processes, one thread each: decoding holds the GIL; everything on the loopback, the
+            # scheduler's HTTP server (health, metrics; the dashboard with bokeh) on a free port
             self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                        host="127.0.0.1", dashboard_address=None)
+                                        host="127.0.0.1", dashboard_address="127.0.0.1:0")
             self.client = Client(self.cluster)
         else:
             self.client = Client(self.address, timeout=30)
