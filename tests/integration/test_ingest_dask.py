@@ -71,10 +71,28 @@ def export(tmp_path_factory) -> dict:
     return {"src": src, "manifest": root / "raw" / "labels.csv", "root": root}
 
 
+SLOW_DECODER = '''
+import time
+
+from medops.stages.ingest import worker
+
+_real = worker.__dict__.setdefault("_real_process_file", worker.process_file)
+
+
+def process_file(spec, rel):
+    time.sleep(0.004)  # a few ms more per file: the run lasts long enough to kill a worker in it
+    return _real(spec, rel)
+
+
+worker.process_file = process_file
+'''
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     logs = tmp_path_factory.mktemp("dask-logs")
-    with process_cluster(2, log_dir=logs) as c:
+    (logs / "slow_decoder.py").write_text(SLOW_DECODER)
+    with process_cluster(2, preload=[str(logs / "slow_decoder.py")], log_dir=logs) as c:
         yield c
 
 
@@ -119,18 +137,24 @@ def test_a_worker_killed_mid_run_loses_no_file(cluster, tmp_path):
     src = write_small_export(tmp_path / "src", 400)
     cfg = IngestConfig(workers=2, image_size=8, shard_size=64)
     ingest.run(cfg, source_dir=src, out_dir=tmp_path / "local", key=KEY)
-    victim = sorted(cluster.worker_pids().values())[0]
+    from distributed import Client
+
+    [(address, victim)] = sorted(cluster.worker_pids().items())[:1]
     killed = threading.Event()
+    held: list[int] = []
 
     def kill_one_worker(done: int, total: int) -> None:
         if not killed.is_set():
+            with Client(cluster.address) as client:  # what the victim holds as it dies
+                held.append(client.run_on_scheduler(
+                    lambda dask_scheduler, a=address: len(dask_scheduler.workers[a].processing)))
             os.kill(victim, signal.SIGKILL)
             killed.set()
 
     res = ingest.run(cfg.model_copy(update={"cluster": cluster.address}), source_dir=src, out_dir=tmp_path / "dask",
                      key=KEY, progress=kill_one_worker)
     # killed at the first progress report (64 files written, ~300 more in flight), and replaced
-    assert killed.is_set() and victim not in cluster.worker_pids().values()
+    assert killed.is_set() and held[0] > 0 and victim not in cluster.worker_pids().values()
     assert (res.files_seen, res.used, res.quarantined_by_reason) == (402, 400, {"not_dicom": 1, "truncated": 1})
     assert _digests(tmp_path / "dask") == _digests(tmp_path / "local")
 
