@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,8 @@ def s3(free_port, monkeypatch):
 
 
 def test_push_to_s3_clear_the_cache_pull_back_the_same_bytes(s3, tmp_path):
-    from test_ingest_dask import write_small_export
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from _small_export import write_small_export
 
     root = tmp_path / "project"
     root.mkdir()

@@ -8,11 +8,10 @@ import hashlib
 import os
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
-import numpy as np
-import pydicom
 import pytest
 
 from medops.config import IngestConfig, SynthConfig
@@ -20,6 +19,9 @@ from medops.dicom import synth
 from medops.ops.dask_cluster import process_cluster
 from medops.paths import BUNDLED_DATASET
 from medops.stages import ingest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from _small_export import write_small_export  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
 
@@ -29,37 +31,6 @@ KEY = b"dask-ingest-test-key-0123456789ab"
 def _digests(out: Path) -> dict[str, str]:
     return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*")) if p.is_file()}
-
-
-def _small_ct(index: int):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-
-    sop = f"2.25.{10**30 + index}"
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, sop
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = f"2.25.{2000 + index // 50}", "2.25.1002"
-    ds.Modality, ds.PatientID, ds.PatientName, ds.PatientSex = "CT", f"P{index // 50:04d}", "Scale^Test", "O"
-    ds.Rows = ds.Columns = 16
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = np.random.default_rng(index).integers(0, 4096, (16, 16), dtype=np.uint16).tobytes()
-    return ds
-
-
-def write_small_export(folder: Path, n: int) -> Path:
-    """``n`` tiny (16 x 16) CT files in series of 50, plus a text file and a truncated copy."""
-    for i in range(n):
-        target = folder / f"series{i // 50:03d}" / f"IM{i:05d}.dcm"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _small_ct(i).save_as(target, enforce_file_format=True)
-    (folder / "notes.txt").write_text("not DICOM")
-    data = (folder / "series000" / "IM00000.dcm").read_bytes()
-    (folder / "series000" / "cut.dcm").write_bytes(data[: len(data) // 2])
-    return folder
 
 
 @pytest.fixture(scope="module")

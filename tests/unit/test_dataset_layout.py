@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 
@@ -18,8 +17,7 @@ from medops.config import IngestConfig
 from medops.data import find_row, read_deidentified, read_metadata
 from medops.stages import ingest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_ingest_dask import write_small_export  # noqa: E402
+from _small_export import write_small_export
 
 KEY = b"layout-test-key-0123456789abcdef"
 

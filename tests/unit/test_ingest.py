@@ -14,12 +14,11 @@ import pytest
 
 from conftest import pydicom_file
 from medops.stages import ingest
-from medops.stages.ingest import executors, index, pool, stage, worker, writers
+from medops.stages.ingest import executors, index, pool, stage, writers
 from medops.config import DeidConfig, IngestConfig, SynthConfig
 from medops.data import METADATA_COLUMNS, load_images, pack_path, read_deidentified, read_metadata, shard_path
 from medops.dicom import synth
 from medops.errors import IngestError
-from medops.hashing import sha256_file
 from medops.paths import BUNDLED_DATASET
 
 KEY = b"ingest-test-key-0123456789abcdef"
