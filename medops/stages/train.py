@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from medops.learn.input_pipeline import make_dataset
+from medops.learn.input_pipeline import build_input_pipeline
 from medops.config import AugmentConfig, TrainConfig
 from medops.errors import MedopsError
 from medops.metrics import compute_auc, select_threshold
@@ -150,9 +150,10 @@ def fit_model(
     outcome = fit_under_plan(
         plan,
         lambda: build_model(train_cfg.model, train_cfg, x_train.shape[1:]),
-        lambda batch: make_dataset(x_train, y_train, batch_size=batch, training=True,
-                                   augment_cfg=augment_cfg, seed=train_cfg.seed),
-        validation_fn=lambda batch: make_dataset(x_val, y_val, batch_size=max(batch, 256), training=False),
+        lambda batch: build_input_pipeline(x_train, y_train, batch_size=batch, training=True,
+                                           augment_cfg=augment_cfg, seed=train_cfg.seed),
+        validation_fn=lambda batch: build_input_pipeline(x_val, y_val, batch_size=max(batch, 256),
+                                                         training=False),
         compile_fn=lambda model: compile_model(model, train_cfg, steps_per_epoch=steps),
         global_batch_size=train_cfg.batch_size, epochs=train_cfg.epochs,
         seed=train_cfg.seed, callbacks=callbacks,
