@@ -10,7 +10,7 @@ import ast
 MAX_LINES = 80
 # Files being shortened on their own branches (issue 17 item 6: the serving client, deploy and
 # the ingest stage), which may still hold longer functions: drop each once its branch has landed.
-NOT_YET = ("medops/ingest.py", "medops/stages/ingest/", "medops/serving/client.py",
+NOT_YET = ("medops/serving/client.py",
            "medops/serving/deploy.py")
 
 
