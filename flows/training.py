@@ -2,7 +2,9 @@
 
 1. ``write_params``: parameters edited for this run (in the Prefect UI form, or as keyword
    arguments) are written into params.yaml, so dvc.lock records the values that were used;
-2. ``version_data``: ``dvc add data/raw`` and ``dvc push`` (returns the data version);
+2. ``data_version``: the de-identified dataset's DVC version (``data/ingested.dvc``, written by the
+   ingest-studies flow); a run started for a given ``data_version`` (by the trigger on
+   ``medops.dataset.versioned``) refuses to train on another one;
 3. one task per stage of ``medops.pipeline.STAGES``, in order, each running
    ``dvc repro --single-item NAME`` (DVC decides whether it must run) and posting the stage's JSON
    result as an artifact. A failed critical data-quality expectation stops the flow with its message;
@@ -19,17 +21,18 @@ the pydantic models in medops.config), so the UI form validates what params.yaml
 evaluated annotations.)
 """
 
-from pathlib import Path
 import inspect
+import json
+from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from medops.ops import dvc
 from medops.config import Params, load_params, update_params_file
 from medops.errors import DvcError, GateRejectedError
+from medops.ops import dvc
 from medops.paths import ProjectPaths
 from medops.pipeline import STAGES, read_stage_result
 
@@ -103,10 +106,18 @@ def write_params(paths: ProjectPaths, overrides: dict[str, dict[str, Any]]) -> P
 
 
 @task(cache_policy=NO_CACHE)
-def version_data(paths: ProjectPaths) -> str:
-    """``dvc add data/raw`` and push it to the default remote; returns its data version."""
-    version = dvc.version_dataset(paths.root, paths.raw, push=True)
-    get_run_logger().info("%s is at data version %s (pushed)", paths.raw.relative_to(paths.root), version)
+def check_data_version(paths: ProjectPaths, expected: Optional[str]) -> str:
+    """The dataset's DVC version (data/ingested.dvc); ``expected`` (from the event that started
+    the run) must be it: another ingest may have versioned newer data since."""
+    try:
+        version = dvc.data_version(paths.root, paths.ingested)
+    except DvcError as exc:
+        raise DvcError(f"no versioned dataset in {paths.ingested}: run the ingest-studies flow "
+                       f"(or `medops ingest` and `medops version-data`) first ({exc})") from None
+    if expected and version != expected:
+        raise DvcError(f"this run was started for data version {expected}, but {paths.ingested} is "
+                       f"at {version}: the run for {version} trains it")
+    get_run_logger().info("training on data version %s", version)
     return version
 
 
@@ -191,6 +202,12 @@ def push_outputs(paths: ProjectPaths) -> str:
 
 # --- flow -------------------------------------------------------------------------------------
 
+def trained_marker(paths: ProjectPaths, data_version: str) -> Path:
+    """Written when a run for ``data_version`` completed: a second run started for the same version
+    (a replayed event) finds it and does nothing."""
+    return paths.state / "trained" / f"{data_version}.json"
+
+
 def deploy_if_passed(paths: ProjectPaths, params: Params) -> Optional[dict[str, Any]]:
     """Run the deploy task only if reports/gate.json passed; otherwise log why and return None."""
     from medops.results import read_decision
@@ -205,23 +222,35 @@ def deploy_if_passed(paths: ProjectPaths, params: Params) -> Optional[dict[str, 
 
 @flow(name="training-pipeline")
 @with_ui_parameters
-def training_pipeline(project_root: Optional[str] = None, **overrides: Any) -> dict[str, Any]:
-    """Version the raw data, reproduce every stage with DVC, deploy if the gate passed, push.
+def training_pipeline(project_root: Optional[str] = None, data_version: Optional[str] = None,
+                      **overrides: Any) -> dict[str, Any]:
+    """Reproduce every stage with DVC from the versioned dataset, deploy if the gate passed, push.
 
     Args:
         project_root: the medops project (default: $MEDOPS_ROOT or the worker's current folder).
+        data_version: the dataset version this run is for (set by the trigger on
+            medops.dataset.versioned); empty: whatever data/ingested.dvc holds.
         {ui_parameters}
 
     Returns:
         A summary: data version, params used, every stage's result, the gate, the deployment.
     """
     paths = ProjectPaths(Path(project_root).resolve()) if project_root else ProjectPaths.discover()
+    if data_version and trained_marker(paths, data_version).is_file():
+        # a replayed or duplicate medops.dataset.versioned event: this version was trained already
+        get_run_logger().info("data version %s was trained already (%s): nothing to do", data_version,
+                              trained_marker(paths, data_version).relative_to(paths.root))
+        return {"project_root": str(paths.root), "data_version": data_version, "skipped": True}
     params = write_params(paths, overrides_by_section(overrides))
-    data_version = version_data(paths)
+    data_version = check_data_version(paths, data_version)
     stages = {name: run_stage.with_options(name=name, task_run_name=name)(paths, name) for name in STAGES}
     deployed = deploy_if_passed(paths, params)
     pushed = push_outputs(paths)
     experiment = record_experiment(paths)
+    marker = trained_marker(paths, data_version)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"data_version": data_version, "gate": stages["gate"].get("passed"),
+                                  "deployed": (deployed or {}).get("version")}) + "\n")
     return {
         "project_root": str(paths.root),
         "data_version": data_version,

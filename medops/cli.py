@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import medops
 from medops.config import Params, load_params
-from medops.errors import ExitCode, MedopsError, exit_code_for
+from medops.errors import ConfigError, ExitCode, MedopsError, exit_code_for
 from medops.paths import BUNDLED_DATASET, ProjectPaths
 
 Progress = Callable[[int, int], None]
@@ -74,7 +74,7 @@ def cmd_synth(args: argparse.Namespace) -> Report:
     from medops.dicom import synth
 
     paths, params = _context(args)
-    out = Path(args.out) if args.out else paths.raw
+    out = Path(args.out) if args.out else paths.export(params.ingest.source)
     with progress_bar("synth") as bar:
         result = synth.run(params.synth, source_npz=Path(args.source or BUNDLED_DATASET),
                            out_dir=out, progress=bar)
@@ -91,6 +91,22 @@ def cmd_ingest(args: argparse.Namespace) -> Report:
     cfg = params.ingest
     if args.workers:
         cfg = cfg.model_copy(update={"workers": args.workers})
+    if args.source is None:  # the project's own data path: export folder -> versioned dataset
+        from medops.pipeline import ingest_export
+
+        if args.out or args.manifest:
+            raise ConfigError("--out and --manifest go with a SOURCE folder; without one, medops "
+                              "ingests the project's export folder (ingest.source)")
+        with progress_bar("ingest", enabled=not args.quiet) as bar:
+            intake = ingest_export(params.model_copy(update={"ingest": cfg}), paths, progress=bar,
+                                   full=args.full)
+        summary = ingest.format_summary(intake.result)
+        summary += (f"\npublished the de-identified dataset to {paths.ingested}"
+                    if intake.published else f"\n{paths.ingested} unchanged")
+        return Report(summary, {**intake.result.model_dump(mode="json"),
+                                "dataset": str(paths.ingested), "published": intake.published})
+    if not args.out:
+        raise ConfigError("medops ingest SOURCE needs --out OUT")
     if args.full:
         cfg = cfg.model_copy(update={"incremental": False})
     with progress_bar("ingest", enabled=not args.quiet) as bar:
@@ -126,8 +142,8 @@ def cmd_version_data(args: argparse.Namespace) -> Report:
     from medops.ops import dvc
 
     paths, _ = _context(args)
-    version = dvc.version_dataset(paths.root, paths.raw, push=not args.no_push)
-    rel = paths.raw.relative_to(paths.root)
+    version = dvc.version_dataset(paths.root, paths.ingested, push=not args.no_push)
+    rel = paths.ingested.relative_to(paths.root)
     return Report(f"{rel} is at data version {version}",
                   {"path": str(rel), "data_version": version, "pushed": not args.no_push})
 
@@ -261,11 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("synth", cmd_synth, "turn the bundled PneumoniaMNIST into a DICOM export with synthetic PHI")
     p.add_argument("--source", help="npz file (default: the bundled dataset)")
-    p.add_argument("--out", help="output folder (default: data/raw)")
+    p.add_argument("--out", help="output folder (default: the export folder, ingest.source)")
 
-    p = add("ingest", cmd_ingest, "de-identify, decode and prepare every DICOM file below SOURCE")
-    p.add_argument("source")
-    p.add_argument("--out", required=True)
+    p = add("ingest", cmd_ingest, "de-identify, decode and prepare every DICOM file below SOURCE "
+                                  "(default: the project's export folder, published to data/ingested)")
+    p.add_argument("source", nargs="?", help="a folder to ingest into --out (default: ingest.source, "
+                                             "into the project's dataset)")
+    p.add_argument("--out", help="output folder (with SOURCE)")
     p.add_argument("--manifest", help="labels CSV/Parquet keyed by SOPInstanceUID or relative path")
     p.add_argument("--workers", type=int, help="decoding processes (default: params ingest.workers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless "
@@ -276,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     add("stages", cmd_stages, "list the pipeline stages")
 
-    p = add("version-data", cmd_version_data, "track data/raw with DVC and push it to the default remote")
+    p = add("version-data", cmd_version_data, "track the de-identified dataset (data/ingested) with DVC "
+                                               "and push it to the default remote")
     p.add_argument("--no-push", action="store_true")
 
     p = add("serve", cmd_serve, "start (default), stop or inspect the embedded Triton server; "

@@ -48,6 +48,9 @@ class DeidConfig(_Section):
 
 
 class IngestConfig(_Section):
+    # the hospital's export folder, relative to the project or absolute: read only, never
+    # versioned (its files and names carry PHI); label manifests (*.csv) arrive in it too
+    source: str = "data/export"
     image_size: int = Field(default=28, ge=8, le=1024)
     window: Window | None = None
     frame: Literal["first", "middle", "max"] = "middle"  # which frame of a multi-frame image
@@ -185,6 +188,11 @@ class PrefectConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 4200
     deployment_name: str = "medops-demo"
+    # cron schedule of the ingest-studies deployment (e.g. "0 2 * * *"); None = no schedule (new
+    # data versions still start training through the medops.dataset.versioned trigger)
+    ingest_schedule: str | None = None
+    # start training-pipeline when ingest-studies announces a new data version
+    train_on_new_data: bool = True
 
     @property
     def api_url(self) -> str:

@@ -42,13 +42,15 @@ def _service_env(paths: ProjectPaths, params: Params) -> dict[str, str]:
     return env
 
 
-def ensure_raw_data(paths: ProjectPaths, params: Params) -> bool:
-    """Generate the demo's hospital export (data/raw) from the bundled dataset if it is missing."""
-    if paths.manifest.is_file() and paths.raw_dicom.is_dir():
+def ensure_export(paths: ProjectPaths, params: Params) -> bool:
+    """Generate the demo's hospital export (``ingest.source``, synthetic PHI on purpose) from the
+    bundled dataset if it is missing."""
+    export = paths.export(params.ingest.source)
+    if (export / "labels.csv").is_file() and (export / "dicom").is_dir():
         return False
     from medops.dicom import synth
 
-    synth.run(params.synth, source_npz=BUNDLED_DATASET, out_dir=paths.raw)
+    synth.run(params.synth, source_npz=BUNDLED_DATASET, out_dir=export)
     return True
 
 
@@ -94,27 +96,25 @@ def start_deployment_server(paths: ProjectPaths, params: Params) -> str:
     return f"deployment training-pipeline/{params.prefect.deployment_name} served (pid {proc.pid})"
 
 
-def run_training_flow(paths: ProjectPaths, params: Params) -> None:
-    """Run the training-pipeline flow once, recorded by the running Prefect server."""
-    code = (
-        "import json; from flows.training import training_pipeline; "
-        f"print(json.dumps(training_pipeline(project_root={str(paths.root)!r}), default=str, indent=2))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=paths.root, env=_service_env(paths, params))
+def run_flow(paths: ProjectPaths, params: Params, name: str) -> None:
+    """Run one flow (``python -m flows.run NAME``) once, recorded by the running Prefect server."""
+    proc = subprocess.run([sys.executable, "-m", "flows.run", name, "--project", str(paths.root)],
+                          cwd=paths.root, env=_service_env(paths, params))
     if proc.returncode != 0:
-        raise MedopsError(f"the training flow failed (exit {proc.returncode}); see its output above "
+        raise MedopsError(f"the {name} flow failed (exit {proc.returncode}); see its output above "
                           f"and the run in the Prefect UI at {params.prefect.ui_url}")
 
 
-def sample_dicom(paths: ProjectPaths) -> Path | None:
+def sample_dicom(paths: ProjectPaths, params: Params) -> Path | None:
     """A file from the official test split, for the `medops predict` line the demo prints."""
     import csv
 
+    export = paths.export(params.ingest.source)
     try:
-        with paths.manifest.open() as fh:
+        with (export / "labels.csv").open() as fh:
             for row in csv.DictReader(fh):
                 if row.get("split") == "test":
-                    return paths.raw_dicom / row["path"]
+                    return export / "dicom" / row["path"]
     except OSError:
         return None
     return None
@@ -124,14 +124,15 @@ def run_demo(paths: ProjectPaths, params: Params) -> str:
     if not (paths.root / ".git").exists():
         raise MedopsError(f"{paths.root} is not a git repository: DVC needs one (clone medops with git)")
     lines = []
-    if ensure_raw_data(paths, params):
-        lines.append(f"generated the demo DICOM studies in {paths.raw_dicom}")
+    if ensure_export(paths, params):
+        lines.append(f"generated the demo's hospital export in {paths.export(params.ingest.source)}")
     lines += start_services(paths, params)
     for line in lines:
         print(line, flush=True)
-    run_training_flow(paths, params)
+    run_flow(paths, params, "ingest-studies")  # export -> de-identified, versioned dataset
+    run_flow(paths, params, "training-pipeline")
     lines.append(start_deployment_server(paths, params))
-    sample = sample_dicom(paths)
+    sample = sample_dicom(paths, params)
     rel = sample.relative_to(paths.root) if sample else "path/to/file.dcm"
     return "\n".join([
         "",

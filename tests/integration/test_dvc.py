@@ -143,9 +143,10 @@ def test_medops_version_data_json(project: Path, repo_root: Path, capsys) -> Non
     from medops.cli import main
 
     shutil.copy(repo_root / "params.yaml", project / "params.yaml")
+    shutil.copytree(project / "data" / "raw", project / "data" / "ingested")  # a dataset to version
     assert main(["--project", str(project), "version-data", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)  # one object; dvc's own output stays off stdout
-    assert out == {"path": "data/raw", "data_version": dvc.data_version(project, "data/raw"),
+    assert out == {"path": "data/ingested", "data_version": dvc.data_version(project, "data/ingested"),
                    "pushed": True}
     assert dvc.status(project, cloud=True) == {}
 

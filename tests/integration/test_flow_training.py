@@ -291,7 +291,7 @@ def test_ui_parameters_are_declared_once(monkeypatch) -> None:
     import flows.training as training
 
     props = training.training_pipeline.parameters.model_dump()["properties"]
-    assert list(props) == ["project_root"] + [d.split(".")[1] for d in training.UI_PARAMETERS]
+    assert list(props) == ["project_root", "data_version"] + [d.split(".")[1] for d in training.UI_PARAMETERS]
     assert training.overrides_by_section({"epochs": 3, "min_auc": None, "min_accuracy": 0.6}) == {
         "train": {"epochs": 3}, "gate": {"min_accuracy": 0.6}}
     # one more line in the table is one more typed, documented parameter of the flow

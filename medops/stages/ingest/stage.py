@@ -11,7 +11,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 from pydantic import BaseModel
@@ -20,7 +20,7 @@ from medops.config import IngestConfig
 from medops.errors import IngestError, QuarantineReason
 from medops.stages.ingest.index import (INDEX_NAME, _close_index, _fingerprint, _load_previous,
                                         _plan, _Previous, _write_index_entry)
-from medops.stages.ingest.manifest import labels_from_path, read_manifest
+from medops.stages.ingest.manifest import labels_from_path, read_manifests
 from medops.stages.ingest.pool import _decode, _Item, _launch_pool, _pool_size, _Starting
 from medops.stages.ingest.source import iter_source_files
 from medops.stages.ingest.worker import WorkerSpec, process_file
@@ -56,6 +56,13 @@ _STAGING = ".staging"
 # written before anything else, so a run that crashed half-way is still recognised as ours
 _OWNER_MARKER = ".medops-ingest"
 _OUTPUT_MARKERS = ("metadata.parquet", "quarantine.csv", INDEX_NAME, _STAGING, _OWNER_MARKER)
+
+
+def _inside(files: list[Path], folder: Path) -> frozenset[str]:
+    """The paths relative to ``folder`` of those ``files`` that lie below it (POSIX)."""
+    root = folder.resolve()
+    return frozenset(f.resolve().relative_to(root).as_posix() for f in files
+                     if f.resolve().is_relative_to(root))
 
 
 def _check_folders(source_dir: Path, out_dir: Path) -> None:
@@ -274,7 +281,7 @@ def _replace_outputs(out_dir: Path, kept: set[bytes], reused: bool) -> bool:
 
 
 def _ingest(spec: WorkerSpec, total: int, starting: _Starting | None, progress: bool | Progress | None,
-            started: float) -> IngestResult:
+            started: float, skip: frozenset[str] = frozenset()) -> IngestResult:
     """:func:`run` once its arguments are checked and, for a full rebuild, its workers launched:
     every file's outcome, in source-path order, written into ``.staging`` as it comes, then the
     outputs moved into place."""
@@ -287,7 +294,7 @@ def _ingest(spec: WorkerSpec, total: int, starting: _Starting | None, progress: 
     staged = _StagedOutputs(out_dir, cfg.shard_size, _label_lookup(spec.labels, spec.key),
                             folder_labels=spec.labels is None)
     callback, close = _progress_callback(progress, total)
-    items = _decode(_plan(iter_source_files(spec.source_dir), spec.source_dir, previous), cfg.workers,
+    items = _decode(_plan(iter_source_files(spec.source_dir, skip), spec.source_dir, previous), cfg.workers,
                     spec, total, starting if previous is None else None)
     try:
         # the workers get their first chunks before this process imports what writing
@@ -360,8 +367,9 @@ def format_summary(result: IngestResult) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | None = None,
-        key: bytes | None = None, progress: bool | Progress | None = None) -> IngestResult:
+def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path,
+        manifest: Path | Sequence[Path] | None = None, key: bytes | None = None,
+        progress: bool | Progress | None = None) -> IngestResult:
     """Ingest every file below ``source_dir`` into ``out_dir``; see :mod:`medops.stages.ingest`.
 
     Incremental (``cfg.incremental``; False rebuilds everything): when ``out_dir`` holds the
@@ -380,8 +388,10 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
             earlier run's outputs).
         source_dir: the export to read.
         out_dir: where the processed dataset goes.
-        manifest: labels keyed by original SOPInstanceUID or by path; None = labels from folder
-            names (``NORMAL`` / ``PNEUMONIA`` ..., ``train`` / ``val`` / ``test``), else none.
+        manifest: labels keyed by original SOPInstanceUID or by path, one file or several
+            (merged; see :func:`read_manifests`); None = labels from folder names (``NORMAL`` /
+            ``PNEUMONIA`` ..., ``train`` / ``val`` / ``test``), else none. A manifest inside
+            ``source_dir`` is read as labels, not ingested as a study.
         key: de-identification key; None = :func:`medops.dicom.deid.resolve_deid_key`.
         progress: True for a tqdm bar, a ``callback(done, total)``, or None.
 
@@ -393,14 +403,16 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if not source_dir.is_dir():
         raise IngestError(f"source folder {source_dir} does not exist or is not a folder")
-    labels = read_manifest(manifest) if manifest is not None else None
+    manifests = [Path(manifest)] if isinstance(manifest, (str, Path)) else list(manifest or ())
+    labels = read_manifests(manifests) if manifest is not None else None
+    skip = _inside(manifests, source_dir)
     if key is None:
         from medops.dicom.deid import resolve_deid_key
 
         key = resolve_deid_key(cfg.deid)
     # counted first (a cheap walk) for the progress total and the chunk size; the files are then
     # listed again as they are processed, so the listing is never held
-    total = sum(1 for _ in iter_source_files(source_dir))
+    total = sum(1 for _ in iter_source_files(source_dir, skip))
     _check_folders(source_dir, out_dir)
     spec = WorkerSpec(cfg, key, labels, source_dir, out_dir)
     # a full rebuild decodes every file: its workers are launched now and start up while this
@@ -409,7 +421,7 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     rebuild = not cfg.incremental or not (out_dir / INDEX_NAME).is_file()
     starting = _launch_pool(n_workers, spec) if rebuild and n_workers > 1 else None
     try:
-        return _ingest(spec, total, starting, progress, started)
+        return _ingest(spec, total, starting, progress, started, skip)
     finally:
         if starting is not None:  # shut down by the decoding once it started; again is harmless
             starting.pool.shutdown(cancel_futures=True)
