@@ -730,6 +730,7 @@ def predict_files(
         transport.close()
     return plan.preds
 
+
 async def apredict_files(
     paths: Iterable[Path | str],
     *,
