@@ -58,7 +58,7 @@ def ingest(p: Params, pp: ProjectPaths) -> Any:
 def quality(p: Params, pp: ProjectPaths) -> Any:
     from medops.stages.quality import run
 
-    return run(p.quality, ingested_dir=pp.ingested, out_dir=pp.quality_dir)
+    return run(p.quality, ingested_dir=pp.ingested, out_dir=pp.quality_dir, gx_root=pp.root)
 
 
 def split(p: Params, pp: ProjectPaths) -> Any:

@@ -227,7 +227,7 @@ def test_flow_parameters_are_validated_with_the_params_constraints() -> None:
 
 @pytest.fixture
 def dvc_project(tmp_path: Path) -> ProjectPaths:
-    """A git + DVC project with the repo's dvc.yaml and params.yaml and an ingested folder."""
+    """A git + DVC project with the repo's dvc.yaml, params.yaml and GX project and an ingested folder."""
     from test_quality_gx import build_ingested
 
     from medops.ops import dvc
@@ -236,6 +236,7 @@ def dvc_project(tmp_path: Path) -> ProjectPaths:
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "medops", root / "medops", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "gx", root / "gx", ignore=shutil.ignore_patterns("uncommitted"))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     dvc.init(root)
     dvc.ensure_remote(root, "local", "dvc-remote")
