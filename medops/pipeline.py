@@ -45,14 +45,17 @@ def _data_version(paths: ProjectPaths) -> str:
     return data_version(paths.root, paths.raw)
 
 
-# The adapters: project paths and params sections onto each stage's run(), nothing else. Each
-# imports its stage when called, so `medops --help` does not import TensorFlow.
+# The adapters: project paths and params sections onto each stage's run(), nothing else (the long
+# ones also get progress reporters, medops.ops.progress). Each imports its stage when called, so
+# `medops --help` does not import TensorFlow.
 
 def ingest(p: Params, pp: ProjectPaths) -> Any:
     from medops.stages.ingest import run
 
+    from medops.ops.progress import progress_printer
+
     return run(p.ingest, source_dir=pp.raw_dicom, out_dir=pp.ingested, manifest=pp.manifest,
-               key=deid_key(p, pp))
+               key=deid_key(p, pp), progress=progress_printer("ingest", "files"))
 
 
 def quality(p: Params, pp: ProjectPaths) -> Any:
@@ -68,11 +71,13 @@ def split(p: Params, pp: ProjectPaths) -> Any:
 
 
 def train(p: Params, pp: ProjectPaths) -> Any:
+    from medops.ops.progress import keras_progress
     from medops.stages.train import run
 
     return run(p.train, p.augment, ingested_dir=pp.ingested, split=pp.split,
                model_out=pp.keras_model, result_out=pp.train_result,
-               data_version=_data_version(pp), log_dir=pp.tensorboard)
+               data_version=_data_version(pp), log_dir=pp.tensorboard,
+               extra_callbacks=[keras_progress("train", p.train.epochs)])
 
 
 def evaluate(p: Params, pp: ProjectPaths) -> Any:
