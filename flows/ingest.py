@@ -9,21 +9,25 @@
 3. When the data version changed, the event ``medops.dataset.versioned`` (resource: the data
    version; payload: counts of new, quarantined and used files, never a path or a value of the
    export), which a deployment trigger turns into a training run.
+   A progress artifact (``ingest-progress``) and log lines follow it file by file.
 
 Only de-identified data is versioned: the export (with its PHI) is read, never added.
 Wiring only; the work is medops.pipeline.ingest_export, medops.stages.ingest and medops.ops.dvc.
 """
 
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from medops.config import load_params
 from medops.ops import dvc
 from medops.paths import ProjectPaths
+
+from flows.artifacts import field_rows
 
 DATASET_VERSIONED = "medops.dataset.versioned"
 
@@ -34,10 +38,30 @@ def ingest(paths: ProjectPaths) -> dict[str, Any]:
     from medops.pipeline import ingest_export
     from medops.stages.ingest import format_summary
 
-    intake = ingest_export(load_params(paths.params), paths)
+    intake = ingest_export(load_params(paths.params), paths,
+                           progress=progress_artifact("ingest", "files"))
     # the summary names the operator's private report by its location, never an export path
     get_run_logger().info(format_summary(intake.result))
     return {**intake.result.model_dump(mode="json"), "published": intake.published}
+
+
+def progress_artifact(name: str, unit: str, min_interval_s: float = 1.0) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that moves a progress artifact (created now, at 0 %)
+    and logs the count, at most once per ``min_interval_s`` and always at the end."""
+    artifact_id = create_progress_artifact(progress=0.0, key=f"{name}-progress", description=f"{name}: starting")
+    logger = get_run_logger()
+    last = [float("-inf")]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < min_interval_s:
+            return
+        last[0] = now
+        percent = 100.0 * min(done, total) / total if total else 100.0
+        update_progress_artifact(artifact_id, percent, description=f"{name}: {done}/{total} {unit}")
+        logger.info("%s: %d/%d %s", name, done, total, unit)
+
+    return report
 
 
 @task(cache_policy=NO_CACHE)
@@ -87,14 +111,12 @@ def ingest_studies(project_root: Optional[str] = None) -> dict[str, Any]:
     changed = data_version != before
     if changed:
         emit_versioned(data_version, summary, before)
-    create_markdown_artifact(
+    create_table_artifact(
         key="ingest-studies",
-        markdown=(f"# Ingested the export folder\n\n"
-                  f"| | |\n|---|---|\n| data version | `{data_version}` |\n"
-                  f"| new version | {changed} |\n"
-                  f"| files seen | {summary['files_seen']} |\n| used | {summary['used']} |\n"
-                  f"| quarantined | {summary['quarantined']} {summary['quarantined_by_reason']} |\n"
-                  f"| decoded this run | {summary['decoded']} |\n"),
+        table=[{"field": "data version", "value": data_version},
+               {"field": "new version", "value": changed},
+               *field_rows({k: summary[k] for k in ("files_seen", "used", "quarantined", "quarantined_by_reason",
+                                                    "decoded", "changed") if k in summary})],
         description="de-identified dataset version",
     )
     return {"data_version": data_version, "previous_version": before, "changed": changed,

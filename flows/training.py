@@ -6,8 +6,10 @@
    ingest-studies flow); a run started for a given ``data_version`` (by the trigger on
    ``medops.dataset.versioned``) refuses to train on another one;
 3. one task per stage of ``medops.pipeline.STAGES``, in order, each running
-   ``dvc repro --single-item NAME`` (DVC decides whether it must run) and posting the stage's JSON
-   result as an artifact. A failed critical data-quality expectation stops the flow with its message;
+   ``dvc repro --single-item NAME`` (DVC decides whether it must run), logging its output line by
+   line while it runs (ingest and train also move a progress artifact), then posting the stage's
+   JSON result as table, image and link artifacts. A failed critical data-quality expectation
+   stops the flow with its message;
 4. ``deploy``: only if the gate passed (otherwise its reasons are logged and the flow completes
    without deploying); retried, because Triton may be briefly busy loading;
 5. ``push_outputs``: ``dvc push`` of the pipeline's outputs;
@@ -27,19 +29,23 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (create_image_artifact, create_link_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
 from medops.config import Params, load_params, update_params_file
 from medops.errors import DvcError, GateRejectedError
 from medops.ops import dvc
 from medops.paths import ProjectPaths
+from medops.ops.progress import parse_progress
 from medops.pipeline import STAGES, read_stage_result
 
-from flows.artifacts import render_images, render_markdown, summarize_repro
+from flows.artifacts import Artifact, artifact_key, field_rows, stage_artifacts, summarize_repro
 
 DEPLOY_RETRIES = 2
 DEPLOY_RETRY_DELAY_S = 10.0
+# stages that take minutes: a progress artifact follows their `medops progress:` lines
+LONG_STAGES = ("ingest", "train")
 
 
 # The run parameters the Prefect UI form offers, as "section.field" of params.yaml. Each becomes a
@@ -98,10 +104,10 @@ def write_params(paths: ProjectPaths, overrides: dict[str, dict[str, Any]]) -> P
     if not changed:
         return load_params(paths.params)
     params = update_params_file(paths.params, changed)
-    lines = [f"- `{s}.{k}`: {current[s][k]} → **{v}**" for s, vals in changed.items() for k, v in vals.items()]
+    rows = [{"parameter": f"{s}.{k}", "was": current[s][k], "now": v} for s, vals in changed.items()
+            for k, v in vals.items()]
     get_run_logger().info("params.yaml updated: %s", changed)
-    create_markdown_artifact(key="params-changed", markdown="# params.yaml for this run\n\n" + "\n".join(lines),
-                             description="parameters edited for this run")
+    post(Artifact("table", "params-changed", rows, "params.yaml values edited for this run"))
     return params
 
 
@@ -121,25 +127,62 @@ def check_data_version(paths: ProjectPaths, expected: Optional[str]) -> str:
     return version
 
 
+def post(artifact: Artifact) -> None:
+    """Post one artifact built by flows.artifacts with Prefect's function for its type."""
+    if artifact.kind == "table":
+        create_table_artifact(table=artifact.data, key=artifact.key, description=artifact.description)
+    elif artifact.kind == "image":
+        create_image_artifact(image_url=artifact.data, key=artifact.key, description=artifact.description)
+    else:
+        create_link_artifact(link=artifact.data, link_text=artifact.link_text, key=artifact.key,
+                             description=artifact.description)
+
+
+class StageOutput:
+    """``dvc repro``'s lines as they come: each one logged to the task run, ``medops progress:``
+    lines also moving the stage's progress artifact (created at 0 % for the LONG_STAGES)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.logger = get_run_logger()
+        self.progress_id = None
+        if name in LONG_STAGES:
+            self.progress_id = create_progress_artifact(
+                progress=0.0, key=artifact_key(name, "progress"), description=f"{name}: waiting for the stage")
+        self.last_percent = 0.0
+
+    def __call__(self, line: str) -> None:
+        if line.strip():
+            self.logger.info("%s | %s", self.name, line)
+        progress = parse_progress(line)
+        if progress is not None and self.progress_id is not None and progress.stage == self.name:
+            self.update(progress.percent, f"{self.name}: {progress.done}/{progress.total} {progress.unit}")
+
+    def update(self, percent: float, description: str) -> None:
+        if self.progress_id is not None and percent != self.last_percent:
+            update_progress_artifact(self.progress_id, percent, description=description)
+            self.last_percent = percent
+
+
 @task(cache_policy=NO_CACHE)
 def run_stage(paths: ProjectPaths, name: str) -> dict[str, Any]:
-    """``dvc repro --single-item NAME``, then the stage's JSON result, posted as an artifact."""
+    """``dvc repro --single-item NAME``, its output logged line by line while it runs; then the
+    stage's JSON result, posted as artifacts (tables, images, links: flows.artifacts)."""
     logger = get_run_logger()
+    output = StageOutput(name)
     try:
-        output = dvc.repro(paths.root, name, single_item=True)
+        repro = dvc.repro(paths.root, name, single_item=True, on_line=output)
     except DvcError:
         if name == "quality":
             _raise_quality_failure(paths)
         raise
-    logger.info("dvc repro --single-item %s: %s", name, summarize_repro(output))
+    output.update(100.0, f"{name}: done")
+    logger.info("dvc repro --single-item %s: %s", name, summarize_repro(repro))
     result = read_stage_result(name, paths)
     for warning in result.get("warnings") or []:  # e.g. non-critical data-quality expectations
         logger.warning("%s: %s", name, warning)
-    create_markdown_artifact(key=f"stage-{name}", markdown=render_markdown(f"Stage `{name}`", result),
-                             description=f"result of the {name} stage")
-    if result.get("files"):  # images a stage wrote (explain: Grad-CAM heatmaps) go to the run too
-        create_markdown_artifact(key=f"{name}-images", markdown=render_images(name, result["files"]),
-                                 description=f"images written by the {name} stage")
+    for artifact in stage_artifacts(name, result):
+        post(artifact)
     return result
 
 
@@ -148,9 +191,8 @@ def _raise_quality_failure(paths: ProjectPaths) -> None:
     from medops.stages import quality
     failed = quality.failed_result(paths.quality_dir)
     if failed is not None:  # else it failed before validating; the DvcError says why
-        create_markdown_artifact(key="stage-quality",
-                                 markdown=render_markdown("Stage `quality` FAILED", failed.model_dump(mode="json")),
-                                 description="data-quality expectations that failed")
+        for artifact in stage_artifacts("quality", failed.model_dump(mode="json"), failed=True):
+            post(artifact)
         raise quality.failure_error(failed)
 
 
@@ -171,8 +213,8 @@ def deploy_model(paths: ProjectPaths, params: Params) -> dict[str, Any]:
     result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
                     export_result=paths.export_result, **serving_kwargs(params, paths))
     payload = result.model_dump(mode="json")
-    create_markdown_artifact(key="deployment", markdown=render_markdown("Deployed", payload),
-                             description=f"{result.model_name} version {result.version} on Triton")
+    post(Artifact("table", "deployment", field_rows(payload),
+                  f"{result.model_name} version {result.version} on Triton"))
     return payload
 
 

@@ -107,7 +107,8 @@ class ProjectPaths:
 
     @property
     def quality_dir(self) -> Path:
-        """Great Expectations project and Data Docs (reports/quality/data_docs/index.html)."""
+        """The quality report (result.json) and the Data Docs (reports/quality/data_docs/index.html)
+        of the Great Expectations project in ``gx/``."""
         return self.reports / "quality"
 
     @property

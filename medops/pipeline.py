@@ -80,15 +80,16 @@ def ingest_export(params: Params, paths: ProjectPaths, *, progress: Any = None,
     return Intake(result, publish_dataset(paths.ingest_work, paths.ingested, key))
 
 
-# The adapters: project paths and params sections onto each stage's run(), nothing else. Each
-# imports its stage when called, so `medops --help` does not import TensorFlow. The stages start
-# from the de-identified dataset (data/ingested, versioned by DVC); ingest_export above feeds it.
+# The adapters: project paths and params sections onto each stage's run(), nothing else (the long
+# ones also get progress reporters, medops.ops.progress). Each imports its stage when called, so
+# `medops --help` does not import TensorFlow. The stages start from the de-identified dataset
+# (data/ingested, versioned by DVC); ingest_export above feeds it.
 
 
 def quality(p: Params, pp: ProjectPaths) -> Any:
     from medops.stages.quality import run
 
-    return run(p.quality, ingested_dir=pp.ingested, out_dir=pp.quality_dir)
+    return run(p.quality, ingested_dir=pp.ingested, out_dir=pp.quality_dir, gx_root=pp.root)
 
 
 def split(p: Params, pp: ProjectPaths) -> Any:
@@ -98,11 +99,13 @@ def split(p: Params, pp: ProjectPaths) -> Any:
 
 
 def train(p: Params, pp: ProjectPaths) -> Any:
+    from medops.ops.progress import keras_progress
     from medops.stages.train import run
 
     return run(p.train, p.augment, ingested_dir=pp.ingested, split=pp.split,
                model_out=pp.keras_model, result_out=pp.train_result,
-               data_version=_data_version(pp), log_dir=pp.tensorboard)
+               data_version=_data_version(pp), log_dir=pp.tensorboard,
+               extra_callbacks=[keras_progress("train", p.train.epochs)])
 
 
 def evaluate(p: Params, pp: ProjectPaths) -> Any:

@@ -28,7 +28,7 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from pydantic import BaseModel
@@ -119,6 +119,7 @@ def fit_model(
     log_dir: Path | None = None,
     plan: Any = None,
     strategy: Any = None,
+    extra_callbacks: Sequence[Any] = (),
 ) -> tuple[Any, dict[str, list[float]], int | None]:
     """Seed, build, compile and fit, under the distribution plan (one CPU, GPUs, or a cluster).
 
@@ -135,7 +136,7 @@ def fit_model(
     x_train, y_train = train
     x_val, y_val = val
     steps = int(np.ceil(len(x_train) / train_cfg.batch_size))
-    callbacks: list[Any] = []
+    callbacks: list[Any] = list(extra_callbacks)  # e.g. the flow's progress lines (medops.pipeline)
     patience = train_cfg.early_stopping_patience
     stopper = None
     if patience > 0 or train_cfg.restore_best:
@@ -198,10 +199,12 @@ def run(
     result_out: Path,
     data_version: str,
     log_dir: Path | None = None,
+    extra_callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Load train/val, fit, choose the decision threshold on val, save the model, write train.json.
 
-    ``log_dir``: write TensorBoard logs there (off when None).
+    ``log_dir``: write TensorBoard logs there (off when None). ``extra_callbacks``: more Keras
+    callbacks for ``fit`` (they must not change what is learnt).
     """
     from medops.learn.distribute import is_chief, make_strategy
 
@@ -218,6 +221,7 @@ def run(
     model, history, best_epoch = fit_model(
         train_cfg, augment_cfg, (x_train, y_train), (x_val, y_val),
         log_dir=log_dir if is_chief(plan) else None, plan=plan, strategy=strategy,
+        extra_callbacks=extra_callbacks,
     )
     val_scores = predict_probabilities(model, x_val)
     threshold = select_threshold(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -108,3 +109,21 @@ def test_ingest_flow_versions_the_export_and_announces_each_new_version_once(pro
     assert grown_event.payload["previous_version"] == first["data_version"]
     assert grown_event.resource.id == f"medops.dataset.{grown['data_version']}"
     assert PHI_FOLDER not in str([e.model_dump(mode="json") for e in events])
+
+    # what the run posted: a progress artifact that reached 100 %, and the summary as a table
+    progress, summary = _artifact("ingest-progress"), _artifact("ingest-studies")
+    assert progress["type"] == "progress" and float(progress["data"]) == 100.0
+    assert progress["description"] == f"ingest: {grown['ingest']['files_seen']}/{grown['ingest']['files_seen']} files"
+    assert summary["type"] == "table"
+    assert {"field": "data version", "value": grown["data_version"]} in json.loads(summary["data"])
+
+
+def _artifact(key: str) -> dict:
+    """The newest artifact with ``key``, from the server's REST API (see test_flow_training)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    resp = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=10, json={
+        "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1, "offset": 0})
+    resp.raise_for_status()
+    return resp.json()[0]
