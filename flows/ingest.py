@@ -29,7 +29,7 @@ from medops.paths import ProjectPaths
 
 from flows.artifacts import field_rows
 
-DATASET_VERSIONED = "medops.dataset.versioned"
+from flows.events import DATASET_VERSIONED
 
 
 @task(cache_policy=NO_CACHE)

@@ -2,8 +2,9 @@
 
 Two deployments, started from the UI or by the platform itself:
 
-- ``ingest-studies/<name>``: the export folder into a new data version; on a cron schedule when
-  ``prefect.ingest_schedule`` is set (off by default), or started by hand.
+- ``ingest-studies/<name>``: the export folder into a new data version; started by the event
+  ``medops.export.changed`` (``medops watch``: studies landed in the export folder), on a cron
+  schedule when ``prefect.ingest_schedule`` is set (off by default), or by hand.
 - ``training-pipeline/<name>``: reproduce, gate and deploy; a deployment trigger on the event
   ``medops.dataset.versioned`` (emitted by ingest-studies only when the data version changed)
   starts it with that ``data_version`` (``prefect.train_on_new_data``).
@@ -40,6 +41,7 @@ def deployments(paths: ProjectPaths) -> list[Any]:
 
     from flows.ingest import DATASET_VERSIONED, ingest_studies
     from flows.training import training_pipeline
+    from medops.ops.watch import EXPORT_CHANGED
 
     params = load_params(paths.params)
     cfg = params.prefect
@@ -54,6 +56,9 @@ def deployments(paths: ProjectPaths) -> list[Any]:
         tags=["medops"], triggers=triggers)
     ingest = ingest_studies.to_deployment(
         name=cfg.deployment_name, parameters=root, tags=["medops"], cron=cfg.ingest_schedule,
+        # studies landing in the export folder (medops watch, one event per delivery)
+        triggers=[DeploymentEventTrigger(name="ingest-on-new-studies", expect={EXPORT_CHANGED},
+                                         parameters=root)],
         description="De-identify the export folder (ingest.source) into data/ingested and version "
                     "it with DVC; a new data version starts training-pipeline.")
     return [ingest, training]

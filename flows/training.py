@@ -41,6 +41,7 @@ from medops.ops.progress import parse_progress
 from medops.pipeline import STAGES, read_stage_result
 
 from flows.artifacts import Artifact, artifact_key, field_rows, stage_artifacts, summarize_repro
+from flows.events import DATA_REJECTED, MODEL_DEPLOYED, MODEL_REJECTED, emit
 
 DEPLOY_RETRIES = 2
 DEPLOY_RETRY_DELAY_S = 10.0
@@ -193,7 +194,10 @@ def _raise_quality_failure(paths: ProjectPaths) -> None:
     if failed is not None:  # else it failed before validating; the DvcError says why
         for artifact in stage_artifacts("quality", failed.model_dump(mode="json"), failed=True):
             post(artifact)
-        raise quality.failure_error(failed)
+        error = quality.failure_error(failed)
+        emit(DATA_REJECTED, "medops.dataset.ingested",
+             {"data_version": _current_version(paths), "reason": str(error)})
+        raise error
 
 
 def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -215,6 +219,9 @@ def deploy_model(paths: ProjectPaths, params: Params) -> dict[str, Any]:
     payload = result.model_dump(mode="json")
     post(Artifact("table", "deployment", field_rows(payload),
                   f"{result.model_name} version {result.version} on Triton"))
+    emit(MODEL_DEPLOYED, f"medops.model.{result.model_name}.{result.version}",
+         {"model_name": result.model_name, "model_version": result.version,
+          "data_version": result.data_version})
     return payload
 
 
@@ -244,6 +251,13 @@ def push_outputs(paths: ProjectPaths) -> str:
 
 # --- flow -------------------------------------------------------------------------------------
 
+def _current_version(paths: ProjectPaths) -> Optional[str]:
+    try:
+        return dvc.data_version(paths.root, paths.ingested)
+    except DvcError:
+        return None
+
+
 def trained_marker(paths: ProjectPaths, data_version: str) -> Path:
     """Written when a run for ``data_version`` completed: a second run started for the same version
     (a replayed event) finds it and does nothing."""
@@ -258,6 +272,9 @@ def deploy_if_passed(paths: ProjectPaths, params: Params) -> Optional[dict[str, 
     if not decision.passed:
         get_run_logger().warning("gate rejected the model, not deploying: %s",
                                  "; ".join(decision.failed_reasons or decision.reasons))
+        emit(MODEL_REJECTED, f"medops.model.candidate.{decision.data_version}",
+             {"data_version": decision.data_version, "model": decision.model,
+              "reasons": decision.failed_reasons or decision.reasons})
         return None
     return deploy_model(paths, params)
 

@@ -222,6 +222,15 @@ def cmd_predict(args: argparse.Namespace) -> Report:
                   ExitCode.BAD_INPUT if failed else ExitCode.OK)
 
 
+def cmd_watch(args: argparse.Namespace) -> Report:
+    from medops.ops.watch import run_watch
+
+    paths, params = _context(args)
+    export = paths.export(params.ingest.source)
+    run_watch(export, quiet_s=args.quiet_s, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return Report("stopped watching", {"export": str(export)})
+
+
 def cmd_up(args: argparse.Namespace) -> Report:
     from medops.ops import demo
 
@@ -321,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensor: preprocess here and call the classifier directly")
 
     # the demo's own commands report progress lines, nothing for a script to parse
+    p = add("watch", cmd_watch, "emit the Prefect event medops.export.changed when studies land in "
+                                "the export folder (once per delivery); runs until stopped",
+            json_flag=False)
+    p.add_argument("--quiet-s", type=float, default=5.0,
+                   help="seconds without a new file event that end a delivery (default 5)")
     add("up", cmd_up, "start the Prefect server and Triton (reusing running ones)", json_flag=False)
     add("down", cmd_down, "stop what `medops up` / `make demo` started, by recorded pid",
         json_flag=False)

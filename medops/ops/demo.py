@@ -20,6 +20,7 @@ from medops.paths import BUNDLED_DATASET, ProjectPaths
 from medops.procs import pid_alive, terminate
 
 DEPLOYMENT_PID = "flow-serve.pid"
+WATCHER_PID = "watch.pid"
 
 
 def _read_pid(pidfile: Path) -> int | None:
@@ -74,26 +75,38 @@ def start_services(paths: ProjectPaths, params: Params) -> list[str]:
     return lines
 
 
-def start_deployment_server(paths: ProjectPaths, params: Params) -> str:
-    """Serve the training flow as a Prefect deployment in a background process (reused if alive)."""
-    pidfile = paths.run_dir / DEPLOYMENT_PID
+def _start_background(paths: ProjectPaths, params: Params, argv: list[str], pid_name: str,
+                      log_name: str, what: str) -> str:
+    """Start ``argv`` as a background service of the demo (reused if its recorded pid is alive)."""
+    pidfile = paths.run_dir / pid_name
     pid = _read_pid(pidfile)
     if pid:
-        return f"deployment already served (pid {pid})"
+        return f"{what} already running (pid {pid})"
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     paths.logs.mkdir(parents=True, exist_ok=True)
-    log = open(paths.logs / "flow-serve.log", "ab")
+    log = open(paths.logs / log_name, "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.serve"],
-        cwd=paths.root, env=_service_env(paths, params),
+        argv, cwd=paths.root, env=_service_env(paths, params),
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     pidfile.write_text(f"{proc.pid}\n")
     time.sleep(3)
     if proc.poll() is not None:
-        tail = (paths.logs / "flow-serve.log").read_text(errors="replace")[-2000:]
-        raise MedopsError(f"serving the flow as a deployment failed:\n{tail}")
-    return f"deployment training-pipeline/{params.prefect.deployment_name} served (pid {proc.pid})"
+        tail = (paths.logs / log_name).read_text(errors="replace")[-2000:]
+        raise MedopsError(f"starting the {what} failed:\n{tail}")
+    return f"{what} started (pid {proc.pid})"
+
+
+def start_deployment_server(paths: ProjectPaths, params: Params) -> str:
+    """Serve both flows as Prefect deployments in a background process (reused if alive)."""
+    return _start_background(paths, params, [sys.executable, "-m", "flows.serve"], DEPLOYMENT_PID,
+                             "flow-serve.log", f"deployments */{params.prefect.deployment_name}")
+
+
+def start_watcher(paths: ProjectPaths, params: Params) -> str:
+    """``medops watch`` in the background: new studies in the export folder start an ingest run."""
+    return _start_background(paths, params, [sys.executable, "-m", "medops", "watch"], WATCHER_PID,
+                             "watch.log", "export folder watcher")
 
 
 def run_flow(paths: ProjectPaths, params: Params, name: str) -> None:
@@ -132,6 +145,7 @@ def run_demo(paths: ProjectPaths, params: Params) -> str:
     run_flow(paths, params, "ingest-studies")  # export -> de-identified, versioned dataset
     run_flow(paths, params, "training-pipeline")
     lines.append(start_deployment_server(paths, params))
+    lines.append(start_watcher(paths, params))
     sample = sample_dicom(paths, params)
     rel = sample.relative_to(paths.root) if sample else "path/to/file.dcm"
     return "\n".join([
@@ -153,12 +167,13 @@ def stop_services(paths: ProjectPaths) -> list[str]:
     from medops.serving.server import stop_server
 
     out = []
-    pidfile = paths.run_dir / DEPLOYMENT_PID
-    pid = _read_pid(pidfile)
-    if pid:
-        terminate(pid, 10.0, group_first=True)
-        out.append(f"stopped the deployment server (pid {pid})")
-    pidfile.unlink(missing_ok=True)
+    for pid_name, what in ((WATCHER_PID, "the export folder watcher"), (DEPLOYMENT_PID, "the deployment server")):
+        pidfile = paths.run_dir / pid_name
+        pid = _read_pid(pidfile)
+        if pid:
+            terminate(pid, 10.0, group_first=True)
+            out.append(f"stopped {what} (pid {pid})")
+        pidfile.unlink(missing_ok=True)
     out.append("stopped Triton" if stop_server(paths.state) else "Triton was not running")
     out.append("stopped the Prefect server" if stop_prefect(paths.state) else "Prefect server was not running")
     return out

@@ -199,12 +199,34 @@ def monkeypatch_module():
     mp.undo()
 
 
-def test_flow_completes_and_deploys(flow_run, paths):
+def medops_events(name: str, expected: int = 1, timeout: float = 30.0) -> list:
+    """The Prefect API's events called ``name``, once it holds ``expected`` of them."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            events = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50).events
+            if len(events) >= expected or time.monotonic() > deadline:
+                return events
+            time.sleep(0.5)
+
+
+def test_flow_completes_and_deploys(flow_run, ingest_run, paths):
     assert flow_run.is_completed(), flow_run.message
     summary = flow_run.result()
     gate = json.loads(paths.gate.read_text())
     assert gate["passed"] is True, gate["reasons"]
     assert summary["deployed"]["version"] == 1
+    # the loop's events: a new data version, then the model deployed from it
+    [versioned] = medops_events("medops.dataset.versioned")
+    [deployed] = medops_events("medops.model.deployed")
+    assert versioned.payload["data_version"] == summary["data_version"] == ingest_run.result()["data_version"]
+    assert deployed.payload == {"model_name": "pneumonia_classifier", "model_version": 1,
+                                "data_version": summary["data_version"]}
 
 
 def test_every_stage_ran_through_dvc_and_is_up_to_date(flow_run, paths):
@@ -348,6 +370,8 @@ def test_a_stricter_gate_blocks_deployment_and_dvc_skips_training(flow_run, path
     with grpcclient.InferenceServerClient(cfg.grpc_url) as client:
         ready = [v for v in ("1", "2") if client.is_model_ready(cfg.model_name, v)]
     assert ready == ["1"], "the blocked model must not be served"
+    [rejected] = medops_events("medops.model.rejected")
+    assert any("min_auc" in r for r in rejected.payload["reasons"])
     model_dir = cfg.repository_path(paths.root) / cfg.model_name
     assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["1"]
 

@@ -70,7 +70,8 @@ def test_serve_registers_the_deployment_with_typed_parameters(tmp_path: Path, fr
         # event as ingest-studies does and watch the run it creates (it then fails: this project
         # has no dataset at that version, which the run says)
         autos = httpx.post(f"{api}/automations/filter", json={}, timeout=10).json()
-        assert [a["trigger"]["expect"] for a in autos] == [["medops.dataset.versioned"]]
+        assert sorted(a["trigger"]["expect"] for a in autos) == [["medops.dataset.versioned"],
+                                                                 ["medops.export.changed"]]
         # from a process of its own, as the ingest flow runs (Prefect's events worker is global)
         emit = ("from flows.ingest import emit_versioned; from prefect.events.worker import EventsWorker; "
                 "emit_versioned('deadbeef.dir', {'files_seen': 1, 'used': 1, 'decoded': 1, "

@@ -144,6 +144,27 @@ def _artifact(key: str) -> dict | None:
     return found[0] if found else None
 
 
+def _events(name: str, since, timeout: float = 30.0) -> list:
+    """The events called ``name`` that occurred since ``since`` (a run's state) began, once there
+    are any (the server stores events asynchronously) or the timeout passed."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    start = since.state_details.flow_run_id and since.timestamp
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(since.state_details.flow_run_id)
+            occurred = EventOccurredFilter(since=run.start_time or start)
+            found = client.read_events(EventFilter(event=EventNameFilter(name=[name]), occurred=occurred),
+                                       limit=50).events
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
+
+
 def test_failed_gate_skips_deploy_and_the_flow_completes(project: ProjectPaths) -> None:
     _write_gate(project, passed=False)
     _write_export(project)
@@ -156,6 +177,9 @@ def test_failed_gate_skips_deploy_and_the_flow_completes(project: ProjectPaths) 
     logs = _logs(state.state_details.flow_run_id)
     assert "gate rejected the model, not deploying: accuracy 0.700 < min_accuracy 0.750: fail" in logs
     assert not (project.root / ".medops" / "triton").exists()
+    # and says so as an event a user can attach an automation to
+    [event] = _events("medops.model.rejected", since=state)
+    assert event.payload["reasons"] == ["accuracy 0.700 < min_accuracy 0.750: fail"]
 
 
 def test_rejected_model_is_not_retried(project: ProjectPaths) -> None:
@@ -293,6 +317,8 @@ def test_quality_failure_stops_the_flow_with_its_message(dvc_project: ProjectPat
         state.result()
     assert str(err.value).startswith(
         f"expect_column_values_to_not_be_null failed on metadata.patient_id: 5 of {len(table):,} rows")
+    [event] = _events("medops.data.rejected", since=state)
+    assert event.payload["reason"] == str(err.value)
 
 
 def test_ui_parameters_are_declared_once(monkeypatch) -> None:
