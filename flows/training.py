@@ -217,6 +217,12 @@ def deploy_model(paths: ProjectPaths, params: Params) -> dict[str, Any]:
     result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
                     export_result=paths.export_result, **serving_kwargs(params, paths))
     payload = result.model_dump(mode="json")
+    if not result.unchanged:
+        from prefect.runtime import flow_run
+
+        from medops.ops.lineage import record_deployment
+
+        record_deployment(paths, payload, flow_run_id=flow_run.get_id())
     post(Artifact("table", "deployment", field_rows(payload),
                   f"{result.model_name} version {result.version} on Triton"))
     emit(MODEL_DEPLOYED, f"medops.model.{result.model_name}.{result.version}",

@@ -176,9 +176,35 @@ def cmd_deploy(args: argparse.Namespace) -> Report:
     result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
                     export_result=paths.export_result, url=args.url, protocol=args.protocol,
                     **serving_kwargs(params, paths))
+    if not result.unchanged:
+        from medops.ops.lineage import record_deployment
+
+        record_deployment(paths, result.model_dump(mode="json"))
     what = "already serving" if result.unchanged else "deployed"
     return Report(f"{what} {result.model_name} version {result.version} "
                   f"(data version {result.data_version})", result.model_dump(mode="json"))
+
+
+def cmd_lineage(args: argparse.Namespace) -> Report:
+    from medops.ops import lineage
+
+    paths, params = _context(args)
+    if args.patient:
+        found = lineage.patient_lineage(paths, args.patient)
+        lines = [f"patient {found['patient_id']}:"]
+        lines += [f"  data version {d['data_version']}: {d['images']} image(s)" for d in found["data_versions"]]
+        lines += [f"  model {m['model_name']} version {m['model_version']} (data version {m['data_version']})"
+                  for m in found["model_versions"]]
+        if len(lines) == 1:
+            lines.append("  in no data version DVC holds, and in no recorded model")
+        return Report("\n".join(lines), found)
+    cfg = params.serving
+    record = lineage.model_lineage(paths, cfg.repository_path(paths.root), cfg.model_name, args.version)
+    rows = [("model version", record["model_version"]), ("data version", record["data_version"]),
+            ("code commit", record["code_commit"]), ("flow run", record["flow_run_id"]),
+            ("gate", "passed" if record["gate"]["passed"] else "refused"),
+            ("test AUC", record["quality"].get("auc")), ("deployed", record["deployed"])]
+    return Report("\n".join(f"{k:14s} {v}" for k, v in rows), record)
 
 
 def cmd_rollback(args: argparse.Namespace) -> Report:
@@ -314,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("deploy", cmd_deploy, "deploy the exported model to the running Triton, if the gate passed")
     p.add_argument("--url", help="Triton address (default: from params serving)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+
+    p = add("lineage", cmd_lineage, "where the served model (or --version N) came from: data version, "
+                                    "code commit, params, flow run, gate; or, with --patient, every data "
+                                    "version and model version holding a patient's images")
+    p.add_argument("--version", type=int, help="a model version (default: the served one)")
+    p.add_argument("--patient", help="a pseudonymous patient ID, as the dataset's patient_id column has it")
 
     p = add("rollback", cmd_rollback, "serve the previous (or a given) model version again")
     p.add_argument("--to", type=int, help="version to serve (default: the one before the served one)")

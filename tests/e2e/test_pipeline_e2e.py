@@ -229,6 +229,32 @@ def test_flow_completes_and_deploys(flow_run, ingest_run, paths):
                                 "data_version": summary["data_version"]}
 
 
+def test_lineage_both_ways(flow_run, paths, capsys):
+    import pandas as pd
+
+    from medops.cli import main
+
+    summary = flow_run.result()
+    assert main(["--project", str(paths.root), "lineage", "--json"]) == 0
+    served = json.loads(capsys.readouterr().out)
+    train = json.loads(paths.train_result.read_text())
+    assert served["model_version"] == 1 and served["data_version"] == summary["data_version"]
+    assert served["code_commit"] == train["code_commit"] and served["code_commit"]
+    assert served["flow_run_id"] == str(flow_run.state_details.flow_run_id)
+    assert served["gate"]["passed"] is True and served["params"]["train"]["epochs"] == 2
+    # a patient of the dataset: the data version holding their images, and the model trained on it
+    meta = pd.read_parquet(paths.metadata)
+    patient = meta["patient_id"].iloc[0]
+    assert main(["--project", str(paths.root), "lineage", "--patient", patient, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["data_versions"] == [{"data_version": summary["data_version"],
+                                       "images": int((meta["patient_id"] == patient).sum())}]
+    assert found["model_versions"] == [{"model_name": "pneumonia_classifier", "model_version": 1,
+                                        "data_version": summary["data_version"]}]
+    assert main(["--project", str(paths.root), "lineage", "--patient", "ANON-nobody", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data_versions"] == []
+
+
 def test_every_stage_ran_through_dvc_and_is_up_to_date(flow_run, paths):
     from medops.ops import dvc
     assert (paths.root / "dvc.lock").is_file()
