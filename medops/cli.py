@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import medops
-from medops.config import IngestConfig, Params, load_params
-from medops.errors import ExitCode, MedopsError, exit_code_for
+from medops.config import Params, load_params, with_cluster
+from medops.errors import ConfigError, ExitCode, MedopsError, exit_code_for
 from medops.paths import BUNDLED_DATASET, ProjectPaths
 
 Progress = Callable[[int, int], None]
@@ -74,7 +74,7 @@ def cmd_synth(args: argparse.Namespace) -> Report:
     from medops.dicom import synth
 
     paths, params = _context(args)
-    out = Path(args.out) if args.out else paths.raw
+    out = Path(args.out) if args.out else paths.export(params.ingest.source)
     with progress_bar("synth") as bar:
         result = synth.run(params.synth, source_npz=Path(args.source or BUNDLED_DATASET),
                            out_dir=out, progress=bar)
@@ -88,13 +88,28 @@ def cmd_ingest(args: argparse.Namespace) -> Report:
     from medops.pipeline import deid_key
 
     paths, params = _context(args)
+    params = with_cluster(params, args.cluster)
     cfg = params.ingest
     if args.workers:
         cfg = cfg.model_copy(update={"workers": args.workers})
+    if args.source is None:  # the project's own data path: export folder -> versioned dataset
+        from medops.pipeline import ingest_export
+
+        if args.out or args.manifest:
+            raise ConfigError("--out and --manifest go with a SOURCE folder; without one, medops "
+                              "ingests the project's export folder (ingest.source)")
+        with progress_bar("ingest", enabled=not args.quiet) as bar:
+            intake = ingest_export(params.model_copy(update={"ingest": cfg}), paths, progress=bar,
+                                   full=args.full)
+        summary = ingest.format_summary(intake.result)
+        summary += (f"\npublished the de-identified dataset to {paths.ingested}"
+                    if intake.published else f"\n{paths.ingested} unchanged")
+        return Report(summary, {**intake.result.model_dump(mode="json"),
+                                "dataset": str(paths.ingested), "published": intake.published})
+    if not args.out:
+        raise ConfigError("medops ingest SOURCE needs --out OUT")
     if args.full:
         cfg = cfg.model_copy(update={"incremental": False})
-    if args.cluster:
-        cfg = IngestConfig.model_validate({**cfg.model_dump(), "cluster": None if args.cluster == "none" else args.cluster})
     with progress_bar("ingest", enabled=not args.quiet) as bar:
         result = ingest.run(
             cfg,
@@ -150,8 +165,8 @@ def cmd_version_data(args: argparse.Namespace) -> Report:
     from medops.ops import dvc
 
     paths, _ = _context(args)
-    version = dvc.version_dataset(paths.root, paths.raw, push=not args.no_push)
-    rel = paths.raw.relative_to(paths.root)
+    version = dvc.version_dataset(paths.root, paths.ingested, push=not args.no_push)
+    rel = paths.ingested.relative_to(paths.root)
     return Report(f"{rel} is at data version {version}",
                   {"path": str(rel), "data_version": version, "pushed": not args.no_push})
 
@@ -184,9 +199,35 @@ def cmd_deploy(args: argparse.Namespace) -> Report:
     result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
                     export_result=paths.export_result, url=args.url, protocol=args.protocol,
                     **serving_kwargs(params, paths))
+    if not result.unchanged:
+        from medops.ops.lineage import record_deployment
+
+        record_deployment(paths, result.model_dump(mode="json"))
     what = "already serving" if result.unchanged else "deployed"
     return Report(f"{what} {result.model_name} version {result.version} "
                   f"(data version {result.data_version})", result.model_dump(mode="json"))
+
+
+def cmd_lineage(args: argparse.Namespace) -> Report:
+    from medops.ops import lineage
+
+    paths, params = _context(args)
+    if args.patient:
+        found = lineage.patient_lineage(paths, args.patient)
+        lines = [f"patient {found['patient_id']}:"]
+        lines += [f"  data version {d['data_version']}: {d['images']} image(s)" for d in found["data_versions"]]
+        lines += [f"  model {m['model_name']} version {m['model_version']} (data version {m['data_version']})"
+                  for m in found["model_versions"]]
+        if len(lines) == 1:
+            lines.append("  in no data version DVC holds, and in no recorded model")
+        return Report("\n".join(lines), found)
+    cfg = params.serving
+    record = lineage.model_lineage(paths, cfg.repository_path(paths.root), cfg.model_name, args.version)
+    rows = [("model version", record["model_version"]), ("data version", record["data_version"]),
+            ("code commit", record["code_commit"]), ("flow run", record["flow_run_id"]),
+            ("gate", "passed" if record["gate"]["passed"] else "refused"),
+            ("test AUC", record["quality"].get("auc")), ("deployed", record["deployed"])]
+    return Report("\n".join(f"{k:14s} {v}" for k, v in rows), record)
 
 
 def cmd_rollback(args: argparse.Namespace) -> Report:
@@ -230,6 +271,15 @@ def cmd_predict(args: argparse.Namespace) -> Report:
                   ExitCode.BAD_INPUT if failed else ExitCode.OK)
 
 
+def cmd_watch(args: argparse.Namespace) -> Report:
+    from medops.ops.watch import run_watch
+
+    paths, params = _context(args)
+    export = paths.export(params.ingest.source)
+    run_watch(export, quiet_s=args.quiet_s, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return Report("stopped watching", {"export": str(export)})
+
+
 def cmd_up(args: argparse.Namespace) -> Report:
     from medops.ops import demo
 
@@ -266,6 +316,35 @@ def exit_codes_epilog() -> str:
         for code in ExitCode)
 
 
+def _add_ingest_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", help="a folder to ingest into --out (default: ingest.source, "
+                                             "into the project's dataset)")
+    p.add_argument("--out", help="output folder (with SOURCE)")
+    p.add_argument("--manifest", help="labels CSV/Parquet keyed by SOPInstanceUID or relative path")
+    p.add_argument("--workers", type=int, help="decoding processes (default: params ingest.workers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless "
+                                                        "stderr is a terminal)")
+    p.add_argument("--full", action="store_true", help="rebuild everything, even files seen before")
+    p.add_argument("--cluster", help="where files are decoded: none (a local process pool), local (a "
+                                     "Dask LocalCluster of --workers processes) or a Dask scheduler "
+                                     "address tcp://host:8786 (default: params ingest.cluster)")
+
+
+def _add_dataset_parser(sub: Any) -> None:
+    """``medops dataset get UID``: a command group of its own (more ways to read a dataset may come)."""
+    p = sub.add_parser("dataset", help="read an ingested dataset", description="read an ingested dataset")
+    dataset_sub = p.add_subparsers(dest="dataset_command", required=True)
+    p = dataset_sub.add_parser("get", help="write one de-identified DICOM file, found by its SOP "
+                                           "Instance UID, from its shard's pack",
+                               description="write one de-identified DICOM file, found by its "
+                                           "(pseudonymous) SOP Instance UID, from its shard's pack")
+    p.set_defaults(func=cmd_dataset_get)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (and nothing else there)")
+    p.add_argument("uid", help="the SOP Instance UID, as in metadata.parquet")
+    p.add_argument("--out", help="file to write (default: ./UID.dcm)")
+    p.add_argument("--dataset", help="the ingested folder (default: data/ingested)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medops", description=__doc__.splitlines()[0],
                                      epilog=exit_codes_epilog(),
@@ -285,37 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("synth", cmd_synth, "turn the bundled PneumoniaMNIST into a DICOM export with synthetic PHI")
     p.add_argument("--source", help="npz file (default: the bundled dataset)")
-    p.add_argument("--out", help="output folder (default: data/raw)")
+    p.add_argument("--out", help="output folder (default: the export folder, ingest.source)")
 
-    p = add("ingest", cmd_ingest, "de-identify, decode and prepare every DICOM file below SOURCE")
-    p.add_argument("source")
-    p.add_argument("--out", required=True)
-    p.add_argument("--manifest", help="labels CSV/Parquet keyed by SOPInstanceUID or relative path")
-    p.add_argument("--workers", type=int, help="decoding processes (default: params ingest.workers)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless "
-                                                        "stderr is a terminal)")
-    p.add_argument("--full", action="store_true", help="rebuild everything, even files seen before")
-    p.add_argument("--cluster", help="where files are decoded: none (a local process pool), local (a "
-                                     "Dask LocalCluster of --workers processes) or a Dask scheduler "
-                                     "address tcp://host:8786 (default: params ingest.cluster)")
-
-    p = sub.add_parser("dataset", help="read an ingested dataset", description="read an ingested dataset")
-    dataset_sub = p.add_subparsers(dest="dataset_command", required=True)
-    p = dataset_sub.add_parser("get", help="write one de-identified DICOM file, found by its SOP "
-                                           "Instance UID, from its shard's pack",
-                               description="write one de-identified DICOM file, found by its "
-                                           "(pseudonymous) SOP Instance UID, from its shard's pack")
-    p.set_defaults(func=cmd_dataset_get)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (and nothing else there)")
-    p.add_argument("uid", help="the SOP Instance UID, as in metadata.parquet")
-    p.add_argument("--out", help="file to write (default: ./UID.dcm)")
-    p.add_argument("--dataset", help="the ingested folder (default: data/ingested)")
+    _add_ingest_arguments(add("ingest", cmd_ingest, "de-identify, decode and prepare every DICOM file "
+                                                    "below SOURCE (default: the project's export folder, "
+                                                    "published to data/ingested)"))
+    _add_dataset_parser(sub)
 
     p = add("stage", cmd_stage, "run one pipeline stage (what dvc.yaml calls)")
     p.add_argument("name")
     add("stages", cmd_stages, "list the pipeline stages")
 
-    p = add("version-data", cmd_version_data, "track data/raw with DVC and push it to the default remote")
+    p = add("version-data", cmd_version_data, "track the de-identified dataset (data/ingested) with DVC "
+                                               "and push it to the default remote")
     p.add_argument("--no-push", action="store_true")
 
     p = add("serve", cmd_serve, "start (default), stop or inspect the embedded Triton server; "
@@ -325,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("deploy", cmd_deploy, "deploy the exported model to the running Triton, if the gate passed")
     p.add_argument("--url", help="Triton address (default: from params serving)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+
+    p = add("lineage", cmd_lineage, "where the served model (or --version N) came from: data version, "
+                                    "code commit, params, flow run, gate; or, with --patient, every data "
+                                    "version and model version holding a patient's images")
+    p.add_argument("--version", type=int, help="a model version (default: the served one)")
+    p.add_argument("--patient", help="a pseudonymous patient ID, as the dataset's patient_id column has it")
 
     p = add("rollback", cmd_rollback, "serve the previous (or a given) model version again")
     p.add_argument("--to", type=int, help="version to serve (default: the one before the served one)")
@@ -341,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensor: preprocess here and call the classifier directly")
 
     # the demo's own commands report progress lines, nothing for a script to parse
+    p = add("watch", cmd_watch, "emit the Prefect event medops.export.changed when studies land in "
+                                "the export folder (once per delivery); runs until stopped",
+            json_flag=False)
+    p.add_argument("--quiet-s", type=float, default=5.0,
+                   help="seconds without a new file event that end a delivery (default 5)")
     add("up", cmd_up, "start the Prefect server and Triton (reusing running ones)", json_flag=False)
     add("down", cmd_down, "stop what `medops up` / `make demo` started, by recorded pid",
         json_flag=False)

@@ -48,6 +48,9 @@ class DeidConfig(_Section):
 
 
 class IngestConfig(_Section):
+    # the hospital's export folder, relative to the project or absolute: read only, never
+    # versioned (its files and names carry PHI); label manifests (*.csv) arrive in it too
+    source: str = "data/export"
     image_size: int = Field(default=28, ge=8, le=1024)
     window: Window | None = None
     frame: Literal["first", "middle", "max"] = "middle"  # which frame of a multi-frame image
@@ -189,6 +192,11 @@ class PrefectConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 4200
     deployment_name: str = "medops-demo"
+    # cron schedule of the ingest-studies deployment (e.g. "0 2 * * *"); None = no schedule (new
+    # data versions still start training through the medops.dataset.versioned trigger)
+    ingest_schedule: str | None = None
+    # start training-pipeline when ingest-studies announces a new data version
+    train_on_new_data: bool = True
 
     @property
     def api_url(self) -> str:
@@ -211,6 +219,24 @@ class Params(_Section):
     export: ExportConfig = ExportConfig()
     serving: ServingConfig = ServingConfig()
     prefect: PrefectConfig = PrefectConfig()
+
+
+def with_cluster(params: Params, cluster: str | None) -> Params:
+    """``params`` with ``ingest.cluster`` set to ``cluster`` (``"none"``: the local pool; None:
+    left as it is): what ``medops ingest --cluster`` and the ingest flow's parameter do.
+
+    Raises:
+        ConfigError: ``cluster`` is neither "none", "local" nor a scheduler address.
+    """
+    if cluster is None:
+        return params
+    try:
+        ingest = IngestConfig.model_validate({**params.ingest.model_dump(),
+                                              "cluster": None if cluster == "none" else cluster})
+    except ValidationError as exc:
+        raise ConfigError(f"cluster {cluster!r}: none, local or a Dask scheduler address "
+                          f"(tcp://host:8786) ({exc.errors()[0]['msg']})") from exc
+    return params.model_copy(update={"ingest": ingest})
 
 
 def load_params(path: Path | str) -> Params:

@@ -42,23 +42,54 @@ def deid_key(params: Params, paths: ProjectPaths) -> bytes:
 def _data_version(paths: ProjectPaths) -> str:
     from medops.ops.dvc import data_version
 
-    return data_version(paths.root, paths.raw)
+    return data_version(paths.root, paths.ingested)
 
 
-# The adapters: project paths and params sections onto each stage's run(), nothing else. Each
-# imports its stage when called, so `medops --help` does not import TensorFlow.
+@dataclass(frozen=True)
+class Intake:
+    """What :func:`ingest_export` did: the ingest stage's result (its ``quarantine`` is the
+    operator's private report) and whether the published dataset changed."""
 
-def ingest(p: Params, pp: ProjectPaths) -> Any:
-    from medops.stages.ingest import run
+    result: Any          # medops.stages.ingest.IngestResult
+    published: bool      # data/ingested changed (a new data version once DVC adds it)
 
-    return run(p.ingest, source_dir=pp.raw_dicom, out_dir=pp.ingested, manifest=pp.manifest,
-               key=deid_key(p, pp))
+
+def ingest_export(params: Params, paths: ProjectPaths, *, progress: Any = None,
+                  full: bool = False) -> Intake:
+    """The one data path in: the export folder (``ingest.source``) de-identified incrementally into
+    the private ingest folder, then published as the PHI-free dataset that DVC versions.
+
+    Labels come from every manifest in the export folder (``*.csv`` with ``SOPInstanceUID,label``
+    and optionally ``split``), merged; without one, from folder names.
+
+    Raises:
+        IngestError: no export folder, an unusable manifest, or an output that cannot be written.
+    """
+    from medops.errors import IngestError
+    from medops.stages.ingest import find_manifests, run
+    from medops.stages.ingest.publish import publish_dataset
+
+    source = paths.export(params.ingest.source)
+    if not source.is_dir():
+        raise IngestError(f"the export folder {source} does not exist: put the hospital's export "
+                          f"there or set ingest.source in params.yaml")
+    cfg = params.ingest.model_copy(update={"incremental": False}) if full else params.ingest
+    key = deid_key(params, paths)
+    result = run(cfg, source_dir=source, out_dir=paths.ingest_work,
+                 manifest=find_manifests(source) or None, key=key, progress=progress)
+    return Intake(result, publish_dataset(paths.ingest_work, paths.ingested, key))
+
+
+# The adapters: project paths and params sections onto each stage's run(), nothing else (the long
+# ones also get progress reporters, medops.ops.progress). Each imports its stage when called, so
+# `medops --help` does not import TensorFlow. The stages start from the de-identified dataset
+# (data/ingested, versioned by DVC); ingest_export above feeds it.
 
 
 def quality(p: Params, pp: ProjectPaths) -> Any:
     from medops.stages.quality import run
 
-    return run(p.quality, ingested_dir=pp.ingested, out_dir=pp.quality_dir)
+    return run(p.quality, ingested_dir=pp.ingested, out_dir=pp.quality_dir, gx_root=pp.root)
 
 
 def split(p: Params, pp: ProjectPaths) -> Any:
@@ -68,11 +99,13 @@ def split(p: Params, pp: ProjectPaths) -> Any:
 
 
 def train(p: Params, pp: ProjectPaths) -> Any:
+    from medops.ops.progress import keras_progress
     from medops.stages.train import run
 
     return run(p.train, p.augment, ingested_dir=pp.ingested, split=pp.split,
                model_out=pp.keras_model, result_out=pp.train_result,
-               data_version=_data_version(pp), log_dir=pp.tensorboard)
+               data_version=_data_version(pp), log_dir=pp.tensorboard,
+               extra_callbacks=[keras_progress("train", p.train.epochs)])
 
 
 def evaluate(p: Params, pp: ProjectPaths) -> Any:
@@ -110,7 +143,6 @@ def export(p: Params, pp: ProjectPaths) -> Any:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("ingest", "medops.stages.ingest", ("ingest",), ingest),
         Stage("quality", "medops.stages.quality", ("quality",), quality),
         Stage("split", "medops.stages.split", ("split",), split),
         Stage("train", "medops.stages.train", ("train", "augment"), train),

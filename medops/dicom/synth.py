@@ -176,21 +176,60 @@ def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, ob
     time = str(study["time"])
     sop_class = CR_IMAGE_STORAGE if cfg.modality == "CR" else DX_IMAGE_STORAGE_PRESENTATION
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = _file_meta(sop_class, sop_uid)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.InstanceCreationDate = _da(day)
     ds.InstanceCreationTime = time
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
+    _set_patient(ds, patient, day)
+    _set_study_and_series(ds, cfg, study, series_uid=series_uid, instance=instance)
+    _set_acquisition(ds, cfg, study, rng)
+    _set_image_pixels(ds, pixels)
+
+    # a vendor private block that repeats PHI, as real PACS exports do (PS3.5 7.8.1)
+    block = ds.private_block(0x0029, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", str(patient["PatientID"]))
+    block.add_new(0x02, "LO", f"{patient['PatientName']} ward 4B")
+    return ds
+
+
+def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
+    """The file meta information (PS3.10 7.1): explicit VR little endian, medops' implementation."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    return meta
+
+
+def _set_patient(ds: Dataset, patient: dict[str, object], day: dt.date) -> None:
+    """The patient's identifying headers (PS3.3 C.7.1.1), their age on ``day`` and other IDs."""
+    ds.PatientName = str(patient["PatientName"])
+    ds.PatientID = str(patient["PatientID"])
+    ds.IssuerOfPatientID = "SSGH"
+    ds.PatientBirthDate = _da(patient["birth"])  # type: ignore[arg-type]
+    ds.PatientSex = str(patient["PatientSex"])
+    ds.PatientAge = _age_string(patient["birth"], day)  # type: ignore[arg-type]
+    ds.PatientAddress = str(patient["address"])
+    ds.PatientTelephoneNumbers = str(patient["phone"])
+    ds.PatientMotherBirthName = str(patient["mother"])
+    ds.OtherPatientIDsSequence = Sequence([Dataset()])
+    ds.OtherPatientIDsSequence[0].PatientID = f"NHS{int(patient['number']) + 4_000_000:09d}"
+    ds.OtherPatientIDsSequence[0].IssuerOfPatientID = "NATIONAL"
+    ds.OtherPatientIDsSequence[0].TypeOfPatientID = "TEXT"
+
+
+def _set_study_and_series(ds: Dataset, cfg: SynthConfig, study: dict[str, object], *,
+                          series_uid: str, instance: int) -> None:
+    """Study, series, equipment and request headers: dates, UIDs, numbers, the institution and the
+    people involved (PS3.3 C.7.2.1, C.7.3.1, C.7.5.1)."""
+    day: dt.date = study["date"]  # type: ignore[assignment]
+    time = str(study["time"])
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = _da(day)
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
     ds.AccessionNumber = str(study["accession"])
@@ -207,29 +246,6 @@ def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, ob
     ds.OperatorsName = str(study["operator"])
     ds.ManufacturerModelName = "SynthRad 3000"
 
-    ds.PatientName = str(patient["PatientName"])
-    ds.PatientID = str(patient["PatientID"])
-    ds.IssuerOfPatientID = "SSGH"
-    ds.PatientBirthDate = _da(patient["birth"])  # type: ignore[arg-type]
-    ds.PatientSex = str(patient["PatientSex"])
-    ds.PatientAge = _age_string(patient["birth"], day)  # type: ignore[arg-type]
-    ds.PatientAddress = str(patient["address"])
-    ds.PatientTelephoneNumbers = str(patient["phone"])
-    ds.PatientMotherBirthName = str(patient["mother"])
-    ds.OtherPatientIDsSequence = Sequence([Dataset()])
-    ds.OtherPatientIDsSequence[0].PatientID = f"NHS{int(patient['number']) + 4_000_000:09d}"
-    ds.OtherPatientIDsSequence[0].IssuerOfPatientID = "NATIONAL"
-    ds.OtherPatientIDsSequence[0].TypeOfPatientID = "TEXT"
-
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = str(study["view"])
-    ds.DeviceSerialNumber = "SR3K-000417"
-    ds.SoftwareVersions = "4.2.1"
-    ds.KVP = f"{int(rng.integers(55, 75))}"
-    ds.ExposureTime = f"{int(rng.integers(4, 16))}"
-    ds.XRayTubeCurrent = f"{int(rng.integers(160, 320))}"
-    ds.ImagerPixelSpacing = [PIXEL_SPACING, PIXEL_SPACING]
-
     ds.StudyInstanceUID = str(study["uid"])
     ds.SeriesInstanceUID = series_uid
     ds.StudyID = str(study["study_id"])
@@ -241,6 +257,19 @@ def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, ob
     ds.RequestAttributesSequence[0].ScheduledProcedureStepID = f"SPS{study['accession']}"
     ds.RequestAttributesSequence[0].RequestedProcedureDescription = "Chest radiograph, ?pneumonia"
 
+
+def _set_acquisition(ds: Dataset, cfg: SynthConfig, study: dict[str, object], rng: np.random.Generator) -> None:
+    """How the radiograph was taken: body part, view, device, exposure (three seeded draws, in this
+    order), detector spacing, and the DX-only headers when ``cfg.modality`` is DX."""
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = str(study["view"])
+    ds.DeviceSerialNumber = "SR3K-000417"
+    ds.SoftwareVersions = "4.2.1"
+    ds.KVP = f"{int(rng.integers(55, 75))}"
+    ds.ExposureTime = f"{int(rng.integers(4, 16))}"
+    ds.XRayTubeCurrent = f"{int(rng.integers(160, 320))}"
+    ds.ImagerPixelSpacing = [PIXEL_SPACING, PIXEL_SPACING]
+
     if cfg.modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
@@ -249,6 +278,10 @@ def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, ob
         ds.PixelIntensityRelationshipSign = 1
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
 
+
+def _set_image_pixels(ds: Dataset, pixels: np.ndarray) -> None:
+    """The image pixel module (PS3.3 C.7.6.3) for 8-bit MONOCHROME2 ``pixels`` (rows, cols), an
+    identity VOI window, and the pixel data."""
     rows, cols = pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -264,14 +297,7 @@ def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, ob
     ds.WindowWidth = "256"
     ds.WindowCenterWidthExplanation = "FULL RANGE"
     ds.LossyImageCompression = "00"
-
-    # a vendor private block that repeats PHI, as real PACS exports do (PS3.5 7.8.1)
-    block = ds.private_block(0x0029, PRIVATE_CREATOR, create=True)
-    block.add_new(0x01, "LO", str(patient["PatientID"]))
-    block.add_new(0x02, "LO", f"{patient['PatientName']} ward 4B")
-
     ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
-    return ds
 
 
 def run(cfg: SynthConfig, *, source_npz: Path, out_dir: Path,

@@ -234,24 +234,50 @@ def plan_distribution(
         raise ConfigError(f"cpu_replicas must be >= 1, got {cpu_replicas}")
     task = parse_tf_config(env.get("TF_CONFIG"))
     gpu_list = list(detect_gpus(env) if gpus is None else gpus)
-    n_gpus = len(gpu_list)
     n_workers = task.worker_count if task is not None else 1
-    reasons: list[str] = []
 
+    kind, why_strategy = _decide_strategy(strategy, task, n_workers, len(gpu_list))
+    devices, logical_cpus, why_devices = _decide_devices(kind, len(gpu_list), cpu_replicas)
+    multi_worker = kind == "multi_worker"
+    num_replicas = len(devices) * (n_workers if multi_worker else 1)
+    reasons = [why_strategy, *why_devices]
+    if multi_worker:
+        reasons.append(
+            f"multi_worker: {n_workers} workers x {len(devices)} local replica(s), "
+            "assuming every worker has this worker's devices"
+        )
+    use_mp, why_mp = _decide_mixed_precision(mp_choice, gpu_list)
+    use_xla, why_xla = _decide_xla(xla_choice, gpu_list, num_replicas)
+
+    return DistributionPlan(
+        strategy=kind,
+        devices=devices,
+        num_replicas=num_replicas,
+        mixed_precision=use_mp,
+        xla=use_xla,
+        worker_index=task.worker_index if (task is not None and multi_worker) else 0,
+        worker_count=n_workers if multi_worker else 1,
+        logical_cpus=logical_cpus,
+        cluster=task if multi_worker else None,
+        reasons=[*reasons, why_mp, why_xla],
+    )
+
+
+def _decide_strategy(strategy: str, task: ClusterTask | None, n_workers: int,
+                     n_gpus: int) -> tuple[StrategyKind, str]:
+    """The strategy kind for the ``strategy`` choice, and why; raises ConfigError for a choice the
+    cluster in TF_CONFIG contradicts (see ``plan_distribution``)."""
     kind: StrategyKind
     if strategy == "auto":
         if n_workers > 1:
-            kind = "multi_worker"
-            reasons.append(f"auto: TF_CONFIG names {n_workers} workers")
+            kind, reason = "multi_worker", f"auto: TF_CONFIG names {n_workers} workers"
         elif n_gpus > 1:
-            kind = "mirrored"
-            reasons.append(f"auto: {n_gpus} GPUs visible")
+            kind, reason = "mirrored", f"auto: {n_gpus} GPUs visible"
         else:
-            kind = "default"
-            reasons.append(f"auto: one worker and {n_gpus} GPU(s) visible")
+            kind, reason = "default", f"auto: one worker and {n_gpus} GPU(s) visible"
     else:
         kind = strategy  # type: ignore[assignment]
-        reasons.append(f"strategy {strategy!r} asked explicitly")
+        reason = f"strategy {strategy!r} asked explicitly"
         if kind == "multi_worker" and (task is None or n_workers < 1):
             raise ConfigError("strategy 'multi_worker' needs TF_CONFIG naming the cluster and this task")
         if kind != "multi_worker" and n_workers > 1:
@@ -264,8 +290,14 @@ def plan_distribution(
         raise ConfigError(
             f"TF_CONFIG task type {task.task_type!r} does not train under multi_worker (chief or worker)"
         )
+    return kind, reason
 
+
+def _decide_devices(kind: StrategyKind, n_gpus: int, cpu_replicas: int) -> tuple[list[str], int, list[str]]:
+    """This worker's replica devices, the logical CPU devices to configure first (0: none), and why
+    (a reason only when the CPU is split)."""
     logical_cpus = 0
+    reasons: list[str] = []
     if n_gpus:
         devices = [f"/gpu:{i}" for i in range(n_gpus)]
     elif kind == "mirrored":
@@ -276,54 +308,35 @@ def plan_distribution(
         devices = ["/cpu:0"]
     if kind == "default":
         devices = devices[:1]
-    local_replicas = len(devices)
-    num_replicas = local_replicas * (n_workers if kind == "multi_worker" else 1)
-    if kind == "multi_worker":
-        reasons.append(
-            f"multi_worker: {n_workers} workers x {local_replicas} local replica(s), "
-            "assuming every worker has this worker's devices"
+    return devices, logical_cpus, reasons
+
+
+def _decide_mixed_precision(choice: str, gpus: Sequence[GpuInfo]) -> tuple[bool, str]:
+    """Mixed precision on or off for the ``mixed_precision`` switch, and why: ``auto`` only when
+    every GPU has Tensor Cores."""
+    if choice != "auto":
+        return choice == "on", f"mixed precision {choice} (asked explicitly)"
+    if not gpus:
+        return False, "mixed precision off: no GPU (float16 on CPU is emulated and slower)"
+    old = [g for g in gpus if g.compute_capability is None or g.compute_capability < MIN_MIXED_PRECISION_CC]
+    if old:
+        return False, (
+            f"mixed precision off: {old[0].name} compute capability {old[0].compute_capability} "
+            f"is below {MIN_MIXED_PRECISION_CC} or unknown (no Tensor Cores)"
         )
+    return True, "mixed precision on: every GPU has Tensor Cores"
 
-    if mp_choice == "auto":
-        old = [g for g in gpu_list if g.compute_capability is None or g.compute_capability < MIN_MIXED_PRECISION_CC]
-        use_mp = bool(gpu_list) and not old
-        if not gpu_list:
-            reasons.append("mixed precision off: no GPU (float16 on CPU is emulated and slower)")
-        elif old:
-            reasons.append(
-                f"mixed precision off: {old[0].name} compute capability {old[0].compute_capability} "
-                f"is below {MIN_MIXED_PRECISION_CC} or unknown (no Tensor Cores)"
-            )
-        else:
-            reasons.append("mixed precision on: every GPU has Tensor Cores")
-    else:
-        use_mp = mp_choice == "on"
-        reasons.append(f"mixed precision {mp_choice} (asked explicitly)")
 
-    if xla_choice == "auto":
-        use_xla = bool(gpu_list) and num_replicas == 1
-        if not gpu_list:
-            reasons.append("XLA off: no GPU (Keras' auto rule)")
-        elif num_replicas > 1:
-            reasons.append("XLA off: Keras does not auto-enable XLA under tf.distribute; xla='on' forces it")
-        else:
-            reasons.append("XLA on: one GPU")
-    else:
-        use_xla = xla_choice == "on"
-        reasons.append(f"XLA {xla_choice} (asked explicitly)")
-
-    return DistributionPlan(
-        strategy=kind,
-        devices=devices,
-        num_replicas=num_replicas,
-        mixed_precision=use_mp,
-        xla=use_xla,
-        worker_index=task.worker_index if (task is not None and kind == "multi_worker") else 0,
-        worker_count=n_workers if kind == "multi_worker" else 1,
-        logical_cpus=logical_cpus,
-        cluster=task if kind == "multi_worker" else None,
-        reasons=reasons,
-    )
+def _decide_xla(choice: str, gpus: Sequence[GpuInfo], num_replicas: int) -> tuple[bool, str]:
+    """XLA on or off for the ``xla`` switch, and why: ``auto`` follows Keras' rule (a GPU, one
+    replica)."""
+    if choice != "auto":
+        return choice == "on", f"XLA {choice} (asked explicitly)"
+    if not gpus:
+        return False, "XLA off: no GPU (Keras' auto rule)"
+    if num_replicas > 1:
+        return False, "XLA off: Keras does not auto-enable XLA under tf.distribute; xla='on' forces it"
+    return True, "XLA on: one GPU"
 
 
 def is_chief(plan: DistributionPlan) -> bool:

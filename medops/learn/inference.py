@@ -16,9 +16,9 @@ from medops.paths import read_json
 
 def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """The model's sigmoid outputs for ``images``, shape (n,)."""
-    from medops.learn.input_pipeline import make_dataset
+    from medops.learn.input_pipeline import build_input_pipeline
 
-    ds = make_dataset(images, None, batch_size=batch_size, training=False)
+    ds = build_input_pipeline(images, None, batch_size=batch_size, training=False)
     return np.asarray(model.predict(ds, verbose=0), dtype=np.float64).reshape(-1)
 
 

@@ -97,7 +97,7 @@ def augment_image(image: "tf.Tensor", seed: "tf.Tensor", cfg: AugmentConfig) -> 
     return tf.clip_by_value(x, 0.0, 1.0)
 
 
-def make_dataset(
+def build_input_pipeline(
     images: np.ndarray,
     labels: np.ndarray | None,
     *,

@@ -1,11 +1,12 @@
 """preview: a PNG grid of images next to their augmented versions, to see what training is fed.
 
-The augmented images come from the training input pipeline itself (medops.learn.input_pipeline.make_dataset
-with ``training=True``: the same shuffle, per-image stateless seeds and augment_image), not from
-a re-implementation, so a wrong ``augment`` setting (a rotation that turns lungs upside down, a
-contrast that clips to black) shows here exactly as the model would see it. The draws are those
-of the first epoch over the previewed images with ``seed``; a training run over the full train
-split draws others from the same distribution.
+The augmented images come from the training input pipeline itself
+(medops.learn.input_pipeline.build_input_pipeline with ``training=True``: the same shuffle,
+per-image stateless seeds and augment_image), not from a re-implementation, so a wrong
+``augment`` setting (a rotation that turns lungs upside down, a contrast that clips to black)
+shows here exactly as the model would see it. The draws are those of the first epoch over the
+previewed images with ``seed``; a training run over the full train split draws others from the
+same distribution.
 
 Layout (pixel-exact, so a test or a reader can cut panels out): up to ceil(sqrt(n)) pairs per row,
 each pair the original (left) and its augmentation (right), every image enlarged ``scale`` times
@@ -44,7 +45,7 @@ def augment_pairs(
     Returns:
         originals and augmented, both float32 (min(n, m), S, S).
     """
-    from medops.learn.input_pipeline import make_dataset
+    from medops.learn.input_pipeline import build_input_pipeline
 
     x = np.asarray(images, dtype=np.float32)
     if x.ndim == 3:
@@ -54,7 +55,7 @@ def augment_pairs(
     x = x[:n]
     # The pipeline shuffles; carrying each image's index as its "label" pairs the outputs back up.
     index = np.arange(len(x), dtype=np.float32)
-    ds = make_dataset(x, index, batch_size=len(x), training=True, augment_cfg=augment_cfg, seed=seed)
+    ds = build_input_pipeline(x, index, batch_size=len(x), training=True, augment_cfg=augment_cfg, seed=seed)
     batch, order = next(iter(ds))
     augmented = np.empty_like(x[..., 0])
     augmented[np.asarray(order).reshape(-1).astype(int)] = np.asarray(batch)[..., 0]

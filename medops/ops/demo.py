@@ -20,6 +20,7 @@ from medops.paths import BUNDLED_DATASET, ProjectPaths
 from medops.procs import pid_alive, terminate
 
 DEPLOYMENT_PID = "flow-serve.pid"
+WATCHER_PID = "watch.pid"
 
 
 def _read_pid(pidfile: Path) -> int | None:
@@ -42,13 +43,15 @@ def _service_env(paths: ProjectPaths, params: Params) -> dict[str, str]:
     return env
 
 
-def ensure_raw_data(paths: ProjectPaths, params: Params) -> bool:
-    """Generate the demo's hospital export (data/raw) from the bundled dataset if it is missing."""
-    if paths.manifest.is_file() and paths.raw_dicom.is_dir():
+def ensure_export(paths: ProjectPaths, params: Params) -> bool:
+    """Generate the demo's hospital export (``ingest.source``, synthetic PHI on purpose) from the
+    bundled dataset if it is missing."""
+    export = paths.export(params.ingest.source)
+    if (export / "labels.csv").is_file() and (export / "dicom").is_dir():
         return False
     from medops.dicom import synth
 
-    synth.run(params.synth, source_npz=BUNDLED_DATASET, out_dir=paths.raw)
+    synth.run(params.synth, source_npz=BUNDLED_DATASET, out_dir=export)
     return True
 
 
@@ -72,49 +75,59 @@ def start_services(paths: ProjectPaths, params: Params) -> list[str]:
     return lines
 
 
-def start_deployment_server(paths: ProjectPaths, params: Params) -> str:
-    """Serve the training flow as a Prefect deployment in a background process (reused if alive)."""
-    pidfile = paths.run_dir / DEPLOYMENT_PID
+def _start_background(paths: ProjectPaths, params: Params, argv: list[str], pid_name: str,
+                      log_name: str, what: str) -> str:
+    """Start ``argv`` as a background service of the demo (reused if its recorded pid is alive)."""
+    pidfile = paths.run_dir / pid_name
     pid = _read_pid(pidfile)
     if pid:
-        return f"deployment already served (pid {pid})"
+        return f"{what} already running (pid {pid})"
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     paths.logs.mkdir(parents=True, exist_ok=True)
-    log = open(paths.logs / "flow-serve.log", "ab")
+    log = open(paths.logs / log_name, "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.serve"],
-        cwd=paths.root, env=_service_env(paths, params),
+        argv, cwd=paths.root, env=_service_env(paths, params),
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     pidfile.write_text(f"{proc.pid}\n")
     time.sleep(3)
     if proc.poll() is not None:
-        tail = (paths.logs / "flow-serve.log").read_text(errors="replace")[-2000:]
-        raise MedopsError(f"serving the flow as a deployment failed:\n{tail}")
-    return f"deployment training-pipeline/{params.prefect.deployment_name} served (pid {proc.pid})"
+        tail = (paths.logs / log_name).read_text(errors="replace")[-2000:]
+        raise MedopsError(f"starting the {what} failed:\n{tail}")
+    return f"{what} started (pid {proc.pid})"
 
 
-def run_training_flow(paths: ProjectPaths, params: Params) -> None:
-    """Run the training-pipeline flow once, recorded by the running Prefect server."""
-    code = (
-        "import json; from flows.training import training_pipeline; "
-        f"print(json.dumps(training_pipeline(project_root={str(paths.root)!r}), default=str, indent=2))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=paths.root, env=_service_env(paths, params))
+def start_deployment_server(paths: ProjectPaths, params: Params) -> str:
+    """Serve both flows as Prefect deployments in a background process (reused if alive)."""
+    return _start_background(paths, params, [sys.executable, "-m", "flows.serve"], DEPLOYMENT_PID,
+                             "flow-serve.log", f"deployments */{params.prefect.deployment_name}")
+
+
+def start_watcher(paths: ProjectPaths, params: Params) -> str:
+    """``medops watch`` in the background: new studies in the export folder start an ingest run."""
+    return _start_background(paths, params, [sys.executable, "-m", "medops", "watch"], WATCHER_PID,
+                             "watch.log", "export folder watcher")
+
+
+def run_flow(paths: ProjectPaths, params: Params, name: str) -> None:
+    """Run one flow (``python -m flows.run NAME``) once, recorded by the running Prefect server."""
+    proc = subprocess.run([sys.executable, "-m", "flows.run", name, "--project", str(paths.root)],
+                          cwd=paths.root, env=_service_env(paths, params))
     if proc.returncode != 0:
-        raise MedopsError(f"the training flow failed (exit {proc.returncode}); see its output above "
+        raise MedopsError(f"the {name} flow failed (exit {proc.returncode}); see its output above "
                           f"and the run in the Prefect UI at {params.prefect.ui_url}")
 
 
-def sample_dicom(paths: ProjectPaths) -> Path | None:
+def sample_dicom(paths: ProjectPaths, params: Params) -> Path | None:
     """A file from the official test split, for the `medops predict` line the demo prints."""
     import csv
 
+    export = paths.export(params.ingest.source)
     try:
-        with paths.manifest.open() as fh:
+        with (export / "labels.csv").open() as fh:
             for row in csv.DictReader(fh):
                 if row.get("split") == "test":
-                    return paths.raw_dicom / row["path"]
+                    return export / "dicom" / row["path"]
     except OSError:
         return None
     return None
@@ -124,14 +137,16 @@ def run_demo(paths: ProjectPaths, params: Params) -> str:
     if not (paths.root / ".git").exists():
         raise MedopsError(f"{paths.root} is not a git repository: DVC needs one (clone medops with git)")
     lines = []
-    if ensure_raw_data(paths, params):
-        lines.append(f"generated the demo DICOM studies in {paths.raw_dicom}")
+    if ensure_export(paths, params):
+        lines.append(f"generated the demo's hospital export in {paths.export(params.ingest.source)}")
     lines += start_services(paths, params)
     for line in lines:
         print(line, flush=True)
-    run_training_flow(paths, params)
+    run_flow(paths, params, "ingest-studies")  # export -> de-identified, versioned dataset
+    run_flow(paths, params, "training-pipeline")
     lines.append(start_deployment_server(paths, params))
-    sample = sample_dicom(paths)
+    lines.append(start_watcher(paths, params))
+    sample = sample_dicom(paths, params)
     rel = sample.relative_to(paths.root) if sample else "path/to/file.dcm"
     return "\n".join([
         "",
@@ -152,12 +167,13 @@ def stop_services(paths: ProjectPaths) -> list[str]:
     from medops.serving.server import stop_server
 
     out = []
-    pidfile = paths.run_dir / DEPLOYMENT_PID
-    pid = _read_pid(pidfile)
-    if pid:
-        terminate(pid, 10.0, group_first=True)
-        out.append(f"stopped the deployment server (pid {pid})")
-    pidfile.unlink(missing_ok=True)
+    for pid_name, what in ((WATCHER_PID, "the export folder watcher"), (DEPLOYMENT_PID, "the deployment server")):
+        pidfile = paths.run_dir / pid_name
+        pid = _read_pid(pidfile)
+        if pid:
+            terminate(pid, 10.0, group_first=True)
+            out.append(f"stopped {what} (pid {pid})")
+        pidfile.unlink(missing_ok=True)
     out.append("stopped Triton" if stop_server(paths.state) else "Triton was not running")
     out.append("stopped the Prefect server" if stop_prefect(paths.state) else "Prefect server was not running")
     return out

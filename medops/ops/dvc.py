@@ -4,17 +4,22 @@ Every call runs ``<this python> -m dvc ...`` in the project root, with this inte
 first on PATH, so that the ``medops stage NAME`` commands in dvc.yaml resolve to the same
 installation that called DVC. DVC's own Python API is not used: the command line is DVC's stable
 interface, and a subprocess keeps DVC's global state (repo locks, logging) out of a long-running
-Prefect worker. A failed command raises DvcError with the tail of dvc's stderr.
+Prefect worker. A failed command raises DvcError with the tail of dvc's stderr. ``dvc repro`` can
+hand its output over line by line while it runs (``on_line``), for a flow to log as it comes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import yaml
 
@@ -45,22 +50,74 @@ def _tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def run_dvc(root: Path | str, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+def run_dvc(root: Path | str, *args: str, timeout: float | None = None,
+            on_line: Callable[[str], None] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``dvc *args`` in ``root`` and return the completed process (output captured as text).
 
+    With ``on_line``, each line of output (stdout and stderr, without its newline) is handed to it
+    as soon as the command prints it, so a long ``dvc repro`` can be followed while it runs; the
+    stages' Python runs unbuffered for that. The output is captured all the same.
+
     Raises:
-        DvcError: dvc exited non-zero (the message holds the command and dvc's stderr tail).
+        DvcError: dvc exited non-zero (the message holds the command and dvc's stderr tail), or ran
+            past ``timeout`` seconds (it is killed).
     """
     cmd = [sys.executable, "-m", "dvc", *args]
     try:
-        proc = subprocess.run(cmd, cwd=Path(root), env=dvc_env(root), capture_output=True, text=True,
-                              timeout=timeout)
+        if on_line is None:
+            proc = subprocess.run(cmd, cwd=Path(root), env=dvc_env(root), capture_output=True, text=True,
+                                  timeout=timeout)
+        else:
+            proc = _run_streaming(cmd, Path(root), on_line, timeout)
     except subprocess.TimeoutExpired as exc:
         raise DvcError(f"`dvc {' '.join(args)}` in {root} ran past {timeout} s") from exc
     if proc.returncode != 0:
         detail = _tail(proc.stderr) or _tail(proc.stdout)
         raise DvcError(f"`dvc {' '.join(args)}` failed in {root} (exit {proc.returncode}):\n{detail}")
     return proc
+
+
+def _pump(stream: IO[str], name: str, lines: queue.Queue) -> None:
+    """Move ``stream``'s lines onto ``lines`` as ``(name, line)``; ``(name, None)`` at its end."""
+    with stream:
+        for line in stream:
+            lines.put((name, line))
+    lines.put((name, None))
+
+
+def _run_streaming(cmd: list[str], cwd: Path, on_line: Callable[[str], None],
+                   timeout: float | None) -> subprocess.CompletedProcess[str]:
+    """``cmd`` with stdout and stderr read line by line as they come (one reader thread each, so
+    neither pipe fills up), each line handed to ``on_line`` in this thread and kept."""
+    env = {**dvc_env(cwd), "PYTHONUNBUFFERED": "1"}  # a stage's print() reaches us when it prints
+    # its own process group: a timeout stops dvc *and* the stage it runs, not dvc alone
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, errors="replace", bufsize=1, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+        threading.Thread(target=_pump, args=(stream, name, lines), daemon=True).start()
+    kept: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        open_streams = 2
+        while open_streams:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            try:
+                name, line = lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                open_streams -= 1
+                continue
+            kept[name].append(line)
+            on_line(line.rstrip("\r\n"))
+        proc.wait()
+    finally:
+        if proc.poll() is None:  # timed out, or on_line raised: do not leave dvc running
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(kept["stdout"]), "".join(kept["stderr"]))
 
 
 def _is_git_repo(root: Path) -> bool:
@@ -179,11 +236,13 @@ def pull(root: Path | str, targets: Sequence[str | Path] | None = None, remote: 
     return _tail(run_dvc(root, *args).stdout, 1)
 
 
-def repro(root: Path | str, stage: str | None = None, single_item: bool = False) -> str:
+def repro(root: Path | str, stage: str | None = None, single_item: bool = False,
+          on_line: Callable[[str], None] | None = None) -> str:
     """``dvc repro [--single-item] [stage]``; returns dvc's output.
 
     ``single_item`` reproduces ``stage`` alone, without checking its upstream stages: the flow runs
     the stages one task at a time in order, so each task's DVC run records exactly that stage.
+    ``on_line`` gets every line of output (DVC's and the stage's) while it runs (see run_dvc).
     """
     args = ["repro"]
     if single_item:
@@ -192,7 +251,7 @@ def repro(root: Path | str, stage: str | None = None, single_item: bool = False)
         args.append("--single-item")
     if stage:
         args.append(stage)
-    return run_dvc(root, *args).stdout
+    return run_dvc(root, *args, on_line=on_line).stdout
 
 
 def status(root: Path | str, cloud: bool = False) -> dict[str, Any]:

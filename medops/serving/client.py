@@ -11,6 +11,14 @@ with exponential backoff, a fresh connection each time; bad input and missing mo
 ``apredict_files`` is the asyncio twin of ``predict_files`` (``tritonclient.grpc.aio`` /
 ``tritonclient.http.aio``), with the same request building, answers and per-file errors.
 
+One core, two transports: what to ask the server is written once, as *steps* (generators that
+yield a ``Call`` of a tritonclient method, a ``Sleep`` or a ``Reconnect``, are sent the call's
+result or have its error thrown back in, and return the answer): the readiness check, the
+thresholds, one inference request, the retries (``with_retries`` under a ``RetryPolicy``) and the
+whole prediction (``_PredictSteps``: batching, answers, per-file errors). ``SyncTransport`` and
+``AsyncTransport`` take the steps with the blocking and the asyncio client; they are the only
+code that does I/O.
+
 Imports neither TensorFlow nor the Triton client libraries until a prediction is asked for.
 """
 
@@ -20,8 +28,9 @@ import asyncio
 import json
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Generator, Iterable, Literal, Sequence, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -53,6 +62,8 @@ T = TypeVar("T")
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF_S = 0.2
 BACKOFF_JITTER = 0.1  # up to +10 % per delay, so clients cut off together do not retry together
+
+
 
 
 class Prediction(BaseModel):
@@ -106,7 +117,36 @@ def _tc(protocol: Protocol) -> Any:
     return tc
 
 
+# -- steps: what to ask the server, without doing the asking -------------------------------------
+
+@dataclass(frozen=True)
+class Call:
+    """Ask the server: ``client.<method>(*args, **kwargs)``; the same for the blocking and the
+    asyncio tritonclient, whose methods have the same names and arguments."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Wait ``seconds`` before the next step (a retry's backoff)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """Replace the connection that a call just failed on with a fresh one."""
+
+
+# Sent the result of each Call (None after a Sleep or a Reconnect), or thrown its error.
+Steps = Generator[Call | Sleep | Reconnect, Any, T]
+
+
 # -- retries -------------------------------------------------------------------------------------
+
 
 def is_connection_error(exc: BaseException) -> bool:
     """True when ``exc`` means the server could not be reached, so asking again may work.
@@ -141,6 +181,23 @@ def backoff_delays(retries: int, backoff_s: float, *, jitter: float = BACKOFF_JI
     return [backoff_s * 2**k * (1.0 + jitter * draw()) for k in range(retries)]
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Which errors are asked again (connection errors only, ``retries_on``), how long to wait
+    (``delays``: ``backoff_s`` doubled each time, plus jitter), and when to give up (after
+    ``retries`` retries, ``retries + 1`` tries in all)."""
+
+    retries: int = DEFAULT_RETRIES
+    backoff_s: float = DEFAULT_BACKOFF_S
+    jitter: float = BACKOFF_JITTER
+
+    def retries_on(self, exc: BaseException) -> bool:
+        return is_connection_error(exc)
+
+    def delays(self, rng: random.Random | None = None) -> list[float]:
+        return backoff_delays(self.retries, self.backoff_s, jitter=self.jitter, rng=rng)
+
+
 def _unreachable(url: str, protocol: Protocol, tries: int, waited: float,
                  exc: BaseException) -> ServerUnreachableError:
     return ServerUnreachableError(
@@ -150,63 +207,39 @@ def _unreachable(url: str, protocol: Protocol, tries: int, waited: float,
     )
 
 
-def call_with_retries(call: Callable[[], T], *, url: str, protocol: Protocol,
-                      retries: int = DEFAULT_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
-                      reconnect: Callable[[], None] | None = None) -> T:
-    """``call()``, asked again after a connection error up to ``retries`` times with exponential
-    backoff (``backoff_delays``); ``reconnect()`` runs before each retry (a gRPC channel that
-    failed waits out its own reconnect backoff, so a fresh client is made instead).
+def with_retries(make: Callable[[], Steps[T]], policy: RetryPolicy, *, url: str,
+                 protocol: Protocol) -> Steps[T]:
+    """``make()``'s steps, made and taken again after an error ``policy`` retries on, each time
+    after a ``Sleep`` (the backoff) and a ``Reconnect`` (a gRPC channel that failed waits out its
+    own reconnect backoff, so a fresh client is made instead).
 
     Raises:
-        ServerUnreachableError: still no connection after ``retries + 1`` tries, naming ``url``.
-        Exception: any other error from ``call`` as it is, at once.
+        ServerUnreachableError: still no connection after ``policy.retries + 1`` tries, naming
+            ``url``.
+        Exception: any other error from the steps as it is, at once.
     """
-    delays = backoff_delays(retries, backoff_s)
+    delays = policy.delays()
     start = time.monotonic()
-    for attempt in range(retries + 1):
+    for attempt in range(policy.retries + 1):
         try:
-            return call()
-        except Exception as exc:  # noqa: BLE001 - sorted by is_connection_error
-            if not is_connection_error(exc):
+            return (yield from make())
+        except Exception as exc:  # noqa: BLE001 - sorted by the policy
+            if not policy.retries_on(exc):
                 raise
-            if attempt == retries:
+            if attempt == policy.retries:
                 raise _unreachable(url, protocol, attempt + 1, time.monotonic() - start, exc) from None
-        time.sleep(delays[attempt])
-        if reconnect is not None:
-            reconnect()
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def acall_with_retries(call: Callable[[], Awaitable[T]], *, url: str, protocol: Protocol,
-                             retries: int = DEFAULT_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
-                             reconnect: Callable[[], Awaitable[None]] | None = None) -> T:
-    """``call_with_retries`` for coroutines: the same policy, waiting with ``asyncio.sleep``."""
-    delays = backoff_delays(retries, backoff_s)
-    start = time.monotonic()
-    for attempt in range(retries + 1):
-        try:
-            return await call()
-        except Exception as exc:  # noqa: BLE001 - sorted by is_connection_error
-            if not is_connection_error(exc):
-                raise
-            if attempt == retries:
-                raise _unreachable(url, protocol, attempt + 1, time.monotonic() - start, exc) from None
-        await asyncio.sleep(delays[attempt])
-        if reconnect is not None:
-            await reconnect()
+        yield Sleep(delays[attempt])
+        yield Reconnect()
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 # -- readiness -----------------------------------------------------------------------------------
 
-def _max_batch_size_of(config: Any, protocol: Protocol) -> int:
+def read_max_batch_size(protocol: Protocol, model_name: str) -> Steps[int]:
+    config = yield Call("get_model_config", (model_name,))
     if protocol == "grpc":
         return int(config.config.max_batch_size)
     return int(config.get("max_batch_size", 0))
-
-
-def _max_batch_size(client: Any, protocol: Protocol, model_name: str) -> int:
-    return _max_batch_size_of(client.get_model_config(model_name), protocol)
 
 
 DEFAULT_THRESHOLD = 0.5  # when no postprocessing model says otherwise
@@ -227,32 +260,23 @@ def _thresholds_of(config: Any, protocol: Protocol) -> dict[str, float]:
     return out
 
 
-def served_thresholds(client: Any, protocol: Protocol, model_name: str) -> dict[str, float]:
+def read_thresholds(protocol: Protocol, model_name: str) -> Steps[dict[str, float]]:
     """The decision thresholds the served versions were deployed with, ``{version: threshold}``
     (see ``_thresholds_of``); empty when no postprocessing model is deployed.
 
-    A connection error is raised as it is, for ``call_with_retries`` to judge: an unreachable
+    A connection error is raised as it is, for ``with_retries`` to judge: an unreachable
     server says nothing about the thresholds, and labelling at the default would be wrong."""
     try:
-        return _thresholds_of(client.get_model_config(f"{model_name}_postprocess"), protocol)
+        return _thresholds_of((yield Call("get_model_config", (f"{model_name}_postprocess",))),
+                              protocol)
     except Exception as exc:  # noqa: BLE001 - no postprocessing model deployed: the default
         if is_connection_error(exc):
             raise
         return {}
 
 
-async def aserved_thresholds(client: Any, protocol: Protocol, model_name: str) -> dict[str, float]:
-    """``served_thresholds`` with an asyncio client."""
-    try:
-        return _thresholds_of(await client.get_model_config(f"{model_name}_postprocess"), protocol)
-    except Exception as exc:  # noqa: BLE001
-        if is_connection_error(exc):
-            raise
-        return {}
-
-
 def knows_threshold(thresholds: dict[str, float], version: str) -> bool:
-    """Whether ``thresholds`` (``served_thresholds``) says how to label ``version``'s answers;
+    """Whether ``thresholds`` (``read_thresholds``) says how to label ``version``'s answers;
     if not, a version deployed since they were read answered: read them again."""
     return version in thresholds or "" in thresholds
 
@@ -264,12 +288,28 @@ def threshold_for(thresholds: dict[str, float], version: str) -> float:
     return thresholds.get(version, thresholds.get("", DEFAULT_THRESHOLD))
 
 
-def _judge_live(live: bool, url: str) -> None:
+def check_ready(*, url: str, protocol: Protocol, model_name: str) -> Steps[None]:
+    """Live server and ready model, or a ServingError. A connection error is raised as it is, for
+    ``with_retries`` to judge."""
+    try:
+        live = yield Call("is_server_live")
+    except Exception as exc:  # noqa: BLE001 - every transport failure means the same to a user
+        if is_connection_error(exc):
+            raise
+        raise ServerUnreachableError(
+            f"cannot reach Triton at {url} over {protocol}: {first_line(exc)}; is the server "
+            "running (`medops serve start`) and is the url right?"
+        ) from None
     if not live:
         raise ServerUnreachableError(f"Triton at {url} is not live")
-
-
-def _judge_ready(ready: bool, url: str, model_name: str) -> None:
+    try:
+        ready = yield Call("is_model_ready", (model_name,))
+    except Exception as exc:  # noqa: BLE001
+        if is_connection_error(exc):
+            raise
+        raise ServingError(
+            f"Triton at {url} could not report on model {model_name!r}: {first_line(exc)}"
+        ) from None
     if not ready:
         raise ServingError(
             f"model {model_name!r} is not loaded or not ready on Triton at {url}; deploy it first "
@@ -277,55 +317,7 @@ def _judge_ready(ready: bool, url: str, model_name: str) -> None:
         )
 
 
-def _not_live_error(exc: BaseException, url: str, protocol: Protocol) -> ServerUnreachableError:
-    return ServerUnreachableError(
-        f"cannot reach Triton at {url} over {protocol}: {first_line(exc)}; is the server running "
-        "(`medops serve start`) and is the url right?"
-    )
-
-
-def _not_reporting_error(exc: BaseException, url: str, model_name: str) -> ServingError:
-    return ServingError(f"Triton at {url} could not report on model {model_name!r}: {first_line(exc)}")
-
-
-def _check_ready(client: Any, *, url: str, protocol: Protocol, model_name: str) -> None:
-    """Live server and ready model, or a ServingError. A connection error is raised as it is, for
-    ``call_with_retries`` to judge."""
-    try:
-        live = client.is_server_live()
-    except Exception as exc:  # noqa: BLE001 - every transport failure means the same to a user
-        if is_connection_error(exc):
-            raise
-        raise _not_live_error(exc, url, protocol) from None
-    _judge_live(live, url)
-    try:
-        ready = client.is_model_ready(model_name)
-    except Exception as exc:  # noqa: BLE001
-        if is_connection_error(exc):
-            raise
-        raise _not_reporting_error(exc, url, model_name) from None
-    _judge_ready(ready, url, model_name)
-
-
-async def _acheck_ready(client: Any, *, url: str, protocol: Protocol, model_name: str) -> None:
-    """``_check_ready`` with an asyncio client."""
-    try:
-        live = await client.is_server_live()
-    except Exception as exc:  # noqa: BLE001
-        if is_connection_error(exc):
-            raise
-        raise _not_live_error(exc, url, protocol) from None
-    _judge_live(live, url)
-    try:
-        ready = await client.is_model_ready(model_name)
-    except Exception as exc:  # noqa: BLE001
-        if is_connection_error(exc):
-            raise
-        raise _not_reporting_error(exc, url, model_name) from None
-    _judge_ready(ready, url, model_name)
-
-
-# -- one request: built and read the same way by the sync and asyncio clients ---------------------
+# -- one request: built and read the same way whichever transport sends it ------------------------
 
 def _images_request(images: np.ndarray, protocol: Protocol) -> tuple[list[Any], list[Any]]:
     tc = _tc(protocol)
@@ -372,50 +364,22 @@ def _dicom_response(result: Any, protocol: Protocol) -> tuple[list[float], list[
     return [float(p) for p in probs], labels, errors, _version_of(result, protocol)
 
 
-def infer_images(
-    client: Any,
-    images: np.ndarray,
-    *,
-    protocol: Protocol,
-    model_name: str,
-    model_version: str = "",
-    timeout: float = 30.0,
-) -> tuple[np.ndarray, str]:
+def classify_images(images: np.ndarray, *, protocol: Protocol, model_name: str,
+                    model_version: str = "", timeout: float = 30.0) -> Steps[tuple[np.ndarray, str]]:
     """One inference request for ``images`` ``(n, S, S, 1)`` float32.
 
     Returns:
         ``(probabilities (n,), model_version that answered)``.
     """
     inputs, outputs = _images_request(images, protocol)
-    result = client.infer(model_name, inputs, model_version=model_version, outputs=outputs,
-                          **_infer_kwargs(protocol, timeout))
+    result = yield Call("infer", (model_name, inputs),
+                        {"model_version": model_version, "outputs": outputs,
+                         **_infer_kwargs(protocol, timeout)})
     return _images_response(result, protocol, model_name, images.shape[0])
 
 
-async def ainfer_images(
-    client: Any,
-    images: np.ndarray,
-    *,
-    protocol: Protocol,
-    model_name: str,
-    model_version: str = "",
-    timeout: float = 30.0,
-) -> tuple[np.ndarray, str]:
-    """``infer_images`` with an asyncio client (``tritonclient.grpc.aio`` / ``.http.aio``)."""
-    inputs, outputs = _images_request(images, protocol)
-    result = await client.infer(model_name, inputs, model_version=model_version, outputs=outputs,
-                                **_infer_kwargs(protocol, timeout))
-    return _images_response(result, protocol, model_name, images.shape[0])
-
-
-def infer_dicom(
-    client: Any,
-    items: Sequence[bytes],
-    *,
-    protocol: Protocol,
-    model_name: str,
-    timeout: float = 30.0,
-) -> tuple[list[float], list[str], list[str], str]:
+def classify_dicom(items: Sequence[bytes], *, protocol: Protocol, model_name: str,
+                   timeout: float = 30.0) -> Steps[tuple[list[float], list[str], list[str], str]]:
     """One request to the DICOM ensemble with raw file contents.
 
     Returns:
@@ -423,25 +387,24 @@ def infer_dicom(
         for an answered item. The ensemble's version is the classifier version it serves.
     """
     inputs, outputs = _dicom_request(items, protocol)
-    result = client.infer(model_name, inputs, outputs=outputs, **_infer_kwargs(protocol, timeout))
+    result = yield Call("infer", (model_name, inputs),
+                        {"outputs": outputs, **_infer_kwargs(protocol, timeout)})
     return _dicom_response(result, protocol)
 
 
-async def ainfer_dicom(
-    client: Any,
-    items: Sequence[bytes],
-    *,
-    protocol: Protocol,
-    model_name: str,
-    timeout: float = 30.0,
-) -> tuple[list[float], list[str], list[str], str]:
-    """``infer_dicom`` with an asyncio client."""
-    inputs, outputs = _dicom_request(items, protocol)
-    result = await client.infer(model_name, inputs, outputs=outputs,
-                                **_infer_kwargs(protocol, timeout))
-    return _dicom_response(result, protocol)
+def infer_images(client: Any, images: np.ndarray, *, protocol: Protocol, model_name: str,
+                 model_version: str = "", timeout: float = 30.0) -> tuple[np.ndarray, str]:
+    """``classify_images`` with a blocking tritonclient ``client``, no retries (deploy's checks)."""
+    return SyncTransport(client).run(classify_images(
+        images, protocol=protocol, model_name=model_name, model_version=model_version,
+        timeout=timeout))
 
 
+def infer_dicom(client: Any, items: Sequence[bytes], *, protocol: Protocol, model_name: str,
+                timeout: float = 30.0) -> tuple[list[float], list[str], list[str], str]:
+    """``classify_dicom`` with a blocking tritonclient ``client``, no retries."""
+    return SyncTransport(client).run(classify_dicom(items, protocol=protocol,
+                                                    model_name=model_name, timeout=timeout))
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -557,6 +520,148 @@ def _inference_failed(target: str, url: str, exc: BaseException) -> ServingError
     return ServingError(f"inference on {target!r} at {url} failed: {first_line(exc)}")
 
 
+class _PredictSteps:
+    """What ``predict_files`` and ``apredict_files`` ask the server, in which order and with which
+    retries, and how its answers become the plan's Predictions; their transports only take the
+    steps."""
+
+    def __init__(self, plan: _Plan, *, url: str, protocol: Protocol, model_name: str,
+                 threshold: float | None, timeout: float, batch_size: int | None,
+                 policy: RetryPolicy, progress: Callable[[int, int], None] | None) -> None:
+        self.plan, self.url, self.protocol, self.model_name = plan, url, protocol, model_name
+        self.threshold, self.timeout, self.batch_size = threshold, timeout, batch_size
+        self.policy, self.progress = policy, progress
+        self.thresholds: dict[str, float] = {}  # read once, again when a version they miss answers
+
+    def _retried(self, make: Callable[[], Steps[T]]) -> Steps[T]:
+        return with_retries(make, self.policy, url=self.url, protocol=self.protocol)
+
+    def _read_thresholds(self) -> Steps[dict[str, float]]:
+        return self._retried(lambda: read_thresholds(self.protocol, self.model_name))
+
+    def start(self) -> Steps[list[list[int]]]:
+        """Live server, ready model, the batch size and (tensors) the thresholds; returns the
+        requests to send, as lists of file indices."""
+        target, protocol = self.plan.target, self.protocol
+        yield from self._retried(lambda: check_ready(url=self.url, protocol=protocol,
+                                                     model_name=target))
+        size = (self.batch_size or (yield from self._retried(
+            lambda: read_max_batch_size(protocol, target))) or 1)
+        if self.threshold is not None:
+            self.thresholds = {"": self.threshold}
+        elif self.plan.via == "tensor":
+            self.thresholds = yield from self._read_thresholds()
+        return self.plan.chunks(size)
+
+    def answer(self, chunk: list[int]) -> Steps[None]:
+        """One request for the files ``chunk``: their answers written into the plan, progress
+        told. A failed request is a ServingError naming the model and the url."""
+        payload = self.plan.payload(chunk)
+        target, kwargs = self.plan.target, {"protocol": self.protocol, "timeout": self.timeout}
+        try:
+            if self.plan.via == "ensemble":
+                self.plan.answer(chunk, *(yield from self._retried(
+                    lambda: classify_dicom(payload, model_name=target, **kwargs))))
+            else:
+                probs, version = yield from self._retried(
+                    lambda: classify_images(payload, model_name=target, **kwargs))
+                if not knows_threshold(self.thresholds, version):
+                    self.thresholds = yield from self._read_thresholds()
+                self.plan.answer_images(chunk, probs, version,
+                                        threshold_for(self.thresholds, version))
+        except ServingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
+            raise _inference_failed(target, self.url, exc) from None
+        self.plan.report(chunk, self.progress)
+
+
+# -- the two transports: the only code that talks to the server -----------------------------------
+
+class SyncTransport:
+    """Takes steps with a blocking tritonclient (``tritonclient.grpc`` / ``.http``)."""
+
+    def __init__(self, client: Any, connect: Callable[[], Any] | None = None) -> None:
+        self.client, self._connect = client, connect  # connect: a fresh client, for Reconnect
+
+    @classmethod
+    def open(cls, url: str, protocol: Protocol, timeout: float) -> SyncTransport:
+        return cls(_client(url, protocol, timeout), lambda: _client(url, protocol, timeout))
+
+    def run(self, steps: Steps[T]) -> T:
+        """Take ``steps`` to their end and return what they return; a call's error is thrown
+        back into them."""
+        reply: Any = None
+        failure: Exception | None = None
+        while True:
+            try:
+                step = steps.send(reply) if failure is None else steps.throw(failure)
+            except StopIteration as done:
+                return done.value
+            reply, failure = None, None
+            try:
+                if isinstance(step, Call):
+                    reply = getattr(self.client, step.method)(*step.args, **step.kwargs)
+                elif isinstance(step, Sleep):
+                    time.sleep(step.seconds)
+                else:
+                    self.client.close()
+                    self.client = self._connect()
+            except Exception as exc:  # noqa: BLE001 - the steps judge it
+                failure = exc
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncTransport:
+    """Takes steps with an asyncio tritonclient (``tritonclient.grpc.aio`` / ``.http.aio``);
+    several ``run`` may share it, each awaiting its own calls."""
+
+    def __init__(self, client: Any, connect: Callable[[], Any] | None = None) -> None:
+        self.client, self._connect = client, connect
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def open(cls, url: str, protocol: Protocol, timeout: float) -> AsyncTransport:
+        """Must be made inside the running event loop."""
+        return cls(_aclient(url, protocol, timeout), lambda: _aclient(url, protocol, timeout))
+
+    async def run(self, steps: Steps[T]) -> T:
+        """``SyncTransport.run``, awaiting each call and sleep."""
+        reply: Any = None
+        failure: Exception | None = None
+        used = self.client  # the client the last call went to
+        while True:
+            try:
+                step = steps.send(reply) if failure is None else steps.throw(failure)
+            except StopIteration as done:
+                return done.value
+            reply, failure = None, None
+            try:
+                if isinstance(step, Call):
+                    used = self.client
+                    reply = await getattr(used, step.method)(*step.args, **step.kwargs)
+                elif isinstance(step, Sleep):
+                    await asyncio.sleep(step.seconds)
+                else:
+                    await self._reconnect(used)
+            except Exception as exc:  # noqa: BLE001 - the steps judge it
+                failure = exc
+
+    async def _reconnect(self, seen: Any) -> None:
+        # one fresh client for all the requests that failed on the same old one
+        async with self._lock:
+            if self.client is seen:
+                await seen.close()
+                self.client = self._connect()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+# -- many files ----------------------------------------------------------------------------------
+
 def predict_files(
     paths: Iterable[Path | str],
     *,
@@ -614,45 +719,15 @@ def predict_files(
                  frame=frame, pixel_spacing=pixel_spacing)
     if not plan.todo:
         return plan.preds
-    target = plan.target
-    clients = [_client(url, protocol, timeout)]
-
-    def reconnect() -> None:
-        clients[0].close()
-        clients[0] = _client(url, protocol, timeout)
-
-    def retried(call: Callable[[], T]) -> T:
-        return call_with_retries(call, url=url, protocol=protocol, retries=retries,
-                                 backoff_s=backoff_s, reconnect=reconnect)
-
+    steps = _PredictSteps(plan, url=url, protocol=protocol, model_name=model_name,
+                          threshold=threshold, timeout=timeout, batch_size=batch_size,
+                          policy=RetryPolicy(retries, backoff_s), progress=progress)
+    transport = SyncTransport.open(url, protocol, timeout)
     try:
-        retried(lambda: _check_ready(clients[0], url=url, protocol=protocol, model_name=target))
-        size = batch_size or retried(lambda: _max_batch_size(clients[0], protocol, target)) or 1
-        thresholds = ({"": threshold} if threshold is not None else
-                      retried(lambda: served_thresholds(clients[0], protocol, model_name))
-                      if via == "tensor" else {})
-        for chunk in plan.chunks(size):
-            payload = plan.payload(chunk)
-            try:
-                if via == "ensemble":
-                    plan.answer(chunk, *retried(lambda: infer_dicom(
-                        clients[0], payload, protocol=protocol, model_name=target,
-                        timeout=timeout)))
-                else:
-                    arr, version = retried(lambda: infer_images(
-                        clients[0], payload, protocol=protocol, model_name=target,
-                        timeout=timeout))
-                    if not knows_threshold(thresholds, version):
-                        thresholds = retried(lambda: served_thresholds(clients[0], protocol,
-                                                                       model_name))
-                    plan.answer_images(chunk, arr, version, threshold_for(thresholds, version))
-            except ServingError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
-                raise _inference_failed(target, url, exc) from None
-            plan.report(chunk, progress)
+        for chunk in transport.run(steps.start()):
+            transport.run(steps.answer(chunk))
     finally:
-        clients[0].close()
+        transport.close()
     return plan.preds
 
 
@@ -691,64 +766,18 @@ async def apredict_files(
                                    pixel_spacing=pixel_spacing)
     if not plan.todo:
         return plan.preds
-    target = plan.target
-    clients = [_aclient(url, protocol, timeout)]
-    lock = asyncio.Lock()
+    steps = _PredictSteps(plan, url=url, protocol=protocol, model_name=model_name,
+                          threshold=threshold, timeout=timeout, batch_size=batch_size,
+                          policy=RetryPolicy(retries, backoff_s), progress=progress)
+    transport = AsyncTransport.open(url, protocol, timeout)
+    gate = asyncio.Semaphore(concurrency)
 
-    async def reconnect(seen: Any) -> None:
-        # one fresh client for all the requests that failed on the same old one
-        async with lock:
-            if clients[0] is seen:
-                await seen.close()
-                clients[0] = _aclient(url, protocol, timeout)
-
-    async def retried(make: Callable[[Any], Awaitable[T]]) -> T:
-        used: list[Any] = []
-
-        async def call() -> T:
-            used[:] = [clients[0]]
-            return await make(clients[0])
-
-        return await acall_with_retries(call, url=url, protocol=protocol, retries=retries,
-                                        backoff_s=backoff_s,
-                                        reconnect=lambda: reconnect(used[0]))
+    async def send(chunk: list[int]) -> None:
+        async with gate:
+            await transport.run(steps.answer(chunk))
 
     try:
-        await retried(lambda c: _acheck_ready(c, url=url, protocol=protocol, model_name=target))
-
-        async def max_batch(c: Any) -> int:
-            return _max_batch_size_of(await c.get_model_config(target), protocol)
-
-        size = batch_size or await retried(max_batch) or 1
-        thresholds = ({"": threshold} if threshold is not None else
-                      await retried(lambda c: aserved_thresholds(c, protocol, model_name))
-                      if via == "tensor" else {})
-        gate = asyncio.Semaphore(concurrency)
-
-        async def send(chunk: list[int]) -> None:
-            payload = plan.payload(chunk)
-            async with gate:
-                try:
-                    if via == "ensemble":
-                        plan.answer(chunk, *await retried(lambda c: ainfer_dicom(
-                            c, payload, protocol=protocol, model_name=target, timeout=timeout)))
-                    else:
-                        arr, version = await retried(lambda c: ainfer_images(
-                            c, payload, protocol=protocol, model_name=target, timeout=timeout))
-                        if not knows_threshold(thresholds, version):
-                            fresh = await retried(
-                                lambda c: aserved_thresholds(c, protocol, model_name))
-                            thresholds.clear()
-                            thresholds.update(fresh)
-                        plan.answer_images(chunk, arr, version,
-                                           threshold_for(thresholds, version))
-                except ServingError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    raise _inference_failed(target, url, exc) from None
-                plan.report(chunk, progress)
-
-        tasks = [asyncio.ensure_future(send(chunk)) for chunk in plan.chunks(size)]
+        tasks = [asyncio.ensure_future(send(chunk)) for chunk in await transport.run(steps.start())]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -756,7 +785,7 @@ async def apredict_files(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     finally:
-        await clients[0].close()
+        await transport.close()
     return plan.preds
 
 

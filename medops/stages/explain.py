@@ -53,6 +53,7 @@ from medops.errors import MedopsError
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
+    import tensorflow as tf
 
 PNG_PREFIX = "gradcam-"
 OUTCOMES = ("TP", "TN", "FP", "FN")
@@ -228,23 +229,39 @@ def grad_cam(
             # Images of a batch are independent in inference mode, so the gradient of the sum is
             # each image's own gradient.
             grads = tape.gradient(score, features)
-            if grads is None:
-                raise MedopsError(f"Grad-CAM: the score does not depend on layer {feature_layer.name!r}")
-            if len(features.shape) != 4:
-                raise MedopsError(
-                    f"Grad-CAM layer {feature_layer.name!r} output is {tuple(features.shape)}, not (n, h, w, c)"
-                )
-            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-            cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
-            cam = tf.image.resize(cam, size, method="bilinear")[..., 0]
-            peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-            cam = tf.math.divide_no_nan(cam, peak)
-            heatmaps.append(np.clip(cam.numpy(), 0.0, 1.0).astype(np.float32))
+            heatmaps.append(heatmaps_from_gradients(features, grads, size, layer_name=feature_layer.name))
             probabilities.append(np.asarray(prob, dtype=np.float64).reshape(-1))
     maps = np.concatenate(heatmaps)
     if return_probabilities:
         return maps, np.concatenate(probabilities)
     return maps
+
+
+def heatmaps_from_gradients(features: "tf.Tensor", grads: "tf.Tensor | None", size: tuple[int, int], *,
+                            layer_name: str) -> np.ndarray:
+    """Grad-CAM's map from a feature layer's output (n, h, w, c) and the score's gradient there:
+    each channel weighted by its mean gradient, summed, ReLU, resized bilinearly to ``size`` and
+    divided by each image's peak. float32 (n, *size) in [0, 1], all zero where nothing raised the
+    score.
+
+    Raises:
+        MedopsError: no gradient (the score does not depend on the layer), or a layer output that
+            is not (n, h, w, c).
+    """
+    import tensorflow as tf
+
+    if grads is None:
+        raise MedopsError(f"Grad-CAM: the score does not depend on layer {layer_name!r}")
+    if len(features.shape) != 4:
+        raise MedopsError(
+            f"Grad-CAM layer {layer_name!r} output is {tuple(features.shape)}, not (n, h, w, c)"
+        )
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
+    cam = tf.image.resize(cam, size, method="bilinear")[..., 0]
+    peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+    cam = tf.math.divide_no_nan(cam, peak)
+    return np.clip(cam.numpy(), 0.0, 1.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

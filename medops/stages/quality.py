@@ -2,28 +2,34 @@
 
 Inputs:
     ``ingested_dir/metadata.parquet``: one row per usable image (columns: medops.data.METADATA_COLUMNS).
+    ``gx_root/gx/``: the Great Expectations project (file-backed; created when missing): the suite
+    ``metadata_quality``, the validation definition and the checkpoint, as GX stores them.
 Outputs:
-    ``out_dir/data_docs/index.html``: the Great Expectations Data Docs site for this validation.
     ``out_dir/result.json``: every expectation with its type, column, success, observed value and
     whether it is critical (the same content as the returned QualityResult).
-    ``out_dir/expectations.json``: the expectation suite that was run.
+    ``out_dir/expectations.json``: the expectations built from params (see build_expectations).
+    The Data Docs site of the GX project (``out_dir/data_docs/index.html`` for a new project;
+    the repository's ``gx/`` points it at ``reports/quality/data_docs``), one page per validation
+    kept across runs, readable offline; the validation results in ``gx/uncommitted/validations``.
 Params (``quality`` section, QualityConfig):
     ``min_rows``, ``max_label_null_fraction``, ``pixel_mean_range``, ``pixel_std_min``, ``allowed_sex``.
 
 A failed *critical* expectation stops the pipeline with DataQualityError, after the report and the
 Data Docs are written so the failure can be inspected; a failed *warning* is reported, not fatal.
+Severity is GX's own (``Expectation.severity``), so GX users and the Data Docs see it too.
 
-The Great Expectations context is ephemeral (in-memory stores) with one Data Docs site on disk: the
-suite is built from params on every run, so there is no GX project state to drift from params.yaml,
-and the docs show exactly this run. Great Expectations is imported inside the functions that use it
-(it takes seconds to import).
+The GX project is an ordinary one a GX user can open (``gx.get_context(project_root_dir=...)``)
+and edit. The expectations built from params.yaml are marked in their ``meta`` (MANAGED) and kept
+in step with params on every run (rewritten only when params changed, so their ids stay);
+expectations a user adds to the suite run too, with their own severity. Great Expectations is
+imported inside the functions that use it (it takes seconds to import).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,17 @@ from medops.errors import DataQualityError
 
 ASSET_NAME = "metadata"  # how the table is named in messages and in the Data Docs
 DATA_DOCS_DIR = "data_docs"
+# the GX project's parts, by name (gx/great_expectations.yml, gx/expectations/, ...)
+GX_DIR = "gx"
+DATA_SOURCE = "medops"
+BATCH = "whole_table"
+SUITE = f"{ASSET_NAME}_quality"
+VALIDATION = f"{ASSET_NAME}_validation"
+CHECKPOINT = f"{ASSET_NAME}_checkpoint"
+SITE = "local_site"
+# ``meta`` key of the expectations medops builds from params.yaml (and rewrites when params change)
+MANAGED = "managed_by"
+MANAGED_NOTE = "medops: built from params.yaml `quality` (edit params.yaml, not this expectation)"
 CRITICAL = "critical"
 WARNING = "warning"
 
@@ -122,40 +139,113 @@ def build_expectations(cfg: QualityConfig) -> list[ExpectationSpec]:
     ]
 
 
-def _to_gx(spec: ExpectationSpec):
+def _to_gx(spec: ExpectationSpec, id_: str | None = None):
     import great_expectations as gx
 
     cls_name = "".join(part.capitalize() for part in spec.type.split("_"))
     cls = getattr(gx.expectations, cls_name)
-    return cls(**spec.kwargs, meta={"severity": spec.severity, CRITICAL: spec.severity == CRITICAL,
-                                    "expected": spec.expected})
+    return cls(**spec.kwargs, severity=spec.severity, id=id_,
+               meta={MANAGED: MANAGED_NOTE, "expected": spec.expected})
 
 
-def _make_context(docs_dir: Path):
+def _key(type_: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
+    """How a managed expectation is recognised across runs: its type and column (unique per suite)."""
+    return type_, kwargs.get("column")
+
+
+def open_project(gx_root: Path, docs_dir: Path):
+    """The file-backed GX project ``gx_root/gx``. A missing one is created: GX's own layout, no
+    analytics or progress bars, its Data Docs site at ``docs_dir`` (relative, so it moves with
+    the project). An existing one is used as it is configured."""
     import great_expectations as gx
-    from great_expectations.data_context.types.base import (
-        DataContextConfig,
-        InMemoryStoreBackendDefaults,
-        ProgressBarsConfig,
-    )
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    config = DataContextConfig(
-        store_backend_defaults=InMemoryStoreBackendDefaults(),
-        analytics_enabled=False,  # no network calls from a pipeline stage
-        progress_bars=ProgressBarsConfig(globally=False),
-        data_docs_sites={
-            "medops": {
-                "class_name": "SiteBuilder",
-                "show_how_to_buttons": False,
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs_dir),
-                },
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            }
-        },
-    )
-    return gx.get_context(project_config=config, mode="ephemeral")
+    new = not (Path(gx_root) / GX_DIR / "great_expectations.yml").is_file()
+    context = gx.get_context(mode="file", project_root_dir=str(gx_root))
+    if new:
+        site_dir = os.path.relpath(Path(docs_dir).resolve(), Path(context.root_directory).resolve())
+        context.variables.data_docs_sites = {SITE: {
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": Path(site_dir).as_posix() + "/"},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }}
+        context.variables.analytics_enabled = False  # no network calls from a pipeline stage
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        context.variables.save()
+    return context
+
+
+def site_dir(context) -> Path:
+    """The folder of the project's Data Docs site (SITE, else its first one)."""
+    sites = context.variables.data_docs_sites or {}
+    config = sites.get(SITE) or next(iter(sites.values()))
+    return Path(context.root_directory, config["store_backend"]["base_directory"]).resolve()
+
+
+def _get_or_add(get: Any, name: str, make: Any) -> Any:
+    """``get(name)``, or ``make()`` when GX says there is none (each store has its own error)."""
+    from great_expectations.exceptions import DataContextError
+
+    try:
+        return get(name)
+    except (LookupError, ValueError, DataContextError):
+        return make()
+
+
+def ensure_checkpoint(context):
+    """The project's checkpoint over the metadata table, its parts created where missing
+    (pandas data source, dataframe asset, suite, validation definition, checkpoint)."""
+    import great_expectations as gx
+
+    source = _get_or_add(context.data_sources.get, DATA_SOURCE,
+                         lambda: context.data_sources.add_pandas(DATA_SOURCE))
+    asset = _get_or_add(source.get_asset, ASSET_NAME, lambda: source.add_dataframe_asset(ASSET_NAME))
+    batch = _get_or_add(asset.get_batch_definition, BATCH,
+                        lambda: asset.add_batch_definition_whole_dataframe(BATCH))
+    suite = _get_or_add(context.suites.get, SUITE,
+                        lambda: context.suites.add(gx.ExpectationSuite(name=SUITE)))
+    definition = _get_or_add(context.validation_definitions.get, VALIDATION, lambda: (
+        context.validation_definitions.add(gx.ValidationDefinition(name=VALIDATION, data=batch, suite=suite))))
+    return _get_or_add(context.checkpoints.get, CHECKPOINT, lambda: context.checkpoints.add(gx.Checkpoint(
+        name=CHECKPOINT, validation_definitions=[definition],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+        result_format={"result_format": "SUMMARY"},
+    )))
+
+
+def sync_suite(suite, specs: list[ExpectationSpec]) -> bool:
+    """Make the suite's managed expectations those of ``specs`` (in their order, keeping the ids of
+    unchanged ones); a user's own expectations stay, after them. Saves only on a change; returns
+    whether it saved."""
+    current = list(suite.expectations)
+    managed = {_key(e.expectation_type, e.configuration.kwargs): e for e in current
+               if (e.meta or {}).get(MANAGED)}
+    wanted = []
+    for spec in specs:
+        old = managed.get(_key(spec.type, spec.kwargs))
+        wanted.append(_to_gx(spec, old.id if old is not None else None))
+    wanted += [e for e in current if not (e.meta or {}).get(MANAGED)]
+
+    def config(e: Any) -> dict[str, Any]:
+        return e.configuration.to_json_dict()
+    if [config(e) for e in wanted] == [config(e) for e in current]:
+        return False
+    suite.expectations = wanted
+    suite.save()
+    return True
+
+
+def spec_of(expectation) -> ExpectationSpec:
+    """An expectation from the suite as an ExpectationSpec (for one a GX user added: ``expected``
+    is its ``meta.expected`` or description, else its kwargs; severity ``info`` counts as a warning)."""
+    cfg = expectation.configuration
+    kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
+    severity = CRITICAL if str(getattr(expectation.severity, "value", expectation.severity)) == CRITICAL else WARNING
+    expected = ((cfg.meta or {}).get("expected") or expectation.description
+                or ", ".join(f"{k}={_describe(v)}" for k, v in kwargs.items() if k != "column"))
+    return ExpectationSpec(type=cfg.type, kwargs=kwargs, severity=severity, expected=expected)
 
 
 def _jsonable(value: Any) -> Any:
@@ -206,45 +296,36 @@ def describe_failure(outcome: ExpectationOutcome) -> str:
     return f"{outcome.type} failed on {target}: {outcome.observed}, expected {outcome.expected} ({severity})"
 
 
-def validate_metadata(table: pd.DataFrame, cfg: QualityConfig, docs_dir: Path) -> list[ExpectationOutcome]:
-    """Run the expectation suite on ``table`` as a GX Checkpoint that writes Data Docs to ``docs_dir``.
+def validate_metadata(table: pd.DataFrame, cfg: QualityConfig, *, gx_root: Path,
+                      docs_dir: Path) -> tuple[list[ExpectationOutcome], Path]:
+    """Run the project's checkpoint on ``table``, after bringing the suite in step with ``cfg``.
 
-    Returns one outcome per expectation, in suite order.
+    The checkpoint stores the validation result and adds its page to the Data Docs, which are then
+    made to work offline. Returns one outcome per expectation, in suite order, and the Data Docs
+    site's folder.
     """
-    import great_expectations as gx
+    from medops.datadocs import make_offline
 
-    specs = build_expectations(cfg)
-    context = _make_context(docs_dir)
-    batch = (
-        context.data_sources.add_pandas("medops")
-        .add_dataframe_asset(ASSET_NAME)
-        .add_batch_definition_whole_dataframe("whole_table")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name=f"{ASSET_NAME}_quality"))
-    ids = [suite.add_expectation(_to_gx(spec)).id for spec in specs]
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=f"{ASSET_NAME}_validation", data=batch, suite=suite)
-    )
-    checkpoint = context.checkpoints.add(
-        gx.Checkpoint(
-            name=f"{ASSET_NAME}_checkpoint",
-            validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
-            result_format={"result_format": "SUMMARY"},
-        )
-    )
+    context = open_project(gx_root, docs_dir)
+    checkpoint = ensure_checkpoint(context)
+    (definition,) = checkpoint.validation_definitions
+    sync_suite(definition.suite, build_expectations(cfg))
+    suite = context.suites.get(definition.suite.name)  # as saved, with every id
     run = checkpoint.run(batch_parameters={"dataframe": table})
     (validation,) = run.run_results.values()
+    site = site_dir(context)
+    make_offline(site)
 
     # GX groups results by column, not in suite order; match them back by expectation id.
     by_id = {res.expectation_config.id: res for res in validation.results}
     outcomes = []
-    for spec, id_ in zip(specs, ids):
-        res = by_id[id_]
+    for expectation in suite.expectations:
+        res = by_id[expectation.id]
         info = res.exception_info or {}
         exception = info.get("exception_message") if info.get("raised_exception") else None
-        outcomes.append(summarize_outcome(spec, bool(res.success), dict(res.result or {}), exception))
-    return outcomes
+        outcomes.append(summarize_outcome(spec_of(expectation), bool(res.success), dict(res.result or {}),
+                                          exception))
+    return outcomes, site
 
 
 RESULT_FILE = "result.json"
@@ -265,8 +346,9 @@ def failure_error(result: QualityResult) -> DataQualityError:
     return DataQualityError("; ".join(result.critical_failures))
 
 
-def run(cfg: QualityConfig, *, ingested_dir: Path, out_dir: Path) -> QualityResult:
-    """Validate ``ingested_dir/metadata.parquet``; write Data Docs and result.json under ``out_dir``.
+def run(cfg: QualityConfig, *, ingested_dir: Path, out_dir: Path, gx_root: Path | None = None) -> QualityResult:
+    """Validate ``ingested_dir/metadata.parquet`` with the GX project in ``gx_root/gx`` (default:
+    ``out_dir/gx``); write result.json under ``out_dir`` and a page in the project's Data Docs.
 
     Raises:
         DataQualityError: the table is missing, or a critical expectation failed (the message names
@@ -279,9 +361,8 @@ def run(cfg: QualityConfig, *, ingested_dir: Path, out_dir: Path) -> QualityResu
     table = read_metadata(ingested_dir)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    docs_dir = out_dir / DATA_DOCS_DIR
-    shutil.rmtree(docs_dir, ignore_errors=True)  # the docs show this run only
-    outcomes = validate_metadata(table, cfg, docs_dir)
+    outcomes, site = validate_metadata(table, cfg, gx_root=Path(gx_root) if gx_root else out_dir,
+                                       docs_dir=out_dir / DATA_DOCS_DIR)
 
     failed = [o for o in outcomes if not o.success]
     result = QualityResult(
@@ -292,7 +373,7 @@ def run(cfg: QualityConfig, *, ingested_dir: Path, out_dir: Path) -> QualityResu
         critical_failures=[describe_failure(o) for o in failed if o.critical],
         warnings=[describe_failure(o) for o in failed if not o.critical],
         expectations=outcomes,
-        data_docs=str(docs_dir / "index.html"),
+        data_docs=str(site / "index.html"),
         result=str(out_dir / RESULT_FILE),
     )
     (out_dir / "expectations.json").write_text(

@@ -28,12 +28,12 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from pydantic import BaseModel
 
-from medops.learn.input_pipeline import make_dataset
+from medops.learn.input_pipeline import build_input_pipeline
 from medops.config import AugmentConfig, TrainConfig
 from medops.errors import MedopsError
 from medops.metrics import compute_auc, select_threshold
@@ -119,6 +119,7 @@ def fit_model(
     log_dir: Path | None = None,
     plan: Any = None,
     strategy: Any = None,
+    extra_callbacks: Sequence[Any] = (),
 ) -> tuple[Any, dict[str, list[float]], int | None]:
     """Seed, build, compile and fit, under the distribution plan (one CPU, GPUs, or a cluster).
 
@@ -135,7 +136,7 @@ def fit_model(
     x_train, y_train = train
     x_val, y_val = val
     steps = int(np.ceil(len(x_train) / train_cfg.batch_size))
-    callbacks: list[Any] = []
+    callbacks: list[Any] = list(extra_callbacks)  # e.g. the flow's progress lines (medops.pipeline)
     patience = train_cfg.early_stopping_patience
     stopper = None
     if patience > 0 or train_cfg.restore_best:
@@ -150,9 +151,10 @@ def fit_model(
     outcome = fit_under_plan(
         plan,
         lambda: build_model(train_cfg.model, train_cfg, x_train.shape[1:]),
-        lambda batch: make_dataset(x_train, y_train, batch_size=batch, training=True,
-                                   augment_cfg=augment_cfg, seed=train_cfg.seed),
-        validation_fn=lambda batch: make_dataset(x_val, y_val, batch_size=max(batch, 256), training=False),
+        lambda batch: build_input_pipeline(x_train, y_train, batch_size=batch, training=True,
+                                           augment_cfg=augment_cfg, seed=train_cfg.seed),
+        validation_fn=lambda batch: build_input_pipeline(x_val, y_val, batch_size=max(batch, 256),
+                                                         training=False),
         compile_fn=lambda model: compile_model(model, train_cfg, steps_per_epoch=steps),
         global_batch_size=train_cfg.batch_size, epochs=train_cfg.epochs,
         seed=train_cfg.seed, callbacks=callbacks,
@@ -165,6 +167,28 @@ def fit_model(
     return outcome.model, outcome.history, best
 
 
+def training_record(result: TrainResult, train_cfg: TrainConfig, augment_cfg: AugmentConfig, *,
+                    y_train: np.ndarray, y_val: np.ndarray, plan: Any) -> dict[str, Any]:
+    """What ``train.json`` holds: the result, the params used, each split's positive fraction, the
+    library versions, the distribution plan, the code commit and the time it was written."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        **result.model_dump(mode="json"),
+        "params": {
+            "train": train_cfg.model_dump(mode="json"),
+            "augment": augment_cfg.model_dump(mode="json"),
+        },
+        "train_positive_fraction": float(y_train.mean()),
+        "val_positive_fraction": float(y_val.mean()),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "distribution": plan.model_dump(mode="json"),
+        "code_commit": code_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def run(
     train_cfg: TrainConfig,
     augment_cfg: AugmentConfig,
@@ -175,18 +199,17 @@ def run(
     result_out: Path,
     data_version: str,
     log_dir: Path | None = None,
+    extra_callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Load train/val, fit, choose the decision threshold on val, save the model, write train.json.
 
-    ``log_dir``: write TensorBoard logs there (off when None).
+    ``log_dir``: write TensorBoard logs there (off when None). ``extra_callbacks``: more Keras
+    callbacks for ``fit`` (they must not change what is learnt).
     """
     from medops.learn.distribute import is_chief, make_strategy
 
     plan = plan_for(train_cfg)
     strategy = make_strategy(plan)  # first: a multi-worker strategy must precede any other TF op
-
-    import keras
-    import tensorflow as tf
 
     started = time.perf_counter()
     x_train, y_train, train_rows = load_split_images(ingested_dir, split, "train")
@@ -198,6 +221,7 @@ def run(
     model, history, best_epoch = fit_model(
         train_cfg, augment_cfg, (x_train, y_train), (x_val, y_val),
         log_dir=log_dir if is_chief(plan) else None, plan=plan, strategy=strategy,
+        extra_callbacks=extra_callbacks,
     )
     val_scores = predict_probabilities(model, x_val)
     threshold = select_threshold(
@@ -231,20 +255,8 @@ def run(
         model_path=str(model_out),
         result_path=str(result_out),
     )
-    record = {
-        **result.model_dump(mode="json"),
-        "params": {
-            "train": train_cfg.model_dump(mode="json"),
-            "augment": augment_cfg.model_dump(mode="json"),
-        },
-        "train_positive_fraction": float(y_train.mean()),
-        "val_positive_fraction": float(y_val.mean()),
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "distribution": plan.model_dump(mode="json"),
-        "code_commit": code_commit(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
     if is_chief(plan):
+        record = training_record(result, train_cfg, augment_cfg, y_train=y_train, y_val=y_val, plan=plan)
         result_out.parent.mkdir(parents=True, exist_ok=True)
         result_out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return result

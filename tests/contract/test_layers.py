@@ -14,7 +14,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("medops.__init__", "medops.errors", "medops.hashing", "medops.procs"),  # no medops imports
     ("medops.models", "medops.paths"),             # model architectures: keras only
     ("medops.config",),                            # params.yaml, typed (checks model names)
-    ("medops.data", "medops.metrics", "medops.results", "medops.dicom"),  # formats, numbers, DICOM
+    # formats, numbers, DICOM, offline Data Docs (HTML)
+    ("medops.data", "medops.metrics", "medops.results", "medops.dicom", "medops.datadocs"),
     ("medops.learn",),                             # input pipeline, distribution, inference
     ("medops.serving.contract", "medops.serving.repository", "medops.serving.backends"),
     ("medops.stages",),                            # one package or module per stage

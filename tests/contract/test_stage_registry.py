@@ -133,7 +133,7 @@ def test_cli_stage_rejects_unknown_stage(capsys):
         run_stage("nope", None, None)
     assert main(["stage", "nope"]) == ExitCode.BAD_INPUT
     err = capsys.readouterr().err
-    assert "medops stage: error: unknown stage 'nope'; stages: ingest, quality" in err
+    assert "medops stage: error: unknown stage 'nope'; stages: quality, split" in err
     assert "Traceback" not in err
 
 

@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed-precision", default="off")
     parser.add_argument(
         "--pipeline", choices=("plain", "medops"), default="plain",
-        help="plain: the subset in order; medops: medops.learn.input_pipeline.make_dataset with seeded shuffling "
-        "and the default augmentation, as training uses it",
+        help="plain: the subset in order; medops: medops.learn.input_pipeline.build_input_pipeline "
+        "with seeded shuffling and the default augmentation, as training uses it",
     )
     parser.add_argument(
         "--dtype", choices=("float32", "float64"), default="float32",
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from medops.learn.input_pipeline import make_dataset
+    from medops.learn.input_pipeline import build_input_pipeline
     from medops.config import AugmentConfig, TrainConfig
     from medops.models import build_model
     from medops.paths import BUNDLED_DATASET
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     def dataset(global_batch: int) -> tf.data.Dataset:
         if args.pipeline == "medops":
             # seeded shuffle + stateless per-image augmentation seeds: every process draws the same
-            return make_dataset(x, y, batch_size=global_batch, training=True,
+            return build_input_pipeline(x, y, batch_size=global_batch, training=True,
                                 augment_cfg=AugmentConfig(), seed=args.seed)
         # fixed order, no augmentation: the single-device and distributed runs see the same batches
         return tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)

@@ -70,7 +70,7 @@ def test_version_is_the_package_version(capsys, repo_root):
     assert medops.__version__ == pyproject["project"]["version"]
 
 
-@pytest.mark.parametrize("argv", [["nonsense"], ["deploy", "--protocol", "ftp"], ["ingest", "src"],
+@pytest.mark.parametrize("argv", [["nonsense"], ["deploy", "--protocol", "ftp"], ["ingest", "--workers", "two"],
                                   ["stages", "--no-such-option"]])
 def test_a_usage_error_exits_2_with_argparse_usage(argv, capsys):
     assert main(argv) == ExitCode.USAGE
@@ -186,7 +186,7 @@ def test_deploy_to_a_closed_port_exits_5(project, capsys, free_port):
 def test_predict_with_no_server_is_a_clear_error_not_a_traceback(project, capsys, free_port):
     assert main(["--project", str(project), "synth"]) == ExitCode.OK
     capsys.readouterr()
-    dcm = next((project / "data" / "raw" / "dicom").rglob("*.dcm"))
+    dcm = next((project / "data" / "export" / "dicom").rglob("*.dcm"))
     code = main(["--project", str(project), "predict", "--url", f"127.0.0.1:{free_port()}", str(dcm)])
     captured = capsys.readouterr()
     assert code == ExitCode.UNAVAILABLE
@@ -220,11 +220,11 @@ def test_serve_status_with_no_server_exits_5_with_a_sentence(project, capsys):
 def test_synth_then_ingest_prints_a_summary_and_quarantines_bad_files(project, capsys, free_port):
     assert main(["--project", str(project), "synth"]) == 0
     assert "wrote 9 DICOM files" in capsys.readouterr().out
-    src = project / "data" / "raw" / "dicom"
+    src = project / "data" / "export" / "dicom"
     (src / "notes.txt").write_text("not a DICOM file")
     out = project / "ingested"
     code = main(["--project", str(project), "ingest", str(src), "--out", str(out),
-                 "--manifest", str(project / "data" / "raw" / "labels.csv"), "--quiet"])
+                 "--manifest", str(project / "data" / "export" / "labels.csv"), "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0  # finished, even with a file quarantined
     assert "ingested 9 of 10 files" in printed and "not_dicom" in printed
@@ -232,7 +232,7 @@ def test_synth_then_ingest_prints_a_summary_and_quarantines_bad_files(project, c
     assert quarantine[["path", "reason"]].values.tolist() == [["notes.txt", "not_dicom"]]
     assert len(pd.read_parquet(out / "metadata.parquet")) == 9
     args = ["--project", str(project), "ingest", str(src), "--out", str(out),
-            "--manifest", str(project / "data" / "raw" / "labels.csv"), "--quiet"]
+            "--manifest", str(project / "data" / "export" / "labels.csv"), "--quiet"]
     assert main(args + ["--full"]) == 0
     assert "reused" not in capsys.readouterr().out  # --full decodes everything again
     assert main(args) == 0  # and the incremental run after it reuses what it wrote
@@ -260,15 +260,19 @@ def test_synth_and_stage_json_on_real_data(project, capsys):
     code, synth = run_json(capsys, "--project", str(project), "synth")
     assert code == ExitCode.OK
     assert synth["files"] == 9 and synth["by_split"] == {"train": 3, "val": 3, "test": 3}
-    assert synth["manifest"] == str(project / "data" / "raw" / "labels.csv")
-    # the ingest stage (what dvc.yaml runs) on that export: its result as one object
-    code, stage = run_json(capsys, "--project", str(project), "stage", "ingest")
+    assert synth["manifest"] == str(project / "data" / "export" / "labels.csv")
+    # medops ingest without a folder: the project's export in, the published dataset out
+    code, ingested = run_json(capsys, "--project", str(project), "ingest")
     assert code == ExitCode.OK
-    assert stage["used"] == 9 and stage["quarantined"] == 0
-    assert json.loads((project / "reports" / "stages" / "ingest.json").read_text()) == stage
+    assert ingested["used"] == 9 and ingested["quarantined"] == 0 and ingested["published"] is True
+    assert ingested["dataset"] == str(project / "data" / "ingested")
+    assert (project / "data" / "ingested" / "quarantine.csv").read_text() == "file_id,reason\n"
+    assert not (project / "data" / "ingested" / "ingest_index.json").exists()  # export paths: private
+    code, again = run_json(capsys, "--project", str(project), "ingest")
+    assert (code, again["changed"], again["published"]) == (ExitCode.OK, False, False)
     code, stages = run_json(capsys, "--project", str(project), "stages")
     assert code == ExitCode.OK
-    assert [s["name"] for s in stages["stages"]][:3] == ["ingest", "quality", "split"]
+    assert [s["name"] for s in stages["stages"]][:2] == ["quality", "split"]
     assert {"name": "train", "module": "medops.stages.train", "params": ["train", "augment"]} in stages["stages"]
 
 

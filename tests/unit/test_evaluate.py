@@ -191,7 +191,9 @@ def test_stage_writes_dvc_metrics_and_plots(tmp_path_factory):
     split = pd.read_csv(trained["split"])
     assert set(preds["sop_instance_uid"]) == set(split.loc[split["split"] == "test", "sop_instance_uid"])
     # The metrics are what the written predictions give.
-    recomputed = metrics.compute_metrics(preds["label"], preds["probability"], chosen)
+    from medops.metrics import compute_metrics
+
+    recomputed = compute_metrics(preds["label"], preds["probability"], chosen)
     assert recomputed["auc"] == pytest.approx(metrics["auc"], abs=1e-4)
     assert recomputed["tp"] == metrics["tp"] and recomputed["tn"] == metrics["tn"]
     confusion = pd.read_csv(plots / "confusion.csv")

@@ -34,13 +34,20 @@ manifest or folder names), ``source`` (listing the source folder), ``worker`` (t
 ``executors`` (the interface to where the work runs, and the in-order window), ``pool`` (the local
 process pool and its scheduling), ``cluster`` (a Dask cluster; imported only when configured),
 ``writers`` (shards and their packs, metadata.parquet, quarantine.csv), ``index`` (the
-incremental index and what an earlier run left).
+incremental index and what an earlier run left), ``publish``
+(the PHI-free dataset DVC versions, made from a private ingest output).
+
+quarantine.csv and ingest_index.json name the export's files by their paths, which hospitals often
+build from names and record numbers: a project keeps this stage's output private (below
+``.medops/``) and versions what :func:`medops.stages.ingest.publish.publish_dataset` makes of it
+(:func:`medops.pipeline.ingest_export` does both).
 """
 
 # medops.data (and so pandas) is imported inside the functions that need it: the worker
 # processes import this package, and pandas would double their start-up time for nothing
 from medops.stages.ingest.index import INDEX_NAME, OUTPUT_VERSION
-from medops.stages.ingest.manifest import FOLDER_LABELS, FOLDER_SPLITS, labels_from_path, read_manifest
+from medops.stages.ingest.manifest import (FOLDER_LABELS, FOLDER_SPLITS, find_manifests, labels_from_path,
+                                           read_manifest, read_manifests)
 from medops.stages.ingest.pool import chunk_size
 from medops.stages.ingest.source import iter_source_files
 from medops.stages.ingest.stage import IngestResult, format_summary, run
@@ -50,5 +57,6 @@ from medops.stages.ingest.writers import QUARANTINE_COLUMNS, metadata_frame
 __all__ = [
     "FOLDER_LABELS", "FOLDER_SPLITS", "INDEX_NAME", "OUTPUT_VERSION", "QUARANTINE_COLUMNS",
     "FileOutcome", "IngestResult", "WorkerSpec", "chunk_size", "format_summary", "iter_source_files",
-    "labels_from_path", "metadata_frame", "process_chunk", "process_file", "read_manifest", "run",
+    "find_manifests", "labels_from_path", "metadata_frame", "process_chunk", "process_file",
+    "read_manifest", "read_manifests", "run",
 ]

@@ -154,7 +154,8 @@ _INTRINSIC = {r.value for r in QuarantineReason} - {QuarantineReason.NO_LABEL.va
 def _fingerprint(cfg: IngestConfig, key: bytes) -> str:
     """What makes earlier outputs reusable: every setting that changes a pixel or a pseudonym
     (not ``workers`` nor ``cluster``, which change no output byte, nor ``incremental``: a full
-    rebuild's outputs are reused by the incremental runs after it)."""
+    rebuild's outputs are reused by the incremental runs after it, nor ``source``: a moved export
+    is the same data)."""
     import hmac
     import json
 
@@ -162,7 +163,7 @@ def _fingerprint(cfg: IngestConfig, key: bytes) -> str:
     from medops.dicom import PREPROCESSING_VERSION
 
     key_id = hmac.new(key, b"medops ingest key id", hashlib.sha256).hexdigest()[:16]
-    payload = json.dumps({"ingest": cfg.model_dump(mode="json", exclude={"workers", "incremental", "cluster"}),
+    payload = json.dumps({"ingest": cfg.model_dump(mode="json", exclude={"workers", "incremental", "cluster", "source"}),
                           "key": key_id, "medops": __version__, "pixels": PREPROCESSING_VERSION,
                           "files": OUTPUT_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -8,8 +8,25 @@ from pathlib import Path
 from medops.errors import IngestError
 
 
+# Column names a manifest may use for medops' own (DICOM keywords, as hospitals' exports name them)
+_ALIASES = {"sopinstanceuid": "sop_instance_uid", "sop_instance_uid": "sop_instance_uid",
+            "label": "label", "split": "split", "path": "path"}
+
+
+def _normalized(columns: list[str], rows: list[dict[str, str]]) -> tuple[list[str], list[dict[str, str]]]:
+    names = {c: _ALIASES.get(c.strip().lower(), c) for c in columns}
+    if list(names.values()) == columns:
+        return columns, rows
+    return list(names.values()), [{names.get(k, k): v for k, v in r.items()} for r in rows]
+
+
 def _manifest_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Column names and rows (as strings) of a CSV or Parquet manifest."""
+    """Column names and rows (as strings) of a CSV or Parquet manifest, with ``SOPInstanceUID``
+    read as ``sop_instance_uid``."""
+    return _normalized(*_raw_manifest_rows(path))
+
+
+def _raw_manifest_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if path.suffix.lower() in (".parquet", ".pq"):
         import pandas as pd
 
@@ -67,6 +84,45 @@ def read_manifest(path: Path) -> dict[str, tuple[int | None, str | None]]:
                                   f"labels {labels[key][0]} and {label}")
             labels[key] = (label, split)
     return labels
+
+
+def is_manifest(path: Path) -> bool:
+    """A CSV file whose header names ``label`` and ``SOPInstanceUID`` (or ``sop_instance_uid``, or
+    ``path``): a label manifest, not a study. Any other file is a study to ingest."""
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return False
+    try:
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    columns = {_ALIASES.get(c.strip().lower()) for c in header}
+    return "label" in columns and bool({"sop_instance_uid", "path"} & columns)
+
+
+def find_manifests(source_dir: Path) -> list[Path]:
+    """The label manifests in an export folder, at any depth, in path order: how labels arrive
+    beside the studies (``*.csv`` with ``SOPInstanceUID,label[,split]``)."""
+    return sorted(p for p in Path(source_dir).rglob("*.csv") if is_manifest(p))
+
+
+def read_manifests(paths: list[Path]) -> dict[str, tuple[int | None, str | None]]:
+    """:func:`read_manifest` of each file, merged. A file listed in no manifest has no label yet
+    (it waits for one: quarantined as ``no_label`` and looked at again on the next run); a label
+    for a file not seen yet waits for the file.
+
+    Raises:
+        IngestError: as :func:`read_manifest`, or two manifests give one UID or path two labels.
+    """
+    merged: dict[str, tuple[int | None, str | None]] = {}
+    origin: dict[str, Path] = {}
+    for path in paths:
+        for key, value in read_manifest(path).items():
+            if key in merged and merged[key][0] != value[0]:
+                raise IngestError(f"manifests {origin[key]} and {path} give "
+                                  f"{key[key.index(':') + 1:]} labels {merged[key][0]} and {value[0]}")
+            merged[key], origin[key] = value, path
+    return merged
 
 
 # folder names that carry a label or a split when there is no manifest (e.g. the Kaggle

@@ -19,7 +19,7 @@ from medops.errors import IngestError
 # metadata (a sorted array of content hashes, and whether the row is kept). The earlier quarantine list and
 # index are read forward in step with the listing, never loaded.
 
-def iter_source_files(source_dir: Path) -> Iterator[str]:
+def iter_source_files(source_dir: Path, skip: frozenset[str] = frozenset()) -> Iterator[str]:
     """Every entry below ``source_dir`` that is not a folder (any name, any depth) as a POSIX path
     relative to it, in ``sorted()`` order, listed one folder at a time (memory: one folder's names
     per level).
@@ -27,10 +27,12 @@ def iter_source_files(source_dir: Path) -> Iterator[str]:
     A folder's entries are visited in the order of their names with a sub-folder ``d`` keyed as
     ``d/``: exactly the order ``sorted()`` gives the full paths (``a-b/x`` < ``a/x`` < ``a0``), so
     no list of the whole tree is needed to produce it. Symbolic links to files are followed, links
-    to folders are not. Nothing is skipped: what is no file to read (a link to a folder, a broken
+    to folders are not. Nothing but ``skip`` is left out: what is no file to read (a link to a folder, a broken
     link, a device, pipe or socket, an entry whose type cannot be read) is listed like a file, and
     a sub-folder that cannot be listed as its path with a trailing ``/``, so that
     :func:`process_file` quarantines each with the reason (see :func:`_not_a_file`).
+
+    ``skip``: relative paths not to list (the label manifests of an export folder).
 
     Raises:
         IngestError: ``source_dir`` itself cannot be listed.
@@ -55,7 +57,7 @@ def iter_source_files(source_dir: Path) -> Iterator[str]:
         for key, is_dir in entries:
             if is_dir:
                 yield from walk(os.path.join(folder, key[:-1]), prefix + key)
-            else:
+            elif prefix + key not in skip:
                 yield prefix + key
 
     yield from walk(os.fspath(source_dir), "")

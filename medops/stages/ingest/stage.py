@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 from pydantic import BaseModel
@@ -23,7 +23,7 @@ from medops.data import pack_path, shard_path
 from medops.stages.ingest.executors import Executor, decode_in_order, open_executor
 from medops.stages.ingest.index import (INDEX_NAME, _close_index, _fingerprint, _load_previous,
                                         _plan, _Previous, _write_index_entry)
-from medops.stages.ingest.manifest import labels_from_path, read_manifest
+from medops.stages.ingest.manifest import labels_from_path, read_manifests
 from medops.stages.ingest.pool import _Item
 from medops.stages.ingest.source import iter_source_files
 from medops.stages.ingest.worker import WorkerSpec
@@ -60,6 +60,13 @@ _STAGING = ".staging"
 # written before anything else, so a run that crashed half-way is still recognised as ours
 _OWNER_MARKER = ".medops-ingest"
 _OUTPUT_MARKERS = ("metadata.parquet", "quarantine.csv", INDEX_NAME, _STAGING, _OWNER_MARKER)
+
+
+def _inside(files: list[Path], folder: Path) -> frozenset[str]:
+    """The paths relative to ``folder`` of those ``files`` that lie below it (POSIX)."""
+    root = folder.resolve()
+    return frozenset(f.resolve().relative_to(root).as_posix() for f in files
+                     if f.resolve().is_relative_to(root))
 
 
 def _check_folders(source_dir: Path, out_dir: Path) -> None:
@@ -313,10 +320,10 @@ def _replace_outputs(out_dir: Path, changes: _ShardChanges, reused: bool) -> boo
 
 
 def _ingest(spec: WorkerSpec, out_dir: Path, total: int, executor: Executor,
-            progress: bool | Progress | None, started: float) -> IngestResult:
+            progress: bool | Progress | None, started: float, skip: frozenset[str] = frozenset()) -> IngestResult:
     """:func:`run` once its arguments are checked and its executor chosen: every file's outcome,
     in source-path order, written into ``.staging`` as it comes, then the outputs moved into
-    place."""
+    place. ``skip``: files of ``source_dir`` not to ingest (its label manifests)."""
     from medops.data import ARRAYS_DIR
 
     cfg = spec.cfg
@@ -326,7 +333,7 @@ def _ingest(spec: WorkerSpec, out_dir: Path, total: int, executor: Executor,
     staged = _StagedOutputs(out_dir, cfg.shard_size, _label_lookup(spec.labels, spec.key),
                             folder_labels=spec.labels is None, previous=previous)
     callback, close = _progress_callback(progress, total)
-    items = decode_in_order(_plan(iter_source_files(spec.source_dir), spec.source_dir, previous),
+    items = decode_in_order(_plan(iter_source_files(spec.source_dir, skip), spec.source_dir, previous),
                             executor, total)
     try:
         # the workers get their first chunks before this process imports what writing
@@ -401,8 +408,9 @@ def format_summary(result: IngestResult) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | None = None,
-        key: bytes | None = None, progress: bool | Progress | None = None) -> IngestResult:
+def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path,
+        manifest: Path | Sequence[Path] | None = None, key: bytes | None = None,
+        progress: bool | Progress | None = None) -> IngestResult:
     """Ingest every file below ``source_dir`` into ``out_dir``; see :mod:`medops.stages.ingest`.
 
     Incremental (``cfg.incremental``; False rebuilds everything): when ``out_dir`` holds the
@@ -423,8 +431,10 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
             earlier run's outputs).
         source_dir: the export to read.
         out_dir: where the processed dataset goes.
-        manifest: labels keyed by original SOPInstanceUID or by path; None = labels from folder
-            names (``NORMAL`` / ``PNEUMONIA`` ..., ``train`` / ``val`` / ``test``), else none.
+        manifest: labels keyed by original SOPInstanceUID or by path, one file or several
+            (merged; see :func:`read_manifests`); None = labels from folder names (``NORMAL`` /
+            ``PNEUMONIA`` ..., ``train`` / ``val`` / ``test``), else none. A manifest inside
+            ``source_dir`` is read as labels, not ingested as a study.
         key: de-identification key; None = :func:`medops.dicom.deid.resolve_deid_key`.
         progress: True for a tqdm bar, a ``callback(done, total)``, or None.
 
@@ -436,14 +446,16 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if not source_dir.is_dir():
         raise IngestError(f"source folder {source_dir} does not exist or is not a folder")
-    labels = read_manifest(manifest) if manifest is not None else None
+    manifests = [Path(manifest)] if isinstance(manifest, (str, Path)) else list(manifest or ())
+    labels = read_manifests(manifests) if manifest is not None else None
+    skip = _inside(manifests, source_dir)
     if key is None:
         from medops.dicom.deid import resolve_deid_key
 
         key = resolve_deid_key(cfg.deid)
     # counted first (a cheap walk) for the progress total and the chunk size; the files are then
     # listed again as they are processed, so the listing is never held
-    total = sum(1 for _ in iter_source_files(source_dir))
+    total = sum(1 for _ in iter_source_files(source_dir, skip))
     _check_folders(source_dir, out_dir)
     spec = WorkerSpec(cfg, key, labels, source_dir)
     # a full rebuild decodes every file: a local pool's workers are launched now and start up
@@ -451,6 +463,6 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path, manifest: Path | 
     rebuild = not cfg.incremental or not (out_dir / INDEX_NAME).is_file()
     executor = open_executor(spec, total, rebuild)
     try:
-        return _ingest(spec, out_dir, total, executor, progress, started)
+        return _ingest(spec, out_dir, total, executor, progress, started, skip)
     finally:  # closed by the decoding once it started; again is harmless
         executor.close()
