@@ -75,6 +75,12 @@ def cmd_synth(args: argparse.Namespace) -> Report:
 
     paths, params = _context(args)
     out = Path(args.out) if args.out else paths.export(params.ingest.source)
+    if args.add:
+        result = synth.add_studies(params.synth, source_npz=Path(args.source or BUNDLED_DATASET),
+                                   out_dir=out, n=args.add)
+        return Report(f"added {result.files} DICOM files in {result.studies} new studies of "
+                      f"{result.patients} patients to {result.dicom_dir}, labels in {result.manifest}",
+                      result.model_dump(mode="json"))
     with progress_bar("synth") as bar:
         result = synth.run(params.synth, source_npz=Path(args.source or BUNDLED_DATASET),
                            out_dir=out, progress=bar)
@@ -313,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("synth", cmd_synth, "turn the bundled PneumoniaMNIST into a DICOM export with synthetic PHI")
     p.add_argument("--source", help="npz file (default: the bundled dataset)")
     p.add_argument("--out", help="output folder (default: the export folder, ingest.source)")
+    p.add_argument("--add", type=int, metavar="N",
+                   help="add N new labelled patients' studies to the export (a new delivery, with "
+                        "its own labels-add-K.csv) instead of writing the export")
 
     p = add("ingest", cmd_ingest, "de-identify, decode and prepare every DICOM file below SOURCE "
                                   "(default: the project's export folder, published to data/ingested)")
