@@ -316,6 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="print one JSON object on stdout (and nothing else there)")
         return p
 
+    _add_data_commands(add)
+    _add_serving_commands(add)
+    return parser
+
+
+AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+def _add_data_commands(add: AddCommand) -> None:
+    """The data side: synth, ingest, the stages, DVC."""
     p = add("synth", cmd_synth, "turn the bundled PneumoniaMNIST into a DICOM export with synthetic PHI")
     p.add_argument("--source", help="npz file (default: the bundled dataset)")
     p.add_argument("--out", help="output folder (default: the export folder, ingest.source)")
@@ -342,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "and push it to the default remote")
     p.add_argument("--no-push", action="store_true")
 
+
+
+def _add_serving_commands(add: AddCommand) -> None:
+    """The serving side: Triton, deploy, lineage, rollback, predict; the watcher and the demo."""
     p = add("serve", cmd_serve, "start (default), stop or inspect the embedded Triton server; "
                                 f"status exits {ExitCode.UNAVAILABLE.value} unless it is ready")
     p.add_argument("action", nargs="?", choices=["start", "stop", "status"], default="start")
@@ -381,7 +395,6 @@ def build_parser() -> argparse.ArgumentParser:
         json_flag=False)
     add("demo", cmd_demo, "the whole demo: data, servers, the training flow, deployment",
         json_flag=False)
-    return parser
 
 
 def _print_json(data: dict[str, Any], stream: TextIO) -> None:
