@@ -75,6 +75,12 @@ def cmd_synth(args: argparse.Namespace) -> Report:
 
     paths, params = _context(args)
     out = Path(args.out) if args.out else paths.export(params.ingest.source)
+    if args.add:
+        result = synth.add_studies(params.synth, source_npz=Path(args.source or BUNDLED_DATASET),
+                                   out_dir=out, n=args.add)
+        return Report(f"added {result.files} DICOM files in {result.studies} new studies of "
+                      f"{result.patients} patients to {result.dicom_dir}, labels in {result.manifest}",
+                      result.model_dump(mode="json"))
     with progress_bar("synth") as bar:
         result = synth.run(params.synth, source_npz=Path(args.source or BUNDLED_DATASET),
                            out_dir=out, progress=bar)
@@ -330,9 +336,9 @@ def _add_ingest_arguments(p: argparse.ArgumentParser) -> None:
                                      "address tcp://host:8786 (default: params ingest.cluster)")
 
 
-def _add_dataset_parser(sub: Any) -> None:
+def _add_dataset_parser(add: Callable[..., argparse.ArgumentParser]) -> None:
     """``medops dataset get UID``: a command group of its own (more ways to read a dataset may come)."""
-    p = sub.add_parser("dataset", help="read an ingested dataset", description="read an ingested dataset")
+    p = add("dataset", cmd_dataset_get, "read an ingested dataset", json_flag=False)
     dataset_sub = p.add_subparsers(dest="dataset_command", required=True)
     p = dataset_sub.add_parser("get", help="write one de-identified DICOM file, found by its SOP "
                                            "Instance UID, from its shard's pack",
@@ -362,14 +368,27 @@ def build_parser() -> argparse.ArgumentParser:
                            help="print one JSON object on stdout (and nothing else there)")
         return p
 
+    _add_data_commands(add)
+    _add_serving_commands(add)
+    return parser
+
+
+AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+def _add_data_commands(add: AddCommand) -> None:
+    """The data side: synth, ingest, the stages, DVC."""
     p = add("synth", cmd_synth, "turn the bundled PneumoniaMNIST into a DICOM export with synthetic PHI")
     p.add_argument("--source", help="npz file (default: the bundled dataset)")
     p.add_argument("--out", help="output folder (default: the export folder, ingest.source)")
+    p.add_argument("--add", type=int, metavar="N",
+                   help="add N new labelled patients' studies to the export (a new delivery, with "
+                        "its own labels-add-K.csv) instead of writing the export")
 
     _add_ingest_arguments(add("ingest", cmd_ingest, "de-identify, decode and prepare every DICOM file "
                                                     "below SOURCE (default: the project's export folder, "
                                                     "published to data/ingested)"))
-    _add_dataset_parser(sub)
+    _add_dataset_parser(add)
 
     p = add("stage", cmd_stage, "run one pipeline stage (what dvc.yaml calls)")
     p.add_argument("name")
@@ -379,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "and push it to the default remote")
     p.add_argument("--no-push", action="store_true")
 
+
+def _add_serving_commands(add: AddCommand) -> None:
+    """The serving side: Triton, deploy, lineage, rollback, predict; the watcher and the demo."""
     p = add("serve", cmd_serve, "start (default), stop or inspect the embedded Triton server; "
                                 f"status exits {ExitCode.UNAVAILABLE.value} unless it is ready")
     p.add_argument("action", nargs="?", choices=["start", "stop", "status"], default="start")
@@ -418,7 +440,6 @@ def build_parser() -> argparse.ArgumentParser:
         json_flag=False)
     add("demo", cmd_demo, "the whole demo: data, servers, the training flow, deployment",
         json_flag=False)
-    return parser
 
 
 def _print_json(data: dict[str, Any], stream: TextIO) -> None:

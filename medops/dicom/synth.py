@@ -300,6 +300,60 @@ def _set_image_pixels(ds: Dataset, pixels: np.ndarray) -> None:
     ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
 
 
+def _write_patient(cfg: SynthConfig, data: dict, images: list[_Image], patient: dict[str, object],
+                   rng: np.random.Generator, dicom_dir: Path, folder: str,
+                   written: Callable[[tuple[str, str, int, str]], None]) -> int:
+    """One patient's studies (one or two images each) below ``dicom_dir/folder``; each file's
+    manifest row goes to ``written``. Returns the number of studies."""
+    day: dt.date = patient["first_study"]  # type: ignore[assignment]
+    pos = 0
+    s_number = 0
+    while pos < len(images):
+        n = int(rng.integers(1, 3))  # one or two images per study
+        s_number += 1
+        study = {
+            "uid": _uid(rng),
+            "date": day,
+            "time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}"
+                    f"{int(rng.integers(0, 60)):02d}",
+            "accession": f"A{int(rng.integers(10_000_000, 99_999_999))}",
+            "study_id": f"{int(rng.integers(1000, 9999))}",
+            "referrer": _PHYSICIANS[int(rng.integers(len(_PHYSICIANS)))],
+            "performer": _PHYSICIANS[int(rng.integers(len(_PHYSICIANS)))],
+            "operator": _OPERATORS[int(rng.integers(len(_OPERATORS)))],
+            "view": "AP" if rng.random() < 0.7 else "PA",  # AP is usual for small children
+        }
+        series_uid = _uid(rng)
+        for instance, image in enumerate(images[pos:pos + n], start=1):
+            sop_uid = _uid(rng)
+            pixels = data[image.split][0][image.index]
+            ds = build_dataset(cfg, pixels, patient=patient, study=study, instance=instance,
+                               sop_uid=sop_uid, series_uid=series_uid, rng=rng)
+            rel = Path(folder) / f"ST{s_number:03d}" / f"IM{instance:05d}.dcm"
+            if instance == 1:
+                (dicom_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            pydicom.dcmwrite(dicom_dir / rel, ds, enforce_file_format=True)
+            written((sop_uid, rel.as_posix(), image.label, image.split))
+        pos += n
+        day = day + dt.timedelta(days=int(rng.integers(3, 60)))
+    return s_number
+
+
+def _write_manifest(path: Path, rows: list[tuple[str, str, int, str]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["sop_instance_uid", "path", "label", "split"])
+        writer.writerows(rows)
+
+
+def _result(rows: list[tuple[str, str, int, str]], patients: int, studies: int, dicom_dir: Path,
+            manifest: Path) -> SynthResult:
+    by_split = {s: sum(1 for r in rows if r[3] == s) for s in SPLITS}
+    by_label = {str(v): sum(1 for r in rows if r[2] == v) for v in (0, 1)}
+    return SynthResult(files=len(rows), patients=patients, studies=studies, by_split=by_split,
+                       by_label=by_label, dicom_dir=dicom_dir, manifest=manifest)
+
+
 def run(cfg: SynthConfig, *, source_npz: Path, out_dir: Path,
         progress: Callable[[int, int], None] | None = None) -> SynthResult:
     """Write the synthetic DICOM export and its label manifest; see the module docstring.
@@ -316,52 +370,53 @@ def run(cfg: SynthConfig, *, source_npz: Path, out_dir: Path,
     dicom_dir.mkdir(parents=True, exist_ok=True)
     for stale in sorted(dicom_dir.glob("PAT[0-9]*")):  # an earlier export: keep no stale files
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    manifest_rows: list[tuple[str, str, int, str]] = []
+    rows: list[tuple[str, str, int, str]] = []
+
+    def written(row: tuple[str, str, int, str]) -> None:
+        rows.append(row)
+        if progress is not None:
+            progress(len(rows), total)
+
     n_studies = 0
     for p_number, images in enumerate(patients, start=1):
         patient = _patient_identity(rng, p_number)
-        day: dt.date = patient["first_study"]  # type: ignore[assignment]
-        pos = 0
-        s_number = 0
-        while pos < len(images):
-            n = int(rng.integers(1, 3))  # one or two images per study
-            s_number += 1
-            n_studies += 1
-            study = {
-                "uid": _uid(rng),
-                "date": day,
-                "time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}"
-                        f"{int(rng.integers(0, 60)):02d}",
-                "accession": f"A{int(rng.integers(10_000_000, 99_999_999))}",
-                "study_id": f"{int(rng.integers(1000, 9999))}",
-                "referrer": _PHYSICIANS[int(rng.integers(len(_PHYSICIANS)))],
-                "performer": _PHYSICIANS[int(rng.integers(len(_PHYSICIANS)))],
-                "operator": _OPERATORS[int(rng.integers(len(_OPERATORS)))],
-                "view": "AP" if rng.random() < 0.7 else "PA",  # AP is usual for small children
-            }
-            series_uid = _uid(rng)
-            for instance, image in enumerate(images[pos:pos + n], start=1):
-                sop_uid = _uid(rng)
-                pixels = data[image.split][0][image.index]
-                ds = build_dataset(cfg, pixels, patient=patient, study=study, instance=instance,
-                                   sop_uid=sop_uid, series_uid=series_uid, rng=rng)
-                rel = Path(f"PAT{p_number:05d}") / f"ST{s_number:03d}" / f"IM{instance:05d}.dcm"
-                if instance == 1:
-                    (dicom_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                pydicom.dcmwrite(dicom_dir / rel, ds, enforce_file_format=True)
-                manifest_rows.append((sop_uid, rel.as_posix(), image.label, image.split))
-                if progress is not None:
-                    progress(len(manifest_rows), total)
-            pos += n
-            day = day + dt.timedelta(days=int(rng.integers(3, 60)))
-
+        n_studies += _write_patient(cfg, data, images, patient, rng, dicom_dir, f"PAT{p_number:05d}", written)
     manifest = out_dir / "labels.csv"
-    with manifest.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["sop_instance_uid", "path", "label", "split"])
-        writer.writerows(manifest_rows)
+    _write_manifest(manifest, rows)
+    return _result(rows, len(patients), n_studies, dicom_dir, manifest)
 
-    by_split = {s: sum(1 for r in manifest_rows if r[3] == s) for s in SPLITS}
-    by_label = {str(v): sum(1 for r in manifest_rows if r[2] == v) for v in (0, 1)}
-    return SynthResult(files=len(manifest_rows), patients=len(patients), studies=n_studies,
-                       by_split=by_split, by_label=by_label, dicom_dir=dicom_dir, manifest=manifest)
+
+def add_studies(cfg: SynthConfig, *, source_npz: Path, out_dir: Path, n: int) -> SynthResult:
+    """A new delivery into an existing synthetic export: ``n`` new patients, one or two images
+    each, with their own manifest ``labels-add-K.csv`` (K = 1, 2, ... per delivery), as a
+    hospital's weekly export adds studies. Images come from the bundled training and validation
+    splits, beyond the ones ``run`` used where there are any, each keeping its official split
+    and label; identities, UIDs and dates are new (seeded by ``cfg.seed`` and K).
+    """
+    out_dir = Path(out_dir)
+    delivery = 1 + sum(1 for _ in out_dir.glob("labels-add-*.csv"))
+    rng = np.random.default_rng([cfg.seed, delivery])
+    full = load_pneumoniamnist(Path(source_npz), None)
+    pool = [_Image(split, int(i), int(label)) for split in ("train", "val")
+            for i, label in enumerate(full[split][1])]
+    used = set()
+    if cfg.max_images_per_split is not None:
+        for split in ("train", "val"):
+            used |= {(split, int(i)) for i in stratified_head(full[split][1], cfg.max_images_per_split)}
+    fresh = [im for im in pool if (im.split, im.index) not in used] or pool
+    picks = rng.choice(len(fresh), size=min(2 * n, len(fresh)), replace=False)
+    dicom_dir = out_dir / "dicom"
+    rows: list[tuple[str, str, int, str]] = []
+    studies = 0
+    for k in range(n):
+        # one patient, one split and one label: up to two images of the same (split, label)
+        first = fresh[int(picks[2 * k])] if 2 * k < len(picks) else fresh[int(rng.integers(len(fresh)))]
+        second = fresh[int(picks[2 * k + 1])] if 2 * k + 1 < len(picks) else None
+        images = [first] + ([second] if second and (second.split, second.label) == (first.split, first.label)
+                            and rng.random() < 0.5 else [])
+        patient = _patient_identity(rng, 90_000 + 1_000 * delivery + k)
+        studies += _write_patient(cfg, full, images, patient, rng, dicom_dir,
+                                  f"ADD{delivery:03d}/PAT{k + 1:05d}", rows.append)
+    manifest = out_dir / f"labels-add-{delivery}.csv"
+    _write_manifest(manifest, rows)
+    return _result(rows, n, studies, dicom_dir, manifest)

@@ -270,6 +270,11 @@ def test_synth_and_stage_json_on_real_data(project, capsys):
     assert not (project / "data" / "ingested" / "ingest_index.json").exists()  # export paths: private
     code, again = run_json(capsys, "--project", str(project), "ingest")
     assert (code, again["changed"], again["published"]) == (ExitCode.OK, False, False)
+    # a new delivery: medops synth --add N, and the next ingest decodes just those files
+    code, added = run_json(capsys, "--project", str(project), "synth", "--add", "2")
+    assert code == ExitCode.OK and added["manifest"].endswith("labels-add-1.csv")
+    code, grown = run_json(capsys, "--project", str(project), "ingest")
+    assert (grown["decoded"], grown["used"], grown["published"]) == (added["files"], 9 + added["files"], True)
     code, stages = run_json(capsys, "--project", str(project), "stages")
     assert code == ExitCode.OK
     assert [s["name"] for s in stages["stages"]][:2] == ["quality", "split"]

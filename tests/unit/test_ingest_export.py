@@ -113,3 +113,21 @@ def _deid_files(folder: Path) -> int:
 def test_file_ids_are_keyed():
     assert file_id("a/b.dcm", KEY) == file_id("a/b.dcm", KEY) != file_id("a/b.dcm", b"other key")
     assert file_id("a/b.dcm", KEY) != file_id("a/c.dcm", KEY)
+
+
+def test_synth_add_delivers_new_labelled_studies_that_ingest_picks_up(export, tmp_path):
+    work = tmp_path / "work"
+    before = _run(export, work)
+    added = synth.add_studies(SynthConfig(max_images_per_split=2), source_npz=BUNDLED_DATASET,
+                              out_dir=export, n=4)
+    assert added.manifest == export / "labels-add-1.csv" and added.patients == 4
+    assert 4 <= added.files <= 8 and set(added.by_split) <= {"train", "val", "test"}
+    assert added.by_split["test"] == 0  # new studies never leak into the official test split
+    after = _run(export, work)
+    assert after.decoded == added.files  # only the new files are decoded
+    assert after.used == before.used + added.files and after.labelled == before.labelled + added.files
+    again = synth.add_studies(SynthConfig(max_images_per_split=2), source_npz=BUNDLED_DATASET,
+                              out_dir=export, n=2)
+    assert again.manifest == export / "labels-add-2.csv"
+    first_uids = set(pd.read_csv(added.manifest)["sop_instance_uid"])
+    assert first_uids.isdisjoint(pd.read_csv(again.manifest)["sop_instance_uid"])
