@@ -433,8 +433,8 @@ def _add_serving_commands(add: AddCommand) -> None:
     p = add("watch", cmd_watch, "emit the Prefect event medops.export.changed when studies land in "
                                 "the export folder (once per delivery); runs until stopped",
             json_flag=False)
-    p.add_argument("--quiet-s", type=float, default=5.0,
-                   help="seconds without a new file event that end a delivery (default 5)")
+    p.add_argument("--quiet-s", type=float, default=3.0,
+                   help="seconds without a new file event that end a delivery (default 3)")
     add("up", cmd_up, "start the Prefect server and Triton (reusing running ones)", json_flag=False)
     add("down", cmd_down, "stop what `medops up` / `make demo` started, by recorded pid",
         json_flag=False)
