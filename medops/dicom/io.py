@@ -252,9 +252,18 @@ def read_dataset(source: Source, *, require_pixels: bool = True, parse_all: bool
         if parse_all:
             _convert_all(ds, prefix)
     if require_pixels and not any(k in ds for k in _PIXEL_KEYWORDS):
-        raise DicomReadError(f"{prefix}no pixel data (7FE0,0010); SOP class "
-                             f"{ds.get('SOPClassUID', 'unknown')!s}", QuarantineReason.NO_PIXEL_DATA)
+        raise DicomReadError(f"{prefix}no pixel data (7FE0,0010); SOP class {_sop_class(ds)}",
+                             QuarantineReason.NO_PIXEL_DATA)
     return ds
+
+
+def _sop_class(ds: Dataset) -> str:
+    """SOP Class UID for a message; its value may be the corrupt one (an unknown VR, a length
+    that does not fit its VR), which must not turn the message into another exception."""
+    try:
+        return str(ds.get("SOPClassUID", "unknown"))
+    except Exception:  # noqa: BLE001 - parsed lazily here (parse_all=False)
+        return "unreadable"
 
 
 def elements(ds: Dataset) -> dict:

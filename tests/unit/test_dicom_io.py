@@ -323,3 +323,17 @@ def test_a_deflate_bomb_is_refused_before_it_is_inflated():
     small = dio.read_dataset(deflate_bomb(4 << 20))
     assert small.Rows == 128
     assert dio.read_dataset(pydicom_file("image_dfl.dcm")).file_meta.TransferSyntaxUID.is_deflated
+
+
+@pytest.mark.parametrize("vr", [b"UA", b"SL"])  # an unknown VR; a length that does not fit SL
+def test_a_corrupt_sop_class_in_a_file_without_pixels_is_still_no_pixel_data(vr):
+    """Found by the fuzzer: the no_pixel_data message parsed SOP Class UID, and its corrupt value
+    raised pydicom's own exception out of read_dataset (parse_all=False, as ingest reads)."""
+    ds = _native()
+    del ds.PixelData
+    fp = io.BytesIO()
+    ds.save_as(fp, enforce_file_format=True)
+    data = fp.getvalue().replace(b"\x08\x00\x16\x00UI", b"\x08\x00\x16\x00" + vr, 1)
+    with pytest.raises(DicomReadError) as err:
+        dio.read_dataset(data, parse_all=False)
+    assert err.value.reason is R.NO_PIXEL_DATA and str(err.value).endswith("SOP class unreadable")
