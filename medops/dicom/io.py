@@ -248,7 +248,13 @@ def read_dataset(source: Source, *, require_pixels: bool = True, parse_all: bool
         if len(ds) == 0:
             raise DicomReadError(f"{prefix}no data elements after the file meta information",
                                  QuarantineReason.TRUNCATED if len(ds.file_meta) else QuarantineReason.NOT_DICOM)
-        _check_complete(ds, prefix, _size(fp))
+        try:
+            _check_complete(ds, prefix, _size(fp))
+        except DicomReadError:
+            raise
+        except Exception as exc:  # e.g. a stray delimiter as the last element: VR NONE
+            raise DicomReadError(f"{prefix}corrupt header: {type(exc).__name__}: {exc}",
+                                 QuarantineReason.DECODE_ERROR) from exc
         if parse_all:
             _convert_all(ds, prefix)
     if require_pixels and not any(k in ds for k in _PIXEL_KEYWORDS):

@@ -337,3 +337,13 @@ def test_a_corrupt_sop_class_in_a_file_without_pixels_is_still_no_pixel_data(vr)
     with pytest.raises(DicomReadError) as err:
         dio.read_dataset(data, parse_all=False)
     assert err.value.reason is R.NO_PIXEL_DATA and str(err.value).endswith("SOP class unreadable")
+
+
+def test_a_stray_sequence_delimiter_at_the_end_is_a_corrupt_header():
+    """Found by the fuzzer: pydicom raised NotImplementedError (VR 'NONE') from the truncation
+    check when a file's last element was a sequence delimiter outside any sequence."""
+    data = pydicom_file("rtplan.dcm").read_bytes() + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    with pytest.raises(DicomReadError) as err:
+        dio.read_dataset(data, parse_all=False, require_pixels=False)
+    assert err.value.reason is R.DECODE_ERROR
+    assert "Unknown Value Representation 'NONE' in tag (FFFE,E0DD)" in str(err.value)
