@@ -64,6 +64,11 @@ class IngestConfig(_Section):
     # address ("tcp://host:8786") = an existing Dask cluster (its workers must see the source folder)
     cluster: str | None = Field(default=None, pattern=r"^(local|(tcp|tls|ucx|inproc)://\S+)$")
     shard_size: int = Field(default=2048, ge=1)
+    # seconds one file may take in a worker process; past it the worker is stopped and the file
+    # quarantined as ``timeout`` (a decoder stuck on a hostile file). None = no limit. Files
+    # decoded in the main process (workers: 1, or an export of a single chunk) have no limit,
+    # nor do Dask workers that run several tasks at once (the watchdog is one per process).
+    file_timeout_s: float | None = Field(default=120, gt=0)
     deid: DeidConfig = DeidConfig()
 
 

@@ -163,6 +163,22 @@ def test_a_file_that_kills_every_worker_it_meets_is_quarantined_with_the_reason(
     assert "series000/IM00007.dcm,decode_error,the decoder crashed the worker process reading this file" in rows
 
 
+def test_a_file_over_the_time_limit_on_a_dask_worker_is_quarantined_as_timeout(tmp_path):
+    """``ingest.file_timeout_s`` on a LocalCluster (one thread per worker): the watchdog ends the
+    worker, its nanny restarts it, and the file that kept taking too long is a ``timeout`` row
+    (tried again by the next run), not a crash."""
+    from conftest import pydicom_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(pydicom_file(name), src / name)
+    # no file is read in 10 ms by a fresh worker process (its imports alone take longer)
+    res = ingest.run(IngestConfig(workers=2, cluster="local", file_timeout_s=0.01), source_dir=src,
+                     out_dir=tmp_path / "out", key=KEY)
+    assert res.used == 0 and res.quarantined_by_reason == {"timeout": 2}
+
+
 def test_a_local_cluster_started_by_medops_gives_the_same_outputs(export, tmp_path):
     """``cluster: local``: a LocalCluster of worker processes, started and stopped by the run."""
     from medops.cli import main

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import pydicom_file
 from medops.stages import ingest
-from medops.stages.ingest import executors, index, pool, stage, writers
+from medops.stages.ingest import executors, index, pool, stage, worker, writers
 from medops.config import DeidConfig, IngestConfig, SynthConfig
 from medops.data import METADATA_COLUMNS, load_images, pack_path, read_deidentified, read_metadata, shard_path
 from medops.dicom import synth
@@ -397,7 +397,8 @@ def test_a_full_rebuild_is_reused_by_the_incremental_runs_after_it(grown):
 
 def test_the_fingerprint_holds_what_changes_an_output_byte_and_only_that():
     cfg = IngestConfig()
-    same = [cfg.model_copy(update={"workers": 7}), cfg.model_copy(update={"incremental": False})]
+    same = [cfg.model_copy(update={"workers": 7}), cfg.model_copy(update={"incremental": False}),
+            cfg.model_copy(update={"file_timeout_s": 5})]
     assert {index._fingerprint(c, KEY) for c in same} == {index._fingerprint(cfg, KEY)}
     other = [cfg.model_copy(update={"frame": "max"}), cfg.model_copy(update={"image_size": 16})]
     assert index._fingerprint(cfg, KEY) not in {index._fingerprint(c, KEY) for c in other}
@@ -892,3 +893,79 @@ print(json.dumps({{"used": result.used, "modules": sorted(m for m in ("pandas", 
     assert report == {"used": 12, "modules": []}
     # and what it wrote reads back with pandas as the documented table
     assert list(read_metadata(tmp_path / "out").columns) == list(METADATA_COLUMNS)
+
+
+def test_files_that_crash_decoders_or_bomb_memory_are_quarantined_and_the_run_goes_on(tmp_path):
+    """What the fuzzer found (benchmarks/fuzz/): an RLE byte that makes the Rust decoder panic (a
+    BaseException, which the process pool could not even pickle), a deflate bomb, a header that
+    declares 65535 x 65535 pixels. Each is one quarantine row; the good files are used."""
+    from conftest import deflate_bomb, fuzz_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(fuzz_file("rle_panic.dcm"), src / "rle_panic.dcm")
+    (src / "bomb.dcm").write_bytes(deflate_bomb(1 << 30))
+    huge = pydicom.dcmread(pydicom_file("MR_small_RLE.dcm"))
+    huge.Rows = huge.Columns = 65535
+    huge.save_as(src / "huge.dcm")
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(pydicom_file(name), src / name)
+    res = ingest.run(IngestConfig(workers=2, shard_size=4), source_dir=src, out_dir=tmp_path / "out",
+                     key=KEY)
+    rows = {r["path"]: r for r in _read_csv(res.quarantine)}
+    assert res.used == 2 and res.files_seen == 5
+    assert {p: r["reason"] for p, r in rows.items()} == {
+        "rle_panic.dcm": "decode_error", "bomb.dcm": "too_large", "huge.dcm": "too_large"}
+    assert "RLE Lossless (1.2.840.10008.1.2.5) decoder crashed on this file" in rows["rle_panic.dcm"]["detail"]
+    assert "PanicException" in rows["rle_panic.dcm"]["detail"]
+
+
+def test_a_file_over_the_time_limit_stops_its_worker_and_is_quarantined_as_timeout(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(pydicom_file(name), src / name)
+    # no file is read in 10 ms by a fresh worker (its imports alone take longer)
+    cfg = IngestConfig(workers=2, file_timeout_s=0.01)
+    res = ingest.run(cfg, source_dir=src, out_dir=tmp_path / "out", key=KEY)
+    rows = _read_csv(res.quarantine)
+    assert res.used == 0 and [r["reason"] for r in rows] == ["timeout", "timeout"]
+    assert rows[0]["detail"] == ("reading this file took over ingest.file_timeout_s = 0.01 s: its "
+                                 "worker process was stopped")
+    # tried again by the next run (a timeout depends on the machine): now it has time
+    again = ingest.run(cfg.model_copy(update={"file_timeout_s": 120}), source_dir=src,
+                       out_dir=tmp_path / "out", key=KEY)
+    assert again.used == 2 and again.decoded == 2
+
+
+def test_process_guarded_makes_what_is_no_exception_the_files_decode_error(tmp_path, monkeypatch):
+    """The guard every decoding path goes through (pool and Dask tasks, one-process runs,
+    _isolate): a BaseException that is no process exit is the file's row, naming only its type;
+    the stage's own failure and a request to stop pass through."""
+    class Panic(BaseException):
+        pass
+
+    spec = ingest.WorkerSpec(IngestConfig(), KEY, None, tmp_path)
+
+    def raising(exc):
+        def process_file(spec, rel):
+            raise exc
+        return process_file
+
+    monkeypatch.setattr(worker, "process_file", raising(Panic("PatientName^Quoted")))
+    out = ingest.process_guarded(spec, "a.dcm")
+    assert (out.path, out.reason, out.detail) == (
+        "a.dcm", "decode_error", "reading this file failed unexpectedly (Panic)")
+    for exc in (KeyboardInterrupt(), SystemExit(1), IngestError("cannot go on")):
+        monkeypatch.setattr(worker, "process_file", raising(exc))
+        with pytest.raises(type(exc)):
+            ingest.process_guarded(spec, "a.dcm")
+
+
+def test_a_worker_that_died_reading_one_file_is_a_timeout_only_past_the_limit():
+    assert worker.died_reading("a.dcm", 0.5, 120).reason == "decode_error"
+    assert worker.died_reading("a.dcm", 0.5, None).reason == "decode_error"
+    late = worker.died_reading("a.dcm", 121.0, 120)
+    assert (late.reason, late.detail) == (
+        "timeout", "reading this file took over ingest.file_timeout_s = 120 s: its worker process "
+                   "was stopped")

@@ -15,7 +15,7 @@ Outputs: below ``out_dir``, exactly as :mod:`medops.data` documents: ``dicom/sha
          and ``quarantine.csv`` (``path`` relative to source_dir, ``reason``, ``detail``; written
          even when empty); ``ingest_index.json`` (settings fingerprint and each source file's
          SHA-256, for incremental runs).
-Params:  ``ingest`` (image_size, window, workers, cluster, shard_size, deid).
+Params:  ``ingest`` (image_size, window, workers, cluster, shard_size, file_timeout_s, deid).
 
 Files are read, de-identified and decoded in ``workers`` processes (a local pool, or a Dask
 cluster with ``cluster``), a chunk of files per task so that inter-process traffic does not
@@ -51,12 +51,14 @@ from medops.stages.ingest.manifest import (FOLDER_LABELS, FOLDER_SPLITS, find_ma
 from medops.stages.ingest.pool import chunk_size
 from medops.stages.ingest.source import iter_source_files
 from medops.stages.ingest.stage import IngestResult, format_summary, run
-from medops.stages.ingest.worker import FileOutcome, WorkerSpec, process_chunk, process_file
+from medops.stages.ingest.worker import (FileOutcome, WorkerSpec, process_chunk, process_file,
+                                         process_guarded)
 from medops.stages.ingest.writers import QUARANTINE_COLUMNS, metadata_frame
 
 __all__ = [
     "FOLDER_LABELS", "FOLDER_SPLITS", "INDEX_NAME", "OUTPUT_VERSION", "QUARANTINE_COLUMNS",
     "FileOutcome", "IngestResult", "WorkerSpec", "chunk_size", "format_summary", "iter_source_files",
     "find_manifests", "labels_from_path", "metadata_frame", "process_chunk", "process_file",
+    "process_guarded",
     "read_manifest", "read_manifests", "run",
 ]

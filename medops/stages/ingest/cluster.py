@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from medops.errors import IngestError, QuarantineReason
-from medops.stages.ingest.worker import FileOutcome, WorkerSpec, process_chunk
+from medops.errors import IngestError
+from medops.stages.ingest.worker import FileOutcome, WorkerSpec, died_reading, process_chunk
 
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,16 @@ class IngestSpec(WorkerPlugin):
 
 
 def decode_chunk_on_worker(plugin: str, rels: list[str]) -> list[FileOutcome]:
-    """A Dask task: :func:`process_chunk` with the spec the run's plugin left on this worker."""
+    """A Dask task: :func:`process_chunk` with the spec the run's plugin left on this worker, each
+    file under ``ingest.file_timeout_s`` when the worker runs one task at a time (the time limit
+    ends the process, and its watchdog is one per process: a worker with several threads would
+    lose the other tasks, so it runs without one)."""
     from distributed import get_worker
 
-    spec = get_worker().plugins[plugin].spec
-    return process_chunk(spec, rels)
+    worker = get_worker()
+    spec = worker.plugins[plugin].spec
+    single = worker.state.nthreads == 1
+    return process_chunk(spec, rels, time_limit=spec.cfg.file_timeout_s if single else None)
 
 
 class DaskCluster:
@@ -66,6 +72,7 @@ class DaskCluster:
         self.client: Any = None
         self.cluster: Any = None
         self.tasks = 0
+        self.sent: dict[str, float] = {}  # task key -> when it was handed out
         self.slots = workers if address == "local" else 0
         self._size = 0
 
@@ -94,19 +101,20 @@ class DaskCluster:
         if self.client is None:
             self._connect()
         self.tasks += 1
-        return self.client.submit(decode_chunk_on_worker, self.plugin, rels, pure=False,
-                                  key=f"ingest-chunk-{self.run}-{self.tasks}")
+        key = f"ingest-chunk-{self.run}-{self.tasks}"
+        self.sent[key] = time.monotonic()
+        return self.client.submit(decode_chunk_on_worker, self.plugin, rels, pure=False, key=key)
 
     def outcomes(self, handle: Any, rels: list[str]) -> list[FileOutcome]:
         from distributed.client import FutureCancelledError
         from distributed.scheduler import KilledWorker
 
+        sent = self.sent.pop(handle.key, time.monotonic())
         try:
             return handle.result()
         except KilledWorker:
-            if len(rels) == 1:
-                return [FileOutcome(path=rels[0], reason=QuarantineReason.DECODE_ERROR.value,
-                                    detail="the decoder crashed the worker process reading this file")]
+            if len(rels) == 1:  # timeout when its tries took the time limit (each one at least)
+                return [died_reading(rels[0], time.monotonic() - sent, self.spec.cfg.file_timeout_s)]
             log.warning("an ingest task kept killing Dask workers; its %d files are retried one by one",
                         len(rels))
             # one at a time: a worker's death counts against every task it held, so a single that

@@ -21,7 +21,7 @@ from collections import deque
 from typing import Any, Iterable, Iterator, Protocol
 
 from medops.stages.ingest.pool import LocalPool, _Item
-from medops.stages.ingest.worker import FileOutcome, WorkerSpec, process_file
+from medops.stages.ingest.worker import FileOutcome, WorkerSpec, process_guarded
 
 
 _AHEAD_PER_WORKER = 3           # tasks in flight per worker: keeps workers busy without piling up results
@@ -80,7 +80,7 @@ def decode_in_order(items: Iterable[_Item], executor: Executor, expected: int) -
         if executor.inline:
             for item in items:
                 if item.prior is None:
-                    item.outcome = process_file(executor.spec, item.rel)
+                    item.outcome = process_guarded(executor.spec, item.rel)
                 yield item
             return
         yield from _windowed(items, executor)

@@ -145,17 +145,19 @@ class _PriorRows:
 
 
 INDEX_NAME = "ingest_index.json"
-# reasons that belong to the file itself; no_label and duplicate depend on other inputs, so files
-# quarantined for them are looked at again on every run
+# reasons that belong to the file itself; no_label and duplicate depend on other inputs, timeout
+# on the machine and the limit, so files quarantined for them are looked at again on every run
 _INTRINSIC = {r.value for r in QuarantineReason} - {QuarantineReason.NO_LABEL.value,
-                                                     QuarantineReason.DUPLICATE.value}
+                                                     QuarantineReason.DUPLICATE.value,
+                                                     QuarantineReason.TIMEOUT.value}
 
 
 def _fingerprint(cfg: IngestConfig, key: bytes) -> str:
     """What makes earlier outputs reusable: every setting that changes a pixel or a pseudonym
     (not ``workers`` nor ``cluster``, which change no output byte, nor ``incremental``: a full
     rebuild's outputs are reused by the incremental runs after it, nor ``source``: a moved export
-    is the same data)."""
+    is the same data, nor ``file_timeout_s``: a file that took too long is tried again by every
+    run)."""
     import hmac
     import json
 
@@ -163,7 +165,8 @@ def _fingerprint(cfg: IngestConfig, key: bytes) -> str:
     from medops.dicom import PREPROCESSING_VERSION
 
     key_id = hmac.new(key, b"medops ingest key id", hashlib.sha256).hexdigest()[:16]
-    payload = json.dumps({"ingest": cfg.model_dump(mode="json", exclude={"workers", "incremental", "cluster", "source"}),
+    execution = {"workers", "incremental", "cluster", "source", "file_timeout_s"}
+    payload = json.dumps({"ingest": cfg.model_dump(mode="json", exclude=execution),
                           "key": key_id, "medops": __version__, "pixels": PREPROCESSING_VERSION,
                           "files": OUTPUT_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
 
-from medops.errors import IngestError, QuarantineReason
-from medops.stages.ingest.worker import FileOutcome, WorkerSpec, process_chunk, process_file
+from medops.errors import IngestError
+from medops.stages.ingest.worker import (FileOutcome, WorkerSpec, died_reading, process_chunk,
+                                         process_guarded)
 
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,9 @@ _AHEAD_PER_WORKER = 3  # tasks in flight per worker: keeps workers busy without 
 # initializer: the tasks carry only file names, because a manifest's labels can be megabytes
 # (100,000 rows: ~6 MB, ~35 ms to pickle), too much to send with every chunk. Only
 # _init_pool_worker writes it and only _decode_chunk reads it; the main process never sets it
-# (decoding there passes its spec to process_file directly), so two runs in one process cannot
-# see each other's settings.
+# (decoding there passes its spec to process_guarded directly), so two runs in one process cannot
+# see each other's settings. The per-file time limit is the spec's (cfg.file_timeout_s), applied
+# by _decode_chunk alone: it ends the process, so only a worker process may have one.
 _worker_spec: WorkerSpec | None = None
 
 
@@ -42,10 +45,11 @@ def _init_pool_worker(spec: WorkerSpec) -> None:
 
 
 def _decode_chunk(rels: list[str]) -> list[FileOutcome]:
-    """A pool task: :func:`process_chunk` with the spec this worker process was started with."""
+    """A pool task: :func:`process_chunk` with the spec this worker process was started with, each
+    file under its time limit (``ingest.file_timeout_s``)."""
     if _worker_spec is None:
         raise RuntimeError("_decode_chunk runs in an ingest pool's worker process only")
-    return process_chunk(_worker_spec, rels)
+    return process_chunk(_worker_spec, rels, time_limit=_worker_spec.cfg.file_timeout_s)
 
 
 @dataclass(slots=True)
@@ -106,14 +110,14 @@ def _isolate(chunk: list[str], spec: WorkerSpec) -> list[FileOutcome]:
     pool = _start_pool(1, spec)
     for rel in chunk:
         if pool is None:
-            out.append(process_file(spec, rel))
+            out.append(process_guarded(spec, rel))
             continue
+        started = time.monotonic()
         try:
             out.extend(pool.submit(_decode_chunk, [rel]).result())
         except BrokenProcessPool:
             pool.shutdown(wait=False, cancel_futures=True)
-            out.append(FileOutcome(path=rel, reason=QuarantineReason.DECODE_ERROR.value,
-                                   detail="the decoder crashed the worker process reading this file"))
+            out.append(died_reading(rel, time.monotonic() - started, spec.cfg.file_timeout_s))
             pool = _start_pool(1, spec)
     if pool is not None:
         pool.shutdown()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from medops.config import IngestConfig
-from medops.errors import DicomReadError, QuarantineReason
+from medops.errors import PROCESS_EXITS, DicomReadError, IngestError, QuarantineReason
 from medops.stages.ingest.source import _not_a_file
 
 
@@ -165,5 +165,40 @@ def process_file(spec: WorkerSpec, rel: str) -> FileOutcome:
     return out
 
 
-def process_chunk(spec: WorkerSpec, rels: list[str]) -> list[FileOutcome]:
-    return [process_file(spec, rel) for rel in rels]
+def process_guarded(spec: WorkerSpec, rel: str, *, time_limit: float | None = None) -> FileOutcome:
+    """:func:`process_file`, with whatever it raises that is not the stage's failure (a native
+    library's panic is no ``Exception``) as this file's failure: one file never stops the batch,
+    and nothing unpicklable leaves a worker.
+
+    ``time_limit``: seconds after which this process ends (:func:`medops.procs.exit_after`), for
+    worker processes only (``ingest.file_timeout_s``, passed by the pool's or the cluster's task),
+    whose executor then quarantines the file as ``timeout``; None in the main process, which must
+    survive any file.
+    """
+    from medops.procs import exit_after
+
+    with exit_after(time_limit):
+        try:
+            return process_file(spec, rel)
+        except (IngestError, *PROCESS_EXITS):
+            raise
+        except BaseException as exc:  # the type only: a message could quote a header value
+            return FileOutcome(path=rel, reason=QuarantineReason.DECODE_ERROR.value,
+                               detail=f"reading this file failed unexpectedly ({type(exc).__name__})")
+
+
+def process_chunk(spec: WorkerSpec, rels: list[str], *, time_limit: float | None = None) -> list[FileOutcome]:
+    """:func:`process_guarded` for each file of a task (``time_limit``: per file)."""
+    return [process_guarded(spec, rel, time_limit=time_limit) for rel in rels]
+
+
+def died_reading(rel: str, elapsed: float, limit: float | None) -> FileOutcome:
+    """The outcome of a file whose worker process died reading it alone, ``elapsed`` seconds after
+    its task was handed out: ``timeout`` when that is at least the time limit (the watchdog of
+    :func:`medops.procs.exit_after` ended it), else a crash (``decode_error``)."""
+    if limit and elapsed >= limit:
+        return FileOutcome(path=rel, reason=QuarantineReason.TIMEOUT.value,
+                           detail=f"reading this file took over ingest.file_timeout_s = {limit:g} s: "
+                                  f"its worker process was stopped")
+    return FileOutcome(path=rel, reason=QuarantineReason.DECODE_ERROR.value,
+                       detail="the decoder crashed the worker process reading this file")
