@@ -22,7 +22,6 @@ tasks run one after the other; making each file a Prefect task would put a milli
 files costs the scheduler a few milliseconds.
 """
 
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -57,20 +56,17 @@ def ingest(paths: ProjectPaths, cluster: Optional[str] = None) -> dict[str, Any]
 def progress_artifact(name: str, unit: str, min_interval_s: float = 1.0) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback that moves a progress artifact (created now, at 0 %)
     and logs the count, at most once per ``min_interval_s`` and always at the end."""
+    from medops.ops.progress import throttled
+
     artifact_id = create_progress_artifact(progress=0.0, key=f"{name}-progress", description=f"{name}: starting")
     logger = get_run_logger()
-    last = [float("-inf")]
 
     def report(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - last[0] < min_interval_s:
-            return
-        last[0] = now
         percent = 100.0 * min(done, total) / total if total else 100.0
         update_progress_artifact(artifact_id, percent, description=f"{name}: {done}/{total} {unit}")
         logger.info("%s: %d/%d %s", name, done, total, unit)
 
-    return report
+    return throttled(report, min_interval_s)
 
 
 @task(cache_policy=NO_CACHE)
