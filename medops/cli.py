@@ -282,7 +282,8 @@ def cmd_watch(args: argparse.Namespace) -> Report:
 
     paths, params = _context(args)
     export = paths.export(params.ingest.source)
-    run_watch(export, quiet_s=args.quiet_s, log=lambda line: print(line, file=sys.stderr, flush=True))
+    run_watch(export, quiet_s=args.quiet_s, inotify=args.inotify,
+              log=lambda line: print(line, file=sys.stderr, flush=True))
     return Report("stopped watching", {"export": str(export)})
 
 
@@ -435,6 +436,9 @@ def _add_serving_commands(add: AddCommand) -> None:
             json_flag=False)
     p.add_argument("--quiet-s", type=float, default=3.0,
                    help="seconds without a new file event that end a delivery (default 3)")
+    p.add_argument("--inotify", action="store_true",
+                   help="follow the kernel's file events instead of scanning the folder every second "
+                        "(for exports too large to scan; can miss deliveries when its queue overflows)")
     add("up", cmd_up, "start the Prefect server and Triton (reusing running ones)", json_flag=False)
     add("down", cmd_down, "stop what `medops up` / `make demo` started, by recorded pid",
         json_flag=False)

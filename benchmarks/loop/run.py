@@ -66,14 +66,21 @@ class Api:
             time.sleep(0.5)
         raise TimeoutError(f"no {flow} run {'finished' if done else 'started'} within {timeout} s")
 
-    def idle(self, timeout: float = 900) -> None:
+    def idle(self, timeout: float = 1800, quiet_s: float = 15.0) -> None:
+        """Wait until no run is active for ``quiet_s`` in a row: a finished ingest's event starts
+        its training run a few seconds later, so one empty look is not enough."""
         deadline = time.time() + timeout
+        quiet_since = None
         while time.time() < deadline:
             active = httpx.post(f"{self.url}/flow_runs/filter", timeout=10, json={
                 "flow_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING", "SCHEDULED"]}}}}).json()
-            if not active:
+            if active:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.time()
+            elif time.time() - quiet_since >= quiet_s:
                 return
-            time.sleep(2)
+            time.sleep(1)
         raise TimeoutError("the loop did not go idle")
 
 
