@@ -58,6 +58,29 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deid_report(args: argparse.Namespace) -> int:
+    import os
+
+    from medops.dicom import deid_report
+
+    key = None
+    if args.source:  # pairing needs the key ingest used; never create one here
+        paths, params = _context(args)
+        cfg = params.ingest.deid
+        if not os.environ.get(cfg.key_env) and not (paths.state / "secrets" / "deid.key").is_file():
+            raise MedopsError(f"--source needs the de-identification key ingest used: set "
+                              f"${cfg.key_env} or keep {paths.state}/secrets/deid.key")
+        from medops.pipeline import deid_key
+
+        key = deid_key(params, paths)
+    report = deid_report.report_folder(Path(args.folder), source=Path(args.source) if args.source else None,
+                                       key=key)
+    if report.files == 0:
+        raise MedopsError(f"no DICOM files below {args.folder}")
+    print(json.dumps(report.to_dict(), indent=2) if args.json else deid_report.format_report(report))
+    return 1 if report.findings else 0
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     from medops.pipeline import run_stage
 
@@ -200,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="decoding processes (default: params ingest.workers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--full", action="store_true", help="rebuild everything, even files seen before")
+
+    p = add("deid-report", cmd_deid_report,
+            "what de-identification did to each attribute, with counts, and what is left (exit 1)")
+    p.add_argument("folder", help="ingest's output folder (its dicom/) or a folder of de-identified files")
+    p.add_argument("--source", help="the original export: compare each original with its de-identified file")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
 
     p = add("stage", cmd_stage, "run one pipeline stage (what dvc.yaml calls)")
     p.add_argument("name")
