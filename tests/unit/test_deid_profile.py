@@ -95,6 +95,11 @@ def test_the_built_tables_are_checked_when_deid_is_imported(monkeypatch):
     """A code _apply does not know (here in DEVIATIONS) makes the module fail to load."""
     import importlib
 
+    monkeypatch.setitem(deid.ADDITIONS, "PatientAddress", "C")
+    with pytest.raises(ValueError, match="unknown action 'C'"):
+        deid.build_profile(table_e1_1.ROWS, characteristics=False)
+    monkeypatch.delitem(deid.ADDITIONS, "PatientAddress")
+
     monkeypatch.setitem(deid.DEVIATIONS, "PatientAddress", ("C", "a code nobody implements"))
     source = importlib.util.find_spec("medops.dicom.deid")
     module = importlib.util.module_from_spec(source)
@@ -145,3 +150,28 @@ def test_the_safety_net_covers_what_the_table_does_not_name():
             else:
                 assert tag not in out, (vr, hex(tag))
     assert 0x00709999 not in out
+
+
+def test_the_patient_is_known_by_id_else_name_and_birth_date_else_study():
+    def ds(**kw) -> Dataset:
+        d = Dataset()
+        for k, v in kw.items():
+            setattr(d, k, v)
+        return d
+
+    assert deid.patient_key_of(ds(PatientID=" P1 ", PatientName="A^B")) == "id:P1"
+    assert deid.patient_key_of(ds(PatientName="A^B", PatientBirthDate="19610704")) == "name:A^B|19610704"
+    assert deid.patient_key_of(ds(StudyInstanceUID="1.2.3")) == "study:1.2.3"
+    # two anonymous studies are two patients, one study's files one
+    a = deid.deidentify(ds(StudyInstanceUID="1.2.3"), KEY)
+    b = deid.deidentify(ds(StudyInstanceUID="1.2.4"), KEY)
+    c = deid.deidentify(ds(StudyInstanceUID="1.2.3"), KEY)
+    assert a.PatientID == c.PatientID != b.PatientID
+
+
+@pytest.mark.parametrize("value, sex", [("F", "F"), (" m ", "M"), ("O", "O"), ("X", None), ("", None)])
+def test_patient_sex_is_one_of_m_f_o(value, sex):
+    d = Dataset()
+    d.PatientSex = value
+    assert deid.patient_sex(d) == sex
+    assert deid.patient_sex(Dataset()) is None
