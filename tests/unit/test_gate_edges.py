@@ -69,3 +69,13 @@ def test_scoring_the_champion_needs_both_the_data_and_the_split(tmp_path, missin
     with pytest.raises(MedopsError, match="needs ingested_dir and split"):
         gate.run(GateConfig(), out=tmp_path / "gate.json", repository=tmp_path / "repo",
                  predictions=tmp_path / "predictions.csv", **given, **_inputs(tmp_path))
+
+
+def test_no_test_images_give_no_scores(tmp_path):
+    from test_gate import linear_onnx
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(linear_onnx(np.zeros(28 * 28), 0.0))
+    scores = gate.score_onnx(path, np.zeros((0, 28, 28, 1), dtype=np.float32))
+    assert scores.shape == (0,)
+    assert gate.score_onnx(path, np.zeros((3, 28, 28, 1), dtype=np.float32), batch_size=2).tolist() == [0.5] * 3
