@@ -88,6 +88,11 @@ def unnamed_tags() -> dict[str, list[int]]:
     return found
 
 
+# File Meta Information (PS3.10 7.1) that names sites; deidentify removes it
+META_REMOVED = ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
+                "ReceivingApplicationEntityTitle", "SourcePresentationAddress",
+                "SendingPresentationAddress", "ReceivingPresentationAddress",
+                "PrivateInformationCreatorUID", "PrivateInformation")
 UNKNOWN_PUBLIC = 0x00709999  # a public tag no dictionary knows: read as UN, removed by the net
 DATE_BASE = dt.date(2001, 1, 1)
 
@@ -191,8 +196,16 @@ def everything_dataset(patient_id: str = "CNRY-PID-0001") -> tuple[Dataset, list
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.SourceApplicationEntityTitle = "CNRYSOURCEAE"
-    return ds, [*canaries.searchable, patient_id, "19610704", "CNRYSOURCEAE", "CNRY VENDOR BLOCK"]
+    for i, name in enumerate(META_REMOVED):
+        vr = "UI" if name == "PrivateInformationCreatorUID" else "OB" if name == "PrivateInformation" \
+            else "UR" if "Address" in name else "AE"
+        value = {"UI": f"1.2.826.0.1.3680043.8.498.66.{i}", "OB": b"CNRYMETAPRIVATE!",
+                 "UR": f"http://cnry-meta-{i}.test", "AE": f"CNRYMETAAE{i:02d}"}[vr]
+        setattr(ds.file_meta, name, value)
+        canaries.searchable.append(value.decode() if isinstance(value, bytes) else value)
+    # several UIDs in one element: each replaced, a registered one kept
+    ds.FailedSOPInstanceUIDList = [canaries.value("UI"), "1.2.840.10008.5.1.4.1.1.1"]
+    return ds, [*canaries.searchable, patient_id, "19610704", "CNRY VENDOR BLOCK"]
 
 
 def keyword(tag: int) -> str:

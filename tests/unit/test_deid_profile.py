@@ -175,3 +175,57 @@ def test_patient_sex_is_one_of_m_f_o(value, sex):
     d.PatientSex = value
     assert deid.patient_sex(d) == sex
     assert deid.patient_sex(Dataset()) is None
+
+
+def test_the_key_file_must_hold_at_least_16_bytes_and_lives_in_a_private_folder(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from medops.config import DeidConfig
+
+    monkeypatch.delenv("MEDOPS_TEST_DEID", raising=False)
+    cfg = DeidConfig(key_env="MEDOPS_TEST_DEID")
+    deid.resolve_deid_key(cfg, state_dir=tmp_path)
+    assert stat.S_IMODE(os.stat(tmp_path / "secrets").st_mode) == 0o700
+    (tmp_path / "secrets" / "deid.key").write_bytes(b"k" * 16)
+    assert deid.resolve_deid_key(cfg, state_dir=tmp_path) == b"k" * 16
+    (tmp_path / "secrets" / "deid.key").write_bytes(b"k" * 15)
+    with pytest.raises(ValueError, match="holds 15 bytes; need >= 16"):
+        deid.resolve_deid_key(cfg, state_dir=tmp_path)
+
+
+def test_patient_name_and_id_are_the_pseudonym_even_when_the_original_had_none():
+    ds = Dataset()
+    ds.StudyInstanceUID = "1.2.3"
+    out = deid.deidentify(ds, KEY)
+    pseudonym = deid.pseudonymize_patient("study:1.2.3", KEY)
+    assert out.PatientID == str(out.PatientName) == pseudonym
+
+
+def test_several_uids_in_one_element_are_replaced_one_by_one():
+    """The instance UID replaced, the registered SOP class kept, in order; in memory and as read."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from medops.dicom.io import encode_file, read_dataset
+
+    values = ["1.2.826.0.1.3680043.8.498.3333.7", "1.2.840.10008.5.1.4.1.1.1"]
+    want = [deid.pseudonymize_uid(values[0], KEY), values[1]]
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = values
+    assert list(deid.deidentify(ds, KEY).FailedSOPInstanceUIDList) == want
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = values
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.3333.1"
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    stored = read_dataset(buf.getvalue(), require_pixels=False, parse_all=False)
+    deid.deidentify(stored, KEY)
+    out = pydicom.dcmread(io.BytesIO(encode_file(stored)))
+    assert list(out.FailedSOPInstanceUIDList) == want

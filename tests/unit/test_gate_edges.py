@@ -79,3 +79,17 @@ def test_no_test_images_give_no_scores(tmp_path):
     scores = gate.score_onnx(path, np.zeros((0, 28, 28, 1), dtype=np.float32))
     assert scores.shape == (0,)
     assert gate.score_onnx(path, np.zeros((3, 28, 28, 1), dtype=np.float32), batch_size=2).tolist() == [0.5] * 3
+
+
+def test_a_comparison_switched_off_is_recorded_as_not_compared(tmp_path):
+    result = gate.judge_champion(GateConfig(compare_with_serving=False), repository=tmp_path,
+                                 model_name="m", load_test=lambda: None, predictions=None)
+    assert (result.compared, result.passed) == (False, True)
+    decision = gate.run(GateConfig(), out=tmp_path / "gate.json", **_inputs(tmp_path))
+    assert decision.model == "simple_cnn" and decision.data_version == "abc123"
+
+
+def test_candidate_scores_are_matched_by_uid_as_text_even_when_it_looks_like_a_number(tmp_path):
+    (tmp_path / "p.csv").write_text("sop_instance_uid,probability\n0012,0.25\n7,0.75\n")
+    scores = gate.read_candidate_scores(tmp_path / "p.csv", np.array(["7", "0012"]))
+    assert scores.tolist() == [0.75, 0.25]
