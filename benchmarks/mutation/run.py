@@ -40,6 +40,7 @@ import signal
 import sys
 import time
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def mutations(node: ast.AST) -> list[tuple[str, callable]]:
             if new is not None:
                 def apply(n, i=i, new=new):
                     n.ops[i] = new()
-                out.append((f"{type(op).__name__}->{new.__name__}", apply))
+                nth = f"#{i + 1}" if len(node.ops) > 1 else ""  # a chain: a < b <= c
+                out.append((f"{type(op).__name__}->{new.__name__}{nth}", apply))
     elif isinstance(node, ast.BoolOp):
         new = ast.Or if isinstance(node.op, ast.And) else ast.And
         out.append((f"{type(node.op).__name__}->{new.__name__}", lambda n, new=new: setattr(n, "op", new())))
@@ -158,6 +160,7 @@ def enumerate_mutants(source: str) -> list[tuple[Mutant, int, int]]:
     lines = source.splitlines()
     skip = _skipped_nodes(tree) | _no_cover_functions(tree, lines)
     found = []
+    seen: dict[str, int] = {}
     for index, node in enumerate(ast.walk(tree)):
         if id(node) in skip or not hasattr(node, "lineno"):
             continue
@@ -171,6 +174,9 @@ def enumerate_mutants(source: str) -> list[tuple[Mutant, int, int]]:
             options.append((f"drop {type(node.op).__name__}", None))
         for k, (what, _) in enumerate(options):
             mid = f"{node.lineno}:{node.col_offset}:{what}"
+            seen[mid] = seen.get(mid, 0) + 1
+            if seen[mid] > 1:  # nested nodes that start at one place: a / b / c
+                mid += f"~{seen[mid]}"
             found.append((Mutant(mid, node.lineno, what, lines[node.lineno - 1].strip()), index, k))
     return found
 
@@ -291,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     notes = load_notes(Path(args.notes), args.path)
     earlier = {}
     if args.resume:
-        earlier = {r["id"]: r["outcome"] for r in json.loads(Path(args.resume).read_text())["mutants"]
-                   if r["outcome"] != "survived"}
+        recorded = json.loads(Path(args.resume).read_text())["mutants"]
+        ids = Counter(r["id"] for r in recorded)  # an id twice (older runs) is ambiguous: rerun
+        earlier = {r["id"]: r["outcome"] for r in recorded
+                   if r["outcome"] != "survived" and ids[r["id"]] == 1}
     results: list[tuple[Mutant, str]] = []
     start = time.monotonic()
     for n, (mutant, index, k) in enumerate(mutants, 1):
