@@ -379,7 +379,7 @@ def _put(ds: Dataset, tag: BaseTag, vr: str, text: str | None) -> None:
     encodes alike."""
     encoding = _encoding(ds)
     if encoding is None or (text is not None and not text.isascii()):
-        ds[tag] = DataElement(tag, vr, Sequence() if vr == "SQ" and text is None else text)
+        ds[tag] = DataElement(tag, vr, text)  # None: empty (an empty Sequence for SQ)
         return
     data = (text or "").encode("ascii")
     if len(data) % 2:

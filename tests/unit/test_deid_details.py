@@ -37,7 +37,8 @@ def _age(**kw) -> int | None:
 
 
 @pytest.mark.parametrize("age, years", [("005Y", 5), ("030M", 2), ("110W", 2), ("800D", 2),
-                                        ("011M", 0), ("051W", 0), ("364D", 0)])
+                                        ("011M", 0), ("051W", 0), ("364D", 0),
+                                        ("012M", 1), ("052W", 1), ("365D", 1)])
 def test_an_age_string_in_any_unit_becomes_whole_years(age, years):
     assert _age(PatientAge=age) == years
 
@@ -116,3 +117,17 @@ def test_the_key_folder_is_created_with_its_parents(tmp_path, monkeypatch):
     state = tmp_path / "not" / "yet"
     key = deid.resolve_deid_key(DeidConfig(key_env="MEDOPS_TEST_DEID"), state_dir=state)
     assert (state / "secrets" / "deid.key").read_bytes() == key
+
+
+def test_a_private_sop_class_is_replaced_and_the_file_meta_follows():
+    """A SOP Class UID that is not registered (a vendor's) is a UID like any other: replaced,
+    and the returned data set's File Meta Information names the same class and instance."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.826.0.1.3680043.8.498.999"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    out = deid.deidentify(ds, KEY)
+    assert out.SOPClassUID == deid.pseudonymize_uid("1.2.826.0.1.3680043.8.498.999", KEY)
+    assert out.file_meta.MediaStorageSOPClassUID == out.SOPClassUID
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+    assert out.file_meta.ImplementationVersionName == "MEDOPS_" + __import__("medops").__version__

@@ -202,7 +202,10 @@ def test_every_element_gets_the_action_the_standard_prescribes(options, transfer
 @pytest.mark.parametrize("options", OPTION_SETS)
 def test_the_record_is_written_afresh_and_lists_exactly_the_options_applied(options):
     source, _, pid = _source(ExplicitVRLittleEndian)
-    out = pydicom.dcmread(io.BytesIO(_through_ingest(source, **options)))
+    data = _through_ingest(source, **options)
+    out = pydicom.dcmread(io.BytesIO(data))
+    # the code sequence's items are in the file's encoding: explicit VR (Code Value, SH)
+    assert b"\x08\x00\x00\x01SH\x06\x00113100" in data
     pseudonym = deid.pseudonymize_patient("id:" + pid, KEY)
     assert out.PatientID == str(out.PatientName) == pseudonym
     assert out.PatientIdentityRemoved == "YES"
