@@ -16,11 +16,12 @@ reason). The score is killed / (total - equivalent). Results go to a Markdown fi
 Usage (from the repository root, with the project virtualenv)::
 
     python benchmarks/mutation/run.py medops/dicom/deid.py \\
-        --tests tests/unit/test_deid_profile.py tests/unit/test_deid.py tests/unit/test_deid_standard.py \\
-        --preload pydicom,numpy,medops.config --out benchmarks/mutation/results-deid.md
+        --tests tests/unit/test_deid_details.py tests/unit/test_deid_profile.py \\
+                tests/unit/test_deid_standard.py tests/unit/test_deid.py \\
+        --preload numpy,pydicom,pydantic,medops.config,medops.dicom.io,medops.dicom.table_e1_1 \\
+        --out benchmarks/mutation/results-deid.md
 
-    python benchmarks/mutation/run.py medops/gate.py --tests tests/unit/test_gate.py \\
-        --preload numpy,pandas,pydantic,onnx,onnxruntime --out benchmarks/mutation/results-gate.md
+(benchmarks/mutation/README.md has both commands, gate's too.)
 
 ``--list`` prints the mutants without running them; ``--only ID ...`` runs some; ``--resume
 results.json`` reruns only the survivors of an earlier run (after tests were added; a full run

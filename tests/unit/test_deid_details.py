@@ -43,7 +43,8 @@ def test_an_age_string_in_any_unit_becomes_whole_years(age, years):
     assert _age(PatientAge=age) == years
 
 
-@pytest.mark.parametrize("age, years", [("5Y", 62), ("0A5Y", 62), ("005Q", 62), ("005y ", 5)])
+@pytest.mark.parametrize("age, years", [("5Y", 62), ("0A5Y", 62), ("005Q", 62), ("005X", 62),
+                                        ("005y ", 5)])
 def test_an_age_string_that_is_not_one_falls_back_to_the_dates(age, years):
     assert _age(PatientAge=age, PatientBirthDate="19610704", StudyDate="20240229") == years
 
@@ -84,14 +85,24 @@ def test_several_dates_in_one_element_are_removed_not_partly_shifted():
 
 
 def test_an_element_stored_as_un_gets_the_action_of_its_dictionary_vr():
-    """A converter that wrote Manufacturer (LO, kept) and an unnamed person name as UN: the
-    dictionary's VR decides, as pydicom's own parsing would."""
+    """A converter that wrote Manufacturer (LO, kept) and an unnamed person name as UN in an
+    explicit-VR file: read as stored (as ingest reads), the dictionary's VR decides, as
+    pydicom's own parsing would (pydicom turns UN into the known VR only when it parses)."""
     ds = Dataset()
-    ds.add_new(0x00080070, "UN", b"ACME")                 # Manufacturer: LO, not named: kept
-    ds.add_new(0x00140104, "UN", b"Canary^Name ")         # an unnamed PN: emptied, not removed
-    out = deid.deidentify(ds, KEY)
-    assert out[0x00080070].value in (b"ACME", "ACME")
-    assert 0x00140104 in out and not out[0x00140104].value
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    raw = io.BytesIO()
+    pydicom.dcmwrite(raw, ds, enforce_file_format=True)
+    # two UN elements appended by hand: pydicom would write their known VRs
+    data = raw.getvalue() + b"\x08\x00\x70\x00UN\x00\x00\x04\x00\x00\x00ACME" \
+        + b"\x14\x00\x04\x01UN\x00\x00\x0c\x00\x00\x00Canary^Name "
+    stored = read_dataset(data, require_pixels=False, parse_all=False)
+    assert stored.get_item(0x00080070).VR == "UN"
+    out = pydicom.dcmread(io.BytesIO(encode_file(deid.deidentify(stored, KEY))))
+    assert out.Manufacturer == "ACME"                                # LO, not named: kept
+    assert 0x00140104 in out and not out[0x00140104].value           # an unnamed PN: emptied
 
 
 def test_a_big_endian_file_is_de_identified_through_pydicom_not_copied_as_little_endian():
@@ -112,11 +123,14 @@ def test_a_big_endian_file_is_de_identified_through_pydicom_not_copied_as_little
     assert out.AccessionNumber == "" and out.PatientIdentityRemoved == "YES"
 
 
-def test_the_key_folder_is_created_with_its_parents(tmp_path, monkeypatch):
+def test_the_key_folder_is_created_with_its_parents_or_reused(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDOPS_TEST_DEID", raising=False)
     state = tmp_path / "not" / "yet"
     key = deid.resolve_deid_key(DeidConfig(key_env="MEDOPS_TEST_DEID"), state_dir=state)
     assert (state / "secrets" / "deid.key").read_bytes() == key
+    (tmp_path / "other" / "secrets").mkdir(parents=True)  # the folder is there, the key is not
+    key = deid.resolve_deid_key(DeidConfig(key_env="MEDOPS_TEST_DEID"), state_dir=tmp_path / "other")
+    assert len(key) == 32
 
 
 def test_a_private_sop_class_is_replaced_and_the_file_meta_follows():

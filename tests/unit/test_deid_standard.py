@@ -74,6 +74,8 @@ def _through_ingest(data: bytes, **options) -> bytes:
     # VR value is parsed to be read), and a raw value has an even length (PS3.5 7.1.1), padded
     # with NUL for a UID and a space otherwise
     explicit = not stored.original_encoding[0]
+    codes = elements(stored)[0x00120064]  # De-identification Method Code Sequence, stored encoded
+    assert codes.is_raw and codes.VR == ("SQ" if explicit else None)
     for tag, elem in elements(stored).items():
         if tag in parsed or (elem.VR or deid._dictionary_vr(tag)) not in TEXT_VRS:
             continue

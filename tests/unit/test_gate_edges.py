@@ -93,3 +93,13 @@ def test_candidate_scores_are_matched_by_uid_as_text_even_when_it_looks_like_a_n
     (tmp_path / "p.csv").write_text("sop_instance_uid,probability\n0012,0.25\n7,0.75\n")
     scores = gate.read_candidate_scores(tmp_path / "p.csv", np.array(["7", "0012"]))
     assert scores.tolist() == [0.75, 0.25]
+
+
+def test_a_train_result_without_data_version_is_recorded_as_unknown_and_the_file_is_stable(tmp_path):
+    paths = _inputs(tmp_path)
+    paths["train_result"].write_text("{}")
+    decision = gate.run(GateConfig(), out=tmp_path / "gate.json", **paths)
+    assert decision.data_version == "unknown" and decision.model is None
+    # the decision file is reviewed in diffs: 2-space JSON, one trailing newline
+    text = (tmp_path / "gate.json").read_text()
+    assert text == decision.model_dump_json(indent=2) + "\n" and text.startswith('{\n  "passed": true')
