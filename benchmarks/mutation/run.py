@@ -79,7 +79,7 @@ def _docstring_nodes(tree: ast.AST) -> set[int]:
 
 
 def _skipped_nodes(tree: ast.AST) -> set[int]:
-    """Nodes not mutated: docstrings, annotations, messages (raised exceptions' and log calls'
+    """Nodes not mutated: docstrings, annotations and ``Literal[...]`` type aliases, messages (raised exceptions' and log calls'
     arguments, f-strings), ``if __name__ == "__main__"`` blocks and ``pragma: no cover`` functions
     (maintenance tools)."""
     skip: set[int] = _docstring_nodes(tree)
@@ -97,6 +97,9 @@ def _skipped_nodes(tree: ast.AST) -> set[int]:
                     all_of(a.annotation)
         elif isinstance(node, ast.AnnAssign):
             all_of(node.annotation)
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) \
+                and node.value.id == "Literal":  # a type alias: no value at run time
+            all_of(node)
         elif isinstance(node, ast.Raise):
             all_of(node.exc)
         elif isinstance(node, ast.JoinedStr):
@@ -338,7 +341,9 @@ def render(args, path: Path, results, notes: dict[str, dict], elapsed: float) ->
         "",
         f"Tests: {' '.join(f'`{t}`' for t in args.tests)} (`pytest -x`, {args.timeout:.0f} s per mutant)",
         f"Run: {time.strftime('%Y-%m-%d')}, {elapsed / 60:.1f} min for {total} mutants "
-        f"({elapsed / max(total, 1):.1f} s each)",
+        f"({elapsed / max(total, 1):.1f} s each)"
+        + (f"; resumed: only the survivors of {Path(args.resume).name} were rerun" if args.resume else
+           "; from scratch"),
         "",
         "| mutants | killed (incl. timeouts) | survived | equivalent | accepted | unexplained | score |",
         "|---:|---:|---:|---:|---:|---:|---:|",

@@ -145,3 +145,16 @@ def test_a_private_sop_class_is_replaced_and_the_file_meta_follows():
     assert out.file_meta.MediaStorageSOPClassUID == out.SOPClassUID
     assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
     assert out.file_meta.ImplementationVersionName == "MEDOPS_" + __import__("medops").__version__
+
+
+def test_the_callers_age_is_used_as_given():
+    """ingest computes the age before de-identification and passes it: it is not recomputed."""
+    ds = Dataset()
+    ds.PatientAge, ds.PatientSex = "062Y", "F"
+    assert deid.deidentify(ds, KEY, age=40).PatientAge == "040Y"
+    ds = Dataset()
+    ds.PatientAge = "062Y"
+    assert "PatientAge" not in deid.deidentify(ds, KEY, age=None)  # unknown: removed
+    ds = Dataset()
+    ds.PatientAge = "062Y"
+    assert "PatientAge" not in deid.deidentify(ds, KEY, age=40, retain_characteristics=False)
