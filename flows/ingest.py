@@ -1,79 +1,125 @@
-"""The ingest flow: a hospital's export folder in, a de-identified, DVC-versioned dataset out.
+"""The ingest flow: the hospital's export folder in, a de-identified, DVC-versioned dataset out.
 
-1. ``ingest``: medops.ingest.run over the folder into the dataset folder (default
-   ``data/deidentified``): de-identified DICOM, array shards, metadata table, quarantine list.
-   Incremental by content hash: a grown folder costs only its new files; the same folder again
-   writes nothing.
-2. ``version``: ``dvc add`` the dataset folder and ``dvc push`` it to the default remote; the
-   data version (DVC hash) is returned and posted as an artifact. Unchanged data keeps its version.
+1. ``ingest``: medops.pipeline.ingest_export: the export folder (``ingest.source``, labels from the
+   ``*.csv`` manifests in it) de-identified incrementally into the private ingest folder
+   (``.medops/ingest``), then published as the PHI-free dataset ``data/ingested`` (no path of the
+   export in it). A grown export costs only its new files; the same export again writes nothing.
+2. ``version``: ``dvc add data/ingested`` and ``dvc push``; the data version (DVC hash) is posted
+   as an artifact. Unchanged data keeps its version.
+3. When the data version changed, the event ``medops.dataset.versioned`` (resource: the data
+   version; payload: counts of new, quarantined and used files, never a path or a value of the
+   export), which a deployment trigger turns into a training run.
+   A progress artifact (``ingest-progress``) and log lines follow it file by file.
 
-Only de-identified data is versioned here: the source folder (with its PHI) is read, never added.
-Wiring only; the work is medops.ingest and medops.dvc.
+Only de-identified data is versioned: the export (with its PHI) is read, never added.
+Wiring only; the work is medops.pipeline.ingest_export, medops.stages.ingest and medops.ops.dvc.
 """
 
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from medops import dvc
 from medops.config import load_params
+from medops.ops import dvc
 from medops.paths import ProjectPaths
 
-DEFAULT_DATASET = "data/deidentified"
+from flows.artifacts import field_rows
+
+from flows.events import DATASET_VERSIONED
 
 
 @task(cache_policy=NO_CACHE)
-def ingest(paths: ProjectPaths, source: Path, dataset: Path, manifest: Optional[Path]) -> dict[str, Any]:
-    """medops ingest of ``source`` into ``dataset`` (incremental)."""
-    from medops import ingest as ingest_stage
-    from medops.pipeline import deid_key
+def ingest(paths: ProjectPaths) -> dict[str, Any]:
+    """medops.pipeline.ingest_export: the export folder into the published dataset (incremental)."""
+    from medops.pipeline import ingest_export
+    from medops.stages.ingest import format_summary
 
-    params = load_params(paths.params)
-    result = ingest_stage.run(params.ingest, source_dir=source, out_dir=dataset, manifest=manifest,
-                              key=deid_key(params, paths))
-    get_run_logger().info(ingest_stage.format_summary(result))
-    return result.model_dump(mode="json")
+    intake = ingest_export(load_params(paths.params), paths,
+                           progress=progress_artifact("ingest", "files"))
+    # the summary names the operator's private report by its location, never an export path
+    get_run_logger().info(format_summary(intake.result))
+    return {**intake.result.model_dump(mode="json"), "published": intake.published}
+
+
+def progress_artifact(name: str, unit: str, min_interval_s: float = 1.0) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that moves a progress artifact (created now, at 0 %)
+    and logs the count, at most once per ``min_interval_s`` and always at the end."""
+    artifact_id = create_progress_artifact(progress=0.0, key=f"{name}-progress", description=f"{name}: starting")
+    logger = get_run_logger()
+    last = [float("-inf")]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < min_interval_s:
+            return
+        last[0] = now
+        percent = 100.0 * min(done, total) / total if total else 100.0
+        update_progress_artifact(artifact_id, percent, description=f"{name}: {done}/{total} {unit}")
+        logger.info("%s: %d/%d %s", name, done, total, unit)
+
+    return report
 
 
 @task(cache_policy=NO_CACHE)
-def version(paths: ProjectPaths, dataset: Path) -> str:
+def version(paths: ProjectPaths) -> str:
     """``dvc add`` + ``dvc push`` of the dataset folder; returns its data version."""
-    return dvc.version_dataset(paths.root, dataset, push=True)
+    return dvc.version_dataset(paths.root, paths.ingested, push=True)
+
+
+def previous_version(paths: ProjectPaths) -> Optional[str]:
+    """The data version recorded before this run, or None (never versioned)."""
+    try:
+        return dvc.data_version(paths.root, paths.ingested)
+    except Exception:  # DvcError: not tracked yet
+        return None
+
+
+def emit_versioned(data_version: str, summary: dict[str, Any], previous: Optional[str]) -> Any:
+    """``medops.dataset.versioned`` for ``data_version``, with counts only (no PHI)."""
+    from prefect.events import emit_event
+
+    return emit_event(
+        event=DATASET_VERSIONED,
+        resource={"prefect.resource.id": f"medops.dataset.{data_version}",
+                  "prefect.resource.name": "data/ingested", "medops.data_version": data_version},
+        payload={"data_version": data_version, "previous_version": previous,
+                 "files_seen": summary["files_seen"], "used": summary["used"],
+                 "new_or_changed": summary["decoded"], "quarantined": summary["quarantined"],
+                 "quarantined_by_reason": summary["quarantined_by_reason"]},
+    )
 
 
 @flow(name="ingest-studies")
-def ingest_studies(
-    source_dir: str,
-    dataset: str = DEFAULT_DATASET,
-    manifest: Optional[str] = None,
-    project_root: Optional[str] = None,
-) -> dict[str, Any]:
-    """De-identify and prepare every file below ``source_dir``, version the result with DVC.
+def ingest_studies(project_root: Optional[str] = None) -> dict[str, Any]:
+    """De-identify the project's export folder (params ``ingest.source``) into the dataset and
+    version it with DVC; announce a new data version as a Prefect event.
 
     Args:
-        source_dir: the hospital's export folder (read only; it may grow between runs).
-        dataset: the DVC-tracked dataset folder, relative to the project (default data/deidentified).
-        manifest: labels CSV/Parquet keyed by SOPInstanceUID or relative path (optional).
         project_root: the medops project (default: $MEDOPS_ROOT or the current folder).
 
     Returns:
-        The ingest summary, the data version, and whether anything changed.
+        The ingest summary, the data version, and whether it changed.
     """
     paths = ProjectPaths(Path(project_root).resolve()) if project_root else ProjectPaths.discover()
-    target = paths.root / dataset
-    summary = ingest(paths, Path(source_dir).resolve(), target, Path(manifest) if manifest else None)
-    data_version = version(paths, target)
-    create_markdown_artifact(
+    before = previous_version(paths)
+    summary = ingest(paths)
+    data_version = version(paths)
+    changed = data_version != before
+    if changed:
+        emit_versioned(data_version, summary, before)
+    create_table_artifact(
         key="ingest-studies",
-        markdown=(f"# Ingested `{Path(source_dir).name}`\n\n"
-                  f"| | |\n|---|---|\n| data version | `{data_version}` |\n"
-                  f"| files seen | {summary['files_seen']} |\n| used | {summary['used']} |\n"
-                  f"| quarantined | {summary['quarantined']} {summary['quarantined_by_reason']} |\n"
-                  f"| decoded this run | {summary['decoded']} |\n| changed | {summary['changed']} |\n"),
+        table=[{"field": "data version", "value": data_version},
+               {"field": "new version", "value": changed},
+               *field_rows({k: summary[k] for k in ("files_seen", "used", "quarantined", "quarantined_by_reason",
+                                                    "decoded", "changed") if k in summary})],
         description="de-identified dataset version",
     )
-    return {"data_version": data_version, "dataset": str(target.relative_to(paths.root)),
-            "changed": summary["changed"], "ingest": summary}
+    return {"data_version": data_version, "previous_version": before, "changed": changed,
+            "dataset": str(paths.ingested.relative_to(paths.root)),
+            "ingest": {k: v for k, v in summary.items()
+                       if k not in ("out_dir", "dicom_dir", "arrays_dir", "metadata", "quarantine")}}

@@ -1,32 +1,67 @@
-"""Serve the training flow as a Prefect deployment (long-running): ``python -m flows.serve``.
+"""Serve medops' flows as Prefect deployments: ``python -m flows.serve [--project DIR]``.
 
-The deployment is named ``params.prefect.deployment_name``; users start runs from the Prefect UI
-(or ``prefect deployment run training-pipeline/<name>``) with edited parameters. The process talks
-to the server named by PREFECT_API_URL (medops.prefect_server.prefect_env) and runs the flow in the
-project found from $MEDOPS_ROOT or the current folder.
+Two deployments, started from the UI or by the platform itself:
+
+- ``ingest-studies/<name>``: the export folder into a new data version; started by the event
+  ``medops.export.changed`` (``medops watch``: studies landed in the export folder), on a cron
+  schedule when ``prefect.ingest_schedule`` is set (off by default), or by hand.
+- ``training-pipeline/<name>``: reproduce, gate and deploy; a deployment trigger on the event
+  ``medops.dataset.versioned`` (emitted by ingest-studies only when the data version changed)
+  starts it with that ``data_version`` (``prefect.train_on_new_data``).
+
+``flow.serve`` / ``prefect.serve`` rather than a work pool and worker: one process runs both
+deployments with ``limit=1``, so two runs never write the project's files (DVC's lock, params.yaml,
+Triton's repository) at once; a work pool would need its own concurrency limit to promise that.
 """
-
-from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from medops.config import load_params
 from medops.paths import ProjectPaths
 
 
 def describe(params_path: Path) -> str:
-    """The deployment's description: what it does, and params.yaml's values when it was served."""
-    params = load_params(params_path)
-    t, g = params.train, params.gate
+    """The training deployment's description: what it does, and params.yaml's values when served."""
+    from flows.training import UI_PARAMETERS
+
+    values = load_params(params_path).model_dump()
+    current = ", ".join(f"{d.split('.')[1]}={values[d.split('.')[0]][d.split('.')[1]]}" for d in UI_PARAMETERS)
     return (
-        "Version data/raw with DVC, reproduce every stage (dvc repro --single-item), deploy to Triton "
-        "if the gate passes. Empty parameters keep params.yaml's values; when served: "
-        f"epochs={t.epochs}, batch_size={t.batch_size}, learning_rate={t.learning_rate}, "
-        f"min_auc={g.min_auc}, min_accuracy={g.min_accuracy}, min_sensitivity={g.min_sensitivity}, "
-        f"min_specificity={g.min_specificity}."
+        "Reproduce every stage from the de-identified dataset (dvc repro --single-item), deploy to "
+        "Triton if the gate passes. Started by each new data version (medops.dataset.versioned). "
+        f"Empty parameters keep params.yaml's values; when served: {current}."
     )
+
+
+def deployments(paths: ProjectPaths) -> list[Any]:
+    """The two deployments (not yet served), with their trigger and schedule from params.yaml."""
+    from prefect.events import DeploymentEventTrigger
+
+    from flows.ingest import DATASET_VERSIONED, ingest_studies
+    from flows.training import training_pipeline
+    from medops.ops.watch import EXPORT_CHANGED
+
+    params = load_params(paths.params)
+    cfg = params.prefect
+    root = {"project_root": str(paths.root)}
+    triggers = [DeploymentEventTrigger(
+        name="train-on-new-data-version",
+        expect={DATASET_VERSIONED},
+        parameters={**root, "data_version": "{{ event.payload.data_version }}"},
+    )] if cfg.train_on_new_data else []
+    training = training_pipeline.to_deployment(
+        name=cfg.deployment_name, parameters=root, description=describe(paths.params),
+        tags=["medops"], triggers=triggers)
+    ingest = ingest_studies.to_deployment(
+        name=cfg.deployment_name, parameters=root, tags=["medops"], cron=cfg.ingest_schedule,
+        # studies landing in the export folder (medops watch, one event per delivery)
+        triggers=[DeploymentEventTrigger(name="ingest-on-new-studies", expect={EXPORT_CHANGED},
+                                         parameters=root)],
+        description="De-identify the export folder (ingest.source) into data/ingested and version "
+                    "it with DVC; a new data version starts training-pipeline.")
+    return [ingest, training]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -34,17 +69,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--project", help="project root (default: $MEDOPS_ROOT or the nearest params.yaml)")
     args = parser.parse_args(argv)
 
-    from flows.training import training_pipeline
+    from prefect import serve
 
     paths = ProjectPaths.discover(Path(args.project) if args.project else None)
-    params = load_params(paths.params)
-    training_pipeline.serve(
-        name=params.prefect.deployment_name,
-        parameters={"project_root": str(paths.root)},
-        description=describe(paths.params),
-        tags=["medops"],
-        limit=1,  # one pipeline at a time: stages share the project's files and DVC's lock
-    )
+    serve(*deployments(paths), limit=1)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 
 1. ``write_params``: parameters edited for this run (in the Prefect UI form, or as keyword
    arguments) are written into params.yaml, so dvc.lock records the values that were used;
-2. ``version_data``: ``dvc add data/raw`` and ``dvc push`` (returns the data version);
+2. ``data_version``: the de-identified dataset's DVC version (``data/ingested.dvc``, written by the
+   ingest-studies flow); a run started for a given ``data_version`` (by the trigger on
+   ``medops.dataset.versioned``) refuses to train on another one;
 3. one task per stage of ``medops.pipeline.STAGES``, in order, each running
-   ``dvc repro --single-item NAME`` (DVC decides whether it must run) and posting the stage's JSON
-   result as an artifact. A failed critical data-quality expectation stops the flow with its message;
+   ``dvc repro --single-item NAME`` (DVC decides whether it must run), logging its output line by
+   line while it runs (ingest and train also move a progress artifact), then posting the stage's
+   JSON result as table, image and link artifacts. A failed critical data-quality expectation
+   stops the flow with its message;
 4. ``deploy``: only if the gate passed (otherwise its reasons are logged and the flow completes
    without deploying); retried, because Triton may be briefly busy loading;
 5. ``push_outputs``: ``dvc push`` of the pipeline's outputs;
@@ -19,37 +23,72 @@ the pydantic models in medops.config), so the UI form validates what params.yaml
 evaluated annotations.)
 """
 
+import inspect
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (create_image_artifact, create_link_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
-from medops import dvc
-from medops.config import GateConfig, Params, TrainConfig, load_params, update_params_file
+from medops.config import Params, load_params, update_params_file
 from medops.errors import DvcError, GateRejectedError
+from medops.ops import dvc
 from medops.paths import ProjectPaths
+from medops.ops.progress import parse_progress
 from medops.pipeline import STAGES, read_stage_result
+
+from flows.artifacts import Artifact, artifact_key, field_rows, stage_artifacts, summarize_repro
+from flows.events import DATA_REJECTED, MODEL_DEPLOYED, MODEL_REJECTED, emit
 
 DEPLOY_RETRIES = 2
 DEPLOY_RETRY_DELAY_S = 10.0
+# stages that take minutes: a progress artifact follows their `medops progress:` lines
+LONG_STAGES = ("ingest", "train")
 
 
-def _override(model: type[BaseModel], field: str, type_: Any) -> Any:
-    """``Optional[type_]`` with the constraints (ge, gt, le ...) of ``model.field``."""
-    return Annotated[(Optional[type_], *model.model_fields[field].metadata)]
+# The run parameters the Prefect UI form offers, as "section.field" of params.yaml. Each becomes a
+# keyword parameter of training_pipeline named after its field, typed with that field's constraints
+# (so the form validates what params.yaml would) and empty by default (keep params.yaml's value).
+# Adding one to the form, the deployment's description and the overrides is this one line.
+UI_PARAMETERS: tuple[str, ...] = (
+    "train.epochs", "train.batch_size", "train.learning_rate",
+    "gate.min_auc", "gate.min_accuracy", "gate.min_sensitivity", "gate.min_specificity",
+)
 
 
-Epochs = _override(TrainConfig, "epochs", int)
-BatchSize = _override(TrainConfig, "batch_size", int)
-LearningRate = _override(TrainConfig, "learning_rate", float)
-MinAuc = _override(GateConfig, "min_auc", float)
-MinAccuracy = _override(GateConfig, "min_accuracy", float)
-MinSensitivity = _override(GateConfig, "min_sensitivity", float)
-MinSpecificity = _override(GateConfig, "min_specificity", float)
+def _ui_parameter(dotted: str) -> inspect.Parameter:
+    section, field = dotted.split(".")
+    info = Params.model_fields[section].annotation.model_fields[field]
+    annotation = Annotated[(Optional[info.annotation], *info.metadata)]
+    return inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def with_ui_parameters(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``fn(project_root=None, **overrides)`` the signature and docstring Prefect builds its
+    form from: one typed keyword parameter per entry of UI_PARAMETERS."""
+    names = [d.split(".")[1] for d in UI_PARAMETERS]
+    assert len(set(names)) == len(names), f"UI parameter names must be unique: {names}"
+    head = list(inspect.signature(fn).parameters.values())[:-1]  # drop **overrides
+    fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        head + [_ui_parameter(d) for d in UI_PARAMETERS],
+        return_annotation=inspect.signature(fn).return_annotation)
+    docs = "".join(f"        {d.split('.')[1]}: {d} for this run; empty keeps params.yaml's value.\n"
+                   for d in UI_PARAMETERS)
+    fn.__doc__ = (fn.__doc__ or "").replace("        {ui_parameters}\n", docs)
+    return fn
+
+
+def overrides_by_section(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"epochs": 3}`` as ``{"train": {"epochs": 3}}``; None (empty in the form) is left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for dotted in UI_PARAMETERS:
+        section, field = dotted.split(".")
+        if overrides.get(field) is not None:
+            out.setdefault(section, {})[field] = overrides[field]
+    return out
 
 
 # --- tasks ------------------------------------------------------------------------------------
@@ -66,67 +105,99 @@ def write_params(paths: ProjectPaths, overrides: dict[str, dict[str, Any]]) -> P
     if not changed:
         return load_params(paths.params)
     params = update_params_file(paths.params, changed)
-    lines = [f"- `{s}.{k}`: {current[s][k]} → **{v}**" for s, vals in changed.items() for k, v in vals.items()]
+    rows = [{"parameter": f"{s}.{k}", "was": current[s][k], "now": v} for s, vals in changed.items()
+            for k, v in vals.items()]
     get_run_logger().info("params.yaml updated: %s", changed)
-    create_markdown_artifact(key="params-changed", markdown="# params.yaml for this run\n\n" + "\n".join(lines),
-                             description="parameters edited for this run")
+    post(Artifact("table", "params-changed", rows, "params.yaml values edited for this run"))
     return params
 
 
 @task(cache_policy=NO_CACHE)
-def version_data(paths: ProjectPaths) -> str:
-    """``dvc add data/raw`` and push it to the default remote; returns its data version."""
-    version = dvc.version_dataset(paths.root, paths.raw, push=True)
-    get_run_logger().info("%s is at data version %s (pushed)", paths.raw.relative_to(paths.root), version)
+def check_data_version(paths: ProjectPaths, expected: Optional[str]) -> str:
+    """The dataset's DVC version (data/ingested.dvc); ``expected`` (from the event that started
+    the run) must be it: another ingest may have versioned newer data since."""
+    try:
+        version = dvc.data_version(paths.root, paths.ingested)
+    except DvcError as exc:
+        raise DvcError(f"no versioned dataset in {paths.ingested}: run the ingest-studies flow "
+                       f"(or `medops ingest` and `medops version-data`) first ({exc})") from None
+    if expected and version != expected:
+        raise DvcError(f"this run was started for data version {expected}, but {paths.ingested} is "
+                       f"at {version}: the run for {version} trains it")
+    get_run_logger().info("training on data version %s", version)
     return version
+
+
+def post(artifact: Artifact) -> None:
+    """Post one artifact built by flows.artifacts with Prefect's function for its type."""
+    if artifact.kind == "table":
+        create_table_artifact(table=artifact.data, key=artifact.key, description=artifact.description)
+    elif artifact.kind == "image":
+        create_image_artifact(image_url=artifact.data, key=artifact.key, description=artifact.description)
+    else:
+        create_link_artifact(link=artifact.data, link_text=artifact.link_text, key=artifact.key,
+                             description=artifact.description)
+
+
+class StageOutput:
+    """``dvc repro``'s lines as they come: each one logged to the task run, ``medops progress:``
+    lines also moving the stage's progress artifact (created at 0 % for the LONG_STAGES)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.logger = get_run_logger()
+        self.progress_id = None
+        if name in LONG_STAGES:
+            self.progress_id = create_progress_artifact(
+                progress=0.0, key=artifact_key(name, "progress"), description=f"{name}: waiting for the stage")
+        self.last_percent = 0.0
+
+    def __call__(self, line: str) -> None:
+        if line.strip():
+            self.logger.info("%s | %s", self.name, line)
+        progress = parse_progress(line)
+        if progress is not None and self.progress_id is not None and progress.stage == self.name:
+            self.update(progress.percent, f"{self.name}: {progress.done}/{progress.total} {progress.unit}")
+
+    def update(self, percent: float, description: str) -> None:
+        if self.progress_id is not None and percent != self.last_percent:
+            update_progress_artifact(self.progress_id, percent, description=description)
+            self.last_percent = percent
 
 
 @task(cache_policy=NO_CACHE)
 def run_stage(paths: ProjectPaths, name: str) -> dict[str, Any]:
-    """``dvc repro --single-item NAME``, then the stage's JSON result, posted as an artifact."""
+    """``dvc repro --single-item NAME``, its output logged line by line while it runs; then the
+    stage's JSON result, posted as artifacts (tables, images, links: flows.artifacts)."""
     logger = get_run_logger()
+    output = StageOutput(name)
     try:
-        output = dvc.repro(paths.root, name, single_item=True)
+        repro = dvc.repro(paths.root, name, single_item=True, on_line=output)
     except DvcError:
         if name == "quality":
             _raise_quality_failure(paths)
         raise
-    logger.info("dvc repro --single-item %s: %s", name, summarize_repro(output))
+    output.update(100.0, f"{name}: done")
+    logger.info("dvc repro --single-item %s: %s", name, summarize_repro(repro))
     result = read_stage_result(name, paths)
     for warning in result.get("warnings") or []:  # e.g. non-critical data-quality expectations
         logger.warning("%s: %s", name, warning)
-    create_markdown_artifact(key=f"stage-{name}", markdown=render_markdown(f"Stage `{name}`", result),
-                             description=f"result of the {name} stage")
-    if result.get("files"):  # images a stage wrote (explain: Grad-CAM heatmaps) go to the run too
-        create_markdown_artifact(key=f"{name}-images", markdown=render_images(name, result["files"]),
-                                 description=f"images written by the {name} stage")
+    for artifact in stage_artifacts(name, result):
+        post(artifact)
     return result
-
-
-def render_images(title: str, files: list[str], limit: int = 8) -> str:
-    """PNG files embedded in markdown (data URIs), so the Prefect UI shows them with the run."""
-    import base64
-
-    out = [f"# {title}", ""]
-    for name in files[:limit]:
-        path = Path(name)
-        if path.suffix.lower() != ".png" or not path.is_file():
-            continue
-        data = base64.b64encode(path.read_bytes()).decode()
-        out += [f"### {path.name}", "", f"![{path.name}](data:image/png;base64,{data})", ""]
-    return "\n".join(out)
 
 
 def _raise_quality_failure(paths: ProjectPaths) -> None:
     """A failed quality stage wrote its report before failing: stop with its message."""
-    from medops import quality
-
+    from medops.stages import quality
     failed = quality.failed_result(paths.quality_dir)
     if failed is not None:  # else it failed before validating; the DvcError says why
-        create_markdown_artifact(key="stage-quality",
-                                 markdown=render_markdown("Stage `quality` FAILED", failed.model_dump(mode="json")),
-                                 description="data-quality expectations that failed")
-        raise quality.failure_error(failed)
+        for artifact in stage_artifacts("quality", failed.model_dump(mode="json"), failed=True):
+            post(artifact)
+        error = quality.failure_error(failed)
+        emit(DATA_REJECTED, "medops.dataset.ingested",
+             {"data_version": _current_version(paths), "reason": str(error)})
+        raise error
 
 
 def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -146,8 +217,17 @@ def deploy_model(paths: ProjectPaths, params: Params) -> dict[str, Any]:
     result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
                     export_result=paths.export_result, **serving_kwargs(params, paths))
     payload = result.model_dump(mode="json")
-    create_markdown_artifact(key="deployment", markdown=render_markdown("Deployed", payload),
-                             description=f"{result.model_name} version {result.version} on Triton")
+    if not result.unchanged:
+        from prefect.runtime import flow_run
+
+        from medops.ops.lineage import record_deployment
+
+        record_deployment(paths, payload, flow_run_id=flow_run.get_id())
+    post(Artifact("table", "deployment", field_rows(payload),
+                  f"{result.model_name} version {result.version} on Triton"))
+    emit(MODEL_DEPLOYED, f"medops.model.{result.model_name}.{result.version}",
+         {"model_name": result.model_name, "model_version": result.version,
+          "data_version": result.data_version})
     return payload
 
 
@@ -177,57 +257,65 @@ def push_outputs(paths: ProjectPaths) -> str:
 
 # --- flow -------------------------------------------------------------------------------------
 
+def _current_version(paths: ProjectPaths) -> Optional[str]:
+    try:
+        return dvc.data_version(paths.root, paths.ingested)
+    except DvcError:
+        return None
+
+
+def trained_marker(paths: ProjectPaths, data_version: str) -> Path:
+    """Written when a run for ``data_version`` completed: a second run started for the same version
+    (a replayed event) finds it and does nothing."""
+    return paths.state / "trained" / f"{data_version}.json"
+
+
 def deploy_if_passed(paths: ProjectPaths, params: Params) -> Optional[dict[str, Any]]:
     """Run the deploy task only if reports/gate.json passed; otherwise log why and return None."""
-    from medops.gate import read_decision
+    from medops.results import read_decision
 
     decision = read_decision(paths.gate)
     if not decision.passed:
         get_run_logger().warning("gate rejected the model, not deploying: %s",
                                  "; ".join(decision.failed_reasons or decision.reasons))
+        emit(MODEL_REJECTED, f"medops.model.candidate.{decision.data_version}",
+             {"data_version": decision.data_version, "model": decision.model,
+              "reasons": decision.failed_reasons or decision.reasons})
         return None
     return deploy_model(paths, params)
 
 
 @flow(name="training-pipeline")
-def training_pipeline(
-    project_root: Optional[str] = None,
-    epochs: Epochs = None,
-    batch_size: BatchSize = None,
-    learning_rate: LearningRate = None,
-    min_auc: MinAuc = None,
-    min_accuracy: MinAccuracy = None,
-    min_sensitivity: MinSensitivity = None,
-    min_specificity: MinSpecificity = None,
-) -> dict[str, Any]:
-    """Version the raw data, reproduce every stage with DVC, deploy if the gate passed, push.
+@with_ui_parameters
+def training_pipeline(project_root: Optional[str] = None, data_version: Optional[str] = None,
+                      **overrides: Any) -> dict[str, Any]:
+    """Reproduce every stage with DVC from the versioned dataset, deploy if the gate passed, push.
 
     Args:
         project_root: the medops project (default: $MEDOPS_ROOT or the worker's current folder).
-        epochs: train.epochs; empty keeps params.yaml's value.
-        batch_size: train.batch_size; empty keeps params.yaml's value.
-        learning_rate: train.learning_rate; empty keeps params.yaml's value.
-        min_auc: gate.min_auc, the smallest test AUC that may be deployed; empty keeps params.yaml's.
-        min_accuracy: gate.min_accuracy; empty keeps params.yaml's value.
-        min_sensitivity: gate.min_sensitivity; empty keeps params.yaml's value.
-        min_specificity: gate.min_specificity; empty keeps params.yaml's value.
+        data_version: the dataset version this run is for (set by the trigger on
+            medops.dataset.versioned); empty: whatever data/ingested.dvc holds.
+        {ui_parameters}
 
     Returns:
         A summary: data version, params used, every stage's result, the gate, the deployment.
     """
     paths = ProjectPaths(Path(project_root).resolve()) if project_root else ProjectPaths.discover()
-    overrides = {
-        "train": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate},
-        "gate": {"min_auc": min_auc, "min_accuracy": min_accuracy,
-                 "min_sensitivity": min_sensitivity, "min_specificity": min_specificity},
-    }
-    overrides = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()}
-    params = write_params(paths, {s: vals for s, vals in overrides.items() if vals})
-    data_version = version_data(paths)
+    if data_version and trained_marker(paths, data_version).is_file():
+        # a replayed or duplicate medops.dataset.versioned event: this version was trained already
+        get_run_logger().info("data version %s was trained already (%s): nothing to do", data_version,
+                              trained_marker(paths, data_version).relative_to(paths.root))
+        return {"project_root": str(paths.root), "data_version": data_version, "skipped": True}
+    params = write_params(paths, overrides_by_section(overrides))
+    data_version = check_data_version(paths, data_version)
     stages = {name: run_stage.with_options(name=name, task_run_name=name)(paths, name) for name in STAGES}
     deployed = deploy_if_passed(paths, params)
     pushed = push_outputs(paths)
     experiment = record_experiment(paths)
+    marker = trained_marker(paths, data_version)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"data_version": data_version, "gate": stages["gate"].get("passed"),
+                                  "deployed": (deployed or {}).get("version")}) + "\n")
     return {
         "project_root": str(paths.root),
         "data_version": data_version,
@@ -238,44 +326,3 @@ def training_pipeline(
         "pushed": pushed,
         "experiment": experiment,
     }
-
-
-# --- artifact rendering -----------------------------------------------------------------------
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        text = f"{value:.4g}"
-    elif isinstance(value, (dict, list)):
-        text = json.dumps(value, default=str)
-        text = text if len(text) <= 200 else text[:197] + "..."
-    else:
-        text = str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(title: str, result: dict[str, Any]) -> str:
-    """A stage result as markdown: scalars in a key/value table, lists of strings as bullets,
-    lists of records (e.g. the quality expectations) as their own tables."""
-    out = [f"# {title}", "", "| | |", "|---|---|"]
-    sections: list[str] = []
-    for key, value in result.items():
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            cols = list(dict.fromkeys(k for row in value for k in row))
-            sections += ["", f"## {key}", "", "| " + " | ".join(cols) + " |",
-                         "|" + "---|" * len(cols)]
-            sections += ["| " + " | ".join(_cell(row.get(c, "")) for c in cols) + " |" for row in value]
-        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            sections += ["", f"## {key}", ""] + [f"- {_cell(v)}" for v in value]
-        else:
-            out.append(f"| {key} | {_cell(value)} |")
-    return "\n".join(out + sections) + "\n"
-
-
-_REPRO_LINES = ("Running stage", "Stage '", "Generating lock file", "Updating lock file",
-                "Data and pipelines are up to date")
-
-
-def summarize_repro(output: str) -> str:
-    """DVC's own lines from ``dvc repro`` output (ran or skipped, lock updated), not the stage's."""
-    lines = [line.strip() for line in output.splitlines() if line.strip().startswith(_REPRO_LINES)]
-    return "; ".join(lines) if lines else output.strip()[-500:]

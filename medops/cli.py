@@ -1,5 +1,11 @@
-"""The ``medops`` command. Each subcommand parses, loads config, calls one library function, prints
-a summary and returns an exit code; ``main(argv)`` is testable in-process.
+"""The ``medops`` command. Each subcommand parses, loads config, calls one library function and
+returns a Report (a summary for people, one JSON object for ``--json``, an exit code); ``main``
+prints it and maps medops' errors to the exit codes of ``medops.errors.ExitCode``. ``main(argv)``
+is testable in-process.
+
+With ``--json``, stdout carries that one object and nothing else: what the command itself would
+print (Keras, Great Expectations) goes to stderr meanwhile, as do progress bars, which are drawn
+only when stderr is a terminal. A failed command prints ``{"error": {...}}`` instead.
 
 Heavy modules (TensorFlow, Prefect, tritonclient) are imported inside the subcommand that needs
 them, so ``medops predict`` starts fast.
@@ -8,14 +14,28 @@ them, so ``medops predict`` starts fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
+import medops
 from medops.config import Params, load_params
-from medops.errors import MedopsError
+from medops.errors import ConfigError, ExitCode, MedopsError, exit_code_for
 from medops.paths import BUNDLED_DATASET, ProjectPaths
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Report:
+    """What a subcommand has to say: ``text`` for people, ``data`` for ``--json``."""
+
+    text: str
+    data: dict[str, Any]
+    code: ExitCode = ExitCode.OK
 
 
 def _context(args: argparse.Namespace) -> tuple[ProjectPaths, Params]:
@@ -23,42 +43,91 @@ def _context(args: argparse.Namespace) -> tuple[ProjectPaths, Params]:
     return paths, load_params(paths.params)
 
 
+@contextlib.contextmanager
+def progress_bar(desc: str, unit: str = "file", *, enabled: bool = True,
+                 stream: TextIO | None = None) -> Iterator[Progress | None]:
+    """A tqdm bar on ``stream`` (default stderr) as a ``progress(done, total)`` callback, or None
+    (no bar) when not ``enabled`` or when ``stream`` is not a terminal: pipes, CI logs and
+    ``--json`` consumers get no carriage-return noise."""
+    stream = stream if stream is not None else sys.stderr
+    if not enabled or not stream.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit=unit, file=stream, dynamic_ncols=True)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
 # --- subcommands ------------------------------------------------------------------------------
 
-def cmd_synth(args: argparse.Namespace) -> int:
+def cmd_synth(args: argparse.Namespace) -> Report:
     from medops.dicom import synth
 
     paths, params = _context(args)
-    out = Path(args.out) if args.out else paths.raw
-    result = synth.run(params.synth, source_npz=Path(args.source or BUNDLED_DATASET), out_dir=out)
-    print(f"wrote {result.files} DICOM files for {result.patients} patients to {out}/dicom "
-          f"and labels to {out}/labels.csv")
-    return 0
+    out = Path(args.out) if args.out else paths.export(params.ingest.source)
+    if args.add:
+        result = synth.add_studies(params.synth, source_npz=Path(args.source or BUNDLED_DATASET),
+                                   out_dir=out, n=args.add)
+        return Report(f"added {result.files} DICOM files in {result.studies} new studies of "
+                      f"{result.patients} patients to {result.dicom_dir}, labels in {result.manifest}",
+                      result.model_dump(mode="json"))
+    with progress_bar("synth") as bar:
+        result = synth.run(params.synth, source_npz=Path(args.source or BUNDLED_DATASET),
+                           out_dir=out, progress=bar)
+    return Report(f"wrote {result.files} DICOM files for {result.patients} patients to "
+                  f"{result.dicom_dir} and labels to {result.manifest}",
+                  result.model_dump(mode="json"))
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from medops import ingest
+def cmd_ingest(args: argparse.Namespace) -> Report:
+    from medops.stages import ingest
     from medops.pipeline import deid_key
 
     paths, params = _context(args)
     cfg = params.ingest
     if args.workers:
         cfg = cfg.model_copy(update={"workers": args.workers})
+    if args.source is None:  # the project's own data path: export folder -> versioned dataset
+        from medops.pipeline import ingest_export
+
+        if args.out or args.manifest:
+            raise ConfigError("--out and --manifest go with a SOURCE folder; without one, medops "
+                              "ingests the project's export folder (ingest.source)")
+        with progress_bar("ingest", enabled=not args.quiet) as bar:
+            intake = ingest_export(params.model_copy(update={"ingest": cfg}), paths, progress=bar,
+                                   full=args.full)
+        summary = ingest.format_summary(intake.result)
+        summary += (f"\npublished the de-identified dataset to {paths.ingested}"
+                    if intake.published else f"\n{paths.ingested} unchanged")
+        return Report(summary, {**intake.result.model_dump(mode="json"),
+                                "dataset": str(paths.ingested), "published": intake.published})
+    if not args.out:
+        raise ConfigError("medops ingest SOURCE needs --out OUT")
     if args.full:
         cfg = cfg.model_copy(update={"incremental": False})
-    result = ingest.run(
-        cfg,
-        source_dir=Path(args.source),
-        out_dir=Path(args.out),
-        manifest=Path(args.manifest) if args.manifest else None,
-        key=deid_key(params, paths),
-        progress=not args.quiet,
-    )
-    print(ingest.format_summary(result))
-    return 0
+    with progress_bar("ingest", enabled=not args.quiet) as bar:
+        result = ingest.run(
+            cfg,
+            source_dir=Path(args.source),
+            out_dir=Path(args.out),
+            manifest=Path(args.manifest) if args.manifest else None,
+            key=deid_key(params, paths),
+            progress=bar,
+        )
+    return Report(ingest.format_summary(result), result.model_dump(mode="json"))
 
 
-def cmd_deid_report(args: argparse.Namespace) -> int:
+def cmd_deid_report(args: argparse.Namespace) -> Report:
     import os
 
     from medops.dicom import deid_report
@@ -68,7 +137,7 @@ def cmd_deid_report(args: argparse.Namespace) -> int:
         paths, params = _context(args)
         cfg = params.ingest.deid
         if not os.environ.get(cfg.key_env) and not (paths.state / "secrets" / "deid.key").is_file():
-            raise MedopsError(f"--source needs the de-identification key ingest used: set "
+            raise ConfigError(f"--source needs the de-identification key ingest used: set "
                               f"${cfg.key_env} or keep {paths.state}/secrets/deid.key")
         from medops.pipeline import deid_key
 
@@ -76,57 +145,59 @@ def cmd_deid_report(args: argparse.Namespace) -> int:
     report = deid_report.report_folder(Path(args.folder), source=Path(args.source) if args.source else None,
                                        key=key)
     if report.files == 0:
-        raise MedopsError(f"no DICOM files below {args.folder}")
-    print(json.dumps(report.to_dict(), indent=2) if args.json else deid_report.format_report(report))
-    return 1 if report.findings else 0
+        raise ConfigError(f"no DICOM files below {args.folder}")
+    return Report(deid_report.format_report(report), report.to_dict(),
+                  ExitCode.FAILURE if report.findings else ExitCode.OK)
 
 
-def cmd_stage(args: argparse.Namespace) -> int:
+def cmd_stage(args: argparse.Namespace) -> Report:
     from medops.pipeline import run_stage
 
     paths, params = _context(args)
     payload = run_stage(args.name, params, paths)
-    print(json.dumps(payload, indent=2, sort_keys=True))
-    return 0
+    return Report(json.dumps(payload, indent=2, sort_keys=True), payload)
 
 
-def cmd_stages(args: argparse.Namespace) -> int:
+def cmd_stages(args: argparse.Namespace) -> Report:
     from medops.pipeline import STAGES
 
-    for stage in STAGES.values():
-        print(f"{stage.name:10s} {stage.module:18s} params: {', '.join(stage.sections)}")
-    return 0
+    rows = [{"name": s.name, "module": s.module, "params": list(s.sections)} for s in STAGES.values()]
+    return Report("\n".join(f"{r['name']:10s} {r['module']:18s} params: {', '.join(r['params'])}"
+                            for r in rows),
+                  {"stages": rows})
 
 
-def cmd_version_data(args: argparse.Namespace) -> int:
-    from medops import dvc
+def cmd_version_data(args: argparse.Namespace) -> Report:
+    from medops.ops import dvc
 
     paths, _ = _context(args)
-    version = dvc.version_dataset(paths.root, paths.raw, push=not args.no_push)
-    print(f"{paths.raw.relative_to(paths.root)} is at data version {version}")
-    return 0
+    version = dvc.version_dataset(paths.root, paths.ingested, push=not args.no_push)
+    rel = paths.ingested.relative_to(paths.root)
+    return Report(f"{rel} is at data version {version}",
+                  {"path": str(rel), "data_version": version, "pushed": not args.no_push})
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace) -> Report:
     from medops.serving import server
 
     paths, params = _context(args)
     cfg = params.serving
     if args.action == "stop":
         stopped = server.stop_server(paths.state)
-        print("Triton stopped" if stopped else "Triton was not running")
-        return 0
+        return Report("Triton stopped" if stopped else "Triton was not running", {"stopped": stopped})
     if args.action == "status":
-        print(server.server_status(paths.state))
-        return 0
+        status = server.server_status(paths.state)
+        return Report(status.describe(), status.model_dump(mode="json"),
+                      ExitCode.OK if status.ready else ExitCode.UNAVAILABLE)
     info = server.start_server(cfg, repository=cfg.repository_path(paths.root), state_dir=paths.state,
                                admin_key=server.resolve_admin_key(cfg, state_dir=paths.state, create=True))
-    print(f"Triton ready: HTTP {cfg.host}:{cfg.http_port}, gRPC {cfg.grpc_url}, "
-          f"metrics {cfg.host}:{cfg.metrics_port} (pid {info.pid}, repository {info.repository})")
-    return 0
+    return Report(f"Triton ready: HTTP {info.http_url}, gRPC {info.grpc_url}, "
+                  f"metrics {info.metrics_url} (pid {info.pid}, repository {info.repository})",
+                  {**info.model_dump(mode="json"), "http_url": info.http_url,
+                   "grpc_url": info.grpc_url, "metrics_url": info.metrics_url})
 
 
-def cmd_deploy(args: argparse.Namespace) -> int:
+def cmd_deploy(args: argparse.Namespace) -> Report:
     from medops.pipeline import serving_kwargs
     from medops.serving.deploy import deploy
 
@@ -134,115 +205,198 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
                     export_result=paths.export_result, url=args.url, protocol=args.protocol,
                     **serving_kwargs(params, paths))
-    print(f"deployed {result.model_name} version {result.version} (data version {result.data_version})")
-    return 0
+    if not result.unchanged:
+        from medops.ops.lineage import record_deployment
+
+        record_deployment(paths, result.model_dump(mode="json"))
+    what = "already serving" if result.unchanged else "deployed"
+    return Report(f"{what} {result.model_name} version {result.version} "
+                  f"(data version {result.data_version})", result.model_dump(mode="json"))
 
 
-def cmd_rollback(args: argparse.Namespace) -> int:
+def cmd_lineage(args: argparse.Namespace) -> Report:
+    from medops.ops import lineage
+
+    paths, params = _context(args)
+    if args.patient:
+        found = lineage.patient_lineage(paths, args.patient)
+        lines = [f"patient {found['patient_id']}:"]
+        lines += [f"  data version {d['data_version']}: {d['images']} image(s)" for d in found["data_versions"]]
+        lines += [f"  model {m['model_name']} version {m['model_version']} (data version {m['data_version']})"
+                  for m in found["model_versions"]]
+        if len(lines) == 1:
+            lines.append("  in no data version DVC holds, and in no recorded model")
+        return Report("\n".join(lines), found)
+    cfg = params.serving
+    record = lineage.model_lineage(paths, cfg.repository_path(paths.root), cfg.model_name, args.version)
+    rows = [("model version", record["model_version"]), ("data version", record["data_version"]),
+            ("code commit", record["code_commit"]), ("flow run", record["flow_run_id"]),
+            ("gate", "passed" if record["gate"]["passed"] else "refused"),
+            ("test AUC", record["quality"].get("auc")), ("deployed", record["deployed"])]
+    return Report("\n".join(f"{k:14s} {v}" for k, v in rows), record)
+
+
+def cmd_rollback(args: argparse.Namespace) -> Report:
     from medops.pipeline import serving_kwargs
     from medops.serving.deploy import rollback
 
     paths, params = _context(args)
     result = rollback(params.serving, url=args.url, protocol=args.protocol, to_version=args.to,
                       **serving_kwargs(params, paths))
-    print(f"{result.model_name}: version {result.from_version} -> {result.to_version} now serving")
-    return 0
+    return Report(f"{result.model_name}: version {result.from_version} -> {result.to_version} "
+                  "now serving", result.model_dump(mode="json"))
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from medops import client
+def cmd_predict(args: argparse.Namespace) -> Report:
+    from medops.serving import client
     from medops.serving.server import endpoint
 
     paths, params = _context(args)
     cfg = params.serving
     url = args.url or endpoint(cfg, args.protocol)
-    preds = client.predict_files(
-        [Path(f) for f in args.files],
-        url=url,
-        protocol=args.protocol,
-        model_name=args.model or cfg.model_name,
-        image_size=params.ingest.image_size,
-        window=params.ingest.window,
-        frame=params.ingest.frame,
-        pixel_spacing=params.ingest.pixel_spacing,
-        via=args.via,
-    )
-    if args.json:
-        print(client.to_json_lines(preds), end="")
-    else:
-        print(client.format_predictions(preds))
-    return 0 if all(p.error is None for p in preds) else 1
+    model = args.model or cfg.model_name
+    with progress_bar("predict") as bar:
+        preds = client.predict_files(
+            [Path(f) for f in args.files],
+            url=url,
+            protocol=args.protocol,
+            model_name=model,
+            image_size=params.ingest.image_size,
+            window=params.ingest.window,
+            frame=params.ingest.frame,
+            pixel_spacing=params.ingest.pixel_spacing,
+            via=args.via,
+            progress=bar,
+        )
+    failed = sum(p.error is not None for p in preds)
+    # a file that got no answer is a bad input (not DICOM, too large, undecodable); the others are
+    # still answered, and the exit code says that not all were
+    return Report(client.format_predictions(preds),
+                  {"url": url, "protocol": args.protocol, "model": model, "via": args.via,
+                   "failed": failed, "predictions": [p.model_dump(mode="json") for p in preds]},
+                  ExitCode.BAD_INPUT if failed else ExitCode.OK)
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from medops import demo
+def cmd_watch(args: argparse.Namespace) -> Report:
+    from medops.ops.watch import run_watch
 
     paths, params = _context(args)
-    for line in demo.start_services(paths, params):
-        print(line)
-    return 0
+    export = paths.export(params.ingest.source)
+    run_watch(export, quiet_s=args.quiet_s, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return Report("stopped watching", {"export": str(export)})
 
 
-def cmd_down(args: argparse.Namespace) -> int:
-    from medops import demo
+def cmd_up(args: argparse.Namespace) -> Report:
+    from medops.ops import demo
+
+    paths, params = _context(args)
+    lines = demo.start_services(paths, params)
+    return Report("\n".join(lines), {"lines": lines})
+
+
+def cmd_down(args: argparse.Namespace) -> Report:
+    from medops.ops import demo
 
     paths, _ = _context(args)
-    for line in demo.stop_services(paths):
-        print(line)
-    return 0
+    lines = demo.stop_services(paths)
+    return Report("\n".join(lines), {"lines": lines})
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from medops import demo
+def cmd_demo(args: argparse.Namespace) -> Report:
+    from medops.ops import demo
 
     paths, params = _context(args)
-    print(demo.run_demo(paths, params))
-    return 0
+    text = demo.run_demo(paths, params)
+    return Report(text, {"summary": text})
 
 
 # --- parser -----------------------------------------------------------------------------------
 
+def exit_codes_epilog() -> str:
+    """The table of exit codes, as ``medops --help`` ends (the README holds the same table)."""
+    import textwrap
+
+    return "exit codes:\n" + "\n".join(
+        textwrap.fill(code.meaning, width=79, initial_indent=f"  {code.value:<4d} ",
+                      subsequent_indent=" " * 7, break_on_hyphens=False)
+        for code in ExitCode)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medops", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="medops", description=__doc__.splitlines()[0],
+                                     epilog=exit_codes_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"medops {medops.__version__}")
     parser.add_argument("--project", help="project root (default: nearest folder with params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[[argparse.Namespace], Report], help: str, *,
+            json_flag: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
+        if json_flag:
+            p.add_argument("--json", action="store_true",
+                           help="print one JSON object on stdout (and nothing else there)")
         return p
 
+    _add_data_commands(add)
+    _add_serving_commands(add)
+    return parser
+
+
+AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+def _add_data_commands(add: AddCommand) -> None:
+    """The data side: synth, ingest, the stages, DVC."""
     p = add("synth", cmd_synth, "turn the bundled PneumoniaMNIST into a DICOM export with synthetic PHI")
     p.add_argument("--source", help="npz file (default: the bundled dataset)")
-    p.add_argument("--out", help="output folder (default: data/raw)")
+    p.add_argument("--out", help="output folder (default: the export folder, ingest.source)")
+    p.add_argument("--add", type=int, metavar="N",
+                   help="add N new labelled patients' studies to the export (a new delivery, with "
+                        "its own labels-add-K.csv) instead of writing the export")
 
-    p = add("ingest", cmd_ingest, "de-identify, decode and prepare every DICOM file below SOURCE")
-    p.add_argument("source")
-    p.add_argument("--out", required=True)
+    p = add("ingest", cmd_ingest, "de-identify, decode and prepare every DICOM file below SOURCE "
+                                  "(default: the project's export folder, published to data/ingested)")
+    p.add_argument("source", nargs="?", help="a folder to ingest into --out (default: ingest.source, "
+                                             "into the project's dataset)")
+    p.add_argument("--out", help="output folder (with SOURCE)")
     p.add_argument("--manifest", help="labels CSV/Parquet keyed by SOPInstanceUID or relative path")
     p.add_argument("--workers", type=int, help="decoding processes (default: params ingest.workers)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless "
+                                                        "stderr is a terminal)")
     p.add_argument("--full", action="store_true", help="rebuild everything, even files seen before")
 
-    p = add("deid-report", cmd_deid_report,
-            "what de-identification did to each attribute, with counts, and what is left (exit 1)")
+    p = add("deid-report", cmd_deid_report, "what de-identification did to each attribute, with "
+                                            f"counts, and what is left (exits {ExitCode.FAILURE.value})")
     p.add_argument("folder", help="ingest's output folder (its dicom/) or a folder of de-identified files")
     p.add_argument("--source", help="the original export: compare each original with its de-identified file")
-    p.add_argument("--json", action="store_true", help="the report as JSON")
 
     p = add("stage", cmd_stage, "run one pipeline stage (what dvc.yaml calls)")
     p.add_argument("name")
     add("stages", cmd_stages, "list the pipeline stages")
 
-    p = add("version-data", cmd_version_data, "track data/raw with DVC and push it to the default remote")
+    p = add("version-data", cmd_version_data, "track the de-identified dataset (data/ingested) with DVC "
+                                               "and push it to the default remote")
     p.add_argument("--no-push", action="store_true")
 
-    p = add("serve", cmd_serve, "start (default), stop or inspect the embedded Triton server")
+
+
+def _add_serving_commands(add: AddCommand) -> None:
+    """The serving side: Triton, deploy, lineage, rollback, predict; the watcher and the demo."""
+    p = add("serve", cmd_serve, "start (default), stop or inspect the embedded Triton server; "
+                                f"status exits {ExitCode.UNAVAILABLE.value} unless it is ready")
     p.add_argument("action", nargs="?", choices=["start", "stop", "status"], default="start")
 
     p = add("deploy", cmd_deploy, "deploy the exported model to the running Triton, if the gate passed")
     p.add_argument("--url", help="Triton address (default: from params serving)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+
+    p = add("lineage", cmd_lineage, "where the served model (or --version N) came from: data version, "
+                                    "code commit, params, flow run, gate; or, with --patient, every data "
+                                    "version and model version holding a patient's images")
+    p.add_argument("--version", type=int, help="a model version (default: the served one)")
+    p.add_argument("--patient", help="a pseudonymous patient ID, as the dataset's patient_id column has it")
 
     p = add("rollback", cmd_rollback, "serve the previous (or a given) model version again")
     p.add_argument("--to", type=int, help="version to serve (default: the one before the served one)")
@@ -254,26 +408,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     p.add_argument("--url", help="Triton address, host:port (default: params serving host and port)")
     p.add_argument("--model", help="model name (default: params serving.model_name)")
-    p.add_argument("--json", action="store_true", help="one JSON object per file")
     p.add_argument("--via", choices=["ensemble", "tensor"], default="ensemble",
                    help="ensemble: send the DICOM bytes, Triton preprocesses (default); "
                         "tensor: preprocess here and call the classifier directly")
 
-    add("up", cmd_up, "start the Prefect server and Triton (reusing running ones)")
-    add("down", cmd_down, "stop what `medops up` / `make demo` started, by recorded pid")
-    add("demo", cmd_demo, "the whole demo: data, servers, the training flow, deployment")
-    return parser
+    # the demo's own commands report progress lines, nothing for a script to parse
+    p = add("watch", cmd_watch, "emit the Prefect event medops.export.changed when studies land in "
+                                "the export folder (once per delivery); runs until stopped",
+            json_flag=False)
+    p.add_argument("--quiet-s", type=float, default=5.0,
+                   help="seconds without a new file event that end a delivery (default 5)")
+    add("up", cmd_up, "start the Prefect server and Triton (reusing running ones)", json_flag=False)
+    add("down", cmd_down, "stop what `medops up` / `make demo` started, by recorded pid",
+        json_flag=False)
+    add("demo", cmd_demo, "the whole demo: data, servers, the training flow, deployment",
+        json_flag=False)
+
+
+def _print_json(data: dict[str, Any], stream: TextIO) -> None:
+    print(json.dumps(data, sort_keys=True), file=stream)
+
+
+def _error_object(exc: BaseException, code: ExitCode) -> dict[str, Any]:
+    return {"error": {"code": int(code), "type": type(exc).__name__, "message": str(exc)}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``medops`` with ``argv`` (default: the command line); returns the exit code.
+
+    A MedopsError is one line on stderr and its class's exit code; any other exception is a bug
+    and goes on up (Python prints the traceback and exits 1, ``ExitCode.FAILURE``).
+    """
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0) or a usage error (2): argparse has printed
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    as_json = getattr(args, "json", False)
+    stdout = sys.stdout
+    try:
+        # with --json, whatever the libraries print goes to stderr: stdout is the object alone
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            report = args.func(args)
+    except KeyboardInterrupt:
+        return int(ExitCode.INTERRUPTED)
     except MedopsError as exc:
         print(f"medops {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        if as_json:
+            _print_json(_error_object(exc, exc.exit_code), stdout)
+        return int(exc.exit_code)
+    except Exception as exc:
+        if as_json:  # a script still gets its one object; the traceback follows on stderr
+            _print_json(_error_object(exc, exit_code_for(exc)), stdout)
+        raise
+    if as_json:
+        _print_json(report.data, stdout)
+    elif report.text:
+        print(report.text, file=stdout)
+    return int(report.code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,6 +48,9 @@ class DeidConfig(_Section):
 
 
 class IngestConfig(_Section):
+    # the hospital's export folder, relative to the project or absolute: read only, never
+    # versioned (its files and names carry PHI); label manifests (*.csv) arrive in it too
+    source: str = "data/export"
     image_size: int = Field(default=28, ge=8, le=1024)
     window: Window | None = None
     frame: Literal["first", "middle", "max"] = "middle"  # which frame of a multi-frame image
@@ -99,7 +102,7 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     threshold_strategy: Literal["fixed", "youden", "youden_bootstrap", "sensitivity"] = "youden"  # on val
     target_sensitivity: float = Field(default=0.9, gt=0, le=1)
-    # GPU and multi-machine paths (medops.distribute): "auto" uses what the machine has
+    # GPU and multi-machine paths (medops.learn.distribute): "auto" uses what the machine has
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     xla: Literal["auto", "on", "off"] = "auto"
@@ -185,6 +188,11 @@ class PrefectConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 4200
     deployment_name: str = "medops-demo"
+    # cron schedule of the ingest-studies deployment (e.g. "0 2 * * *"); None = no schedule (new
+    # data versions still start training through the medops.dataset.versioned trigger)
+    ingest_schedule: str | None = None
+    # start training-pipeline when ingest-studies announces a new data version
+    train_on_new_data: bool = True
 
     @property
     def api_url(self) -> str:

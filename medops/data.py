@@ -8,6 +8,9 @@ Layout below an ingest output folder (``data/ingested``):
 - ``quarantine.csv``: ``path``, ``reason``, ``detail`` for every file not used.
 - ``dicom/``: the de-identified DICOM files (``deid_path`` is relative to the ingest folder).
 
+Also the split table (``data/split/split.csv``, written by the split stage) and one split's
+rows and pixels (``load_split_images``), which train, evaluate, explain, gate and export read.
+
 numpy + pandas only: no TensorFlow here (and pandas only where a table is read: ingest's main
 process imports this module for its names long before it needs pandas).
 """
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from medops.errors import SplitError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -74,3 +79,64 @@ def load_images(ingested_dir: Path, metadata: pd.DataFrame) -> np.ndarray:
         out[rows, ..., 0] = arr[index[rows]]
     assert out is not None
     return out
+
+
+SPLITS = ("train", "val", "test")
+
+
+SPLIT_COLUMNS = ("sop_instance_uid", "patient_id", "label", "split")
+
+
+def check_patient_disjoint(frame: pd.DataFrame) -> None:
+    """Raise SplitError if any patient_id has images in more than one split."""
+    per_patient = frame.groupby("patient_id")["split"].nunique()
+    leaked = per_patient[per_patient > 1]
+    if len(leaked):
+        examples = ", ".join(map(str, leaked.index[:5]))
+        raise SplitError(
+            f"patient-level split violated: {len(leaked)} patient(s) in more than one split "
+            f"(e.g. {examples})"
+        )
+
+
+def read_split(path: Path) -> pd.DataFrame:
+    """Read split.csv and re-check that no patient crosses splits."""
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype={"sop_instance_uid": str, "patient_id": str, "split": str})
+    missing = set(SPLIT_COLUMNS) - set(table.columns)
+    if missing:
+        raise SplitError(f"{path} lacks column(s) {sorted(missing)}")
+    check_patient_disjoint(table)
+    return table
+
+
+def select_split(ingested_dir: Path, split: Path, name: str) -> pd.DataFrame:
+    """Metadata rows (with ``label`` from split.csv) of one split, in split.csv order."""
+    if name not in SPLITS:
+        raise SplitError(f"unknown split {name!r}; splits: {', '.join(SPLITS)}")
+    table = read_split(Path(split))
+    chosen = table[table["split"] == name]
+    if len(chosen) == 0:
+        raise SplitError(f"split {name!r} in {split} has no images")
+    meta = read_metadata(Path(ingested_dir)).drop(columns=["label"], errors="ignore")
+    rows = chosen.merge(
+        meta.drop(columns=["patient_id"], errors="ignore"), on="sop_instance_uid", how="left",
+        validate="one_to_one",
+    )
+    lost = rows["shard"].isna().sum()
+    if lost:
+        raise SplitError(f"{lost} image(s) of split {name!r} are not in {ingested_dir}/metadata.parquet")
+    rows["shard"] = rows["shard"].astype(int)
+    rows["shard_index"] = rows["shard_index"].astype(int)
+    return rows.reset_index(drop=True)
+
+
+def load_split_images(
+    ingested_dir: Path, split: Path, name: str
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Pixels (n, S, S, 1) float32, labels (n,) float32 and metadata rows of one split."""
+    rows = select_split(ingested_dir, split, name)
+    images = load_images(Path(ingested_dir), rows)
+    labels = rows["label"].to_numpy(dtype=np.float32)
+    return images, labels, rows

@@ -65,24 +65,28 @@ class ProjectPaths:
     def params(self) -> Path:
         return self.root / "params.yaml"
 
-    # raw hospital export (synthetic PHI in the demo); tracked by DVC as data/raw.dvc
-    @property
-    def raw(self) -> Path:
-        return self.root / "data" / "raw"
+    # the hospital's export (synthetic PHI in the demo): params ingest.source, read only, never
+    # versioned; its studies and its label manifests (*.csv) arrive there
+    def export(self, source: str | Path = "data/export") -> Path:
+        source = Path(source).expanduser()
+        return source if source.is_absolute() else self.root / source
 
-    @property
-    def raw_dicom(self) -> Path:
-        return self.raw / "dicom"
-
-    @property
-    def manifest(self) -> Path:
-        """Labels keyed by SOPInstanceUID (and relative path), with the official split if known."""
-        return self.raw / "labels.csv"
-
-    # ingest outputs: de-identified DICOM, array shards, metadata table, quarantine list
+    # the de-identified dataset that DVC versions (data/ingested.dvc): de-identified DICOM, array
+    # shards, metadata table, and a quarantine list that names no file by its path
     @property
     def ingested(self) -> Path:
         return self.root / "data" / "ingested"
+
+    # the ingest stage's own output, private: the same dataset plus what names the export's files
+    # by their paths (its incremental index; the quarantine report an operator reads)
+    @property
+    def ingest_work(self) -> Path:
+        return self.state / "ingest"
+
+    @property
+    def ingest_report(self) -> Path:
+        """The operator's quarantine report: path, reason, detail (never versioned)."""
+        return self.ingest_work / "quarantine.csv"
 
     @property
     def metadata(self) -> Path:
@@ -103,7 +107,8 @@ class ProjectPaths:
 
     @property
     def quality_dir(self) -> Path:
-        """Great Expectations project and Data Docs (reports/quality/data_docs/index.html)."""
+        """The quality report (result.json) and the Data Docs (reports/quality/data_docs/index.html)
+        of the Great Expectations project in ``gx/``."""
         return self.reports / "quality"
 
     @property

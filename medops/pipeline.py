@@ -8,7 +8,6 @@ belongs to the CLI and the Prefect flow (with retries), not to ``dvc repro``.
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +20,16 @@ from medops.paths import ProjectPaths
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage: its name, the module holding its ``run()``, the params sections it reads (its
+    dvc.yaml ``params``) and the adapter that calls ``run()`` with the project's paths."""
+
     name: str
-    module: str                # medops module holding run()
+    module: str                # the medops module (or package) holding run()
     sections: tuple[str, ...]  # params.yaml sections it reads (dvc.yaml `params`)
-    call: Callable[[Any, Params, ProjectPaths], Any]
+    call: Callable[[Params, ProjectPaths], Any]
 
     def run(self, params: Params, paths: ProjectPaths) -> Any:
-        module = importlib.import_module(self.module)
-        return self.call(module, params, paths)
+        return self.call(params, paths)
 
 
 def deid_key(params: Params, paths: ProjectPaths) -> bytes:
@@ -39,61 +40,116 @@ def deid_key(params: Params, paths: ProjectPaths) -> bytes:
 
 
 def _data_version(paths: ProjectPaths) -> str:
-    from medops.dvc import data_version
+    from medops.ops.dvc import data_version
 
-    return data_version(paths.root, paths.raw)
+    return data_version(paths.root, paths.ingested)
 
 
+@dataclass(frozen=True)
+class Intake:
+    """What :func:`ingest_export` did: the ingest stage's result (its ``quarantine`` is the
+    operator's private report) and whether the published dataset changed."""
+
+    result: Any          # medops.stages.ingest.IngestResult
+    published: bool      # data/ingested changed (a new data version once DVC adds it)
+
+
+def ingest_export(params: Params, paths: ProjectPaths, *, progress: Any = None,
+                  full: bool = False) -> Intake:
+    """The one data path in: the export folder (``ingest.source``) de-identified incrementally into
+    the private ingest folder, then published as the PHI-free dataset that DVC versions.
+
+    Labels come from every manifest in the export folder (``*.csv`` with ``SOPInstanceUID,label``
+    and optionally ``split``), merged; without one, from folder names.
+
+    Raises:
+        IngestError: no export folder, an unusable manifest, or an output that cannot be written.
+    """
+    from medops.errors import IngestError
+    from medops.stages.ingest import find_manifests, run
+    from medops.stages.ingest.publish import publish_dataset
+
+    source = paths.export(params.ingest.source)
+    if not source.is_dir():
+        raise IngestError(f"the export folder {source} does not exist: put the hospital's export "
+                          f"there or set ingest.source in params.yaml")
+    cfg = params.ingest.model_copy(update={"incremental": False}) if full else params.ingest
+    key = deid_key(params, paths)
+    result = run(cfg, source_dir=source, out_dir=paths.ingest_work,
+                 manifest=find_manifests(source) or None, key=key, progress=progress)
+    return Intake(result, publish_dataset(paths.ingest_work, paths.ingested, key))
+
+
+# The adapters: project paths and params sections onto each stage's run(), nothing else (the long
+# ones also get progress reporters, medops.ops.progress). Each imports its stage when called, so
+# `medops --help` does not import TensorFlow. The stages start from the de-identified dataset
+# (data/ingested, versioned by DVC); ingest_export above feeds it.
+
+
+def quality(p: Params, pp: ProjectPaths) -> Any:
+    from medops.stages.quality import run
+
+    return run(p.quality, ingested_dir=pp.ingested, out_dir=pp.quality_dir, gx_root=pp.root)
+
+
+def split(p: Params, pp: ProjectPaths) -> Any:
+    from medops.stages.split import run
+
+    return run(p.split, metadata=pp.metadata, out=pp.split)
+
+
+def train(p: Params, pp: ProjectPaths) -> Any:
+    from medops.ops.progress import keras_progress
+    from medops.stages.train import run
+
+    return run(p.train, p.augment, ingested_dir=pp.ingested, split=pp.split,
+               model_out=pp.keras_model, result_out=pp.train_result,
+               data_version=_data_version(pp), log_dir=pp.tensorboard,
+               extra_callbacks=[keras_progress("train", p.train.epochs)])
+
+
+def evaluate(p: Params, pp: ProjectPaths) -> Any:
+    from medops.stages.evaluate import run
+
+    return run(p.evaluate, model=pp.keras_model, ingested_dir=pp.ingested, split=pp.split,
+               metrics_out=pp.metrics, plots_dir=pp.plots, train_result=pp.train_result)
+
+
+def explain(p: Params, pp: ProjectPaths) -> Any:
+    from medops.stages.explain import run
+
+    return run(p.evaluate, model=pp.keras_model, ingested_dir=pp.ingested, split=pp.split,
+               out_dir=pp.explain_dir, train_result=pp.train_result)
+
+
+def gate(p: Params, pp: ProjectPaths) -> Any:
+    from medops.stages.gate import run
+
+    # champion/challenger: the served model (read from the Triton repository at run time, not a
+    # DVC dependency: it changes when deploy runs) scored on the same test split
+    return run(p.gate, metrics=pp.metrics, train_result=pp.train_result, out=pp.gate,
+               predictions=pp.plots / "predictions.csv", ingested_dir=pp.ingested, split=pp.split,
+               repository=p.serving.repository_path(pp.root), model_name=p.serving.model_name)
+
+
+def export(p: Params, pp: ProjectPaths) -> Any:
+    from medops.stages.export import run
+
+    return run(p.export, model=pp.keras_model, ingested_dir=pp.ingested, split=pp.split,
+               train_result=pp.train_result, onnx_out=pp.onnx_model, result_out=pp.export_result)
+
+
+# The table of contents: name, module, params sections, adapter, in pipeline order.
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage(
-            "ingest", "medops.ingest", ("ingest",),
-            lambda m, p, pp: m.run(p.ingest, source_dir=pp.raw_dicom, out_dir=pp.ingested,
-                                   manifest=pp.manifest, key=deid_key(p, pp)),
-        ),
-        Stage(
-            "quality", "medops.quality", ("quality",),
-            lambda m, p, pp: m.run(p.quality, ingested_dir=pp.ingested, out_dir=pp.quality_dir),
-        ),
-        Stage(
-            "split", "medops.split", ("split",),
-            lambda m, p, pp: m.run(p.split, metadata=pp.metadata, out=pp.split),
-        ),
-        Stage(
-            "train", "medops.train", ("train", "augment"),
-            lambda m, p, pp: m.run(p.train, p.augment, ingested_dir=pp.ingested, split=pp.split,
-                                   model_out=pp.keras_model, result_out=pp.train_result,
-                                   data_version=_data_version(pp), log_dir=pp.tensorboard),
-        ),
-        Stage(
-            "evaluate", "medops.evaluate", ("evaluate",),
-            lambda m, p, pp: m.run(p.evaluate, model=pp.keras_model, ingested_dir=pp.ingested,
-                                   split=pp.split, metrics_out=pp.metrics, plots_dir=pp.plots,
-                                   train_result=pp.train_result),
-        ),
-        Stage(
-            "explain", "medops.explain", ("evaluate",),
-            lambda m, p, pp: m.run(p.evaluate, model=pp.keras_model, ingested_dir=pp.ingested,
-                                   split=pp.split, out_dir=pp.explain_dir,
-                                   train_result=pp.train_result),
-        ),
-        Stage(
-            "gate", "medops.gate", ("gate",),
-            # champion/challenger: the served model (read from the Triton repository at run time,
-            # not a DVC dependency: it changes when deploy runs) scored on the same test split
-            lambda m, p, pp: m.run(p.gate, metrics=pp.metrics, train_result=pp.train_result,
-                                   out=pp.gate, predictions=pp.plots / "predictions.csv",
-                                   ingested_dir=pp.ingested, split=pp.split,
-                                   repository=p.serving.repository_path(pp.root),
-                                   model_name=p.serving.model_name),
-        ),
-        Stage(
-            "export", "medops.export", ("export",),
-            lambda m, p, pp: m.run(p.export, model=pp.keras_model, ingested_dir=pp.ingested,
-                                   split=pp.split, train_result=pp.train_result,
-                                   onnx_out=pp.onnx_model, result_out=pp.export_result),
-        ),
+        Stage("quality", "medops.stages.quality", ("quality",), quality),
+        Stage("split", "medops.stages.split", ("split",), split),
+        Stage("train", "medops.stages.train", ("train", "augment"), train),
+        Stage("evaluate", "medops.stages.evaluate", ("evaluate",), evaluate),
+        Stage("explain", "medops.stages.explain", ("evaluate",), explain),
+        Stage("gate", "medops.stages.gate", ("gate",), gate),
+        Stage("export", "medops.stages.export", ("export",), export),
     )
 }
 

@@ -55,3 +55,9 @@ def pydicom_file(name: str) -> Path:
     if path is None:
         pytest.skip(f"pydicom test file {name} is not available in this pydicom install")
     return Path(path)
+
+
+@pytest.fixture(scope="session")
+def pydicom_ct_bytes() -> bytes:
+    """The bytes of pydicom's CT_small.dcm, a real DICOM file."""
+    return pydicom_file("CT_small.dcm").read_bytes()

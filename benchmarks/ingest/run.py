@@ -10,7 +10,7 @@ in each encoding: uncompressed (``raw``, explicit VR little endian) and JPEG 200
 - ``plain``: the loop one writes first: one process, ``dcmread`` -> ``pixel_array`` -> modality
   LUT + VOI (the rescale) -> resize, the images saved as one ``.npy`` at the end; no
   de-identification;
-- ``medops``: the full ``medops ingest`` (:func:`medops.ingest.run`, what the CLI calls) with
+- ``medops``: the full ``medops ingest`` (:func:`medops.stages.ingest.run`, what the CLI calls) with
   ``--workers`` processes: reads, hashes, de-identifies, writes every de-identified DICOM file,
   decodes, preprocesses, writes shards, metadata.parquet, quarantine.csv and the index;
 - ``decode-limit``: ``--workers`` processes that only read and decode (``pixel_array``), in
@@ -236,7 +236,7 @@ def _limit_worker_init() -> None:
 
 def decode_limit(folder: Path, workers: int) -> int:
     """Decoding alone, on ``workers`` processes, chunked the way medops chunks its files."""
-    from medops.ingest import chunk_size
+    from medops.stages.ingest import chunk_size
 
     files = list_files(folder)
     chunks: list[list[str]] = []
@@ -252,7 +252,7 @@ def decode_limit(folder: Path, workers: int) -> int:
 
 def medops_ingest(folder: Path, out: Path, workers: int, image_size: int) -> int:
     """The full stage, as ``medops ingest`` runs it (de-identification on, a full rebuild)."""
-    from medops import ingest
+    from medops.stages import ingest
     from medops.config import IngestConfig
 
     cfg = IngestConfig(workers=workers, image_size=image_size, incremental=False)

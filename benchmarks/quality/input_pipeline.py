@@ -2,11 +2,12 @@
 
 Measures, on the bundled PneumoniaMNIST train split with the project's params.yaml:
 
-  (a) tf.data alone: images per second that medops.augment.make_dataset(training=True) delivers
+  (a) tf.data alone: images per second that
+      medops.learn.input_pipeline.build_input_pipeline(training=True) delivers
       with the ``augment`` section's augmentation (shuffle, parallel per-image stateless
       augmentation, batch, prefetch), iterating batches after a warm-up; nothing consumes them.
   (b) training steps alone: images per second the model (``train`` section: simple_cnn, its
-      filters and batch size, compiled by medops.train.compile_model) consumes in train steps fed
+      filters and batch size, compiled by medops.stages.train.compile_model) consumes in train steps fed
       from batches already in memory as tensors, so input costs nothing.
   (c) both together: images per second of model.fit on the real augmented pipeline, as training
       runs (tf.data and the train steps now share the CPU cores).
@@ -83,9 +84,9 @@ def median_rate(run, images_per_run: int, repeats: int) -> Rate:
 
 def measure_pipeline(x, y, augment_cfg, *, batch_size: int, seed: int, batches: int, warmup: int, repeats: int):
     """(a): batches/s of the augmented training pipeline, nothing consuming them."""
-    from medops.augment import make_dataset
+    from medops.learn.input_pipeline import build_input_pipeline
 
-    ds = make_dataset(x, y, batch_size=batch_size, training=True, augment_cfg=augment_cfg, seed=seed)
+    ds = build_input_pipeline(x, y, batch_size=batch_size, training=True, augment_cfg=augment_cfg, seed=seed)
     it = iter(ds.repeat())
     for _ in range(warmup):
         next(it)
@@ -101,7 +102,7 @@ def build_compiled(train_cfg, input_shape):
     import keras
 
     from medops.models import build_model
-    from medops.train import compile_model
+    from medops.stages.train import compile_model
 
     keras.utils.set_random_seed(train_cfg.seed)
     return compile_model(build_model(train_cfg.model, train_cfg, input_shape), train_cfg)
@@ -128,11 +129,12 @@ def measure_training(x, y, train_cfg, *, steps: int, warmup: int, repeats: int):
 
 def measure_fit(x, y, train_cfg, augment_cfg, *, steps: int, warmup: int, repeats: int):
     """(c): images/s of model.fit on the real augmented pipeline, as a training run does it."""
-    from medops.augment import make_dataset
+    from medops.learn.input_pipeline import build_input_pipeline
 
     bs = train_cfg.batch_size
     model = build_compiled(train_cfg, x.shape[1:])
-    ds = make_dataset(x, y, batch_size=bs, training=True, augment_cfg=augment_cfg, seed=train_cfg.seed).repeat()
+    ds = build_input_pipeline(x, y, batch_size=bs, training=True, augment_cfg=augment_cfg,
+                              seed=train_cfg.seed).repeat()
     model.fit(ds, steps_per_epoch=max(warmup, 1), epochs=1, verbose=0, shuffle=False)
 
     def run():

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from medops.config import update_params_file
-from medops.gate import read_decision
+from medops.results import read_decision
 from medops.paths import ProjectPaths, read_json
 
 HERE = Path(__file__).resolve().parent
@@ -48,9 +48,9 @@ def read_overrides(params_file: Path, sets: list[str]) -> dict[str, dict]:
     return overrides
 
 
-def manifest_rows(paths: ProjectPaths) -> int:
+def manifest_rows(paths: ProjectPaths, export: Path) -> int:
     try:
-        with paths.manifest.open() as fh:
+        with (export / "labels.csv").open() as fh:
             return sum(1 for _ in csv.DictReader(fh))
     except OSError:
         return 0
@@ -86,17 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="section.key=value override")
     args = parser.parse_args(argv)
 
-    from medops.demo import ensure_raw_data, run_training_flow, start_services
+    from medops.ops.demo import ensure_export, run_flow, start_services
 
     paths = ProjectPaths.discover(args.project)
     params = update_params_file(paths.params, read_overrides(args.params, args.set))
-    if params.synth.max_images_per_split is None and 0 < manifest_rows(paths) < FULL_DATASET_IMAGES:
-        print(f"data/raw holds a subset ({manifest_rows(paths)} images): regenerating the full dataset")
-        shutil.rmtree(paths.raw)
-    ensure_raw_data(paths, params)
+    export = paths.export(params.ingest.source)
+    if params.synth.max_images_per_split is None and 0 < manifest_rows(paths, export) < FULL_DATASET_IMAGES:
+        print(f"{export} holds a subset ({manifest_rows(paths, export)} images): regenerating the full dataset")
+        shutil.rmtree(export)
+    ensure_export(paths, params)
     for line in start_services(paths, params):
         print(line, flush=True)
-    run_training_flow(paths, params)
+    run_flow(paths, params, "ingest-studies")
+    run_flow(paths, params, "training-pipeline")
 
     metrics = read_json(paths.metrics, "metrics")
     train = read_json(paths.train_result, "train result")

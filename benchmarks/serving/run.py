@@ -95,7 +95,7 @@ def prepare_models(workdir: Path, params: Any) -> tuple[Path, Path, str]:
         return keras_path, onnx_path, "models/model.onnx + models/model.keras (the pipeline's)"
     import onnx
 
-    from medops.export import convert_to_onnx
+    from medops.stages.export import convert_to_onnx
     from medops.models import build_model
 
     size = params.ingest.image_size
@@ -220,7 +220,7 @@ def check_triton_answers(url: str, contracts: dict[str, Any], images: np.ndarray
     DICOM path answers the first file without an error."""
     import tritonclient.grpc as grpcclient
 
-    from medops.client import infer_dicom, infer_images
+    from medops.serving.client import infer_dicom, infer_images
     from medops.serving.deploy import wait_version_ready
 
     client = grpcclient.InferenceServerClient(url)
@@ -266,7 +266,7 @@ async def bench_triton_paths(url: str, ec: Any, images: np.ndarray, dicom: list[
             inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
             files.append(inp)
         prob_out = [aio.InferRequestedOutput(OUTPUT_NAME)]
-        # all three, as medops.client asks: the ensemble refuses a request that leaves a step's
+        # all three, as medops.serving.client asks: the ensemble refuses a request that leaves a step's
         # output unused ("unexpected deadlock")
         dicom_out = [aio.InferRequestedOutput(n) for n in (OUTPUT_NAME, LABEL_OUTPUT, ERROR_OUTPUT)]
 

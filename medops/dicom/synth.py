@@ -24,6 +24,7 @@ import datetime as dt
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pydicom
@@ -175,21 +176,60 @@ def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, ob
     time = str(study["time"])
     sop_class = CR_IMAGE_STORAGE if cfg.modality == "CR" else DX_IMAGE_STORAGE_PRESENTATION
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = _file_meta(sop_class, sop_uid)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.InstanceCreationDate = _da(day)
     ds.InstanceCreationTime = time
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
+    _set_patient(ds, patient, day)
+    _set_study_and_series(ds, cfg, study, series_uid=series_uid, instance=instance)
+    _set_acquisition(ds, cfg, study, rng)
+    _set_image_pixels(ds, pixels)
+
+    # a vendor private block that repeats PHI, as real PACS exports do (PS3.5 7.8.1)
+    block = ds.private_block(0x0029, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", str(patient["PatientID"]))
+    block.add_new(0x02, "LO", f"{patient['PatientName']} ward 4B")
+    return ds
+
+
+def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
+    """The file meta information (PS3.10 7.1): explicit VR little endian, medops' implementation."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    return meta
+
+
+def _set_patient(ds: Dataset, patient: dict[str, object], day: dt.date) -> None:
+    """The patient's identifying headers (PS3.3 C.7.1.1), their age on ``day`` and other IDs."""
+    ds.PatientName = str(patient["PatientName"])
+    ds.PatientID = str(patient["PatientID"])
+    ds.IssuerOfPatientID = "SSGH"
+    ds.PatientBirthDate = _da(patient["birth"])  # type: ignore[arg-type]
+    ds.PatientSex = str(patient["PatientSex"])
+    ds.PatientAge = _age_string(patient["birth"], day)  # type: ignore[arg-type]
+    ds.PatientAddress = str(patient["address"])
+    ds.PatientTelephoneNumbers = str(patient["phone"])
+    ds.PatientMotherBirthName = str(patient["mother"])
+    ds.OtherPatientIDsSequence = Sequence([Dataset()])
+    ds.OtherPatientIDsSequence[0].PatientID = f"NHS{int(patient['number']) + 4_000_000:09d}"
+    ds.OtherPatientIDsSequence[0].IssuerOfPatientID = "NATIONAL"
+    ds.OtherPatientIDsSequence[0].TypeOfPatientID = "TEXT"
+
+
+def _set_study_and_series(ds: Dataset, cfg: SynthConfig, study: dict[str, object], *,
+                          series_uid: str, instance: int) -> None:
+    """Study, series, equipment and request headers: dates, UIDs, numbers, the institution and the
+    people involved (PS3.3 C.7.2.1, C.7.3.1, C.7.5.1)."""
+    day: dt.date = study["date"]  # type: ignore[assignment]
+    time = str(study["time"])
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = _da(day)
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
     ds.AccessionNumber = str(study["accession"])
@@ -206,29 +246,6 @@ def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, ob
     ds.OperatorsName = str(study["operator"])
     ds.ManufacturerModelName = "SynthRad 3000"
 
-    ds.PatientName = str(patient["PatientName"])
-    ds.PatientID = str(patient["PatientID"])
-    ds.IssuerOfPatientID = "SSGH"
-    ds.PatientBirthDate = _da(patient["birth"])  # type: ignore[arg-type]
-    ds.PatientSex = str(patient["PatientSex"])
-    ds.PatientAge = _age_string(patient["birth"], day)  # type: ignore[arg-type]
-    ds.PatientAddress = str(patient["address"])
-    ds.PatientTelephoneNumbers = str(patient["phone"])
-    ds.PatientMotherBirthName = str(patient["mother"])
-    ds.OtherPatientIDsSequence = Sequence([Dataset()])
-    ds.OtherPatientIDsSequence[0].PatientID = f"NHS{int(patient['number']) + 4_000_000:09d}"
-    ds.OtherPatientIDsSequence[0].IssuerOfPatientID = "NATIONAL"
-    ds.OtherPatientIDsSequence[0].TypeOfPatientID = "TEXT"
-
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = str(study["view"])
-    ds.DeviceSerialNumber = "SR3K-000417"
-    ds.SoftwareVersions = "4.2.1"
-    ds.KVP = f"{int(rng.integers(55, 75))}"
-    ds.ExposureTime = f"{int(rng.integers(4, 16))}"
-    ds.XRayTubeCurrent = f"{int(rng.integers(160, 320))}"
-    ds.ImagerPixelSpacing = [PIXEL_SPACING, PIXEL_SPACING]
-
     ds.StudyInstanceUID = str(study["uid"])
     ds.SeriesInstanceUID = series_uid
     ds.StudyID = str(study["study_id"])
@@ -240,6 +257,19 @@ def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, ob
     ds.RequestAttributesSequence[0].ScheduledProcedureStepID = f"SPS{study['accession']}"
     ds.RequestAttributesSequence[0].RequestedProcedureDescription = "Chest radiograph, ?pneumonia"
 
+
+def _set_acquisition(ds: Dataset, cfg: SynthConfig, study: dict[str, object], rng: np.random.Generator) -> None:
+    """How the radiograph was taken: body part, view, device, exposure (three seeded draws, in this
+    order), detector spacing, and the DX-only headers when ``cfg.modality`` is DX."""
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = str(study["view"])
+    ds.DeviceSerialNumber = "SR3K-000417"
+    ds.SoftwareVersions = "4.2.1"
+    ds.KVP = f"{int(rng.integers(55, 75))}"
+    ds.ExposureTime = f"{int(rng.integers(4, 16))}"
+    ds.XRayTubeCurrent = f"{int(rng.integers(160, 320))}"
+    ds.ImagerPixelSpacing = [PIXEL_SPACING, PIXEL_SPACING]
+
     if cfg.modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
@@ -248,6 +278,10 @@ def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, ob
         ds.PixelIntensityRelationshipSign = 1
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
 
+
+def _set_image_pixels(ds: Dataset, pixels: np.ndarray) -> None:
+    """The image pixel module (PS3.3 C.7.6.3) for 8-bit MONOCHROME2 ``pixels`` (rows, cols), an
+    identity VOI window, and the pixel data."""
     rows, cols = pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -263,71 +297,126 @@ def build_dataset(cfg: SynthConfig, pixels: np.ndarray, *, patient: dict[str, ob
     ds.WindowWidth = "256"
     ds.WindowCenterWidthExplanation = "FULL RANGE"
     ds.LossyImageCompression = "00"
-
-    # a vendor private block that repeats PHI, as real PACS exports do (PS3.5 7.8.1)
-    block = ds.private_block(0x0029, PRIVATE_CREATOR, create=True)
-    block.add_new(0x01, "LO", str(patient["PatientID"]))
-    block.add_new(0x02, "LO", f"{patient['PatientName']} ward 4B")
-
     ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
-    return ds
 
 
-def run(cfg: SynthConfig, *, source_npz: Path, out_dir: Path) -> SynthResult:
-    """Write the synthetic DICOM export and its label manifest; see the module docstring."""
+def _write_patient(cfg: SynthConfig, data: dict, images: list[_Image], patient: dict[str, object],
+                   rng: np.random.Generator, dicom_dir: Path, folder: str,
+                   written: Callable[[tuple[str, str, int, str]], None]) -> int:
+    """One patient's studies (one or two images each) below ``dicom_dir/folder``; each file's
+    manifest row goes to ``written``. Returns the number of studies."""
+    day: dt.date = patient["first_study"]  # type: ignore[assignment]
+    pos = 0
+    s_number = 0
+    while pos < len(images):
+        n = int(rng.integers(1, 3))  # one or two images per study
+        s_number += 1
+        study = {
+            "uid": _uid(rng),
+            "date": day,
+            "time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}"
+                    f"{int(rng.integers(0, 60)):02d}",
+            "accession": f"A{int(rng.integers(10_000_000, 99_999_999))}",
+            "study_id": f"{int(rng.integers(1000, 9999))}",
+            "referrer": _PHYSICIANS[int(rng.integers(len(_PHYSICIANS)))],
+            "performer": _PHYSICIANS[int(rng.integers(len(_PHYSICIANS)))],
+            "operator": _OPERATORS[int(rng.integers(len(_OPERATORS)))],
+            "view": "AP" if rng.random() < 0.7 else "PA",  # AP is usual for small children
+        }
+        series_uid = _uid(rng)
+        for instance, image in enumerate(images[pos:pos + n], start=1):
+            sop_uid = _uid(rng)
+            pixels = data[image.split][0][image.index]
+            ds = build_dataset(cfg, pixels, patient=patient, study=study, instance=instance,
+                               sop_uid=sop_uid, series_uid=series_uid, rng=rng)
+            rel = Path(folder) / f"ST{s_number:03d}" / f"IM{instance:05d}.dcm"
+            if instance == 1:
+                (dicom_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            pydicom.dcmwrite(dicom_dir / rel, ds, enforce_file_format=True)
+            written((sop_uid, rel.as_posix(), image.label, image.split))
+        pos += n
+        day = day + dt.timedelta(days=int(rng.integers(3, 60)))
+    return s_number
+
+
+def _write_manifest(path: Path, rows: list[tuple[str, str, int, str]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["sop_instance_uid", "path", "label", "split"])
+        writer.writerows(rows)
+
+
+def _result(rows: list[tuple[str, str, int, str]], patients: int, studies: int, dicom_dir: Path,
+            manifest: Path) -> SynthResult:
+    by_split = {s: sum(1 for r in rows if r[3] == s) for s in SPLITS}
+    by_label = {str(v): sum(1 for r in rows if r[2] == v) for v in (0, 1)}
+    return SynthResult(files=len(rows), patients=patients, studies=studies, by_split=by_split,
+                       by_label=by_label, dicom_dir=dicom_dir, manifest=manifest)
+
+
+def run(cfg: SynthConfig, *, source_npz: Path, out_dir: Path,
+        progress: Callable[[int, int], None] | None = None) -> SynthResult:
+    """Write the synthetic DICOM export and its label manifest; see the module docstring.
+
+    ``progress(done, total)`` is called after each file written (e.g. the CLI's progress bar).
+    """
     source_npz, out_dir = Path(source_npz), Path(out_dir)
     data = load_pneumoniamnist(source_npz, cfg.max_images_per_split)
     rng = np.random.default_rng(cfg.seed)
     patients = group_into_patients({s: data[s][1] for s in SPLITS}, cfg.images_per_patient, rng)
+    total = sum(len(images) for images in patients)
 
     dicom_dir = out_dir / "dicom"
     dicom_dir.mkdir(parents=True, exist_ok=True)
     for stale in sorted(dicom_dir.glob("PAT[0-9]*")):  # an earlier export: keep no stale files
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    manifest_rows: list[tuple[str, str, int, str]] = []
+    rows: list[tuple[str, str, int, str]] = []
+
+    def written(row: tuple[str, str, int, str]) -> None:
+        rows.append(row)
+        if progress is not None:
+            progress(len(rows), total)
+
     n_studies = 0
     for p_number, images in enumerate(patients, start=1):
         patient = _patient_identity(rng, p_number)
-        day: dt.date = patient["first_study"]  # type: ignore[assignment]
-        pos = 0
-        s_number = 0
-        while pos < len(images):
-            n = int(rng.integers(1, 3))  # one or two images per study
-            s_number += 1
-            n_studies += 1
-            study = {
-                "uid": _uid(rng),
-                "date": day,
-                "time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}"
-                        f"{int(rng.integers(0, 60)):02d}",
-                "accession": f"A{int(rng.integers(10_000_000, 99_999_999))}",
-                "study_id": f"{int(rng.integers(1000, 9999))}",
-                "referrer": _PHYSICIANS[int(rng.integers(len(_PHYSICIANS)))],
-                "performer": _PHYSICIANS[int(rng.integers(len(_PHYSICIANS)))],
-                "operator": _OPERATORS[int(rng.integers(len(_OPERATORS)))],
-                "view": "AP" if rng.random() < 0.7 else "PA",  # AP is usual for small children
-            }
-            series_uid = _uid(rng)
-            for instance, image in enumerate(images[pos:pos + n], start=1):
-                sop_uid = _uid(rng)
-                pixels = data[image.split][0][image.index]
-                ds = build_dataset(cfg, pixels, patient=patient, study=study, instance=instance,
-                                   sop_uid=sop_uid, series_uid=series_uid, rng=rng)
-                rel = Path(f"PAT{p_number:05d}") / f"ST{s_number:03d}" / f"IM{instance:05d}.dcm"
-                if instance == 1:
-                    (dicom_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                pydicom.dcmwrite(dicom_dir / rel, ds, enforce_file_format=True)
-                manifest_rows.append((sop_uid, rel.as_posix(), image.label, image.split))
-            pos += n
-            day = day + dt.timedelta(days=int(rng.integers(3, 60)))
-
+        n_studies += _write_patient(cfg, data, images, patient, rng, dicom_dir, f"PAT{p_number:05d}", written)
     manifest = out_dir / "labels.csv"
-    with manifest.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["sop_instance_uid", "path", "label", "split"])
-        writer.writerows(manifest_rows)
+    _write_manifest(manifest, rows)
+    return _result(rows, len(patients), n_studies, dicom_dir, manifest)
 
-    by_split = {s: sum(1 for r in manifest_rows if r[3] == s) for s in SPLITS}
-    by_label = {str(v): sum(1 for r in manifest_rows if r[2] == v) for v in (0, 1)}
-    return SynthResult(files=len(manifest_rows), patients=len(patients), studies=n_studies,
-                       by_split=by_split, by_label=by_label, dicom_dir=dicom_dir, manifest=manifest)
+
+def add_studies(cfg: SynthConfig, *, source_npz: Path, out_dir: Path, n: int) -> SynthResult:
+    """A new delivery into an existing synthetic export: ``n`` new patients, one or two images
+    each, with their own manifest ``labels-add-K.csv`` (K = 1, 2, ... per delivery), as a
+    hospital's weekly export adds studies. Images come from the bundled training and validation
+    splits, beyond the ones ``run`` used where there are any, each keeping its official split
+    and label; identities, UIDs and dates are new (seeded by ``cfg.seed`` and K).
+    """
+    out_dir = Path(out_dir)
+    delivery = 1 + sum(1 for _ in out_dir.glob("labels-add-*.csv"))
+    rng = np.random.default_rng([cfg.seed, delivery])
+    full = load_pneumoniamnist(Path(source_npz), None)
+    pool = [_Image(split, int(i), int(label)) for split in ("train", "val")
+            for i, label in enumerate(full[split][1])]
+    used = set()
+    if cfg.max_images_per_split is not None:
+        for split in ("train", "val"):
+            used |= {(split, int(i)) for i in stratified_head(full[split][1], cfg.max_images_per_split)}
+    fresh = [im for im in pool if (im.split, im.index) not in used] or pool
+    picks = rng.choice(len(fresh), size=min(2 * n, len(fresh)), replace=False)
+    dicom_dir = out_dir / "dicom"
+    rows: list[tuple[str, str, int, str]] = []
+    studies = 0
+    for k in range(n):
+        # one patient, one split and one label: up to two images of the same (split, label)
+        first = fresh[int(picks[2 * k])] if 2 * k < len(picks) else fresh[int(rng.integers(len(fresh)))]
+        second = fresh[int(picks[2 * k + 1])] if 2 * k + 1 < len(picks) else None
+        images = [first] + ([second] if second and (second.split, second.label) == (first.split, first.label)
+                            and rng.random() < 0.5 else [])
+        patient = _patient_identity(rng, 90_000 + 1_000 * delivery + k)
+        studies += _write_patient(cfg, full, images, patient, rng, dicom_dir,
+                                  f"ADD{delivery:03d}/PAT{k + 1:05d}", rows.append)
+    manifest = out_dir / f"labels-add-{delivery}.csv"
+    _write_manifest(manifest, rows)
+    return _result(rows, n, studies, dicom_dir, manifest)

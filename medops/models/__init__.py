@@ -12,14 +12,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Sequence
 
-from medops.config import TrainConfig
 from medops.errors import ConfigError
-from medops.serving.contract import INPUT_NAME, OUTPUT_NAME  # the serving contract's names
 
 __all__ = ["INPUT_NAME", "MODELS", "OUTPUT_NAME", "build_model", "check_model_contract"]
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
+
+    from medops.config import TrainConfig
+
+# The tensors every model has: the names the ONNX export, the Triton contract (which takes them
+# from here) and every client use.
+INPUT_NAME = "image"
+OUTPUT_NAME = "probability"
 
 # name -> "module:function"
 MODELS: dict[str, str] = {
@@ -30,7 +35,7 @@ MODELS: dict[str, str] = {
 }
 
 
-def build_model(name: str, cfg: TrainConfig, input_shape: Sequence[int]) -> "keras.Model":
+def build_model(name: str, cfg: "TrainConfig", input_shape: Sequence[int]) -> "keras.Model":
     """Build architecture ``name`` for inputs shaped ``input_shape`` (S, S, 1).
 
     Raises:

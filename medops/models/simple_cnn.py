@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from medops.config import TrainConfig
-
 if TYPE_CHECKING:  # pragma: no cover
     import keras
+
+    from medops.config import TrainConfig
 
 
 def build(cfg: TrainConfig, input_shape: Sequence[int]) -> "keras.Model":

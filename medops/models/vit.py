@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from medops.config import TrainConfig
-
 if TYPE_CHECKING:  # pragma: no cover
     import keras
+
+    from medops.config import TrainConfig
 
 HEADS = 4
 

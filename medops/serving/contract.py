@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 from medops.config import ServingConfig
+from medops.models import INPUT_NAME, OUTPUT_NAME  # the models' tensor names, served as they are
 
 Flavour = Literal["production", "embedded"]
 FLAVOURS: tuple[Flavour, ...] = ("production", "embedded")
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "probability"
 LABELS: tuple[str, str] = ("normal", "pneumonia")
 
 # The file names Triton looks for inside a version folder.

@@ -27,13 +27,13 @@ import fcntl
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel
 
 from medops.config import ServingConfig
-from medops.errors import GateRejectedError, ServingError, first_line
+from medops.errors import GateRejectedError, ServerUnreachableError, ServingError, first_line
 from medops.hashing import sha256_file
 from medops.serving.contract import (
     ONNX_FILENAME,
@@ -82,7 +82,7 @@ class DeployResult(BaseModel):
 
 
 def check_gate(gate: Path) -> str:
-    """The gate decision must exist and have passed (``medops.gate.require_passed``).
+    """The gate decision must exist and have passed (``medops.results.require_passed``).
 
     Returns:
         The data version the gate judged.
@@ -90,7 +90,7 @@ def check_gate(gate: Path) -> str:
     Raises:
         GateRejectedError: missing, invalid or failed decision; the message lists the failed checks.
     """
-    from medops.gate import require_passed
+    from medops.results import require_passed
 
     return require_passed(Path(gate)).data_version
 
@@ -188,7 +188,7 @@ class _Connection:
             self.client.is_server_live()
         except Exception as exc:  # noqa: BLE001 - any transport failure
             self.client.close()
-            raise ServingError(f"cannot reach Triton at {self.url} over {self.protocol}: "
+            raise ServerUnreachableError(f"cannot reach Triton at {self.url} over {self.protocol}: "
                                f"{first_line(exc)}") from None
         try:
             self.client.get_model_repository_index(headers=self.headers)
@@ -244,7 +244,7 @@ def check_golden(
     within ``atol`` of export's. ``expect_version``: the version that must answer. Returns the
     largest absolute difference.
     """
-    from medops.client import infer_images
+    from medops.serving.client import infer_images
 
     probs, answered = infer_images(client, images, protocol=protocol, model_name=name)
     diff = float(np.max(np.abs(probs.astype(np.float64) - expected)))
@@ -402,7 +402,7 @@ def smoke_dicom(image: np.ndarray) -> bytes:
 def check_ensemble(client: Any, *, protocol: str, ec: EnsembleContract, image: np.ndarray,
                    expect_version: int) -> None:
     """One DICOM through the ensemble: answered, no error, a label, from ``expect_version``."""
-    from medops.client import infer_dicom
+    from medops.serving.client import infer_dicom
 
     [prob], [label], [error], answered = infer_dicom(
         client, [smoke_dicom(image)], protocol=protocol, model_name=ec.ensemble_name)
@@ -470,65 +470,122 @@ def deploy(
     Raises:
         GateRejectedError: gate not passed (its failed checks are in the message), or the ONNX
             file / data version is not what the gate judged.
-        ServingError: Triton unreachable, or the new version failed to load or to match the
+        ServerUnreachableError: Triton does not answer at ``url``.
+        ServingError: the new version failed to load or to match the
             golden samples; the message says which version is still served.
     """
+    release = _check_release(onnx, gate=gate, export_result=export_result, image_size=image_size,
+                             golden=golden, golden_atol=golden_atol, threshold=threshold)
+    ec, url = _contract_and_url(cfg, url, protocol, image_size=image_size, window=window,
+                                threshold=release.threshold, max_bytes=max_bytes,
+                                max_pixels=max_pixels, frame=frame, pixel_spacing=pixel_spacing)
+    repository = Path(repository)
+    with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
+        previous = served_version(repository, ec.classifier.name)
+        already = already_served(client, repository, ec, previous, release.sha256)
+        if already is not None:
+            return already
+        version, version_dir = _add_candidate(client, protocol=protocol, contract=ec.classifier,
+                                              repository=repository, release=release,
+                                              previous=previous, timeout=timeout)
+        diff = _promote(client, protocol=protocol, ec=ec, repository=repository, release=release,
+                        previous=previous, version=version, timeout=timeout)
+    result = DeployResult(
+        model_name=ec.classifier.name, version=version, previous_version=previous,
+        data_version=release.data_version, sha256=release.sha256, url=url, protocol=protocol,
+        repository=str(repository.resolve()), golden_max_abs_diff=diff, golden_atol=release.atol,
+        n_golden=len(release.expected), threshold=ec.threshold,
+    )
+    (version_dir / VERSION_INFO).write_text(result.model_dump_json(indent=2) + "\n")
+    return result
+
+
+class _Release(NamedTuple):
+    """What deploy's step 1 established: the gated, exported model and the golden samples it must
+    reproduce."""
+
+    onnx: Path
+    sha256: str
+    data_version: str
+    golden: Path
+    images: np.ndarray
+    expected: np.ndarray
+    atol: float
+    threshold: float
+
+
+def _check_release(onnx: Path, *, gate: Path, export_result: Path, image_size: int,
+                   golden: Path | None, golden_atol: float | None,
+                   threshold: float | None) -> _Release:
+    """Deploy's step 1, before anything is written: the gate passed for the data version export
+    recorded, ``onnx`` is the exported file, its golden samples can be read; the tolerance and
+    the threshold default to the ones export recorded."""
     gate_data_version = check_gate(gate)
     digest, data_version = check_export(onnx, export_result, gate_data_version)
     golden = Path(golden) if golden else Path(onnx).with_name(GOLDEN_FILE)
     images, expected = read_golden(golden, image_size)
-    atol = golden_atol if golden_atol is not None else _export_atol(export_result)
-    if threshold is None:
-        threshold = _recorded_threshold(export_result, "decision_threshold")
-    ec, url = _contract_and_url(cfg, url, protocol, image_size=image_size, window=window,
-                                threshold=threshold, max_bytes=max_bytes, max_pixels=max_pixels,
-                                frame=frame, pixel_spacing=pixel_spacing)
-    contract = ec.classifier
-    repository = Path(repository)
-    with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
-        previous = served_version(repository, contract.name)
-        already = already_served(client, repository, ec, previous, digest)
-        if already is not None:
-            return already
-        version, version_dir = write_version(contract, repository, Path(onnx), flavour="embedded",
-                                             golden=golden)
-        if previous is not None:
-            write_config(contract, repository, "embedded", versions=[previous])
-        kept = f"version {previous} is still served" if previous else "nothing was served before"
-        try:
-            check_candidate(client, protocol=protocol, contract=contract, version_dir=version_dir,
-                            images=images, expected=expected, atol=atol, timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - any failure means: do not serve it
-            remove_version(repository, contract.name, version)
-            raise ServingError(
-                f"not serving {contract.name!r} version {version}: candidate check failed: "
-                f"{_why(exc)}; {kept}"
-            ) from None
-        before = snapshot_files(repository, _processing_rels(ec, previous, version))
-        try:
-            _switch(client, ec, repository, previous, version, timeout)
-            diff = check_golden(client, protocol=protocol, name=contract.name, images=images,
-                                expected=expected, atol=atol, expect_version=str(version))
-            check_ensemble(client, protocol=protocol, ec=ec, image=images[0], expect_version=version)
-        except Exception as exc:  # noqa: BLE001
-            remove_version(repository, contract.name, version)
-            try:
-                _switch(client, ec, repository, None, previous, timeout, restore=before)
-            except Exception as again:  # noqa: BLE001
-                kept = f"restoring version {previous} failed too: {_why(again)}"
-            remove_version(repository, ec.ensemble_name, version)
-            raise ServingError(
-                f"not serving {contract.name!r} version {version}: it failed once promoted: "
-                f"{_why(exc)}; {kept}"
-            ) from None
-    result = DeployResult(
-        model_name=contract.name, version=version, previous_version=previous,
-        data_version=data_version, sha256=digest, url=url, protocol=protocol,
-        repository=str(repository.resolve()), golden_max_abs_diff=diff, golden_atol=atol,
-        n_golden=len(expected), threshold=ec.threshold,
+    return _Release(
+        onnx=Path(onnx), sha256=digest, data_version=data_version, golden=golden, images=images,
+        expected=expected,
+        atol=golden_atol if golden_atol is not None else _export_atol(export_result),
+        threshold=(threshold if threshold is not None
+                   else _recorded_threshold(export_result, "decision_threshold")),
     )
-    (version_dir / VERSION_INFO).write_text(result.model_dump_json(indent=2) + "\n")
-    return result
+
+
+def _kept(previous: int | None) -> str:
+    return f"version {previous} is still served" if previous else "nothing was served before"
+
+
+def _add_candidate(client: Any, *, protocol: str, contract: ModelContract, repository: Path,
+                   release: _Release, previous: int | None, timeout: float) -> tuple[int, Path]:
+    """Deploy's steps 2 and 3: write the new version beside the served one (``previous`` stays
+    pinned), load it as a separate candidate model and check it against the golden samples;
+    if that fails, remove it. Returns ``(version, its folder)``."""
+    version, version_dir = write_version(contract, repository, release.onnx, flavour="embedded",
+                                         golden=release.golden)
+    if previous is not None:
+        write_config(contract, repository, "embedded", versions=[previous])
+    try:
+        check_candidate(client, protocol=protocol, contract=contract, version_dir=version_dir,
+                        images=release.images, expected=release.expected, atol=release.atol,
+                        timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not serve it
+        remove_version(repository, contract.name, version)
+        raise ServingError(
+            f"not serving {contract.name!r} version {version}: candidate check failed: "
+            f"{_why(exc)}; {_kept(previous)}"
+        ) from None
+    return version, version_dir
+
+
+def _promote(client: Any, *, protocol: str, ec: EnsembleContract, repository: Path,
+             release: _Release, previous: int | None, version: int, timeout: float) -> float:
+    """Deploy's step 4: serve ``version`` instead of ``previous`` and check it again, through the
+    classifier (golden samples) and the DICOM ensemble; if that fails, remove it and serve
+    ``previous`` again. Returns the largest golden difference."""
+    name = ec.classifier.name
+    before = snapshot_files(repository, _processing_rels(ec, previous, version))
+    try:
+        _switch(client, ec, repository, previous, version, timeout)
+        diff = check_golden(client, protocol=protocol, name=name, images=release.images,
+                            expected=release.expected, atol=release.atol,
+                            expect_version=str(version))
+        check_ensemble(client, protocol=protocol, ec=ec, image=release.images[0],
+                       expect_version=version)
+    except Exception as exc:  # noqa: BLE001
+        remove_version(repository, name, version)
+        kept = _kept(previous)
+        try:
+            _switch(client, ec, repository, None, previous, timeout, restore=before)
+        except Exception as again:  # noqa: BLE001
+            kept = f"restoring version {previous} failed too: {_why(again)}"
+        remove_version(repository, ec.ensemble_name, version)
+        raise ServingError(
+            f"not serving {name!r} version {version}: it failed once promoted: "
+            f"{_why(exc)}; {kept}"
+        ) from None
+    return diff
 
 
 def already_served(client: Any, repository: Path, ec: EnsembleContract, version: int | None,
@@ -600,7 +657,8 @@ def rollback(
     ``repository`` must be the server's own model repository, as for ``deploy``.
 
     Raises:
-        ServingError: no earlier version, Triton unreachable, or the target failed to load or
+        ServerUnreachableError: Triton does not answer at ``url``.
+        ServingError: no earlier version, or the target failed to load or
             answer (the previously served version is then restored).
     """
     name, repository = cfg.model_name, Path(repository)

@@ -63,10 +63,24 @@ class ServerInfo(BaseModel):
 
 
 class ServerStatus(BaseModel):
+    """What ``server_status`` found: ``model_dump(mode="json")`` is ``medops serve status
+    --json``, ``describe()`` its line for people."""
+
     running: bool
     ready: bool
     info: ServerInfo | None = None
     detail: str = ""
+
+    def describe(self) -> str:
+        """One line: whether Triton is ready, and where, or why not."""
+        info = self.info
+        if self.ready and info is not None:
+            return (f"Triton is ready: HTTP {info.http_url}, gRPC {info.grpc_url}, metrics "
+                    f"{info.metrics_url} (pid {info.pid}, since {info.started_at})")
+        if self.running and info is not None:
+            return (f"Triton is running but not ready: pid {info.pid} does not answer on "
+                    f"{info.http_url} (log {info.log_file})")
+        return f"Triton is not running ({self.detail}); start it with `medops serve start`"
 
 
 def endpoint(target: ServingConfig | ServerInfo, protocol: str) -> str:

@@ -23,18 +23,26 @@ def test_every_registered_stage_is_a_dvc_stage_and_back(dvc_stages):
 
 
 @pytest.mark.parametrize("name", list(STAGES))
-def test_dvc_stage_runs_the_registered_stage(name, dvc_stages):
+def test_dvc_stage_runs_the_registered_stage(name, dvc_stages, repo_root):
     stage = dvc_stages[name]
     assert stage["cmd"] == f"medops stage {name}"
     # only the sections the stage reads, so an unrelated change does not rerun it
     assert sorted(stage["params"]) == sorted(STAGES[name].sections)
-    module_file = STAGES[name].module.replace(".", "/") + ".py"
-    assert module_file in stage["deps"], f"{name}: dvc.yaml deps lack {module_file}"
+    module_file = _module_file(STAGES[name].module, repo_root)
+    deps = [d.rstrip("/") for d in stage["deps"]]
+    assert any(module_file == d or module_file.startswith(d + "/") for d in deps), (
+        f"{name}: dvc.yaml deps lack {module_file}")
 
 
 # Definitions every stage imports; their behaviour reaches a stage through params.yaml (tracked
 # per section) or the stage's own code, so they are not listed as code deps.
 _SHARED = {"medops/__init__.py", "medops/errors.py", "medops/config.py", "medops/paths.py"}
+
+
+def _module_file(module: str, repo_root) -> str:
+    """The file a module's import runs: ``a/b.py``, or ``a/b/__init__.py`` for a package."""
+    base = module.replace(".", "/")
+    return base + ".py" if (repo_root / (base + ".py")).is_file() else base + "/__init__.py"
 
 
 def _medops_imports(path, repo_root) -> set[str]:
@@ -60,7 +68,7 @@ def _medops_imports(path, repo_root) -> set[str]:
 
 def code_closure(module: str, repo_root) -> set[str]:
     """Every medops file the stage module runs, following imports transitively."""
-    todo = [module.replace(".", "/") + ".py"]
+    todo = [_module_file(module, repo_root)]
     seen: set[str] = set()
     while todo:
         rel = todo.pop()
@@ -81,10 +89,25 @@ def test_dvc_deps_cover_all_the_code_a_stage_runs(name, dvc_stages, repo_root):
     assert not missing, f"dvc.yaml stage {name!r} lacks code deps: {missing}"
 
 
+@pytest.mark.parametrize("name", list(STAGES))
+def test_dvc_deps_list_no_code_the_stage_does_not_run(name, dvc_stages, repo_root):
+    # the other direction: a code dep the stage never imports reruns it for nothing (editing a plot
+    # in evaluate used to retrain the model, because train listed medops/stages/evaluate.py)
+    closure = code_closure(STAGES[name].module, repo_root)
+    deps = [d.rstrip("/") for d in dvc_stages[name]["deps"] if d.startswith("medops")]
+    unused = [d for d in deps if not any(rel == d or rel.startswith(d + "/") for rel in closure)]
+    assert not unused, f"dvc.yaml stage {name!r} lists code it does not run: {unused}"
+
+
+def test_a_plot_in_evaluate_does_not_retrain(repo_root):
+    assert "medops/stages/evaluate.py" not in code_closure("medops.stages.train", repo_root)
+    assert "medops/metrics.py" in code_closure("medops.stages.train", repo_root)
+
+
 def test_code_closure_follows_lazy_and_transitive_imports(repo_root):
-    closure = code_closure("medops.train", repo_root)
-    assert "medops/augment.py" in closure          # module-level import
-    assert "medops/distribute.py" in closure       # imported inside a function
+    closure = code_closure("medops.stages.train", repo_root)
+    assert "medops/learn/input_pipeline.py" in closure          # module-level import
+    assert "medops/learn/distribute.py" in closure       # imported inside a function
     assert "medops/models/__init__.py" in closure  # a package
     assert "medops/config.py" not in closure       # shared definitions are left out
 
@@ -101,16 +124,16 @@ def test_deploy_is_not_a_dvc_stage(dvc_stages):
 
 
 def test_cli_stage_rejects_unknown_stage(capsys):
-    # a typed error the CLI reports in one line (exit 2), not a traceback
+    # a typed error the CLI reports in one line (bad input, exit 3), not a traceback
     from medops.cli import main
-    from medops.errors import ConfigError
+    from medops.errors import ConfigError, ExitCode
     from medops.pipeline import run_stage
 
     with pytest.raises(ConfigError, match="unknown stage 'nope'"):
         run_stage("nope", None, None)
-    assert main(["stage", "nope"]) == 2
+    assert main(["stage", "nope"]) == ExitCode.BAD_INPUT
     err = capsys.readouterr().err
-    assert "medops stage: error: unknown stage 'nope'; stages: ingest, quality" in err
+    assert "medops stage: error: unknown stage 'nope'; stages: quality, split" in err
     assert "Traceback" not in err
 
 
@@ -124,10 +147,21 @@ def test_cli_has_the_documented_commands():
 def test_light_imports_do_not_pull_tensorflow(repo_root):
     # Triton's Python-backend stub and `medops predict` import these; TensorFlow must stay out
     code = (
-        "import sys; import medops.config, medops.dicom.pixels, medops.client, "
+        "import sys; import medops.config, medops.dicom.pixels, medops.serving.client, "
         "medops.serving.contract, medops.cli, medops.pipeline; "
         "bad = [m for m in ('tensorflow', 'keras', 'prefect') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_each_adapter_runs_the_module_the_registry_names(name):
+    # the registry is a table a reader (and this test) can follow: the adapter named NAME imports
+    # run() from the module the table lists, so `module` (which dvc.yaml deps follow) cannot drift
+    import inspect
+
+    stage = STAGES[name]
+    assert stage.call.__name__ == name
+    assert f"from {stage.module} import run\n" in inspect.getsource(stage.call)

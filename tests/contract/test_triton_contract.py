@@ -156,7 +156,7 @@ def test_classify_batch_turns_a_failing_run_into_errors_not_an_exception():
 def test_serving_contract_and_client_import_without_tensorflow_or_tritonclient():
     code = (
         "import sys\n"
-        "import medops.serving.contract, medops.client, medops.serving.backends.onnx_classifier\n"
+        "import medops.serving.contract, medops.serving.client, medops.serving.backends.onnx_classifier\n"
         "import medops.serving.backends.dicom_preprocess, medops.serving.backends.postprocess\n"
         "bad = [m for m in ('tensorflow', 'keras', 'tritonclient') if m in sys.modules]\n"
         "assert not bad, bad\n"

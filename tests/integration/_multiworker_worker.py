@@ -7,7 +7,7 @@ before any other op. TF_CONFIG, when set, comes from the environment as in a rea
 
     python _multiworker_worker.py --strategy {default,mirrored,multi_worker} --out DIR
         [--n 256] [--batch 32] [--epochs 3] [--lr 0.3] [--seed 7] [--mixed-precision auto|on|off]
-        [--pipeline plain|medops]
+        [--pipeline plain|medops] [--dtype float32|float64]
 
 Writes DIR/result.npz (weights w0..wK, ``initial`` weights i0..iK, ``probe`` predictions on the
 first --probe val images) and DIR/result.json (plan, history, chief, output dtype).
@@ -29,15 +29,21 @@ from typing import Any
 WORKER = Path(__file__).resolve()
 REPO = WORKER.parents[2]
 
-# Tolerance for distributed vs single-device training. Both runs compute the same SGD steps on the
-# same batches (the same seeded shuffles and augmentation draws: see fit_under_plan); only the
-# float32 summation order differs (each replica averages its part of the global batch, then the
-# replicas' gradients are summed), a relative error of a few ulp (~1e-7) per step. The tests' 24
-# steps at learning rate 0.3 measured a largest weight/prediction difference of 1.2e-7 (mirrored and
-# two-worker alike, with medops' shuffling and augmentation). 1e-4 leaves room for other CPUs'
-# kernels while staying ~1000x below how far the weights move (~0.1), and far below what a wrong
-# loss scale (a step 2x too long), unsplit batches or a different shuffle (7e-2) give.
-ATOL = 1e-4
+# Tolerance for distributed vs single-device training, and why the parity runs compute in float64.
+# Both runs compute the same SGD steps on the same batches (the same seeded shuffles and
+# augmentation draws: see fit_under_plan); only the summation order differs (each replica sums its
+# part of the global batch, then the replicas' gradients are summed). In float32 that is a few ulp
+# (~1e-8) per step, but 24 steps at learning rate 0.3 amplify it chaotically (a ReLU that flips):
+# measured on one 2-core machine with an AVX-512/AMX CPU, single vs mirrored differed by 2e-8
+# after 2 steps and by 9.5e-3 after 24 with oneDNN on, 1e-7 with oneDNN off, and 1.8e-2 with oneDNN
+# off but its kernels capped at AVX2 (ONEDNN_MAX_CPU_ISA) -- the Eigen contraction kernel still
+# calls oneDNN's sgemm, which picks its blocking by the CPU. No float32 tolerance separates that
+# noise from a real bug (a wrong loss scale or an unsplit batch: ~7e-2) on every CPU.
+# So the parity runs build the model in float64 (--dtype float64: Keras policy "float64", which
+# oneDNN does not implement, so Eigen runs it on any CPU): the same 24 steps differ by ~1e-13 and
+# amplification cannot bring rounding near ATOL, while the bugs above still miss it by 100x.
+# The product's float32 path is the same code (fit_under_plan builds under whatever policy is set).
+ATOL = 1e-6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,13 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed-precision", default="off")
     parser.add_argument(
         "--pipeline", choices=("plain", "medops"), default="plain",
-        help="plain: the subset in order; medops: medops.augment.make_dataset with seeded shuffling "
-        "and the default augmentation, as training uses it",
+        help="plain: the subset in order; medops: medops.learn.input_pipeline.build_input_pipeline "
+        "with seeded shuffling and the default augmentation, as training uses it",
+    )
+    parser.add_argument(
+        "--dtype", choices=("float32", "float64"), default="float32",
+        help="the Keras dtype policy the model is built under (float64: parity runs, see ATOL)",
     )
     args = parser.parse_args(argv)
 
-    from medops import distribute
-
+    from medops.learn import distribute
     # No GPU in these tests (and on a GPU machine we still want the CPU code path they check).
     plan = distribute.plan_distribution(
         strategy=args.strategy, mixed_precision=args.mixed_precision, xla="off", gpus=[]
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from medops.augment import make_dataset
+    from medops.learn.input_pipeline import build_input_pipeline
     from medops.config import AugmentConfig, TrainConfig
     from medops.models import build_model
     from medops.paths import BUNDLED_DATASET
@@ -90,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     initial: list[np.ndarray] = []
 
     def build() -> keras.Model:
+        if args.dtype == "float64":  # fit_under_plan set the plan's float32 policy just before
+            keras.mixed_precision.set_global_policy("float64")
         model = build_model("simple_cnn", cfg, x.shape[1:])
         initial.extend(np.array(w) for w in model.get_weights())
         return model
@@ -97,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     def dataset(global_batch: int) -> tf.data.Dataset:
         if args.pipeline == "medops":
             # seeded shuffle + stateless per-image augmentation seeds: every process draws the same
-            return make_dataset(x, y, batch_size=global_batch, training=True,
+            return build_input_pipeline(x, y, batch_size=global_batch, training=True,
                                 augment_cfg=AugmentConfig(), seed=args.seed)
         # fixed order, no augmentation: the single-device and distributed runs see the same batches
         return tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)

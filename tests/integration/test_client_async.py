@@ -1,4 +1,4 @@
-"""medops.client's asyncio API against the real tritonserver: the same answers as the sync client.
+"""medops.serving.client's asyncio API against the real tritonserver: the same answers as the sync client.
 
 One server for the module (free ports), one tiny ONNX version deployed through the gate with the
 helpers of test_triton_serving; files answered over gRPC and HTTP, via the DICOM ensemble and
@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import pydicom_file
-from medops.client import apredict_files, predict_files
+from medops.serving.client import apredict_files, predict_files
 from medops.config import ServingConfig
 from medops.errors import ServingError
 from medops.serving.deploy import deploy

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from medops.client import predict_files
+from medops.serving.client import predict_files
 from medops.config import ServingConfig
 from medops.errors import ServingError
 from medops.serving.deploy import deploy

@@ -1,4 +1,4 @@
-"""medops.dvc against the real dvc command in a temporary git + DVC repository."""
+"""medops.ops.dvc against the real dvc command in a temporary git + DVC repository."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from medops import dvc
+from medops.ops import dvc
 from medops.errors import DvcError
 
 pytestmark = pytest.mark.dvc
@@ -137,6 +137,20 @@ def test_version_dataset_adds_and_pushes(project: Path) -> None:
     assert dvc.version_dataset(project, "data/raw", push=False) == version
 
 
+def test_medops_version_data_json(project: Path, repo_root: Path, capsys) -> None:
+    import json
+
+    from medops.cli import main
+
+    shutil.copy(repo_root / "params.yaml", project / "params.yaml")
+    shutil.copytree(project / "data" / "raw", project / "data" / "ingested")  # a dataset to version
+    assert main(["--project", str(project), "version-data", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)  # one object; dvc's own output stays off stdout
+    assert out == {"path": "data/ingested", "data_version": dvc.data_version(project, "data/ingested"),
+                   "pushed": True}
+    assert dvc.status(project, cloud=True) == {}
+
+
 def test_repro_runs_stage_commands_on_the_reproduced_project(project: Path, monkeypatch) -> None:
     monkeypatch.setenv("MEDOPS_ROOT", "/somewhere/else")
     (project / "dvc.yaml").write_text(
@@ -147,3 +161,48 @@ def test_repro_runs_stage_commands_on_the_reproduced_project(project: Path, monk
     )
     dvc.repro(project, "where", single_item=True)
     assert (project / "root.txt").read_text() == str(project.resolve())
+
+
+def test_repro_hands_over_each_line_while_the_stage_runs(project: Path) -> None:
+    import time
+
+    # prints (no flush: the stage's Python must run unbuffered), sleeps, prints, writes its output
+    (project / "dvc.yaml").write_text(
+        "stages:\n"
+        "  slow:\n"
+        "    cmd: python -c \"import sys, time; print('first line'); time.sleep(2); "
+        "print('to stderr', file=sys.stderr); open('slow.txt', 'w').write('done')\"\n"
+        "    outs: [slow.txt]\n"
+    )
+    seen: list[tuple[float, str]] = []
+    out = dvc.repro(project, "slow", single_item=True, on_line=lambda line: seen.append((time.monotonic(), line)))
+
+    when = {line: t for t, line in seen}
+    assert "first line" in when and "to stderr" in when
+    assert when["to stderr"] - when["first line"] >= 1.5  # the first line came before the sleep
+    assert "Running stage 'slow'" in " ".join(line for _, line in seen)
+    assert "first line" in out  # still captured, for summaries and errors
+
+
+def test_a_failed_streamed_repro_still_carries_the_stage_error(project: Path) -> None:
+    (project / "dvc.yaml").write_text(
+        "stages:\n"
+        "  broken:\n"
+        "    cmd: python -c \"import sys; sys.exit('the stage says why')\"\n"
+        "    outs: [never.txt]\n"
+    )
+    lines: list[str] = []
+    with pytest.raises(DvcError, match="the stage says why"):
+        dvc.repro(project, "broken", single_item=True, on_line=lines.append)
+    assert "the stage says why" in lines
+
+
+def test_a_streamed_repro_past_its_timeout_is_stopped(project: Path) -> None:
+    (project / "dvc.yaml").write_text(
+        "stages:\n"
+        "  forever:\n"
+        "    cmd: python -c \"import time; print('started', flush=True); time.sleep(60)\"\n"
+        "    outs: [never.txt]\n"
+    )
+    with pytest.raises(DvcError, match="ran past 3"):
+        dvc.run_dvc(project, "repro", "--single-item", "forever", timeout=3, on_line=lambda line: None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,39 +37,93 @@ def project(tmp_path, monkeypatch):
     return root
 
 
-def test_ingest_flow_versions_the_deidentified_dataset_and_a_rerun_changes_nothing(project, tmp_path):
-    from flows.ingest import ingest_studies
-    from medops import dvc
+def events_named(name: str, expected: int, timeout: float = 30.0) -> list:
+    """The Prefect API's events called ``name``, once it holds ``expected`` of them (the server
+    stores events asynchronously) or the timeout passed."""
+    import time
 
-    export = tmp_path / "hospital"
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50)
+            if len(page.events) >= expected or time.monotonic() > deadline:
+                return page.events
+            time.sleep(0.5)
+
+
+# an export folder named as hospitals often do: patient name and record number
+PHI_FOLDER = "Doe_John_MRN123"
+
+
+def test_ingest_flow_versions_the_export_and_announces_each_new_version_once(project, tmp_path):
+    from flows.ingest import DATASET_VERSIONED, ingest_studies
+    from medops.ops import dvc
+
+    export = project / "data" / "export"  # params.yaml's ingest.source
     synth.run(SynthConfig(max_images_per_split=4), source_npz=BUNDLED_DATASET, out_dir=export)
     grown_later = sorted((export / "dicom").iterdir())[-2:]  # two patients arrive later
     parked = tmp_path / "later"
     parked.mkdir()
     for p in grown_later:
         shutil.move(p, parked / p.name)
-    manifest = str(export / "labels.csv")
+    (export / PHI_FOLDER).mkdir()
+    (export / PHI_FOLDER / "Doe_John_scan.dcm").write_bytes(b"not a DICOM file")  # quarantined
 
-    first = ingest_studies(str(export / "dicom"), manifest=manifest, project_root=str(project))
-    assert first["changed"] and first["ingest"]["used"] == first["ingest"]["decoded"] > 0
-    assert first["data_version"] == dvc.data_version(project, project / "data" / "deidentified")
+    first = ingest_studies(project_root=str(project))
+    assert first["changed"] and first["ingest"]["used"] == first["ingest"]["decoded"] - 1 > 0
+    assert first["ingest"]["quarantined"] == 1  # the manifest (labels.csv) is labels, not a study
+    dataset = project / "data" / "ingested"
+    assert first["data_version"] == dvc.data_version(project, dataset)
     remote = project / "dvc-remote"
     assert list(remote.rglob(first["data_version"].removesuffix(".dir")[2:] + ".dir"))  # pushed
-    # only de-identified data is versioned: no original PatientID in the tracked dataset
+    # only de-identified data is versioned: no original PatientID, no export path
     import pydicom
 
     original = pydicom.dcmread(next((export / "dicom").rglob("*.dcm")), stop_before_pixels=True)
-    tracked = b"".join(p.read_bytes() for p in (project / "data" / "deidentified").rglob("*") if p.is_file())
-    assert original.PatientID.encode() not in tracked and str(original.PatientName).encode() not in tracked
+    tracked = b"".join(p.read_bytes() for p in dataset.rglob("*") if p.is_file())
+    for phi in (original.PatientID, str(original.PatientName), PHI_FOLDER, "Doe_John", "PAT0000"):
+        assert phi.encode() not in tracked, phi
+    assert (dataset / "quarantine.csv").read_text().splitlines()[0] == "file_id,reason"
+    # the operator still finds the file, in the private report
+    assert f"{PHI_FOLDER}/Doe_John_scan.dcm" in (project / ".medops" / "ingest" / "quarantine.csv").read_text()
 
-    again = ingest_studies(str(export / "dicom"), manifest=manifest, project_root=str(project))
+    again = ingest_studies(project_root=str(project))
     assert again["changed"] is False and again["ingest"]["decoded"] == 0
     assert again["data_version"] == first["data_version"]
 
     for p in grown_later:
         shutil.move(parked / p.name, export / "dicom" / p.name)
-    grown = ingest_studies(str(export / "dicom"), manifest=manifest, project_root=str(project))
+    grown = ingest_studies(project_root=str(project))
     new_files = sum(1 for p in grown_later for _ in (export / "dicom" / p.name).rglob("*.dcm"))
-    assert grown["changed"] and grown["ingest"]["decoded"] == new_files > 0
-    assert grown["ingest"]["used"] == first["ingest"]["used"] + new_files
+    assert grown["changed"] and grown["ingest"]["used"] == first["ingest"]["used"] + new_files
     assert grown["data_version"] != first["data_version"]
+
+    # one event per new data version, none for the unchanged rerun; counts only, no path
+    events = events_named(DATASET_VERSIONED, expected=2)
+    versions = sorted(e.payload["data_version"] for e in events)
+    assert versions == sorted([first["data_version"], grown["data_version"]])
+    grown_event = next(e for e in events if e.payload["data_version"] == grown["data_version"])
+    assert grown_event.payload["previous_version"] == first["data_version"]
+    assert grown_event.resource.id == f"medops.dataset.{grown['data_version']}"
+    assert PHI_FOLDER not in str([e.model_dump(mode="json") for e in events])
+
+    # what the run posted: a progress artifact that reached 100 %, and the summary as a table
+    progress, summary = _artifact("ingest-progress"), _artifact("ingest-studies")
+    assert progress["type"] == "progress" and float(progress["data"]) == 100.0
+    assert progress["description"] == f"ingest: {grown['ingest']['files_seen']}/{grown['ingest']['files_seen']} files"
+    assert summary["type"] == "table"
+    assert {"field": "data version", "value": grown["data_version"]} in json.loads(summary["data"])
+
+
+def _artifact(key: str) -> dict:
+    """The newest artifact with ``key``, from the server's REST API (see test_flow_training)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    resp = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=10, json={
+        "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1, "offset": 0})
+    resp.raise_for_status()
+    return resp.json()[0]

@@ -1,4 +1,4 @@
-"""flows.serve against a real Prefect server started by medops.prefect_server: the deployment
+"""flows.serve against a real Prefect server started by medops.ops.prefect_server: the deployment
 appears under params.prefect.deployment_name, with the parameter form and its constraints."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from medops.config import update_params_file
-from medops.prefect_server import prefect_env, start_prefect, stop_prefect
+from medops.ops.prefect_server import prefect_env, start_prefect, stop_prefect
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
@@ -60,6 +60,30 @@ def test_serve_registers_the_deployment_with_typed_parameters(tmp_path: Path, fr
         bad = httpx.post(f"{params.prefect.api_url}/deployments/{deployment['id']}/create_flow_run",
                          json={"parameters": {"epochs": 0}}, timeout=10)
         assert bad.status_code == 409 and "epochs" in bad.text
+
+        # the ingest deployment is served beside it (no schedule unless params.yaml sets one)
+        api = params.prefect.api_url
+        ingest = _read_deployment(api, "ingest-studies", "medops-test")
+        assert ingest is not None and ingest["parameters"] == {"project_root": str(root)}
+        assert ingest["schedules"] == []
+        # a new data version starts a training run with it: the trigger is real, so emit the
+        # event as ingest-studies does and watch the run it creates (it then fails: this project
+        # has no dataset at that version, which the run says)
+        autos = httpx.post(f"{api}/automations/filter", json={}, timeout=10).json()
+        assert sorted(a["trigger"]["expect"] for a in autos) == [["medops.dataset.versioned"],
+                                                                 ["medops.export.changed"]]
+        # from a process of its own, as the ingest flow runs (Prefect's events worker is global)
+        emit = ("from flows.ingest import emit_versioned; from prefect.events.worker import EventsWorker; "
+                "emit_versioned('deadbeef.dir', {'files_seen': 1, 'used': 1, 'decoded': 1, "
+                "'quarantined': 0, 'quarantined_by_reason': {}}, None); EventsWorker.drain_all()")
+        subprocess.run([sys.executable, "-c", emit], cwd=REPO, env=env, check=True, timeout=60)
+        runs = []
+        deadline = time.monotonic() + 60
+        while not runs and time.monotonic() < deadline:
+            time.sleep(1)
+            runs = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}},
+                              timeout=10).json()
+        assert [r["parameters"] for r in runs] == [{"project_root": str(root), "data_version": "deadbeef.dir"}]
     finally:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -144,6 +144,27 @@ def _artifact(key: str) -> dict | None:
     return found[0] if found else None
 
 
+def _events(name: str, since, timeout: float = 30.0) -> list:
+    """The events called ``name`` that occurred since ``since`` (a run's state) began, once there
+    are any (the server stores events asynchronously) or the timeout passed."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    start = since.state_details.flow_run_id and since.timestamp
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(since.state_details.flow_run_id)
+            occurred = EventOccurredFilter(since=run.start_time or start)
+            found = client.read_events(EventFilter(event=EventNameFilter(name=[name]), occurred=occurred),
+                                       limit=50).events
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
+
+
 def test_failed_gate_skips_deploy_and_the_flow_completes(project: ProjectPaths) -> None:
     _write_gate(project, passed=False)
     _write_export(project)
@@ -156,6 +177,9 @@ def test_failed_gate_skips_deploy_and_the_flow_completes(project: ProjectPaths) 
     logs = _logs(state.state_details.flow_run_id)
     assert "gate rejected the model, not deploying: accuracy 0.700 < min_accuracy 0.750: fail" in logs
     assert not (project.root / ".medops" / "triton").exists()
+    # and says so as an event a user can attach an automation to
+    [event] = _events("medops.model.rejected", since=state)
+    assert event.payload["reasons"] == ["accuracy 0.700 < min_accuracy 0.750: fail"]
 
 
 def test_rejected_model_is_not_retried(project: ProjectPaths) -> None:
@@ -227,16 +251,16 @@ def test_flow_parameters_are_validated_with_the_params_constraints() -> None:
 
 @pytest.fixture
 def dvc_project(tmp_path: Path) -> ProjectPaths:
-    """A git + DVC project with the repo's dvc.yaml and params.yaml and an ingested folder."""
+    """A git + DVC project with the repo's dvc.yaml, params.yaml and GX project and an ingested folder."""
     from test_quality_gx import build_ingested
 
-    from medops import dvc
-
+    from medops.ops import dvc
     root = tmp_path / "dvcproject"
     root.mkdir()
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "medops", root / "medops", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "gx", root / "gx", ignore=shutil.ignore_patterns("uncommitted"))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     dvc.init(root)
     dvc.ensure_remote(root, "local", "dvc-remote")
@@ -264,10 +288,19 @@ def test_stage_task_reproduces_with_dvc_and_posts_its_result(dvc_project: Projec
     assert result["success"] is True and result["n_rows"] > 0
     lock = yaml.safe_load((dvc_project.root / "dvc.lock").read_text())
     assert lock["stages"]["quality"]["params"]["params.yaml"]["quality"]["min_rows"] == 50
-    artifact = _artifact("stage-quality")
-    assert artifact is not None and "expect_column_values_to_be_unique" in artifact["data"]
+    fields = _artifact("stage-quality")
+    assert fields is not None and fields["type"] == "table"
+    assert {"field": "n_rows", "value": result["n_rows"]} in json.loads(fields["data"])
+    expectations = _artifact("quality-expectations")
+    assert expectations["type"] == "table"
+    rows = json.loads(expectations["data"])
+    assert len(rows) == result["n_expectations"] and rows[3]["type"] == "expect_column_values_to_be_unique"
+    docs = _artifact("quality-report")  # Prefect posts a link artifact as markdown
+    assert docs["type"] == "markdown" and Path(result["data_docs"]).as_uri() in docs["data"]
     (run,) = _task_runs(state.state_details.flow_run_id)
     assert run.name == "quality"
+    logs = _logs(state.state_details.flow_run_id)
+    assert "quality | Running stage 'quality':" in logs  # dvc's own lines, logged as they came
 
 
 def test_quality_failure_stops_the_flow_with_its_message(dvc_project: ProjectPaths) -> None:
@@ -284,3 +317,116 @@ def test_quality_failure_stops_the_flow_with_its_message(dvc_project: ProjectPat
         state.result()
     assert str(err.value).startswith(
         f"expect_column_values_to_not_be_null failed on metadata.patient_id: 5 of {len(table):,} rows")
+    [event] = _events("medops.data.rejected", since=state)
+    assert event.payload["reason"] == str(err.value)
+
+
+def test_ui_parameters_are_declared_once(monkeypatch) -> None:
+    import inspect
+
+    import flows.training as training
+
+    props = training.training_pipeline.parameters.model_dump()["properties"]
+    assert list(props) == ["project_root", "data_version"] + [d.split(".")[1] for d in training.UI_PARAMETERS]
+    assert training.overrides_by_section({"epochs": 3, "min_auc": None, "min_accuracy": 0.6}) == {
+        "train": {"epochs": 3}, "gate": {"min_accuracy": 0.6}}
+    # one more line in the table is one more typed, documented parameter of the flow
+    monkeypatch.setattr(training, "UI_PARAMETERS", training.UI_PARAMETERS + ("train.dropout",))
+
+    def pipeline(project_root=None, **overrides):
+        """Args:
+            project_root: where.
+            {ui_parameters}
+        """
+        return overrides
+
+    wrapped = training.with_ui_parameters(pipeline)
+    dropout = inspect.signature(wrapped).parameters["dropout"]
+    assert dropout.default is None and "dropout: train.dropout for this run" in wrapped.__doc__
+    from prefect import flow
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises(ParameterTypeError, match="dropout"):
+        flow(wrapped).validate_parameters({"dropout": 1.5})  # TrainConfig.dropout < 1
+
+
+FAKE_TRAIN = """\
+import json, sys, time
+from pathlib import Path
+from PIL import Image
+
+print("medops progress: train 0/2 epochs", file=sys.stderr)
+print("before the sleep")
+print("medops progress: train 1/2 epochs (loss 0.5000)", file=sys.stderr)
+time.sleep(3)
+print("after the sleep")
+print("medops progress: train 2/2 epochs (loss 0.4000)", file=sys.stderr)
+Path("models").mkdir(exist_ok=True)
+Path("models/model.keras").write_text("not a model")
+Image.new("L", (8, 8), 200).save("models/augmentation_preview.png")
+Path("reports/stages").mkdir(parents=True, exist_ok=True)
+Path("reports/stages/train.json").write_text(json.dumps({
+    "epochs_run": 2, "val_auc": 0.81, "model_path": str(Path("models/model.keras").resolve()),
+    "history": {"loss": [0.5, 0.4], "val_auc": [0.75, 0.81]}}))
+"""
+
+
+def _log_records(flow_run_id, timeout: float = 20.0) -> list[tuple[float, str]]:
+    """(timestamp, message) of the flow run's logs, once the run's last line has arrived."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)
+
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = asyncio.run(read())
+        if any("Finished in state" in log.message for log in logs) or time.monotonic() > deadline:
+            return [(log.timestamp.timestamp(), log.message) for log in logs]
+        time.sleep(0.5)
+
+
+def test_a_long_stage_is_logged_while_it_runs_with_progress_and_typed_artifacts(tmp_path: Path) -> None:
+    from prefect import flow
+
+    from flows.training import run_stage
+    from medops.ops import dvc
+
+    root = tmp_path / "slow"
+    root.mkdir()
+    (root / "params.yaml").write_text("{}\n")
+    (root / "fake_train.py").write_text(FAKE_TRAIN)
+    (root / "dvc.yaml").write_text(
+        "stages:\n  train:\n    cmd: python fake_train.py\n    deps: [fake_train.py]\n"
+        "    outs: [models/model.keras]\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc.init(root)
+    paths = ProjectPaths(root)
+
+    @flow
+    def only_train():
+        return run_stage.with_options(name="train", task_run_name="train")(paths, "train")
+
+    state = only_train(return_state=True)
+
+    assert state.is_completed(), state.message
+    logs = _log_records(state.state_details.flow_run_id)
+    when = {message: t for t, message in logs}
+    assert when["train | after the sleep"] - when["train | before the sleep"] >= 2.5, logs
+    assert "train | medops progress: train 1/2 epochs (loss 0.5000)" in when
+    progress = _artifact("train-progress")
+    assert progress["type"] == "progress" and float(progress["data"]) == 100.0
+    fields = _artifact("stage-train")
+    assert fields["type"] == "table" and {"field": "val_auc", "value": 0.81} in json.loads(fields["data"])
+    history = _artifact("train-history")
+    assert history["type"] == "table" and json.loads(history["data"])[1] == {
+        "epoch": 2, "loss": 0.4, "val_auc": 0.81}
+    preview = _artifact("train-augmentation-preview")
+    assert preview["type"] == "image" and preview["data"].startswith("data:image/png;base64,")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
-from medops import ingest
+from medops.stages import ingest
 from medops.config import IngestConfig
 from medops.data import load_images, read_metadata
 from medops.dicom.pixels import preprocess_file

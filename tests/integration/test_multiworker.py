@@ -35,7 +35,7 @@ def test_two_worker_cluster_matches_single_device_training_and_only_the_chief_wr
     cluster = {"worker": [f"127.0.0.1:{port}" for port in sorted(ports)]}
     # medops' own input pipeline (seeded shuffle, default augmentation), as training uses it
     common = ["--n", "256", "--batch", "32", "--epochs", "3", "--lr", "0.3", "--seed", "7",
-              "--pipeline", "medops"]
+              "--pipeline", "medops", "--dtype", "float64"]
 
     def member(index: int) -> tuple[list[str], dict[str, str]]:
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}

@@ -1,4 +1,4 @@
-"""medops.prefect_server: a real `prefect server start` on a free port with a temporary home."""
+"""medops.ops.prefect_server: a real `prefect server start` on a free port with a temporary home."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from medops.config import PrefectConfig
 from medops.errors import PrefectServerError
-from medops.prefect_server import (
+from medops.ops.prefect_server import (
     is_healthy,
     log_file,
     pid_file,
@@ -74,7 +74,7 @@ def test_stale_pid_file_is_replaced_and_busy_port_is_reported(tmp_path: Path, fr
 
 def test_the_demos_processes_get_the_servers_environment(tmp_path: Path, params) -> None:
     """What `make demo` starts (the flow, flows.serve) talks to this server with its PREFECT_HOME."""
-    from medops.demo import _service_env
+    from medops.ops.demo import _service_env
     from medops.paths import ProjectPaths
 
     paths = ProjectPaths(tmp_path)

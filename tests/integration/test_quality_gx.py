@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medops import quality
+from medops.stages import quality
 from medops.config import QualityConfig
 from medops.data import METADATA_COLUMNS, shard_path
 from medops.errors import DataQualityError
@@ -177,3 +177,84 @@ def test_label_null_fraction_is_a_parameter(tmp_path: Path) -> None:
 def test_missing_table_is_a_stage_error(tmp_path: Path) -> None:
     with pytest.raises(DataQualityError, match="no metadata table"):
         quality.run(QualityConfig(), ingested_dir=tmp_path / "nothing", out_dir=tmp_path / "q")
+
+
+def _suite_file(gx_root: Path) -> dict:
+    return json.loads((gx_root / "gx" / "expectations" / f"{quality.SUITE}.json").read_text())
+
+
+def test_the_suite_is_a_file_backed_gx_project_with_native_severity(tmp_path: Path) -> None:
+    build_ingested(tmp_path / "ingested")
+    out = tmp_path / "quality"
+    quality.run(QualityConfig(), ingested_dir=tmp_path / "ingested", out_dir=out, gx_root=tmp_path)
+
+    gx_dir = tmp_path / "gx"
+    for rel in ("great_expectations.yml", f"validation_definitions/{quality.VALIDATION}.json",
+                f"checkpoints/{quality.CHECKPOINT}.json"):
+        assert (gx_dir / rel).is_file(), rel
+    stored = _suite_file(tmp_path)["expectations"]
+    specs = quality.build_expectations(QualityConfig())
+    assert [(e["type"], e["severity"]) for e in stored] == [(s.type, s.severity) for s in specs]
+    assert {e["severity"] for e in stored} == {"critical", "warning"}
+    assert all("severity" not in e["meta"] and quality.MANAGED in e["meta"] for e in stored)
+
+    # unchanged params: the suite file is not rewritten; a changed threshold keeps the id
+    before = (gx_dir / "expectations" / f"{quality.SUITE}.json").read_text()
+    quality.run(QualityConfig(), ingested_dir=tmp_path / "ingested", out_dir=out, gx_root=tmp_path)
+    assert (gx_dir / "expectations" / f"{quality.SUITE}.json").read_text() == before
+    quality.run(QualityConfig(min_rows=60), ingested_dir=tmp_path / "ingested", out_dir=out, gx_root=tmp_path)
+    rows = [e for e in _suite_file(tmp_path)["expectations"]
+            if e["type"] == "expect_table_row_count_to_be_between"]
+    assert len(rows) == 1 and rows[0]["kwargs"]["min_value"] == 60 and rows[0]["id"] == stored[0]["id"]
+
+
+def test_expectations_a_gx_user_adds_run_with_their_severity(tmp_path: Path) -> None:
+    import great_expectations as gx
+
+    build_ingested(tmp_path / "ingested")
+    out = tmp_path / "quality"
+    quality.run(QualityConfig(), ingested_dir=tmp_path / "ingested", out_dir=out, gx_root=tmp_path)
+
+    # what a GX user does in their own session: open the project, add to the suite, save
+    context = gx.get_context(mode="file", project_root_dir=str(tmp_path))
+    suite = context.suites.get(quality.SUITE)
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeBetween(
+        column="patient_age", max_value=5, severity="warning"))  # ages 6-11 fail: 60 of 120
+    suite.save()
+    result = quality.run(QualityConfig(), ingested_dir=tmp_path / "ingested", out_dir=out, gx_root=tmp_path)
+    assert result.success and result.n_expectations == len(quality.build_expectations(QualityConfig())) + 1
+    assert result.warnings == ["expect_column_values_to_be_between failed on metadata.patient_age: "
+                               f"60 of {N_IMAGES:,} rows, expected max_value=5 (warning)"]
+
+    suite = context.suites.get(quality.SUITE)
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeInSet(
+        column="modality", value_set=["DX"], severity="critical", description="digital radiographs only"))
+    suite.save()
+    with pytest.raises(DataQualityError, match=r"^expect_column_values_to_be_in_set failed on metadata\.modality: "
+                       rf"{N_IMAGES} of {N_IMAGES} rows, expected digital radiographs only \(critical\)$"):
+        quality.run(QualityConfig(), ingested_dir=tmp_path / "ingested", out_dir=out, gx_root=tmp_path)
+    # the managed expectations were left as they were, the user's kept after them
+    types = [e["type"] for e in _suite_file(tmp_path)["expectations"]]
+    assert types[-2:] == ["expect_column_values_to_be_between", "expect_column_values_to_be_in_set"]
+
+
+def test_data_docs_keep_every_validation_and_load_nothing_from_the_internet(tmp_path: Path) -> None:
+    from medops.datadocs import remote_urls
+
+    ingested = tmp_path / "ingested"
+    table = build_ingested(ingested)
+    out = tmp_path / "quality"
+    quality.run(QualityConfig(), ingested_dir=ingested, out_dir=out)
+    table.loc[:11, "patient_id"] = None
+    table.to_parquet(ingested / "metadata.parquet", index=False)
+    with pytest.raises(DataQualityError):
+        quality.run(QualityConfig(), ingested_dir=ingested, out_dir=out)
+
+    docs = out / "data_docs"
+    pages = sorted((docs / "validations").rglob("*.html"))
+    assert len(pages) == 2  # the first run's page is still there
+    index = (docs / "index.html").read_text()
+    assert all(page.parent.name in index for page in pages)  # both runs listed
+    for page in [docs / "index.html", *pages]:
+        assert remote_urls(page.read_text()) == [], page
+    assert (docs / "static" / "vendor" / "jquery" / "dist" / "jquery.min.js").is_file()

@@ -2,7 +2,7 @@
 fails.
 
 A real tritonserver (free ports) serves v1. Client threads send requests continuously for the
-whole test, through medops.client: tensors to the classifier (sync gRPC and HTTP) and DICOM bytes
+whole test, through medops.serving.client: tensors to the classifier (sync gRPC and HTTP) and DICOM bytes
 to the ensemble (sync HTTP, asyncio gRPC with requests in flight at once). Meanwhile v2 (good) is
 deployed, then two v3s that must not be served: one that disagrees with its golden samples, one
 whose ONNX cannot load for this input size. Every request's outcome is recorded; none may fail,
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import pydicom_file
-from medops.client import apredict_files, label_for, predict_files
+from medops.serving.client import apredict_files, label_for, predict_files
 from medops.config import ServingConfig
 from medops.errors import ServingError
 from medops.serving.deploy import deploy

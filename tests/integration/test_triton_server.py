@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import time
 
 import pytest
 
+from medops.cli import main
 from medops.config import ServingConfig
-from medops.errors import ServingError
+from medops.errors import ExitCode, ServingError
 from medops.serving.server import (
     build_command,
     port_in_use,
@@ -28,14 +31,24 @@ def serving_cfg(free_port, **extra) -> ServingConfig:
                          startup_timeout_s=60, **extra)
 
 
-def test_start_refuse_second_status_stop(tmp_path, free_port):
-    cfg, state = serving_cfg(free_port), tmp_path / "state"
+def test_start_refuse_second_status_stop(tmp_path, free_port, repo_root, capsys):
+    # the project's own state folder, so `medops serve status` finds the server
+    cfg, state = serving_cfg(free_port), tmp_path / ".medops"
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
     info = start_server(cfg, repository=tmp_path / "repo", state_dir=state)
     try:
         assert (state / "run" / "triton.pid").read_text().strip() == str(info.pid)
         assert read_info(state) == info
         status = server_status(state)
         assert status.running and status.ready
+        assert main(["--project", str(tmp_path), "serve", "status", "--json"]) == ExitCode.OK
+        out = json.loads(capsys.readouterr().out)
+        assert (out["running"], out["ready"], out["detail"]) == (True, True, "ready")
+        assert out["info"] == json.loads(info.model_dump_json())
+        assert main(["--project", str(tmp_path), "serve", "status"]) == ExitCode.OK
+        assert capsys.readouterr().out.startswith(
+            f"Triton is ready: HTTP {info.http_url}, gRPC {info.grpc_url}, metrics {info.metrics_url} "
+            f"(pid {info.pid}, since ")
         assert port_in_use(cfg.host, cfg.http_port) and port_in_use(cfg.host, cfg.grpc_port)
 
         with pytest.raises(ServingError, match=rf"already running \(pid {info.pid}"):
@@ -54,6 +67,34 @@ def test_start_refuse_second_status_stop(tmp_path, free_port):
         assert not port_in_use(cfg.host, port), f"port {port} still bound after stop"
     assert not server_status(state).running
     assert stop_server(state) is False
+    assert main(["--project", str(tmp_path), "serve", "status"]) == ExitCode.UNAVAILABLE
+    assert capsys.readouterr().out.startswith("Triton is not running (no server recorded)")
+
+
+def test_medops_serve_start_status_stop_json(tmp_path, free_port, repo_root, capsys):
+    from medops.config import update_params_file
+
+    cfg = serving_cfg(free_port)
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    update_params_file(tmp_path / "params.yaml", {"serving": {
+        "http_port": cfg.http_port, "grpc_port": cfg.grpc_port, "metrics_port": cfg.metrics_port}})
+    project = ["--project", str(tmp_path)]
+    try:
+        assert main([*project, "serve", "start", "--json"]) == ExitCode.OK
+        started = json.loads(capsys.readouterr().out)
+        assert started["http_url"] == f"127.0.0.1:{cfg.http_port}"
+        assert started["grpc_url"] == f"127.0.0.1:{cfg.grpc_port}"
+        assert started["restricted"] is True  # `medops serve` always sets a model-repository key
+        assert main([*project, "serve", "status", "--json"]) == ExitCode.OK
+        assert json.loads(capsys.readouterr().out)["info"]["pid"] == started["pid"]
+        # a second start is refused (a ServingError: exit 1), the first server keeps running
+        assert main([*project, "serve", "start", "--json"]) == ExitCode.FAILURE
+        assert "already running" in json.loads(capsys.readouterr().out)["error"]["message"]
+    finally:
+        assert main([*project, "serve", "stop", "--json"]) == ExitCode.OK
+    assert json.loads(capsys.readouterr().out) == {"stopped": True}
+    assert main([*project, "serve", "status", "--json"]) == ExitCode.UNAVAILABLE
+    assert json.loads(capsys.readouterr().out)["running"] is False
 
 
 def _record(state, pid: int, info: str | None) -> None:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import pydicom_file
-from medops.client import Prediction, format_predictions, predict_files, to_json_lines
-from medops.config import ServingConfig
+from medops.cli import main
+from medops.serving.client import Prediction, format_predictions, predict_files, to_json_lines
+from medops.config import ServingConfig, update_params_file
 from medops.errors import GateRejectedError, ServingError
 from medops.serving.deploy import deploy, rollback, sha256_file
 from medops.serving.repository import list_versions, remove_version, served_version
@@ -78,9 +80,9 @@ def write_export_result(onnx_path: Path, data_version: str = "dv-test",
 
 
 def write_gate(path: Path, *, passed: bool, data_version: str = "dv-test") -> Path:
-    """A real gate decision (medops.gate.decide) from metrics that pass or fail the defaults."""
+    """A real gate decision (medops.stages.gate.decide) from metrics that pass or fail the defaults."""
     from medops.config import GateConfig
-    from medops.gate import decide
+    from medops.stages.gate import decide
 
     metrics = ({"auc": 0.95, "accuracy": 0.9, "sensitivity": 0.9, "specificity": 0.8} if passed
                else {"auc": 0.61, "accuracy": 0.9, "sensitivity": 0.40, "specificity": 0.8})
@@ -161,6 +163,29 @@ def deployed(triton):
             url=triton["info"].grpc_url, protocol="grpc", image_size=S, max_pixels=MAX_PIXELS,
         ))
     return results
+
+
+@pytest.fixture
+def cli_project(tmp_path, repo_root, triton, deployed):
+    """A project for `medops` whose params point at the module's server and repository, holding
+    v2's export (models/) and its passed gate decision (reports/gate.json)."""
+    base, cfg = triton["base"], triton["cfg"]
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    update_params_file(tmp_path / "params.yaml", {"serving": {
+        "repository": str(triton["repo"]), "http_port": cfg.http_port, "grpc_port": cfg.grpc_port,
+        "metrics_port": cfg.metrics_port, "max_image_pixels": MAX_PIXELS}})
+    shutil.copytree(base / "export2", tmp_path / "models")
+    (tmp_path / "reports").mkdir()
+    shutil.copy(base / "gate2.json", tmp_path / "reports" / "gate.json")
+    return tmp_path
+
+
+def medops_json(capsys, *argv: str) -> tuple[int, dict]:
+    """``medops ARGV --json``: the exit code and stdout, which must be one JSON object."""
+    code = main([*argv, "--json"])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1, out
+    return code, json.loads(out)
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +287,10 @@ def test_the_ensemble_is_pinned_to_the_served_classifier_version(triton, deploye
 def test_small_batches_give_the_same_answers(triton, deployed, files):
     info, name = triton["info"], triton["cfg"].model_name
     paths = [files["ct"], files["cr"], files["ct"]]
-    one = predict_files(paths, url=info.grpc_url, model_name=name, image_size=S, batch_size=1)
+    progress: list[tuple[int, int]] = []
+    one = predict_files(paths, url=info.grpc_url, model_name=name, image_size=S, batch_size=1,
+                        progress=lambda done, total: progress.append((done, total)))
+    assert progress == [(1, 3), (2, 3), (3, 3)]  # one call per answered request
     allb = predict_files(paths, url=info.grpc_url, model_name=name, image_size=S)
     assert [p.probability for p in one] == pytest.approx([p.probability for p in allb], abs=1e-6)
     assert one[0].probability == pytest.approx(one[2].probability)
@@ -287,6 +315,16 @@ def test_deploying_the_served_model_again_changes_nothing(triton, deployed):
                    url=triton["info"].grpc_url, protocol="grpc", image_size=S, max_pixels=MAX_PIXELS)
     assert again.unchanged and again.version == deployed[1].version == 2
     assert list_versions(triton["repo"], cfg.model_name) == [1, 2]
+
+
+def test_medops_deploy_json_reports_the_served_model(triton, deployed, cli_project, capsys):
+    code, out = medops_json(capsys, "--project", str(cli_project), "deploy")  # url from params
+    assert code == 0
+    assert out == json.loads(deployed[1].model_copy(update={"unchanged": True}).model_dump_json())
+    assert main(["--project", str(cli_project), "deploy"]) == 0
+    assert capsys.readouterr().out == (f"already serving {triton['cfg'].model_name} version 2 "
+                                       "(data version dv-test)\n")
+    assert list_versions(triton["repo"], triton["cfg"].model_name) == [1, 2]
 
 
 def test_deploy_refuses_a_failed_gate_and_writes_nothing(triton, deployed):
@@ -432,7 +470,8 @@ def test_new_preprocessing_settings_reach_the_server_for_the_served_model(triton
     assert_v2_serves(triton, files)
 
 
-def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed, files):
+def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed, files,
+                                                               cli_project, capsys):
     cfg, repo, url = triton["cfg"], triton["repo"], triton["info"].http_url
     back = rollback(cfg, repository=repo, url=url, protocol="http", image_size=S)
     assert (back.from_version, back.to_version) == (2, 1)
@@ -445,8 +484,12 @@ def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed
     assert back.threshold == 0.5 and pred.label == "pneumonia"
     with pytest.raises(ServingError, match="no version of 'pneumonia_classifier' older than the served version 1"):
         rollback(cfg, repository=repo, url=url, protocol="http", image_size=S)
-    forward = rollback(cfg, repository=repo, url=url, protocol="http", image_size=S, to_version=2)
-    assert (forward.from_version, forward.to_version, forward.threshold) == (1, 2, V2_THRESHOLD)
+    # forward again with `medops rollback --json`
+    code, forward = medops_json(capsys, "--project", str(cli_project), "rollback", "--to", "2",
+                                "--url", url, "--protocol", "http")
+    assert code == 0
+    assert (forward["from_version"], forward["to_version"], forward["threshold"]) == (1, 2, V2_THRESHOLD)
+    assert forward["model_name"] == cfg.model_name and forward["golden_max_abs_diff"] <= 1e-4
     assert_v2_serves(triton, files)
 
 

@@ -123,8 +123,8 @@ def build_trained(
 
     Returns the paths: ingested, split, model, train_result.
     """
-    from medops import split as split_stage
-    from medops import train as train_stage
+    from medops.stages import split as split_stage
+    from medops.stages import train as train_stage
     from medops.config import AugmentConfig, SplitConfig, TrainConfig
 
     root = Path(root)

@@ -8,7 +8,7 @@ import pytest
 from _ingested import load_bundled
 import tensorflow as tf
 
-from medops.augment import affine_transform, augment_image, is_enabled, make_dataset
+from medops.learn.input_pipeline import affine_transform, augment_image, build_input_pipeline, is_enabled
 from medops.config import AugmentConfig
 
 STRONG = AugmentConfig(rotation=0.2, flip="horizontal_and_vertical", zoom=0.3, contrast=0.9)
@@ -66,7 +66,8 @@ def test_augment_image_is_a_function_of_its_seed(images):
 
 def test_training_pipeline_changes_images_and_stays_in_unit_range(images):
     labels = np.arange(len(images)) % 2
-    x, y = _collect(make_dataset(images, labels, batch_size=16, training=True, augment_cfg=STRONG, seed=1))
+    x, y = _collect(build_input_pipeline(images, labels, batch_size=16, training=True, augment_cfg=STRONG,
+                                         seed=1))
     assert x.shape == images.shape and x.dtype == np.float32
     assert y.shape == (len(images), 1)
     assert x.min() >= 0.0 and x.max() <= 1.0
@@ -79,15 +80,15 @@ def test_training_pipeline_changes_images_and_stays_in_unit_range(images):
 
 def test_evaluation_pipeline_is_untouched_and_in_order(images):
     labels = np.arange(len(images)) % 2
-    x, y = _collect(make_dataset(images, labels, batch_size=16, training=False, augment_cfg=STRONG))
+    x, y = _collect(build_input_pipeline(images, labels, batch_size=16, training=False, augment_cfg=STRONG))
     np.testing.assert_array_equal(x, images)
     np.testing.assert_array_equal(y[:, 0], labels)
 
 
 def test_training_pipeline_is_repeatable_per_seed_and_varies_per_epoch(images):
     labels = np.arange(len(images)) % 2
-    ds = make_dataset(images, labels, batch_size=16, training=True, augment_cfg=STRONG, seed=3)
-    again = make_dataset(images, labels, batch_size=16, training=True, augment_cfg=STRONG, seed=3)
+    ds = build_input_pipeline(images, labels, batch_size=16, training=True, augment_cfg=STRONG, seed=3)
+    again = build_input_pipeline(images, labels, batch_size=16, training=True, augment_cfg=STRONG, seed=3)
     first, second = _collect(ds)[0], _collect(ds)[0]
     np.testing.assert_array_equal(first, _collect(again)[0])
     assert not np.allclose(first, second)
@@ -95,7 +96,7 @@ def test_training_pipeline_is_repeatable_per_seed_and_varies_per_epoch(images):
 
 def test_training_pipeline_shuffles_each_epoch_but_keeps_pairs(images):
     labels = images.reshape(len(images), -1).mean(axis=1)  # a label that identifies its image
-    ds = make_dataset(images, labels, batch_size=64, training=True, augment_cfg=None, seed=3)
+    ds = build_input_pipeline(images, labels, batch_size=64, training=True, augment_cfg=None, seed=3)
     (x1, y1), (x2, y2) = _collect(ds.take(1)), _collect(ds.take(1))
     assert not np.array_equal(y1, y2)  # reshuffled
     np.testing.assert_allclose(x1.reshape(len(x1), -1).mean(axis=1), y1[:, 0], rtol=1e-5)
@@ -104,9 +105,9 @@ def test_training_pipeline_shuffles_each_epoch_but_keeps_pairs(images):
 
 def test_bad_shapes_are_rejected(images):
     with pytest.raises(ValueError, match=r"\(n, S, S, 1\)"):
-        make_dataset(images[..., 0], None, batch_size=4, training=False)
+        build_input_pipeline(images[..., 0], None, batch_size=4, training=False)
     with pytest.raises(ValueError, match="labels"):
-        make_dataset(images, np.zeros(3), batch_size=4, training=False)
+        build_input_pipeline(images, np.zeros(3), batch_size=4, training=False)
 
 
 def test_noise_alone_is_enabled_seeded_and_of_the_configured_strength(images):

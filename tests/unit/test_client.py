@@ -1,4 +1,6 @@
-"""medops.client without a server: labels, per-file errors, the table and JSON-lines outputs."""
+"""medops.serving.client without a server: labels, per-file errors, the table and JSON-lines
+outputs, the retry steps, and whole predictions against a scripted client through both
+transports."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import pydicom_file
-from medops.client import (
+from medops.serving.client import (
     Prediction,
     chunk_requests,
     format_predictions,
@@ -18,7 +20,7 @@ from medops.client import (
     read_files,
     to_json_lines,
 )
-from medops.errors import ServingError
+from medops.errors import ExitCode, ServerUnreachableError, ServingError
 
 
 def test_label_threshold_is_inclusive():
@@ -66,11 +68,12 @@ def test_read_files_reads_bytes_and_reports_unreadable(tmp_path):
     assert none is None and e2.startswith("not_dicom: cannot read file:") and "gone.dcm" in e2
 
 
-def test_unreachable_server_is_a_serving_error(free_port):
+def test_unreachable_server_is_a_serving_error_of_its_own(free_port):
     url = f"127.0.0.1:{free_port()}"
-    with pytest.raises(ServingError, match=rf"cannot reach Triton at {url} over http"):
+    with pytest.raises(ServerUnreachableError, match=rf"cannot reach Triton at {url} over http") as err:
         predict_files([pydicom_file("CT_small.dcm")], url=url, protocol="http", model_name="m",
                       image_size=28, timeout=3)
+    assert isinstance(err.value, ServingError) and err.value.exit_code == ExitCode.UNAVAILABLE
 
 
 def test_bad_via_is_refused():
@@ -124,14 +127,19 @@ import random  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from medops.client import (  # noqa: E402
-    acall_with_retries,
+from medops.serving.client import (  # noqa: E402
+    AsyncTransport,
+    Call,
+    Reconnect,
+    RetryPolicy,
+    Sleep,
+    SyncTransport,
     apredict_files,
-    aserved_thresholds,
     backoff_delays,
-    call_with_retries,
+    check_ready,
     is_connection_error,
-    served_thresholds,
+    read_thresholds,
+    with_retries,
 )
 
 
@@ -206,23 +214,22 @@ def test_connection_errors_are_retried_then_a_serving_error_names_the_url(free_p
     import tritonclient.grpc as grpcclient
 
     url = f"127.0.0.1:{free_port()}"
-    clients = [grpcclient.InferenceServerClient(url)]
     calls, reconnects = [], []
 
-    def live() -> bool:
+    def live():
         calls.append(time.monotonic())
-        return clients[0].is_server_live()
+        return check_ready(url=url, protocol="grpc", model_name="m")
 
-    def reconnect() -> None:
+    def connect():
         reconnects.append(1)
-        clients[0].close()
-        clients[0] = grpcclient.InferenceServerClient(url)
+        return grpcclient.InferenceServerClient(url)
 
+    transport = SyncTransport(grpcclient.InferenceServerClient(url), connect)
     start = time.monotonic()
     with pytest.raises(ServingError, match=rf"cannot reach Triton at {url} over grpc after 4 tries"):
-        call_with_retries(live, url=url, protocol="grpc", retries=3, backoff_s=0.05,
-                          reconnect=reconnect)
-    clients[0].close()
+        transport.run(with_retries(live, RetryPolicy(retries=3, backoff_s=0.05), url=url,
+                                   protocol="grpc"))
+    transport.close()
     assert len(calls) == 4 and len(reconnects) == 3
     gaps = [b - a for a, b in zip(calls, calls[1:])]
     for k, gap in enumerate(gaps):  # the schedule: 0.05, 0.1, 0.2 (+ jitter)
@@ -230,16 +237,81 @@ def test_connection_errors_are_retried_then_a_serving_error_names_the_url(free_p
     assert time.monotonic() - start < 3
 
 
-def test_other_errors_are_raised_at_once_without_retry():
-    calls = []
+def _take(steps, outcomes, seen):
+    """Take ``steps`` by hand, no transport: each Call is answered with the next of ``outcomes``
+    (raised into the steps if an exception); every step is appended to ``seen``."""
+    reply, failure = None, None
+    while True:
+        try:
+            step = steps.send(reply) if failure is None else steps.throw(failure)
+        except StopIteration as done:
+            return done.value
+        seen.append(step)
+        reply, failure = None, None
+        if isinstance(step, Call):
+            outcome = outcomes.pop(0)
+            if isinstance(outcome, BaseException):
+                failure = outcome
+            else:
+                reply = outcome
 
-    def bad() -> None:
-        calls.append(1)
-        raise ValueError("input 'image' has shape [1, 3]")
+
+def _ask_live():
+    return (yield Call("is_server_live"))
+
+
+def test_retry_steps_back_off_reconnect_and_give_up_after_the_last_try():
+    from tritonclient.utils import InferenceServerException
+
+    policy = RetryPolicy(retries=2, backoff_s=0.1, jitter=0.0)
+    refused = ConnectionRefusedError(111, "refused")
+    live = Call("is_server_live")
+
+    # two connection errors, then an answer: a doubling backoff, each time on a fresh connection
+    seen = []
+    assert _take(with_retries(_ask_live, policy, url="u", protocol="http"),
+                 [refused, refused, True], seen) is True
+    assert seen == [live, Sleep(0.1), Reconnect(), live, Sleep(0.2), Reconnect(), live]
+
+    # one connection error more than the policy retries: given up at once, naming url and tries
+    seen = []
+    with pytest.raises(ServerUnreachableError,
+                       match=r"cannot reach Triton at u over http after 3 tries in .*refused"):
+        _take(with_retries(_ask_live, policy, url="u", protocol="http"), [refused] * 3, seen)
+    assert seen == [live, Sleep(0.1), Reconnect(), live, Sleep(0.2), Reconnect(), live]
+
+    # an answer from the server (bad input, unknown model) or a timeout: raised as it is, at once
+    for exc in (InferenceServerException("bad input", status="400"), TimeoutError("slow"),
+                InferenceServerException("slow", status="StatusCode.DEADLINE_EXCEEDED")):
+        seen = []
+        with pytest.raises(type(exc)) as err:
+            _take(with_retries(_ask_live, policy, url="u", protocol="http"), [exc], seen)
+        assert err.value is exc and seen == [live]
+
+
+def test_no_retries_means_one_try():
+    seen = []
+    with pytest.raises(ServerUnreachableError, match="after 1 try in"):
+        _take(with_retries(_ask_live, RetryPolicy(retries=0), url="u", protocol="grpc"),
+              [ConnectionResetError(104, "reset")], seen)
+    assert seen == [Call("is_server_live")]
+
+
+def test_other_errors_are_raised_at_once_without_retry():
+    class Client:
+        calls = 0
+
+        def infer(self, *args, **kwargs):
+            Client.calls += 1
+            raise ValueError("input 'image' has shape [1, 3]")
+
+    def ask():
+        return (yield Call("infer", ("m", [])))
 
     with pytest.raises(ValueError, match="has shape"):
-        call_with_retries(bad, url="127.0.0.1:1", protocol="grpc", retries=5, backoff_s=1.0)
-    assert calls == [1]
+        SyncTransport(Client()).run(with_retries(ask, RetryPolicy(retries=5, backoff_s=1.0),
+                                                 url="127.0.0.1:1", protocol="grpc"))
+    assert Client.calls == 1
 
 
 class _ConfigClient:
@@ -258,40 +330,191 @@ class _ConfigClient:
     def get_model_config(self, name):
         return self._next()
 
+    def close(self):
+        pass
+
 
 class _AsyncConfigClient(_ConfigClient):
     async def get_model_config(self, name):
         return self._next()
+
+    async def close(self):
+        pass
 
 
 POSTPROCESS_CONFIG = {"parameters": {"threshold.2": {"string_value": "0.4"}}}
 
 
 @pytest.mark.parametrize("aio", [False, True])
-def test_served_thresholds_raise_connection_errors_for_the_retries(aio):
+def test_thresholds_let_connection_errors_through_to_the_retries(aio):
+    """The same steps through either transport: only the client differs."""
     from tritonclient.utils import InferenceServerException
 
-    def read(client):
+    def run(client, steps):
         if aio:
-            return asyncio.run(aserved_thresholds(client, "http", "m"))
-        return served_thresholds(client, "http", "m")
+            async def go():
+                return await AsyncTransport(client, connect=lambda: client).run(steps)
 
+            return asyncio.run(go())
+        return SyncTransport(client, connect=lambda: client).run(steps)
+
+    make = (_AsyncConfigClient if aio else _ConfigClient)
     # no postprocessing model deployed: an answer from the server, the documented default
     missing = InferenceServerException("unknown model", status="400")
-    assert read((_AsyncConfigClient if aio else _ConfigClient)(missing)) == {}
+    assert run(make(missing), read_thresholds("http", "m")) == {}
     with pytest.raises(ConnectionRefusedError):
-        read((_AsyncConfigClient if aio else _ConfigClient)(ConnectionRefusedError(111, "refused")))
+        run(make(ConnectionRefusedError(111, "refused")), read_thresholds("http", "m"))
 
-    # through the retry wrapper: asked again, and the server's thresholds are the answer
-    client = (_AsyncConfigClient if aio else _ConfigClient)(
-        ConnectionResetError(104, "reset"), POSTPROCESS_CONFIG)
-    if aio:
-        got = asyncio.run(acall_with_retries(lambda: aserved_thresholds(client, "http", "m"),
-                                             url="u", protocol="http", retries=2, backoff_s=0.01))
-    else:
-        got = call_with_retries(lambda: served_thresholds(client, "http", "m"), url="u",
-                                protocol="http", retries=2, backoff_s=0.01)
+    # with the retries: asked again, and the server's thresholds are the answer
+    client = make(ConnectionResetError(104, "reset"), POSTPROCESS_CONFIG)
+    got = run(client, with_retries(lambda: read_thresholds("http", "m"),
+                                   RetryPolicy(retries=2, backoff_s=0.01), url="u",
+                                   protocol="http"))
     assert got == {"2": 0.4} and client.calls == 2
+
+
+# -- the whole prediction against a scripted server, through both transports ---------------------
+
+class _FakeTriton:
+    """Answers as Triton's HTTP client does (configs and responses as dicts), from a script:
+    ``answers``, one per infer call in turn, are ``(version, probabilities, errors)`` (errors
+    only for the ensemble) or an exception to raise; ``thresholds``, one per read of the
+    postprocessing config, are ``{version: threshold}``. Counts calls and connections."""
+
+    def __init__(self, answers, *, thresholds=(), max_batch_size=2):
+        self.answers, self.thresholds = list(answers), list(thresholds)
+        self.max_batch_size, self.calls, self.connections = max_batch_size, [], 0
+
+    def is_server_live(self):
+        return True
+
+    def is_model_ready(self, name):
+        return True
+
+    def get_model_config(self, name):
+        self.calls.append(("config", name))
+        if name.endswith("_postprocess"):
+            return {"parameters": {f"threshold.{v}": {"string_value": str(t)}
+                                   for v, t in self.thresholds.pop(0).items()}}
+        return {"max_batch_size": self.max_batch_size}
+
+    def infer(self, model_name, inputs, outputs=None, model_version="", **kwargs):
+        self.calls.append(("infer", model_name, inputs[0].shape()[0]))
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        version, probs, errors = answer
+        out = {"probability": np.array(probs, dtype=np.float32).reshape(-1, 1)}
+        if model_name.endswith("_dicom"):
+            out["label"] = np.array([b"" if e else (b"pneumonia" if p >= 0.5 else b"normal")
+                                     for p, e in zip(probs, errors)], dtype=np.object_)
+            out["error"] = np.array([e.encode() for e in errors], dtype=np.object_)
+        return _FakeResult(out, version)
+
+    def close(self):
+        pass
+
+
+class _FakeResult:
+    def __init__(self, outputs, version):
+        self.outputs, self.version = outputs, version
+
+    def as_numpy(self, name):
+        return self.outputs.get(name)
+
+    def get_response(self):
+        return {"model_version": self.version}
+
+
+class _AsyncFake:
+    """The same fake with the asyncio client's coroutine methods."""
+
+    def __init__(self, fake):
+        self._fake = fake
+
+    def __getattr__(self, name):
+        method = getattr(self._fake, name)
+
+        async def call(*args, **kwargs):
+            return method(*args, **kwargs)
+
+        return call
+
+
+def _predict_with(fake, monkeypatch, aio, paths, **kwargs):
+    """predict_files (or apredict_files) with every connection made to ``fake``."""
+    import medops.serving.client as client
+
+    def connect(*args):
+        fake.connections += 1
+        return fake
+
+    monkeypatch.setattr(client, "_client", connect)
+    monkeypatch.setattr(client, "_aclient", lambda *args: _AsyncFake(connect()))
+    kwargs = dict(url="fake:1", protocol="http", model_name="m", image_size=28, backoff_s=0.01,
+                  **kwargs)
+    if aio:
+        return asyncio.run(apredict_files(paths, **kwargs))
+    return predict_files(paths, **kwargs)
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_ensemble_answers_per_file_errors_and_progress(tmp_path, monkeypatch, aio):
+    files = [tmp_path / f"{n}.dcm" for n in ("a", "missing", "b", "c")]
+    for f in (files[0], files[2], files[3]):
+        f.write_bytes(b"DICM")
+    fake = _FakeTriton([("3", [0.75, 0.0], ["", "not_dicom: no preamble"]), ("3", [0.125], [""])])
+    progress = []
+    preds = _predict_with(fake, monkeypatch, aio, files,
+                          progress=lambda done, total: progress.append((done, total)))
+    # the unreadable file is never sent; the others go two to a request (max_batch_size)
+    assert [c for c in fake.calls if c[0] == "infer"] == [("infer", "m_dicom", 2),
+                                                          ("infer", "m_dicom", 1)]
+    assert preds == [
+        Prediction(file=str(files[0]), probability=0.75, label="pneumonia", model_version="3"),
+        Prediction(file=str(files[1]), error=preds[1].error),
+        Prediction(file=str(files[2]), error="not_dicom: no preamble"),
+        Prediction(file=str(files[3]), probability=0.125, label="normal", model_version="3"),
+    ]
+    assert preds[1].error.startswith("not_dicom: cannot read file:")
+    assert progress == [(3, 4), (4, 4)]
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_a_version_deployed_mid_run_is_labelled_with_its_own_threshold(monkeypatch, aio):
+    """Tensors: the thresholds are read once, and again only when a version they do not name
+    answers (a rollout); each answer is labelled at its own version's threshold."""
+    ct = pydicom_file("CT_small.dcm")
+    fake = _FakeTriton([("1", [0.5], []), ("2", [0.5], []), ("2", [0.5], [])],
+                       thresholds=[{1: 0.4}, {1: 0.4, 2: 0.9}])
+    preds = _predict_with(fake, monkeypatch, aio, [ct, ct, ct], via="tensor", batch_size=1)
+    assert [(p.model_version, p.label) for p in preds] == [("1", "pneumonia"), ("2", "normal"),
+                                                           ("2", "normal")]
+    assert fake.calls.count(("config", "m_postprocess")) == 2
+    assert ("config", "m") not in fake.calls  # batch_size given: max_batch_size not asked
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_a_failed_request_is_a_serving_error_and_only_lost_connections_are_retried(
+        tmp_path, monkeypatch, aio):
+    from tritonclient.utils import InferenceServerException
+
+    f = tmp_path / "a.dcm"
+    f.write_bytes(b"DICM")
+    # the connection lost once: asked again on a fresh connection, and answered
+    fake = _FakeTriton([InferenceServerException("gone", status="StatusCode.UNAVAILABLE"),
+                        ("1", [0.9], [""])])
+    [pred] = _predict_with(fake, monkeypatch, aio, [f])
+    assert (pred.label, pred.model_version) == ("pneumonia", "1") and fake.connections == 2
+    assert [c[0] for c in fake.calls].count("infer") == 2
+
+    # refused by the server: asked once, a ServingError naming the model and the url
+    fake = _FakeTriton([InferenceServerException("unexpected shape", status="400")])
+    with pytest.raises(ServingError, match=r"inference on 'm_dicom' at fake:1 failed: "
+                                           r".*unexpected shape") as err:
+        _predict_with(fake, monkeypatch, aio, [f])
+    assert not isinstance(err.value, ServerUnreachableError)
+    assert [c[0] for c in fake.calls].count("infer") == 1 and fake.connections == 1
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -369,6 +592,7 @@ def test_a_server_that_comes_up_during_the_retries_is_reached(tmp_path, free_por
                           model_name="m", image_size=28, timeout=5, retries=8, backoff_s=0.1)
         assert started.is_set() and time.monotonic() - begin > 0.5
         assert "cannot reach" not in str(err.value)
+        assert not isinstance(err.value, ServerUnreachableError)  # an answer: the server is there
     finally:
         thread.join(30)
         stop_server(state)

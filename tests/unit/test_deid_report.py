@@ -148,8 +148,8 @@ def test_deid_report_command_over_ingest_output(exported, capsys):
 def test_deid_report_refuses_to_pair_without_the_key_and_needs_files(exported, capsys, monkeypatch):
     project, source, out = exported
     monkeypatch.delenv("MEDOPS_DEID_KEY")
-    assert main(["--project", str(project), "deid-report", str(out), "--source", str(source)]) == 2
+    assert main(["--project", str(project), "deid-report", str(out), "--source", str(source)]) == 3
     assert "needs the de-identification key" in capsys.readouterr().err
     assert not (project / ".medops" / "secrets" / "deid.key").exists()  # none created
-    assert main(["--project", str(project), "deid-report", str(source / "nothing")]) == 2
+    assert main(["--project", str(project), "deid-report", str(source / "nothing")]) == 3
     assert "no DICOM files" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""medops.distribute: plan decisions from TF_CONFIG and GPUs, the mixed-precision policy and the
+"""medops.learn.distribute: plan decisions from TF_CONFIG and GPUs, the mixed-precision policy and the
 float32 output, and MirroredStrategy over two logical CPU devices matching single-device training.
 
 Training comparisons run tests/integration/_multiworker_worker.py in fresh interpreters: logical
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medops import distribute
-from medops.distribute import GpuInfo, is_chief, plan_distribution, scale_batch_size
+from medops.learn import distribute
+from medops.learn.distribute import GpuInfo, is_chief, plan_distribution, scale_batch_size
 from medops.errors import ConfigError, DistributionError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,7 +142,7 @@ def test_bad_choices_and_tf_config_are_config_errors(kwargs, env, message):
 def test_hidden_gpus_are_decided_without_importing_tensorflow():
     code = (
         "import sys\n"
-        "from medops.distribute import plan_distribution\n"
+        "from medops.learn.distribute import plan_distribution\n"
         "plan = plan_distribution(env={'CUDA_VISIBLE_DEVICES': '-1'})\n"
         "assert plan.strategy == 'default' and not plan.mixed_precision and not plan.xla, plan\n"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
@@ -185,7 +185,7 @@ def test_fit_under_a_mixed_precision_plan_scales_the_loss_and_outputs_float32():
     with np.load(BUNDLED_DATASET) as data:
         x = (data["train_images"][:64].astype(np.float32) / 255.0)[..., None]
         y = data["train_labels"][:64].astype(np.float32)
-    from medops.train import compile_model
+    from medops.stages.train import compile_model
 
     plan = plan_distribution(mixed_precision="on", env={}, gpus=[])
     cfg = TrainConfig(filters=[4], dense_units=4, dropout=0.0)
@@ -211,7 +211,7 @@ def test_fit_under_an_explicit_xla_plan_compiles_with_xla():
 
     x = np.random.default_rng(0).random((32, 28, 28, 1), dtype=np.float32)
     y = (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.float32).reshape(-1, 1)
-    from medops.train import compile_model
+    from medops.stages.train import compile_model
 
     plan = plan_distribution(xla="on", env={}, gpus=[])
     cfg = TrainConfig(filters=[4], dense_units=4, dropout=0.0)
@@ -253,7 +253,7 @@ def test_the_single_device_comparison_fails_on_a_difference_or_an_untrained_mode
         return folder
 
     reference = write("reference", trained, probe)
-    assert workers.assert_matches_single_device(reference, write("same", trained, probe + 1e-6))
+    assert workers.assert_matches_single_device(reference, write("same", trained, probe + workers.ATOL / 10))
     off = {**trained, "w1": trained["w1"] + np.array([0, 10 * workers.ATOL, 0], np.float32)}
     with pytest.raises(AssertionError, match="trained w1"):
         workers.assert_matches_single_device(reference, write("off", off, probe))
@@ -278,7 +278,7 @@ def test_logical_cpus_after_tensorflow_started_are_a_distribution_error():
 def test_mirrored_over_two_logical_cpus_matches_single_device_training(tmp_path):
     # medops' own input pipeline (seeded shuffle, default augmentation), as training uses it
     common = ["--n", "256", "--batch", "32", "--epochs", "3", "--lr", "0.3", "--seed", "7",
-              "--pipeline", "medops"]
+              "--pipeline", "medops", "--dtype", "float64"]
     workers.run_workers(
         {
             "single": (["--strategy", "default", "--out", str(tmp_path / "single"), *common], {}),

@@ -15,12 +15,12 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from _ingested import build_ingested
-from medops import explain
-from medops import split as split_stage
+from medops.stages import explain
+from medops.stages import split as split_stage
 from medops.config import EvaluateConfig, SplitConfig, TrainConfig
 from medops.errors import MedopsError
 from medops.models import build_model
-from medops.split import load_split_images
+from medops.data import load_split_images
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +233,6 @@ def test_run_writes_a_sample_of_the_test_split(project, tmp_path):
 
 
 def test_import_does_not_load_tensorflow():
-    code = "import sys, medops.explain, medops.preview; print('tensorflow' in sys.modules)"
+    code = "import sys, medops.stages.explain, medops.learn.preview; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

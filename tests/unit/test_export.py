@@ -13,10 +13,10 @@ import pytest
 from onnx import numpy_helper
 
 from _ingested import build_trained
-from medops import export
+from medops.stages import export
 from medops.config import ExportConfig
 from medops.errors import ExportParityError
-from medops.split import load_split_images
+from medops.data import load_split_images
 
 
 @pytest.fixture(scope="module")

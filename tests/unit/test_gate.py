@@ -13,13 +13,14 @@ from onnx import TensorProto, helper, numpy_helper
 from sklearn.metrics import roc_auc_score
 
 from _ingested import build_ingested
-from medops import gate
-from medops import split as split_stage
+from medops import results
+from medops.stages import gate
+from medops.stages import split as split_stage
 from medops.config import GateConfig, SplitConfig
 from medops.errors import GateRejectedError, MedopsError
 from medops.hashing import sha256_file
 from medops.serving.contract import INPUT_NAME, ONNX_FILENAME, OUTPUT_NAME
-from medops.split import load_split_images
+from medops.data import load_split_images
 
 GOOD = {"auc": 0.912, "accuracy": 0.86, "sensitivity": 0.93, "specificity": 0.74, "n": 624}
 
@@ -47,8 +48,8 @@ def test_pass_writes_a_decision_with_every_reason(files):
     ]
     assert decision.champion is not None and not decision.champion.compared
     assert decision.data_version == "abc123"
-    assert gate.read_decision(paths["out"]) == decision
-    assert gate.require_passed(paths["out"]).passed
+    assert results.read_decision(paths["out"]) == decision
+    assert results.require_passed(paths["out"]).passed
     assert decision.failed_reasons == []
 
 
@@ -61,7 +62,7 @@ def test_one_failed_check_fails_the_gate_and_deploy_refuses(files):
     assert decision.failed_reasons == ["sensitivity 0.610 < min_sensitivity 0.700: fail"]
     assert json.loads(paths["out"].read_text())["passed"] is False
     with pytest.raises(GateRejectedError, match="sensitivity 0.610 < min_sensitivity 0.700"):
-        gate.require_passed(paths["out"])
+        results.require_passed(paths["out"])
 
 
 def test_threshold_is_inclusive_and_configurable(files):
@@ -84,9 +85,9 @@ def test_a_nan_or_non_numeric_metric_fails_and_the_decision_stays_readable(files
     assert not decision.passed
     assert decision.reasons[0] == f"auc is not a finite number ({bad!r}) (need min_auc 0.900): fail"
     assert "auc" not in decision.metrics and decision.metrics["accuracy"] == GOOD["accuracy"]
-    assert gate.read_decision(paths["out"]) == decision  # no null written where a float belongs
+    assert results.read_decision(paths["out"]) == decision  # no null written where a float belongs
     with pytest.raises(GateRejectedError, match="auc is not a finite number"):
-        gate.require_passed(paths["out"])
+        results.require_passed(paths["out"])
 
 
 def test_missing_inputs_and_decisions_are_typed_errors(tmp_path):
@@ -97,10 +98,10 @@ def test_missing_inputs_and_decisions_are_typed_errors(tmp_path):
     with pytest.raises(MedopsError, match="cannot read train result at"):
         gate.run(GateConfig(), metrics=tmp_path / "m.json", train_result=tmp_path / "t.json", out=tmp_path / "g.json")
     with pytest.raises(GateRejectedError, match="no gate decision"):
-        gate.read_decision(tmp_path / "gate.json")
+        results.read_decision(tmp_path / "gate.json")
     (tmp_path / "gate.json").write_text('{"passed": "maybe"}')
     with pytest.raises(GateRejectedError, match="not valid"):
-        gate.read_decision(tmp_path / "gate.json")
+        results.read_decision(tmp_path / "gate.json")
 
 
 # ---------------------------------------------------------------- champion / challenger
@@ -209,7 +210,7 @@ def test_a_champion_better_by_more_than_the_margin_fails_the_candidate(tmp_path,
     assert not decision.passed  # every absolute threshold passed; the champion alone blocks it
     assert all(r.endswith(": pass") for r in decision.reasons[:-1])
     with pytest.raises(GateRejectedError, match="champion v3 auc .* worse by"):
-        gate.require_passed(tmp_path / "gate.json")
+        results.require_passed(tmp_path / "gate.json")
     # a wider margin lets the same candidate through
     assert gate_with(tmp_path, data, weaker, repository=tmp_path / "repo",
                      cfg=GateConfig(champion_margin=0.2)).passed
@@ -223,7 +224,7 @@ def test_a_candidate_within_the_margin_passes(tmp_path, data):
     assert champ.compared and champ.passed and -0.01 < champ.difference < 0
     assert decision.reasons[-1] == (
         f"champion v1 auc {champ.auc:.3f}, candidate auc {champ.candidate_auc:.3f}: within margin 0.010: pass")
-    assert decision.passed and gate.require_passed(tmp_path / "gate.json").champion.version == 1
+    assert decision.passed and results.require_passed(tmp_path / "gate.json").champion.version == 1
     # with margin 0 the same candidate is refused
     assert not gate_with(tmp_path, data, slightly, repository=tmp_path / "repo",
                          cfg=GateConfig(champion_margin=0.0)).passed
@@ -292,4 +293,4 @@ def test_an_old_decision_without_champion_still_reads(tmp_path):
     old = {"passed": True, "reasons": ["auc 0.9 >= min_auc 0.85: pass"], "data_version": "x",
            "timestamp": "2026-11-21T00:00:00+00:00"}
     (tmp_path / "gate.json").write_text(json.dumps(old))
-    assert gate.require_passed(tmp_path / "gate.json").champion is None
+    assert results.require_passed(tmp_path / "gate.json").champion is None

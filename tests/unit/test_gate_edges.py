@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from medops import gate
+from medops import results
 from medops.config import GateConfig
 from medops.errors import MedopsError
+from medops.stages import gate
 
 GOOD = {"auc": 0.912, "accuracy": 0.86, "sensitivity": 0.93, "specificity": 0.74}
 
@@ -23,7 +24,7 @@ def _inputs(tmp_path):
 def test_the_decision_is_written_into_a_folder_that_does_not_exist_yet(tmp_path):
     out = tmp_path / "reports" / "new" / "gate.json"
     assert gate.run(GateConfig(), out=out, **_inputs(tmp_path)).passed
-    assert gate.read_decision(out).passed
+    assert results.read_decision(out).passed
 
 
 def _scores(pairs: int) -> np.ndarray:

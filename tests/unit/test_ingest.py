@@ -13,7 +13,8 @@ import pydicom
 import pytest
 
 from conftest import pydicom_file
-from medops import ingest
+from medops.stages import ingest
+from medops.stages.ingest import index, pool, stage, worker, writers
 from medops.config import DeidConfig, IngestConfig, SynthConfig
 from medops.data import METADATA_COLUMNS, load_images, read_metadata, shard_path
 from medops.dicom import synth
@@ -353,10 +354,10 @@ def test_a_full_rebuild_is_reused_by_the_incremental_runs_after_it(grown):
 def test_the_fingerprint_holds_what_changes_an_output_byte_and_only_that():
     cfg = IngestConfig()
     same = [cfg.model_copy(update={"workers": 7}), cfg.model_copy(update={"incremental": False})]
-    assert {ingest._fingerprint(c, KEY) for c in same} == {ingest._fingerprint(cfg, KEY)}
+    assert {index._fingerprint(c, KEY) for c in same} == {index._fingerprint(cfg, KEY)}
     other = [cfg.model_copy(update={"frame": "max"}), cfg.model_copy(update={"image_size": 16})]
-    assert ingest._fingerprint(cfg, KEY) not in {ingest._fingerprint(c, KEY) for c in other}
-    assert ingest._fingerprint(cfg, b"another-key-0123456789abcdef") != ingest._fingerprint(cfg, KEY)
+    assert index._fingerprint(cfg, KEY) not in {index._fingerprint(c, KEY) for c in other}
+    assert index._fingerprint(cfg, b"another-key-0123456789abcdef") != index._fingerprint(cfg, KEY)
 
 
 def test_changed_settings_rebuild_everything(grown):
@@ -442,7 +443,7 @@ def test_a_run_that_crashed_half_way_does_not_block_the_next(tmp_path, monkeypat
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ingest, "_write_metadata", crash)  # where metadata.parquet is written
+    monkeypatch.setattr(stage, "_write_metadata", crash)  # where metadata.parquet is written
     with pytest.raises(OSError):
         ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out,
                    manifest=raw / "labels.csv", key=KEY)
@@ -464,7 +465,7 @@ def test_an_output_that_cannot_be_written_fails_the_stage_not_the_file(tmp_path,
     def disk_full(ds, target):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ingest, "_write_atomically", disk_full)
+    monkeypatch.setattr(worker, "_write_atomically", disk_full)
     with pytest.raises(IngestError, match=r"cannot write the de-identified file .*dicom/.*\.dcm: "
                                           r"No space left on device"):
         ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out, key=KEY)
@@ -534,6 +535,49 @@ def test_an_output_write_failure_in_a_worker_fails_the_run_clearly(grown):
     assert len(read_metadata(out)) == first.used  # the earlier outputs are untouched
 
 
+def test_a_worker_process_that_dies_costs_only_the_file_it_was_reading(export, tmp_path):
+    """A decoder that kills its process (a crashing plugin) on one file: the pool restarts, the
+    chunk it held is retried one file per task, and only that file is quarantined. Run as a
+    script, so that its spawned workers import it (as __mp_main__) and get the crashing decoder."""
+    import json
+    import subprocess
+    import sys
+
+    source = export["src"] / "synthetic"
+    victim = sorted(p.relative_to(source).as_posix() for p in source.rglob("*.dcm"))[4]
+    script = tmp_path / "crashing_decoder.py"
+    script.write_text(f"""
+import json, os
+from pathlib import Path
+
+if __name__ == "__mp_main__":  # a worker process
+    from medops.stages.ingest import worker
+
+    real = worker._read_original
+
+    def read_original(ds, spec, rel):
+        if rel == {victim!r}:
+            os._exit(3)
+        return real(ds, spec, rel)
+
+    worker._read_original = read_original
+
+if __name__ == "__main__":
+    from medops.config import IngestConfig
+    from medops.stages import ingest
+
+    res = ingest.run(IngestConfig(workers=2, shard_size=4), source_dir=Path({str(source)!r}),
+                     out_dir=Path({str(tmp_path / "out")!r}), key=b"k" * 32, progress=False)
+    print(json.dumps({{"used": res.used, "quarantined": res.quarantined_by_reason}}))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"used": 11, "quarantined": {"decode_error": 1}}
+    [row] = _read_csv(tmp_path / "out" / "quarantine.csv")
+    assert row == {"path": victim, "reason": "decode_error",
+                   "detail": "the decoder crashed the worker process reading this file"}
+
+
 def test_a_kept_file_whose_copy_cannot_be_restored_fails_the_run(tmp_path, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
@@ -543,18 +587,38 @@ def test_a_kept_file_whose_copy_cannot_be_restored_fails_the_run(tmp_path, monke
     twin.save_as(src / "b.dcm", enforce_file_format=True)
     real, calls = ingest.process_file, []
 
-    def process_file(rel):
+    def process_file(spec, rel):
         calls.append(rel)
         if calls.count(rel) == 2:  # the restore of a.dcm after b.dcm overwrote its copy
             return ingest.FileOutcome(path=rel, reason="not_dicom", detail="cannot read: gone")
-        return real(rel)
+        return real(spec, rel)
 
     res = ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "ok", key=KEY)
     assert res.quarantined_by_reason == {"duplicate": 1}
-    monkeypatch.setattr(ingest, "process_file", process_file)
+    monkeypatch.setattr(pool, "process_file", process_file)   # decoding (one worker: in-process)
+    monkeypatch.setattr(stage, "process_file", process_file)  # restoring a kept file's copy
     with pytest.raises(IngestError, match="cannot restore the de-identified copy of a.dcm"):
         ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "out", key=KEY)
     assert calls == ["a.dcm", "b.dcm", "a.dcm"]
+
+
+def test_process_file_takes_its_settings_as_an_argument(tmp_path):
+    """No settings live in a module global: two runs' specs in one process, used in turn, each
+    de-identify with their own key and write to their own folder."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _small_ct(1).save_as(src / "a.dcm", enforce_file_format=True)
+    cfg = IngestConfig(workers=1, image_size=8)
+    one = ingest.WorkerSpec(cfg, KEY, None, src, tmp_path / "one")
+    two = ingest.WorkerSpec(cfg, b"another-key-0123456789abcdef", {"path:a.dcm": (1, "test")}, src,
+                            tmp_path / "two")
+    first, second, again = (ingest.process_file(s, "a.dcm") for s in (one, two, one))
+    assert first.reason is None and second.reason is None
+    assert first.record["sop_instance_uid"] != second.record["sop_instance_uid"]
+    assert (first.record["label"], second.record["label"]) == (None, 1)
+    assert again.record == first.record
+    assert (tmp_path / "one" / first.record["deid_path"]).is_file()
+    assert (tmp_path / "two" / second.record["deid_path"]).is_file()
 
 
 # --- memory flat in the number of files: everything streamed, outputs unchanged ----------------
@@ -630,13 +694,13 @@ def test_index_written_entry_by_entry_is_the_json_it_always_was(tmp_path, files)
     with path.open("w") as fh:
         fh.write('{\n"files": {')
         for i, rel in enumerate(sorted(files)):
-            ingest._write_index_entry(fh, i == 0, rel, files[rel])
-        ingest._close_index(fh, len(files), "f" * 64)
+            index._write_index_entry(fh, i == 0, rel, files[rel])
+        index._close_index(fh, len(files), "f" * 64)
     assert path.read_text() == json.dumps({"fingerprint": "f" * 64, "files": files}, sort_keys=True,
                                           indent=0) + "\n"
     assert json.loads(path.read_text())["files"] == files
-    assert ingest._index_fingerprint(path) == "f" * 64
-    assert list(ingest._index_entries(path)) == sorted(files.items())
+    assert index._index_fingerprint(path) == "f" * 64
+    assert list(index._index_entries(path)) == sorted(files.items())
 
 
 def _row(i: int, **overrides) -> dict:
@@ -659,12 +723,12 @@ def _row(i: int, **overrides) -> dict:
 def test_metadata_written_in_row_groups_reads_back_as_the_whole_frame_would(tmp_path, monkeypatch, rows):
     import pyarrow.parquet as pq
 
-    monkeypatch.setattr(ingest, "_ROW_GROUP", 3)
-    parts = ingest._MetadataWriter(tmp_path / "parts.parquet")
+    monkeypatch.setattr(writers, "_ROW_GROUP", 3)
+    parts = writers._MetadataWriter(tmp_path / "parts.parquet")
     for row in rows:
         parts.add(dict(row))
     parts.close()
-    ingest._write_metadata(parts, tmp_path / "metadata.parquet")
+    writers._write_metadata(parts, tmp_path / "metadata.parquet")
     ingest.metadata_frame(rows).to_parquet(tmp_path / "whole.parquet", index=False)
     written, whole = pq.ParquetFile(tmp_path / "metadata.parquet"), pq.ParquetFile(tmp_path / "whole.parquet")
     # pandas' metadata too (built without pandas, see _metadata_schema): same bytes
@@ -676,7 +740,7 @@ def test_metadata_written_in_row_groups_reads_back_as_the_whole_frame_would(tmp_
 
 def test_chunk_size_gives_each_worker_about_four_tasks_of_bounded_size():
     assert [ingest.chunk_size(n, 2) for n in (0, 1, 8, 9, 80)] == [1, 1, 1, 2, 10]
-    assert ingest.chunk_size(10**6, 8) == ingest._MAX_CHUNK
+    assert ingest.chunk_size(10**6, 8) == pool._MAX_CHUNK
     # near the end tasks shrink (a quarter of each worker's share of what is left) down to 1 file
     assert [ingest.chunk_size(2000, 2, done) for done in (0, 1488, 1744, 1992, 1999)] == [64, 64, 32, 1, 1]
     sizes, done = [], 0
@@ -687,16 +751,16 @@ def test_chunk_size_gives_each_worker_about_four_tasks_of_bounded_size():
 
 
 def test_cursor_reads_sorted_pairs_once_and_forgives_gaps():
-    cursor = ingest._Cursor(iter([("a", 1), ("c", 3), ("d", 4)]))
+    cursor = index._Cursor(iter([("a", 1), ("c", 3), ("d", 4)]))
     assert [cursor.get(k) for k in ("0", "a", "b", "c", "e")] == [None, 1, None, 3, None]
     assert cursor.get("d") is None  # passed: keys must be asked for in ascending order
 
 
 def test_bounded_window_with_reuse_and_parallel_workers_matches_a_full_run(grown, monkeypatch):
     """Tiny chunks, one chunk ahead per worker, a run that mixes reused and new files on 2 workers."""
-    monkeypatch.setattr(ingest, "_MAX_CHUNK", 2)
-    monkeypatch.setattr(ingest, "_AHEAD_PER_WORKER", 1)
-    monkeypatch.setattr(ingest, "_ROW_GROUP", 3)
+    monkeypatch.setattr(pool, "_MAX_CHUNK", 2)
+    monkeypatch.setattr(pool, "_AHEAD_PER_WORKER", 1)
+    monkeypatch.setattr(writers, "_ROW_GROUP", 3)
     cfg = IngestConfig(workers=2, shard_size=3)
     out, src = grown["tmp"] / "out", grown["src"]
     for p in sorted(grown["extra"].iterdir()):
@@ -767,7 +831,7 @@ def test_main_process_memory_per_file_is_a_few_hundred_bytes(tmp_path, monkeypat
         _small_ct(i).save_as(target, enforce_file_format=True)
     # metadata rows are held until a row group of _ROW_GROUP is written: a bound, but one larger
     # than these exports, so it is made smaller here
-    monkeypatch.setattr(ingest, "_ROW_GROUP", 50, raising=False)
+    monkeypatch.setattr(writers, "_ROW_GROUP", 50, raising=False)
     small = tmp_path / "small"
     shutil.copytree(tmp_path / "src" / "series0", small / "series0")
     _traced_peak(small, tmp_path / "warm-up")  # imports and caches, not per-file state
@@ -787,7 +851,7 @@ def test_the_main_process_of_a_parallel_run_imports_neither_pandas_nor_the_decod
     code = f"""
 import json, sys
 from pathlib import Path
-from medops import ingest
+from medops.stages import ingest
 from medops.config import IngestConfig
 result = ingest.run(IngestConfig(workers=2, shard_size=4), source_dir=Path({str(export["src"] / "synthetic")!r}),
                     out_dir=Path({str(tmp_path / "out")!r}), key=b"k" * 32, progress=False)

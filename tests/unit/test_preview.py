@@ -10,7 +10,7 @@ from PIL import Image
 
 from _ingested import load_bundled
 from medops.config import AugmentConfig
-from medops.preview import save_augmentation_preview
+from medops.learn.preview import save_augmentation_preview
 
 OFF = AugmentConfig(rotation=0, flip="none", zoom=0, contrast=0)
 SCALE, PAD, GAP, PANEL = 4, 2, 8, 28 * 4

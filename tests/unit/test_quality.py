@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from medops import quality
+from medops.stages import quality
 from medops.config import QualityConfig
 from medops.data import METADATA_COLUMNS
 
@@ -46,11 +46,14 @@ def test_suite_follows_params() -> None:
     assert _by_column(specs, "expect_column_values_to_be_unique").keys() == {"sop_instance_uid"}
 
 
-def test_every_spec_maps_to_a_gx_expectation_with_severity_meta() -> None:
-    for spec in quality.build_expectations(QualityConfig()):
+def test_every_spec_maps_to_a_gx_expectation_with_native_severity() -> None:
+    specs = quality.build_expectations(QualityConfig())
+    assert {s.severity for s in specs} == {"critical", "warning"}  # both kinds are exercised
+    for spec in specs:
         expectation = quality._to_gx(spec)
         assert expectation.expectation_type == spec.type
-        assert expectation.meta["critical"] is (spec.severity == "critical")
+        assert getattr(expectation.severity, "value", expectation.severity) == spec.severity
+        assert "critical" not in (expectation.meta or {})  # GX's own field, not a meta flag
 
 
 def test_column_map_failure_is_worded_with_counts() -> None:
@@ -78,7 +81,7 @@ def test_aggregate_failure_and_unevaluated_expectation() -> None:
 
 
 def test_quality_module_imports_without_great_expectations_or_tensorflow() -> None:
-    code = ("import sys, medops.quality; "
+    code = ("import sys, medops.stages.quality; "
             "print('great_expectations' in sys.modules, 'tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

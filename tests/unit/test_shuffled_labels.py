@@ -17,11 +17,12 @@ import pandas as pd
 import pytest
 
 from _ingested import build_ingested
-from medops import evaluate as evaluate_stage
-from medops import export as export_stage
-from medops import gate
-from medops import split as split_stage
-from medops import train as train_stage
+from medops import results
+from medops.stages import evaluate as evaluate_stage
+from medops.stages import export as export_stage
+from medops.stages import gate
+from medops.stages import split as split_stage
+from medops.stages import train as train_stage
 from medops.config import load_params
 from medops.errors import GateRejectedError
 from medops.paths import find_project_root
@@ -123,7 +124,7 @@ def test_a_model_trained_on_shuffled_labels_is_never_deployed(served, tmp_path, 
             f"{'pass' if auc_ok else 'fail'}") in decision.reasons
 
     # and deploy's gate check refuses it, naming every failed check
-    for refuse in (check_gate, gate.require_passed):
+    for refuse in (check_gate, results.require_passed):
         with pytest.raises(GateRejectedError, match="gate rejected the model") as info:
             refuse(tmp_path / "gate.json")
         assert all(r in str(info.value) for r in failed)

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from _ingested import build_ingested
-from medops import split as split_stage
+from medops import data
+from medops.stages import split as split_stage
 from medops.config import SplitConfig
 from medops.errors import SplitError
 
@@ -106,10 +107,10 @@ def test_too_few_patients_is_a_split_error():
 def test_load_split_images_matches_metadata(ingested, tmp_path):
     out = tmp_path / "split.csv"
     split_stage.run(SplitConfig(), metadata=ingested / "metadata.parquet", out=out)
-    images, labels, rows = split_stage.load_split_images(ingested, out, "val")
+    images, labels, rows = data.load_split_images(ingested, out, "val")
     assert images.shape == (60, 28, 28, 1) and images.dtype == np.float32
     assert labels.shape == (60,)
     assert 0.0 <= images.min() and images.max() <= 1.0
     assert np.allclose(images[:, :, :, 0].mean(axis=(1, 2)), rows["pixel_mean"], atol=1e-6)
     with pytest.raises(SplitError, match="unknown split"):
-        split_stage.select_split(ingested, out, "holdout")
+        data.select_split(ingested, out, "holdout")

@@ -12,9 +12,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from _ingested import build_trained
-from medops import train as train_stage
+from medops.stages import train as train_stage
 from medops.config import AugmentConfig, TrainConfig
-from medops.split import load_split_images
+from medops.data import load_split_images
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_best_epoch_weights_and_val_threshold_are_kept(trained):
     assert record["threshold_strategy"] == "youden"
     model = keras.saving.load_model(trained["model"], compile=False)
     x_val, y_val, _ = load_split_images(trained["ingested"], trained["split"], "val")
-    from medops.evaluate import select_threshold
+    from medops.metrics import select_threshold
 
     scores = model.predict(x_val, verbose=0)[:, 0]
     assert record["decision_threshold"] == pytest.approx(select_threshold(y_val, scores, "youden"), abs=1e-5)
@@ -100,7 +100,7 @@ def test_training_is_seeded_and_never_reads_test(trained, tmp_path):
 
 def test_a_one_class_training_split_is_refused(tmp_path):
     from _ingested import build_ingested
-    from medops import split as split_stage
+    from medops.stages import split as split_stage
     from medops.config import SplitConfig
     from medops.errors import MedopsError
 
@@ -138,16 +138,16 @@ def test_cosine_schedule_decays_the_learning_rate_over_the_run():
 
 
 def test_fit_model_passes_class_weights_early_stopping_and_the_schedule_to_fit(monkeypatch):
-    import medops.distribute
-    from medops.distribute import plan_distribution
+    import medops.learn.distribute
+    from medops.learn.distribute import plan_distribution
 
     seen = {}
 
     def fake_fit(plan, build_model_fn, dataset_fn, **kwargs):
         seen.update(kwargs, model=build_model_fn())
-        return medops.distribute.FitOutcome(model=seen["model"], history={"loss": [1.0]}, plan=plan)
+        return medops.learn.distribute.FitOutcome(model=seen["model"], history={"loss": [1.0]}, plan=plan)
 
-    monkeypatch.setattr(medops.distribute, "fit_under_plan", fake_fit)
+    monkeypatch.setattr(medops.learn.distribute, "fit_under_plan", fake_fit)
     rng = np.random.default_rng(0)
     x = rng.random((40, 28, 28, 1)).astype(np.float32)
     y = np.array([1] * 30 + [0] * 10, dtype=np.float32)
@@ -201,7 +201,7 @@ def test_other_architectures_go_through_the_same_train_path(trained, tmp_path, n
 def test_a_training_run_saves_its_augmentation_preview_and_provenance(trained):
     from PIL import Image
 
-    from medops.train import preview_path
+    from medops.stages.train import preview_path
 
     png = preview_path(trained["model"])
     assert png.is_file()
@@ -217,7 +217,7 @@ def test_training_order_does_not_depend_on_the_order_split_csv_lists_images():
     # different orders must reach the model in one order, that of the source content hashes
     import pandas as pd
 
-    from medops.train import canonical_order
+    from medops.stages.train import canonical_order
 
     rng = np.random.default_rng(0)
     hashes = np.array([f"{h:064x}" for h in rng.integers(0, 2**62, 20)])

@@ -1,0 +1,298 @@
+"""train: fit the configured architecture on the train split, validating on val.
+
+The test split is never read here. Everything random is seeded from ``train.seed``
+(keras.utils.set_random_seed: Python, NumPy and TensorFlow), so a rerun on the same data and params
+gives the same model up to CPU floating-point order.
+
+Inputs:
+    ingested_dir: ``data/ingested`` (medops.data format).
+    split: ``data/split/split.csv``.
+    data_version: the DVC version of the raw data the model is trained on (recorded, not read).
+Outputs:
+    model_out: the trained Keras model (``models/model.keras``).
+    result_out: ``models/train.json``: params used, data_version, per-epoch history, split sizes,
+        duration, input size, library versions.
+Params (``train`` and ``augment`` sections, TrainConfig and AugmentConfig):
+    model, epochs, batch_size, learning_rate, filters, dense_units, dropout, seed;
+    class_weight ("none" | "balanced"), early_stopping_patience (0 = train every epoch),
+    restore_best (keep the weights of the best val AUC epoch), lr_schedule ("constant" |
+    "cosine"); threshold_strategy ("fixed" | "youden" | "youden_bootstrap" | "sensitivity") and
+    target_sensitivity: how the decision threshold is chosen on val and recorded in train.json
+    (``decision_threshold``) for evaluate, export and serving; strategy, mixed_precision, xla
+    (medops.learn.distribute); augment.*.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from pydantic import BaseModel
+
+from medops.learn.input_pipeline import build_input_pipeline
+from medops.config import AugmentConfig, TrainConfig
+from medops.errors import MedopsError
+from medops.metrics import compute_auc, select_threshold
+from medops.learn.inference import predict_probabilities
+from medops.learn.preview import save_augmentation_preview
+from medops.data import load_split_images
+
+
+class TrainResult(BaseModel):
+    model: str
+    data_version: str
+    epochs_run: int
+    n_train: int
+    n_val: int
+    input_size: int
+    duration_s: float
+    val_auc: float | None           # last epoch
+    val_loss: float | None
+    best_epoch: int | None = None   # 1-based epoch whose weights were kept
+    best_val_auc: float | None = None
+    decision_threshold: float       # chosen on val; evaluate and serving call >= it positive
+    threshold_strategy: str
+    history: dict[str, list[float]]
+    model_path: str
+    result_path: str
+
+
+def check_both_classes(labels: np.ndarray, split: str) -> None:
+    """Raise MedopsError unless ``labels`` holds both 0 and 1 (a one-class split cannot train or
+    validate a classifier, and its AUC is undefined)."""
+    present = sorted({int(v) for v in np.unique(labels)})
+    if present != [0, 1]:
+        raise MedopsError(
+            f"the {split} split has only label(s) {present} in {len(labels)} images; "
+            "training needs both classes in train and val"
+        )
+
+
+def compute_class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
+    """``balanced``: weight each class by n / (2 * n_class), so both contribute equally to the
+    loss (PneumoniaMNIST's train split is 74 % pneumonia); ``none``: no weights."""
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise MedopsError(f"train.class_weight must be 'none' or 'balanced', got {mode!r}")
+    labels = np.asarray(labels).astype(int)
+    n = len(labels)
+    return {c: float(n / (2 * max(int((labels == c).sum()), 1))) for c in (0, 1)}
+
+
+def compile_model(model: Any, cfg: TrainConfig, *, steps_per_epoch: int = 1) -> Any:
+    """Adam(learning_rate, optionally cosine-decayed over the run), binary cross-entropy, AUC and
+    accuracy metrics."""
+    import keras
+
+    lr: Any = cfg.learning_rate
+    if cfg.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(
+            cfg.learning_rate, decay_steps=max(1, cfg.epochs * steps_per_epoch), alpha=0.01
+        )
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=lr),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+    )
+    return model
+
+
+def plan_for(train_cfg: TrainConfig) -> Any:
+    """The distribution plan (strategy, mixed precision, XLA) for this machine and TF_CONFIG."""
+    from medops.learn.distribute import plan_distribution
+
+    return plan_distribution(strategy=train_cfg.strategy, mixed_precision=train_cfg.mixed_precision,
+                             xla=train_cfg.xla)
+
+
+def fit_model(
+    train_cfg: TrainConfig,
+    augment_cfg: AugmentConfig,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    *,
+    log_dir: Path | None = None,
+    plan: Any = None,
+    strategy: Any = None,
+    extra_callbacks: Sequence[Any] = (),
+) -> tuple[Any, dict[str, list[float]], int | None]:
+    """Seed, build, compile and fit, under the distribution plan (one CPU, GPUs, or a cluster).
+
+    ``train_cfg.batch_size`` is the global batch: results do not depend on the hardware.
+    Returns the model (with the best val-AUC epoch's weights when ``restore_best``), its
+    per-epoch history and the 1-based epoch whose weights it holds (None: the last).
+    """
+    import keras
+
+    from medops.learn.distribute import fit_under_plan
+    from medops.models import build_model
+
+    plan = plan if plan is not None else plan_for(train_cfg)
+    x_train, y_train = train
+    x_val, y_val = val
+    steps = int(np.ceil(len(x_train) / train_cfg.batch_size))
+    callbacks: list[Any] = list(extra_callbacks)  # e.g. the flow's progress lines (medops.pipeline)
+    patience = train_cfg.early_stopping_patience
+    stopper = None
+    if patience > 0 or train_cfg.restore_best:
+        # Keras restores the best weights at the end of training whether or not it stopped early.
+        stopper = keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=patience if patience > 0 else train_cfg.epochs + 1,
+            restore_best_weights=train_cfg.restore_best,
+        )
+        callbacks.append(stopper)
+    if log_dir is not None:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=0))
+    outcome = fit_under_plan(
+        plan,
+        lambda: build_model(train_cfg.model, train_cfg, x_train.shape[1:]),
+        lambda batch: build_input_pipeline(x_train, y_train, batch_size=batch, training=True,
+                                           augment_cfg=augment_cfg, seed=train_cfg.seed),
+        validation_fn=lambda batch: build_input_pipeline(x_val, y_val, batch_size=max(batch, 256),
+                                                         training=False),
+        compile_fn=lambda model: compile_model(model, train_cfg, steps_per_epoch=steps),
+        global_batch_size=train_cfg.batch_size, epochs=train_cfg.epochs,
+        seed=train_cfg.seed, callbacks=callbacks,
+        class_weight=compute_class_weights(y_train, train_cfg.class_weight),
+        strategy=strategy,
+    )
+    best = None
+    if stopper is not None and train_cfg.restore_best and stopper.best_weights is not None:
+        best = int(stopper.best_epoch) + 1
+    return outcome.model, outcome.history, best
+
+
+def training_record(result: TrainResult, train_cfg: TrainConfig, augment_cfg: AugmentConfig, *,
+                    y_train: np.ndarray, y_val: np.ndarray, plan: Any) -> dict[str, Any]:
+    """What ``train.json`` holds: the result, the params used, each split's positive fraction, the
+    library versions, the distribution plan, the code commit and the time it was written."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        **result.model_dump(mode="json"),
+        "params": {
+            "train": train_cfg.model_dump(mode="json"),
+            "augment": augment_cfg.model_dump(mode="json"),
+        },
+        "train_positive_fraction": float(y_train.mean()),
+        "val_positive_fraction": float(y_val.mean()),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "distribution": plan.model_dump(mode="json"),
+        "code_commit": code_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run(
+    train_cfg: TrainConfig,
+    augment_cfg: AugmentConfig,
+    *,
+    ingested_dir: Path,
+    split: Path,
+    model_out: Path,
+    result_out: Path,
+    data_version: str,
+    log_dir: Path | None = None,
+    extra_callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Load train/val, fit, choose the decision threshold on val, save the model, write train.json.
+
+    ``log_dir``: write TensorBoard logs there (off when None). ``extra_callbacks``: more Keras
+    callbacks for ``fit`` (they must not change what is learnt).
+    """
+    from medops.learn.distribute import is_chief, make_strategy
+
+    plan = plan_for(train_cfg)
+    strategy = make_strategy(plan)  # first: a multi-worker strategy must precede any other TF op
+
+    started = time.perf_counter()
+    x_train, y_train, train_rows = load_split_images(ingested_dir, split, "train")
+    x_train, y_train = canonical_order(x_train, y_train, train_rows)
+    x_val, y_val, val_rows = load_split_images(ingested_dir, split, "val")
+    x_val, y_val = canonical_order(x_val, y_val, val_rows)  # the threshold's bootstrap too
+    check_both_classes(y_train, "train")
+    check_both_classes(y_val, "val")
+    model, history, best_epoch = fit_model(
+        train_cfg, augment_cfg, (x_train, y_train), (x_val, y_val),
+        log_dir=log_dir if is_chief(plan) else None, plan=plan, strategy=strategy,
+        extra_callbacks=extra_callbacks,
+    )
+    val_scores = predict_probabilities(model, x_val)
+    threshold = select_threshold(
+        y_val, val_scores, train_cfg.threshold_strategy, target_sensitivity=train_cfg.target_sensitivity,
+        seed=train_cfg.seed,
+    )
+    duration = time.perf_counter() - started
+
+    model_out, result_out = Path(model_out), Path(result_out)
+    if is_chief(plan):  # in a cluster every worker trains; only the chief writes
+        model_out.parent.mkdir(parents=True, exist_ok=True)
+        model.save(model_out)
+        # what the model saw: originals beside their augmented versions, through the same pipeline
+        save_augmentation_preview(x_train[:16], augment_cfg, preview_path(model_out), seed=train_cfg.seed)
+    last = lambda key: history[key][-1] if history.get(key) else None  # noqa: E731
+    result = TrainResult(
+        model=train_cfg.model,
+        data_version=data_version,
+        epochs_run=len(history.get("loss", [])),
+        n_train=len(x_train),
+        n_val=len(x_val),
+        input_size=int(x_train.shape[1]),
+        duration_s=round(duration, 3),
+        val_auc=last("val_auc"),
+        val_loss=last("val_loss"),
+        best_epoch=best_epoch,
+        best_val_auc=compute_auc(y_val, val_scores),
+        decision_threshold=threshold,
+        threshold_strategy=train_cfg.threshold_strategy,
+        history=history,
+        model_path=str(model_out),
+        result_path=str(result_out),
+    )
+    if is_chief(plan):
+        record = training_record(result, train_cfg, augment_cfg, y_train=y_train, y_val=y_val, plan=plan)
+        result_out.parent.mkdir(parents=True, exist_ok=True)
+        result_out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def canonical_order(x: np.ndarray, y: np.ndarray, rows: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Examples (train, and val for the threshold's bootstrap) in the order of their source
+    files' content hashes.
+
+    split.csv lists images by pseudonymous patient and SOP Instance UID, which depend on the
+    de-identification key; the seeded shuffle then permutes that order, so the same data, params
+    and seed would train a different model under another key (each clone makes its own). Ordered
+    by ``content_sha256`` (the original file's bytes, key-free) first, a run is reproducible from
+    the data, params.yaml and the seed alone.
+    """
+    if "content_sha256" not in getattr(rows, "columns", ()):
+        return x, y
+    order = np.argsort(rows["content_sha256"].to_numpy(dtype=str), kind="stable")
+    return x[order], y[order]
+
+
+def preview_path(model_out: Path) -> Path:
+    """Where a training run saves its augmentation preview grid (beside the model)."""
+    return Path(model_out).with_name("augmentation_preview.png")
+
+
+def code_commit() -> str | None:
+    """The git commit of the medops code that trained (with "+dirty" for uncommitted changes)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parents[1]  # the medops package
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
