@@ -13,9 +13,15 @@
 
 Only de-identified data is versioned: the export (with its PHI) is read, never added.
 Wiring only; the work is medops.pipeline.ingest_export, medops.stages.ingest and medops.ops.dvc.
+
+On a cluster: ``cluster`` (or ``ingest.cluster`` in params.yaml) sends the per-file work to Dask,
+through the same executor as ``medops ingest --cluster``. The flow keeps Prefect's default task
+runner, not prefect-dask's ``DaskTaskRunner``: that runs Prefect *tasks* on Dask, and this flow's
+tasks run one after the other; making each file a Prefect task would put a million task runs
+(states, logs) through the Prefect API for a million files, where one Dask task per chunk of
+files costs the scheduler a few milliseconds.
 """
 
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -33,12 +39,14 @@ from flows.events import DATASET_VERSIONED
 
 
 @task(cache_policy=NO_CACHE)
-def ingest(paths: ProjectPaths) -> dict[str, Any]:
-    """medops.pipeline.ingest_export: the export folder into the published dataset (incremental)."""
+def ingest(paths: ProjectPaths, cluster: Optional[str] = None) -> dict[str, Any]:
+    """medops.pipeline.ingest_export: the export folder into the published dataset (incremental);
+    ``cluster`` overrides ``ingest.cluster`` ("none": the local pool)."""
+    from medops.config import with_cluster
     from medops.pipeline import ingest_export
     from medops.stages.ingest import format_summary
 
-    intake = ingest_export(load_params(paths.params), paths,
+    intake = ingest_export(with_cluster(load_params(paths.params), cluster), paths,
                            progress=progress_artifact("ingest", "files"))
     # the summary names the operator's private report by its location, never an export path
     get_run_logger().info(format_summary(intake.result))
@@ -48,20 +56,17 @@ def ingest(paths: ProjectPaths) -> dict[str, Any]:
 def progress_artifact(name: str, unit: str, min_interval_s: float = 1.0) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback that moves a progress artifact (created now, at 0 %)
     and logs the count, at most once per ``min_interval_s`` and always at the end."""
+    from medops.ops.progress import throttled
+
     artifact_id = create_progress_artifact(progress=0.0, key=f"{name}-progress", description=f"{name}: starting")
     logger = get_run_logger()
-    last = [float("-inf")]
 
     def report(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - last[0] < min_interval_s:
-            return
-        last[0] = now
         percent = 100.0 * min(done, total) / total if total else 100.0
         update_progress_artifact(artifact_id, percent, description=f"{name}: {done}/{total} {unit}")
         logger.info("%s: %d/%d %s", name, done, total, unit)
 
-    return report
+    return throttled(report, min_interval_s)
 
 
 @task(cache_policy=NO_CACHE)
@@ -94,19 +99,21 @@ def emit_versioned(data_version: str, summary: dict[str, Any], previous: Optiona
 
 
 @flow(name="ingest-studies")
-def ingest_studies(project_root: Optional[str] = None) -> dict[str, Any]:
+def ingest_studies(project_root: Optional[str] = None, cluster: Optional[str] = None) -> dict[str, Any]:
     """De-identify the project's export folder (params ``ingest.source``) into the dataset and
     version it with DVC; announce a new data version as a Prefect event.
 
     Args:
         project_root: the medops project (default: $MEDOPS_ROOT or the current folder).
+        cluster: where files are decoded: "none" (local pool), "local" (a Dask LocalCluster) or a
+            Dask scheduler address; default: params.yaml's ingest.cluster.
 
     Returns:
         The ingest summary, the data version, and whether it changed.
     """
     paths = ProjectPaths(Path(project_root).resolve()) if project_root else ProjectPaths.discover()
     before = previous_version(paths)
-    summary = ingest(paths)
+    summary = ingest(paths, cluster)
     data_version = version(paths)
     changed = data_version != before
     if changed:

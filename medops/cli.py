@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import medops
-from medops.config import Params, load_params
+from medops.config import Params, load_params, with_cluster
 from medops.errors import ConfigError, ExitCode, MedopsError, exit_code_for
 from medops.paths import BUNDLED_DATASET, ProjectPaths
 
@@ -94,6 +94,7 @@ def cmd_ingest(args: argparse.Namespace) -> Report:
     from medops.pipeline import deid_key
 
     paths, params = _context(args)
+    params = with_cluster(params, args.cluster)
     cfg = params.ingest
     if args.workers:
         cfg = cfg.model_copy(update={"workers": args.workers})
@@ -148,6 +149,28 @@ def cmd_deid_report(args: argparse.Namespace) -> Report:
         raise ConfigError(f"no DICOM files below {args.folder}")
     return Report(deid_report.format_report(report), report.to_dict(),
                   ExitCode.FAILURE if report.findings else ExitCode.OK)
+
+
+def cmd_dataset_get(args: argparse.Namespace) -> Report:
+    from medops.data import find_row, read_deidentified
+    from medops.errors import IngestError
+
+    paths, _ = _context(args)
+    dataset = Path(args.dataset) if args.dataset else paths.ingested
+    if not (dataset / "metadata.parquet").is_file():
+        raise IngestError(f"{dataset} holds no ingested dataset (no metadata.parquet): run `medops ingest` "
+                        f"or `dvc pull` first, or name one with --dataset")
+    row = find_row(dataset, args.uid)
+    if row is None:
+        raise IngestError(f"no image with SOP Instance UID {args.uid} in {dataset} (UIDs in a dataset are "
+                        f"the pseudonymous ones of metadata.parquet)")
+    data = read_deidentified(dataset, row)
+    out = Path(args.out) if args.out else Path(f"{args.uid}.dcm")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    info = {"sop_instance_uid": args.uid, "out": str(out), "bytes": len(data), "shard": row["shard"],
+            "deid_path": row["deid_path"], "dataset": str(dataset)}
+    return Report(f"wrote {out} ({len(data)} bytes; {row['deid_path']} of shard {row['shard']})", info)
 
 
 def cmd_stage(args: argparse.Namespace) -> Report:
@@ -322,6 +345,35 @@ def exit_codes_epilog() -> str:
         for code in ExitCode)
 
 
+def _add_ingest_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", help="a folder to ingest into --out (default: ingest.source, "
+                                             "into the project's dataset)")
+    p.add_argument("--out", help="output folder (with SOURCE)")
+    p.add_argument("--manifest", help="labels CSV/Parquet keyed by SOPInstanceUID or relative path")
+    p.add_argument("--workers", type=int, help="decoding processes (default: params ingest.workers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless "
+                                                        "stderr is a terminal)")
+    p.add_argument("--full", action="store_true", help="rebuild everything, even files seen before")
+    p.add_argument("--cluster", help="where files are decoded: none (a local process pool), local (a "
+                                     "Dask LocalCluster of --workers processes) or a Dask scheduler "
+                                     "address tcp://host:8786 (default: params ingest.cluster)")
+
+
+def _add_dataset_parser(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """``medops dataset get UID``: a command group of its own (more ways to read a dataset may come)."""
+    p = add("dataset", cmd_dataset_get, "read an ingested dataset", json_flag=False)
+    dataset_sub = p.add_subparsers(dest="dataset_command", required=True)
+    p = dataset_sub.add_parser("get", help="write one de-identified DICOM file, found by its SOP "
+                                           "Instance UID, from its shard's pack",
+                               description="write one de-identified DICOM file, found by its "
+                                           "(pseudonymous) SOP Instance UID, from its shard's pack")
+    p.set_defaults(func=cmd_dataset_get)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (and nothing else there)")
+    p.add_argument("uid", help="the SOP Instance UID, as in metadata.parquet")
+    p.add_argument("--out", help="file to write (default: ./UID.dcm)")
+    p.add_argument("--dataset", help="the ingested folder (default: data/ingested)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medops", description=__doc__.splitlines()[0],
                                      epilog=exit_codes_epilog(),
@@ -356,16 +408,10 @@ def _add_data_commands(add: AddCommand) -> None:
                    help="add N new labelled patients' studies to the export (a new delivery, with "
                         "its own labels-add-K.csv) instead of writing the export")
 
-    p = add("ingest", cmd_ingest, "de-identify, decode and prepare every DICOM file below SOURCE "
-                                  "(default: the project's export folder, published to data/ingested)")
-    p.add_argument("source", nargs="?", help="a folder to ingest into --out (default: ingest.source, "
-                                             "into the project's dataset)")
-    p.add_argument("--out", help="output folder (with SOURCE)")
-    p.add_argument("--manifest", help="labels CSV/Parquet keyed by SOPInstanceUID or relative path")
-    p.add_argument("--workers", type=int, help="decoding processes (default: params ingest.workers)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless "
-                                                        "stderr is a terminal)")
-    p.add_argument("--full", action="store_true", help="rebuild everything, even files seen before")
+    _add_ingest_arguments(add("ingest", cmd_ingest, "de-identify, decode and prepare every DICOM file "
+                                                    "below SOURCE (default: the project's export folder, "
+                                                    "published to data/ingested)"))
+    _add_dataset_parser(add)
 
     p = add("deid-report", cmd_deid_report, "what de-identification did to each attribute, with "
                                             f"counts, and what is left (exits {ExitCode.FAILURE.value})")
@@ -379,7 +425,6 @@ def _add_data_commands(add: AddCommand) -> None:
     p = add("version-data", cmd_version_data, "track the de-identified dataset (data/ingested) with DVC "
                                                "and push it to the default remote")
     p.add_argument("--no-push", action="store_true")
-
 
 
 def _add_serving_commands(add: AddCommand) -> None:
@@ -416,8 +461,8 @@ def _add_serving_commands(add: AddCommand) -> None:
     p = add("watch", cmd_watch, "emit the Prefect event medops.export.changed when studies land in "
                                 "the export folder (once per delivery); runs until stopped",
             json_flag=False)
-    p.add_argument("--quiet-s", type=float, default=5.0,
-                   help="seconds without a new file event that end a delivery (default 5)")
+    p.add_argument("--quiet-s", type=float, default=3.0,
+                   help="seconds without a new file event that end a delivery (default 3)")
     add("up", cmd_up, "start the Prefect server and Triton (reusing running ones)", json_flag=False)
     add("down", cmd_down, "stop what `medops up` / `make demo` started, by recorded pid",
         json_flag=False)

@@ -59,7 +59,16 @@ class IngestConfig(_Section):
     pixel_spacing: float | None = Field(default=None, gt=0)
     incremental: bool = True
     workers: int = Field(default=2, ge=1)
+    # where the per-file work runs: None = a local process pool of ``workers`` processes; "local"
+    # = a dask.distributed LocalCluster of ``workers`` processes that medops starts; a scheduler's
+    # address ("tcp://host:8786") = an existing Dask cluster (its workers must see the source folder)
+    cluster: str | None = Field(default=None, pattern=r"^(local|(tcp|tls|ucx|inproc)://\S+)$")
     shard_size: int = Field(default=2048, ge=1)
+    # seconds one file may take in a worker process; past it the worker is stopped and the file
+    # quarantined as ``timeout`` (a decoder stuck on a hostile file). None = no limit. Files
+    # decoded in the main process (workers: 1, or an export of a single chunk) have no limit,
+    # nor do Dask workers that run several tasks at once (the watchdog is one per process).
+    file_timeout_s: float | None = Field(default=120, gt=0)
     deid: DeidConfig = DeidConfig()
 
 
@@ -215,6 +224,24 @@ class Params(_Section):
     export: ExportConfig = ExportConfig()
     serving: ServingConfig = ServingConfig()
     prefect: PrefectConfig = PrefectConfig()
+
+
+def with_cluster(params: Params, cluster: str | None) -> Params:
+    """``params`` with ``ingest.cluster`` set to ``cluster`` (``"none"``: the local pool; None:
+    left as it is): what ``medops ingest --cluster`` and the ingest flow's parameter do.
+
+    Raises:
+        ConfigError: ``cluster`` is neither "none", "local" nor a scheduler address.
+    """
+    if cluster is None:
+        return params
+    try:
+        ingest = IngestConfig.model_validate({**params.ingest.model_dump(),
+                                              "cluster": None if cluster == "none" else cluster})
+    except ValidationError as exc:
+        raise ConfigError(f"cluster {cluster!r}: none, local or a Dask scheduler address "
+                          f"(tcp://host:8786) ({exc.errors()[0]['msg']})") from exc
+    return params.model_copy(update={"ingest": ingest})
 
 
 def load_params(path: Path | str) -> Params:

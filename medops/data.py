@@ -3,10 +3,17 @@
 Layout below an ingest output folder (``data/ingested``):
 
 - ``arrays/shard-00000.npy`` ...: float32 arrays shaped (n, S, S), values in [0, 1], S = image_size.
+- ``dicom/shard-00000.zip`` ...: the de-identified DICOM files of the same rows, one uncompressed
+  zip per shard (a central directory at its end, so one file is read without unpacking the rest;
+  ``unzip`` in the ingest folder puts each at its ``deid_path``).
 - ``metadata.parquet``: one row per usable image, with (at least) the columns in METADATA_COLUMNS;
-  ``shard`` and ``shard_index`` locate the image's pixels.
+  ``shard`` and ``shard_index`` locate the image's pixels and its de-identified file.
 - ``quarantine.csv``: ``path``, ``reason``, ``detail`` for every file not used.
-- ``dicom/``: the de-identified DICOM files (``deid_path`` is relative to the ingest folder).
+
+So the dataset is a bounded number of files whatever the number of images: two per shard and a
+few more (DVC pushes, pulls and hashes files: a million small objects cost far more than a few
+hundred large ones). :func:`read_deidentified` gives one file's bytes by its row or
+:func:`find_row` by its (pseudonymous) SOP Instance UID.
 
 Also the split table (``data/split/split.csv``, written by the split stage) and one split's
 rows and pixels (``load_split_images``), which train, evaluate, explain, gate and export read.
@@ -18,7 +25,7 @@ process imports this module for its names long before it needs pandas).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,14 +52,47 @@ METADATA_COLUMNS = (
     "pixel_min",
     "pixel_max",
     "content_sha256",       # hash of the source file's bytes: identity for incremental ingest
-    "deid_path",
+    "deid_path",            # the de-identified file: dicom/<study>/<sop>.dcm, a member of its shard's pack
     "shard",
     "shard_index",
 )
 
 
+DICOM_DIR = "dicom"
+
+
 def shard_path(ingested_dir: Path, shard: int) -> Path:
     return Path(ingested_dir) / ARRAYS_DIR / f"shard-{shard:05d}.npy"
+
+
+def pack_path(ingested_dir: Path, shard: int) -> Path:
+    """The zip holding the de-identified files of shard ``shard``'s rows."""
+    return Path(ingested_dir) / DICOM_DIR / f"shard-{shard:05d}.zip"
+
+
+def read_deidentified(ingested_dir: Path, row: Any) -> bytes:
+    """The de-identified DICOM file of a metadata row (a mapping or a pandas row with ``shard`` and
+    ``deid_path``), read from its shard's pack alone.
+
+    Raises:
+        KeyError: the pack does not hold the file (the folder is not what its metadata says).
+        FileNotFoundError: no pack for the row's shard.
+    """
+    import zipfile
+
+    with zipfile.ZipFile(pack_path(ingested_dir, int(row["shard"]))) as pack:
+        return pack.read(str(row["deid_path"]))
+
+
+def find_row(ingested_dir: Path, sop_instance_uid: str) -> dict[str, Any] | None:
+    """The metadata row of the image with this (pseudonymous) SOP Instance UID, or None; only the
+    row groups whose statistics can hold it are read."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(ingested_dir) / "metadata.parquet",
+                          filters=[("sop_instance_uid", "=", sop_instance_uid)])
+    rows = table.to_pylist()
+    return rows[0] if rows else None
 
 
 def read_metadata(ingested_dir: Path) -> pd.DataFrame:

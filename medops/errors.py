@@ -115,7 +115,9 @@ class QuarantineReason(str, Enum):
     NO_LABEL = "no_label"
     DUPLICATE = "duplicate"
     DEID_FAILED = "deid_failed"  # de-identification itself failed (the file is never kept with PHI)
-    TOO_LARGE = "too_large"  # over serving's byte or pixel limit; refused before decoding
+    TOO_LARGE = "too_large"  # over a byte or pixel limit (serving's, or a file's inflated or
+    #                          decoded size); refused before the memory is taken
+    TIMEOUT = "timeout"  # took longer than ingest.file_timeout_s: its worker process was killed
 
 
 class IngestError(MedopsError):
@@ -135,6 +137,12 @@ class PrefectServerError(MedopsError):
 class DistributionError(MedopsError):
     """A distribution plan cannot be carried out here (devices already initialised, a cluster
     that does not match TF_CONFIG, a replica count that differs from the plan)."""
+
+
+# What a per-item handler lets through when it catches BaseException: the process is being asked
+# to stop. Anything else an item raises is that item's failure, including what a decoder written
+# in Rust or C raises that is no Exception (pyo3's PanicException derives from BaseException).
+PROCESS_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 def first_line(exc: BaseException) -> str:

@@ -6,12 +6,16 @@ running" and signal it, without mistaking a zombie or an exiting process for a l
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["cmdline_contains", "pid_alive", "reuse_freed_memory", "signal_group", "terminate"]
+__all__ = ["cmdline_contains", "exit_after", "pid_alive", "reuse_freed_memory", "signal_group",
+           "terminate"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -116,3 +120,29 @@ def reuse_freed_memory(mmap_threshold: int = 16 << 20, trim_threshold: int = 32 
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+_DEVNULL: list = []
+
+
+@contextmanager
+def exit_after(seconds: float | None) -> Iterator[None]:
+    """End this process (``_exit(1)``) if the block is still running after ``seconds``; None or
+    0: no limit.
+
+    For worker processes whose parent notices a dead worker and says why (ingest's per-file time
+    limit): a decoder stuck in Rust or C code holding the GIL cannot be interrupted by a Python
+    signal handler, but faulthandler's watchdog is a C thread that needs no GIL. Its traceback
+    goes to /dev/null (the parent reports the file, not the worker's stack). Never use it in a
+    process that must survive: there is no way to cancel the exit once it fires.
+    """
+    if not seconds:
+        yield
+        return
+    if not _DEVNULL:
+        _DEVNULL.append(open(os.devnull, "w"))  # noqa: SIM115 -- kept open for the watchdog
+    faulthandler.dump_traceback_later(seconds, exit=True, file=_DEVNULL[0])
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()

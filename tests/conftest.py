@@ -61,3 +61,46 @@ def pydicom_file(name: str) -> Path:
 def pydicom_ct_bytes() -> bytes:
     """The bytes of pydicom's CT_small.dcm, a real DICOM file."""
     return pydicom_file("CT_small.dcm").read_bytes()
+
+
+FUZZ_DATA = REPO_ROOT / "tests" / "data" / "fuzz"
+
+
+def fuzz_file(name: str) -> Path:
+    """A file the fuzzer found (tests/data/fuzz/README.md says what each one is)."""
+    return FUZZ_DATA / name
+
+
+def deflate_bomb(inflated: int) -> bytes:
+    """A Deflated Explicit VR Little Endian file (PS3.5 A.5) whose data set inflates to about
+    ``inflated`` bytes (pydicom's CT_small.dcm's data set, then an OB element of zeros) from
+    about ``inflated / 1000`` bytes: one compressed MiB of zeros repeated (a full flush makes
+    every repetition the same bytes)."""
+    import struct
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom_file_dataset("CT_small.dcm")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta, body = DicomBytesIO(), DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    write_dataset(body, ds)
+    zeros = max(inflated - len(body.getvalue()), 0)
+    mib = 1 << 20
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    stream = c.compress(body.getvalue() + struct.pack("<HH2sHL", 0x7FE1, 0x1010, b"OB", 0, zeros))
+    stream += c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(b"\x00" * mib) + c.flush(zlib.Z_FULL_FLUSH)
+    stream += block * (zeros // mib) + c.compress(b"\x00" * (zeros % mib)) + c.flush()
+    return b"\x00" * 128 + b"DICM" + meta.getvalue() + stream
+
+
+def pydicom_file_dataset(name: str):
+    import pydicom
+
+    return pydicom.dcmread(pydicom_file(name))

@@ -13,8 +13,8 @@ Two sources, one report (:class:`DeidReport`):
   curve or overlay element, a UID that is neither registered nor a ``2.25.`` pseudonym, a person
   name other than the pseudonym. Each is a finding; findings name attributes, never values.
 
-:func:`report_folder` reads every file below the ingest output's ``dicom/`` folder and, given the
-original export and the key, pairs each original with its de-identified file through the keyed
+:func:`report_folder` reads every file below the ingest output's ``dicom/`` folder (and inside the
+zip packs ingest writes there, one per shard) and, given the original export and the key, pairs each original with its de-identified file through the keyed
 SOP Instance UID (the pairing ingest itself makes).
 
 numpy and pydicom only, like the rest of medops.dicom.
@@ -216,13 +216,24 @@ def format_report(report: DeidReport) -> str:
     return "\n".join(lines)
 
 
-def _dicom_files(folder: Path) -> Iterable[Path]:
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
+def _files(folder: Path) -> Iterable[bytes]:
+    """The bytes of every file below ``folder``, and of every member of a zip below it (ingest
+    packs each shard's de-identified files into ``dicom/shard-NNNNN.zip``)."""
+    import zipfile
+
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if path.suffix == ".zip" and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as pack:
+                for name in sorted(pack.namelist()):
+                    if not name.endswith("/"):
+                        yield pack.read(name)
+        else:
+            yield path.read_bytes()
 
 
 def report_folder(deidentified: Path, *, source: Path | None = None, key: bytes | None = None) -> DeidReport:
     """The report over every file below ``deidentified`` (ingest's output folder, whose
-    ``dicom/`` holds the de-identified files, or that folder itself); with ``source`` (the
+    ``dicom/`` holds the de-identified files, one zip per shard, or that folder itself); with ``source`` (the
     original export) and ``key``, each original is paired with its de-identified file through
     ``pseudonymize_uid(original SOP Instance UID, key)`` and compared.
 
@@ -237,9 +248,9 @@ def report_folder(deidentified: Path, *, source: Path | None = None, key: bytes 
         folder = folder / "dicom"
     report = DeidReport()
     by_uid: dict[str, Dataset] = {}
-    for path in _dicom_files(folder):
+    for data in _files(folder):
         try:
-            ds = read_dataset(path, require_pixels=False)
+            ds = read_dataset(data, require_pixels=False)
         except DicomReadError:
             continue
         report.add_deidentified(ds)
@@ -248,9 +259,9 @@ def report_folder(deidentified: Path, *, source: Path | None = None, key: bytes 
     if source is not None:
         if key is None:
             raise ValueError("pairing originals with de-identified files needs the key")
-        for path in _dicom_files(Path(source)):
+        for data in _files(Path(source)):
             try:
-                original = read_dataset(path, require_pixels=False)
+                original = read_dataset(data, require_pixels=False)
             except DicomReadError:
                 continue
             match = by_uid.get(deid.pseudonymize_uid(str(original.get("SOPInstanceUID", "")), key))

@@ -15,6 +15,7 @@ import io
 import os
 import struct
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,12 +31,19 @@ from pydicom.filewriter import write_data_element, write_dataset, write_file_met
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from medops.errors import DicomReadError, QuarantineReason
+from medops.errors import PROCESS_EXITS, DicomReadError, QuarantineReason, first_line
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 FramePolicy = Literal["first", "middle", "max"]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# What one file may cost to read, checked before the memory is taken (Pillow's MAX_IMAGE_PIXELS
+# and DecompressionBombError are the model): a deflate bomb, or a header that declares
+# 65535 x 65535 pixels over a few bytes of compressed data, is refused as ``too_large`` instead of
+# taking the process' memory. Both are far above any real radiograph, CT slice or multi-frame
+# series: a 4,000 x 5,000 mammogram is 40 MB of stored values, 1,000 CT slices 512 MB.
+MAX_INFLATED_BYTES = 1 << 29  # a Deflated Explicit VR Little Endian data set (PS3.5 A.5), inflated
+MAX_DECODED_BYTES = 1 << 30   # the stored values one decode returns (one frame, or all for "max")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 # Attributes that a real DICOM data set (PS3.3 C.12.1 SOP Common, C.7.6.3 Image Pixel) carries;
 # a file read with force=True that has none of them is some other file format.
@@ -118,6 +126,72 @@ def _convert_all(ds: Dataset, prefix: str) -> None:
                              QuarantineReason.DECODE_ERROR) from exc
 
 
+_META_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                            b"UR", b"UT", b"UV"})
+
+
+def _deflated_start(fp: BinaryIO) -> int | None:
+    """Where the deflated data set starts when the File Meta Information (PS3.10 7.1, explicit VR
+    little endian after the preamble and 'DICM') declares Deflated Explicit VR Little Endian;
+    None otherwise. Leaves ``fp`` where it was."""
+    start = fp.tell()
+    try:
+        if fp.read(132)[128:] != b"DICM":
+            return None
+        uid = b""
+        while True:
+            here = fp.tell()
+            head = fp.read(8)
+            if len(head) < 8 or struct.unpack_from("<H", head)[0] != 2:
+                return here if uid.strip(b"\x00 ") == DeflatedExplicitVRLittleEndian.encode() else None
+            if head[4:6] in _META_LONG_VRS:
+                raw = fp.read(4)
+                if len(raw) < 4:
+                    return None
+                (length,) = struct.unpack("<L", raw)
+            else:
+                (length,) = struct.unpack_from("<H", head, 6)
+            if length > 1 << 16:  # no File Meta element is that long: not a header to trust
+                return None
+            value = fp.read(length)
+            if head[2:4] == b"\x10\x00":  # (0002,0010) Transfer Syntax UID
+                uid = value
+    finally:
+        fp.seek(start)
+
+
+def inflated_size_refusal(fp: BinaryIO, limit: int = MAX_INFLATED_BYTES) -> str | None:
+    """Why a deflated file (PS3.5 A.5) is refused before pydicom inflates it whole, or None.
+
+    pydicom inflates a deflated data set in one call, however large it becomes; a few MB can
+    inflate to GBs (a deflate bomb). This inflates it in 1 MiB pieces, keeping none of them,
+    and stops as soon as it passes ``limit`` bytes. A stream that is not valid deflate data is
+    left to pydicom to reject. Leaves ``fp`` where it was.
+    """
+    offset = _deflated_start(fp)
+    if offset is None:
+        return None
+    start = fp.tell()
+    inflater, total, piece = zlib.decompressobj(-zlib.MAX_WBITS), 0, 1 << 20
+    try:
+        fp.seek(offset)
+        while not inflater.eof:
+            data = fp.read(piece) or inflater.unconsumed_tail
+            if not data:
+                break
+            while data and total <= limit:
+                total += len(inflater.decompress(data, piece))
+                data = inflater.unconsumed_tail
+            if total > limit:
+                return (f"the deflated data set inflates to more than {limit} bytes: refused "
+                        f"before inflating it")
+    except zlib.error:
+        return None
+    finally:
+        fp.seek(start)
+    return None
+
+
 def read_dataset(source: Source, *, require_pixels: bool = True, parse_all: bool = True) -> FileDataset:
     """Read a DICOM file (path, bytes or binary stream) into a pydicom Dataset.
 
@@ -140,11 +214,16 @@ def read_dataset(source: Source, *, require_pixels: bool = True, parse_all: bool
         The data set.
 
     Raises:
-        DicomReadError: reason ``not_dicom``, ``truncated``, ``decode_error`` or ``no_pixel_data``.
+        DicomReadError: reason ``not_dicom``, ``truncated``, ``decode_error``, ``no_pixel_data``,
+            or ``too_large`` for a deflated data set that inflates to more than
+            :data:`MAX_INFLATED_BYTES` (checked before it is inflated).
     """
     prefix = _describe(source)
     fp = _open(source)
     start = fp.tell()
+    refused = inflated_size_refusal(fp)
+    if refused:
+        raise DicomReadError(f"{prefix}{refused}", QuarantineReason.TOO_LARGE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about every odd value; failures raise below
         try:
@@ -169,13 +248,28 @@ def read_dataset(source: Source, *, require_pixels: bool = True, parse_all: bool
         if len(ds) == 0:
             raise DicomReadError(f"{prefix}no data elements after the file meta information",
                                  QuarantineReason.TRUNCATED if len(ds.file_meta) else QuarantineReason.NOT_DICOM)
-        _check_complete(ds, prefix, _size(fp))
+        try:
+            _check_complete(ds, prefix, _size(fp))
+        except DicomReadError:
+            raise
+        except Exception as exc:  # e.g. a stray delimiter as the last element: VR NONE
+            raise DicomReadError(f"{prefix}corrupt header: {type(exc).__name__}: {exc}",
+                                 QuarantineReason.DECODE_ERROR) from exc
         if parse_all:
             _convert_all(ds, prefix)
     if require_pixels and not any(k in ds for k in _PIXEL_KEYWORDS):
-        raise DicomReadError(f"{prefix}no pixel data (7FE0,0010); SOP class "
-                             f"{ds.get('SOPClassUID', 'unknown')!s}", QuarantineReason.NO_PIXEL_DATA)
+        raise DicomReadError(f"{prefix}no pixel data (7FE0,0010); SOP class {_sop_class(ds)}",
+                             QuarantineReason.NO_PIXEL_DATA)
     return ds
+
+
+def _sop_class(ds: Dataset) -> str:
+    """SOP Class UID for a message; its value may be the corrupt one (an unknown VR, a length
+    that does not fit its VR), which must not turn the message into another exception."""
+    try:
+        return str(ds.get("SOPClassUID", "unknown"))
+    except Exception:  # noqa: BLE001 - parsed lazily here (parse_all=False)
+        return "unreadable"
 
 
 def elements(ds: Dataset) -> dict:
@@ -469,7 +563,27 @@ def select_frame(n_frames: int, policy: FramePolicy) -> int | None:
     raise ValueError(f"frame policy must be first, middle or max, got {policy!r}")
 
 
-def decode_pixels(ds: Dataset, *, frame: FramePolicy = "middle") -> tuple[np.ndarray, str]:
+def _dims(ds: Dataset) -> str:
+    return " x ".join(f"{k} {ds.get(k, '-')}" for k in ("Rows", "Columns", "NumberOfFrames",
+                                                          "SamplesPerPixel", "BitsAllocated"))
+
+
+def decoded_bytes(ds: Dataset, *, frames: int) -> int | None:
+    """The bytes ``frames`` frames of stored values take once decoded, from the Image Pixel
+    description (PS3.3 C.7.6.3: Rows x Columns x Samples per Pixel x whole bytes per Bits
+    Allocated); None when the description cannot be read (the decoder then says what is wrong)."""
+    try:
+        dims = [int(ds.get(k, default) or default)
+                for k, default in (("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1),
+                                   ("BitsAllocated", 8))]
+    except (TypeError, ValueError):
+        return None
+    rows, columns, samples, bits = dims
+    return max(rows, 0) * max(columns, 0) * max(samples, 1) * max(frames, 1) * max(1, -(-bits // 8))
+
+
+def decode_pixels(ds: Dataset, *, frame: FramePolicy = "middle",
+                  max_decoded_bytes: int = MAX_DECODED_BYTES) -> tuple[np.ndarray, str]:
     """Decode the stored pixel values of one frame (or all frames for ``max``).
 
     Colour data in YBR is converted to RGB by the decoder (PS3.3 C.7.6.3.1.2), so the returned
@@ -479,6 +593,8 @@ def decode_pixels(ds: Dataset, *, frame: FramePolicy = "middle") -> tuple[np.nda
         ds: a data set from :func:`read_dataset`.
         frame: which frame of a multi-frame image: ``first``, ``middle`` or ``max`` (all frames,
             shaped (frames, rows, columns[, samples]), for a maximum intensity projection).
+        max_decoded_bytes: refuse (``too_large``), before decoding, a file whose description
+            declares more bytes of decoded values than this for what ``frame`` decodes.
 
     Returns:
         ``(array, photometric_interpretation)``: the stored values (before any LUT) and the
@@ -486,7 +602,8 @@ def decode_pixels(ds: Dataset, *, frame: FramePolicy = "middle") -> tuple[np.nda
 
     Raises:
         DicomReadError: ``no_pixel_data``, ``unsupported_transfer_syntax``, ``truncated``,
-            ``unsupported_pixels`` or ``decode_error``.
+            ``unsupported_pixels``, ``too_large`` or ``decode_error`` (also when a decoding
+            plugin raises what is no ``Exception``, such as a Rust panic).
     """
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise DicomReadError("no pixel data (7FE0,0010)", QuarantineReason.NO_PIXEL_DATA)
@@ -503,6 +620,12 @@ def decode_pixels(ds: Dataset, *, frame: FramePolicy = "middle") -> tuple[np.nda
     n_frames = number_of_frames(ds)
     index = select_frame(n_frames, frame) if n_frames > 1 else None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    size = decoded_bytes(ds, frames=1 if index is not None else n_frames)
+    if size is not None and size > max_decoded_bytes:
+        raise DicomReadError(
+            f"the pixel description declares {size} bytes of decoded values "
+            f"({_dims(ds)}), over the limit of {max_decoded_bytes}: refused before decoding",
+            QuarantineReason.TOO_LARGE)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -522,6 +645,15 @@ def decode_pixels(ds: Dataset, *, frame: FramePolicy = "middle") -> tuple[np.nda
     except Exception as exc:
         raise DicomReadError(f"cannot decode pixel data ({uid.name}): {type(exc).__name__}: {exc}",
                              QuarantineReason.DECODE_ERROR) from exc
+    except PROCESS_EXITS:
+        raise
+    except BaseException as exc:
+        # a plugin written in Rust or C that panicked (pyo3's PanicException is a BaseException,
+        # so pydicom does not try the next plugin): this file's failure, never the caller's
+        plugins = ", ".join(sorted(decoder.available_plugins)) or "none"
+        raise DicomReadError(
+            f"the {uid.name} ({uid}) decoder crashed on this file (plugins: {plugins}): "
+            f"{type(exc).__name__}: {first_line(exc)}", QuarantineReason.DECODE_ERROR) from None
     if isinstance(meta, dict) and meta.get("photometric_interpretation"):
         photometric = str(meta["photometric_interpretation"]).strip().upper()
     if arr.size == 0:

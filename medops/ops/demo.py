@@ -40,6 +40,9 @@ def _service_env(paths: ProjectPaths, params: Params) -> dict[str, str]:
     # the flow's `dvc repro` runs `medops stage NAME`: the venv's bin must come first on PATH
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # how often the served deployments look for runs to start (Prefect's default, 10 s, would be
+    # most of the time from studies landing to their ingest starting)
+    env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
     return env
 
 

@@ -147,6 +147,14 @@ def ensure_remote(root: Path | str, name: str, url: str, default: bool = True) -
     run_dvc(root, *args, name, url)
 
 
+def configure_remote(root: Path | str, name: str, **options: str) -> None:
+    """``dvc remote modify name KEY VALUE`` for each option (project config, .dvc/config): e.g.
+    ``endpointurl`` for an S3-compatible store (MinIO, Ceph, moto). Credentials belong in the
+    environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or ``--local`` config, never here."""
+    for key, value in options.items():
+        run_dvc(root, "remote", "modify", name, key, value)
+
+
 def _relative(root: Path, path: Path | str) -> str:
     path = Path(path)
     if path.is_absolute():

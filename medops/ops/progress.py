@@ -50,20 +50,27 @@ def parse_progress(line: str) -> Progress | None:
     return Progress(match["stage"], int(match["done"]), int(match["total"]), match["unit"] or "")
 
 
-def progress_printer(stage: str, unit: str, *, stream: IO[str] | None = None,
-                     min_interval_s: float = 1.0) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback printing progress lines to ``stream`` (stderr): at most
-    one per ``min_interval_s``, and always the last one (done == total)."""
+def throttled(report: Callable[[int, int], None], min_interval_s: float = 1.0) -> Callable[[int, int], None]:
+    """``report(done, total)`` passed on at most once per ``min_interval_s``, and always the last
+    call (done == total): what a progress display needs from a callback called per item."""
     last = [float("-inf")]
 
-    def report(done: int, total: int) -> None:
+    def call(done: int, total: int) -> None:
         now = time.monotonic()
         if done < total and now - last[0] < min_interval_s:
             return
         last[0] = now
-        print(format_progress(Progress(stage, done, total, unit)), file=stream or sys.stderr, flush=True)
+        report(done, total)
 
-    return report
+    return call
+
+
+def progress_printer(stage: str, unit: str, *, stream: IO[str] | None = None,
+                     min_interval_s: float = 1.0) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback printing progress lines to ``stream`` (stderr): at most
+    one per ``min_interval_s``, and always the last one (done == total)."""
+    return throttled(lambda done, total: print(format_progress(Progress(stage, done, total, unit)),
+                                               file=stream or sys.stderr, flush=True), min_interval_s)
 
 
 def keras_progress(stage: str, epochs: int, *, stream: IO[str] | None = None) -> Any:

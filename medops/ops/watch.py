@@ -63,7 +63,7 @@ class ExportWatcher:
     callback, not raised here (see :func:`run_watch`). Use as a context manager, or start/stop.
     """
 
-    def __init__(self, folder: Path, on_delivery: Callable[[Delivery], None], *, quiet_s: float = 5.0,
+    def __init__(self, folder: Path, on_delivery: Callable[[Delivery], None], *, quiet_s: float = 3.0,
                  poll_s: float = 0.25) -> None:
         self.folder = Path(folder)
         self.on_delivery = on_delivery
@@ -74,8 +74,17 @@ class ExportWatcher:
         self._thread: threading.Thread | None = None
 
     def start(self) -> "ExportWatcher":
+        import logging
+        import warnings
+
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
+
+        # On an export of thousands of folders the kernel's inotify queue can overflow while a
+        # delivery lands; watchdog then re-scans and says so at length, per folder. A delivery is
+        # still seen (any event will do), so keep its log to errors.
+        logging.getLogger("watchdog").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"watchdog\.")
 
         burst = self._burst
 

@@ -5,8 +5,10 @@ model runs ``medops.dicom.pixels.preprocess_bytes`` on the server: the same func
 to build the training arrays, so a file is seen by the served model as it was seen in training,
 whichever client sends it. ``via="tensor"`` preprocesses here with the same module and sends image
 tensors to the classifier. A file that cannot be used becomes a ``Prediction`` with ``error`` set;
-the other files are still answered. A server that cannot be reached, or a model that is not
-ready, is a ServingError. Connection errors (server not reachable, gRPC UNAVAILABLE) are retried
+the other files are still answered, also when the server fails a whole request (its files are
+then sent one by one, so that only the file it cannot take fails). A server that cannot be
+reached, a model that is not ready, or one that fails every request, is a ServingError.
+Connection errors (server not reachable, gRPC UNAVAILABLE) are retried
 with exponential backoff, a fresh connection each time; bad input and missing models never are.
 ``apredict_files`` is the asyncio twin of ``predict_files`` (``tritonclient.grpc.aio`` /
 ``tritonclient.http.aio``), with the same request building, answers and per-file errors.
@@ -15,7 +17,8 @@ One core, two transports: what to ask the server is written once, as *steps* (ge
 yield a ``Call`` of a tritonclient method, a ``Sleep`` or a ``Reconnect``, are sent the call's
 result or have its error thrown back in, and return the answer): the readiness check, the
 thresholds, one inference request, the retries (``with_retries`` under a ``RetryPolicy``) and the
-whole prediction (``_PredictSteps``: batching, answers, per-file errors). ``SyncTransport`` and
+whole prediction (``_PredictSteps``: batching, answers, per-file errors, a failed request's files
+sent again one by one). ``SyncTransport`` and
 ``AsyncTransport`` take the steps with the blocking and the asyncio client; they are the only
 code that does I/O.
 
@@ -484,6 +487,8 @@ class _Plan:
         self.preds = [Prediction(file=f, error=e) for f, _, e in self.items]
         self.todo = [i for i, (_, payload, _) in enumerate(self.items) if payload is not None]
         self.done = len(self.items) - len(self.todo)  # files answered, or known bad before sending
+        self.answered = 0  # files the server answered (with a probability or its own error)
+        self.failed: list[ServingError] = []  # why each request of a single file failed
 
     def report(self, chunk: Sequence[int], progress: Callable[[int, int], None] | None) -> None:
         """Count ``chunk`` as answered and tell ``progress(done, total)``, if given."""
@@ -501,8 +506,29 @@ class _Plan:
             return [self.items[i][1] for i in chunk]
         return np.stack([self.items[i][1] for i in chunk])[..., np.newaxis]
 
+    def fail(self, chunk: Sequence[int], error: ServingError) -> list[list[int]]:
+        """A request failed with something else than a connection error: the requests to send
+        instead (each file alone, so that one file the server cannot take fails alone), or none
+        for a single file, which then carries the error.
+
+        Raises:
+            ServingError: ``error`` of the first file sent alone, when the server has answered
+                nothing yet and the first ``_SPLIT_PROBE`` files sent alone (all of them, if
+                fewer) failed too: the server, not a file, is the problem (a model that refuses
+                every input), and the call fails as a whole.
+        """
+        if len(chunk) > 1:
+            return [[i] for i in chunk]
+        self.failed.append(error)
+        self.preds[chunk[0]] = Prediction(file=self.items[chunk[0]][0],
+                                          error=f"inference_failed: {error}")
+        if not self.answered and len(self.failed) >= min(len(self.todo), _SPLIT_PROBE):
+            raise self.failed[0]
+        return []
+
     def answer(self, chunk: Sequence[int], probs: Sequence[float], labels: Sequence[str],
                errors: Sequence[str], version: str) -> None:
+        self.answered += len(chunk)
         for i, prob, label, error in zip(chunk, probs, labels, errors):
             name = self.items[i][0]
             self.preds[i] = (Prediction(file=name, error=error) if error else
@@ -514,6 +540,11 @@ class _Plan:
         probs = [float(p) for p in arr]
         self.answer(chunk, probs, [label_for(p, threshold) for p in probs], [""] * len(chunk),
                     version)
+
+
+# When a request of several files fails, each file is sent alone; when this many files sent alone
+# (or all of them, if fewer) failed before any file was answered, the call fails as a whole.
+_SPLIT_PROBE = 4
 
 
 def _inference_failed(target: str, url: str, exc: BaseException) -> ServingError:
@@ -555,25 +586,38 @@ class _PredictSteps:
 
     def answer(self, chunk: list[int]) -> Steps[None]:
         """One request for the files ``chunk``: their answers written into the plan, progress
-        told. A failed request is a ServingError naming the model and the url."""
-        payload = self.plan.payload(chunk)
-        target, kwargs = self.plan.target, {"protocol": self.protocol, "timeout": self.timeout}
+        told. A request the server fails (not a connection error) is sent again one file per
+        request, so that a file it cannot take fails alone, as ``inference_failed: ...`` (see
+        ``_Plan.fail``, which raises the ServingError, naming the model and the url, when the
+        server answers no file at all)."""
         try:
-            if self.plan.via == "ensemble":
-                self.plan.answer(chunk, *(yield from self._retried(
-                    lambda: classify_dicom(payload, model_name=target, **kwargs))))
-            else:
-                probs, version = yield from self._retried(
-                    lambda: classify_images(payload, model_name=target, **kwargs))
-                if not knows_threshold(self.thresholds, version):
-                    self.thresholds = yield from self._read_thresholds()
-                self.plan.answer_images(chunk, probs, version,
-                                        threshold_for(self.thresholds, version))
+            yield from self._request(chunk)
         except ServingError:
             raise
         except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
-            raise _inference_failed(target, self.url, exc) from None
-        self.plan.report(chunk, self.progress)
+            failure = _inference_failed(self.plan.target, self.url, exc)
+        else:
+            self.plan.report(chunk, self.progress)
+            return
+        alone = self.plan.fail(chunk, failure)  # outside the handler: no foreign context
+        if not alone:  # a single file, which now carries the error
+            self.plan.report(chunk, self.progress)
+        for one in alone:
+            yield from self.answer(one)
+
+    def _request(self, chunk: list[int]) -> Steps[None]:
+        """The request itself, retried on connection errors; its answers written into the plan."""
+        payload = self.plan.payload(chunk)
+        target, kwargs = self.plan.target, {"protocol": self.protocol, "timeout": self.timeout}
+        if self.plan.via == "ensemble":
+            self.plan.answer(chunk, *(yield from self._retried(
+                lambda: classify_dicom(payload, model_name=target, **kwargs))))
+            return
+        probs, version = yield from self._retried(
+            lambda: classify_images(payload, model_name=target, **kwargs))
+        if not knows_threshold(self.thresholds, version):
+            self.thresholds = yield from self._read_thresholds()
+        self.plan.answer_images(chunk, probs, version, threshold_for(self.thresholds, version))
 
 
 # -- the two transports: the only code that talks to the server -----------------------------------
@@ -709,11 +753,14 @@ def predict_files(
 
     Returns:
         One Prediction per path, in order; unusable files carry ``error`` instead of a
-        probability.
+        probability. A request of several files that fails (not a connection error) is sent
+        again one file per request, so a file the server cannot take fails alone, as
+        ``inference_failed: ...``, and the others are answered.
 
     Raises:
         ServingError: the server cannot be reached (after the retries), the model is not
-            ready, or a request fails.
+            ready, or requests fail before any file is answered (the first few files sent
+            alone all failed: the server, not a file, is the problem).
     """
     plan = _Plan(paths, via=via, model_name=model_name, image_size=image_size, window=window,
                  frame=frame, pixel_spacing=pixel_spacing)
@@ -757,7 +804,8 @@ async def apredict_files(
     loop stays free.
 
     Raises:
-        ServingError: as ``predict_files``; the first failed request cancels the others.
+        ServingError: as ``predict_files``; the first request that fails the call cancels
+            the others.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")

@@ -310,3 +310,50 @@ def test_endpoint_is_the_url_of_the_protocol_for_settings_and_started_servers():
     assert (endpoint(info, "grpc"), endpoint(info, "http")) == ("127.0.0.1:8101", "127.0.0.1:8100")
     with pytest.raises(ValueError, match="protocol must be 'grpc' or 'http'"):
         endpoint(cfg, "tcp")
+
+
+def test_preprocess_items_answers_a_decoder_panic_and_a_deflate_bomb_per_item():
+    """What the fuzzer found: the RLE file that makes the Rust decoder panic and a deflate bomb
+    are each one item's error; the good item beside them is answered (before the fix the panic,
+    no Exception, escaped and failed every request of the call)."""
+    from conftest import deflate_bomb, fuzz_file, pydicom_file
+    from medops.dicom.pixels import preprocess_file
+    from medops.serving.backends.dicom_preprocess import Limits, preprocess_items
+
+    ct = pydicom_file("CT_small.dcm")
+    bomb = deflate_bomb(256 << 20)  # under ingest's ceiling, over this server's byte limit
+    images, errors = preprocess_items(
+        [fuzz_file("rle_panic.dcm").read_bytes(), ct.read_bytes(), bomb], image_size=28,
+        window=None, limits=Limits(64 << 20, 10**7))
+    assert errors[0].startswith("decode_error: the RLE Lossless (1.2.840.10008.1.2.5) decoder "
+                                "crashed on this file")
+    assert errors[1] == ""
+    np.testing.assert_array_equal(images[1, ..., 0], preprocess_file(ct, image_size=28))
+    assert errors[2] == ("too_large: the deflated data set inflates to more than 67108864 bytes: "
+                         "refused before inflating it")
+
+
+def test_preprocess_items_turns_any_base_exception_into_that_items_error(monkeypatch):
+    from conftest import pydicom_file
+    from medops.dicom import pixels
+    from medops.serving.backends.dicom_preprocess import Limits, preprocess_items
+
+    class Panic(BaseException):  # as pyo3_runtime.PanicException
+        pass
+
+    data = pydicom_file("CT_small.dcm").read_bytes()
+    real = pixels.preprocess_bytes
+    calls = iter([Panic("index out of bounds\n  at src/lib.rs"), None])
+
+    def flaky(*args, **kwargs):
+        exc = next(calls)
+        if exc is not None:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pixels, "preprocess_bytes", flaky)
+    _, errors = preprocess_items([data, data], image_size=28, window=None, limits=Limits(10**7, 10**7))
+    assert errors == ["decode_error: Panic: index out of bounds", ""]
+    monkeypatch.setattr(pixels, "preprocess_bytes", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_items([data], image_size=28, window=None, limits=Limits(10**7, 10**7))

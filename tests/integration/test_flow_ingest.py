@@ -96,7 +96,8 @@ def test_ingest_flow_versions_the_export_and_announces_each_new_version_once(pro
 
     for p in grown_later:
         shutil.move(parked / p.name, export / "dicom" / p.name)
-    grown = ingest_studies(project_root=str(project))
+    # the new files are decoded on a Dask LocalCluster the run starts (the flow's cluster parameter)
+    grown = ingest_studies(project_root=str(project), cluster="local")
     new_files = sum(1 for p in grown_later for _ in (export / "dicom" / p.name).rglob("*.dcm"))
     assert grown["changed"] and grown["ingest"]["used"] == first["ingest"]["used"] + new_files
     assert grown["data_version"] != first["data_version"]

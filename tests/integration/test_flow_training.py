@@ -109,24 +109,7 @@ def _task_runs(flow_run_id) -> list:
 
 def _logs(flow_run_id, timeout: float = 15.0) -> str:
     """The flow run's log messages as recorded by the Prefect server (sent in batches: poll)."""
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.client.schemas.sorting import LogSort
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_logs(
-                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)
-
-    deadline = time.monotonic() + timeout
-    while True:
-        text = "\n".join(log.message for log in asyncio.run(read()))
-        if "Finished in state" in text or time.monotonic() > deadline:
-            return text
-        time.sleep(0.5)
+    return "\n".join(message for _, message in _log_records(flow_run_id, timeout))
 
 
 def _artifact(key: str) -> dict | None:
@@ -372,7 +355,8 @@ Path("reports/stages/train.json").write_text(json.dumps({
 
 
 def _log_records(flow_run_id, timeout: float = 20.0) -> list[tuple[float, str]]:
-    """(timestamp, message) of the flow run's logs, once the run's last line has arrived."""
+    """(timestamp, message) of the flow run's logs, once the run's last line has arrived (the
+    server receives logs in batches: poll)."""
     import time
 
     from prefect.client.orchestration import get_client

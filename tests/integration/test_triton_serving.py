@@ -21,7 +21,7 @@ from conftest import pydicom_file
 from medops.cli import main
 from medops.serving.client import Prediction, format_predictions, predict_files, to_json_lines
 from medops.config import ServingConfig, update_params_file
-from medops.errors import GateRejectedError, ServingError
+from medops.errors import ExitCode, GateRejectedError, ServingError
 from medops.serving.deploy import deploy, rollback, sha256_file
 from medops.serving.repository import list_versions, remove_version, served_version
 from medops.serving.server import endpoint, start_server, stop_server
@@ -254,6 +254,33 @@ def test_predict_files_answers_each_file_with_v2_and_flags_the_non_dicom(
     assert bad.probability is None and bad.label is None and bad.model_version is None
     assert bad.error.startswith("not_dicom: ")
     assert "Traceback" not in bad.error
+
+
+def test_a_file_that_makes_the_decoder_panic_fails_alone_in_medops_predict(
+    triton, deployed, files, cli_project, capsys
+):
+    """Issue 14: the fuzzer's RLE file (pylibjpeg-rle panics on it) beside two good films. Before
+    the fix all three answers failed (StatusCode.INTERNAL ... PanicException) and the command
+    failed as a whole."""
+    from conftest import fuzz_file
+
+    paths = [files["ct"], fuzz_file("rle_panic.dcm"), files["cr"]]
+    for protocol in ("grpc", "http"):
+        ct, bad, cr = predict_files(paths, url=endpoint(triton["info"], protocol), protocol=protocol,
+                                    model_name=triton["cfg"].model_name, image_size=S)
+        assert ct.error is None and cr.error is None and ct.model_version == cr.model_version == "2"
+        assert bad.error.startswith("decode_error: the RLE Lossless (1.2.840.10008.1.2.5) decoder "
+                                    "crashed on this file")
+        assert "PanicException" in bad.error and bad.probability is None
+    # the CLI prints every file's result and exits 3 = BAD_INPUT (some files got no answer, the
+    # others did), not 1 = FAILURE (the call failed)
+    code = main(["--project", str(cli_project), "predict", "--url", triton["info"].grpc_url,
+                 *map(str, paths)])
+    out = capsys.readouterr()
+    assert code == ExitCode.BAD_INPUT and "Traceback" not in out.err
+    lines = out.out.splitlines()
+    assert len(lines) == 5 and "decode_error: the RLE Lossless" in lines[3]
+    assert lines[2].split()[1] == "pneumonia" and lines[4].split()[1] == "normal"
 
 
 def test_the_ensemble_refuses_an_image_over_the_pixel_limit_and_answers_the_rest(

@@ -236,12 +236,24 @@ def test_synth_then_ingest_prints_a_summary_and_quarantines_bad_files(project, c
     assert main(args + ["--full"]) == 0
     assert "reused" not in capsys.readouterr().out  # --full decodes everything again
     assert main(args) == 0  # and the incremental run after it reuses what it wrote
-    assert "0 file(s) decoded, 10 reused; nothing changed" in capsys.readouterr().out
+    assert "0 file(s) decoded, 10 reused, 0 shard(s) written; nothing changed" in capsys.readouterr().out
     code, result = run_json(capsys, *args)
     assert code == ExitCode.OK
     assert (result["files_seen"], result["used"], result["reused"], result["changed"]) == (10, 9, 10, False)
     assert result["quarantined_by_reason"] == {"not_dicom": 1}
     assert result["metadata"] == str(out / "metadata.parquet")
+    # one de-identified file, by its SOP Instance UID, out of its shard's pack
+    row = pd.read_parquet(out / "metadata.parquet").iloc[4]
+    target = project / "one" / "file.dcm"
+    code, got = run_json(capsys, "--project", str(project), "dataset", "get", row["sop_instance_uid"],
+                         "--dataset", str(out), "--out", str(target))
+    assert code == ExitCode.OK and got["out"] == str(target) and got["deid_path"] == row["deid_path"]
+    import pydicom
+
+    ds = pydicom.dcmread(target)
+    assert ds.SOPInstanceUID == row["sop_instance_uid"] and ds.PatientIdentityRemoved == "YES"
+    assert main(["--project", str(project), "dataset", "get", "2.25.1", "--dataset", str(out)]) == ExitCode.BAD_INPUT
+    assert "no image with SOP Instance UID 2.25.1" in capsys.readouterr().err
 
 
 def test_synth_and_stage_json_on_real_data(project, capsys):

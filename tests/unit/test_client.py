@@ -517,6 +517,84 @@ def test_a_failed_request_is_a_serving_error_and_only_lost_connections_are_retri
     assert [c[0] for c in fake.calls].count("infer") == 1 and fake.connections == 1
 
 
+class _PickyTriton(_FakeTriton):
+    """A DICOM ensemble that fails a whole request holding a file ``fails`` picks (as Triton did
+    when the preprocessing model raised for one file: status INTERNAL, a many-line message) and
+    answers every other request with 0.25 from version 2, whatever the order of the requests."""
+
+    def __init__(self, fails, **kwargs):
+        super().__init__([], **kwargs)
+        self.fails = fails
+
+    def infer(self, model_name, inputs, outputs=None, model_version="", **kwargs):
+        from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
+
+        items = list(deserialize_bytes_tensor(inputs[0]._raw_data))
+        self.calls.append(("infer", model_name, len(items)))
+        if any(self.fails(b) for b in items):
+            raise InferenceServerException("PanicException: index out of bounds\n  at src/lib.rs",
+                                           status="StatusCode.INTERNAL")
+        out = {"probability": np.full((len(items), 1), 0.25, dtype=np.float32),
+               "label": np.array([b"normal"] * len(items), dtype=np.object_),
+               "error": np.array([b""] * len(items), dtype=np.object_)}
+        return _FakeResult(out, "2")
+
+
+def _files(tmp_path, bodies):
+    paths = []
+    for name, body in bodies:
+        (tmp_path / name).write_bytes(body)
+        paths.append(tmp_path / name)
+    return paths
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_a_request_failed_for_one_file_is_sent_again_file_by_file(tmp_path, monkeypatch, aio):
+    """The server fails the whole request of three files for one of them: the client sends each
+    alone, answers the good ones and gives the bad one its error; progress counts each file once."""
+    paths = _files(tmp_path, [("good1.dcm", b"GOOD1"), ("bad.dcm", b"BAD"), ("good2.dcm", b"GOOD2")])
+    fake = _PickyTriton(lambda b: b == b"BAD")
+    progress = []
+    preds = _predict_with(fake, monkeypatch, aio, paths, batch_size=8,
+                          progress=lambda done, total: progress.append((done, total)))
+    assert [c[2] for c in fake.calls if c[0] == "infer"] == [3, 1, 1, 1]
+    good1, bad, good2 = preds
+    assert good1.probability == good2.probability == 0.25 and good1.model_version == "2"
+    assert bad.probability is None and bad.label is None
+    assert bad.error == ("inference_failed: inference on 'm_dicom' at fake:1 failed: "
+                         "[StatusCode.INTERNAL] PanicException: index out of bounds")
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+    assert fake.connections == 1  # an answer, not a lost connection: never a reconnect
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_a_server_that_fails_every_file_sent_alone_is_a_serving_error(tmp_path, monkeypatch, aio):
+    paths = _files(tmp_path, [(f"f{i}.dcm", b"x") for i in range(20)])
+    fake = _PickyTriton(lambda b: True)
+    with pytest.raises(ServingError, match=r"inference on 'm_dicom' at fake:1 failed: "
+                                           r"\[StatusCode.INTERNAL\] PanicException") as err:
+        _predict_with(fake, monkeypatch, aio, paths, batch_size=8,
+                      **({"concurrency": 1} if aio else {}))
+    assert not isinstance(err.value, ServerUnreachableError)
+    assert err.value.__context__ is None  # no tritonclient exception kept
+    sizes = [c[2] for c in fake.calls if c[0] == "infer"]
+    # the first few files alone, not all 20 (with asyncio, a request already waiting for its turn
+    # may be sent, and begin its own files alone, before the call is cancelled)
+    assert sizes[:5] == [8, 1, 1, 1, 1] and sizes.count(1) < 20
+    if not aio:
+        assert sizes == [8, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_a_file_failed_alone_after_answers_does_not_fail_the_call(tmp_path, monkeypatch, aio):
+    """Once the server has answered a file, files it fails are per-file errors however many."""
+    paths = _files(tmp_path, [("good.dcm", b"GOOD")] + [(f"bad{i}.dcm", b"BAD") for i in range(6)])
+    fake = _PickyTriton(lambda b: b == b"BAD")
+    preds = _predict_with(fake, monkeypatch, aio, paths, batch_size=8)
+    assert preds[0].probability == 0.25
+    assert all(p.error.startswith("inference_failed: ") for p in preds[1:])
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_predict_files_retries_an_unreachable_server(free_port, protocol):
     url = f"127.0.0.1:{free_port()}"

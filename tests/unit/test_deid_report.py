@@ -153,3 +153,20 @@ def test_deid_report_refuses_to_pair_without_the_key_and_needs_files(exported, c
     assert not (project / ".medops" / "secrets" / "deid.key").exists()  # none created
     assert main(["--project", str(project), "deid-report", str(source / "nothing")]) == 3
     assert "no DICOM files" in capsys.readouterr().err
+
+
+def test_deid_report_reads_ingests_zip_packs(exported, capsys):
+    """Ingest packs each shard's de-identified files into dicom/shard-NNNNN.zip."""
+    import zipfile
+
+    project, source, out = exported
+    packed = project / "packed" / "dicom"
+    packed.mkdir(parents=True)
+    with zipfile.ZipFile(packed / "shard-00000.zip", "w") as pack:
+        for path in sorted(out.rglob("*.dcm")):
+            pack.write(path, path.relative_to(out).as_posix())
+    assert main(["--project", str(project), "deid-report", str(packed.parent), "--source", str(source),
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["files"], data["compared_with_original"], data["unmatched"]) == (3, 3, 0)
+    assert data["attributes"]["PatientAddress"] == {"removed": 3}

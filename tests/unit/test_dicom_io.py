@@ -251,3 +251,99 @@ def test_number_value_is_float_of_what_pydicom_parses():
     assert ds.get_item(pydicom.tag.Tag("RescaleIntercept")).is_raw  # still as read
     with pytest.raises(KeyError):
         dio.number_value(ds, "WindowCenter")  # CT_small has no window
+
+
+# -- what the fuzzer found (benchmarks/fuzz/, tests/data/fuzz/README.md) ------------------------------
+
+def test_a_decoder_panic_is_this_files_decode_error_naming_the_decoder():
+    """pylibjpeg-rle (Rust) panics on one changed RLE byte; pyo3 raises that as PanicException, a
+    BaseException that ``except Exception`` lets through. It must come out as a DicomReadError."""
+    from conftest import fuzz_file
+
+    ds = dio.read_dataset(fuzz_file("rle_panic.dcm"))
+    with pytest.raises(DicomReadError) as err:
+        dio.decode_pixels(ds)
+    assert err.value.reason is R.DECODE_ERROR
+    message = str(err.value)
+    assert message.startswith("the RLE Lossless (1.2.840.10008.1.2.5) decoder crashed on this file")
+    assert "PanicException: index out of bounds" in message and "pylibjpeg" in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no foreign object kept
+
+
+@pytest.mark.parametrize("exit_type", [KeyboardInterrupt, SystemExit])
+def test_asking_the_process_to_stop_is_never_taken_for_a_bad_file(monkeypatch, exit_type):
+    ds = dio.read_dataset(pydicom_file("MR_small_RLE.dcm"))
+    decoder = pydicom.pixels.get_decoder(ds.file_meta.TransferSyntaxUID)
+
+    def stop(*args, **kwargs):
+        raise exit_type()
+
+    monkeypatch.setattr(type(decoder), "as_array", stop)
+    with pytest.raises(exit_type):
+        dio.decode_pixels(ds)
+
+
+def test_a_declared_size_over_the_limit_is_refused_before_decoding(monkeypatch):
+    ds = dio.read_dataset(pydicom_file("MR_small_RLE.dcm"))  # 64 x 64, 16 bits: 8,192 bytes
+    assert dio.decoded_bytes(ds, frames=1) == 64 * 64 * 2
+    decoder = pydicom.pixels.get_decoder(ds.file_meta.TransferSyntaxUID)
+    monkeypatch.setattr(type(decoder), "as_array", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(DicomReadError) as err:
+        dio.decode_pixels(ds, max_decoded_bytes=64 * 64 * 2 - 1)
+    assert err.value.reason is R.TOO_LARGE
+    assert "declares 8192 bytes of decoded values" in str(err.value)
+    # a header that claims 65535 x 65535 over a few kB of compressed data: the default ceiling
+    ds.Rows = ds.Columns = 65535
+    with pytest.raises(DicomReadError) as err:
+        dio.decode_pixels(ds)
+    assert err.value.reason is R.TOO_LARGE and "Rows 65535 x Columns 65535" in str(err.value)
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated():
+    import time
+    import tracemalloc
+
+    from conftest import deflate_bomb
+
+    bomb = deflate_bomb(dio.MAX_INFLATED_BYTES * 2)  # 1 GiB from ~1 MB
+    assert len(bomb) < 2 << 20
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(DicomReadError) as err:
+            dio.read_dataset(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.reason is R.TOO_LARGE
+    assert f"inflates to more than {dio.MAX_INFLATED_BYTES} bytes" in str(err.value)
+    assert peak < 16 << 20, peak  # pieces of 1 MiB, never the whole
+    assert time.monotonic() - started < 10
+    # a deflated file under the limit still reads (pydicom's own deflated file too)
+    small = dio.read_dataset(deflate_bomb(4 << 20))
+    assert small.Rows == 128
+    assert dio.read_dataset(pydicom_file("image_dfl.dcm")).file_meta.TransferSyntaxUID.is_deflated
+
+
+@pytest.mark.parametrize("vr", [b"UA", b"SL"])  # an unknown VR; a length that does not fit SL
+def test_a_corrupt_sop_class_in_a_file_without_pixels_is_still_no_pixel_data(vr):
+    """Found by the fuzzer: the no_pixel_data message parsed SOP Class UID, and its corrupt value
+    raised pydicom's own exception out of read_dataset (parse_all=False, as ingest reads)."""
+    ds = _native()
+    del ds.PixelData
+    fp = io.BytesIO()
+    ds.save_as(fp, enforce_file_format=True)
+    data = fp.getvalue().replace(b"\x08\x00\x16\x00UI", b"\x08\x00\x16\x00" + vr, 1)
+    with pytest.raises(DicomReadError) as err:
+        dio.read_dataset(data, parse_all=False)
+    assert err.value.reason is R.NO_PIXEL_DATA and str(err.value).endswith("SOP class unreadable")
+
+
+def test_a_stray_sequence_delimiter_at_the_end_is_a_corrupt_header():
+    """Found by the fuzzer: pydicom raised NotImplementedError (VR 'NONE') from the truncation
+    check when a file's last element was a sequence delimiter outside any sequence."""
+    data = pydicom_file("rtplan.dcm").read_bytes() + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    with pytest.raises(DicomReadError) as err:
+        dio.read_dataset(data, parse_all=False, require_pixels=False)
+    assert err.value.reason is R.DECODE_ERROR
+    assert "Unknown Value Representation 'NONE' in tag (FFFE,E0DD)" in str(err.value)

@@ -14,12 +14,11 @@ import pytest
 
 from conftest import pydicom_file
 from medops.stages import ingest
-from medops.stages.ingest import index, pool, stage, worker, writers
+from medops.stages.ingest import executors, index, pool, stage, worker, writers
 from medops.config import DeidConfig, IngestConfig, SynthConfig
-from medops.data import METADATA_COLUMNS, load_images, read_metadata, shard_path
+from medops.data import METADATA_COLUMNS, load_images, pack_path, read_deidentified, read_metadata, shard_path
 from medops.dicom import synth
 from medops.errors import IngestError
-from medops.hashing import sha256_file
 from medops.paths import BUNDLED_DATASET
 
 KEY = b"ingest-test-key-0123456789abcdef"
@@ -30,6 +29,41 @@ PYDICOM_GOOD = {"ct/CT_small.dcm": "CT_small.dcm", "mr/MR_small.dcm": "MR_small.
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with path.open() as fh:
         return list(csv.DictReader(fh))
+
+
+def _deid_files(out: Path) -> dict[str, bytes]:
+    """Every de-identified file in the ingest folder's packs, by its name there (``deid_path``)."""
+    import zipfile
+
+    found: dict[str, bytes] = {}
+    for pack in sorted((out / "dicom").glob("shard-*.zip")):
+        with zipfile.ZipFile(pack) as z:
+            for name in z.namelist():
+                assert name not in found, name
+                found[name] = z.read(name)
+    return found
+
+
+def _dcmread(out: Path, row, **kwargs):
+    import io
+
+    return pydicom.dcmread(io.BytesIO(read_deidentified(out, row)), **kwargs)
+
+
+def _by_uid(out: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """Metadata without the placement columns, sorted by UID, and the images in that order: what
+    a dataset holds, wherever its rows were placed."""
+    md = read_metadata(out)
+    images = load_images(out, md)[np.argsort(md["sop_instance_uid"].to_numpy(), kind="stable")]
+    md = md.sort_values("sop_instance_uid", kind="stable").drop(columns=["shard", "shard_index"])
+    return md.reset_index(drop=True), images
+
+
+def _same_dataset(a: Path, b: Path) -> None:
+    (ma, ia), (mb, ib) = _by_uid(a), _by_uid(b)
+    pd.testing.assert_frame_equal(ma, mb)
+    np.testing.assert_array_equal(ia, ib)
+    assert _deid_files(a) == _deid_files(b)
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +154,21 @@ def test_metadata_follows_the_documented_format(export, result):
     assert synthetic["patient_age"].between(1, 6).all()
     assert set(synthetic["patient_sex"]) <= {"M", "F"}
     assert (synthetic["rows"] == 28).all() and (synthetic["columns"] == 28).all()
-    for rel in md["deid_path"]:
-        assert (result.out_dir / rel).is_file()
+    assert sorted(_deid_files(result.out_dir)) == sorted(md["deid_path"])
     for shard in range(result.shards):
         arr = np.load(shard_path(result.out_dir, shard))
         assert arr.dtype == np.float32 and arr.shape[1:] == (28, 28) and len(arr) <= 4
+        rows = md[md["shard"] == shard].sort_values("shard_index")
+        assert rows["shard_index"].tolist() == list(range(len(arr)))
+        # the pack holds exactly its shard's rows' files, in the same order
+        import zipfile
+
+        with zipfile.ZipFile(pack_path(result.out_dir, shard)) as z:
+            assert z.namelist() == rows["deid_path"].tolist()
+            assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}
+    assert sorted(p.relative_to(result.out_dir).as_posix() for p in result.out_dir.rglob("*") if p.is_file()) \
+        == sorted([".medops-ingest", "metadata.parquet", "quarantine.csv", ingest.INDEX_NAME]
+                  + [f"arrays/shard-{i:05d}.npy" for i in range(4)] + [f"dicom/shard-{i:05d}.zip" for i in range(4)])
 
 
 def test_load_images_returns_the_preprocessed_pixels(export, result):
@@ -134,7 +178,7 @@ def test_load_images_returns_the_preprocessed_pixels(export, result):
     np.testing.assert_allclose(images[..., 0].mean(axis=(1, 2)), md["pixel_mean"], rtol=1e-5)
     # synthetic rows hold exactly original / 255; find each one's original by its de-identified file
     for i, row in md[md["modality"] == "CR"].iterrows():
-        original = pydicom.dcmread(result.out_dir / row["deid_path"]).pixel_array
+        original = _dcmread(result.out_dir, row).pixel_array
         assert np.array_equal(images[i, ..., 0], (original / 255).astype(np.float32))
 
 
@@ -148,7 +192,7 @@ def test_no_phi_in_any_output(export, result):
 def test_deidentified_files_are_valid_and_grouped(result):
     md = read_metadata(result.out_dir)
     for _, row in md.iterrows():
-        ds = pydicom.dcmread(result.out_dir / row["deid_path"])
+        ds = _dcmread(result.out_dir, row)
         assert ds.PatientIdentityRemoved == "YES"
         assert ds.SOPInstanceUID == row["sop_instance_uid"] == ds.file_meta.MediaStorageSOPInstanceUID
         assert ds.PatientID == row["patient_id"]
@@ -205,7 +249,8 @@ def test_rerun_replaces_previous_outputs(tmp_path):
     ingest.run(IngestConfig(workers=1, shard_size=1), source_dir=tmp_path / "raw" / "dicom", out_dir=out, key=KEY)
     res = ingest.run(IngestConfig(workers=1, shard_size=4), source_dir=tmp_path / "raw" / "dicom", out_dir=out, key=KEY)
     assert sorted(p.name for p in (out / "arrays").iterdir()) == ["shard-00000.npy", "shard-00001.npy"]
-    assert len(list((out / "dicom").rglob("*.dcm"))) == res.used == 6
+    assert sorted(p.name for p in (out / "dicom").iterdir()) == ["shard-00000.zip", "shard-00001.zip"]
+    assert len(_deid_files(out)) == res.used == 6
 
 
 def test_stage_failures_are_typed(tmp_path):
@@ -272,11 +317,10 @@ def test_incremental_run_decodes_only_new_files_and_matches_a_full_run(grown):
     assert second.reused == first.files_seen and second.decoded == second.files_seen - first.files_seen > 0
     full = ingest.run(cfg.model_copy(update={"incremental": False}), source_dir=src,
                       out_dir=grown["tmp"] / "full", manifest=grown["manifest"], key=KEY)
-    pd.testing.assert_frame_equal(read_metadata(out), read_metadata(grown["tmp"] / "full"))
-    md = read_metadata(out)
-    np.testing.assert_array_equal(load_images(out, md), load_images(grown["tmp"] / "full", md))
+    # the same rows, pixels and de-identified files; placed otherwise: the earlier rows stayed where
+    # they were, the new ones topped up the last shard and filled new ones
+    _same_dataset(out, grown["tmp"] / "full")
     assert second.shards == full.shards == -(-second.used // 5)
-    assert sorted(_mtimes(out / "dicom")) == sorted(_mtimes(grown["tmp"] / "full" / "dicom"))
 
 
 def test_rerun_on_the_same_folder_changes_nothing(grown):
@@ -321,7 +365,7 @@ def test_removed_files_lose_their_rows_and_deidentified_copies(grown):
     second = ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=grown["manifest"], key=KEY)
     assert second.decoded == 0 and second.used == first.used - n_removed
     md = read_metadata(out)
-    assert sorted(p.relative_to(out).as_posix() for p in (out / "dicom").rglob("*.dcm")) == sorted(md["deid_path"])
+    assert sorted(_deid_files(out)) == sorted(md["deid_path"])
 
 
 def test_a_changed_manifest_relabels_without_decoding(grown):
@@ -353,7 +397,8 @@ def test_a_full_rebuild_is_reused_by_the_incremental_runs_after_it(grown):
 
 def test_the_fingerprint_holds_what_changes_an_output_byte_and_only_that():
     cfg = IngestConfig()
-    same = [cfg.model_copy(update={"workers": 7}), cfg.model_copy(update={"incremental": False})]
+    same = [cfg.model_copy(update={"workers": 7}), cfg.model_copy(update={"incremental": False}),
+            cfg.model_copy(update={"file_timeout_s": 5})]
     assert {index._fingerprint(c, KEY) for c in same} == {index._fingerprint(cfg, KEY)}
     other = [cfg.model_copy(update={"frame": "max"}), cfg.model_copy(update={"image_size": 16})]
     assert index._fingerprint(cfg, KEY) not in {index._fingerprint(c, KEY) for c in other}
@@ -462,12 +507,13 @@ def test_an_output_that_cannot_be_written_fails_the_stage_not_the_file(tmp_path,
     synth.run(SynthConfig(max_images_per_split=1), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
     raw, out = tmp_path / "raw", tmp_path / "out"
 
-    def disk_full(ds, target):
+    def disk_full(self, info, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(worker, "_write_atomically", disk_full)
-    with pytest.raises(IngestError, match=r"cannot write the de-identified file .*dicom/.*\.dcm: "
-                                          r"No space left on device"):
+    import zipfile
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", disk_full)
+    with pytest.raises(IngestError, match=r"cannot write .*dicom/shard-00000\.zip: No space left on device"):
         ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out, key=KEY)
     assert not (out / "quarantine.csv").exists() and not (out / ingest.INDEX_NAME).exists()
     monkeypatch.undo()
@@ -488,7 +534,7 @@ def test_a_file_that_cannot_be_deidentified_is_quarantined(tmp_path, monkeypatch
                      key=KEY)
     assert (res.used, res.quarantined_by_reason) == (0, {"deid_failed": 3})
     assert "CANARY" not in res.quarantine.read_text()
-    assert not list((tmp_path / "out" / "dicom").rglob("*.dcm"))
+    assert not _deid_files(tmp_path / "out")
 
 
 def test_a_header_value_that_fails_when_first_read_quarantines_only_that_file(tmp_path, monkeypatch):
@@ -512,27 +558,22 @@ def test_a_header_value_that_fails_when_first_read_quarantines_only_that_file(tm
     assert (res.used, res.quarantined_by_reason) == (2, {"decode_error": 1})
     [row] = _read_csv(res.quarantine)
     assert row["detail"] == "corrupt header: a value cannot be parsed (ValueError)"
-    assert len(list((tmp_path / "out" / "dicom").rglob("*.dcm"))) == 2
+    assert len(_deid_files(tmp_path / "out")) == 2
 
 
-def test_an_output_write_failure_in_a_worker_fails_the_run_clearly(grown):
-    """The same in a worker process: the chunk's error ends the run; it is not taken for a crash
-    of the worker (which would quarantine the file as decode_error and go on)."""
-    cfg = IngestConfig(workers=2)
-    out = grown["tmp"] / "out"
-    first = ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=grown["manifest"], key=KEY)
-    row = read_metadata(out).iloc[0]
-    source = next(p for p in grown["src"].rglob("*.dcm")
-                  if sha256_file(p) == row["content_sha256"])
-    ds = pydicom.dcmread(source)
-    ds.ImageComments = "re-exported"  # new content, same SOP Instance UID: decoded again
-    ds.save_as(source)
-    study = out / Path(row["deid_path"]).parent
-    shutil.rmtree(study)
-    study.write_text("not a folder")  # where the de-identified file goes cannot be created
-    with pytest.raises(IngestError, match="cannot write the de-identified file"):
-        ingest.run(cfg, source_dir=grown["src"], out_dir=out, manifest=grown["manifest"], key=KEY)
-    assert len(read_metadata(out)) == first.used  # the earlier outputs are untouched
+def test_a_worker_writes_nothing_it_returns_the_deidentified_bytes(tmp_path):
+    """So a cluster's workers need no shared output folder: the main process packs what they return."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _small_ct(1).save_as(src / "a.dcm", enforce_file_format=True)
+    spec = ingest.WorkerSpec(IngestConfig(workers=1, image_size=8), KEY, None, src)
+    before = sorted(tmp_path.rglob("*"))
+    outcome = ingest.process_file(spec, "a.dcm")
+    assert outcome.reason is None and sorted(tmp_path.rglob("*")) == before
+    ds = pydicom.dcmread(__import__("io").BytesIO(outcome.deid))
+    assert ds.SOPInstanceUID == outcome.record["sop_instance_uid"] and ds.PatientIdentityRemoved == "YES"
+    assert outcome.record["deid_path"] == f"dicom/{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    assert KEY.decode() not in repr(spec) and "key=" not in repr(spec)
 
 
 def test_a_worker_process_that_dies_costs_only_the_file_it_was_reading(export, tmp_path):
@@ -578,47 +619,35 @@ if __name__ == "__main__":
                    "detail": "the decoder crashed the worker process reading this file"}
 
 
-def test_a_kept_file_whose_copy_cannot_be_restored_fails_the_run(tmp_path, monkeypatch):
+def test_a_duplicate_sop_uid_with_other_content_leaves_the_kept_file_as_it_was(tmp_path):
+    """Workers write nothing, so a duplicate (same SOP Instance UID, other content) cannot
+    overwrite the kept file's de-identified copy: the pack holds the first file's bytes."""
     src = tmp_path / "src"
     src.mkdir()
     _small_ct(1).save_as(src / "a.dcm", enforce_file_format=True)
     twin = _small_ct(1)
     twin.PixelData = bytes(len(twin.PixelData))  # same SOP Instance UID, other content
     twin.save_as(src / "b.dcm", enforce_file_format=True)
-    real, calls = ingest.process_file, []
-
-    def process_file(spec, rel):
-        calls.append(rel)
-        if calls.count(rel) == 2:  # the restore of a.dcm after b.dcm overwrote its copy
-            return ingest.FileOutcome(path=rel, reason="not_dicom", detail="cannot read: gone")
-        return real(spec, rel)
-
-    res = ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "ok", key=KEY)
+    spec = ingest.WorkerSpec(IngestConfig(workers=1, image_size=8), KEY, None, src)
+    res = ingest.run(spec.cfg, source_dir=src, out_dir=tmp_path / "out", key=KEY)
     assert res.quarantined_by_reason == {"duplicate": 1}
-    monkeypatch.setattr(pool, "process_file", process_file)   # decoding (one worker: in-process)
-    monkeypatch.setattr(stage, "process_file", process_file)  # restoring a kept file's copy
-    with pytest.raises(IngestError, match="cannot restore the de-identified copy of a.dcm"):
-        ingest.run(IngestConfig(workers=1, image_size=8), source_dir=src, out_dir=tmp_path / "out", key=KEY)
-    assert calls == ["a.dcm", "b.dcm", "a.dcm"]
+    assert list(_deid_files(tmp_path / "out").values()) == [ingest.process_file(spec, "a.dcm").deid]
 
 
 def test_process_file_takes_its_settings_as_an_argument(tmp_path):
     """No settings live in a module global: two runs' specs in one process, used in turn, each
-    de-identify with their own key and write to their own folder."""
+    de-identify with their own key."""
     src = tmp_path / "src"
     src.mkdir()
     _small_ct(1).save_as(src / "a.dcm", enforce_file_format=True)
     cfg = IngestConfig(workers=1, image_size=8)
-    one = ingest.WorkerSpec(cfg, KEY, None, src, tmp_path / "one")
-    two = ingest.WorkerSpec(cfg, b"another-key-0123456789abcdef", {"path:a.dcm": (1, "test")}, src,
-                            tmp_path / "two")
+    one = ingest.WorkerSpec(cfg, KEY, None, src)
+    two = ingest.WorkerSpec(cfg, b"another-key-0123456789abcdef", {"path:a.dcm": (1, "test")}, src)
     first, second, again = (ingest.process_file(s, "a.dcm") for s in (one, two, one))
     assert first.reason is None and second.reason is None
     assert first.record["sop_instance_uid"] != second.record["sop_instance_uid"]
     assert (first.record["label"], second.record["label"]) == (None, 1)
-    assert again.record == first.record
-    assert (tmp_path / "one" / first.record["deid_path"]).is_file()
-    assert (tmp_path / "two" / second.record["deid_path"]).is_file()
+    assert again.record == first.record and again.deid == first.deid != second.deid
 
 
 # --- memory flat in the number of files: everything streamed, outputs unchanged ----------------
@@ -759,7 +788,7 @@ def test_cursor_reads_sorted_pairs_once_and_forgives_gaps():
 def test_bounded_window_with_reuse_and_parallel_workers_matches_a_full_run(grown, monkeypatch):
     """Tiny chunks, one chunk ahead per worker, a run that mixes reused and new files on 2 workers."""
     monkeypatch.setattr(pool, "_MAX_CHUNK", 2)
-    monkeypatch.setattr(pool, "_AHEAD_PER_WORKER", 1)
+    monkeypatch.setattr(executors, "_AHEAD_PER_WORKER", 1)
     monkeypatch.setattr(writers, "_ROW_GROUP", 3)
     cfg = IngestConfig(workers=2, shard_size=3)
     out, src = grown["tmp"] / "out", grown["src"]
@@ -777,12 +806,12 @@ def test_bounded_window_with_reuse_and_parallel_workers_matches_a_full_run(grown
     full_dir = grown["tmp"] / "full"
     ingest.run(IngestConfig(workers=1, shard_size=3, incremental=False), source_dir=src, out_dir=full_dir,
                manifest=grown["manifest"], key=KEY)
-    pd.testing.assert_frame_equal(read_metadata(out), read_metadata(full_dir))
+    # rows in source-path order either way; the earlier rows kept their shards
+    pd.testing.assert_frame_equal(read_metadata(out).drop(columns=["shard", "shard_index"]),
+                                  read_metadata(full_dir).drop(columns=["shard", "shard_index"]))
     for name in ("quarantine.csv", ingest.INDEX_NAME):
         assert (out / name).read_bytes() == (full_dir / name).read_bytes(), name
-    md = read_metadata(out)
-    np.testing.assert_array_equal(load_images(out, md), load_images(full_dir, md))
-    assert sorted(_mtimes(out / "dicom")) == sorted(_mtimes(full_dir / "dicom"))
+    _same_dataset(out, full_dir)
     again = ingest.run(cfg, source_dir=src, out_dir=out, manifest=grown["manifest"], key=KEY)
     assert again.changed is False and again.decoded == 0
 
@@ -864,3 +893,79 @@ print(json.dumps({{"used": result.used, "modules": sorted(m for m in ("pandas", 
     assert report == {"used": 12, "modules": []}
     # and what it wrote reads back with pandas as the documented table
     assert list(read_metadata(tmp_path / "out").columns) == list(METADATA_COLUMNS)
+
+
+def test_files_that_crash_decoders_or_bomb_memory_are_quarantined_and_the_run_goes_on(tmp_path):
+    """What the fuzzer found (benchmarks/fuzz/): an RLE byte that makes the Rust decoder panic (a
+    BaseException, which the process pool could not even pickle), a deflate bomb, a header that
+    declares 65535 x 65535 pixels. Each is one quarantine row; the good files are used."""
+    from conftest import deflate_bomb, fuzz_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(fuzz_file("rle_panic.dcm"), src / "rle_panic.dcm")
+    (src / "bomb.dcm").write_bytes(deflate_bomb(1 << 30))
+    huge = pydicom.dcmread(pydicom_file("MR_small_RLE.dcm"))
+    huge.Rows = huge.Columns = 65535
+    huge.save_as(src / "huge.dcm")
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(pydicom_file(name), src / name)
+    res = ingest.run(IngestConfig(workers=2, shard_size=4), source_dir=src, out_dir=tmp_path / "out",
+                     key=KEY)
+    rows = {r["path"]: r for r in _read_csv(res.quarantine)}
+    assert res.used == 2 and res.files_seen == 5
+    assert {p: r["reason"] for p, r in rows.items()} == {
+        "rle_panic.dcm": "decode_error", "bomb.dcm": "too_large", "huge.dcm": "too_large"}
+    assert "RLE Lossless (1.2.840.10008.1.2.5) decoder crashed on this file" in rows["rle_panic.dcm"]["detail"]
+    assert "PanicException" in rows["rle_panic.dcm"]["detail"]
+
+
+def test_a_file_over_the_time_limit_stops_its_worker_and_is_quarantined_as_timeout(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(pydicom_file(name), src / name)
+    # no file is read in 10 ms by a fresh worker (its imports alone take longer)
+    cfg = IngestConfig(workers=2, file_timeout_s=0.01)
+    res = ingest.run(cfg, source_dir=src, out_dir=tmp_path / "out", key=KEY)
+    rows = _read_csv(res.quarantine)
+    assert res.used == 0 and [r["reason"] for r in rows] == ["timeout", "timeout"]
+    assert rows[0]["detail"] == ("reading this file took over ingest.file_timeout_s = 0.01 s: its "
+                                 "worker process was stopped")
+    # tried again by the next run (a timeout depends on the machine): now it has time
+    again = ingest.run(cfg.model_copy(update={"file_timeout_s": 120}), source_dir=src,
+                       out_dir=tmp_path / "out", key=KEY)
+    assert again.used == 2 and again.decoded == 2
+
+
+def test_process_guarded_makes_what_is_no_exception_the_files_decode_error(tmp_path, monkeypatch):
+    """The guard every decoding path goes through (pool and Dask tasks, one-process runs,
+    _isolate): a BaseException that is no process exit is the file's row, naming only its type;
+    the stage's own failure and a request to stop pass through."""
+    class Panic(BaseException):
+        pass
+
+    spec = ingest.WorkerSpec(IngestConfig(), KEY, None, tmp_path)
+
+    def raising(exc):
+        def process_file(spec, rel):
+            raise exc
+        return process_file
+
+    monkeypatch.setattr(worker, "process_file", raising(Panic("PatientName^Quoted")))
+    out = ingest.process_guarded(spec, "a.dcm")
+    assert (out.path, out.reason, out.detail) == (
+        "a.dcm", "decode_error", "reading this file failed unexpectedly (Panic)")
+    for exc in (KeyboardInterrupt(), SystemExit(1), IngestError("cannot go on")):
+        monkeypatch.setattr(worker, "process_file", raising(exc))
+        with pytest.raises(type(exc)):
+            ingest.process_guarded(spec, "a.dcm")
+
+
+def test_a_worker_that_died_reading_one_file_is_a_timeout_only_past_the_limit():
+    assert worker.died_reading("a.dcm", 0.5, 120).reason == "decode_error"
+    assert worker.died_reading("a.dcm", 0.5, None).reason == "decode_error"
+    late = worker.died_reading("a.dcm", 121.0, 120)
+    assert (late.reason, late.detail) == (
+        "timeout", "reading this file took over ingest.file_timeout_s = 120 s: its worker process "
+                   "was stopped")

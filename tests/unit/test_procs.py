@@ -146,3 +146,18 @@ def test_terminate_a_gone_process_is_quiet() -> None:
     proc.wait()
     assert terminate(proc.pid, 1, group_first=False) is True
     assert terminate(proc.pid, 1, group_first=True) is True
+
+
+def test_exit_after_ends_a_process_stuck_past_its_limit_and_not_one_that_finishes() -> None:
+    code = ("import time, sys; from medops.procs import exit_after\n"
+            "with exit_after({limit}):\n    time.sleep({sleep})\n"
+            "time.sleep(0.5); print('done')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    started = time.monotonic()
+    stuck = subprocess.run([sys.executable, "-c", code.format(limit=0.3, sleep=30)],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert stuck.returncode == 1 and time.monotonic() - started < 20
+    assert stuck.stdout == "" and "Traceback" not in stuck.stderr  # the dump goes to /dev/null
+    done = subprocess.run([sys.executable, "-c", code.format(limit=0.3, sleep=0.01)],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "done\n")  # cancelled on leaving the block

@@ -18,9 +18,9 @@ from medops.stages.ingest.source import _sha256_file
 
 
 # bumped when the outputs change for the same input (2: the preamble is zeroed; 3: the pixel
-# statistics are computed in float64), so that an incremental run does not keep rows and files
-# written the old way
-OUTPUT_VERSION = 3
+# statistics are computed in float64; 4: de-identified files packed per shard, dicom/shard-N.zip),
+# so that an incremental run does not keep rows and files written the old way
+OUTPUT_VERSION = 4
 
 
 def _write_index_entry(fh: Any, first: bool, rel: str, sha: str) -> None:
@@ -99,7 +99,8 @@ class _PriorRows:
     """An earlier run's metadata rows found by content hash, reading its Parquet file on demand.
 
     In memory: the content hashes as a sorted array of 32-byte digests and their row numbers (40
-    bytes per row) and one decoded row group (rows are looked up mostly in file order).
+    bytes per row), one decoded row group (rows are looked up mostly in file order) and the
+    number of rows of each shard (``shard_rows``).
     """
 
     def __init__(self, path: Path) -> None:
@@ -111,9 +112,14 @@ class _PriorRows:
         if self._file.schema_arrow.names != list(METADATA_COLUMNS):
             self._file.close()
             raise ValueError(f"{path} does not have the metadata columns")
-        parts = [np.array([bytes.fromhex(s or "") for s in batch.column(0).to_pylist()], dtype="S32")
-                 for batch in self._file.iter_batches(batch_size=4096, columns=["content_sha256"])]
+        parts, shards = [], []
+        for batch in self._file.iter_batches(batch_size=4096, columns=["content_sha256", "shard"]):
+            parts.append(np.array([bytes.fromhex(s or "") for s in batch.column(0).to_pylist()], dtype="S32"))
+            shards.append(batch.column(1).to_numpy())
         digests = np.concatenate(parts) if parts else np.empty(0, dtype="S32")
+        numbers, counts = np.unique(np.concatenate(shards) if shards else np.empty(0, np.int64),
+                                    return_counts=True)
+        self.shard_rows: dict[int, int] = {int(n): int(c) for n, c in zip(numbers, counts)}
         self._order = np.argsort(digests, kind="stable")
         self._sorted = digests[self._order]
         sizes = [self._file.metadata.row_group(g).num_rows for g in range(self._file.num_row_groups)]
@@ -139,16 +145,19 @@ class _PriorRows:
 
 
 INDEX_NAME = "ingest_index.json"
-# reasons that belong to the file itself; no_label and duplicate depend on other inputs, so files
-# quarantined for them are looked at again on every run
+# reasons that belong to the file itself; no_label and duplicate depend on other inputs, timeout
+# on the machine and the limit, so files quarantined for them are looked at again on every run
 _INTRINSIC = {r.value for r in QuarantineReason} - {QuarantineReason.NO_LABEL.value,
-                                                     QuarantineReason.DUPLICATE.value}
+                                                     QuarantineReason.DUPLICATE.value,
+                                                     QuarantineReason.TIMEOUT.value}
 
 
 def _fingerprint(cfg: IngestConfig, key: bytes) -> str:
     """What makes earlier outputs reusable: every setting that changes a pixel or a pseudonym
-    (not ``workers``, which changes no output byte, nor ``incremental``: a full rebuild's outputs
-    are reused by the incremental runs after it, nor ``source``: a moved export is the same data)."""
+    (not ``workers`` nor ``cluster``, which change no output byte, nor ``incremental``: a full
+    rebuild's outputs are reused by the incremental runs after it, nor ``source``: a moved export
+    is the same data, nor ``file_timeout_s``: a file that took too long is tried again by every
+    run)."""
     import hmac
     import json
 
@@ -156,7 +165,8 @@ def _fingerprint(cfg: IngestConfig, key: bytes) -> str:
     from medops.dicom import PREPROCESSING_VERSION
 
     key_id = hmac.new(key, b"medops ingest key id", hashlib.sha256).hexdigest()[:16]
-    payload = json.dumps({"ingest": cfg.model_dump(mode="json", exclude={"workers", "incremental", "source"}),
+    execution = {"workers", "incremental", "cluster", "source", "file_timeout_s"}
+    payload = json.dumps({"ingest": cfg.model_dump(mode="json", exclude=execution),
                           "key": key_id, "medops": __version__, "pixels": PREPROCESSING_VERSION,
                           "files": OUTPUT_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -1,19 +1,22 @@
-"""The ingest stage's local process pool: files handed out in chunks (guided self-scheduling)
-through a bounded window, outcomes in source order, a crashed worker isolated to its file."""
+"""The ingest stage's local process pool (:class:`LocalPool`): files handed out in chunks (guided
+self-scheduling), a crashed worker isolated to its file. For one machine; a Dask cluster is
+:mod:`medops.stages.ingest.cluster`, and both are driven by
+:func:`medops.stages.ingest.executors.decode_in_order`."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import deque
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from medops.errors import IngestError, QuarantineReason
-from medops.stages.ingest.worker import FileOutcome, WorkerSpec, process_chunk, process_file
+from medops.errors import IngestError
+from medops.stages.ingest.worker import (FileOutcome, WorkerSpec, died_reading, process_chunk,
+                                         process_guarded)
 
 
 log = logging.getLogger(__name__)
@@ -25,8 +28,9 @@ _AHEAD_PER_WORKER = 3  # tasks in flight per worker: keeps workers busy without 
 # initializer: the tasks carry only file names, because a manifest's labels can be megabytes
 # (100,000 rows: ~6 MB, ~35 ms to pickle), too much to send with every chunk. Only
 # _init_pool_worker writes it and only _decode_chunk reads it; the main process never sets it
-# (decoding there passes its spec to process_file directly), so two runs in one process cannot
-# see each other's settings.
+# (decoding there passes its spec to process_guarded directly), so two runs in one process cannot
+# see each other's settings. The per-file time limit is the spec's (cfg.file_timeout_s), applied
+# by _decode_chunk alone: it ends the process, so only a worker process may have one.
 _worker_spec: WorkerSpec | None = None
 
 
@@ -41,10 +45,11 @@ def _init_pool_worker(spec: WorkerSpec) -> None:
 
 
 def _decode_chunk(rels: list[str]) -> list[FileOutcome]:
-    """A pool task: :func:`process_chunk` with the spec this worker process was started with."""
+    """A pool task: :func:`process_chunk` with the spec this worker process was started with, each
+    file under its time limit (``ingest.file_timeout_s``)."""
     if _worker_spec is None:
         raise RuntimeError("_decode_chunk runs in an ingest pool's worker process only")
-    return process_chunk(_worker_spec, rels)
+    return process_chunk(_worker_spec, rels, time_limit=_worker_spec.cfg.file_timeout_s)
 
 
 @dataclass(slots=True)
@@ -105,14 +110,14 @@ def _isolate(chunk: list[str], spec: WorkerSpec) -> list[FileOutcome]:
     pool = _start_pool(1, spec)
     for rel in chunk:
         if pool is None:
-            out.append(process_file(spec, rel))
+            out.append(process_guarded(spec, rel))
             continue
+        started = time.monotonic()
         try:
             out.extend(pool.submit(_decode_chunk, [rel]).result())
         except BrokenProcessPool:
             pool.shutdown(wait=False, cancel_futures=True)
-            out.append(FileOutcome(path=rel, reason=QuarantineReason.DECODE_ERROR.value,
-                                   detail="the decoder crashed the worker process reading this file"))
+            out.append(died_reading(rel, time.monotonic() - started, spec.cfg.file_timeout_s))
             pool = _start_pool(1, spec)
     if pool is not None:
         pool.shutdown()
@@ -135,118 +140,62 @@ def _done(value: list[FileOutcome]) -> Future:
     return future
 
 
-class _Chunks:
-    """The pool's side of :func:`_decode`: files gathered into chunks sized by :func:`chunk_size`,
-    handed to the workers, and their outcomes taken back oldest chunk first. The pool starts with
-    the first chunk (a rerun with nothing new starts no process); when no worker process can run,
-    chunks are decoded here as they are handed out."""
+class LocalPool:
+    """The :class:`~medops.stages.ingest.executors.Executor` for one machine: ``workers`` spawned
+    processes (fewer when there are few files; none, decoding here, for one chunk's worth), chunks
+    sized by :func:`chunk_size` (guided self-scheduling: a process pool has no work stealing).
 
-    def __init__(self, spec: WorkerSpec, workers: int, expected: int, starting: _Starting | None) -> None:
-        self.spec, self.workers, self.expected, self.starting = spec, workers, expected, starting
-        self.n_workers = _pool_size(expected, workers)
-        self.size = chunk_size(expected, workers)  # of the chunk being filled
-        self.open: list[str] = []                  # the chunk being filled
-        self.inflight: deque[tuple[Future, list[str]]] = deque()
-        self.handed_out = 0
+    The pool starts with the first chunk (a rerun with nothing new starts no process), or at once
+    when ``prelaunch`` (a full rebuild: its processes start up while the main process sets up its
+    outputs). A worker that dies (a decoder plugin that crashes on a malformed file) costs a pool
+    restart: the chunk it held is retried one file per task (:func:`_isolate`), so only the culprit
+    is quarantined, and the other chunks in flight are handed out again whole.
+    """
+
+    def __init__(self, spec: WorkerSpec, workers: int, expected: int, prelaunch: bool = False) -> None:
+        self.spec, self.workers, self.expected = spec, workers, expected
+        self.slots = _pool_size(expected, workers)
+        self.inline = self.slots <= 1
+        self.starting = _launch_pool(self.slots, spec) if prelaunch and not self.inline else None
         self.pool: ProcessPoolExecutor | None = None
         self.started = False
+        self.generation = 0  # pool restarts so far
 
-    def add(self, rel: str) -> None:
-        """A file for the open chunk, handed out once the chunk is full."""
-        self.open.append(rel)
-        if len(self.open) >= self.size:
-            self.submit()
+    def chunk_size(self, handed_out: int) -> int:
+        return chunk_size(self.expected, self.workers, handed_out)
 
-    def submit(self) -> None:
-        """Hand out the open chunk."""
+    def submit(self, rels: list[str]) -> tuple[Future, int]:
         if not self.started:  # lazily: a rerun with nothing new starts no process
             self.started = True
             self.pool = (_ready(self.starting) if self.starting is not None
-                         else _start_pool(self.n_workers, self.spec))
-        chunk = self.open
+                         else _start_pool(self.slots, self.spec))
         if self.pool is None:
-            self.inflight.append((_done(process_chunk(self.spec, chunk)), chunk))
-        else:
-            try:
-                future = self.pool.submit(_decode_chunk, chunk)
-            except BrokenProcessPool as exc:  # a worker died meanwhile: dealt with in turn
-                future = Future()
-                future.set_exception(exc)
-            self.inflight.append((future, chunk))
-        self.handed_out += len(chunk)
-        self.size = chunk_size(self.expected, self.workers, self.handed_out)
-        self.open = []
+            return _done(process_chunk(self.spec, rels)), self.generation
+        try:
+            return self.pool.submit(_decode_chunk, rels), self.generation
+        except BrokenProcessPool as exc:  # a worker died meanwhile: dealt with in turn
+            future: Future = Future()
+            future.set_exception(exc)
+            return future, self.generation
 
-    def oldest(self) -> list[FileOutcome]:
-        """The outcomes of the oldest chunk handed out. A worker that died costs a pool restart,
-        and the chunk it held is retried one file per task (:func:`_isolate`)."""
-        future, rels = self.inflight.popleft()
+    def outcomes(self, handle: tuple[Future, int], rels: list[str]) -> list[FileOutcome]:
+        future, generation = handle
         try:
             return future.result()
         except BrokenProcessPool:
+            if generation < self.generation:  # broken with an earlier pool: hand it out again
+                return self.outcomes(self.submit(rels), rels)
             assert self.pool is not None
             self.pool.shutdown(wait=False, cancel_futures=True)
             results = _isolate(rels, self.spec)
-            restarted = _start_pool(self.n_workers, self.spec)
+            restarted = _start_pool(self.slots, self.spec)
             if restarted is None:
                 raise IngestError("ingest worker processes cannot be restarted after a crash")
             self.pool = restarted
-            self.inflight = deque((self.pool.submit(_decode_chunk, r), r) for _, r in self.inflight)
+            self.generation += 1
             return results
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-
-def _decode(items: Iterable[_Item], workers: int, spec: WorkerSpec, expected: int,
-            starting: _Starting | None = None) -> Iterator[_Item]:
-    """``items`` in their order, each one to decode (``prior is None``) with its ``outcome``.
-
-    Bounded whatever the number of files: at most ``workers * _AHEAD_PER_WORKER`` chunks in flight
-    and twice as many chunks' worth of items read ahead. ``expected`` (an upper bound of the files
-    to decode) sizes the chunks; ``workers == 1``, or a single chunk, decodes in this process.
-    Otherwise a worker that dies (a decoder plugin that crashes on a malformed file) costs a pool
-    restart, and the chunk it held is retried one file per task, so only the culprit is quarantined
-    and the stage goes on. ``starting``: the pool, already launched by the caller for
-    ``_pool_size(expected, workers)`` processes (the caller shuts it down should this generator
-    never start).
-    """
-    if _pool_size(expected, workers) <= 1:
-        for item in items:
-            if item.prior is None:
-                item.outcome = process_file(spec, item.rel)
-            yield item
-        return
-    chunks = _Chunks(spec, workers, expected, starting)
-    max_inflight = chunks.n_workers * _AHEAD_PER_WORKER
-    max_window = 2 * max_inflight * chunks.size
-    source = iter(items)
-    window: deque[_Item] = deque()
-    ready: deque[FileOutcome] = deque()
-    exhausted = False
-    try:
-        while True:
-            while not exhausted and len(chunks.inflight) < max_inflight and len(window) < max_window:
-                item = next(source, None)
-                if item is None:
-                    exhausted = True
-                    break
-                window.append(item)
-                if item.prior is None:
-                    chunks.add(item.rel)
-            if chunks.open and len(chunks.inflight) < max_inflight and (exhausted or len(window) >= max_window):
-                chunks.submit()  # nothing more to add to it soon: keep the workers busy
-            if not window:
-                return
-            item = window.popleft()
-            if item.prior is None:
-                if not ready:
-                    if not chunks.inflight:
-                        chunks.submit()  # the item is in the open chunk
-                    ready.extend(chunks.oldest())
-                item.outcome = ready.popleft()
-                assert item.outcome.path == item.rel, (item.outcome.path, item.rel)
-            yield item
-    finally:
-        chunks.close()
+        for pool in (self.pool, self.starting.pool if self.starting is not None else None):
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)

@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
@@ -18,14 +19,16 @@ from pydantic import BaseModel
 
 from medops.config import IngestConfig
 from medops.errors import IngestError, QuarantineReason
+from medops.data import pack_path, shard_path
+from medops.stages.ingest.executors import Executor, decode_in_order, open_executor
 from medops.stages.ingest.index import (INDEX_NAME, _close_index, _fingerprint, _load_previous,
                                         _plan, _Previous, _write_index_entry)
 from medops.stages.ingest.manifest import labels_from_path, read_manifests
-from medops.stages.ingest.pool import _decode, _Item, _launch_pool, _pool_size, _Starting
+from medops.stages.ingest.pool import _Item
 from medops.stages.ingest.source import iter_source_files
-from medops.stages.ingest.worker import WorkerSpec, process_file
-from medops.stages.ingest.writers import (QUARANTINE_COLUMNS, _digest, _MetadataWriter,
-                                          _prune_dicom, _ShardWriter, _write_metadata)
+from medops.stages.ingest.worker import WorkerSpec
+from medops.stages.ingest.writers import (QUARANTINE_COLUMNS, _digest, _merge_shard, _MetadataWriter,
+                                          _ShardWriter, _write_metadata)
 
 
 Progress = Callable[[int, int], None]
@@ -40,13 +43,14 @@ class IngestResult(BaseModel):
     quarantined_by_reason: dict[str, int]
     labelled: int
     shards: int
+    shards_written: int  # shards this run wrote (new, topped up or compacted); the others were left alone
     decoded: int        # files read and decoded by this run
     reused: int         # files whose earlier outcome was kept (incremental run)
     changed: bool       # False when the run found nothing to change and wrote nothing
     image_size: int
     seconds: float
     out_dir: Path
-    dicom_dir: Path
+    dicom_dir: Path     # the shards' packs of de-identified files
     arrays_dir: Path
     metadata: Path
     quarantine: Path
@@ -117,7 +121,6 @@ def _open_out_dir(out_dir: Path, fingerprint: str, incremental: bool) -> _Previo
     previous = _load_previous(out_dir, fingerprint) if incremental else None
     if previous is None:
         _reset_outputs(out_dir)
-    (out_dir / "dicom").mkdir(parents=True, exist_ok=True)
     staging = out_dir / _STAGING
     if staging.exists():
         shutil.rmtree(staging)
@@ -144,82 +147,88 @@ def _label_lookup(labels: dict[str, Labels] | None, key: bytes) -> Callable[[str
 
 class _StagedOutputs:
     """What a run writes into ``.staging`` as the files' outcomes come, in source-path order: the
-    used files' shards and metadata rows, quarantine.csv's rows and the index's entries; and what
-    it remembers of each used file to find duplicates and prune ``dicom/`` (see the note above
-    :func:`iter_source_files`): 32-byte digests and the path, nothing else."""
+    new rows' shards, every metadata row, quarantine.csv's rows and the index's entries; and what
+    it remembers of each used file to find duplicates (see the note above
+    :func:`iter_source_files`): 32-byte digests and the path, nothing else.
+
+    Where rows go (so that an incremental run writes only what changed): a row an earlier run left
+    keeps its place in its shard; new rows fill the last shard up to ``shard_size``, then new
+    shards. A shard that lost rows (a file removed, changed or now a duplicate) is rewritten
+    without them; a shard that lost none and gained none is not touched. A full rebuild places
+    every row in source-path order, ``shard_size`` per shard.
+    """
 
     def __init__(self, out_dir: Path, shard_size: int, label_for: Callable[[str, str], Labels | None],
-                 folder_labels: bool) -> None:
+                 folder_labels: bool, previous: _Previous | None) -> None:
         self.out_dir, self.label_for, self.folder_labels = out_dir, label_for, folder_labels
-        self.shards = _ShardWriter(out_dir / _STAGING, shard_size)
+        self.old_rows: dict[int, int] = dict(previous.used.shard_rows) if previous is not None else {}
+        self.kept_slots = {shard: np.zeros(rows, dtype=bool) for shard, rows in self.old_rows.items()}
+        last = max(self.old_rows, default=-1)
+        self.top_up = last if last >= 0 and self.old_rows[last] < shard_size else None
+        self.shards = _ShardWriter(out_dir / _STAGING / "new", shard_size,
+                                   first=last if self.top_up is not None else last + 1,
+                                   start=self.old_rows[last] if self.top_up is not None else 0)
         self.metadata = _MetadataWriter(out_dir / _STAGING / "metadata.parts.parquet")
         self.seen_content: dict[bytes, str] = {}  # content sha256 -> path
         self.seen_sop: dict[bytes, str] = {}      # digest of the pseudonymous SOP UID -> path
-        self.kept: set[bytes] = set()             # digests of the deid_path of used rows
-        self.rewrite: list[str] = []              # kept files whose copy a duplicate may have overwritten
         self.by_reason: Counter[str] = Counter()
         self.files_seen = self.decoded = self.labelled = 0
-        self.old_shards: dict[int, np.ndarray] = {}  # an earlier run's shards, memory-mapped
 
     def write(self, item: _Item, quarantine: Any, index: TextIO) -> None:
-        """One file's outcome: an index entry, then a quarantine row or a metadata row and its image
-        (rows come in path order, so each file is sorted as it is written)."""
+        """One file's outcome: an index entry, then a quarantine row or a metadata row and, for a
+        new row, its image and de-identified file (rows come in path order, so each file is sorted
+        as it is written)."""
         self.files_seen += 1
         self.decoded += item.prior is None
-        reason, detail, record, image, sha = self._outcome(item)
+        reason, detail, record, sha = self._outcome(item)
         _write_index_entry(index, self.files_seen == 1, item.rel, sha)
         if reason is None:
             reason, detail = self._duplicate(item.rel, sha, record) or (None, detail)
         if reason is not None:
             quarantine.writerow((item.rel, reason, detail))
             self.by_reason[reason] += 1
+            return
+        if isinstance(item.prior, dict):  # an earlier run's row: it stays where it is
+            shard, position = int(item.prior["shard"]), int(item.prior["shard_index"])
+            self.kept_slots[shard][position] = True
         else:
-            assert image is not None
-            shard, position = self.shards.add(image)
-            self.metadata.add({**record, "shard": shard, "shard_index": position})
-            self.labelled += record["label"] is not None
+            assert item.outcome is not None and item.outcome.image is not None and item.outcome.deid is not None
+            shard, position = self.shards.add(item.outcome.image, record["deid_path"], item.outcome.deid)
+        self.metadata.add({**record, "shard": shard, "shard_index": position})
+        self.labelled += record["label"] is not None
 
-    def _outcome(self, item: _Item) -> tuple[str | None, str, dict[str, Any], np.ndarray | None, str]:
-        """``(reason, detail, record, image, sha256)`` of one file: an earlier run's quarantine
-        entry, an earlier run's row (labelled again from the current manifest, its image read back
-        from the earlier shards), or what a worker made of it."""
-        from medops.data import METADATA_COLUMNS, shard_path
+    def _outcome(self, item: _Item) -> tuple[str | None, str, dict[str, Any], str]:
+        """``(reason, detail, record, sha256)`` of one file: an earlier run's quarantine entry, an
+        earlier run's row (labelled again from the current manifest), or what a worker made of it."""
+        from medops.data import METADATA_COLUMNS
 
         prior = item.prior
         if isinstance(prior, tuple):
-            return prior[0], prior[1], {}, None, item.sha
+            return prior[0], prior[1], {}, item.sha
         if isinstance(prior, dict):
             record = {k: prior[k] for k in METADATA_COLUMNS if k not in ("shard", "shard_index")}
             entry = self.label_for(item.rel, record["sop_instance_uid"])
             reason, detail = (None, "") if entry is not None else (
                 QuarantineReason.NO_LABEL.value, "neither its SOPInstanceUID nor its path is in the manifest")
             record["label"], record["manifest_split"] = entry if entry is not None else (None, None)
-            shard = int(prior["shard"])
-            if shard not in self.old_shards:
-                if len(self.old_shards) >= 2:  # rows come in shard order, mostly: keep few mapped
-                    self.old_shards.pop(next(iter(self.old_shards)))
-                self.old_shards[shard] = np.load(shard_path(self.out_dir, shard), mmap_mode="r")
-            image = np.array(self.old_shards[shard][int(prior["shard_index"])])
-            return reason, detail, record, image, record["content_sha256"]
+            return reason, detail, record, record["content_sha256"]
         outcome = item.outcome
         assert outcome is not None
         if outcome.reason is None and self.folder_labels:
             outcome.record["label"], outcome.record["manifest_split"] = labels_from_path(item.rel)
-        return outcome.reason, outcome.detail, outcome.record, outcome.image, outcome.sha256
+        return outcome.reason, outcome.detail, outcome.record, outcome.sha256
 
     def _duplicate(self, rel: str, sha: str, record: dict[str, Any]) -> tuple[str, str] | None:
         """``(reason, detail)`` when a used file repeats an earlier one (its bytes, or its SOP
-        Instance UID with other content); else None, and the file is remembered as kept."""
+        Instance UID with other content); else None, and the file is remembered."""
         content, sop = bytes.fromhex(sha), _digest(record["sop_instance_uid"])
         first = self.seen_content.get(content)
         if first is not None:
             return QuarantineReason.DUPLICATE.value, f"same bytes as {first}"
         prior_rel = self.seen_sop.get(sop)
         if prior_rel is not None:
-            self.rewrite.append(prior_rel)  # a worker may have overwritten the kept file's copy
             return QuarantineReason.DUPLICATE.value, f"same SOPInstanceUID as {prior_rel}, different content"
         self.seen_content[content] = self.seen_sop[sop] = rel
-        self.kept.add(_digest(record["deid_path"]))
         return None
 
     def finish(self) -> None:
@@ -228,74 +237,104 @@ class _StagedOutputs:
         self.metadata.close()
 
     def release(self) -> None:
-        """Drop what only the writing needed: the earlier shards' maps, the duplicates' digests."""
-        self.old_shards.clear()
+        """Drop what only the writing needed: the duplicates' digests."""
         self.seen_content.clear()
         self.seen_sop.clear()
 
+    def settle_shards(self) -> _ShardChanges:
+        """Stage the final form of every shard this run changes (below ``.staging``): the new ones
+        as written, the topped-up and the compacted ones merged from the earlier shard's kept rows
+        and the new rows; returns what changed."""
+        staging, new = self.out_dir / _STAGING, self.out_dir / _STAGING / "new"
+        changes = _ShardChanges()
+        appended = self.shards.rows[0] if self.top_up is not None and self.shards.rows else 0
+        for shard, keep in sorted(self.kept_slots.items()):
+            extra = appended if shard == self.top_up else 0
+            if keep.all() and not extra:
+                changes.kept += 1
+                continue
+            if not keep.any() and not extra:
+                changes.removed.append(shard)
+                continue
+            parts = [(self.out_dir, shard, keep)] if keep.any() else []
+            _merge_shard(staging, shard, parts + ([(new, shard, None)] if extra else []))
+            if not keep.all():
+                changes.remap[shard] = np.cumsum(np.concatenate([keep, np.ones(extra, dtype=bool)])) - 1
+            changes.written.append(shard)
+        for shard in range(self.shards.first, self.shards.current):
+            if shard == self.top_up:
+                continue
+            for path_of in (shard_path, pack_path):
+                (path_of(staging, shard)).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path_of(new, shard), path_of(staging, shard))
+            changes.written.append(shard)
+        shutil.rmtree(new, ignore_errors=True)
+        return changes
 
-def _restore_kept_copies(spec: WorkerSpec, rewrite: list[str]) -> None:
-    """Write again the de-identified copies of kept files that a duplicate (the same SOP Instance
-    UID, other content) may have overwritten while a worker processed it.
 
-    Raises:
-        IngestError: such a file is no longer usable (it changed during the run?).
-    """
-    for rel in sorted(set(rewrite)):
-        restored = process_file(spec, rel)
-        if restored.reason is not None:  # it was used a moment ago: the file changed meanwhile?
-            raise IngestError(f"cannot restore the de-identified copy of {rel}, which shares its "
-                              f"SOP Instance UID with a duplicate: {restored.reason} "
-                              f"({restored.detail})")
+@dataclass
+class _ShardChanges:
+    """The shards a run rewrote or added (staged), removed, or left alone; the new place of the
+    rows of compacted shards (``remap[shard][old shard_index]``)."""
+
+    written: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    kept: int = 0
+    remap: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def shards(self) -> int:
+        return self.kept + len(self.written)
 
 
-def _replace_outputs(out_dir: Path, kept: set[bytes], reused: bool) -> bool:
-    """Move the staged outputs into place, the index last, and prune ``dicom/`` down to ``kept``;
-    or, when an earlier run's outputs were ``reused`` and the staged ones equal them, drop them
-    (a run that changes nothing writes nothing). Returns whether anything changed."""
+def _replace_outputs(out_dir: Path, changes: _ShardChanges, reused: bool) -> bool:
+    """Move the staged outputs into place, the index last, and delete the shards that lost every
+    row; or, when an earlier run's outputs were ``reused`` and nothing differs from them, drop
+    the staged ones (a run that changes nothing writes nothing). Returns whether anything changed."""
     import filecmp
 
-    from medops.data import ARRAYS_DIR
+    from medops.data import ARRAYS_DIR, DICOM_DIR
 
     staging = out_dir / _STAGING
     outputs = ("metadata.parquet", "quarantine.csv", INDEX_NAME)  # the index last: it commits
-    # a file decoded again (no_label and duplicate are looked at on every run) either ends
-    # quarantined before its de-identified copy is written, or adds a metadata row, or shares a
-    # kept file's SOP Instance UID (then it is in rewrite): comparing the staged outputs is enough
-    if reused and all((out_dir / name).is_file()
-                      and filecmp.cmp(staging / name, out_dir / name, shallow=False) for name in outputs):
+    if reused and not changes.written and not changes.removed \
+            and all((out_dir / name).is_file()
+                    and filecmp.cmp(staging / name, out_dir / name, shallow=False) for name in outputs):
         shutil.rmtree(staging, ignore_errors=True)
         return False
     # the index goes first and comes back last: a run cut short in between leaves outputs
     # that the next run does not trust, so it rebuilds them
     (out_dir / INDEX_NAME).unlink(missing_ok=True)
-    if (out_dir / ARRAYS_DIR).exists():
-        shutil.rmtree(out_dir / ARRAYS_DIR)
-    if (staging / ARRAYS_DIR).exists():
-        (staging / ARRAYS_DIR).rename(out_dir / ARRAYS_DIR)
-    _prune_dicom(out_dir / "dicom", kept)
+    for shard in changes.removed:
+        shard_path(out_dir, shard).unlink(missing_ok=True)
+        pack_path(out_dir, shard).unlink(missing_ok=True)
+    for sub in (ARRAYS_DIR, DICOM_DIR):
+        (out_dir / sub).mkdir(exist_ok=True)
+        if (staging / sub).is_dir():
+            for entry in sorted((staging / sub).iterdir()):
+                os.replace(entry, out_dir / sub / entry.name)
     for name in outputs:
         os.replace(staging / name, out_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
     return True
 
 
-def _ingest(spec: WorkerSpec, total: int, starting: _Starting | None, progress: bool | Progress | None,
-            started: float, skip: frozenset[str] = frozenset()) -> IngestResult:
-    """:func:`run` once its arguments are checked and, for a full rebuild, its workers launched:
-    every file's outcome, in source-path order, written into ``.staging`` as it comes, then the
-    outputs moved into place."""
+def _ingest(spec: WorkerSpec, out_dir: Path, total: int, executor: Executor,
+            progress: bool | Progress | None, started: float, skip: frozenset[str] = frozenset()) -> IngestResult:
+    """:func:`run` once its arguments are checked and its executor chosen: every file's outcome,
+    in source-path order, written into ``.staging`` as it comes, then the outputs moved into
+    place. ``skip``: files of ``source_dir`` not to ingest (its label manifests)."""
     from medops.data import ARRAYS_DIR
 
-    cfg, out_dir = spec.cfg, spec.out_dir
+    cfg = spec.cfg
     fingerprint = _fingerprint(cfg, spec.key)
     previous = _open_out_dir(out_dir, fingerprint, cfg.incremental)
     staging = out_dir / _STAGING
     staged = _StagedOutputs(out_dir, cfg.shard_size, _label_lookup(spec.labels, spec.key),
-                            folder_labels=spec.labels is None)
+                            folder_labels=spec.labels is None, previous=previous)
     callback, close = _progress_callback(progress, total)
-    items = _decode(_plan(iter_source_files(spec.source_dir, skip), spec.source_dir, previous), cfg.workers,
-                    spec, total, starting if previous is None else None)
+    items = decode_in_order(_plan(iter_source_files(spec.source_dir, skip), spec.source_dir, previous),
+                            executor, total)
     try:
         # the workers get their first chunks before this process imports what writing
         # metadata.parquet needs (pyarrow; not pandas, see _metadata_schema), which it does while
@@ -322,10 +361,9 @@ def _ingest(spec: WorkerSpec, total: int, starting: _Starting | None, progress: 
         staged.release()
         if previous is not None:
             previous.close()
-    if staged.rewrite:  # restore the kept files' de-identified copies a duplicate may have overwritten
-        _restore_kept_copies(spec, staged.rewrite)
-    _write_metadata(staged.metadata, staging / "metadata.parquet")
-    changed = _replace_outputs(out_dir, staged.kept, reused=previous is not None and not staged.rewrite)
+    changes = staged.settle_shards()
+    _write_metadata(staged.metadata, staging / "metadata.parquet", changes.remap)
+    changed = _replace_outputs(out_dir, changes, reused=previous is not None)
 
     return IngestResult(
         files_seen=staged.files_seen,
@@ -333,7 +371,8 @@ def _ingest(spec: WorkerSpec, total: int, starting: _Starting | None, progress: 
         quarantined=sum(staged.by_reason.values()),
         quarantined_by_reason=dict(sorted(staged.by_reason.items())),
         labelled=staged.labelled,
-        shards=staged.shards.shards,
+        shards=changes.shards,
+        shards_written=len(changes.written),
         decoded=staged.decoded,
         reused=staged.files_seen - staged.decoded,
         changed=changed,
@@ -355,7 +394,8 @@ def format_summary(result: IngestResult) -> str:
         f"{result.image_size}x{result.image_size}",
     ]
     if result.reused:
-        lines.append(f"incremental: {result.decoded} file(s) decoded, {result.reused} reused"
+        lines.append(f"incremental: {result.decoded} file(s) decoded, {result.reused} reused, "
+                     f"{result.shards_written} shard(s) written"
                      + ("" if result.changed else "; nothing changed, nothing written"))
     if result.quarantined:
         reasons = ", ".join(f"{n} {reason}" for reason, n in result.quarantined_by_reason.items())
@@ -363,7 +403,8 @@ def format_summary(result: IngestResult) -> str:
     else:
         lines.append(f"quarantined 0 (empty list at {result.quarantine})")
     lines.append(f"metadata: {result.metadata}")
-    lines.append(f"de-identified DICOM: {result.dicom_dir}")
+    lines.append(f"de-identified DICOM: {result.dicom_dir} (one zip per shard; "
+                 f"`medops dataset get UID` extracts one)")
     return "\n".join(lines)
 
 
@@ -376,7 +417,9 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path,
     outputs of an earlier run with the same settings and key, a file whose content (SHA-256) was
     seen before is not read again: its row, its pixels and its de-identified file are kept, and
     labels are re-applied from the current manifest. Only new content is decoded; files that went
-    away lose their rows. A run that would change nothing writes nothing. (With DVC, the stage's
+    away lose their rows. Only the shards that change are written: new rows top up the last shard
+    and fill new ones, a shard that lost rows is rewritten without them, the others are left as
+    they are (so their DVC objects are too). A run that would change nothing writes nothing. (With DVC, the stage's
     outputs must be ``persist: true`` for this to apply.)
 
     Memory does not grow with the number of files beyond a few hundred bytes per used file (see
@@ -414,14 +457,12 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path,
     # listed again as they are processed, so the listing is never held
     total = sum(1 for _ in iter_source_files(source_dir, skip))
     _check_folders(source_dir, out_dir)
-    spec = WorkerSpec(cfg, key, labels, source_dir, out_dir)
-    # a full rebuild decodes every file: its workers are launched now and start up while this
-    # process imports what it writes with and sets up its outputs
-    n_workers = _pool_size(total, cfg.workers)
+    spec = WorkerSpec(cfg, key, labels, source_dir)
+    # a full rebuild decodes every file: a local pool's workers are launched now and start up
+    # while this process imports what it writes with and sets up its outputs
     rebuild = not cfg.incremental or not (out_dir / INDEX_NAME).is_file()
-    starting = _launch_pool(n_workers, spec) if rebuild and n_workers > 1 else None
+    executor = open_executor(spec, total, rebuild)
     try:
-        return _ingest(spec, total, starting, progress, started, skip)
-    finally:
-        if starting is not None:  # shut down by the decoding once it started; again is harmless
-            starting.pool.shutdown(cancel_futures=True)
+        return _ingest(spec, out_dir, total, executor, progress, started, skip)
+    finally:  # closed by the decoding once it started; again is harmless
+        executor.close()

@@ -1,11 +1,12 @@
-"""The per-file work of the ingest stage (runs in worker processes): read, check, decode and
-de-identify one file; every per-file failure becomes data."""
+"""The per-file work of the ingest stage (runs in worker processes, local or on a Dask cluster):
+read, check, decode and de-identify one file; every per-file failure becomes data. A worker writes
+nothing: it returns the prepared image and the de-identified file's bytes, and the main process
+packs them into shards (so a cluster's workers need to read the source folder, and nothing else)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from medops.config import IngestConfig
-from medops.errors import DicomReadError, IngestError, QuarantineReason
+from medops.errors import PROCESS_EXITS, DicomReadError, IngestError, QuarantineReason
 from medops.stages.ingest.source import _not_a_file
 
 
@@ -27,48 +28,23 @@ class FileOutcome:
     detail: str = ""
     record: dict[str, Any] = field(default_factory=dict)
     image: np.ndarray | None = None
+    deid: bytes | None = None      # the de-identified file (used files only)
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
     """What the per-file work needs besides the file, passed whole: to :func:`process_file` with
-    each call, and to each worker process once, as its pool's initializer argument (see
-    :mod:`medops.stages.ingest.pool`)."""
+    each call, and to each worker process once: as its pool's initializer argument (see
+    :mod:`medops.stages.ingest.pool`) or as a Dask worker plugin (:mod:`medops.stages.ingest.cluster`).
+
+    Its repr shows neither the key nor the labels: a spec may end up in a log line or a Dask
+    dashboard page, and the key is the secret behind every pseudonym.
+    """
 
     cfg: IngestConfig
-    key: bytes                     # the de-identification key
-    labels: dict[str, tuple[int | None, str | None]] | None  # read_manifest's; None: no manifest
+    key: bytes = field(repr=False)  # the de-identification key
+    labels: dict[str, tuple[int | None, str | None]] | None = field(repr=False)  # read_manifest's; None: no manifest
     source_dir: Path
-    out_dir: Path                  # de-identified files go to out_dir/dicom/
-
-
-def _write_atomically(ds: Any, target: Path) -> None:
-    """Encode ``ds`` and write it to ``target`` through a temporary file in the same folder, so
-    that ``target`` is either absent or whole (a temporary left by a crash is pruned by the
-    next run, see :func:`_prune_dicom`).
-
-    Raises:
-        OSError: the file cannot be written (the output folder's problem, not the file's).
-        Exception: ``ds`` cannot be encoded (the file's problem).
-    """
-    from medops.dicom.io import encode_file
-
-    data = encode_file(ds)
-    # this process' own name for it: no other process writes it, so no random names to try
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(tmp, flags, 0o644)
-    except FileNotFoundError:  # the study's folder, on its first file
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, flags, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _image_stats(image: np.ndarray) -> dict[str, float]:
@@ -119,17 +95,16 @@ def _read_original(ds: Any, spec: WorkerSpec, rel: str) -> tuple[str, np.ndarray
     return original_sop_uid, image, header
 
 
-def _deidentify_and_write(ds: Any, spec: WorkerSpec, original_sop_uid: str, age: int | None,
-                          sha256: str) -> tuple[dict[str, Any], str]:
-    """De-identify ``ds`` (PS3.15 Annex E) and write it below ``spec.out_dir``; returns its
-    pseudonymous identifiers (the record's first fields) and its path relative to ``out_dir``.
+def _deidentify(ds: Any, spec: WorkerSpec, original_sop_uid: str, age: int | None,
+                sha256: str) -> tuple[dict[str, Any], str, bytes]:
+    """De-identify ``ds`` (PS3.15 Annex E) and encode it; returns its pseudonymous identifiers (the
+    record's first fields), its ``deid_path`` and the file's bytes.
 
     Raises:
-        IngestError: the file cannot be written to the output folder (the stage's failure).
-        Exception: ``ds`` cannot be de-identified or encoded (the file's).
+        Exception: ``ds`` cannot be de-identified or encoded (the file's problem).
     """
     from medops.dicom import deid
-    from medops.dicom.io import looking_only, text_value
+    from medops.dicom.io import encode_file, looking_only, text_value
 
     deid.deidentify(ds, spec.key, retain_longitudinal=spec.cfg.deid.retain_longitudinal, age=age)
     if not original_sop_uid:
@@ -139,25 +114,13 @@ def _deidentify_and_write(ds: Any, spec: WorkerSpec, original_sop_uid: str, age:
                "study_instance_uid": text_value(ds, "StudyInstanceUID") or None,
                "series_instance_uid": text_value(ds, "SeriesInstanceUID") or None,
                "patient_id": text_value(ds, "PatientID")}
-    rel_deid = Path("dicom") / (ids["study_instance_uid"] or "no-study") / f"{ids['sop_instance_uid']}.dcm"
-    target = spec.out_dir / rel_deid
-    try:
-        _write_atomically(ds, target)
-    except OSError as exc:  # the output folder, not this file: the stage cannot go on
-        # the path holds pseudonymous UIDs only, and the OS's reason names no header value
-        raise IngestError(f"cannot write the de-identified file {target}: "
-                          f"{exc.strerror or type(exc).__name__}") from exc
-    return ids, rel_deid.as_posix()
+    deid_path = f"dicom/{ids['study_instance_uid'] or 'no-study'}/{ids['sop_instance_uid']}.dcm"
+    return ids, deid_path, encode_file(ds)
 
 
 def process_file(spec: WorkerSpec, rel: str) -> FileOutcome:
-    """Read, check, decode and de-identify one file; every per-file failure becomes data.
-
-    Raises:
-        IngestError: the de-identified file cannot be written to the output folder (disk full, no
-            permission): a failure of the stage, not of the file, so not a quarantine row that
-            later runs would keep.
-    """
+    """Read, check, decode and de-identify one file; every per-file failure becomes data (it
+    raises nothing for a bad file)."""
     from medops.dicom.io import read_dataset
 
     out = FileOutcome(path=rel)
@@ -190,13 +153,11 @@ def process_file(spec: WorkerSpec, rel: str) -> FileOutcome:
         return out
 
     try:
-        ids, deid_path = _deidentify_and_write(ds, spec, original_sop_uid, header["patient_age"], out.sha256)
-    except IngestError:
-        raise
+        ids, deid_path, out.deid = _deidentify(ds, spec, original_sop_uid, header["patient_age"], out.sha256)
     except Exception as exc:  # never keep a half-de-identified file; the stage goes on
         out.reason = QuarantineReason.DEID_FAILED.value
         # the type only: a message could quote a header value, and this lands in quarantine.csv
-        out.detail = f"could not de-identify or write the file ({type(exc).__name__})"
+        out.detail = f"could not de-identify or encode the file ({type(exc).__name__})"
         return out
     out.image = image
     out.record = {**ids, **header, **_image_stats(image), "content_sha256": out.sha256,
@@ -204,5 +165,40 @@ def process_file(spec: WorkerSpec, rel: str) -> FileOutcome:
     return out
 
 
-def process_chunk(spec: WorkerSpec, rels: list[str]) -> list[FileOutcome]:
-    return [process_file(spec, rel) for rel in rels]
+def process_guarded(spec: WorkerSpec, rel: str, *, time_limit: float | None = None) -> FileOutcome:
+    """:func:`process_file`, with whatever it raises that is not the stage's failure (a native
+    library's panic is no ``Exception``) as this file's failure: one file never stops the batch,
+    and nothing unpicklable leaves a worker.
+
+    ``time_limit``: seconds after which this process ends (:func:`medops.procs.exit_after`), for
+    worker processes only (``ingest.file_timeout_s``, passed by the pool's or the cluster's task),
+    whose executor then quarantines the file as ``timeout``; None in the main process, which must
+    survive any file.
+    """
+    from medops.procs import exit_after
+
+    with exit_after(time_limit):
+        try:
+            return process_file(spec, rel)
+        except (IngestError, *PROCESS_EXITS):
+            raise
+        except BaseException as exc:  # the type only: a message could quote a header value
+            return FileOutcome(path=rel, reason=QuarantineReason.DECODE_ERROR.value,
+                               detail=f"reading this file failed unexpectedly ({type(exc).__name__})")
+
+
+def process_chunk(spec: WorkerSpec, rels: list[str], *, time_limit: float | None = None) -> list[FileOutcome]:
+    """:func:`process_guarded` for each file of a task (``time_limit``: per file)."""
+    return [process_guarded(spec, rel, time_limit=time_limit) for rel in rels]
+
+
+def died_reading(rel: str, elapsed: float, limit: float | None) -> FileOutcome:
+    """The outcome of a file whose worker process died reading it alone, ``elapsed`` seconds after
+    its task was handed out: ``timeout`` when that is at least the time limit (the watchdog of
+    :func:`medops.procs.exit_after` ended it), else a crash (``decode_error``)."""
+    if limit and elapsed >= limit:
+        return FileOutcome(path=rel, reason=QuarantineReason.TIMEOUT.value,
+                           detail=f"reading this file took over ingest.file_timeout_s = {limit:g} s: "
+                                  f"its worker process was stopped")
+    return FileOutcome(path=rel, reason=QuarantineReason.DECODE_ERROR.value,
+                       detail="the decoder crashed the worker process reading this file")

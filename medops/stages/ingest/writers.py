@@ -1,44 +1,92 @@
-"""The ingest stage's writers: array shards, metadata.parquet (in row groups, without pandas),
-quarantine.csv's columns, and the pruning of de-identified files no row points at."""
+"""The ingest stage's writers: shards (an array and a pack of de-identified files each),
+metadata.parquet (in row groups, without pandas) and quarantine.csv's columns."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from medops.errors import IngestError
+
 
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
 
 
+def _zip_entry(name: str) -> Any:
+    """A pack member's header, the same whenever and wherever it is written (the same inputs give
+    the same bytes): no timestamp, stored uncompressed (DICOM pixel data is compressed or not by
+    its transfer syntax; deflating it again costs CPU on every read for little)."""
+    import zipfile
+
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.create_system = 3
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def _write_failed(path: Path, exc: OSError) -> IngestError:
+    # the path holds pseudonymous UIDs only, and the OS's reason names no header value
+    return IngestError(f"cannot write {path}: {exc.strerror or type(exc).__name__}")
+
+
 class _ShardWriter:
-    """Writes images into ``root/arrays/shard-NNNNN.npy`` as each shard fills (bounded memory).
+    """Writes shards below ``root`` as they fill (bounded memory): each image into
+    ``arrays/shard-NNNNN.npy``, each de-identified file into ``dicom/shard-NNNNN.zip`` (streamed:
+    a pack is never held in memory). Shards are numbered from ``first``; the rows of the first one
+    are placed from ``start`` on (it tops up an earlier shard that holds ``start`` rows: only the
+    new rows are written here, see :func:`_merge_shard`).
 
     One shard-sized array is allocated once and filled in place: allocating and freeing a shard's
     worth per shard (as ``np.stack`` does) makes the allocator serve later ones from the heap,
     which then cannot shrink past the small objects kept meanwhile, and the process grows a little
     with every shard.
+
+    Raises (``add``, ``flush``):
+        IngestError: a shard cannot be written (disk full, no permission): the stage's failure.
     """
 
-    def __init__(self, root: Path, shard_size: int) -> None:
-        self.root, self.shard_size = root, shard_size
+    def __init__(self, root: Path, shard_size: int, first: int = 0, start: int = 0) -> None:
+        self.root, self.shard_size, self.first, self.start = root, shard_size, first, start
         self.buffer: np.ndarray | None = None
+        self.pack: Any = None
         self.filled = 0
-        self.shards = 0
+        self.shards = 0  # shards written so far
+        self.rows: list[int] = []  # rows per shard written
 
-    def add(self, image: np.ndarray) -> tuple[int, int]:
+    @property
+    def current(self) -> int:
+        return self.first + self.shards
+
+    def add(self, image: np.ndarray, name: str, data: bytes) -> tuple[int, int]:
+        """Add one row; returns its ``(shard, shard_index)``."""
+        import zipfile
+
+        from medops.data import pack_path
+
         image = np.asarray(image, dtype=np.float32)
         if self.buffer is None or self.buffer.shape[1:] != image.shape:
             self.flush()
             self.buffer = np.empty((self.shard_size, *image.shape), dtype=np.float32)
-        where = (self.shards, self.filled)
+        where = (self.current, self.start + self.filled)
+        if self.pack is None:
+            path = pack_path(self.root, self.current)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.pack = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED)
+            except OSError as exc:
+                raise _write_failed(path, exc) from exc
+        try:
+            self.pack.writestr(_zip_entry(name), data)
+        except OSError as exc:
+            raise _write_failed(pack_path(self.root, self.current), exc) from exc
         self.buffer[self.filled] = image
         self.filled += 1
-        if self.filled == self.shard_size:
+        if self.start + self.filled == self.shard_size:
             self.flush()
         return where
 
@@ -47,12 +95,53 @@ class _ShardWriter:
 
         if not self.filled:
             return
-        assert self.buffer is not None
-        path = shard_path(self.root, self.shards)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, self.buffer[:self.filled])
-        self.filled = 0
+        assert self.buffer is not None and self.pack is not None
+        path = shard_path(self.root, self.current)
+        try:
+            self.pack.close()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, self.buffer[:self.filled])
+        except OSError as exc:
+            raise _write_failed(path, exc) from exc
+        self.pack = None
+        self.rows.append(self.filled)
+        self.filled = self.start = 0
         self.shards += 1
+
+
+def _merge_shard(target: Path, shard: int, parts: list[tuple[Path, int, np.ndarray | None]]) -> int:
+    """Write shard ``shard`` below ``target`` from ``parts``: ``(folder, shard, keep)`` each, the
+    rows of that folder's shard whose ``keep`` mask is True (None: all), in order. Returns the rows
+    written. Used by incremental runs for the only shards they change: one that lost rows
+    (compacted) and the last one, topped up with new rows."""
+    import zipfile
+
+    from medops.data import pack_path, shard_path
+
+    arrays, names_in = [], []
+    for folder, number, keep in parts:
+        arr = np.load(shard_path(folder, number), mmap_mode="r")
+        with zipfile.ZipFile(pack_path(folder, number)) as pack:
+            names = pack.namelist()
+        if len(names) != len(arr):
+            raise IngestError(f"{pack_path(folder, number)} holds {len(names)} files for "
+                              f"{len(arr)} images: the dataset folder was changed by hand?")
+        chosen = np.arange(len(arr)) if keep is None else np.flatnonzero(keep)
+        arrays.append(arr[chosen])
+        names_in.append((pack_path(folder, number), [names[i] for i in chosen]))
+    out_arr, out_pack = shard_path(target, shard), pack_path(target, shard)
+    try:
+        out_arr.parent.mkdir(parents=True, exist_ok=True)
+        out_pack.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out_arr, np.concatenate(arrays))
+        with zipfile.ZipFile(out_pack, "w", zipfile.ZIP_STORED) as out:
+            for source, names in names_in:
+                with zipfile.ZipFile(source) as pack:
+                    for name in names:
+                        out.writestr(_zip_entry(name), pack.read(name))
+    except OSError as exc:
+        raise _write_failed(out_pack, exc) from exc
+    return sum(len(a) for a in arrays)
 
 
 _ROW_GROUP = 1024  # metadata rows held before they are written: bounds memory, not the output
@@ -132,8 +221,10 @@ def _arrow_column(values: list[Any], arrow_type: Any) -> Any:
     return pa.Array.from_buffers(arrow_type, len(values), buffers, null_count=int(len(values) - valid.sum()))
 
 
-def _write_metadata(parts: _MetadataWriter, target: Path) -> None:
-    """Write ``metadata.parquet`` from the rows ``parts`` wrote, one row group at a time.
+def _write_metadata(parts: _MetadataWriter, target: Path, remap: dict[int, np.ndarray] | None = None) -> None:
+    """Write ``metadata.parquet`` from the rows ``parts`` wrote, one row group at a time;
+    ``remap[shard][old shard_index]`` is the new ``shard_index`` of rows in shards an incremental
+    run compacted.
 
     It reads back exactly as ``metadata_frame(rows).to_parquet(target, index=False)`` would, without
     holding the rows: the schema, pandas' metadata included (nullable Int64 label and age), comes
@@ -152,11 +243,26 @@ def _write_metadata(parts: _MetadataWriter, target: Path) -> None:
         with pq.ParquetWriter(target, schema) as out:
             for group in range(source.num_row_groups):
                 table = source.read_row_group(group)
+                if remap:
+                    table = _remapped(table, remap)
                 out.write_table(pa.Table.from_arrays(
                     [pa.nulls(table.num_rows) if schema.field(c).type == pa.null() else table.column(c)
                      for c in schema.names], schema=schema))
     finally:
         source.close()
+
+
+def _remapped(table: Any, remap: dict[int, np.ndarray]) -> Any:
+    import pyarrow as pa
+
+    shard = table.column("shard").to_numpy()
+    index = table.column("shard_index").to_numpy().astype(np.int64)  # a copy
+    for number in np.unique(shard):
+        if int(number) in remap:
+            rows = shard == number
+            index[rows] = remap[int(number)][index[rows]]
+    column = pa.Array.from_buffers(pa.int64(), len(index), [None, pa.py_buffer(index)])  # (see _arrow_column)
+    return table.set_column(table.schema.get_field_index("shard_index"), "shard_index", column)
 
 
 def _column_types(name: str, present: bool) -> tuple[Any, str, str]:
@@ -212,32 +318,6 @@ def metadata_frame(records: Iterable[dict[str, Any]]):
     for col in _STRING_COLUMNS:
         df[col] = df[col].astype(object).where(df[col].notna(), None)
     return df
-
-
-def _prune_dicom(dicom_dir: Path, keep: set[bytes]) -> None:
-    """Delete de-identified files no metadata row points at (removed sources, duplicates, temps).
-
-    ``keep``: :func:`_digest` of each kept ``deid_path``. The folder is read as it is walked.
-    """
-    def prune(folder: str, prefix: str) -> bool:  # True when the folder is left empty
-        empty = True
-        subfolders = []
-        with os.scandir(folder) as it:
-            for entry in it:
-                if entry.is_dir(follow_symlinks=False):
-                    subfolders.append(entry.name)
-                elif entry.is_file() and _digest(prefix + entry.name) not in keep:
-                    os.unlink(entry.path)
-                else:
-                    empty = False
-        for name in sorted(subfolders):
-            if prune(os.path.join(folder, name), f"{prefix}{name}/"):
-                os.rmdir(os.path.join(folder, name))
-            else:
-                empty = False
-        return empty
-
-    prune(os.fspath(dicom_dir), dicom_dir.name + "/")
 
 
 def _digest(text: str) -> bytes:

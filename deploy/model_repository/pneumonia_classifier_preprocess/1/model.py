@@ -6,8 +6,10 @@ served model sees an image exactly as training did (the stub runs in the medops 
 
 A file that cannot be used (not DICOM, truncated, too many bytes or pixels, ...) is answered with a
 zero image and ``error = "<quarantine reason>: <message>"`` for that item; the other items of the
-batch are unaffected and the request does not fail. The limits are checked before decoding, so an
-oversized upload costs no decoding work.
+batch are unaffected and the request does not fail, whatever the item raises (a decoder written in
+Rust can raise what is no ``Exception``). The limits are checked before decoding, and the byte
+limit also bounds what a deflated file may inflate to, so an oversized upload or a deflate bomb
+costs no decoding work.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from medops.errors import QuarantineReason
+from medops.errors import PROCESS_EXITS, QuarantineReason, first_line
 from medops.serving.contract import DICOM_INPUT, ERROR_OUTPUT
 from medops.serving.contract import INPUT_NAME as IMAGE_OUTPUT  # the classifier's input
 
@@ -38,6 +40,11 @@ def check_limits(data: bytes, limits: Limits) -> str | None:
         return f"{TOO_LARGE}: {len(data)} bytes, over the limit of {limits.max_bytes} bytes"
     import pydicom
 
+    from medops.dicom.io import inflated_size_refusal
+
+    inflated = inflated_size_refusal(io.BytesIO(data), limits.max_bytes)
+    if inflated:  # before dcmread below, which would inflate it whole
+        return f"{TOO_LARGE}: {inflated}"
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
         dims = [int(ds.get(k, 1) or 1) for k in ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel")]
@@ -57,7 +64,7 @@ def preprocess_items(
     """Preprocess each DICOM byte string. Returns ``(images (n, S, S, 1) float32, errors)``,
     where ``errors[i]`` is "" for a usable item and the reason otherwise (its image is zeros)."""
     from medops.dicom.pixels import preprocess_bytes
-    from medops.errors import DicomReadError
+    from medops.errors import PROCESS_EXITS, DicomReadError, first_line
 
     images = np.zeros((len(items), image_size, image_size, 1), dtype=np.float32)
     errors = [""] * len(items)
@@ -73,6 +80,10 @@ def preprocess_items(
             errors[i] = f"{exc.reason.value}: {exc}"
         except Exception as exc:  # noqa: BLE001 - never fail the batch for one file
             errors[i] = f"decode_error: {type(exc).__name__}: {exc}"
+        except PROCESS_EXITS:
+            raise
+        except BaseException as exc:  # e.g. a native library's panic: still this item's failure
+            errors[i] = f"decode_error: {type(exc).__name__}: {first_line(exc)}"
     return images, errors
 
 
@@ -110,7 +121,10 @@ class TritonPythonModel:
                 err = np.array([e.encode() for e in errors], dtype=np.object_).reshape(-1, 1)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor(IMAGE_OUTPUT, images), pb_utils.Tensor(ERROR_OUTPUT, err)]))
-            except Exception as exc:  # noqa: BLE001 - one response per request, always
+            except PROCESS_EXITS:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - one response per request, always
                 responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"preprocessing failed: {type(exc).__name__}: {exc}")))
+                    error=pb_utils.TritonError(f"preprocessing failed: {type(exc).__name__}: "
+                                               f"{first_line(exc)}")))
         return responses
