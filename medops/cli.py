@@ -128,6 +128,29 @@ def cmd_ingest(args: argparse.Namespace) -> Report:
     return Report(ingest.format_summary(result), result.model_dump(mode="json"))
 
 
+def cmd_deid_report(args: argparse.Namespace) -> Report:
+    import os
+
+    from medops.dicom import deid_report
+
+    key = None
+    if args.source:  # pairing needs the key ingest used; never create one here
+        paths, params = _context(args)
+        cfg = params.ingest.deid
+        if not os.environ.get(cfg.key_env) and not (paths.state / "secrets" / "deid.key").is_file():
+            raise ConfigError(f"--source needs the de-identification key ingest used: set "
+                              f"${cfg.key_env} or keep {paths.state}/secrets/deid.key")
+        from medops.pipeline import deid_key
+
+        key = deid_key(params, paths)
+    report = deid_report.report_folder(Path(args.folder), source=Path(args.source) if args.source else None,
+                                       key=key)
+    if report.files == 0:
+        raise ConfigError(f"no DICOM files below {args.folder}")
+    return Report(deid_report.format_report(report), report.to_dict(),
+                  ExitCode.FAILURE if report.findings else ExitCode.OK)
+
+
 def cmd_dataset_get(args: argparse.Namespace) -> Report:
     from medops.data import find_row, read_deidentified
     from medops.errors import IngestError
@@ -390,6 +413,11 @@ def _add_data_commands(add: AddCommand) -> None:
                                                     "below SOURCE (default: the project's export folder, "
                                                     "published to data/ingested)"))
     _add_dataset_parser(add)
+
+    p = add("deid-report", cmd_deid_report, "what de-identification did to each attribute, with "
+                                            f"counts, and what is left (exits {ExitCode.FAILURE.value})")
+    p.add_argument("folder", help="ingest's output folder (its dicom/) or a folder of de-identified files")
+    p.add_argument("--source", help="the original export: compare each original with its de-identified file")
 
     p = add("stage", cmd_stage, "run one pipeline stage (what dvc.yaml calls)")
     p.add_argument("name")

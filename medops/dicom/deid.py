@@ -3,8 +3,14 @@
 :func:`deidentify` applies the profile's action table (PS3.15 Table E.1-1) to a data set, in place
 and recursively through sequences:
 
-- ``X`` remove, ``Z`` empty (zero length), ``K`` keep, ``U`` replace a UID with a keyed pseudonym;
-  ``D`` (a dummy value) is used for Patient ID and Patient's Name, which get a stable pseudonym.
+- The table is data: :mod:`medops.dicom.table_e1_1` holds every row of Table E.1-1 (2026c), with
+  its option columns, and :func:`build_profile` turns it into medops' table: CHOICES says which
+  action is taken where the standard offers a choice (X/Z, Z/D, X/Z/D, X/Z/U*), DEVIATIONS lists,
+  with reasons, where medops does otherwise, ADDITIONS what it handles that the table does not
+  name. Every action is checked when this module is imported (:func:`check_profile`): a code
+  that :func:`_apply` does not implement is an error, never a kept element.
+- ``X`` remove, ``Z`` empty (zero length), ``K`` keep (a sequence is walked), ``U`` replace a UID
+  with a keyed pseudonym, ``D`` the patient's pseudonym (Patient ID and Patient's Name only).
 - UIDs become ``2.25.<int>`` from HMAC-SHA256(key, UID): the same original UID gives the same new
   UID in every file (so studies and series stay grouped), and nobody without the key can link it
   back. Well-known UIDs (SOP classes, transfer syntaxes, coding schemes: registered in PS3.6
@@ -13,17 +19,18 @@ and recursively through sequences:
   stable across files and runs with the same key.
 - All private attributes are removed (E.3.10 is not claimed); so are curves and overlays
   (groups 50xx and 60xx), which can carry burned-in text.
-- The table holds about 300 of Table E.1-1's attributes (every patient, visit, order, person,
-  institution, device, date, free-text and UID row that an imaging export carries). A safety net
-  covers the rest: any other person name (PN) is emptied, any other date or time removed, any
-  other free text (ST, LT, UT) or unknown-VR (UN) value removed, any other non-registered UID
-  replaced.
-- Options (PS3.15 E.3): Retain Patient Characteristics (E.3.7: sex and age kept, age recomputed
-  from the original dates) is always on, because the metadata table carries them;
-  Retain Longitudinal Temporal Information with Modified Dates (E.3.6) when
-  ``retain_longitudinal``: dates are shifted by a per-patient keyed offset instead of removed.
+- A safety net (SAFETY_NET) covers attributes the table does not name: any other person name (PN)
+  is emptied, any other date or time removed, any other free text (ST, LT, UT) or unknown-VR (UN)
+  value removed, any other non-registered UID replaced.
+- Options (PS3.15 E.3): Retain Patient Characteristics (E.3.7: sex, size, weight kept, age
+  recomputed from the original dates) when ``retain_characteristics`` (the default, because the
+  metadata table carries them; its C, clean, actions are not implemented: the basic action
+  applies); Retain Longitudinal Temporal Information with Modified Dates (E.3.6) when
+  ``retain_longitudinal``: every date (DA, DT) but the birth date is shifted by a per-patient
+  keyed offset instead of removed or emptied; times (TM) keep the basic action.
 - PatientIdentityRemoved = YES, DeidentificationMethod and DeidentificationMethodCodeSequence
-  (113100 Basic Application Confidentiality Profile, plus the option codes, DCM) are set.
+  (113100 Basic Application Confidentiality Profile, plus the codes of exactly the options
+  applied, DCM) are set.
 
 The key comes from :func:`resolve_deid_key`: the environment variable ``deid.key_env`` or a
 per-project key file below ``.medops/secrets`` (never in the repository, never logged).
@@ -52,147 +59,66 @@ from pydicom.uid import UID_dictionary
 
 from medops import __version__
 from medops.config import DeidConfig
+from medops.dicom import table_e1_1
 from medops.dicom.io import elements, stored_text, text_value
 
 log = logging.getLogger(__name__)
 
 Action = Literal["X", "Z", "K", "U", "D"]
+# the action codes _apply implements; any other code in the table is an error at import
+ACTIONS: frozenset[str] = frozenset({"X", "Z", "K", "U", "D"})
 
-# PS3.15 Table E.1-1, Basic Profile column. Where the profile allows a choice (X/Z, Z/D, X/Z/D,
-# X/Z/U*) the least revealing choice that keeps the file valid is taken: Z for Type 2 attributes
-# of the IODs medops reads, X otherwise, U for UIDs. Patient characteristics (E.3.7) are K.
-_PROFILE: dict[str, Action] = {
-    # --- patient identification and demographics ---
-    "PatientName": "D", "PatientID": "D", "PatientBirthDate": "Z", "PatientSex": "K",
-    "PatientAge": "K", "PatientSize": "K", "PatientWeight": "K", "PatientSexNeutered": "K",
-    "PatientBirthTime": "X", "PatientBirthName": "X", "PatientAddress": "X",
-    "PatientTelephoneNumbers": "X", "PatientTelecomInformation": "X",
-    "PatientMotherBirthName": "X", "OtherPatientIDs": "X", "OtherPatientNames": "X",
-    "OtherPatientIDsSequence": "X", "IssuerOfPatientID": "X",
-    "IssuerOfPatientIDQualifiersSequence": "X", "ReferencedPatientAliasSequence": "X",
-    "PatientInsurancePlanCodeSequence": "X", "PatientPrimaryLanguageCodeSequence": "X",
-    "InsurancePlanIdentification": "X", "MilitaryRank": "X", "BranchOfService": "X",
-    "MedicalRecordLocator": "X", "EthnicGroup": "X", "Occupation": "X",
-    "AdditionalPatientHistory": "X", "PatientComments": "X", "PatientReligiousPreference": "X",
-    "CountryOfResidence": "X", "RegionOfResidence": "X", "MedicalAlerts": "X", "Allergies": "X",
-    "SmokingStatus": "X", "PregnancyStatus": "X", "LastMenstrualDate": "X", "PatientState": "X",
-    "SpecialNeeds": "X", "ResponsiblePerson": "X", "ResponsiblePersonRole": "X",
-    "ResponsibleOrganization": "X", "ReferencedPatientSequence": "X",
-    "ReferencedPatientPhotoSequence": "X", "PatientTransportArrangements": "X",
-    "PatientInstitutionResidence": "X", "PatientAlternativeCalendar": "X",
-    "PatientBirthDateInAlternativeCalendar": "X", "PatientDeathDateInAlternativeCalendar": "X",
-    "ConfidentialityConstraintOnPatientDataDescription": "X",
-    # --- study, visit, request and procedure step ---
-    "StudyDate": "Z", "StudyTime": "Z", "ContentDate": "Z", "ContentTime": "Z",
-    "SeriesDate": "X", "SeriesTime": "X", "AcquisitionDate": "X", "AcquisitionTime": "X",
-    "AcquisitionDateTime": "X", "InstanceCreationDate": "X", "InstanceCreationTime": "X",
-    "OverlayDate": "X", "OverlayTime": "X", "CurveDate": "X", "CurveTime": "X",
-    "TimezoneOffsetFromUTC": "X",
-    "AccessionNumber": "Z", "StudyID": "Z", "StudyDescription": "X", "SeriesDescription": "X",
-    "StudyComments": "X", "ReasonForStudy": "X", "AdmittingDiagnosesDescription": "X",
-    "AdmittingDiagnosesCodeSequence": "X", "AdmissionID": "X", "IssuerOfAdmissionIDSequence": "X",
-    "DischargeDiagnosisDescription": "X", "ServiceEpisodeID": "X",
-    "ServiceEpisodeDescription": "X", "VisitComments": "X", "CurrentPatientLocation": "X",
-    "RequestAttributesSequence": "X", "RequestedProcedureDescription": "X",
-    "RequestedProcedureID": "X", "RequestedProcedureComments": "X",
-    "ReasonForTheRequestedProcedure": "X", "RequestedContrastAgent": "X",
-    "ImagingServiceRequestComments": "X", "PlacerOrderNumberImagingServiceRequest": "X",
-    "FillerOrderNumberImagingServiceRequest": "X", "OrderEnteredBy": "X",
-    "OrderEntererLocation": "X", "OrderCallbackPhoneNumber": "X",
-    "ScheduledProcedureStepDescription": "X", "ScheduledProcedureStepID": "X",
-    "ScheduledProcedureStepLocation": "X", "ScheduledStationName": "X",
-    "ScheduledStationAETitle": "X", "ScheduledPerformingPhysicianName": "X",
-    "PerformedProcedureStepDescription": "X", "PerformedProcedureStepID": "X",
-    "PerformedProcedureStepStartDate": "X", "PerformedProcedureStepStartTime": "X",
-    "PerformedProcedureStepEndDate": "X", "PerformedProcedureStepEndTime": "X",
-    "PerformedLocation": "X", "PerformedStationName": "X", "PerformedStationAETitle": "X",
-    "ReferencedStudySequence": "X", "ReferencedPerformedProcedureStepSequence": "X",
-    # --- people ---
-    "ReferringPhysicianName": "Z", "ReferringPhysicianAddress": "X",
-    "ReferringPhysicianTelephoneNumbers": "X", "ReferringPhysicianIdentificationSequence": "X",
-    "PhysiciansOfRecord": "X", "PhysiciansOfRecordIdentificationSequence": "X",
-    "PerformingPhysicianName": "X", "PerformingPhysicianIdentificationSequence": "X",
-    "NameOfPhysiciansReadingStudy": "X", "PhysiciansReadingStudyIdentificationSequence": "X",
-    "ConsultingPhysicianName": "X", "ConsultingPhysicianIdentificationSequence": "X",
-    "RequestingPhysician": "X", "RequestingService": "X", "OperatorsName": "X",
-    "OperatorIdentificationSequence": "X", "ContentCreatorName": "Z",
-    "ContentCreatorIdentificationCodeSequence": "X", "VerifyingObserverName": "Z",
-    "VerifyingOrganization": "X", "PersonName": "Z", "PersonAddress": "X",
-    "PersonTelephoneNumbers": "X", "PersonIdentificationCodeSequence": "X",
-    "HumanPerformerName": "X", "HumanPerformerOrganization": "X",
-    "ScheduledHumanPerformersSequence": "X", "ActualHumanPerformersSequence": "X",
-    "EvaluatorName": "X", "ReviewerName": "X", "DistributionName": "X",
-    "DistributionAddress": "X", "PhysicianApprovingInterpretation": "X",
-    "InterpretationRecorder": "X", "InterpretationTranscriber": "X", "InterpretationAuthor": "X",
-    "InterpretationApproverSequence": "X", "InterpretationText": "X", "ResultsComments": "X",
-    "AuthorObserverSequence": "X", "ParticipantSequence": "X",
-    "CustodialOrganizationSequence": "X",
-    # --- institution and equipment ---
-    "InstitutionName": "X", "InstitutionAddress": "X", "InstitutionalDepartmentName": "X",
-    "InstitutionalDepartmentTypeCodeSequence": "X", "InstitutionCodeSequence": "X",
-    "StationName": "X", "StationAETitle": "X", "DeviceSerialNumber": "X", "DeviceUID": "U",
-    "DetectorID": "X", "GantryID": "X", "GeneratorID": "X", "SourceSerialNumber": "X",
-    # --- free text and descriptions ---
-    "ImageComments": "X", "FrameComments": "X", "TextComments": "X", "IdentifyingComments": "X",
-    "DerivationDescription": "X", "ProtocolName": "X", "AcquisitionComments": "X",
-    "AcquisitionDeviceProcessingDescription": "X", "AnnotationContentSequence": "X",
-    "ContrastBolusAgent": "Z",
-    # --- clinical trial (E.1-1 lists them; medops is not a trial tool) ---
-    "ClinicalTrialSubjectID": "X", "ClinicalTrialSponsorName": "X",
-    # --- security and provenance sequences that may hold originals ---
-    "DigitalSignaturesSequence": "X", "EncryptedAttributesSequence": "X",
-    "OriginalAttributesSequence": "X", "ModifiedAttributesSequence": "X",
-    "MACParametersSequence": "X", "DataSetTrailingPadding": "X",
-    # --- UIDs ---
-    "StudyInstanceUID": "U", "SeriesInstanceUID": "U", "SOPInstanceUID": "U",
-    "FrameOfReferenceUID": "U", "SynchronizationFrameOfReferenceUID": "U",
-    "InstanceCreatorUID": "U", "StorageMediaFileSetUID": "U", "TransactionUID": "U",
-    "IrradiationEventUID": "U", "ConcatenationUID": "U", "DimensionOrganizationUID": "U",
-    "ReferencedSOPInstanceUID": "U",
-    # --- admissions, orders, results, reports, annotations, devices, specimens ---
-    "AcquisitionContextSequence": "X", "AcquisitionProtocolDescription": "X", "AdmittingDate": "X",
-    "AdmittingTime": "X", "CassetteID": "X", "ContentSequence": "X", "ContributionDateTime": "X",
-    "ContributionDescription": "X", "CurrentObserverTrial": "X", "DateTime": "X", "Date": "X",
-    "Time": "X", "DeviceDescription": "X", "DigitalSignatureUID": "X", "DischargeDate": "X",
-    "DischargeTime": "X", "EndAcquisitionDateTime": "X", "ExpectedCompletionDateTime": "X",
-    "GraphicAnnotationSequence": "X", "IconImageSequence": "X", "ImagePresentationComments": "X",
-    "Impressions": "X", "IntendedRecipientsOfResultsIdentificationSequence": "X",
-    "IssueDateOfImagingServiceRequest": "X", "IssueTimeOfImagingServiceRequest": "X",
-    "IssuerOfAdmissionID": "X", "IssuerOfServiceEpisodeID": "X", "MAC": "X",
-    "ModifyingDeviceID": "X", "ModifyingDeviceManufacturer": "X",
-    "NamesOfIntendedRecipientsOfResults": "X", "PreMedication": "X",
-    "ReferencedDigitalSignatureSequence": "X", "ReferencedSOPInstanceMACSequence": "X",
-    "ResultsIDIssuer": "X", "ResultsID": "X", "ReviewDate": "X", "ReviewTime": "X",
-    "ScheduledPatientInstitutionResidence": "X", "ScheduledProcedureStepStartDate": "X",
-    "ScheduledProcedureStepStartTime": "X", "ScheduledProcedureStepEndDate": "X",
-    "ScheduledProcedureStepEndTime": "X", "StudyIDIssuer": "X", "StudyVerifiedDate": "X",
-    "StudyVerifiedTime": "X", "StudyReadDate": "X", "StudyReadTime": "X", "TextString": "X",
-    "TopicAuthor": "X", "TopicKeywords": "X", "TopicSubject": "X", "TopicTitle": "X",
+# medops' choice where PS3.15 Table E.1-1 (medops.dicom.table_e1_1) offers one, by the Basic Profile
+# column's code. The least revealing choice is taken; medops keeps images for training and does
+# not claim IOD conformance for the Type 1 attributes of non-image IODs (SR, RT, presentation
+# states) that D (a dummy value) exists for, so D and X/D remove. X/Z/U* (Referenced / Source
+# Image Sequence) keeps the sequence and walks it: its instance UIDs are replaced (U) and its items
+# get the same profile, so references between the de-identified images still resolve.
+CHOICES: dict[str, Action] = {
+    "X": "X", "Z": "Z", "U": "U", "D": "X", "X/Z": "X", "X/D": "X", "X/Z/D": "X", "Z/D": "Z",
+    "X/Z/U*": "K",
+}
+# Where medops' action differs from CHOICES (and from the options it applies), with the reason.
+# tests/unit/test_deid_profile.py fails on any other difference from the standard's table.
+DEVIATIONS: dict[str, tuple[Action, str]] = {
+    "PatientName": ("D", "the patient's pseudonym (Z allows a dummy value): one patient's files "
+                         "stay linked, nobody without the key can link them back"),
+    "PatientID": ("D", "Z/D resolved to D, the patient's pseudonym (as Patient's Name)"),
+    "PersonName": ("Z", "D asks for a dummy name; medops empties it (no name is the safest dummy)"),
+    "VerifyingObserverName": ("Z", "D asks for a dummy name; medops empties it, as Person Name"),
+    "EthnicGroup": ("X", "Retain Patient Characteristics permits keeping it; medops neither uses "
+                         "nor records it, and it is a special category of personal data"),
+    "SmokingStatus": ("X", "Retain Patient Characteristics permits keeping it; medops does not "
+                           "use it: removed, as the Basic Profile does"),
+    "PregnancyStatus": ("X", "Retain Patient Characteristics permits keeping it; medops does not "
+                             "use it: removed, as the Basic Profile does"),
+}
+# Attributes that Table E.1-1 (2026c) does not name and medops removes or handles all the same:
+# they name or describe people, places or originals, or they are the de-identification record,
+# which deidentify writes afresh (K: left for it to overwrite).
+ADDITIONS: dict[str, Action] = {
+    "IssuerOfPatientIDQualifiersSequence": "X", "ResponsiblePersonRole": "X",
+    "PatientAlternativeCalendar": "X", "PatientBirthDateInAlternativeCalendar": "X",
+    "PatientDeathDateInAlternativeCalendar": "X", "EvaluatorName": "X",
+    "AnnotationContentSequence": "X", "EncryptedAttributesSequence": "X",
+    "MACParametersSequence": "X", "ModifyingDeviceManufacturer": "X",
     "AcquisitionDeviceProcessingCode": "X", "ScheduledProcedureStepSequence": "X",
-    "SecondaryCaptureDeviceID": "X", "DateOfSecondaryCapture": "X", "TimeOfSecondaryCapture": "X",
-    "DateOfLastCalibration": "X", "TimeOfLastCalibration": "X",
-    "DateOfLastDetectorCalibration": "X", "PlateID": "X", "RequestedProcedureLocation": "X",
-    "ReasonForRequestedProcedureCodeSequence": "X", "ConfidentialityCode": "X",
-    "ReferencedRequestSequence": "X", "ScheduledStationGeographicLocationCodeSequence": "X",
-    "PerformedStationGeographicLocationCodeSequence": "X", "ScheduledStationNameCodeSequence": "X",
-    "PerformedStationNameCodeSequence": "X", "InterpretationDiagnosisDescription": "X",
-    "InterpretationIDIssuer": "X", "InterpretationID": "X", "AnnotationGroupDescription": "X",
-    "LabelText": "X", "SlideIdentifier": "X", "SpecimenAccessionNumber": "X",
-    "SpecimenDetailedDescription": "X", "ContainerIdentifier": "X", "ContainerDescription": "X",
-    "AlternateContainerIdentifierSequence": "X", "VerifyingObserverIdentificationCodeSequence": "Z",
-    # --- more UIDs ---
-    "DoseReferenceUID": "U", "FailedSOPInstanceUIDList": "U", "FiducialUID": "U",
-    "LargePaletteColorLookupTableUID": "U", "ObservationUID": "U",
-    "ReferencedFrameOfReferenceUID": "U",
-    "ReferencedGeneralPurposeScheduledProcedureStepTransactionUID": "U",
-    "RelatedFrameOfReferenceUID": "U", "TemplateExtensionCreatorUID": "U",
-    "TemplateExtensionOrganizationUID": "U", "UID": "U", "MediaStorageSOPInstanceUID": "U",
-    "SpecimenUID": "U", "PaletteColorLookupTableUID": "U", "CreatorVersionUID": "U",
-    "TargetUID": "U", "ReferencedObservationUIDTrial": "U", "PatientSetupUID": "U",
-    # --- the de-identification record itself (written afresh) ---
+    "ConfidentialityCode": "X", "ReferencedRequestSequence": "X",
+    "AlternateContainerIdentifierSequence": "X", "CreatorVersionUID": "U",
     "PatientIdentityRemoved": "K", "DeidentificationMethod": "K",
     "DeidentificationMethodCodeSequence": "K", "LongitudinalTemporalInformationModified": "K",
 }
+# The safety net, by VR, for attributes the table does not name: any other person name is emptied,
+# UID replaced, date or time removed (shifted with retain_longitudinal), free text (ST, LT, UT) or
+# value of unknown meaning (UN) removed; other VRs (codes, numbers, pixel data) are kept.
+SAFETY_NET: dict[str, Action] = {
+    "PN": "Z", "UI": "U", "DA": "X", "DT": "X", "TM": "X", "ST": "X", "LT": "X", "UT": "X",
+    "UN": "X",
+}
+# Repeating groups Table E.1-1 names, removed as whole groups by _apply (curves and overlays can
+# carry burned-in text); with odd (private) groups, the rows of the table that have no single tag
+_CURVE_GROUPS, _OVERLAY_GROUPS = (0x5000, 0x50FF), (0x6000, 0x60FF)
+_GROUP_ROWS = frozenset({"(50XX,XXXX)", "(60XX,3000)", "(60XX,4000)", "(GGGG,EEEE)"})
 # File Meta Information (PS3.10 7.1): AE titles and addresses name the sending site
 _META_REMOVE = ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
                 "ReceivingApplicationEntityTitle", "SourcePresentationAddress",
@@ -207,13 +133,68 @@ def _tag(keyword: str) -> BaseTag:
     return Tag(tag)
 
 
-PROFILE: dict[BaseTag, Action] = {_tag(k): a for k, a in _PROFILE.items()}
 _BIRTH_DATE = _tag("PatientBirthDate")
 _PATIENT_ID, _PATIENT_NAME, _PATIENT_AGE = _tag("PatientID"), _tag("PatientName"), _tag("PatientAge")
+
+
+def build_profile(rows: tuple[table_e1_1.Row, ...], *, characteristics: bool) -> dict[BaseTag, Action]:
+    """medops' action for each tag of Table E.1-1 (``rows``), with the Retain Patient
+    Characteristics Option (E.3.7) applied when ``characteristics``: CHOICES by the Basic Profile
+    code, an option's K where the option applies (its C, clean, is not implemented: the basic
+    action stays), then DEVIATIONS and ADDITIONS. Checked before it is returned (check_profile).
+
+    Raises:
+        ValueError: a code medops does not know, or a row of the table it cannot apply.
+    """
+    table: dict[BaseTag, Action] = {}
+    for row in rows:
+        if row.value is None:
+            if row.tag not in _GROUP_ROWS:  # a new repeating-group row must not be skipped unseen
+                raise ValueError(f"Table E.1-1 row {row.tag} {row.name} is not applied by medops")
+            continue
+        if row.basic not in CHOICES:
+            raise ValueError(f"Table E.1-1 action {row.basic!r} of {row.tag} has no medops choice")
+        action = CHOICES[row.basic]
+        if characteristics and row.options.get("characteristics") == "K":
+            action = "K"
+        table[Tag(row.value)] = action
+    for keyword, (action, _) in DEVIATIONS.items():
+        table[_tag(keyword)] = action
+    for keyword, action in ADDITIONS.items():
+        table[_tag(keyword)] = action
+    check_profile(table)
+    return table
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+
+
+def check_profile(table: dict[BaseTag, str]) -> None:
+    """Raise ValueError unless every action of ``table`` is one :func:`_apply` implements, U is
+    given to UIDs only and D (the patient's pseudonym) to Patient's Name and Patient ID only.
+    Called once per table at import: an unknown code would otherwise keep its element."""
+    for tag, action in table.items():
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r} for {Tag(tag)} in the de-identification table")
+        if action == "U" and _dictionary_vr(tag) != "UI":
+            raise ValueError(f"action U (replace UID) for {Tag(tag)}, which is not a UID")
+        if action == "D" and tag not in (_PATIENT_NAME, _PATIENT_ID):
+            raise ValueError(f"action D (the patient's pseudonym) for {Tag(tag)}")
+
+
 _IDENTITY_REMOVED, _METHOD = _tag("PatientIdentityRemoved"), _tag("DeidentificationMethod")
 _METHOD_CODES = _tag("DeidentificationMethodCodeSequence")
 _LONGITUDINAL = _tag("LongitudinalTemporalInformationModified")
-_DATE_VRS, _TEXT_VRS = {"DA", "DT"}, {"ST", "LT", "UT"}
+_DATE_VRS = frozenset({"DA", "DT"})
+if set(SAFETY_NET.values()) - ACTIONS:  # a code _apply does not implement
+    raise ValueError(f"unknown action in the safety net: {SAFETY_NET}")
+# with the Retain Patient Characteristics Option (medops' default), and without it
+PROFILE: dict[BaseTag, Action] = build_profile(table_e1_1.ROWS, characteristics=True)
+BASIC_PROFILE: dict[BaseTag, Action] = build_profile(table_e1_1.ROWS, characteristics=False)
 
 METHOD = f"PS3.15 E Basic Profile; medops {__version__}"
 MEDOPS_IMPLEMENTATION_UID = "2.25.164379224683301542405627311478395741114"
@@ -337,13 +318,20 @@ def _age_string(years: int) -> str:
     return f"{min(years, 999):03d}Y"
 
 
-def _shift_date_value(value: str, days: int) -> str | None:
-    """Shift a DA or DT value (its first 8 characters) by ``days``; None if it cannot be parsed."""
-    text = str(value).strip()
+def _shift_date_value(value: object, days: int) -> str | None:
+    """Shift a DA or DT value (its first 8 characters) by ``days``; None if it is not one date
+    (empty, several values, unparseable) or the shifted date falls before year 1."""
+    if not isinstance(value, str) or "\\" in value:  # several values, or nothing
+        return None
+    text = value.strip()
     day = _parse_da(text)
     if day is None:
         return None
-    return (day + dt.timedelta(days=days)).strftime("%Y%m%d") + text[8:]
+    try:
+        shifted = day + dt.timedelta(days=days)
+    except OverflowError:
+        return None
+    return f"{shifted.year:04d}{shifted.month:02d}{shifted.day:02d}" + text[8:]
 
 
 # --- the profile ------------------------------------------------------------------------------
@@ -391,7 +379,7 @@ def _put(ds: Dataset, tag: BaseTag, vr: str, text: str | None) -> None:
     encodes alike."""
     encoding = _encoding(ds)
     if encoding is None or (text is not None and not text.isascii()):
-        ds[tag] = DataElement(tag, vr, Sequence() if vr == "SQ" and text is None else text)
+        ds[tag] = DataElement(tag, vr, text)  # None: empty (an empty Sequence for SQ)
         return
     data = (text or "").encode("ascii")
     if len(data) % 2:
@@ -400,8 +388,9 @@ def _put(ds: Dataset, tag: BaseTag, vr: str, text: str | None) -> None:
     ds[tag] = RawDataElement(tag, None if implicit else vr, len(data), data, 0, implicit, True)
 
 
-def _apply(ds: Dataset, key: bytes, pseudonym: str, shift: int | None) -> None:
-    """Apply the profile to one data set level, then recurse into kept sequences.
+def _apply(ds: Dataset, table: dict[BaseTag, Action], key: bytes, pseudonym: str,
+           shift: int | None) -> None:
+    """Apply ``table`` (else the safety net) to one data set level, recursing into kept sequences.
 
     An element is parsed only when its action needs its value (a UID to replace, a date to shift,
     a sequence to walk): a kept element stays as read and is written back byte for byte, and a
@@ -409,56 +398,38 @@ def _apply(ds: Dataset, key: bytes, pseudonym: str, shift: int | None) -> None:
     """
     for tag, stored in list(elements(ds).items()):
         group = tag >> 16
-        if group & 1 or 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:  # odd: private
+        if group & 1 or _CURVE_GROUPS[0] <= group <= _CURVE_GROUPS[1] \
+                or _OVERLAY_GROUPS[0] <= group <= _OVERLAY_GROUPS[1]:  # odd: private
             del ds[tag]
             continue
-        action = PROFILE.get(tag)
         vr = _vr_of(tag, stored)
-        if action is None:
-            # safety net for attributes the table does not name
-            if vr == "PN":
-                action = "Z"
-            elif vr == "UI":
-                action = "U"
-            elif vr in _DATE_VRS or vr == "TM":
-                action = "X"
-            elif vr in _TEXT_VRS or vr == "UN":
-                action = "X"  # free text, or a value whose meaning this pydicom does not know
-            else:
-                action = "K"
-        shift_date = shift is not None and vr in _DATE_VRS and action in ("X", "Z") and tag != _BIRTH_DATE
-        if action == "K" and vr != "SQ":
-            continue
-        if action == "X" and not shift_date:
+        action = table.get(tag) or SAFETY_NET.get(vr, "K")
+        if shift is not None and vr in _DATE_VRS and action in ("X", "Z") and tag != _BIRTH_DATE:
+            # E.3.6: keep the intervals between a patient's events, move the dates; a value that
+            # is not one date (empty, several, unparseable) gets the action instead
+            text = stored_text(stored)
+            shifted = _shift_date_value(ds[tag].value if text is None else text, shift)
+            if shifted is not None:
+                _put(ds, tag, vr, shifted)
+                continue
+        if action == "K":
+            if vr == "SQ":
+                for item in ds[tag].value:
+                    _apply(item, table, key, pseudonym, shift)
+        elif action == "X":
             del ds[tag]
-            continue
-        if action == "D":  # PatientName and PatientID: both become the patient's pseudonym
-            _put(ds, tag, vr, pseudonym)
-            continue
-        if action == "Z" and not shift_date:
+        elif action == "Z":
             _put(ds, tag, vr, None)
-            continue
-        if action == "U":  # read from the stored bytes where possible: no need to parse it
+        elif action == "D":  # Patient's Name and Patient ID: both become the patient's pseudonym
+            _put(ds, tag, vr, pseudonym)
+        elif action == "U":  # read from the stored bytes where possible: no need to parse it
             text = stored_text(stored)
             value = ds[tag].value if text is None else text.split("\\") if "\\" in text else text
             uids = _replace_uids(value, key)
             text = "\\".join(str(u) for u in uids) if isinstance(uids, list) else uids
             _put(ds, tag, vr, str(text) if text else None)
-            continue
-        elem = ds[tag]  # parsed from here on
-        if shift_date and elem.value:
-            # E.3.6: keep the intervals between a patient's events, move the dates
-            shifted = _shift_date_value(str(elem.value), shift) if elem.VM == 1 else None  # type: ignore[arg-type]
-            if shifted is not None:
-                _put(ds, tag, vr, shifted)
-                continue
-        if action == "X":
-            del ds[tag]
-        elif action == "Z":
-            _put(ds, tag, vr, None)
-        elif vr == "SQ":
-            for item in elem.value:
-                _apply(item, key, pseudonym, shift)
+        else:  # check_profile makes this unreachable; never keep an element by falling through
+            raise ValueError(f"unknown de-identification action {action!r} for {Tag(tag)}")
 
 
 def _method_code_sequence(options: list[str]) -> Sequence:
@@ -485,8 +456,15 @@ def _method_code_sequence_value(options: tuple[str, ...], implicit_vr: bool) -> 
 _UNSET: object = object()
 
 
+def applied_options(*, retain_longitudinal: bool, retain_characteristics: bool) -> tuple[str, ...]:
+    """The PROFILE_CODES names of the options :func:`deidentify` applies, in the order their codes
+    are listed in DeidentificationMethodCodeSequence (after 113100, the Basic Profile)."""
+    return (("characteristics",) if retain_characteristics else ()) + \
+        (("longitudinal",) if retain_longitudinal else ())
+
+
 def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False,
-               age: "int | None | object" = _UNSET) -> Dataset:
+               retain_characteristics: bool = True, age: "int | None | object" = _UNSET) -> Dataset:
     """De-identify ``ds`` in place by the PS3.15 Annex E Basic Profile and return it.
 
     Args:
@@ -495,6 +473,10 @@ def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False,
         key: the secret for keyed hashes (:func:`resolve_deid_key`).
         retain_longitudinal: E.3.6 Modified Dates option: shift dates per patient instead of
             removing them.
+        retain_characteristics: E.3.7 Retain Patient Characteristics option (on by default:
+            ingest's metadata carries sex and age): sex, size, weight and sex neutered are kept
+            and the age is recomputed from the original header; off, they are removed (sex
+            emptied) as the Basic Profile says.
         age: :func:`patient_age_years` of ``ds`` when the caller has it already.
 
     Returns:
@@ -502,23 +484,23 @@ def deidentify(ds: Dataset, key: bytes, *, retain_longitudinal: bool = False,
     """
     patient_key = patient_key_of(ds)
     pseudonym = pseudonymize_patient(patient_key, key)
-    if age is _UNSET:
+    if age is _UNSET and retain_characteristics:
         age = patient_age_years(ds)
     shift = date_shift_days(patient_key, key) if retain_longitudinal else None
 
-    _apply(ds, key, pseudonym, shift)
+    _apply(ds, PROFILE if retain_characteristics else BASIC_PROFILE, key, pseudonym, shift)
 
     _put(ds, _PATIENT_ID, "LO", pseudonym)
     _put(ds, _PATIENT_NAME, "PN", pseudonym)
-    if _BIRTH_DATE in ds:
-        _put(ds, _BIRTH_DATE, "DA", None)
-    if age is not None:
-        _put(ds, _PATIENT_AGE, "AS", _age_string(age))  # type: ignore[arg-type]
-    elif _PATIENT_AGE in ds:
-        del ds[_PATIENT_AGE]  # an unparseable age string is free text
+    if retain_characteristics:
+        if age is not None:
+            _put(ds, _PATIENT_AGE, "AS", _age_string(age))  # type: ignore[arg-type]
+        elif _PATIENT_AGE in ds:
+            del ds[_PATIENT_AGE]  # an unparseable age string is free text
     _put(ds, _IDENTITY_REMOVED, "CS", "YES")
     _put(ds, _METHOD, "LO", METHOD)
-    options = ("characteristics",) + (("longitudinal",) if retain_longitudinal else ())
+    options = applied_options(retain_longitudinal=retain_longitudinal,
+                              retain_characteristics=retain_characteristics)
     encoding = _encoding(ds)
     if encoding is None:
         ds[_METHOD_CODES] = DataElement(_METHOD_CODES, "SQ", _method_code_sequence(list(options)))
