@@ -18,9 +18,12 @@ from medops.stages.ingest.source import _sha256_file
 
 
 # bumped when the outputs change for the same input (2: the preamble is zeroed; 3: the pixel
-# statistics are computed in float64; 4: de-identified files packed per shard, dicom/shard-N.zip),
-# so that an incremental run does not keep rows and files written the old way
-OUTPUT_VERSION = 4
+# statistics are computed in float64; 4: de-identified files packed per shard, dicom/shard-N.zip;
+# 5: the de-identification profile built from PS3.15 Table E.1-1, which removes or empties about
+# 150 attributes the earlier table kept), so that an incremental run does not keep rows and files
+# written the old way. A change to medops.dicom.deid's profile must bump it too: files
+# de-identified under the old profile would otherwise be kept.
+OUTPUT_VERSION = 5
 
 
 def _write_index_entry(fh: Any, first: bool, rel: str, sha: str) -> None:
