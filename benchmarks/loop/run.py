@@ -168,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(big["shares_s"].values())
     for name, secs in big["shares_s"].items():
         print(f"  {name:40s} {secs:7.1f} s  {100 * secs / total:5.1f} %")
-    worst = max(overhead.values()) if overhead else float("nan")
-    print(f"no-op training run, per task (Prefect + dvc's up-to-date check): worst {worst:.2f} s "
-          f"(target <= 1 s) {'PASS' if worst <= 1 else 'FAIL'}")
+    from medops.pipeline import STAGES
+
+    stage_times = {name: secs for name, secs in overhead.items() if name in STAGES}
+    worst = max(stage_times.values()) if stage_times else float("nan")
+    print(f"no-op training run, per stage task (Prefect + dvc's up-to-date check): worst {worst:.2f} s "
+          f"(target <= 1 s) {'PASS' if worst <= 1 else 'FAIL'}; the other tasks for reference:")
     for name, secs in overhead.items():
         print(f"  {name:40s} {secs:6.2f} s")
     if args.json:
