@@ -75,14 +75,6 @@ def version(paths: ProjectPaths) -> str:
     return dvc.version_dataset(paths.root, paths.ingested, push=True)
 
 
-def previous_version(paths: ProjectPaths) -> Optional[str]:
-    """The data version recorded before this run, or None (never versioned)."""
-    try:
-        return dvc.data_version(paths.root, paths.ingested)
-    except Exception:  # DvcError: not tracked yet
-        return None
-
-
 def emit_versioned(data_version: str, summary: dict[str, Any], previous: Optional[str]) -> Any:
     """``medops.dataset.versioned`` for ``data_version``, with counts only (no PHI)."""
     from prefect.events import emit_event
@@ -112,7 +104,7 @@ def ingest_studies(project_root: Optional[str] = None, cluster: Optional[str] = 
         The ingest summary, the data version, and whether it changed.
     """
     paths = ProjectPaths(Path(project_root).resolve()) if project_root else ProjectPaths.discover()
-    before = previous_version(paths)
+    before = dvc.data_version_or_none(paths.root, paths.ingested)
     summary = ingest(paths, cluster)
     data_version = version(paths)
     changed = data_version != before

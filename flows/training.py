@@ -196,7 +196,7 @@ def _raise_quality_failure(paths: ProjectPaths) -> None:
             post(artifact)
         error = quality.failure_error(failed)
         emit(DATA_REJECTED, "medops.dataset.ingested",
-             {"data_version": _current_version(paths), "reason": str(error)})
+             {"data_version": dvc.data_version_or_none(paths.root, paths.ingested), "reason": str(error)})
         raise error
 
 
@@ -256,13 +256,6 @@ def push_outputs(paths: ProjectPaths) -> str:
 
 
 # --- flow -------------------------------------------------------------------------------------
-
-def _current_version(paths: ProjectPaths) -> Optional[str]:
-    try:
-        return dvc.data_version(paths.root, paths.ingested)
-    except DvcError:
-        return None
-
 
 def trained_marker(paths: ProjectPaths, data_version: str) -> Path:
     """Written when a run for ``data_version`` completed: a second run started for the same version

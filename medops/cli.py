@@ -148,7 +148,7 @@ def cmd_deid_report(args: argparse.Namespace) -> Report:
     if report.files == 0:
         raise ConfigError(f"no DICOM files below {args.folder}")
     return Report(deid_report.format_report(report), report.to_dict(),
-                  ExitCode.FAILURE if report.findings else ExitCode.OK)
+                  ExitCode.FAILURE if report.findings or report.unreadable_outputs else ExitCode.OK)
 
 
 def cmd_dataset_get(args: argparse.Namespace) -> Report:

@@ -155,21 +155,28 @@ class DeidReport:
     files: int = 0
     compared: int = 0                                        # files read with their original
     unmatched: int = 0                                       # originals without a de-identified file
+    unreadable_outputs: int = 0                              # de-identified files that do not parse
+    unreadable_originals: int = 0                            # originals that do not parse (ingest
+                                                             # quarantined them: nothing to compare)
     methods: Counter[str] = field(default_factory=Counter)   # DeidentificationMethod values
     options: Counter[tuple[str, ...]] = field(default_factory=Counter)
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
     findings: Counter[str] = field(default_factory=Counter)  # finding -> number of files
 
     def add_deidentified(self, ds: Dataset) -> None:
+        # everything read first: a value that fails to parse leaves no partial counts
+        method = str(ds.get("DeidentificationMethod", "") or "(none)")
+        options, findings = recorded_options(ds), set(audit_deidentified(ds))
         self.files += 1
-        self.methods[str(ds.get("DeidentificationMethod", "") or "(none)")] += 1
-        self.options[recorded_options(ds)] += 1
-        for finding in set(audit_deidentified(ds)):
+        self.methods[method] += 1
+        self.options[options] += 1
+        for finding in findings:
             self.findings[finding] += 1
 
     def add_pair(self, original: Dataset, deidentified: Dataset) -> None:
+        outcomes = compare_pair(original, deidentified)
         self.compared += 1
-        self.outcomes.update(compare_pair(original, deidentified))
+        self.outcomes.update(outcomes)
 
     def to_dict(self) -> dict:
         by_attribute: dict[str, dict[str, int]] = {}
@@ -177,6 +184,7 @@ class DeidReport:
             by_attribute.setdefault(name, {})[outcome] = n
         return {
             "files": self.files, "compared_with_original": self.compared, "unmatched": self.unmatched,
+            "unreadable_outputs": self.unreadable_outputs, "unreadable_originals": self.unreadable_originals,
             "profile": "PS3.15 Annex E Basic Application Level Confidentiality Profile",
             "table": f"PS3.15 Table E.1-1, {deid.table_e1_1.EDITION} edition",
             "methods": dict(self.methods),
@@ -193,7 +201,8 @@ def format_report(report: DeidReport) -> str:
     d = report.to_dict()
     lines = [f"De-identification report: {d['files']} de-identified file(s); "
              f"{d['compared_with_original']} compared with their original"
-             + (f", {d['unmatched']} original(s) without a de-identified file" if d["unmatched"] else ""),
+             + (f", {d['unmatched']} original(s) without a de-identified file" if d["unmatched"] else "")
+             + (f", {d['unreadable_originals']} original(s) unreadable" if d["unreadable_originals"] else ""),
              f"Profile: {d['profile']} ({d['table']})"]
     for method, n in d["methods"].items():
         lines.append(f"Method: {method} ({n} file(s))")
@@ -208,6 +217,9 @@ def format_report(report: DeidReport) -> str:
     lines += ["", "Where medops differs from the table's action (deid.DEVIATIONS):"]
     lines += [f"  {k}: {reason}" for k, reason in d["deviations"].items()]
     lines.append("")
+    if d["unreadable_outputs"]:
+        lines.append(f"FINDING: {d['unreadable_outputs']} de-identified file(s) could not be read and were "
+                     f"not audited")
     if d["findings"]:
         lines.append(f"FINDINGS ({sum(d['findings'].values())}):")
         lines += [f"  {finding} ({n} file(s))" for finding, n in sorted(d["findings"].items())]
@@ -237,11 +249,13 @@ def report_folder(deidentified: Path, *, source: Path | None = None, key: bytes 
     original export) and ``key``, each original is paired with its de-identified file through
     ``pseudonymize_uid(original SOP Instance UID, key)`` and compared.
 
-    Files that are not DICOM are skipped; an original whose de-identified file is missing
-    (quarantined by ingest, say) is counted as unmatched.
+    Nothing is skipped silently: a de-identified file that cannot be read (or whose values cannot
+    be, when audited) is counted as ``unreadable_outputs``, a finding; an original that cannot be
+    read is counted as ``unreadable_originals`` (ingest quarantined it), one without a
+    de-identified file as ``unmatched``. A decoder's or parser's own exception counts the file; it
+    never ends the report.
     """
     from medops.dicom.io import read_dataset
-    from medops.errors import DicomReadError
 
     folder = Path(deidentified)
     if (folder / "dicom").is_dir():
@@ -251,9 +265,10 @@ def report_folder(deidentified: Path, *, source: Path | None = None, key: bytes 
     for data in _files(folder):
         try:
             ds = read_dataset(data, require_pixels=False)
-        except DicomReadError:
+            report.add_deidentified(ds)
+        except Exception:  # DicomReadError, or a value that does not parse when audited
+            report.unreadable_outputs += 1
             continue
-        report.add_deidentified(ds)
         if source is not None:
             by_uid[str(ds.get("SOPInstanceUID", ""))] = ds
     if source is not None:
@@ -262,11 +277,12 @@ def report_folder(deidentified: Path, *, source: Path | None = None, key: bytes 
         for data in _files(Path(source)):
             try:
                 original = read_dataset(data, require_pixels=False)
-            except DicomReadError:
+                match = by_uid.get(deid.pseudonymize_uid(str(original.get("SOPInstanceUID", "")), key))
+                if match is not None:
+                    report.add_pair(original, match)
+            except Exception:  # DicomReadError, or a value that does not parse
+                report.unreadable_originals += 1
                 continue
-            match = by_uid.get(deid.pseudonymize_uid(str(original.get("SOPInstanceUID", "")), key))
             if match is None:
                 report.unmatched += 1
-            else:
-                report.add_pair(original, match)
     return report

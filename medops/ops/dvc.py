@@ -298,3 +298,11 @@ def data_version(root: Path | str, tracked_path: Path | str) -> str:
                     return str(out["md5"])
     raise DvcError(f"{rel.as_posix()} is not tracked by DVC in {root}: no {dvc_file.name} "
                    f"and no dvc.lock output; run `dvc add {rel.as_posix()}`")
+
+
+def data_version_or_none(root: Path | str, tracked_path: Path | str) -> str | None:
+    """:func:`data_version`, or None while the path is not tracked yet (before its first version)."""
+    try:
+        return data_version(root, tracked_path)
+    except DvcError:
+        return None

@@ -13,6 +13,7 @@ ingest-studies deployment's trigger turns into an ingest run (see flows/serve.py
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +57,16 @@ class _Burst:
             return delivery
 
 
+class _NoPaths(logging.Handler):
+    """watchdog's records passed on to medops' log with their level only: their text names the
+    export's folders and files."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(__name__).log(
+            record.levelno, "watchdog reported a problem watching the export folder (%s; details "
+            "withheld: they name its files)", record.levelname)
+
+
 class ExportWatcher:
     """Watch ``folder`` (recursively) and call ``on_delivery`` once per quiet-separated burst.
 
@@ -76,17 +87,25 @@ class ExportWatcher:
         self._thread: threading.Thread | None = None
 
     def start(self) -> "ExportWatcher":
-        import logging
         import warnings
 
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
 
-        # On an export of thousands of folders the kernel's inotify queue can overflow while a
-        # delivery lands; watchdog then re-scans and says so at length, per folder. A delivery is
-        # still seen (any event will do), so keep its log to errors.
-        logging.getLogger("watchdog").setLevel(logging.ERROR)
+        # watchdog's own messages name folders and files of the export, which hospitals build from
+        # patients' names: only their level reaches the log (and only errors: on an export of
+        # thousands of folders an inotify overflow is reported at length, per folder)
+        # (every watchdog logger, its top one and those its modules made, with this one handler
+        # alone: a logging setup applied since can have made a child propagate again or given it
+        # the root's handlers; seen in the test suite)
+        names = ["watchdog"] + [n for n in logging.root.manager.loggerDict if n.startswith("watchdog.")]
+        for name in names:
+            quiet = logging.getLogger(name)
+            quiet.setLevel(logging.ERROR)
+            top = name == "watchdog"
+            quiet.handlers = [_NoPaths()] if top else []
+            quiet.propagate = not top  # children up to "watchdog", whose handler withholds the text
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"watchdog\.")
 
         burst = self._burst

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 
-def _small_ct(index: int):
+def small_ct(index: int, *, study_uid: str = "2.25.1001", patient_id: str = "MEM0001",
+             patient_name: str = "Memory^Test"):
+    """A 16 x 16 CT data set whose pixels and SOP Instance UID follow from ``index``."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
@@ -19,8 +21,8 @@ def _small_ct(index: int):
     ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, sop
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = f"2.25.{2000 + index // 50}", "2.25.1002"
-    ds.Modality, ds.PatientID, ds.PatientName, ds.PatientSex = "CT", f"P{index // 50:04d}", "Scale^Test", "O"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, "2.25.1002"
+    ds.Modality, ds.PatientID, ds.PatientName, ds.PatientSex = "CT", patient_id, patient_name, "O"
     ds.Rows = ds.Columns = 16
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -33,7 +35,8 @@ def write_small_export(folder: Path, n: int) -> Path:
     for i in range(n):
         target = folder / f"series{i // 50:03d}" / f"IM{i:05d}.dcm"
         target.parent.mkdir(parents=True, exist_ok=True)
-        _small_ct(i).save_as(target, enforce_file_format=True)
+        small_ct(i, study_uid=f"2.25.{2000 + i // 50}", patient_id=f"P{i // 50:04d}",
+                 patient_name="Scale^Test").save_as(target, enforce_file_format=True)
     (folder / "notes.txt").write_text("not DICOM")
     data = (folder / "series000" / "IM00000.dcm").read_bytes()
     (folder / "series000" / "cut.dcm").write_bytes(data[: len(data) // 2])

@@ -170,3 +170,31 @@ def test_deid_report_reads_ingests_zip_packs(exported, capsys):
     data = json.loads(capsys.readouterr().out)
     assert (data["files"], data["compared_with_original"], data["unmatched"]) == (3, 3, 0)
     assert data["attributes"]["PatientAddress"] == {"removed": 3}
+
+
+def test_unreadable_files_are_counted_never_skipped_or_fatal(exported, capsys):
+    project, source, out = exported
+    # an original cut short in transfer (ingest quarantined it), and the fuzzer's panicking file
+    data = (source / "0.dcm").read_bytes()
+    (source / "cut.dcm").write_bytes(data[:100])  # inside the preamble: no DICOM left
+    shutil.copy(pydicom_file_path("rle_panic"), source / "rle.dcm")
+    assert main(["--project", str(project), "deid-report", str(out.parent), "--source", str(source),
+                 "--json"]) == 0
+    data_out = json.loads(capsys.readouterr().out)
+    assert data_out["compared_with_original"] == 3
+    # notes.txt and the cut original do not parse; the RLE file parses (pixels are not decoded)
+    # but has no de-identified twin
+    assert data_out["unreadable_originals"] == 2 and data_out["unmatched"] == 1
+    # a de-identified file that no longer parses is a finding: counted, exit 1
+    first = sorted(out.rglob("*.dcm"))[0]
+    first.write_bytes(first.read_bytes()[:200])
+    assert main(["--project", str(project), "deid-report", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "2 de-identified file(s)" in text
+    assert "FINDING: 1 de-identified file(s) could not be read and were not audited" in text
+
+
+def pydicom_file_path(name: str):
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "data" / "fuzz" / f"{name}.dcm"

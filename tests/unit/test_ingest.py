@@ -12,6 +12,7 @@ import pandas as pd
 import pydicom
 import pytest
 
+from _small_export import small_ct as _small_ct
 from conftest import pydicom_file
 from medops.stages import ingest
 from medops.stages.ingest import executors, index, pool, stage, worker, writers
@@ -814,25 +815,6 @@ def test_bounded_window_with_reuse_and_parallel_workers_matches_a_full_run(grown
     _same_dataset(out, full_dir)
     again = ingest.run(cfg, source_dir=src, out_dir=out, manifest=grown["manifest"], key=KEY)
     assert again.changed is False and again.decoded == 0
-
-
-def _small_ct(index: int):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-
-    sop = f"2.25.{10**30 + index}"
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, sop
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = "2.25.1001", "2.25.1002"
-    ds.Modality, ds.PatientID, ds.PatientName, ds.PatientSex = "CT", "MEM0001", "Memory^Test", "O"
-    ds.Rows = ds.Columns = 16
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = np.random.default_rng(index).integers(0, 4096, (16, 16), dtype=np.uint16).tobytes()
-    return ds
 
 
 def _traced_peak(src: Path, out: Path) -> int:

@@ -57,3 +57,15 @@ def test_a_missing_export_folder_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="does not exist"):
         ExportWatcher(tmp_path / "nowhere", lambda d: None).start()
+
+
+def test_watchdog_messages_never_reach_the_log_with_the_exports_paths(tmp_path, caplog):
+    import logging
+
+    export = tmp_path / "Doe_John_MRN123"
+    export.mkdir()
+    with ExportWatcher(export, lambda d: None, quiet_s=1.0):
+        logging.getLogger("watchdog.observers").error("cannot watch %s", export / "Doe_John.dcm",
+                                                       exc_info=OSError(f"{export}: gone"))
+    assert "watchdog reported a problem" in caplog.text
+    assert "Doe_John" not in caplog.text
