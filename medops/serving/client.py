@@ -428,14 +428,15 @@ def preprocess_files(
     pixel_spacing: float | None = None,
 ) -> list[tuple[str, np.ndarray | None, str | None]]:
     """``(file, image (S, S) float32 or None, error or None)`` per path, in order."""
+    from medops.config import PreprocessSpec
     from medops.dicom.pixels import preprocess_file
 
+    spec = PreprocessSpec(image_size, window, frame, pixel_spacing)  # type: ignore[arg-type]
     out: list[tuple[str, np.ndarray | None, str | None]] = []
     for p in paths:
         name = str(p)
         try:
-            out.append((name, preprocess_file(Path(p), image_size=image_size, window=window,
-                                              frame=frame, pixel_spacing=pixel_spacing), None))
+            out.append((name, preprocess_file(Path(p), spec), None))
         except DicomReadError as exc:
             out.append((name, None, f"{exc.reason.value}: {exc}"))
         except (OSError, MedopsError) as exc:

@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from medops.config import ServingConfig
+from medops.config import PreprocessSpec, ServingConfig
 from medops.serving.backends.onnx_classifier import classify_batch
 from medops.serving.contract import (
     build_contract,
@@ -246,7 +246,7 @@ def test_preprocess_items_uses_medops_preprocessing_and_reports_per_item():
     images, errors = preprocess_items([data, b"not dicom", data[:300]], image_size=28, window=None,
                                       limits=Limits(10**7, 10**7))
     assert images.shape == (3, 28, 28, 1) and images.dtype == np.float32
-    np.testing.assert_array_equal(images[0, ..., 0], preprocess_file(ct, image_size=28))
+    np.testing.assert_array_equal(images[0, ..., 0], preprocess_file(ct, PreprocessSpec(image_size=28)))
     assert errors[0] == ""
     assert errors[1].startswith("not_dicom: ")
     assert errors[2] and not errors[2].startswith("too_large")
@@ -328,7 +328,7 @@ def test_preprocess_items_answers_a_decoder_panic_and_a_deflate_bomb_per_item():
     assert errors[0].startswith("decode_error: the RLE Lossless (1.2.840.10008.1.2.5) decoder "
                                 "crashed on this file")
     assert errors[1] == ""
-    np.testing.assert_array_equal(images[1, ..., 0], preprocess_file(ct, image_size=28))
+    np.testing.assert_array_equal(images[1, ..., 0], preprocess_file(ct, PreprocessSpec(image_size=28)))
     assert errors[2] == ("too_large: the deflated data set inflates to more than 67108864 bytes: "
                          "refused before inflating it")
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import pydicom_file
 from medops.cli import main
 from medops.serving.client import Prediction, format_predictions, predict_files, to_json_lines
-from medops.config import ServingConfig, update_params_file
+from medops.config import PreprocessSpec, ServingConfig, update_params_file
 from medops.errors import ExitCode, GateRejectedError, ServingError
 from medops.serving.deploy import deploy, rollback, sha256_file
 from medops.serving.repository import list_versions, remove_version, served_version
@@ -122,7 +122,7 @@ def write_bundled_dicom(path: Path, index: int = 0, scale: int = 1) -> Path:
 def expected_probability(path: Path, *, w: float, b: float) -> float:
     from medops.dicom.pixels import preprocess_file
 
-    mean = float(preprocess_file(path, image_size=S).astype(np.float64).mean())
+    mean = float(preprocess_file(path, PreprocessSpec(image_size=S)).astype(np.float64).mean())
     return 1.0 / (1.0 + math.exp(-(w * mean + b)))
 
 

@@ -63,8 +63,11 @@ def preprocess_items(
 ) -> tuple[np.ndarray, list[str]]:
     """Preprocess each DICOM byte string. Returns ``(images (n, S, S, 1) float32, errors)``,
     where ``errors[i]`` is "" for a usable item and the reason otherwise (its image is zeros)."""
+    from medops.config import PreprocessSpec
     from medops.dicom.pixels import preprocess_bytes
     from medops.errors import PROCESS_EXITS, DicomReadError, first_line
+
+    spec = PreprocessSpec(image_size, window, frame, pixel_spacing)  # type: ignore[arg-type]
 
     images = np.zeros((len(items), image_size, image_size, 1), dtype=np.float32)
     errors = [""] * len(items)
@@ -74,8 +77,7 @@ def preprocess_items(
             errors[i] = refused
             continue
         try:
-            images[i, ..., 0] = preprocess_bytes(data, image_size=image_size, window=window,
-                                                 frame=frame, pixel_spacing=pixel_spacing)
+            images[i, ..., 0] = preprocess_bytes(data, spec)
         except DicomReadError as exc:
             errors[i] = f"{exc.reason.value}: {exc}"
         except Exception as exc:  # noqa: BLE001 - never fail the batch for one file
