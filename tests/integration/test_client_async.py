@@ -19,6 +19,7 @@ from medops.errors import ServingError
 from medops.serving.deploy import deploy
 from medops.serving.server import endpoint, start_server, stop_server
 from test_triton_serving import (
+    SPEC,
     S,
     expected_probability,
     write_bundled_dicom,
@@ -45,7 +46,7 @@ def served(tmp_path_factory, free_port):
         write_golden(onnx_path, **COEF)
         deploy(cfg, onnx=onnx_path, gate=write_gate(base / "gate.json", passed=True),
                export_result=write_export_result(onnx_path, decision_threshold=0.4),
-               repository=repo, url=info.grpc_url, protocol="grpc", image_size=S)
+               repository=repo, url=info.grpc_url, protocol="grpc", preprocessing=SPEC)
         yield {"cfg": cfg, "info": info}
     finally:
         stop_server(state)

@@ -12,6 +12,7 @@ from medops.serving.deploy import deploy
 from medops.serving.repository import list_versions
 from medops.serving.server import ADMIN_KEY_ENV, endpoint, start_server, stop_server
 from test_triton_serving import (
+    SPEC,
     S,
     write_bundled_dicom,
     write_export_result,
@@ -46,7 +47,7 @@ def _deploy(restricted, protocol, **kw):
     return deploy(restricted["cfg"], onnx=onnx_path, gate=write_gate(base / "gate.json", passed=True),
                   export_result=write_export_result(onnx_path), repository=restricted["repo"],
                   url=endpoint(info, protocol), protocol=protocol,
-                  image_size=S, **kw)
+                  preprocessing=SPEC, **kw)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

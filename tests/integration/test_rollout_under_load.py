@@ -29,6 +29,7 @@ from medops.serving.deploy import deploy
 from medops.serving.repository import list_versions, served_version
 from medops.serving.server import start_server, stop_server
 from test_triton_serving import (
+    SPEC,
     S,
     expected_probability,
     write_bundled_dicom,
@@ -120,7 +121,7 @@ def async_worker(load: Load, name: str, **kwargs) -> None:
 @pytest.fixture
 def server(tmp_path, free_port):
     cfg = ServingConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                        startup_timeout_s=60)
+                        startup_timeout_s=60, max_image_pixels=MAX_PIXELS)
     state = tmp_path / "state"
     info = start_server(cfg, repository=tmp_path / "repository", state_dir=state)
     try:
@@ -137,7 +138,7 @@ def _deploy(server, tag: str, *, coef: dict, golden: dict | None = None, size: i
     return deploy(server["cfg"], onnx=onnx_path, gate=write_gate(base / f"{tag}.json", passed=True),
                   export_result=write_export_result(onnx_path, decision_threshold=threshold),
                   repository=server["repo"], url=server["info"].grpc_url, protocol="grpc",
-                  image_size=S, max_pixels=MAX_PIXELS, timeout=20)
+                  preprocessing=SPEC, timeout=20)
 
 
 def _wait_for(condition, what: str, timeout: float = 20.0) -> None:

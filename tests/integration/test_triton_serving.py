@@ -29,6 +29,7 @@ from medops.serving.server import endpoint, start_server, stop_server
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
 S = 28
+SPEC = PreprocessSpec(image_size=S)  # ingest.preprocessing of the tiny models served here
 BUNDLED = Path(__file__).resolve().parents[2] / "datasets" / "pneumoniamnist" / "pneumoniamnist.npz"
 
 
@@ -122,17 +123,19 @@ def write_bundled_dicom(path: Path, index: int = 0, scale: int = 1) -> Path:
 def expected_probability(path: Path, *, w: float, b: float) -> float:
     from medops.dicom.pixels import preprocess_file
 
-    mean = float(preprocess_file(path, PreprocessSpec(image_size=S)).astype(np.float64).mean())
+    mean = float(preprocess_file(path, SPEC).astype(np.float64).mean())
     return 1.0 / (1.0 + math.exp(-(w * mean + b)))
 
 
 # -- one server for the module -------------------------------------------------------------------
 
+MAX_PIXELS = 128 * 128  # serving.max_image_pixels here: CT_small.dcm is exactly 128 x 128
+
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory, free_port):
     base = tmp_path_factory.mktemp("triton")
     cfg = ServingConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                        startup_timeout_s=60)
+                        startup_timeout_s=60, max_image_pixels=MAX_PIXELS)
     state, repo = base / "state", base / "repository"
     info = start_server(cfg, repository=repo, state_dir=state)
     try:
@@ -141,7 +144,6 @@ def triton(tmp_path_factory, free_port):
         stop_server(state)
 
 
-MAX_PIXELS = 128 * 128  # CT_small.dcm is exactly 128 x 128
 V1 = {"w": 4.0, "b": -2.0}
 V2 = {"w": -3.0, "b": 1.0}
 V2_THRESHOLD = 0.4  # CT_small: p = 0.468 -> pneumonia under v2; bundled CR: p = 0.342 -> normal
@@ -160,7 +162,7 @@ def deployed(triton):
             cfg, onnx=onnx_path, gate=write_gate(base / f"gate{n}.json", passed=True),
             export_result=write_export_result(onnx_path, decision_threshold=chosen),
             repository=triton["repo"],
-            url=triton["info"].grpc_url, protocol="grpc", image_size=S, max_pixels=MAX_PIXELS,
+            url=triton["info"].grpc_url, protocol="grpc", preprocessing=SPEC,
         ))
     return results
 
@@ -339,7 +341,7 @@ def test_deploying_the_served_model_again_changes_nothing(triton, deployed):
     onnx_path = base / "export2" / "model.onnx"
     again = deploy(cfg, onnx=onnx_path, gate=base / "gate2.json",
                    export_result=onnx_path.with_name("export.json"), repository=triton["repo"],
-                   url=triton["info"].grpc_url, protocol="grpc", image_size=S, max_pixels=MAX_PIXELS)
+                   url=triton["info"].grpc_url, protocol="grpc", preprocessing=SPEC)
     assert again.unchanged and again.version == deployed[1].version == 2
     assert list_versions(triton["repo"], cfg.model_name) == [1, 2]
 
@@ -360,7 +362,7 @@ def test_deploy_refuses_a_failed_gate_and_writes_nothing(triton, deployed):
     gate = write_gate(base / "gate_failed.json", passed=False)
     with pytest.raises(GateRejectedError) as err:
         deploy(triton["cfg"], onnx=onnx_path, gate=gate, export_result=write_export_result(onnx_path),
-               repository=triton["repo"], url=triton["info"].grpc_url, image_size=S)
+               repository=triton["repo"], url=triton["info"].grpc_url, preprocessing=SPEC)
     from medops.config import GateConfig
 
     assert f"auc 0.610 < min_auc {GateConfig().min_auc:.3f}: fail" in str(err.value)
@@ -377,7 +379,7 @@ def test_deploy_refuses_an_onnx_that_is_not_the_exported_one(triton, deployed):
     with pytest.raises(GateRejectedError, match="not the model that was exported"):
         deploy(triton["cfg"], onnx=onnx_path, gate=write_gate(base / "g.json", passed=True),
                export_result=export, repository=triton["repo"], url=triton["info"].grpc_url,
-               image_size=S)
+               preprocessing=SPEC)
     assert list_versions(triton["repo"], triton["cfg"].model_name) == [1, 2]
 
 
@@ -387,21 +389,22 @@ def test_deploy_refuses_a_gate_for_another_data_version(triton, deployed):
     gate = write_gate(base / "gate_other.json", passed=True, data_version="dv-older")
     with pytest.raises(GateRejectedError, match="dv-older"):
         deploy(triton["cfg"], onnx=onnx_path, gate=gate, export_result=write_export_result(onnx_path),
-               repository=triton["repo"], url=triton["info"].grpc_url, image_size=S)
+               repository=triton["repo"], url=triton["info"].grpc_url, preprocessing=SPEC)
     assert list_versions(triton["repo"], triton["cfg"].model_name) == [1, 2]
 
 
 def deploy_other(triton, tag: str, *, w: float, b: float, size: int = S,
-                 golden: dict | None = None, **kwargs):
+                 golden: dict | None = None, max_pixels: int = MAX_PIXELS, **kwargs):
     base = triton["base"]
     onnx_path = write_tiny_onnx(base / tag / "model.onnx", w=w, b=b, size=size)
     if size == S:
         write_golden(onnx_path, **(golden or {"w": w, "b": b}))
     else:  # the model cannot take S x S images; its golden file is still S x S as export's is
         write_golden(onnx_path, w=w, b=b)
-    return deploy(triton["cfg"], onnx=onnx_path, gate=write_gate(base / f"{tag}.json", passed=True),
+    cfg = triton["cfg"].model_copy(update={"max_image_pixels": max_pixels})
+    return deploy(cfg, onnx=onnx_path, gate=write_gate(base / f"{tag}.json", passed=True),
                   export_result=write_export_result(onnx_path), repository=triton["repo"],
-                  url=triton["info"].grpc_url, image_size=S, timeout=20, **kwargs)
+                  url=triton["info"].grpc_url, preprocessing=SPEC, timeout=20, **kwargs)
 
 
 def assert_v2_serves(triton, files):
@@ -465,7 +468,7 @@ def test_golden_tolerance_is_respected(triton, deployed, files):
     assert result.version == 3 and result.previous_version == 2
     assert 1e-4 < result.golden_max_abs_diff <= 1e-3
     back = rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
-                    image_size=S)
+                    preprocessing=SPEC)
     assert (back.from_version, back.to_version) == (3, 2)
     remove_version(triton["repo"], triton["cfg"].model_name, 3)
     assert_v2_serves(triton, files)
@@ -481,7 +484,8 @@ def test_new_preprocessing_settings_reach_the_server_for_the_served_model(triton
     again = dict(onnx=onnx_path, gate=base / "gate2.json",
                  export_result=onnx_path.with_name("export.json"), repository=repo,
                  url=triton["info"].grpc_url, protocol="grpc", image_size=S)
-    wider = deploy(cfg, max_pixels=4 * MAX_PIXELS, **again)
+    wider_cfg = cfg.model_copy(update={"max_image_pixels": 4 * MAX_PIXELS})
+    wider = deploy(wider_cfg, **again)
     assert not wider.unchanged and (wider.version, wider.previous_version) == (3, 2)
     pre = read_config(repo, f"{cfg.model_name}_preprocess")
     assert pre.parameters["max_pixels"].string_value == str(4 * MAX_PIXELS)
@@ -489,9 +493,8 @@ def test_new_preprocessing_settings_reach_the_server_for_the_served_model(triton
                           image_size=S)
     assert big.error is None and big.model_version == "3"
     # the same settings again: now it is unchanged
-    assert deploy(cfg, max_pixels=4 * MAX_PIXELS, **again).unchanged
-    back = rollback(cfg, repository=repo, url=triton["info"].grpc_url, image_size=S,
-                    max_pixels=MAX_PIXELS)
+    assert deploy(wider_cfg, **again).unchanged
+    back = rollback(cfg, repository=repo, url=triton["info"].grpc_url, preprocessing=SPEC)
     assert (back.from_version, back.to_version) == (3, 2)
     remove_version(repo, cfg.model_name, 3)
     assert_v2_serves(triton, files)
@@ -500,7 +503,7 @@ def test_new_preprocessing_settings_reach_the_server_for_the_served_model(triton
 def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed, files,
                                                                cli_project, capsys):
     cfg, repo, url = triton["cfg"], triton["repo"], triton["info"].http_url
-    back = rollback(cfg, repository=repo, url=url, protocol="http", image_size=S)
+    back = rollback(cfg, repository=repo, url=url, protocol="http", preprocessing=SPEC)
     assert (back.from_version, back.to_version) == (2, 1)
     assert back.golden_max_abs_diff is not None and back.golden_max_abs_diff <= 1e-4
     [pred] = predict_files([files["cr"]], url=url, protocol="http", model_name=cfg.model_name,
@@ -510,7 +513,7 @@ def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed
     # v1's own threshold (0.5, from its deploy.json) came back with it: p = 0.552 -> pneumonia
     assert back.threshold == 0.5 and pred.label == "pneumonia"
     with pytest.raises(ServingError, match="no version of 'pneumonia_classifier' older than the served version 1"):
-        rollback(cfg, repository=repo, url=url, protocol="http", image_size=S)
+        rollback(cfg, repository=repo, url=url, protocol="http", preprocessing=SPEC)
     # forward again with `medops rollback --json`
     code, forward = medops_json(capsys, "--project", str(cli_project), "rollback", "--to", "2",
                                 "--url", url, "--protocol", "http")
@@ -555,11 +558,11 @@ def test_a_second_deploy_at_the_same_time_is_refused(triton, deployed):
         fcntl.flock(held, fcntl.LOCK_EX)  # as a running deploy holds it
         with pytest.raises(ServingError, match="another deploy or rollback is running"):
             rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
-                     image_size=S)
+                     preprocessing=SPEC)
         # the served and available versions are read under the lock, not before it
         with pytest.raises(ServingError, match="another deploy or rollback is running"):
             rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
-                     image_size=S, to_version=99)
+                     preprocessing=SPEC, to_version=99)
     assert served_version(triton["repo"], triton["cfg"].model_name) == 2
 
 
