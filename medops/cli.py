@@ -284,10 +284,7 @@ def cmd_predict(args: argparse.Namespace) -> Report:
             url=url,
             protocol=args.protocol,
             model_name=model,
-            image_size=params.ingest.image_size,
-            window=params.ingest.window,
-            frame=params.ingest.frame,
-            pixel_spacing=params.ingest.pixel_spacing,
+            preprocessing=params.ingest.preprocessing,
             via=args.via,
             progress=bar,
         )

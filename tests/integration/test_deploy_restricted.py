@@ -13,7 +13,6 @@ from medops.serving.repository import list_versions
 from medops.serving.server import ADMIN_KEY_ENV, endpoint, start_server, stop_server
 from test_triton_serving import (
     SPEC,
-    S,
     write_bundled_dicom,
     write_export_result,
     write_gate,
@@ -68,7 +67,7 @@ def test_deploy_with_the_key_from_the_environment_and_open_inference(restricted,
     monkeypatch.delenv(ADMIN_KEY_ENV)
     [pred] = predict_files([write_bundled_dicom(tmp_path / "x.dcm")],
                            url=restricted["info"].grpc_url, model_name=restricted["cfg"].model_name,
-                           image_size=S)
+                           preprocessing=SPEC)
     assert pred.error is None and pred.model_version == "1"
 
 

@@ -29,8 +29,8 @@ from medops.serving.deploy import deploy
 from medops.serving.repository import list_versions, served_version
 from medops.serving.server import start_server, stop_server
 from test_triton_serving import (
-    SPEC,
     S,
+    SPEC,
     expected_probability,
     write_bundled_dicom,
     write_export_result,
@@ -163,7 +163,7 @@ def run_rollout(server, tmp_path, *, v2_threshold: float | None = None,
     load = Load(files=files, expected={(v, str(f)): expected_probability(f, **c)
                                        for v, c in COEF.items() for f in files},
                 thresholds={"1": 0.5, "2": 0.5 if v2_threshold is None else v2_threshold})
-    common = {"model_name": cfg.model_name, "image_size": S, "timeout": 20}
+    common = {"model_name": cfg.model_name, "preprocessing": SPEC, "timeout": 20}
     workers = {
         "tensor-grpc": (sync_worker, {"url": info.grpc_url, "protocol": "grpc", "via": "tensor"}),
         "tensor-http": (sync_worker, {"url": info.http_url, "protocol": "http", "via": "tensor"}),
@@ -241,7 +241,7 @@ def test_no_request_fails_during_a_rollout_and_failed_rollouts(server, tmp_path)
     # afterwards: v2 still serves, and the failed v3s left nothing behind
     assert list_versions(repo, cfg.model_name) == [1, 2]
     assert served_version(repo, cfg.model_name) == 2
-    preds = predict_files(load.files, url=info.grpc_url, model_name=cfg.model_name, image_size=S)
+    preds = predict_files(load.files, url=info.grpc_url, model_name=cfg.model_name, preprocessing=SPEC)
     assert [p.model_version for p in preds] == ["2", "2"]
     assert time.monotonic() - began < 120  # bounded: the whole rollout under load
 

@@ -242,7 +242,7 @@ def test_predict_files_answers_each_file_with_v2_and_flags_the_non_dicom(
     url = endpoint(info, protocol)
     paths = [files["ct"], files["bad"], files["cr"]]
     preds = predict_files(paths, url=url, protocol=protocol, model_name=triton["cfg"].model_name,
-                          image_size=S, via=via)
+                          preprocessing=SPEC, via=via)
     assert [p.file for p in preds] == [str(p) for p in paths]
     ct, bad, cr = preds
     for pred, path in ((ct, files["ct"]), (cr, files["cr"])):
@@ -269,7 +269,7 @@ def test_a_file_that_makes_the_decoder_panic_fails_alone_in_medops_predict(
     paths = [files["ct"], fuzz_file("rle_panic.dcm"), files["cr"]]
     for protocol in ("grpc", "http"):
         ct, bad, cr = predict_files(paths, url=endpoint(triton["info"], protocol), protocol=protocol,
-                                    model_name=triton["cfg"].model_name, image_size=S)
+                                    model_name=triton["cfg"].model_name, preprocessing=SPEC)
         assert ct.error is None and cr.error is None and ct.model_version == cr.model_version == "2"
         assert bad.error.startswith("decode_error: the RLE Lossless (1.2.840.10008.1.2.5) decoder "
                                     "crashed on this file")
@@ -289,7 +289,7 @@ def test_the_ensemble_refuses_an_image_over_the_pixel_limit_and_answers_the_rest
     triton, deployed, files
 ):
     preds = predict_files([files["big"], files["ct"]], url=triton["info"].grpc_url,
-                          model_name=triton["cfg"].model_name, image_size=S)
+                          model_name=triton["cfg"].model_name, preprocessing=SPEC)
     assert preds[0].error == (f"too_large: 140x140 pixels x 1 frames x 1 samples = 19600 values, "
                               f"over the limit of {MAX_PIXELS}")
     assert preds[0].probability is None
@@ -317,17 +317,17 @@ def test_small_batches_give_the_same_answers(triton, deployed, files):
     info, name = triton["info"], triton["cfg"].model_name
     paths = [files["ct"], files["cr"], files["ct"]]
     progress: list[tuple[int, int]] = []
-    one = predict_files(paths, url=info.grpc_url, model_name=name, image_size=S, batch_size=1,
+    one = predict_files(paths, url=info.grpc_url, model_name=name, preprocessing=SPEC, batch_size=1,
                         progress=lambda done, total: progress.append((done, total)))
     assert progress == [(1, 3), (2, 3), (3, 3)]  # one call per answered request
-    allb = predict_files(paths, url=info.grpc_url, model_name=name, image_size=S)
+    allb = predict_files(paths, url=info.grpc_url, model_name=name, preprocessing=SPEC)
     assert [p.probability for p in one] == pytest.approx([p.probability for p in allb], abs=1e-6)
     assert one[0].probability == pytest.approx(one[2].probability)
 
 
 def test_outputs_as_table_and_json_lines(triton, deployed, files):
     preds = predict_files([files["cr"], files["bad"]], url=triton["info"].grpc_url,
-                          model_name=triton["cfg"].model_name, image_size=S)
+                          model_name=triton["cfg"].model_name, preprocessing=SPEC)
     table = format_predictions(preds)
     assert table.splitlines()[0].split() == ["file", "label", "probability", "version", "error"]
     assert str(files["bad"]) in table and "not_dicom" in table
@@ -412,7 +412,7 @@ def assert_v2_serves(triton, files):
     assert list_versions(triton["repo"], name) == [1, 2]
     assert served_version(triton["repo"], name) == 2
     [pred] = predict_files([files["cr"]], url=triton["info"].grpc_url, model_name=name,
-                           image_size=S)
+                           preprocessing=SPEC)
     assert pred.model_version == "2"
     assert pred.probability == pytest.approx(expected_probability(files["cr"], **V2), abs=1e-5)
     from medops.serving.repository import read_config
@@ -457,7 +457,7 @@ def test_a_version_that_fails_once_promoted_is_undone_with_its_settings(triton, 
     assert list_versions(triton["repo"], f"{triton['cfg'].model_name}_postprocess") == [1, 2]
     assert_v2_serves(triton, files)
     [ct] = predict_files([files["ct"]], url=triton["info"].grpc_url,
-                         model_name=triton["cfg"].model_name, image_size=S)
+                         model_name=triton["cfg"].model_name, preprocessing=SPEC)
     assert ct.error is None  # 128 x 128 passes the restored limit again
 
 
@@ -483,14 +483,14 @@ def test_new_preprocessing_settings_reach_the_server_for_the_served_model(triton
     onnx_path = base / "export2" / "model.onnx"
     again = dict(onnx=onnx_path, gate=base / "gate2.json",
                  export_result=onnx_path.with_name("export.json"), repository=repo,
-                 url=triton["info"].grpc_url, protocol="grpc", image_size=S)
+                 url=triton["info"].grpc_url, protocol="grpc", preprocessing=SPEC)
     wider_cfg = cfg.model_copy(update={"max_image_pixels": 4 * MAX_PIXELS})
     wider = deploy(wider_cfg, **again)
     assert not wider.unchanged and (wider.version, wider.previous_version) == (3, 2)
     pre = read_config(repo, f"{cfg.model_name}_preprocess")
     assert pre.parameters["max_pixels"].string_value == str(4 * MAX_PIXELS)
     [big] = predict_files([files["big"]], url=triton["info"].grpc_url, model_name=cfg.model_name,
-                          image_size=S)
+                          preprocessing=SPEC)
     assert big.error is None and big.model_version == "3"
     # the same settings again: now it is unchanged
     assert deploy(wider_cfg, **again).unchanged
@@ -507,7 +507,7 @@ def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed
     assert (back.from_version, back.to_version) == (2, 1)
     assert back.golden_max_abs_diff is not None and back.golden_max_abs_diff <= 1e-4
     [pred] = predict_files([files["cr"]], url=url, protocol="http", model_name=cfg.model_name,
-                           image_size=S)
+                           preprocessing=SPEC)
     assert pred.model_version == "1"
     assert pred.probability == pytest.approx(expected_probability(files["cr"], **V1), abs=1e-5)
     # v1's own threshold (0.5, from its deploy.json) came back with it: p = 0.552 -> pneumonia
@@ -525,14 +525,14 @@ def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed
 
 def test_unknown_model_is_a_clear_error(triton, files):
     with pytest.raises(ServingError, match="model 'nope_dicom' is not loaded or not ready"):
-        predict_files([files["cr"]], url=triton["info"].grpc_url, model_name="nope", image_size=S)
+        predict_files([files["cr"]], url=triton["info"].grpc_url, model_name="nope", preprocessing=SPEC)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_server_down_is_a_clear_error(files, protocol, free_port):
     url = f"127.0.0.1:{free_port()}"
     with pytest.raises(ServingError, match=f"cannot reach Triton at {url} over {protocol}"):
-        predict_files([files["cr"]], url=url, protocol=protocol, model_name="m", image_size=S,
+        predict_files([files["cr"]], url=url, protocol=protocol, model_name="m", preprocessing=SPEC,
                       timeout=5)
 
 
@@ -543,7 +543,7 @@ def test_triton_exposes_the_metrics_the_autoscaler_reads(triton, deployed, files
     from test_deploy_manifests import triton_metrics_used
 
     predict_files([files["cr"]], url=triton["info"].grpc_url, model_name=triton["cfg"].model_name,
-                  image_size=S)
+                  preprocessing=SPEC)
     with urllib.request.urlopen(triton["info"].metrics_url, timeout=10) as resp:
         text = resp.read().decode()
     for metric in triton_metrics_used():
@@ -576,6 +576,6 @@ def test_a_restarted_server_serves_what_was_deployed(triton, deployed, files):
     info = start_server(triton["cfg"], repository=triton["repo"], state_dir=triton["state"])
     assert info.grpc_url == triton["info"].grpc_url
     preds = predict_files([files["ct"], files["cr"]], url=info.grpc_url,
-                          model_name=triton["cfg"].model_name, image_size=S)
+                          model_name=triton["cfg"].model_name, preprocessing=SPEC)
     assert [p.model_version for p in preds] == ["2", "2"]
     assert preds[1].probability == pytest.approx(expected_probability(files["cr"], **V2), abs=1e-5)
