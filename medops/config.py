@@ -98,6 +98,8 @@ class IngestConfig(_Section):
     # the hospital's export folder, relative to the project or absolute: read only, never
     # versioned (its files and names carry PHI); label manifests (*.csv) arrive in it too
     source: str = "data/export"
+    # image_size, window, frame, pixel_spacing: ``preprocessing`` below, the PreprocessSpec that
+    # pixels, the serving contract, its preprocessing model and the client take whole
     image_size: int = Field(default=28, ge=8, le=1024)
     window: Window | None = None
     frame: Literal["first", "middle", "max"] = "middle"  # which frame of a multi-frame image
