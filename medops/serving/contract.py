@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from medops.config import PreprocessSpec, ServingConfig, Window
 from medops.models import INPUT_NAME, OUTPUT_NAME  # the models' tensor names, served as they are
@@ -306,8 +306,8 @@ def preprocessing_from_parameters(params: Mapping[str, str]) -> PreprocessSpec:
     if "window_center" in params:
         window = Window(center=float(params["window_center"]), width=float(params["window_width"]))
     spacing = params.get("pixel_spacing")
-    return PreprocessSpec(int(params["image_size"]), window, params.get("frame", "middle"),  # type: ignore[arg-type]
-                          float(spacing) if spacing else None)
+    frame: Any = params.get("frame", "middle")  # PreprocessSpec checks it
+    return PreprocessSpec(int(params["image_size"]), window, frame, float(spacing) if spacing else None)
 
 
 THRESHOLD_PARAM = "threshold"
