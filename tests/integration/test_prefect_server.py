@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import urllib.request
 from pathlib import Path
@@ -37,6 +38,9 @@ def test_start_reuse_status_stop(tmp_path: Path, free_port) -> None:
         assert "prefect server start" in log_file(state).read_text()
         with urllib.request.urlopen(f"{cfg.api_url}/version", timeout=5) as resp:
             assert resp.status == 200
+        # the UI (served at /) is told where the API is: on this port, not Prefect's default 4200
+        with urllib.request.urlopen(f"{cfg.ui_url}/ui-settings", timeout=5) as resp:
+            assert json.loads(resp.read())["api_url"] == cfg.api_url
 
         again = start_prefect(cfg, state_dir=state)
         assert again.reused and again.pid == info.pid

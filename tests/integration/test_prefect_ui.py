@@ -28,35 +28,22 @@ import httpx
 import pytest
 
 from _chromium import chromium
+from _project import REPO, clone_project
 
 pytestmark = [pytest.mark.browser, pytest.mark.prefect, pytest.mark.dvc, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-GENERATED = ("tests/", "benchmarks/", "data/", "models/", "reports/", ".medops/", "dvc-remote/")
 RUN_TIMEOUT_S = 600   # one epoch on 100 images and the other stages: about 50 s on 2 idle cores
 EPOCHS_IN_PARAMS = 2  # params.yaml's value; the form asks for 1
-
-
-def _copy_clone(dest: Path) -> None:
-    """What a fresh clone holds (git-tracked files and those about to be), nothing generated."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
-    for rel in listed:
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(GENERATED) and rel != "dvc.lock":
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dest / rel).write_bytes(src.read_bytes())
+FINAL_STATES = ("Completed", "Failed", "Crashed", "Cancelled")
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, free_port):
-    from medops.config import update_params_file
+    from medops.config import load_params
     from medops.ops.demo import ensure_export
     from medops.paths import ProjectPaths
 
-    root = tmp_path_factory.mktemp("ui-project")
-    _copy_clone(root)
-    params = update_params_file(root / "params.yaml", {
+    root = clone_project(tmp_path_factory.mktemp("ui-project"), {
         "synth": {"max_images_per_split": 100},
         "train": {"epochs": EPOCHS_IN_PARAMS, "batch_size": 16},
         "evaluate": {"bootstrap_samples": 50, "gradcam_samples": 2},
@@ -64,10 +51,7 @@ def project(tmp_path_factory, free_port):
         "gate": {"min_auc": 1.0, "min_accuracy": 1.0, "compare_with_serving": False},
         "prefect": {"port": free_port(), "deployment_name": "medops-ui-test", "train_on_new_data": False},
     })
-    git = ["git", "-c", "user.name=medops-test", "-c", "user.email=test@medops.invalid"]
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=root, check=True)
-    subprocess.run(git + ["commit", "-qm", "clone"], cwd=root, check=True)
+    params = load_params(root / "params.yaml")
     paths = ProjectPaths(root)
     assert ensure_export(paths, params)
     env = {**os.environ, "MEDOPS_DEID_KEY": "ui-test-key",
@@ -143,15 +127,18 @@ def _edit_int_parameter(driver, wait, name: str, value: int) -> None:
     assert box.get_attribute("value") == str(value)
 
 
-def _state_badge(driver) -> str | None:
-    """The flow run page's state (the badge under the run's name)."""
-    for state in ("Completed", "Failed", "Crashed", "Cancelled"):
-        if driver.find_elements("xpath", f"//main//span[normalize-space(text())='{state}']"):
-            return state
-    return None
+def _run_page_state(driver, run_name: str) -> str | None:
+    """The state badge in the header of run ``run_name``'s page (None until that page shows: right
+    after a client-side navigation the previous page, with badges of its own, is still drawn)."""
+    main = driver.find_element("tag name", "main")
+    if not main.text.startswith(f"Runs\n{run_name}\n"):
+        return None
+    badges = main.find_elements("xpath", ".//span[@data-slot='badge'][contains(@class, 'bg-state-')]")
+    return badges[0].text.strip() if badges else None
 
 
 def test_a_training_run_started_from_the_ui_form_completes(project, served, browser) -> None:
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     from medops.config import load_params
@@ -160,12 +147,17 @@ def test_a_training_run_started_from_the_ui_form_completes(project, served, brow
     cfg, deployment, serve_log = served
     wait = WebDriverWait(browser, 60)
 
-    # the server answers only "/" (and its assets): a deep link is a 404, the UI routes itself
-    assert httpx.get(f"{cfg.ui_url}/deployments", timeout=5).status_code == 404
+    # enter at "/" as a user does (Prefect 3.8's server answers a deep link such as /deployments
+    # with 404; the UI routes itself from there)
     browser.get(f"{cfg.ui_url}/")
-    # the UI found the API (a UI asking the wrong port says "Unable to connect to Prefect server")
     _click_button(browser, "Deployments", wait)
-    wait.until(lambda d: d.find_elements("css selector", f"a[href$='/deployment/{deployment['id']}']"))[0].click()
+    try:
+        link = wait.until(lambda d: d.find_elements("css selector", f"a[href$='/deployment/{deployment['id']}']"))
+    except TimeoutException:
+        raise AssertionError(  # e.g. "Unable to connect to Prefect server": see /ui-settings' api_url
+            f"the training deployment is not listed; the page says "
+            f"{browser.find_element('tag name', 'body').text[:400]!r}") from None
+    link[0].click()
     wait.until(lambda d: "training-pipeline" in d.find_element("tag name", "main").text)
     _click_button(browser, "Run", wait)
     _click_button(browser, "Custom run", wait)
@@ -174,16 +166,32 @@ def test_a_training_run_started_from_the_ui_form_completes(project, served, brow
     _click_button(browser, "View run", wait)  # the toast that says the run is scheduled
     wait.until(lambda d: "/runs/flow-run/" in d.current_url)
     run_id = browser.current_url.split("/runs/flow-run/")[1].split("?")[0]
+    name = httpx.get(f"{cfg.api_url}/flow_runs/{run_id}", timeout=10).json()["name"]
 
-    # the page follows the run by itself; wait for its state badge to settle
+    # the page follows the run by itself (Scheduled, Pending, Running, ...): wait for a final state
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while (state := _state_badge(browser)) is None and time.monotonic() < deadline:
-        time.sleep(2)
+    seen = []
+    while time.monotonic() < deadline:
+        state = _run_page_state(browser, name)
+        if state and (not seen or seen[-1] != state):
+            seen.append(state)
+        if state in FINAL_STATES:
+            break
+        time.sleep(1)
+    run = httpx.get(f"{cfg.api_url}/flow_runs/{run_id}", timeout=10).json()
+    assert seen and seen[-1] == "Completed", (seen, run["state"], serve_log.read_text(errors="replace")[-3000:])
+    assert "Running" in seen  # the page showed the run in flight, then its end
+    # open the run again from the runs list (client-side): the page as a user finds it afterwards,
+    # every task run drawn
+    tasks = httpx.post(f"{cfg.api_url}/task_runs/count",
+                       json={"flow_runs": {"id": {"any_": [run_id]}}}, timeout=10).json()
+    _click_button(browser, "Runs", wait)
+    wait.until(lambda d: d.find_elements("css selector", f"main a[href*='/runs/flow-run/{run_id}']"))[0].click()
+    wait.until(lambda d: _run_page_state(d, name) == "Completed"
+               and f"{tasks} Task runs" in d.find_element("tag name", "main").text)
     screenshot_dir = Path(os.environ.get("MEDOPS_SCREENSHOT_DIR", REPO / "reports" / "ui"))
     screenshot_dir.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(screenshot_dir / "prefect-training-run.png"))
-    run = httpx.get(f"{cfg.api_url}/flow_runs/{run_id}", timeout=10).json()
-    assert state == "Completed", (state, run["state"], serve_log.read_text(errors="replace")[-3000:])
 
     # the run is the form's: this deployment, epochs edited, every other parameter left empty
     assert run["deployment_id"] == deployment["id"] and run["state_type"] == "COMPLETED"
