@@ -44,6 +44,7 @@ from medops.serving.contract import (
     render_config,
     render_ensemble_config,
 )
+from medops.serving.audit import audited
 from medops.serving.server import ADMIN_KEY_ENV, admin_headers, admin_key_from_env, endpoint
 from medops.serving.repository import (
     GOLDEN_FILE,
@@ -420,6 +421,7 @@ def _why(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+@audited("deploy")  # who, when, what, why and the outcome: medops.serving.audit
 def deploy(
     cfg: ServingConfig,
     *,
@@ -625,6 +627,7 @@ class RollbackResult(BaseModel):
     threshold: float
 
 
+@audited("rollback")
 def rollback(
     cfg: ServingConfig,
     *,
