@@ -139,8 +139,8 @@ def test_every_deploy_and_rollback_is_in_the_audit_log_across_a_restart(restrict
     url = endpoint(restricted["info"], "grpc")
     v2 = deploy(cfg, onnx=onnx_path, gate=write_gate(base / "gate2.json", passed=True),
                 export_result=write_export_result(onnx_path), repository=repo, url=url,
-                image_size=S, by="dr.okafor", reason="CHG-77 retrained on site B")
-    back = rollback(cfg, repository=repo, url=url, image_size=S, reason="site B sensitivity dropped")
+                preprocessing=SPEC, by="dr.okafor", reason="CHG-77 retrained on site B")
+    back = rollback(cfg, repository=repo, url=url, preprocessing=SPEC, reason="site B sensitivity dropped")
     assert (v2.version, back.to_version) == (2, 1)
 
     stop_server(restricted["state"])

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from medops.config import GateConfig, ServingConfig
+from medops.config import GateConfig, PreprocessSpec, ServingConfig
 from medops.errors import GateRejectedError, ServerUnreachableError, ServingError
 from medops.serving.audit import AUDIT_FILE, append, audit_log, history, os_user
 from medops.serving.deploy import deploy, rollback
 from medops.stages.gate import decide
+
+SPEC = PreprocessSpec(image_size=28)
 
 
 def _gate(path: Path, passed: bool) -> Path:
@@ -36,7 +38,7 @@ def test_a_refused_deploy_is_recorded_with_who_and_why(tmp_path: Path) -> None:
     before = datetime.now(timezone.utc).replace(microsecond=0)
     with pytest.raises(GateRejectedError):
         deploy(ServingConfig(), onnx=tmp_path / "m.onnx", gate=_gate(tmp_path / "gate.json", passed=False),
-               export_result=tmp_path / "export.json", repository=repo, image_size=28,
+               export_result=tmp_path / "export.json", repository=repo, preprocessing=SPEC,
                by="dr.chen", reason="CAB-1234: weekly retrain")
     [entry] = history(repo)
     assert entry["action"] == "deploy" and entry["outcome"] == "refused"
@@ -56,7 +58,7 @@ def test_a_failed_rollback_is_recorded_and_the_os_user_is_the_default(tmp_path: 
     (repo / cfg.model_name / "config.pbtxt").write_text(
         f'name: "{cfg.model_name}"\nversion_policy: {{ specific: {{ versions: [2] }} }}\n')
     with pytest.raises((ServerUnreachableError, ServingError)):  # nothing listens on that port
-        rollback(cfg, repository=repo, image_size=28, timeout=5)
+        rollback(cfg, repository=repo, preprocessing=SPEC, timeout=5)
     [entry] = history(repo)
     assert entry["action"] == "rollback" and entry["outcome"] == "failed"
     assert entry["by"] == os_user() and entry["reason"] is None
