@@ -143,8 +143,21 @@ class ProjectPaths:
 
     @property
     def tensorboard(self) -> Path:
-        """TensorBoard logs of the last training run (`tensorboard --logdir models/tensorboard`)."""
+        """TensorBoard logs, one folder per training run, kept across runs (a persistent DVC
+        output): `tensorboard --logdir models/tensorboard` shows every run side by side."""
         return self.models / "tensorboard"
+
+    @property
+    def dvclive(self) -> Path:
+        """DVCLive's per-epoch curves of the last training run (the train stage's metrics and
+        plots in dvc.yaml: `dvc plots show`, `dvc exp show`)."""
+        return self.root / "dvclive"
+
+    @property
+    def train_backup(self) -> Path:
+        """Per-epoch backups of a training run in progress, from which a killed run resumes
+        (medops.learn.resume); deleted when the run finishes. Never versioned."""
+        return self.state / "train-backup"
 
     @property
     def onnx_model(self) -> Path:

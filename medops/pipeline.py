@@ -105,6 +105,7 @@ def train(p: Params, pp: ProjectPaths) -> Any:
     return run(p.train, p.augment, ingested_dir=pp.ingested, split=pp.split,
                model_out=pp.keras_model, result_out=pp.train_result,
                data_version=_data_version(pp), log_dir=pp.tensorboard,
+               backup_root=pp.train_backup, live_dir=pp.dvclive,
                extra_callbacks=[keras_progress("train", p.train.epochs)])
 
 
