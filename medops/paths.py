@@ -21,10 +21,13 @@ BUNDLED_DATASET = PACKAGE_ROOT.parent / "datasets" / "pneumoniamnist" / "pneumon
 def find_project_root(start: Path | None = None) -> Path:
     """The nearest folder at or above ``start`` with params.yaml (``start`` itself if none has one).
 
-    ``start`` defaults to $MEDOPS_ROOT, then the current folder; an explicit ``start`` wins.
+    ``start`` defaults to $MEDOPS_ROOT, then the current folder; an explicit ``start`` wins. A
+    command that DVC runs as a dvc.yaml stage (DVC sets DVC_STAGE) starts from the current folder,
+    where DVC runs it: the project being reproduced, which for ``dvc exp run --queue`` is a
+    temporary copy that no MEDOPS_ROOT names (and DVC_ROOT names the original there).
     """
     if start is None:
-        env = os.environ.get("MEDOPS_ROOT")
+        env = None if os.environ.get("DVC_STAGE") else os.environ.get("MEDOPS_ROOT")
         start = Path(env) if env else Path.cwd()
     here = Path(start).resolve()
     for candidate in (here, *here.parents):
