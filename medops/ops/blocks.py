@@ -17,7 +17,7 @@ then create one document of each in the UI (Blocks -> +), or in Python::
 The flows look each one up by those names (TRITON_BLOCK, DVC_REMOTE_BLOCK, DEID_KEY_SECRET) and
 fall back to params.yaml and the environment when there is none, as before:
 
-- ``medops-triton`` (TritonServer): where deploy and rollback reach Triton (instead of
+- ``medops-triton`` (TritonServer): where the training flow's deploy task reaches Triton (instead of
   ``serving.host`` and the ports) and the model-repository admin key (instead of
   ``$MEDOPS_TRITON_ADMIN_KEY`` / ``.medops/secrets/triton-admin.key``);
 - ``medops-dvc-remote`` (DvcRemote): the DVC remote the flows push data and outputs to, written into
