@@ -43,11 +43,13 @@ def ingest(paths: ProjectPaths, cluster: Optional[str] = None) -> dict[str, Any]
     """medops.pipeline.ingest_export: the export folder into the published dataset (incremental);
     ``cluster`` overrides ``ingest.cluster`` ("none": the local pool)."""
     from medops.config import with_cluster
+    from medops.ops.blocks import deid_key
     from medops.pipeline import ingest_export
     from medops.stages.ingest import format_summary
 
+    # the medops-deid-key Secret block when there is one, else $MEDOPS_DEID_KEY or the key file
     intake = ingest_export(with_cluster(load_params(paths.params), cluster), paths,
-                           progress=progress_artifact("ingest", "files"))
+                           progress=progress_artifact("ingest", "files"), key=deid_key())
     # the summary names the operator's private report by its location, never an export path
     get_run_logger().info(format_summary(intake.result))
     return {**intake.result.model_dump(mode="json"), "published": intake.published}
@@ -71,8 +73,16 @@ def progress_artifact(name: str, unit: str, min_interval_s: float = 1.0) -> Call
 
 @task(cache_policy=NO_CACHE)
 def version(paths: ProjectPaths) -> str:
-    """``dvc add`` + ``dvc push`` of the dataset folder; returns its data version."""
-    return dvc.version_dataset(paths.root, paths.ingested, push=True)
+    """``dvc add`` + ``dvc push`` of the dataset folder (to the medops-dvc-remote block's remote when
+    there is one, else the default remote); returns its data version."""
+    from medops.ops.blocks import dvc_remote
+
+    remote = dvc_remote()
+    if remote is None:
+        return dvc.version_dataset(paths.root, paths.ingested, push=True)
+    data_version = dvc.version_dataset(paths.root, paths.ingested, push=False)
+    dvc.push(paths.root, [paths.ingested], remote=remote.configure(paths.root))
+    return data_version
 
 
 def emit_versioned(data_version: str, summary: dict[str, Any], previous: Optional[str]) -> Any:

@@ -214,10 +214,15 @@ def deploy_model(paths: ProjectPaths, params: Params) -> dict[str, Any]:
 
     from prefect.runtime import flow_run
 
+    from medops.ops.blocks import triton_server
     from medops.pipeline import serving_kwargs
 
-    result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
-                    export_result=paths.export_result, **serving_kwargs(params, paths),
+    cfg, settings = params.serving, serving_kwargs(params, paths)
+    server = triton_server()  # the medops-triton block, when there is one: its address and key
+    if server is not None:
+        get_run_logger().info("deploying to Triton at %s (block %s)", server.url, server._block_document_name)
+        cfg, settings["admin_key"] = server.serving_config(cfg), server.key() or settings["admin_key"]
+    result = deploy(cfg, onnx=paths.onnx_model, gate=paths.gate, export_result=paths.export_result, **settings,
                     reason=f"Prefect flow run {flow_run.get_name()} ({flow_run.get_id()}): the gate passed")
     payload = result.model_dump(mode="json")
     if not result.unchanged:
@@ -250,8 +255,12 @@ def record_experiment(paths: ProjectPaths) -> Optional[str]:
 
 @task(cache_policy=NO_CACHE)
 def push_outputs(paths: ProjectPaths) -> str:
-    """``dvc push``: the pipeline's outputs (and the raw data) to the default remote."""
-    summary = dvc.push(paths.root)
+    """``dvc push``: the pipeline's outputs (and the raw data) to the default remote, or to the
+    remote of the medops-dvc-remote block when there is one (written into the DVC config first)."""
+    from medops.ops.blocks import dvc_remote
+
+    remote = dvc_remote()
+    summary = dvc.push(paths.root, remote=remote.configure(paths.root) if remote is not None else None)
     get_run_logger().info("dvc push: %s", summary)
     return summary
 

@@ -21,10 +21,13 @@ BUNDLED_DATASET = PACKAGE_ROOT.parent / "datasets" / "pneumoniamnist" / "pneumon
 def find_project_root(start: Path | None = None) -> Path:
     """The nearest folder at or above ``start`` with params.yaml (``start`` itself if none has one).
 
-    ``start`` defaults to $MEDOPS_ROOT, then the current folder; an explicit ``start`` wins.
+    ``start`` defaults to $MEDOPS_ROOT, then the current folder; an explicit ``start`` wins. A
+    command that DVC runs as a dvc.yaml stage (DVC sets DVC_STAGE) starts from the current folder,
+    where DVC runs it: the project being reproduced, which for ``dvc exp run --queue`` is a
+    temporary copy that no MEDOPS_ROOT names (and DVC_ROOT names the original there).
     """
     if start is None:
-        env = os.environ.get("MEDOPS_ROOT")
+        env = None if os.environ.get("DVC_STAGE") else os.environ.get("MEDOPS_ROOT")
         start = Path(env) if env else Path.cwd()
     here = Path(start).resolve()
     for candidate in (here, *here.parents):
@@ -143,8 +146,21 @@ class ProjectPaths:
 
     @property
     def tensorboard(self) -> Path:
-        """TensorBoard logs of the last training run (`tensorboard --logdir models/tensorboard`)."""
+        """TensorBoard logs, one folder per training run, kept across runs (a persistent DVC
+        output): `tensorboard --logdir models/tensorboard` shows every run side by side."""
         return self.models / "tensorboard"
+
+    @property
+    def dvclive(self) -> Path:
+        """DVCLive's per-epoch curves of the last training run (the train stage's metrics and
+        plots in dvc.yaml: `dvc plots show`, `dvc exp show`)."""
+        return self.root / "dvclive"
+
+    @property
+    def train_backup(self) -> Path:
+        """Per-epoch backups of a training run in progress, from which a killed run resumes
+        (medops.learn.resume); deleted when the run finishes. Never versioned."""
+        return self.state / "train-backup"
 
     @property
     def onnx_model(self) -> Path:

@@ -55,12 +55,13 @@ class Intake:
 
 
 def ingest_export(params: Params, paths: ProjectPaths, *, progress: Any = None,
-                  full: bool = False) -> Intake:
+                  full: bool = False, key: bytes | None = None) -> Intake:
     """The one data path in: the export folder (``ingest.source``) de-identified incrementally into
     the private ingest folder, then published as the PHI-free dataset that DVC versions.
 
     Labels come from every manifest in the export folder (``*.csv`` with ``SOPInstanceUID,label``
-    and optionally ``split``), merged; without one, from folder names.
+    and optionally ``split``), merged; without one, from folder names. ``key``: the
+    de-identification key (e.g. from a Prefect Secret block); default: :func:`deid_key`.
 
     Raises:
         IngestError: no export folder, an unusable manifest, or an output that cannot be written.
@@ -74,7 +75,7 @@ def ingest_export(params: Params, paths: ProjectPaths, *, progress: Any = None,
         raise IngestError(f"the export folder {source} does not exist: put the hospital's export "
                           f"there or set ingest.source in params.yaml")
     cfg = params.ingest.model_copy(update={"incremental": False}) if full else params.ingest
-    key = deid_key(params, paths)
+    key = key or deid_key(params, paths)
     result = run(cfg, source_dir=source, out_dir=paths.ingest_work,
                  manifest=find_manifests(source) or None, key=key, progress=progress)
     return Intake(result, publish_dataset(paths.ingest_work, paths.ingested, key))
@@ -105,6 +106,7 @@ def train(p: Params, pp: ProjectPaths) -> Any:
     return run(p.train, p.augment, ingested_dir=pp.ingested, split=pp.split,
                model_out=pp.keras_model, result_out=pp.train_result,
                data_version=_data_version(pp), log_dir=pp.tensorboard,
+               backup_root=pp.train_backup, live_dir=pp.dvclive,
                extra_callbacks=[keras_progress("train", p.train.epochs)])
 
 

@@ -555,6 +555,7 @@ def fit_under_plan(
     callbacks: Sequence[Any] = (),
     class_weight: dict[int, float] | None = None,
     strategy: "tf.distribute.Strategy | None" = None,
+    backup: Any = None,
 ) -> FitOutcome:
     """Build, compile and fit a model under ``plan``.
 
@@ -577,6 +578,9 @@ def fit_under_plan(
         callbacks, class_weight: passed to ``model.fit``.
         strategy: a strategy already made from ``plan`` (required in multi-worker processes, which
             must create it first); default ``make_strategy(plan)``.
+        backup: a ``medops.learn.resume.training_backup`` callback (run last): a run killed after
+            some epochs resumes after them, replaying the training data's per-epoch shuffles, and
+            the history returned holds every epoch.
     """
     import keras
     import tensorflow as tf
@@ -603,11 +607,14 @@ def fit_under_plan(
             # Opening one here too gives one device the same shuffles and augmentation draws as
             # any number of replicas.
             iter(train_ds)
+        for _ in range(backup.iterators_to_replay if backup is not None else 0):
+            iter(train_ds)  # resuming: the epochs already run drew these shuffles
         fit = model.fit(
             train_ds, validation_data=val_ds, epochs=epochs, verbose=0, shuffle=False,
-            callbacks=list(callbacks), class_weight=class_weight,
+            callbacks=[*callbacks, *([backup] if backup is not None else [])], class_weight=class_weight,
         )
     finally:
         restore_precision(previous)
-    history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
+    history = {k: [float(v) for v in vals] for k, vals in (backup.history if backup is not None
+                                                            else fit.history).items()}
     return FitOutcome(model=model, history=history, plan=plan)

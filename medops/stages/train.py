@@ -54,6 +54,8 @@ class TrainResult(BaseModel):
     val_loss: float | None
     best_epoch: int | None = None   # 1-based epoch whose weights were kept
     best_val_auc: float | None = None
+    resumed_from_epoch: int = 0     # epochs restored from a backup of an interrupted run
+    tensorboard_dir: str | None = None  # this run's own TensorBoard folder
     decision_threshold: float       # chosen on val; evaluate and serving call >= it positive
     threshold_strategy: str
     history: dict[str, list[float]]
@@ -120,16 +122,23 @@ def fit_model(
     plan: Any = None,
     strategy: Any = None,
     extra_callbacks: Sequence[Any] = (),
+    backup_dir: Path | None = None,
+    live_dir: Path | None = None,
+    run_label: str | None = None,
 ) -> tuple[Any, dict[str, list[float]], int | None]:
     """Seed, build, compile and fit, under the distribution plan (one CPU, GPUs, or a cluster).
 
     ``train_cfg.batch_size`` is the global batch: results do not depend on the hardware.
     Returns the model (with the best val-AUC epoch's weights when ``restore_best``), its
     per-epoch history and the 1-based epoch whose weights it holds (None: the last).
+    ``backup_dir``: back up every epoch there and resume from it (medops.learn.resume), recording
+    ``run_label``; ``log_dir``: TensorBoard logs; ``live_dir``: DVCLive curves (medops.learn.tracking).
     """
     import keras
 
     from medops.learn.distribute import fit_under_plan
+    from medops.learn.resume import training_backup
+    from medops.learn.tracking import dvclive_curves
     from medops.models import build_model
 
     plan = plan if plan is not None else plan_for(train_cfg)
@@ -146,8 +155,11 @@ def fit_model(
             restore_best_weights=train_cfg.restore_best,
         )
         callbacks.append(stopper)
+    backup = training_backup(backup_dir, stopper=stopper, run_name=run_label) if backup_dir else None
     if log_dir is not None:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=0))
+    if live_dir is not None:
+        callbacks.append(dvclive_curves(live_dir, backup=backup))
     outcome = fit_under_plan(
         plan,
         lambda: build_model(train_cfg.model, train_cfg, x_train.shape[1:]),
@@ -159,7 +171,7 @@ def fit_model(
         global_batch_size=train_cfg.batch_size, epochs=train_cfg.epochs,
         seed=train_cfg.seed, callbacks=callbacks,
         class_weight=compute_class_weights(y_train, train_cfg.class_weight),
-        strategy=strategy,
+        strategy=strategy, backup=backup,
     )
     best = None
     if stopper is not None and train_cfg.restore_best and stopper.best_weights is not None:
@@ -200,11 +212,15 @@ def run(
     data_version: str,
     log_dir: Path | None = None,
     extra_callbacks: Sequence[Any] = (),
+    backup_root: Path | None = None,
+    live_dir: Path | None = None,
 ) -> TrainResult:
     """Load train/val, fit, choose the decision threshold on val, save the model, write train.json.
 
-    ``log_dir``: write TensorBoard logs there (off when None). ``extra_callbacks``: more Keras
-    callbacks for ``fit`` (they must not change what is learnt).
+    ``log_dir``: TensorBoard logs, in a folder of this run's own below it (off when None).
+    ``extra_callbacks``: more Keras callbacks for ``fit`` (they must not change what is learnt).
+    ``backup_root``: back up each epoch there; an interrupted run resumes (``resume_point``).
+    ``live_dir``: DVCLive's folder (chief only).
     """
     from medops.learn.distribute import is_chief, make_strategy
 
@@ -218,10 +234,13 @@ def run(
     x_val, y_val = canonical_order(x_val, y_val, val_rows)  # the threshold's bootstrap too
     check_both_classes(y_train, "train")
     check_both_classes(y_val, "val")
+    backup_dir, label, resumed = resume_point(train_cfg, augment_cfg, split=split, data_version=data_version,
+                                              backup_root=backup_root, worker_index=plan.worker_index)
+    run_log_dir = Path(log_dir) / label if log_dir is not None and is_chief(plan) else None
     model, history, best_epoch = fit_model(
         train_cfg, augment_cfg, (x_train, y_train), (x_val, y_val),
-        log_dir=log_dir if is_chief(plan) else None, plan=plan, strategy=strategy,
-        extra_callbacks=extra_callbacks,
+        log_dir=run_log_dir, plan=plan, strategy=strategy, extra_callbacks=extra_callbacks,
+        backup_dir=backup_dir, run_label=label, live_dir=live_dir if is_chief(plan) else None,
     )
     val_scores = predict_probabilities(model, x_val)
     threshold = select_threshold(
@@ -249,6 +268,8 @@ def run(
         val_loss=last("val_loss"),
         best_epoch=best_epoch,
         best_val_auc=compute_auc(y_val, val_scores),
+        resumed_from_epoch=resumed,
+        tensorboard_dir=str(run_log_dir) if run_log_dir is not None else None,
         decision_threshold=threshold,
         threshold_strategy=train_cfg.threshold_strategy,
         history=history,
@@ -260,6 +281,29 @@ def run(
         result_out.parent.mkdir(parents=True, exist_ok=True)
         result_out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return result
+
+
+def resume_point(train_cfg: TrainConfig, augment_cfg: AugmentConfig, *, split: Path, data_version: str,
+                 backup_root: Path | None, worker_index: int) -> tuple[Path | None, str, int]:
+    """Where this run backs up (None without ``backup_root``), its name, and the epochs it resumes
+    after (0: a fresh run).
+
+    The backup folder is keyed by the train and augment params, the data version and the split
+    file's bytes (medops.learn.resume.fingerprint), so only an interrupted run of the same
+    training resumes; a resumed run keeps the interrupted run's name (its TensorBoard folder).
+    """
+    from medops.learn.resume import backup_dir_for, file_digest, fingerprint, read_checkpoint
+    from medops.learn.tracking import run_name
+
+    if backup_root is None:
+        return None, run_name(), 0
+    key = fingerprint(train_cfg.model_dump(mode="json"), augment_cfg.model_dump(mode="json"),
+                      data_version, file_digest(split))
+    backup_dir = backup_dir_for(backup_root, key, worker_index)
+    checkpoint = read_checkpoint(backup_dir)
+    if checkpoint is None:
+        return backup_dir, run_name(), 0
+    return backup_dir, checkpoint.run_name or run_name(), checkpoint.epoch
 
 
 def canonical_order(x: np.ndarray, y: np.ndarray, rows: Any) -> tuple[np.ndarray, np.ndarray]:

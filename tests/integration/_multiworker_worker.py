@@ -7,7 +7,7 @@ before any other op. TF_CONFIG, when set, comes from the environment as in a rea
 
     python _multiworker_worker.py --strategy {default,mirrored,multi_worker} --out DIR
         [--n 256] [--batch 32] [--epochs 3] [--lr 0.3] [--seed 7] [--mixed-precision auto|on|off]
-        [--pipeline plain|medops] [--dtype float32|float64]
+        [--pipeline plain|medops] [--dtype float32|float64] [--backup DIR [--die-at-epoch K]]
 
 Writes DIR/result.npz (weights w0..wK, ``initial`` weights i0..iK, ``probe`` predictions on the
 first --probe val images) and DIR/result.json (plan, history, chief, output dtype).
@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", choices=("float32", "float64"), default="float32",
         help="the Keras dtype policy the model is built under (float64: parity runs, see ATOL)",
     )
+    parser.add_argument("--backup", type=Path, default=None,
+                        help="back up every epoch into DIR/worker-N and resume from it (medops.learn.resume)")
+    parser.add_argument("--die-at-epoch", type=int, default=None,
+                        help="SIGKILL this process when epoch K (0-based) begins, epochs < K backed up")
     args = parser.parse_args(argv)
 
     from medops.learn import distribute
@@ -122,10 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     def validation(global_batch: int) -> tf.data.Dataset:
         return tf.data.Dataset.from_tensor_slices((probe, probe_y)).batch(global_batch)
 
+    backup = None
+    if args.backup is not None:
+        from medops.learn.resume import training_backup
+
+        backup = training_backup(args.backup / f"worker-{plan.worker_index}")
+    die_at = args.die_at_epoch
+
+    class Die(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            if epoch == die_at:
+                os.kill(os.getpid(), 9)  # as a lost node: no clean-up, no Python exit handlers
+
     outcome = distribute.fit_under_plan(
         plan, build, dataset, global_batch_size=args.batch, epochs=args.epochs,
         seed=args.seed, compile_fn=compile_sgd, strategy=strategy,
-        validation_fn=validation,
+        validation_fn=validation, callbacks=[Die()] if die_at is not None else [], backup=backup,
     )
     model = outcome.model
     weights = [np.array(w) for w in model.get_weights()]
@@ -143,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "prediction_dtype": str(predictions.dtype),
         "policy_after": keras.mixed_precision.global_policy().name,
         "pid": os.getpid(),
+        "resumed_from_epoch": backup.initial_epoch if backup is not None else 0,
     }
     if distribute.is_chief(plan):
         args.out.mkdir(parents=True, exist_ok=True)
@@ -156,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_workers(runs: dict[str, tuple[list[str], dict[str, str]]], out: Path, *, timeout: float) -> None:
+def run_workers(runs: dict[str, tuple[list[str], dict[str, str]]], out: Path, *, timeout: float,
+                expected_rc: int = 0) -> None:
     """Start one worker process per run at once, wait for all (killing every one on a timeout or a
-    failure, so no process outlives the test), and fail with the failing run's log tail."""
+    failure, so no process outlives the test), and fail with the failing run's log tail unless
+    each exits ``expected_rc`` (-9: killed by SIGKILL)."""
     procs: dict[str, subprocess.Popen] = {}
     logs: dict[str, Path] = {}
     try:
@@ -179,7 +198,7 @@ def run_workers(runs: dict[str, tuple[list[str], dict[str, str]]], out: Path, *,
                 raise AssertionError(
                     f"worker {name} did not finish in {timeout} s:\n{logs[name].read_text()[-3000:]}"
                 ) from None
-            assert rc == 0, f"worker {name} exited {rc}:\n{logs[name].read_text()[-3000:]}"
+            assert rc == expected_rc, f"worker {name} exited {rc}:\n{logs[name].read_text()[-3000:]}"
     finally:
         for proc in procs.values():
             if proc.poll() is None:
