@@ -132,34 +132,32 @@ def _count_start(paths: ProjectPaths, name: str) -> None:
     tmp.replace(path)
 
 
-def _conf_value(text: str) -> str:
-    return text.replace("%", "%%")  # supervisord expands %(name)s in values
-
-
 def render_conf(paths: ProjectPaths, services: Sequence[str]) -> str:
     """supervisord.conf for ``services`` (names of SERVICES) of the project at ``paths``."""
+    if "%" in str(paths.root) or "%" in sys.executable:  # supervisord expands %(name)s in values
+        raise MedopsError(f"supervisord cannot run a project whose path holds '%': {paths.root}")
     sock, logs, run = socket_path(paths), paths.logs, paths.run_dir
     lines = [
         "; written by medops (medops.ops.supervise) at each `medops up`; edits are overwritten",
-        "[unix_http_server]", f"file={_conf_value(str(sock))}", "chmod=0700", "",
-        "[supervisord]", f"logfile={_conf_value(str(logs / 'supervisord.log'))}",
+        "[unix_http_server]", f"file={sock}", "chmod=0700", "",
+        "[supervisord]", f"logfile={logs / 'supervisord.log'}",
         "logfile_maxbytes=10MB", "logfile_backups=2",
-        f"pidfile={_conf_value(str(run / SUPERVISORD_PID))}",
-        f"directory={_conf_value(str(paths.root))}", "identifier=medops", "", "[rpcinterface:supervisor]",
+        f"pidfile={run / SUPERVISORD_PID}",
+        f"directory={paths.root}", "identifier=medops", "", "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
-        "[supervisorctl]", f"serverurl=unix://{_conf_value(str(sock))}", "",
+        "[supervisorctl]", f"serverurl=unix://{sock}", "",
     ]
-    for priority, name in enumerate(services, start=1):
-        svc = SERVICES[name]
+    for name in services:
+        svc, priority = SERVICES[name], list(SERVICES).index(name) + 1
         command = shlex.join([sys.executable, "-m", "medops.ops.supervise", name,
                               "--project", str(paths.root)])
         lines += [
-            f"[program:{name}]", f"command={_conf_value(command)}",
-            f"directory={_conf_value(str(paths.root))}", f"priority={priority * 10}",
+            f"[program:{name}]", f"command={command}",
+            f"directory={paths.root}", f"priority={priority * 10}",
             "autostart=true", "autorestart=true", f"startsecs={svc.startsecs}", "startretries=10",
             "stopsignal=TERM", f"stopwaitsecs={svc.stopwaitsecs}",
             f"stopasgroup={str(svc.stopasgroup).lower()}", "killasgroup=true",
-            "redirect_stderr=true", f"stdout_logfile={_conf_value(str(logs / svc.log))}",
+            "redirect_stderr=true", f"stdout_logfile={logs / svc.log}",
             "stdout_logfile_maxbytes=0", "stdout_logfile_backups=0", "",
         ]
     return "\n".join(lines)
@@ -241,11 +239,11 @@ def services_status(paths: ProjectPaths, params: Params) -> list[ServiceStatus]:
             continue
         pid = _recorded_pid(paths, svc)
         uptime = time.time() - (paths.run_dir / svc.pid_file).stat().st_mtime if pid else None
-        out.append(ServiceStatus(
-            name=name, what=svc.what, running=pid is not None, state="UNSUPERVISED",
+        out.append(ServiceStatus(  # nothing restarts it: no restarts to count
+            name=name, what=svc.what, running=pid is not None,
+            state="UNSUPERVISED" if pid else "STOPPED",
             healthy=_health(name, paths, params) if pid else False, pid=pid,
-            uptime_s=round(uptime, 1) if uptime is not None else None,
-            restarts=max(_starts(paths, name) - 1, 0), log=log))
+            uptime_s=round(uptime, 1) if uptime is not None else None, restarts=0, log=log))
     return out
 
 
@@ -333,6 +331,13 @@ def start_supervisor(paths: ProjectPaths, params: Params, services: Sequence[str
     lines = []
     if is_supervised(paths):
         info = _process_info(paths)
+        missing = [n for n in services if n not in info]
+        if missing:  # e.g. `make demo` after `medops up prefect triton`: add the others
+            conf_path(paths).write_text(render_conf(paths, [n for n in SERVICES if n in info or n in missing]))
+            rpc(paths).supervisor.reloadConfig()
+            for name in missing:
+                rpc(paths).supervisor.addProcessGroup(name)
+            info = _process_info(paths)
         for name in services:
             if name in info and info[name]["statename"] not in ("RUNNING", "STARTING", "BACKOFF"):
                 rpc(paths).supervisor.startProcess(name, False)
