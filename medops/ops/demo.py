@@ -87,12 +87,16 @@ def _flow_runs(since: Any) -> list[tuple[str, Any]]:
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
-        flow_filter = FlowFilter(name=FlowFilterName(any_=list(FLOWS)))
-        names = {f.id: f.name for f in client.read_flows(flow_filter=flow_filter)}
         runs = client.read_flow_runs(
-            flow_filter=flow_filter, sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))), limit=100,
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
             flow_run_filter=FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(after_=since)))
-    return [(names.get(r.flow_id, "?"), r) for r in runs]
+        for flow_id in {r.flow_id for r in runs} - _FLOW_NAMES.keys():
+            _FLOW_NAMES[flow_id] = client.read_flow(flow_id).name
+    return [(_FLOW_NAMES[r.flow_id], r) for r in runs]
+
+
+_FLOW_NAMES: dict[Any, str] = {}  # flow id -> name (a flow's id never changes)
 
 
 def wait_for_deployments(params: Params, timeout: float = 300.0) -> None:
@@ -271,8 +275,9 @@ def run_demo(paths: ProjectPaths, params: Params) -> str:
     before = served_version(paths, params)
     since = datetime.now(timezone.utc) - timedelta(seconds=5)
     if fresh:
+        log(f"writing the demo's hospital export into {export} (a minute or two) ...")
         ensure_export(paths, params)
-        log(f"wrote the demo's hospital export (synthetic PHI) into {export}; the watcher announces it")
+        log("written (synthetic PHI on purpose); the watcher announces it once it has been quiet 3 s")
     timeout = float(os.environ.get("MEDOPS_DEMO_TIMEOUT_S", DEMO_TIMEOUT_S))
     if fresh or before is None:
         log("waiting for the events to drive ingest -> training -> deploy:")
