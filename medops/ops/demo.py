@@ -120,7 +120,9 @@ def wait_for_deployments(params: Params, timeout: float = 300.0) -> None:
 
 
 def served_version(paths: ProjectPaths, params: Params) -> int | None:
-    """The classifier version Triton serves and reports ready, or None."""
+    """The classifier version Triton serves and reports ready, with the DICOM ensemble ready
+    too, or None."""
+    from medops.serving.contract import ensemble_name
     from medops.serving.repository import served_version as pinned
     from medops.serving.server import server_status
 
@@ -134,7 +136,9 @@ def served_version(paths: ProjectPaths, params: Params) -> int | None:
     client = httpclient.InferenceServerClient(status.info.http_url, connection_timeout=5,
                                               network_timeout=5)
     try:
-        return version if client.is_model_ready(cfg.model_name, str(version)) else None
+        ready = (client.is_model_ready(cfg.model_name, str(version))
+                 and client.is_model_ready(ensemble_name(cfg.model_name)))
+        return version if ready else None
     except Exception:  # noqa: BLE001 - not loaded (yet)
         return None
     finally:
@@ -211,7 +215,8 @@ def wait_for_model(paths: ProjectPaths, params: Params, *, since: Any, before: i
         runs = _flow_runs(since)
         loop.see(runs, log)
         version = served_version(paths, params)
-        if version is not None and version != before:
+        # served, and the run that deployed it finished (its lineage record is written last)
+        if version is not None and version != before and loop.training_done is not None:
             return version
         now = time.monotonic()
         if not runs and not announced and (announce_after is None or now - start > announce_after):
@@ -227,7 +232,8 @@ def wait_for_model(paths: ProjectPaths, params: Params, *, since: Any, before: i
                 "training-pipeline by hand")
             _start_training(params, paths)
             kicked = True
-        if loop.training_done is not None and now - loop.training_done > 60:
+        if (loop.training_done is not None and now - loop.training_done > 60
+                and version in (None, before)):
             raise MedopsError("the demo stopped at deploy: training-pipeline completed but no new "
                               "model is served (did the gate refuse it? see reports/gate.json and "
                               "the run's artifacts in the Prefect UI)")
