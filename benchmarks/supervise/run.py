@@ -62,10 +62,9 @@ def _answers(paths: ProjectPaths, params: Any, sample: Path | None) -> bool:
         return True
     from medops.serving.client import predict_files
 
-    cfg, ing = params.serving, params.ingest
+    cfg = params.serving
     pred = predict_files([sample], url=cfg.grpc_url, model_name=cfg.model_name,
-                         image_size=ing.image_size, window=ing.window, frame=ing.frame,
-                         pixel_spacing=ing.pixel_spacing, retries=0)[0]
+                         preprocessing=params.ingest.preprocessing, retries=0)[0]
     return pred.error is None
 
 

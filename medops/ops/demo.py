@@ -248,10 +248,9 @@ def check_answer(paths: ProjectPaths, params: Params, sample: Path) -> str:
     from medops.serving.client import predict_files
     from medops.serving.server import endpoint
 
-    cfg, ing = params.serving, params.ingest
+    cfg = params.serving
     pred = predict_files([sample], url=endpoint(cfg, "grpc"), model_name=cfg.model_name,
-                         image_size=ing.image_size, window=ing.window, frame=ing.frame,
-                         pixel_spacing=ing.pixel_spacing)[0]
+                         preprocessing=params.ingest.preprocessing)[0]
     if pred.error is not None:
         raise MedopsError(f"the demo stopped at the first answer: Triton refused a test image: {pred.error}")
     return f"{pred.label} (p = {pred.probability:.3f}, model version {pred.model_version})"

@@ -26,7 +26,7 @@ from medops.errors import ExitCode
 from medops.ops.supervise import ServiceStatus, services_status, start_supervisor
 from medops.paths import ProjectPaths
 from test_triton_serving import (
-    S, V1, V2, V2_THRESHOLD, expected_probability, write_bundled_dicom, write_export_result,
+    SPEC, V1, V2, V2_THRESHOLD, expected_probability, write_bundled_dicom, write_export_result,
     write_gate, write_golden, write_tiny_onnx)
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton, pytest.mark.prefect]
@@ -82,7 +82,7 @@ def deploy_two_versions(project) -> None:
         deploy(cfg, onnx=onnx_path, gate=write_gate(base / f"gate{n}.json", passed=True),
                export_result=write_export_result(onnx_path, decision_threshold=chosen),
                repository=cfg.repository_path(paths.root), url=cfg.grpc_url, protocol="grpc",
-               image_size=S, admin_key=resolve_admin_key(cfg, state_dir=paths.state))
+               preprocessing=SPEC, admin_key=resolve_admin_key(cfg, state_dir=paths.state))
 
 
 def ready_models(project) -> set[tuple[str, str]]:
@@ -140,7 +140,7 @@ def test_triton_killed_comes_back_serving_exactly_what_it_served(project, tmp_pa
     assert after.restarts == before.restarts + 1
     assert ready_models(project) == served  # the same models at the same versions; not 3
     cr = write_bundled_dicom(tmp_path / "cr.dcm", index=3)
-    pred = predict_files([cr], url=cfg.grpc_url, model_name=cfg.model_name, image_size=S)[0]
+    pred = predict_files([cr], url=cfg.grpc_url, model_name=cfg.model_name, preprocessing=SPEC)[0]
     assert pred.error is None and pred.model_version == "2"
     assert pred.probability == pytest.approx(expected_probability(cr, **V2), abs=1e-5)
 
