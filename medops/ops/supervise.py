@@ -322,6 +322,10 @@ def start_supervisor(paths: ProjectPaths, params: Params, services: Sequence[str
     unknown = sorted(set(services) - set(SERVICES))
     if unknown:
         raise MedopsError(f"unknown service(s) {unknown}; medops supervises {list(SERVICES)}")
+    if "prefect" in services:  # refused at once, not after supervisord's retries
+        from medops.ops.prefect_server import auth_string, check_exposure
+
+        check_exposure(params.prefect, auth_string(paths.state))
     if "watcher" in services:
         export = paths.export(params.ingest.source)
         if not export.is_dir():

@@ -101,3 +101,16 @@ def test_medops_up_refuses_an_unknown_service(tmp_path, repo_root, capsys):
     assert main(["--project", str(tmp_path), "up", "tritn"]) != ExitCode.OK
     assert "unknown service(s) ['tritn']" in capsys.readouterr().err
     assert not (tmp_path / ".medops" / "run" / "supervisord.pid").exists()
+
+
+def test_medops_up_refuses_a_prefect_api_beyond_the_loopback_without_basic_auth(tmp_path, repo_root,
+                                                                               capsys, monkeypatch):
+    from medops.config import update_params_file
+
+    for key in ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"):
+        monkeypatch.delenv(key, raising=False)
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    update_params_file(tmp_path / "params.yaml", {"prefect": {"host": "0.0.0.0"}})
+    assert main(["--project", str(tmp_path), "up", "prefect"]) != ExitCode.OK
+    assert "refusing to start the Prefect server on 0.0.0.0" in capsys.readouterr().err
+    assert not (tmp_path / ".medops" / "run" / "supervisord.pid").exists()
