@@ -190,7 +190,7 @@ def is_supervised(paths: ProjectPaths) -> bool:
         return False
     try:
         return rpc(paths).supervisor.getState()["statename"] == "RUNNING"
-    except (OSError, Exception):  # noqa: BLE001 - socket gone, supervisord shutting down
+    except Exception:  # noqa: BLE001 - socket gone, supervisord shutting down, not ours
         return False
 
 
