@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q -c requirements.lock -e ".[test]"
 	@touch $(STAMP)
 
-## demo: data -> DVC -> quality -> train -> gate -> Triton, with the Prefect UI; leaves servers up
+## demo: supervised servers + the export; events drive ingest -> train -> gate -> Triton; leaves servers up
 demo: setup
 	$(VENV)/bin/medops demo
 
@@ -27,7 +27,7 @@ demo: setup
 quality: setup
 	$(PY) benchmarks/quality/run_quality.py
 
-## down: stop what `make demo` started (by recorded pids)
+## down: stop what `make demo` started (supervisord and its services; anything else by recorded pid)
 down:
 	@if [ -x $(VENV)/bin/medops ]; then $(VENV)/bin/medops down; else echo "nothing to stop (no .venv)"; fi
 

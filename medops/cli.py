@@ -205,6 +205,10 @@ def cmd_serve(args: argparse.Namespace) -> Report:
 
     paths, params = _context(args)
     cfg = params.serving
+    from medops.ops import supervise
+
+    if args.action in ("start", "stop") and supervise.is_supervised(paths):
+        return _serve_supervised(args.action, paths, params)
     if args.action == "stop":
         stopped = server.stop_server(paths.state)
         return Report("Triton stopped" if stopped else "Triton was not running", {"stopped": stopped})
@@ -220,6 +224,39 @@ def cmd_serve(args: argparse.Namespace) -> Report:
                   f"metrics {info.metrics_url} (pid {info.pid}, repository {info.repository})",
                   {**info.model_dump(mode="json"), "http_url": info.http_url,
                    "grpc_url": info.grpc_url, "metrics_url": info.metrics_url})
+
+
+def _serve_supervised(action: str, paths: ProjectPaths, params: Params) -> Report:
+    """``medops serve start|stop`` while supervisord keeps Triton: through supervisord, so a
+    stopped Triton stays stopped and a started one is kept alive again."""
+    from medops.ops import supervise
+    from medops.serving import server
+
+    was = server.server_status(paths.state)
+    supervise.control(paths, "triton", action)
+    if action == "stop":
+        return Report("Triton stopped (supervisord keeps it stopped until `medops serve start`)"
+                      if was.running else "Triton was not running", {"stopped": was.running})
+    supervise.wait_started(paths, params, ["triton"], params.serving.startup_timeout_s)
+    info = server.server_status(paths.state).info
+    return Report(f"Triton ready under supervisord (pid {info.pid if info else '?'})",
+                  {**(info.model_dump(mode="json") if info else {}), "supervised": True})
+
+
+def cmd_status(args: argparse.Namespace) -> Report:
+    from medops.ops import supervise
+
+    paths, params = _context(args)
+    rows = supervise.services_status(paths, params)
+    supervised = supervise.is_supervised(paths)
+    head = (f"supervisord: running (pid {supervise.supervisord_pid(paths)})" if supervised
+            else "supervisord: not running (`medops up` or `make demo` start it)")
+    down = [r.name for r in rows if not r.running]
+    return Report(head + "\n" + supervise.format_status(rows),
+                  {"supervisor": {"running": supervised, "pid": supervise.supervisord_pid(paths),
+                                  "config": str(supervise.conf_path(paths))},
+                   "services": [r.model_dump(mode="json") for r in rows]},
+                  ExitCode.UNAVAILABLE if down or not rows else ExitCode.OK)
 
 
 def _serve_history(repository: Path, limit: int | None) -> Report:
@@ -327,8 +364,10 @@ def cmd_watch(args: argparse.Namespace) -> Report:
 def cmd_up(args: argparse.Namespace) -> Report:
     from medops.ops import demo
 
+    from medops.ops import supervise
+
     paths, params = _context(args)
-    lines = demo.start_services(paths, params)
+    lines = supervise.start_supervisor(paths, params, args.services or supervise.ALL_SERVICES)
     return Report("\n".join(lines), {"lines": lines})
 
 
@@ -490,9 +529,15 @@ def _add_serving_commands(add: AddCommand) -> None:
     p.add_argument("--inotify", action="store_true",
                    help="follow the kernel's file events instead of scanning the folder every second "
                         "(for exports too large to scan; can miss deliveries when its queue overflows)")
-    add("up", cmd_up, "start the Prefect server and Triton (reusing running ones)", json_flag=False)
-    add("down", cmd_down, "stop what `medops up` / `make demo` started, by recorded pid",
-        json_flag=False)
+    p = add("up", cmd_up, "start supervisord with the Prefect server, Triton, the deployments and "
+                          "the export folder watcher (reusing running ones); each is restarted "
+                          "when it dies", json_flag=False)
+    p.add_argument("services", nargs="*", metavar="SERVICE",
+                   help="only these of prefect, triton, deployments, watcher (default: all four)")
+    add("down", cmd_down, "stop what `medops up` / `make demo` started: supervisord and its "
+                          "services, and any server left by recorded pid", json_flag=False)
+    add("status", cmd_status, "each service `make demo` runs: state, pid, uptime, restarts, health "
+                              f"(exits {ExitCode.UNAVAILABLE.value} unless all run)")
     add("demo", cmd_demo, "the whole demo: data, servers, the training flow, deployment",
         json_flag=False)
 

@@ -181,6 +181,36 @@ def _wait_healthy(cfg: PrefectConfig, proc_pid: int, state_dir: Path, timeout: f
         f"log {log_file(state_dir)}:\n{_log_tail(state_dir)}")
 
 
+def server_process(cfg: PrefectConfig, state_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of ``prefect server start`` in the foreground (one
+    process: uvicorn runs in it), and its folders made. ``start_prefect`` runs it in the
+    background; a supervisor (``medops.ops.supervise``) runs it in place of its own process.
+
+    Raises:
+        PrefectServerError: ``cfg.host`` is beyond the loopback and no basic auth is configured.
+    """
+    state_dir = Path(state_dir)
+    auth = auth_string(state_dir)
+    check_exposure(cfg, auth)
+    home = prefect_home(state_dir)
+    for folder in (home, pid_file(state_dir).parent, log_file(state_dir).parent):
+        folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    for key in ("PREFECT_API_URL", "PREFECT_PROFILE", CLIENT_AUTH_ENV, SERVER_AUTH_ENV):
+        env.pop(key, None)  # the server must not point at another one, nor keep a stale secret
+    if auth:
+        env[SERVER_AUTH_ENV] = auth  # by environment: never on the command line or in the log
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", NO_COLOR="1",
+               PREFECT_CLI_COLORS="false",
+               # the UI asks /ui-settings for the API's address, which Prefect derives from these
+               # settings, not from --host/--port: without them a UI on any port but 4200 shows
+               # "Unable to connect to Prefect server" (PREFECT_UI_API_URL, if set, still wins)
+               PREFECT_SERVER_API_HOST=cfg.host, PREFECT_SERVER_API_PORT=str(cfg.port))
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host,
+           "--port", str(cfg.port), "--analytics-off"]
+    return cmd, env
+
+
 def start_prefect(cfg: PrefectConfig, *, state_dir: Path, timeout: float = 120.0) -> PrefectServerInfo:
     """Start ``prefect server start --host --port`` in its own session, or reuse a running one.
 
@@ -208,21 +238,7 @@ def start_prefect(cfg: PrefectConfig, *, state_dir: Path, timeout: float = 120.0
             f"change params.prefect.port")
 
     home = prefect_home(state_dir)
-    for folder in (home, pid_file(state_dir).parent, log_file(state_dir).parent):
-        folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    for key in ("PREFECT_API_URL", "PREFECT_PROFILE", CLIENT_AUTH_ENV, SERVER_AUTH_ENV):
-        env.pop(key, None)  # the server must not point at another one, nor keep a stale secret
-    if auth:
-        env[SERVER_AUTH_ENV] = auth  # by environment: never on the command line or in the log
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", NO_COLOR="1",
-               PREFECT_CLI_COLORS="false",
-               # the UI asks /ui-settings for the API's address, which Prefect derives from these
-               # settings, not from --host/--port: without them a UI on any port but 4200 shows
-               # "Unable to connect to Prefect server" (PREFECT_UI_API_URL, if set, still wins)
-               PREFECT_SERVER_API_HOST=cfg.host, PREFECT_SERVER_API_PORT=str(cfg.port))
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host,
-           "--port", str(cfg.port), "--analytics-off"]
+    cmd, env = server_process(cfg, state_dir)
     with open(log_file(state_dir), "ab") as log:
         log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()

@@ -324,6 +324,69 @@ def wait_ready(info: ServerInfo, *, state_dir: Path, timeout: float) -> None:
     )
 
 
+def _prepare_start(cfg: ServingConfig, *, repository: Path, state_dir: Path,
+                   admin_key: str | None) -> list[str]:
+    """What every start does first: refuse a second server and a taken port, make the
+    repository and the backend folder; returns the command line."""
+    existing = read_info(state_dir)
+    if existing is not None:
+        if pid_alive(existing.pid) and _is_tritonserver(existing.pid):
+            raise ServingError(
+                f"Triton is already running (pid {existing.pid}, http {existing.http_url}, "
+                f"grpc {existing.grpc_url}); stop it first with `medops serve stop`"
+            )
+        _clear_record(state_dir)  # stale record of a server that has gone
+    taken = [f"{name} {port}" for name, port in (("http", cfg.http_port), ("grpc", cfg.grpc_port),
+                                                 ("metrics", cfg.metrics_port))
+             if port_in_use(cfg.host, port)]
+    if taken:
+        raise ServingError(
+            f"cannot start Triton on {cfg.host}: port already in use ({', '.join(taken)}); "
+            "is another Triton already running? Stop it or choose other serving.*_port values"
+        )
+    repository.mkdir(parents=True, exist_ok=True)
+    backends = prepare_backends(state_dir)
+    return build_command(cfg, repository=repository, backends=backends, admin_key=admin_key)
+
+
+def _server_info(cfg: ServingConfig, pid: int, repository: Path, state_dir: Path,
+                 admin_key: str | None) -> ServerInfo:
+    return ServerInfo(
+        pid=pid, host=cfg.host, http_port=cfg.http_port, grpc_port=cfg.grpc_port,
+        metrics_port=cfg.metrics_port, repository=str(repository),
+        log_file=str(_log_path(state_dir)), restricted=bool(admin_key),
+        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _write_record(state_dir: Path, info: ServerInfo) -> None:
+    _run_dir(state_dir).mkdir(parents=True, exist_ok=True)
+    (_run_dir(state_dir) / PID_FILE).write_text(f"{info.pid}\n")
+    (_run_dir(state_dir) / INFO_FILE).write_text(info.model_dump_json(indent=2) + "\n")
+
+
+def exec_server(cfg: ServingConfig, *, repository: Path, state_dir: Path,
+                admin_key: str | None = None) -> None:
+    """Become the tritonserver (``os.execve``, same pid), for a supervisor that keeps it alive
+    (``medops.ops.supervise``, systemd). Records it like ``start_server`` does and writes the
+    command line (key redacted) to stdout, which the supervisor sends to ``logs/triton.log``.
+
+    What it serves is decided here, at each (re)start, from the repository alone: every model
+    with a ``config.pbtxt``, at the versions that config pins (deploy pins a new version only
+    after its golden check; a candidate is loaded by the API, never from the repository), so a
+    restart serves exactly what was served before it, never a half-written version.
+    Returns only by raising ServingError (already running, port taken).
+    """
+    state_dir = Path(state_dir).resolve()
+    repository = Path(repository).resolve()
+    admin_key = admin_key or admin_key_from_env()
+    cmd = _prepare_start(cfg, repository=repository, state_dir=state_dir, admin_key=admin_key)
+    _write_record(state_dir, _server_info(cfg, os.getpid(), repository, state_dir, admin_key))
+    print(f"\n=== medops: {_redact(cmd, admin_key)}", flush=True)
+    os.chdir(state_dir)
+    os.execve(cmd[0], cmd, server_environment())
+
+
 def start_server(
     cfg: ServingConfig, *, repository: Path, state_dir: Path, wait: bool = True,
     admin_key: str | None = None,
@@ -345,26 +408,8 @@ def start_server(
     """
     state_dir = Path(state_dir).resolve()
     repository = Path(repository).resolve()
-    existing = read_info(state_dir)
-    if existing is not None:
-        if pid_alive(existing.pid) and _is_tritonserver(existing.pid):
-            raise ServingError(
-                f"Triton is already running (pid {existing.pid}, http {existing.http_url}, "
-                f"grpc {existing.grpc_url}); stop it first with `medops serve stop`"
-            )
-        _clear_record(state_dir)  # stale record of a server that has gone
-    taken = [f"{name} {port}" for name, port in (("http", cfg.http_port), ("grpc", cfg.grpc_port),
-                                                 ("metrics", cfg.metrics_port))
-             if port_in_use(cfg.host, port)]
-    if taken:
-        raise ServingError(
-            f"cannot start Triton on {cfg.host}: port already in use ({', '.join(taken)}); "
-            "is another Triton already running? Stop it or choose other serving.*_port values"
-        )
-    repository.mkdir(parents=True, exist_ok=True)
-    backends = prepare_backends(state_dir)
     admin_key = admin_key or admin_key_from_env()
-    cmd = build_command(cfg, repository=repository, backends=backends, admin_key=admin_key)
+    cmd = _prepare_start(cfg, repository=repository, state_dir=state_dir, admin_key=admin_key)
     log_path = _log_path(state_dir)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     _run_dir(state_dir).mkdir(parents=True, exist_ok=True)
@@ -375,14 +420,8 @@ def start_server(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env=server_environment(), cwd=state_dir, start_new_session=True,
         )
-    info = ServerInfo(
-        pid=proc.pid, host=cfg.host, http_port=cfg.http_port, grpc_port=cfg.grpc_port,
-        metrics_port=cfg.metrics_port, repository=str(repository), log_file=str(log_path),
-        restricted=bool(admin_key),
-        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    (_run_dir(state_dir) / PID_FILE).write_text(f"{proc.pid}\n")
-    (_run_dir(state_dir) / INFO_FILE).write_text(info.model_dump_json(indent=2) + "\n")
+    info = _server_info(cfg, proc.pid, repository, state_dir, admin_key)
+    _write_record(state_dir, info)
     if wait:
         try:
             wait_ready(info, state_dir=state_dir, timeout=cfg.startup_timeout_s)
