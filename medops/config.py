@@ -170,6 +170,13 @@ class ServingConfig(_Section):
     admin_key_env: str = "MEDOPS_TRITON_ADMIN_KEY"
     # production repository only (onnxruntime backend on GPUs): TensorRT execution accelerator in FP16
     tensorrt_fp16: bool = False
+    # drift monitoring: the DICOM ensemble appends one record per image (header categories, image
+    # statistics, the answer; no PHI) to <record_dir>/requests.jsonl, relative to the server's
+    # state folder (.medops); rotated at record_max_mb, record_keep old files kept
+    record: bool = True
+    record_dir: str = "drift"
+    record_max_mb: float = Field(default=64, gt=0)
+    record_keep: int = Field(default=3, ge=0)
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> "ServingConfig":
@@ -179,6 +186,11 @@ class ServingConfig(_Section):
             raise ValueError(f"preferred_batch_sizes {too_big} must lie in 1..max_batch_size "
                              f"({self.max_batch_size})")
         return self
+
+    def record_path(self, state_dir: Path) -> Path:
+        """The drift log folder: ``record_dir``, relative to the server's state folder."""
+        p = Path(self.record_dir)
+        return p if p.is_absolute() else Path(state_dir) / p
 
     def repository_path(self, root: Path) -> Path:
         p = Path(self.repository)

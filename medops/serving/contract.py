@@ -197,6 +197,10 @@ LABEL_OUTPUT = "label"
 ERROR_OUTPUT = "error"
 PREPROCESS_BACKEND = "dicom_preprocess.py"
 POSTPROCESS_BACKEND = "postprocess.py"
+RECORDER_BACKEND = "drift_recorder.py"
+DRIFT_TENSOR = "drift_features"   # preprocess -> recorder: one JSON object per item (medops.drift)
+RECORDER_ERROR = "error_out"      # the recorder passes ``error`` through: the ensemble's ``error``
+OOD_SCORE = "ood_score"           # recorded when the classifier declares it
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,11 @@ class EnsembleContract:
     max_pixels: int
     frame: str = "middle"                # ingest.frame
     pixel_spacing: float | None = None   # ingest.pixel_spacing
+    record: RecordSettings | None = None  # serving.record: the drift recorder step, or none
+
+    @property
+    def recorder_name(self) -> str:
+        return f"{self.classifier.name}_recorder"
 
     @property
     def preprocess_name(self) -> str:
@@ -231,8 +240,21 @@ class EnsembleContract:
 
     @property
     def preprocess(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        drift = (TensorSpec(DRIFT_TENSOR, "TYPE_STRING", (1,)),) if self.record else ()
         return ((TensorSpec(DICOM_INPUT, "TYPE_STRING", (1,)),),
-                (self.classifier.inputs[0], TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))))
+                (self.classifier.inputs[0], TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,)), *drift))
+
+    @property
+    def recorded_outputs(self) -> tuple[TensorSpec, ...]:
+        """The classifier outputs the recorder takes: ``probability``, and ``ood_score`` when
+        the classifier declares it."""
+        return tuple(o for o in self.classifier.outputs if o.name in (OUTPUT_NAME, OOD_SCORE))
+
+    @property
+    def recorder(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        return ((TensorSpec(DRIFT_TENSOR, "TYPE_STRING", (1,)),
+                 TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,)), *self.recorded_outputs),
+                (TensorSpec(RECORDER_ERROR, "TYPE_STRING", (1,)),))
 
     @property
     def postprocess(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -244,6 +266,23 @@ class EnsembleContract:
         return ((TensorSpec(DICOM_INPUT, "TYPE_STRING", (1,)),),
                 (self.classifier.outputs[0], TensorSpec(LABEL_OUTPUT, "TYPE_STRING", (1,)),
                  TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))))
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """Where the recorder appends (``serving.record_dir``: relative to the server's working
+    folder, which the embedded server sets to its state folder) and the log's size bound."""
+
+    directory: str = "drift"
+    max_bytes: int = 64 * 1024 * 1024
+    keep: int = 3
+
+
+def record_settings(cfg: ServingConfig) -> RecordSettings | None:
+    """``serving.record*`` as the recorder's settings; None when recording is off."""
+    if not cfg.record:
+        return None
+    return RecordSettings(cfg.record_dir, int(cfg.record_max_mb * 1024 * 1024), cfg.record_keep)
 
 
 def ensemble_name(model_name: str) -> str:
@@ -281,7 +320,8 @@ def build_ensemble_contract(
         raise ValueError(f"frame must be first, middle or max, got {frame!r}")
     return EnsembleContract(build_contract(cfg, image_size=image_size), win, float(threshold),
                             int(max_bytes), int(max_pixels), frame=frame,
-                            pixel_spacing=None if pixel_spacing is None else float(pixel_spacing))
+                            pixel_spacing=None if pixel_spacing is None else float(pixel_spacing),
+                            record=record_settings(cfg))
 
 
 def _python_model(ec: EnsembleContract, name: str, tensors, params: dict[str, str],
@@ -310,7 +350,19 @@ def render_preprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
         params |= {"window_center": repr(ec.window[0]), "window_width": repr(ec.window[1])}
     if ec.pixel_spacing is not None:
         params |= {"pixel_spacing": repr(float(ec.pixel_spacing))}
+    if ec.record is not None:
+        params |= {"record": "true"}
     return _python_model(ec, ec.preprocess_name, ec.preprocess, params, flavour)
+
+
+def render_recorder_config(ec: EnsembleContract, flavour: Flavour) -> str:
+    """The drift recorder: the preprocessing model's ``drift_features`` and the classifier's
+    answer -> one record per item appended to the drift log (``medops.drift.RequestLog``)."""
+    if ec.record is None:
+        raise ValueError("recording is off (serving.record: false): there is no recorder model")
+    params = {"record_dir": ec.record.directory, "record_max_bytes": str(ec.record.max_bytes),
+              "record_keep": str(ec.record.keep)}
+    return _python_model(ec, ec.recorder_name, ec.recorder, params, flavour)
 
 
 THRESHOLD_PARAM = "threshold"
@@ -360,12 +412,24 @@ def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | No
         return ("    {\n" f'      model_name: "{model}"\n      model_version: {version}\n'
                 + "\n".join(maps) + "\n    }")
 
+    # With recording, the recorder is the last step: it reads the preprocessing model's drift
+    # features and error and the classifier's outputs (ensemble tensors named as they are), and
+    # passes the error through as the ensemble's ``error``. Triton wants every step to have an
+    # output, every tensor to be used, and every ensemble output asked for; so the recorder's
+    # output is one the clients already read (not a flag of its own).
+    drift = {DRIFT_TENSOR: DRIFT_TENSOR} if ec.record else {}
+    error = "preprocess_error" if ec.record else ERROR_OUTPUT
+    recorder = ([step(ec.recorder_name, -1,
+                      {DRIFT_TENSOR: DRIFT_TENSOR, ERROR_OUTPUT: error}
+                      | {o.name: o.name for o in ec.recorded_outputs},
+                      {RECORDER_ERROR: ERROR_OUTPUT})] if ec.record else [])
     steps = ",\n".join([
         step(ec.preprocess_name, -1, {DICOM_INPUT: DICOM_INPUT},
-             {INPUT_NAME: image, ERROR_OUTPUT: ERROR_OUTPUT}),
+             {INPUT_NAME: image, ERROR_OUTPUT: error} | drift),
         step(ec.classifier.name, cv, {INPUT_NAME: image}, {OUTPUT_NAME: OUTPUT_NAME}),
-        step(ec.postprocess_name, cv, {OUTPUT_NAME: OUTPUT_NAME, ERROR_OUTPUT: ERROR_OUTPUT},
+        step(ec.postprocess_name, cv, {OUTPUT_NAME: OUTPUT_NAME, ERROR_OUTPUT: error},
              {LABEL_OUTPUT: LABEL_OUTPUT}),
+        *recorder,
     ])
     parts = [
         "# Rendered by medops.serving.contract (ensemble); do not edit by hand.",

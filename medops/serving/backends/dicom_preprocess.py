@@ -10,6 +10,11 @@ batch are unaffected and the request does not fail, whatever the item raises (a 
 Rust can raise what is no ``Exception``). The limits are checked before decoding, and the byte
 limit also bounds what a deflated file may inflate to, so an oversized upload or a deflate bomb
 costs no decoding work.
+
+With the ``record`` parameter (``serving.record``) it also answers ``drift_features``: per item, a
+JSON object of non-identifying header fields and statistics of the prepared image
+(``medops.drift.item_features``), which the recorder step logs with the classifier's answer. A
+failure there costs that item its features ({"error": "features_failed"}), never the request.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from medops.errors import PROCESS_EXITS, QuarantineReason, first_line
-from medops.serving.contract import DICOM_INPUT, ERROR_OUTPUT
+from medops.serving.contract import DICOM_INPUT, DRIFT_TENSOR, ERROR_OUTPUT
 from medops.serving.contract import INPUT_NAME as IMAGE_OUTPUT  # the classifier's input
 
 TOO_LARGE = QuarantineReason.TOO_LARGE.value
@@ -87,6 +92,22 @@ def preprocess_items(
     return images, errors
 
 
+def drift_features(items: list[bytes], images: np.ndarray, errors: list[str]) -> np.ndarray:
+    """``medops.drift.item_features`` of each item as JSON bytes, an ``(n, 1)`` object array
+    (TYPE_STRING); an item whose features cannot be computed gets ``{"error": "features_failed"}``."""
+    from medops.drift import item_features
+
+    out = []
+    for data, image, error in zip(items, images, errors):
+        try:
+            out.append(json.dumps(item_features(data, image, error), separators=(",", ":")).encode())
+        except PROCESS_EXITS:
+            raise
+        except BaseException:  # noqa: BLE001 - drift features never fail a request
+            out.append(b'{"error":"features_failed"}')
+    return np.array(out, dtype=np.object_).reshape(-1, 1)
+
+
 def window_from_parameters(params: dict[str, str]) -> Any:
     """``ingest.window`` from the model config's parameters, or None (each file's own VOI)."""
     if "window_center" not in params:
@@ -106,6 +127,7 @@ class TritonPythonModel:
         self.frame = params.get("frame", "middle")
         spacing = params.get("pixel_spacing")
         self.pixel_spacing = float(spacing) if spacing else None
+        self.record = params.get("record") == "true"
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -119,8 +141,10 @@ class TritonPythonModel:
                                                   window=self.window, limits=self.limits,
                                                   frame=self.frame, pixel_spacing=self.pixel_spacing)
                 err = np.array([e.encode() for e in errors], dtype=np.object_).reshape(-1, 1)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(IMAGE_OUTPUT, images), pb_utils.Tensor(ERROR_OUTPUT, err)]))
+                outputs = [pb_utils.Tensor(IMAGE_OUTPUT, images), pb_utils.Tensor(ERROR_OUTPUT, err)]
+                if self.record:
+                    outputs.append(pb_utils.Tensor(DRIFT_TENSOR, drift_features(items, images, errors)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except PROCESS_EXITS:
                 raise
             except BaseException as exc:  # noqa: BLE001 - one response per request, always
