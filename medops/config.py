@@ -152,6 +152,22 @@ class ExportConfig(_Section):
     parity_atol: float = Field(default=1e-4, gt=0)
 
 
+class ReferenceConfig(_Section):
+    """The drift reference (medops.stages.reference): train images sampled for its features."""
+
+    max_images: int = Field(default=5000, ge=10)
+    seed: int = 0
+
+
+class MonitorConfig(_Section):
+    """``medops monitor``: the last ``window`` served images against the reference."""
+
+    window: int = Field(default=200, ge=2)
+    min_records: int = Field(default=30, ge=2)     # fewer recorded answers: nothing to test
+    alpha: float = Field(default=0.01, gt=0, lt=1)  # family-wise, Holm-corrected over all tests
+    min_category_shift: float = Field(default=0.05, ge=0, le=1)  # header tests: total variation
+
+
 class ServingConfig(_Section):
     model_name: str = "pneumonia_classifier"
     repository: str = ".medops/triton/repository"
@@ -214,6 +230,8 @@ class PrefectConfig(_Section):
     ingest_schedule: str | None = None
     # start training-pipeline when ingest-studies announces a new data version
     train_on_new_data: bool = True
+    # cron schedule of the drift-monitor deployment (e.g. "0 * * * *"); None = no schedule
+    monitor_schedule: str | None = None
 
     @property
     def api_url(self) -> str:
@@ -234,6 +252,8 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     export: ExportConfig = ExportConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    monitor: MonitorConfig = MonitorConfig()
     serving: ServingConfig = ServingConfig()
     prefect: PrefectConfig = PrefectConfig()
 

@@ -1,0 +1,260 @@
+"""Drift monitoring: the last N served images (the recorder's log) against the training reference.
+
+Tests, each a two-sample test of the window against the reference (``models/reference.json``,
+``medops.stages.reference``):
+
+- outputs: Kolmogorov-Smirnov on ``probability`` (reference: the served model's answers on the
+  validation split) and on ``ood_score`` when both sides have it;
+- header categories (``medops.drift.CATEGORY_FIELDS``): chi-square test of homogeneity on the
+  2 x K table of category counts (a category the reference never saw counts as its own column);
+  it fires only if the total-variation distance between the two distributions is at least
+  ``min_category_shift`` too, so one stray upload in a window does not count as a drifting
+  population (the OOD guard answers for single images);
+- image statistics (``medops.drift.STAT_FIELDS``): Kolmogorov-Smirnov on each.
+
+Multiple testing: the p-values of all tests run are Holm-corrected (Holm 1979, step-down
+Bonferroni; controls the family-wise error rate at ``alpha`` whatever their dependence); a test
+fires when its adjusted p-value is below ``alpha``. Images preprocessing could not use (an error
+in their record) are counted but not tested: they have no statistics or answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from pydantic import BaseModel
+
+from medops.config import MonitorConfig
+from medops.drift import CATEGORY_FIELDS, OUTPUT_FIELDS, STAT_FIELDS, RequestLog
+from medops.errors import MonitorDataError
+from medops.paths import read_json
+
+EVENT = "medops.drift.detected"
+
+
+class DriftTest(BaseModel):
+    name: str              # e.g. "ks:probability", "chi2:modality", "ks:mean"
+    kind: str              # output | category | image
+    statistic: float
+    p_value: float         # raw
+    p_adjusted: float      # Holm
+    fired: bool
+    detail: str = ""
+
+
+class MonitorResult(BaseModel):
+    drift: bool
+    n: int                 # images in the window
+    n_errors: int          # of them, images preprocessing could not use (not tested)
+    window: int
+    alpha: float
+    correction: str = "holm"
+    tests: list[DriftTest]
+
+    @property
+    def fired(self) -> list[DriftTest]:
+        return [t for t in self.tests if t.fired]
+
+    def summary(self) -> str:
+        head = (f"drift: {'YES' if self.drift else 'no'} over the last {self.n} served images "
+                f"({self.n_errors} unusable); {len(self.tests)} tests, Holm-corrected at "
+                f"alpha {self.alpha:g}")
+        rows = [f"  {'FIRED' if t.fired else 'ok':5s} {t.name:24s} stat {t.statistic:8.4f}  "
+                f"p {t.p_value:.3g}  p_holm {t.p_adjusted:.3g}  {t.detail}" for t in self.tests]
+        return "\n".join([head, *rows])
+
+    def evidence(self) -> dict[str, Any]:
+        """The event payload: what fired, with its numbers."""
+        return {"n": self.n, "alpha": self.alpha, "correction": self.correction,
+                "fired": [t.model_dump() for t in self.fired]}
+
+
+@dataclass(frozen=True)
+class Reference:
+    features: list[dict[str, Any]]
+    outputs: dict[str, list[float] | None]
+
+    @classmethod
+    def load(cls, path: Path) -> "Reference":
+        try:
+            record = read_json(path, "the drift reference")
+        except Exception as exc:  # noqa: BLE001 - MedopsError: missing or unreadable
+            raise MonitorDataError(f"{exc} (the reference stage writes it)") from None
+        return cls(record.get("features") or [], record.get("outputs") or {})
+
+
+def _numbers(records: Sequence[dict[str, Any]], field: str) -> np.ndarray:
+    values = [r.get(field) for r in records]
+    return np.array([v for v in values if isinstance(v, (int, float)) and np.isfinite(v)], float)
+
+
+def _category(value: Any) -> str:
+    return "unknown" if value is None else str(value)
+
+
+def ks_test(reference: np.ndarray, window: np.ndarray) -> tuple[float, float]:
+    from scipy.stats import ks_2samp
+
+    res = ks_2samp(reference, window)
+    return float(res.statistic), float(res.pvalue)
+
+
+def category_test(reference: Sequence[Any], window: Sequence[Any]) -> tuple[float, float, float]:
+    """(chi-square statistic, p-value, total-variation distance) of the two samples' categories."""
+    from scipy.stats import chi2_contingency
+
+    ref = [_category(v) for v in reference]
+    win = [_category(v) for v in window]
+    cats = sorted(set(ref) | set(win))
+    table = np.array([[ref.count(c) for c in cats], [win.count(c) for c in cats]], float)
+    tvd = float(0.5 * np.abs(table[0] / table[0].sum() - table[1] / table[1].sum()).sum())
+    if len(cats) < 2:
+        return 0.0, 1.0, tvd
+    stat, p, _, _ = chi2_contingency(table, correction=False)
+    return float(stat), float(p), tvd
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (monotone, capped at 1)."""
+    p = np.asarray(p_values, float)
+    order = np.argsort(p)
+    m = len(p)
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def _raw_tests(ref: Reference, window: list[dict[str, Any]], cfg: MonitorConfig) -> list[dict]:
+    raw = []
+    for field in OUTPUT_FIELDS:
+        r, w = np.asarray(ref.outputs.get(field) or [], float), _numbers(window, field)
+        if len(r) >= 2 and len(w) >= 2:
+            stat, p = ks_test(r, w)
+            raw.append({"name": f"ks:{field}", "kind": "output", "statistic": stat, "p_value": p,
+                        "detail": f"reference n={len(r)} mean {r.mean():.3f}; window n={len(w)} "
+                                  f"mean {w.mean():.3f}"})
+    for field in CATEGORY_FIELDS:
+        stat, p, tvd = category_test([f.get(field) for f in ref.features],
+                                     [f.get(field) for f in window])
+        top = _top_change(ref.features, window, field)
+        raw.append({"name": f"chi2:{field}", "kind": "category", "statistic": stat, "p_value": p,
+                    "tvd": tvd, "detail": f"TVD {tvd:.3f}; {top}"})
+    for field in STAT_FIELDS:
+        r, w = _numbers(ref.features, field), _numbers(window, field)
+        if len(r) >= 2 and len(w) >= 2:
+            stat, p = ks_test(r, w)
+            raw.append({"name": f"ks:{field}", "kind": "image", "statistic": stat, "p_value": p,
+                        "detail": f"median {np.median(r):.3f} -> {np.median(w):.3f}"})
+    return raw
+
+
+def _top_change(reference: list[dict], window: list[dict], field: str) -> str:
+    """The category whose share changed most, e.g. "CT 0% -> 20%"."""
+    ref = [_category(f.get(field)) for f in reference]
+    win = [_category(f.get(field)) for f in window]
+    if not ref or not win:
+        return ""
+    shares = {c: (ref.count(c) / len(ref), win.count(c) / len(win)) for c in set(ref) | set(win)}
+    cat, (a, b) = max(shares.items(), key=lambda kv: abs(kv[1][1] - kv[1][0]))
+    return f"{cat[:24]} {a:.0%} -> {b:.0%}"
+
+
+def compare(ref: Reference, records: list[dict[str, Any]], cfg: MonitorConfig) -> MonitorResult:
+    """Test the window ``records`` against ``ref`` (see the module docstring)."""
+    usable = [r for r in records if not r.get("error")]
+    if len(usable) < cfg.min_records:
+        raise MonitorDataError(
+            f"{len(usable)} usable recorded answers in the window (of {len(records)}); at least "
+            f"monitor.min_records = {cfg.min_records} are needed")
+    if not ref.features:
+        raise MonitorDataError("the drift reference holds no features: rerun the reference stage")
+    raw = _raw_tests(ref, usable, cfg)
+    adjusted = holm([t["p_value"] for t in raw])
+    tests = []
+    for t, p_adj in zip(raw, adjusted):
+        fired = p_adj < cfg.alpha and t.pop("tvd", 1.0) >= cfg.min_category_shift
+        tests.append(DriftTest(**t, p_adjusted=p_adj, fired=fired))
+    return MonitorResult(drift=any(t.fired for t in tests), n=len(records),
+                         n_errors=len(records) - len(usable), window=cfg.window, alpha=cfg.alpha,
+                         tests=tests)
+
+
+def monitor(cfg: MonitorConfig, *, log_dir: Path, reference: Path,
+            window: int | None = None) -> tuple[MonitorResult, Reference, list[dict[str, Any]]]:
+    """The last ``window`` (default ``cfg.window``) records of the drift log at ``log_dir``
+    against ``reference``: the result, the reference and the window (for a report)."""
+    n = window or cfg.window
+    cfg = cfg.model_copy(update={"window": n})
+    ref = Reference.load(Path(reference))
+    records = RequestLog(log_dir).read_last(n)
+    return compare(ref, records, cfg), ref, records
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+def histogram_png(reference: np.ndarray, window: np.ndarray, title: str) -> bytes:
+    """Reference vs window densities of one feature, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 2.6), dpi=80)
+    both = np.concatenate([reference, window]) if len(reference) + len(window) else np.zeros(1)
+    bins = np.linspace(float(both.min()), float(both.max()) + 1e-9, 31)
+    ax.hist(reference, bins=bins, density=True, alpha=0.5, label=f"reference (n={len(reference)})")
+    ax.hist(window, bins=bins, density=True, alpha=0.5, label=f"recent (n={len(window)})")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def report_plots(result: MonitorResult, ref: Reference,
+                 records: list[dict[str, Any]]) -> dict[str, bytes]:
+    """``{feature: PNG}`` for the output tests and every numeric test that fired."""
+    usable = [r for r in records if not r.get("error")]
+    out = {}
+    for test in result.tests:
+        field = test.name.split(":", 1)[1]
+        if test.kind == "category" or not (test.kind == "output" or test.fired):
+            continue
+        r = (np.asarray(ref.outputs.get(field) or [], float) if test.kind == "output"
+             else _numbers(ref.features, field))
+        out[field] = histogram_png(r, _numbers(usable, field), f"{field}: reference vs recent")
+    return out
+
+
+def render_markdown(result: MonitorResult, plots: dict[str, str] | None = None) -> str:
+    """The report: verdict, the table of tests, and the plots (``{feature: image URL}``)."""
+    lines = [f"# Drift monitor: {'drift detected' if result.drift else 'no drift'}", "",
+             f"Last {result.n} served images ({result.n_errors} unusable, not tested); "
+             f"{len(result.tests)} two-sample tests against the training reference, "
+             f"Holm-corrected at family-wise alpha {result.alpha:g}.", "",
+             "| test | statistic | p | p (Holm) | fired | detail |", "|---|---|---|---|---|---|"]
+    lines += [f"| {t.name} | {t.statistic:.4f} | {t.p_value:.3g} | {t.p_adjusted:.3g} | "
+              f"{'**yes**' if t.fired else 'no'} | {t.detail} |" for t in result.tests]
+    for name, url in (plots or {}).items():
+        lines += ["", f"![{name}]({url})"]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(result: MonitorResult) -> dict[str, Any]:
+    """``{"drift", "n", "tests": [{"name", "statistic", "p_value", "fired", ...}]}``."""
+    return json.loads(result.model_dump_json())
