@@ -35,9 +35,6 @@ from medops.drift import CATEGORY_FIELDS, OUTPUT_FIELDS, STAT_FIELDS, RequestLog
 from medops.errors import MonitorDataError
 from medops.paths import read_json
 
-EVENT = "medops.drift.detected"
-
-
 class DriftTest(BaseModel):
     name: str              # e.g. "ks:probability", "chi2:modality", "ks:mean"
     kind: str              # output | category | image
@@ -158,13 +155,13 @@ def _raw_tests(ref: Reference, window: list[dict[str, Any]], cfg: MonitorConfig)
 
 
 def _top_change(reference: list[dict], window: list[dict], field: str) -> str:
-    """The category whose share changed most, e.g. "CT 0% -> 20%"."""
+    """The category whose share grew most in the window, e.g. "CT 0% -> 20%"."""
     ref = [_category(f.get(field)) for f in reference]
     win = [_category(f.get(field)) for f in window]
     if not ref or not win:
         return ""
     shares = {c: (ref.count(c) / len(ref), win.count(c) / len(win)) for c in set(ref) | set(win)}
-    cat, (a, b) = max(shares.items(), key=lambda kv: abs(kv[1][1] - kv[1][0]))
+    cat, (a, b) = max(sorted(shares.items()), key=lambda kv: kv[1][1] - kv[1][0])
     return f"{cat[:24]} {a:.0%} -> {b:.0%}"
 
 
@@ -253,6 +250,14 @@ def render_markdown(result: MonitorResult, plots: dict[str, str] | None = None) 
     for name, url in (plots or {}).items():
         lines += ["", f"![{name}]({url})"]
     return "\n".join(lines) + "\n"
+
+
+def report(result: MonitorResult, ref: Reference,
+           records: list[dict[str, Any]]) -> tuple[str, dict[str, str]]:
+    """The markdown report and its plots as ``{feature: data: URL}`` (a Prefect UI page shows a
+    data URL, never a file:// image)."""
+    plots = {name: data_url(png) for name, png in report_plots(result, ref, records).items()}
+    return render_markdown(result, plots), plots
 
 
 def to_json(result: MonitorResult) -> dict[str, Any]:
