@@ -308,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=20261203)
     parser.add_argument("--cost-requests", type=int, default=300)
     parser.add_argument("--write", action="store_true", help="write results.json / results.md here")
+    parser.add_argument("--records", type=Path,
+                        help="served records (JSON lines) of an earlier run: judge windows only")
+    parser.add_argument("--save-records", type=Path, help="write the served records here")
+    parser.add_argument("--no-cost", action="store_true", help="skip the recording-cost runs")
     args = parser.parse_args(argv)
     project = args.project.resolve()
     if not (project / "models" / "reference.json").is_file():
@@ -317,18 +321,27 @@ def main(argv: list[str] | None = None) -> int:
 
         run_stage("reference", load_params(project / "params.yaml"), ProjectPaths(project))
     load = Path("/proc/loadavg").read_text().split()[:3]
-    with tempfile.TemporaryDirectory(prefix="medops-drift-") as tmp:
-        base = Path(tmp)
-        items = test_corpus(project, base / "corpus", args.seed) + foreign_corpus()
-        with Served(project, base) as served:
-            served.deploy(record=True)
-            t0 = time.perf_counter()
-            collected = collect(served, items)
-            collect_s = time.perf_counter() - t0
-            costs = cost(served, items[0]["path"], args.cost_requests)
+    costs, collect_s = [], None
+    if args.records:
+        collected = [json.loads(line) for line in args.records.read_text().splitlines()]
+    else:
+        with tempfile.TemporaryDirectory(prefix="medops-drift-") as tmp:
+            base = Path(tmp)
+            items = test_corpus(project, base / "corpus", args.seed) + foreign_corpus()
+            with Served(project, base) as served:
+                served.deploy(record=True)
+                t0 = time.perf_counter()
+                collected = collect(served, items)
+                collect_s = round(time.perf_counter() - t0, 1)
+                if not args.no_cost:
+                    costs = cost(served, items[0]["path"], args.cost_requests)
+        for it in collected:  # the corpus folder is gone: keep the name alone
+            it["path"] = Path(it["path"]).name
+    if args.save_records:
+        args.save_records.write_text("".join(json.dumps(it) + "\n" for it in collected))
     windows = evaluate_windows(collected, project, args.trials, args.seed)
     results = {"window": WINDOW, "seed": args.seed, "loadavg_before": load,
-               "served_images": len(collected), "collect_s": round(collect_s, 1),
+               "served_images": len(collected), "collect_s": collect_s,
                "foreign_answered": sum(1 for it in collected if it["corpus"] == "foreign"
                                        and not it["record"].get("error")),
                "foreign_sent": sum(1 for it in collected if it["corpus"] == "foreign"),
@@ -363,10 +376,12 @@ def render(r: dict) -> str:
     lines += [f"| {c['record']} | {c['clients']} | {c['p50_ms']} | {c['p99_ms']} | "
               f"{c['throughput_rps']} |" for c in r["cost"]]
     for clients in (1, 16):
-        on = [c["p99_ms"] for c in r["cost"] if c["record"] and c["clients"] == clients]
-        off = [c["p99_ms"] for c in r["cost"] if not c["record"] and c["clients"] == clients]
-        lines.append(f"\nc={clients}: p99 with recording / without = "
-                     f"{statistics.mean(on) / statistics.mean(off):.2f} (means of two runs each)")
+        for q in ("p50_ms", "p99_ms"):
+            on = [c[q] for c in r["cost"] if c["record"] and c["clients"] == clients]
+            off = [c[q] for c in r["cost"] if not c["record"] and c["clients"] == clients]
+            if on and off:
+                lines.append(f"\nc={clients}: {q[:3]} with recording / without = "
+                             f"{statistics.mean(on) / statistics.mean(off):.2f} (means of the runs)")
     return "\n".join(lines) + "\n"
 
 

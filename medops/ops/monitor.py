@@ -10,7 +10,12 @@ Tests, each a two-sample test of the window against the reference (``models/refe
   it fires only if the total-variation distance between the two distributions is at least
   ``min_category_shift`` too, so one stray upload in a window does not count as a drifting
   population (the OOD guard answers for single images);
-- image statistics (``medops.drift.STAT_FIELDS``): Kolmogorov-Smirnov on each.
+- image statistics (``medops.drift.STAT_FIELDS``): Kolmogorov-Smirnov on each; and, jointly, an
+  outlier-rate test: each image's Mahalanobis distance from the reference's statistics (mean and
+  covariance fitted on half the reference), an outlier beyond the 99th percentile of the other
+  half's distances; a one-sided binomial test of the window's outlier count against that half's
+  own rate. A few unlike images in a window (a fifth of corrupted films, whatever the
+  corruption) move no single statistic much, but each is an outlier.
 
 Multiple testing: the p-values of all tests run are Holm-corrected (Holm 1979, step-down
 Bonferroni; controls the family-wise error rate at ``alpha`` whatever their dependence); a test
@@ -130,6 +135,37 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted.tolist()
 
 
+def _matrix(records: Sequence[dict[str, Any]]) -> np.ndarray:
+    """The STAT_FIELDS of the records that have them all, one row each."""
+    rows = [[r.get(f) for f in STAT_FIELDS] for r in records]
+    return np.array([row for row in rows if all(isinstance(v, (int, float)) for v in row)], float)
+
+
+def outlier_test(reference: Sequence[dict[str, Any]], window: Sequence[dict[str, Any]],
+                 quantile: float = 0.99) -> tuple[float, float, str] | None:
+    """(window outlier rate, one-sided binomial p-value, detail) or None (too little data)."""
+    from scipy.stats import binomtest
+
+    ref, win = _matrix(reference), _matrix(window)
+    if len(ref) < 100 or len(win) < 2:
+        return None
+    fit, held = ref[0::2], ref[1::2]
+    mean = fit.mean(axis=0)
+    cov = np.cov(fit, rowvar=False) + 1e-6 * np.eye(ref.shape[1])
+    inv = np.linalg.pinv(cov)
+
+    def distance(x: np.ndarray) -> np.ndarray:
+        d = x - mean
+        return np.einsum("ij,jk,ik->i", d, inv, d)
+
+    cut = float(np.quantile(distance(held), quantile))
+    p0 = max(float(np.mean(distance(held) > cut)), 1.0 - quantile) if len(held) else 1 - quantile
+    k = int((distance(win) > cut).sum())
+    p = binomtest(k, len(win), p0, alternative="greater").pvalue
+    return k / len(win), float(p), f"{k} of {len(win)} beyond the reference's {quantile:.0%} " \
+                                    f"(expected {p0:.1%})"
+
+
 def _raw_tests(ref: Reference, window: list[dict[str, Any]], cfg: MonitorConfig) -> list[dict]:
     raw = []
     for field in OUTPUT_FIELDS:
@@ -151,6 +187,11 @@ def _raw_tests(ref: Reference, window: list[dict[str, Any]], cfg: MonitorConfig)
             stat, p = ks_test(r, w)
             raw.append({"name": f"ks:{field}", "kind": "image", "statistic": stat, "p_value": p,
                         "detail": f"median {np.median(r):.3f} -> {np.median(w):.3f}"})
+    outliers = outlier_test(ref.features, window)
+    if outliers is not None:
+        rate, p, detail = outliers
+        raw.append({"name": "outliers:image", "kind": "image", "statistic": rate, "p_value": p,
+                    "detail": detail})
     return raw
 
 
