@@ -31,9 +31,10 @@ import numpy as np
 CATEGORY_FIELDS = ("modality", "body_part", "manufacturer", "photometric", "spacing", "matrix",
                    "transfer_syntax")
 # intensity statistics, then spatial ones (a histogram does not change when a film is rotated):
-# mean absolute gradient (sharpness: blur lowers it, noise raises it), top-minus-bottom and
+# sharpness (mean absolute gradient over the standard deviation: blur lowers it, noise raises it,
+# whatever the film's contrast), top-minus-bottom and
 # left-minus-right half means (a chest film's layout), centre-minus-border mean (a crop moves it)
-STAT_FIELDS = ("mean", "std", "p05", "p25", "p50", "p75", "p95", "grad", "tb", "lr", "cb")
+STAT_FIELDS = ("mean", "std", "p05", "p25", "p50", "p75", "p95", "sharpness", "tb", "lr", "cb")
 OUTPUT_FIELDS = ("probability", "ood_score")
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -119,7 +120,7 @@ def read_header(data: bytes) -> Any:
 
 def image_features(image: np.ndarray) -> dict[str, float]:
     """STAT_FIELDS of one preprocessed image (values in [0, 1]): mean, standard deviation,
-    percentiles, mean absolute gradient and the half/centre contrasts."""
+    percentiles, sharpness and the half/centre contrasts."""
     img = np.asarray(image, dtype=np.float32)
     img = img.reshape(img.shape[0], img.shape[1])
     x = img.reshape(-1)
@@ -130,7 +131,7 @@ def image_features(image: np.ndarray) -> dict[str, float]:
     grad = (np.abs(np.diff(img, axis=0)).mean() + np.abs(np.diff(img, axis=1)).mean()) / 2
     centre = img[h // 4: h - h // 4, w // 4: w - w // 4]
     border = (x.sum() - centre.sum()) / max(1, x.size - centre.size)
-    out |= {"grad": float(grad), "tb": float(img[: h // 2].mean() - img[h - h // 2:].mean()),
+    out |= {"sharpness": float(grad / max(float(x.std()), 1e-3)), "tb": float(img[: h // 2].mean() - img[h - h // 2:].mean()),
             "lr": float(img[:, : w // 2].mean() - img[:, w - w // 2:].mean()),
             "cb": float(centre.mean() - border)}
     return {k: round(v, 6) for k, v in out.items()}

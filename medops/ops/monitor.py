@@ -29,6 +29,7 @@ import base64
 import io
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -82,6 +83,19 @@ class Reference:
     features: list[dict[str, Any]]
     outputs: dict[str, list[float] | None]
 
+    @cached_property
+    def categories(self) -> dict[str, list[str]]:
+        return {f: [_category(r.get(f)) for r in self.features] for f in CATEGORY_FIELDS}
+
+    @cached_property
+    def numbers(self) -> dict[str, np.ndarray]:
+        out = {f: _numbers(self.features, f) for f in STAT_FIELDS}
+        return out | {f: np.asarray(self.outputs.get(f) or [], float) for f in OUTPUT_FIELDS}
+
+    @cached_property
+    def outlier_model(self) -> "OutlierModel | None":
+        return OutlierModel.fit(self.features)
+
     @classmethod
     def load(cls, path: Path) -> "Reference":
         try:
@@ -111,10 +125,11 @@ def category_test(reference: Sequence[Any], window: Sequence[Any]) -> tuple[floa
     """(chi-square statistic, p-value, total-variation distance) of the two samples' categories."""
     from scipy.stats import chi2_contingency
 
-    ref = [_category(v) for v in reference]
-    win = [_category(v) for v in window]
+    from collections import Counter
+
+    ref, win = Counter(_category(v) for v in reference), Counter(_category(v) for v in window)
     cats = sorted(set(ref) | set(win))
-    table = np.array([[ref.count(c) for c in cats], [win.count(c) for c in cats]], float)
+    table = np.array([[ref[c] for c in cats], [win[c] for c in cats]], float)
     tvd = float(0.5 * np.abs(table[0] / table[0].sum() - table[1] / table[1].sum()).sum())
     if len(cats) < 2:
         return 0.0, 1.0, tvd
@@ -141,53 +156,69 @@ def _matrix(records: Sequence[dict[str, Any]]) -> np.ndarray:
     return np.array([row for row in rows if all(isinstance(v, (int, float)) for v in row)], float)
 
 
-def outlier_test(reference: Sequence[dict[str, Any]], window: Sequence[dict[str, Any]],
-                 quantile: float = 0.99) -> tuple[float, float, str] | None:
+@dataclass(frozen=True)
+class OutlierModel:
+    """Mahalanobis distance from half the reference; the cut at the other half's ``quantile``."""
+
+    mean: np.ndarray
+    inverse: np.ndarray
+    cut: float
+    rate: float  # the held-out half's share beyond the cut (about 1 - quantile)
+    quantile: float
+
+    @classmethod
+    def fit(cls, reference: Sequence[dict[str, Any]], quantile: float = 0.99) -> "OutlierModel | None":
+        ref = _matrix(reference)
+        if len(ref) < 100:
+            return None
+        fit, held = ref[0::2], ref[1::2]
+        mean = fit.mean(axis=0)
+        inverse = np.linalg.pinv(np.cov(fit, rowvar=False) + 1e-6 * np.eye(ref.shape[1]))
+        model = cls(mean, inverse, 0.0, 0.0, quantile)
+        dist = model.distance(held)
+        cut = float(np.quantile(dist, quantile))
+        return cls(mean, inverse, cut, max(float(np.mean(dist > cut)), 1.0 - quantile), quantile)
+
+    def distance(self, x: np.ndarray) -> np.ndarray:
+        d = x - self.mean
+        return np.einsum("ij,jk,ik->i", d, self.inverse, d)
+
+
+def outlier_test(model: OutlierModel | None,
+                 window: Sequence[dict[str, Any]]) -> tuple[float, float, str] | None:
     """(window outlier rate, one-sided binomial p-value, detail) or None (too little data)."""
     from scipy.stats import binomtest
 
-    ref, win = _matrix(reference), _matrix(window)
-    if len(ref) < 100 or len(win) < 2:
+    win = _matrix(window)
+    if model is None or len(win) < 2:
         return None
-    fit, held = ref[0::2], ref[1::2]
-    mean = fit.mean(axis=0)
-    cov = np.cov(fit, rowvar=False) + 1e-6 * np.eye(ref.shape[1])
-    inv = np.linalg.pinv(cov)
-
-    def distance(x: np.ndarray) -> np.ndarray:
-        d = x - mean
-        return np.einsum("ij,jk,ik->i", d, inv, d)
-
-    cut = float(np.quantile(distance(held), quantile))
-    p0 = max(float(np.mean(distance(held) > cut)), 1.0 - quantile) if len(held) else 1 - quantile
-    k = int((distance(win) > cut).sum())
-    p = binomtest(k, len(win), p0, alternative="greater").pvalue
-    return k / len(win), float(p), f"{k} of {len(win)} beyond the reference's {quantile:.0%} " \
-                                    f"(expected {p0:.1%})"
+    k = int((model.distance(win) > model.cut).sum())
+    p = binomtest(k, len(win), model.rate, alternative="greater").pvalue
+    return k / len(win), float(p), (f"{k} of {len(win)} beyond the reference's "
+                                    f"{model.quantile:.0%} (expected {model.rate:.1%})")
 
 
 def _raw_tests(ref: Reference, window: list[dict[str, Any]], cfg: MonitorConfig) -> list[dict]:
     raw = []
     for field in OUTPUT_FIELDS:
-        r, w = np.asarray(ref.outputs.get(field) or [], float), _numbers(window, field)
+        r, w = ref.numbers[field], _numbers(window, field)
         if len(r) >= 2 and len(w) >= 2:
             stat, p = ks_test(r, w)
             raw.append({"name": f"ks:{field}", "kind": "output", "statistic": stat, "p_value": p,
                         "detail": f"reference n={len(r)} mean {r.mean():.3f}; window n={len(w)} "
                                   f"mean {w.mean():.3f}"})
     for field in CATEGORY_FIELDS:
-        stat, p, tvd = category_test([f.get(field) for f in ref.features],
-                                     [f.get(field) for f in window])
-        top = _top_change(ref.features, window, field)
+        stat, p, tvd = category_test(ref.categories[field], [f.get(field) for f in window])
+        top = _top_change(ref.categories[field], window, field)
         raw.append({"name": f"chi2:{field}", "kind": "category", "statistic": stat, "p_value": p,
                     "tvd": tvd, "detail": f"TVD {tvd:.3f}; {top}"})
     for field in STAT_FIELDS:
-        r, w = _numbers(ref.features, field), _numbers(window, field)
+        r, w = ref.numbers[field], _numbers(window, field)
         if len(r) >= 2 and len(w) >= 2:
             stat, p = ks_test(r, w)
             raw.append({"name": f"ks:{field}", "kind": "image", "statistic": stat, "p_value": p,
                         "detail": f"median {np.median(r):.3f} -> {np.median(w):.3f}"})
-    outliers = outlier_test(ref.features, window)
+    outliers = outlier_test(ref.outlier_model, window)
     if outliers is not None:
         rate, p, detail = outliers
         raw.append({"name": "outliers:image", "kind": "image", "statistic": rate, "p_value": p,
@@ -195,9 +226,8 @@ def _raw_tests(ref: Reference, window: list[dict[str, Any]], cfg: MonitorConfig)
     return raw
 
 
-def _top_change(reference: list[dict], window: list[dict], field: str) -> str:
+def _top_change(ref: list[str], window: list[dict], field: str) -> str:
     """The category whose share grew most in the window, e.g. "CT 0% -> 20%"."""
-    ref = [_category(f.get(field)) for f in reference]
     win = [_category(f.get(field)) for f in window]
     if not ref or not win:
         return ""
@@ -271,10 +301,9 @@ def report_plots(result: MonitorResult, ref: Reference,
     out = {}
     for test in result.tests:
         field = test.name.split(":", 1)[1]
-        if test.kind == "category" or not (test.kind == "output" or test.fired):
-            continue
-        r = (np.asarray(ref.outputs.get(field) or [], float) if test.kind == "output"
-             else _numbers(ref.features, field))
+        if field not in ref.numbers or not (test.kind == "output" or test.fired):
+            continue  # header categories (their table says it) and the joint outlier test
+        r = ref.numbers[field]
         out[field] = histogram_png(r, _numbers(usable, field), f"{field}: reference vs recent")
     return out
 
