@@ -41,40 +41,48 @@ class Limits:
 
 def check_limits(data: bytes, limits: Limits) -> str | None:
     """Why ``data`` is refused before decoding, or None. Reads only the header for the pixel count."""
+    return limited_header(data, limits)[0]
+
+
+def limited_header(data: bytes, limits: Limits) -> tuple[str | None, Any]:
+    """``(check_limits' answer, the header it read or None)``: the drift features reuse it."""
     if len(data) > limits.max_bytes:
-        return f"{TOO_LARGE}: {len(data)} bytes, over the limit of {limits.max_bytes} bytes"
+        return f"{TOO_LARGE}: {len(data)} bytes, over the limit of {limits.max_bytes} bytes", None
     import pydicom
 
     from medops.dicom.io import inflated_size_refusal
 
     inflated = inflated_size_refusal(io.BytesIO(data), limits.max_bytes)
     if inflated:  # before dcmread below, which would inflate it whole
-        return f"{TOO_LARGE}: {inflated}"
+        return f"{TOO_LARGE}: {inflated}", None
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
         dims = [int(ds.get(k, 1) or 1) for k in ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel")]
     except Exception:  # noqa: BLE001 - unreadable headers get their proper reason from preprocessing
-        return None
+        return None, None
     pixels = int(np.prod(dims, dtype=np.int64))
     if pixels > limits.max_pixels:
         return (f"{TOO_LARGE}: {dims[0]}x{dims[1]} pixels x {dims[2]} frames x {dims[3]} samples = "
-                f"{pixels} values, over the limit of {limits.max_pixels}")
-    return None
+                f"{pixels} values, over the limit of {limits.max_pixels}"), ds
+    return None, ds
 
 
 def preprocess_items(
     items: list[bytes], *, image_size: int, window: Any, limits: Limits, frame: str = "middle",
-    pixel_spacing: float | None = None,
+    pixel_spacing: float | None = None, headers: list | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Preprocess each DICOM byte string. Returns ``(images (n, S, S, 1) float32, errors)``,
-    where ``errors[i]`` is "" for a usable item and the reason otherwise (its image is zeros)."""
+    where ``errors[i]`` is "" for a usable item and the reason otherwise (its image is zeros).
+    ``headers``: a list to receive each item's header as the limit check read it (or None)."""
     from medops.dicom.pixels import preprocess_bytes
     from medops.errors import PROCESS_EXITS, DicomReadError, first_line
 
     images = np.zeros((len(items), image_size, image_size, 1), dtype=np.float32)
     errors = [""] * len(items)
     for i, data in enumerate(items):
-        refused = check_limits(data, limits)
+        refused, header = limited_header(data, limits)
+        if headers is not None:
+            headers.append(header)
         if refused:
             errors[i] = refused
             continue
@@ -92,15 +100,19 @@ def preprocess_items(
     return images, errors
 
 
-def drift_features(items: list[bytes], images: np.ndarray, errors: list[str]) -> np.ndarray:
+def drift_features(items: list[bytes], images: np.ndarray, errors: list[str],
+                   headers: list | None = None) -> np.ndarray:
     """``medops.drift.item_features`` of each item as JSON bytes, an ``(n, 1)`` object array
-    (TYPE_STRING); an item whose features cannot be computed gets ``{"error": "features_failed"}``."""
+    (TYPE_STRING); an item whose features cannot be computed gets ``{"error": "features_failed"}``.
+    ``headers``: the headers ``preprocess_items`` read (not read again)."""
     from medops.drift import item_features
 
     out = []
-    for data, image, error in zip(items, images, errors):
+    headers = headers if headers is not None else [None] * len(items)
+    for data, image, error, header in zip(items, images, errors, headers):
         try:
-            out.append(json.dumps(item_features(data, image, error), separators=(",", ":")).encode())
+            record = item_features(data, image, error, header=header)
+            out.append(json.dumps(record, separators=(",", ":")).encode())
         except PROCESS_EXITS:
             raise
         except BaseException:  # noqa: BLE001 - drift features never fail a request
@@ -137,13 +149,16 @@ class TritonPythonModel:
             try:
                 raw = pb_utils.get_input_tensor_by_name(request, DICOM_INPUT).as_numpy()
                 items = [bytes(x) for x in raw.reshape(-1)]
+                headers: list | None = [] if self.record else None
                 images, errors = preprocess_items(items, image_size=self.image_size,
                                                   window=self.window, limits=self.limits,
-                                                  frame=self.frame, pixel_spacing=self.pixel_spacing)
+                                                  frame=self.frame, pixel_spacing=self.pixel_spacing,
+                                                  headers=headers)
                 err = np.array([e.encode() for e in errors], dtype=np.object_).reshape(-1, 1)
                 outputs = [pb_utils.Tensor(IMAGE_OUTPUT, images), pb_utils.Tensor(ERROR_OUTPUT, err)]
                 if self.record:
-                    outputs.append(pb_utils.Tensor(DRIFT_TENSOR, drift_features(items, images, errors)))
+                    outputs.append(pb_utils.Tensor(DRIFT_TENSOR,
+                                                   drift_features(items, images, errors, headers)))
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except PROCESS_EXITS:
                 raise
