@@ -374,3 +374,30 @@ def test_preprocess_items_turns_any_base_exception_into_that_items_error(monkeyp
     monkeypatch.setattr(pixels, "preprocess_bytes", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         preprocess_items([data], image_size=28, window=None, limits=Limits(10**7, 10**7))
+
+
+def test_the_recorder_takes_ood_score_once_the_classifier_declares_it(params):
+    """Before the OOD guard the recorder reads ``probability``; a classifier that also answers
+    ``ood_score`` (and ``in_distribution``) has its ``ood_score`` recorded too, wired by name."""
+    import dataclasses
+
+    from medops.serving.backends.drift_recorder import build_records
+    from medops.serving.contract import TensorSpec
+
+    ec = build_ensemble_contract(params.serving, image_size=28)
+    guarded = dataclasses.replace(ec, classifier=dataclasses.replace(ec.classifier, outputs=(
+        *ec.classifier.outputs, TensorSpec("ood_score", "TYPE_FP32", (1,)),
+        TensorSpec("in_distribution", "TYPE_BOOL", (1,)))))
+    assert set(tensors(parse(render_recorder_config(ec, "embedded")), "input")) == {
+        "drift_features", "error", "probability"}
+    assert tensors(parse(render_recorder_config(guarded, "embedded")), "input")["ood_score"] == (
+        "TYPE_FP32", [1])
+    ens = parse(render_ensemble_config(guarded, classifier_version=3))
+    assert dict(ens.ensemble_scheduling.step[3].input_map)["ood_score"] == "ood_score"
+    features = np.array([[b'{"modality":"CR","error":null}'], [b'{"error":"not_dicom"}']],
+                        dtype=np.object_)
+    probs, ood = np.array([[0.25], [0.5]], np.float32), np.array([[1.5], [9.0]], np.float32)
+    good, bad = build_records(features, probs, ood)
+    assert (good["probability"], good["ood_score"], good["modality"]) == (0.25, 1.5, "CR")
+    assert bad["probability"] is None and bad["ood_score"] is None  # a blank image's answer
+    assert build_records(features[:1], probs[:1], None)[0]["ood_score"] is None
