@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="served records (JSON lines) of an earlier run: judge windows only")
     parser.add_argument("--save-records", type=Path, help="write the served records here")
     parser.add_argument("--no-cost", action="store_true", help="skip the recording-cost runs")
+    parser.add_argument("--cost-only", action="store_true", help="only the recording-cost runs")
     args = parser.parse_args(argv)
     project = args.project.resolve()
     if not (project / "models" / "reference.json").is_file():
@@ -322,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         run_stage("reference", load_params(project / "params.yaml"), ProjectPaths(project))
     load = Path("/proc/loadavg").read_text().split()[:3]
     costs, collect_s = [], None
+    if args.cost_only:
+        return measure_cost_only(project, args.cost_requests, load)
     if args.records:
         collected = [json.loads(line) for line in args.records.read_text().splitlines()]
     else:
@@ -355,6 +358,47 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def measure_cost_only(project: Path, requests: int, load: list[str]) -> int:
+    """Serve one test film, recording on vs off (``cost``), and print the table."""
+    with tempfile.TemporaryDirectory(prefix="medops-drift-") as tmp:
+        film = test_corpus_one(project, Path(tmp))
+        with Served(project, Path(tmp)) as served:
+            costs = cost(served, str(film), requests)
+    r = {"cost": costs, "loadavg_before": load,
+         "loadavg_after": Path("/proc/loadavg").read_text().split()[:3]}
+    print(json.dumps(r, indent=2))
+    print(render_cost(costs))
+    return 0
+
+
+def test_corpus_one(project: Path, out: Path) -> Path:
+    """The first test-split film, written to ``out``."""
+    import zipfile
+
+    from medops.data import pack_path, select_split
+
+    row = select_split(project / "data" / "ingested", project / "data" / "split" / "split.csv",
+                       "test").iloc[0]
+    with zipfile.ZipFile(pack_path(project / "data" / "ingested", int(row["shard"]))) as pack:
+        path = out / "film.dcm"
+        path.write_bytes(pack.read(str(row["deid_path"])))
+    return path
+
+
+def render_cost(costs: list[dict]) -> str:
+    lines = ["| record | clients | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|"]
+    lines += [f"| {c['record']} | {c['clients']} | {c['p50_ms']} | {c['p99_ms']} | "
+              f"{c['throughput_rps']} |" for c in costs]
+    for clients in (1, 16):
+        for q in ("p50_ms", "p99_ms"):
+            on = [c[q] for c in costs if c["record"] and c["clients"] == clients]
+            off = [c[q] for c in costs if not c["record"] and c["clients"] == clients]
+            if on and off:
+                lines.append(f"\nc={clients}: {q[:3]} with recording / without = "
+                             f"{statistics.mean(on) / statistics.mean(off):.2f} (means of the runs)")
+    return "\n".join(lines) + "\n"
+
+
 def render(r: dict) -> str:
     w = r["windows"]
     lines = [f"# Drift benchmark: windows of {r['window']} served images", "",
@@ -371,17 +415,9 @@ def render(r: dict) -> str:
         fired = ", ".join(f"{k} ({n})" for k, n in v["tests_fired"].items())
         lines.append(f"| {name} | {v['rate']:.1%} of {v['trials']} | {target} "
                      f"{'PASS' if ok else 'FAIL'} | {fired} |")
-    lines += ["", "Cost of recording (one DICOM per request through the ensemble):", "",
-              "| record | clients | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|"]
-    lines += [f"| {c['record']} | {c['clients']} | {c['p50_ms']} | {c['p99_ms']} | "
-              f"{c['throughput_rps']} |" for c in r["cost"]]
-    for clients in (1, 16):
-        for q in ("p50_ms", "p99_ms"):
-            on = [c[q] for c in r["cost"] if c["record"] and c["clients"] == clients]
-            off = [c[q] for c in r["cost"] if not c["record"] and c["clients"] == clients]
-            if on and off:
-                lines.append(f"\nc={clients}: {q[:3]} with recording / without = "
-                             f"{statistics.mean(on) / statistics.mean(off):.2f} (means of the runs)")
+    if r["cost"]:
+        lines += ["", "Cost of recording (one DICOM per request through the ensemble):", "",
+                  render_cost(r["cost"])]
     return "\n".join(lines) + "\n"
 
 
