@@ -46,6 +46,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 WINDOW = 200
 CORRUPTIONS = ("inverted", "rotated", "noise", "blur", "crop")
+PAIRS = 3  # recording on/off alternations in the cost runs
 
 
 # -- corpora ---------------------------------------------------------------------------------------
@@ -193,6 +194,23 @@ def collect(served: Served, items: list[dict]) -> list[dict]:
     return [it | {"record": rec} for it, rec in zip(items, records)]
 
 
+def server_cpu_s(sid: int) -> float:
+    """CPU seconds (user + system) used so far by the processes of session ``sid``: the
+    tritonserver and its Python-backend stubs (the embedded server leads its own session)."""
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # field 6 of stat: the session id
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
 def latency(served: Served, path: str, *, clients: int, requests: int) -> dict:
     """p50/p99 (ms) of one-file ensemble requests from ``clients`` closed-loop gRPC clients."""
     import tritonclient.grpc as grpcclient
@@ -217,23 +235,24 @@ def latency(served: Served, path: str, *, clients: int, requests: int) -> dict:
         client.close()
 
     threads = [threading.Thread(target=worker, args=(requests // clients,)) for _ in range(clients)]
-    t0 = time.perf_counter()
+    cpu0, t0 = server_cpu_s(served.info.pid), time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, server_cpu_s(served.info.pid) - cpu0
     ms = np.array(times) * 1000
     return {"clients": clients, "n": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 3),
             "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "throughput_rps": round(requests / wall, 1)}
+            "throughput_rps": round(requests / wall, 1),
+            "server_cpu_ms_per_request": round(1000 * cpu / requests, 3)}
 
 
 def cost(served: Served, path: str, requests: int) -> list[dict]:
     """Recording on vs off, alternated twice (on, off, on, off) so drift in the machine's load
     falls on both; the better of each pair's p99 is not taken: all runs are listed."""
     rows = []
-    for record in (True, False, True, False):
+    for record in (True, False) * PAIRS:
         served.deploy(record)
         for clients in (1, 16):
             rows.append({"record": record} | latency(served, path, clients=clients,
@@ -386,16 +405,18 @@ def test_corpus_one(project: Path, out: Path) -> Path:
 
 
 def render_cost(costs: list[dict]) -> str:
-    lines = ["| record | clients | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|"]
+    lines = ["| record | clients | p50 ms | p99 ms | req/s | server CPU ms/request |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {c['record']} | {c['clients']} | {c['p50_ms']} | {c['p99_ms']} | "
-              f"{c['throughput_rps']} |" for c in costs]
+              f"{c['throughput_rps']} | {c.get('server_cpu_ms_per_request')} |" for c in costs]
     for clients in (1, 16):
-        for q in ("p50_ms", "p99_ms"):
+        for q in ("p50_ms", "p99_ms", "server_cpu_ms_per_request"):
             on = [c[q] for c in costs if c["record"] and c["clients"] == clients]
             off = [c[q] for c in costs if not c["record"] and c["clients"] == clients]
             if on and off:
-                lines.append(f"\nc={clients}: {q[:3]} with recording / without = "
-                             f"{statistics.mean(on) / statistics.mean(off):.2f} (means of the runs)")
+                lines.append(f"\nc={clients}: {q} with recording / without = "
+                             f"{statistics.median(on) / statistics.median(off):.2f} "
+                             f"(medians of {len(on)} runs each)")
     return "\n".join(lines) + "\n"
 
 
