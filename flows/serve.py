@@ -1,6 +1,6 @@
 """Serve medops' flows as Prefect deployments: ``python -m flows.serve [--project DIR]``.
 
-Two deployments, started from the UI or by the platform itself:
+Three deployments, started from the UI or by the platform itself:
 
 - ``ingest-studies/<name>``: the export folder into a new data version; started by the event
   ``medops.export.changed`` (``medops watch``: studies landed in the export folder), on a cron
@@ -8,6 +8,9 @@ Two deployments, started from the UI or by the platform itself:
 - ``training-pipeline/<name>``: reproduce, gate and deploy; a deployment trigger on the event
   ``medops.dataset.versioned`` (emitted by ingest-studies only when the data version changed)
   starts it with that ``data_version`` (``prefect.train_on_new_data``).
+- ``drift-monitor/<name>``: the last served images against the training reference; on a cron
+  schedule when ``prefect.monitor_schedule`` is set (off by default), or by hand; emits
+  ``medops.drift.detected`` when a test fires.
 
 ``flow.serve`` / ``prefect.serve`` rather than a work pool and worker: one process runs both
 deployments with ``limit=1``, so two runs never write the project's files (DVC's lock, params.yaml,
@@ -36,10 +39,11 @@ def describe(params_path: Path) -> str:
 
 
 def deployments(paths: ProjectPaths) -> list[Any]:
-    """The two deployments (not yet served), with their trigger and schedule from params.yaml."""
+    """The deployments (not yet served), with their triggers and schedules from params.yaml."""
     from prefect.events import DeploymentEventTrigger
 
     from flows.ingest import DATASET_VERSIONED, ingest_studies
+    from flows.monitor import drift_monitor
     from flows.training import training_pipeline
     from medops.ops.watch import EXPORT_CHANGED
 
@@ -61,7 +65,11 @@ def deployments(paths: ProjectPaths) -> list[Any]:
                                          parameters=root)],
         description="De-identify the export folder (ingest.source) into data/ingested and version "
                     "it with DVC; a new data version starts training-pipeline.")
-    return [ingest, training]
+    monitor = drift_monitor.to_deployment(
+        name=cfg.deployment_name, parameters=root, tags=["medops"], cron=cfg.monitor_schedule,
+        description="Compare the last served images (the DICOM ensemble's drift log) with the "
+                    "training reference; emits medops.drift.detected when a test fires.")
+    return [ingest, training, monitor]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

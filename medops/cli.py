@@ -351,6 +351,16 @@ def cmd_predict(args: argparse.Namespace) -> Report:
                   ExitCode.BAD_INPUT if failed else ExitCode.OK)
 
 
+def cmd_monitor(args: argparse.Namespace) -> Report:
+    from medops.ops.monitor import monitor, to_json
+
+    paths, params = _context(args)
+    result, _, _ = monitor(params.monitor, log_dir=params.serving.record_path(paths.state),
+                           reference=paths.drift_reference, window=args.window)
+    return Report(result.summary(), to_json(result),
+                  ExitCode.FAILURE if result.drift else ExitCode.OK)
+
+
 def cmd_watch(args: argparse.Namespace) -> Report:
     from medops.ops.watch import run_watch
 
@@ -519,6 +529,10 @@ def _add_serving_commands(add: AddCommand) -> None:
     p.add_argument("--via", choices=["ensemble", "tensor"], default="ensemble",
                    help="ensemble: send the DICOM bytes, Triton preprocesses (default); "
                         "tensor: preprocess here and call the classifier directly")
+
+    p = add("monitor", cmd_monitor, "compare the last N served images (the drift log) with the "
+                                    "training reference; exits 1 when a drift test fires")
+    p.add_argument("--window", type=int, metavar="N", help="images (default: params monitor.window)")
 
     # the demo's own commands report progress lines, nothing for a script to parse
     p = add("watch", cmd_watch, "emit the Prefect event medops.export.changed when studies land in "

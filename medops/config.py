@@ -206,6 +206,22 @@ class ExportConfig(_Section):
     parity_atol: float = Field(default=1e-4, gt=0)
 
 
+class ReferenceConfig(_Section):
+    """The drift reference (medops.stages.reference): train images sampled for its features."""
+
+    max_images: int = Field(default=5000, ge=10)
+    seed: int = 0
+
+
+class MonitorConfig(_Section):
+    """``medops monitor``: the last ``window`` served images against the reference."""
+
+    window: int = Field(default=200, ge=2)
+    min_records: int = Field(default=30, ge=2)     # fewer recorded answers: nothing to test
+    alpha: float = Field(default=0.01, gt=0, lt=1)  # family-wise, Holm-corrected over all tests
+    min_category_shift: float = Field(default=0.05, ge=0, le=1)  # header tests: total variation
+
+
 class ServingConfig(_Section):
     model_name: str = "pneumonia_classifier"
     repository: str = ".medops/triton/repository"
@@ -224,6 +240,13 @@ class ServingConfig(_Section):
     admin_key_env: str = "MEDOPS_TRITON_ADMIN_KEY"
     # production repository only (onnxruntime backend on GPUs): TensorRT execution accelerator in FP16
     tensorrt_fp16: bool = False
+    # drift monitoring: the DICOM ensemble appends one record per image (header categories, image
+    # statistics, the answer; no PHI) to <record_dir>/requests.jsonl, relative to the server's
+    # state folder (.medops); rotated at record_max_mb, record_keep old files kept
+    record: bool = True
+    record_dir: str = "drift"
+    record_max_mb: float = Field(default=64, gt=0)
+    record_keep: int = Field(default=3, ge=0)
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> "ServingConfig":
@@ -233,6 +256,11 @@ class ServingConfig(_Section):
             raise ValueError(f"preferred_batch_sizes {too_big} must lie in 1..max_batch_size "
                              f"({self.max_batch_size})")
         return self
+
+    def record_path(self, state_dir: Path) -> Path:
+        """The drift log folder: ``record_dir``, relative to the server's state folder."""
+        p = Path(self.record_dir)
+        return p if p.is_absolute() else Path(state_dir) / p
 
     def repository_path(self, root: Path) -> Path:
         p = Path(self.repository)
@@ -256,6 +284,8 @@ class PrefectConfig(_Section):
     ingest_schedule: str | None = None
     # start training-pipeline when ingest-studies announces a new data version
     train_on_new_data: bool = True
+    # cron schedule of the drift-monitor deployment (e.g. "0 * * * *"); None = no schedule
+    monitor_schedule: str | None = None
 
     @property
     def api_url(self) -> str:
@@ -276,6 +306,8 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     export: ExportConfig = ExportConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    monitor: MonitorConfig = MonitorConfig()
     serving: ServingConfig = ServingConfig()
     prefect: PrefectConfig = PrefectConfig()
 

@@ -34,7 +34,7 @@ _MEANINGS = {
     ExitCode.OK: "success",
     ExitCode.FAILURE: "the command failed (a stage error, a model that failed its checks on "
                       "Triton, DVC failed) or an unexpected error (a bug: Python's traceback on "
-                      "stderr)",
+                      "stderr); monitor: a drift test fired (as diff exits 1 on a difference)",
     ExitCode.USAGE: "usage error: unknown command or option, bad option value (argparse's own code)",
     ExitCode.BAD_INPUT: "bad input: invalid params.yaml, unknown stage, missing or unusable input "
                         "files or data (ingest's source or manifest, a failed data-quality suite); "
@@ -122,6 +122,12 @@ class QuarantineReason(str, Enum):
 
 class IngestError(MedopsError):
     """The ingest stage as a whole cannot run (no source folder, an unusable manifest)."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class MonitorDataError(MedopsError):
+    """Drift monitoring has nothing to compare: no reference yet, or too few recorded answers."""
 
     exit_code = ExitCode.BAD_INPUT
 

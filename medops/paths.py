@@ -170,6 +170,11 @@ class ProjectPaths:
     def export_result(self) -> Path:
         return self.models / "export.json"
 
+    @property
+    def drift_reference(self) -> Path:
+        """What served images should look like (the reference stage; ``medops monitor``)."""
+        return self.models / "reference.json"
+
     # runtime state of servers started by medops (pids, logs); never versioned
     @property
     def state(self) -> Path:

@@ -141,6 +141,12 @@ def export(p: Params, pp: ProjectPaths) -> Any:
                train_result=pp.train_result, onnx_out=pp.onnx_model, result_out=pp.export_result)
 
 
+def reference(p: Params, pp: ProjectPaths) -> Any:
+    from medops.stages.reference import run
+    return run(p.reference, ingested_dir=pp.ingested, split=pp.split, onnx=pp.onnx_model,
+               out=pp.drift_reference)
+
+
 # The table of contents: name, module, params sections, adapter, in pipeline order.
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -152,6 +158,7 @@ STAGES: dict[str, Stage] = {
         Stage("explain", "medops.stages.explain", ("evaluate",), explain),
         Stage("gate", "medops.stages.gate", ("gate",), gate),
         Stage("export", "medops.stages.export", ("export",), export),
+        Stage("reference", "medops.stages.reference", ("reference",), reference),
     )
 }
 

@@ -197,6 +197,10 @@ LABEL_OUTPUT = "label"
 ERROR_OUTPUT = "error"
 PREPROCESS_BACKEND = "dicom_preprocess.py"
 POSTPROCESS_BACKEND = "postprocess.py"
+RECORDER_BACKEND = "drift_recorder.py"
+DRIFT_TENSOR = "drift_features"   # preprocess -> recorder: one JSON object per item (medops.drift)
+RECORDER_ERROR = "error_out"      # the recorder passes ``error`` through: the ensemble's ``error``
+OOD_SCORE = "ood_score"           # recorded when the classifier declares it
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,11 @@ class EnsembleContract:
     threshold: float
     max_bytes: int                       # serving.max_request_bytes
     max_pixels: int                      # serving.max_image_pixels
+    record: RecordSettings | None = None  # serving.record: the drift recorder step, or none
+
+    @property
+    def recorder_name(self) -> str:
+        return f"{self.classifier.name}_recorder"
 
     @property
     def preprocess_name(self) -> str:
@@ -229,8 +238,21 @@ class EnsembleContract:
 
     @property
     def preprocess(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        drift = (TensorSpec(DRIFT_TENSOR, "TYPE_STRING", (1,)),) if self.record else ()
         return ((TensorSpec(DICOM_INPUT, "TYPE_STRING", (1,)),),
-                (self.classifier.inputs[0], TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))))
+                (self.classifier.inputs[0], TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,)), *drift))
+
+    @property
+    def recorded_outputs(self) -> tuple[TensorSpec, ...]:
+        """The classifier outputs the recorder takes: ``probability``, and ``ood_score`` when
+        the classifier declares it."""
+        return tuple(o for o in self.classifier.outputs if o.name in (OUTPUT_NAME, OOD_SCORE))
+
+    @property
+    def recorder(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        return ((TensorSpec(DRIFT_TENSOR, "TYPE_STRING", (1,)),
+                 TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,)), *self.recorded_outputs),
+                (TensorSpec(RECORDER_ERROR, "TYPE_STRING", (1,)),))
 
     @property
     def postprocess(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -242,6 +264,23 @@ class EnsembleContract:
         return ((TensorSpec(DICOM_INPUT, "TYPE_STRING", (1,)),),
                 (self.classifier.outputs[0], TensorSpec(LABEL_OUTPUT, "TYPE_STRING", (1,)),
                  TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))))
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """Where the recorder appends (``serving.record_dir``: relative to the server's working
+    folder, which the embedded server sets to its state folder) and the log's size bound."""
+
+    directory: str = "drift"
+    max_bytes: int = 64 * 1024 * 1024
+    keep: int = 3
+
+
+def record_settings(cfg: ServingConfig) -> RecordSettings | None:
+    """``serving.record*`` as the recorder's settings; None when recording is off."""
+    if not cfg.record:
+        return None
+    return RecordSettings(cfg.record_dir, int(cfg.record_max_mb * 1024 * 1024), cfg.record_keep)
 
 
 def ensemble_name(model_name: str) -> str:
@@ -264,7 +303,8 @@ def build_ensemble_contract(cfg: ServingConfig, preprocessing: PreprocessSpec, *
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
     return EnsembleContract(build_contract(cfg, image_size=preprocessing.image_size), preprocessing,
-                            float(threshold), int(cfg.max_request_bytes), int(cfg.max_image_pixels))
+                            float(threshold), int(cfg.max_request_bytes), int(cfg.max_image_pixels),
+                            record=record_settings(cfg))
 
 
 def _python_model(ec: EnsembleContract, name: str, tensors, params: dict[str, str],
@@ -295,6 +335,8 @@ def render_preprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
                    "window_width": repr(float(spec.window.width))}
     if spec.pixel_spacing is not None:
         params |= {"pixel_spacing": repr(spec.pixel_spacing)}
+    if ec.record is not None:
+        params |= {"record": "true"}
     return _python_model(ec, ec.preprocess_name, ec.preprocess, params, flavour)
 
 
@@ -308,6 +350,16 @@ def preprocessing_from_parameters(params: Mapping[str, str]) -> PreprocessSpec:
     spacing = params.get("pixel_spacing")
     frame: Any = params.get("frame", "middle")  # PreprocessSpec checks it
     return PreprocessSpec(int(params["image_size"]), window, frame, float(spacing) if spacing else None)
+
+
+def render_recorder_config(ec: EnsembleContract, flavour: Flavour) -> str:
+    """The drift recorder: the preprocessing model's ``drift_features`` and the classifier's
+    answer -> one record per item appended to the drift log (``medops.drift.RequestLog``)."""
+    if ec.record is None:
+        raise ValueError("recording is off (serving.record: false): there is no recorder model")
+    params = {"record_dir": ec.record.directory, "record_max_bytes": str(ec.record.max_bytes),
+              "record_keep": str(ec.record.keep)}
+    return _python_model(ec, ec.recorder_name, ec.recorder, params, flavour)
 
 
 THRESHOLD_PARAM = "threshold"
@@ -357,12 +409,24 @@ def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | No
         return ("    {\n" f'      model_name: "{model}"\n      model_version: {version}\n'
                 + "\n".join(maps) + "\n    }")
 
+    # With recording, the recorder is the last step: it reads the preprocessing model's drift
+    # features and error and the classifier's outputs (ensemble tensors named as they are), and
+    # passes the error through as the ensemble's ``error``. Triton wants every step to have an
+    # output, every tensor to be used, and every ensemble output asked for; so the recorder's
+    # output is one the clients already read (not a flag of its own).
+    drift = {DRIFT_TENSOR: DRIFT_TENSOR} if ec.record else {}
+    error = "preprocess_error" if ec.record else ERROR_OUTPUT
+    recorder = ([step(ec.recorder_name, -1,
+                      {DRIFT_TENSOR: DRIFT_TENSOR, ERROR_OUTPUT: error}
+                      | {o.name: o.name for o in ec.recorded_outputs},
+                      {RECORDER_ERROR: ERROR_OUTPUT})] if ec.record else [])
     steps = ",\n".join([
         step(ec.preprocess_name, -1, {DICOM_INPUT: DICOM_INPUT},
-             {INPUT_NAME: image, ERROR_OUTPUT: ERROR_OUTPUT}),
+             {INPUT_NAME: image, ERROR_OUTPUT: error} | drift),
         step(ec.classifier.name, cv, {INPUT_NAME: image}, {OUTPUT_NAME: OUTPUT_NAME}),
-        step(ec.postprocess_name, cv, {OUTPUT_NAME: OUTPUT_NAME, ERROR_OUTPUT: ERROR_OUTPUT},
+        step(ec.postprocess_name, cv, {OUTPUT_NAME: OUTPUT_NAME, ERROR_OUTPUT: error},
              {LABEL_OUTPUT: LABEL_OUTPUT}),
+        *recorder,
     ])
     parts = [
         "# Rendered by medops.serving.contract (ensemble); do not edit by hand.",

@@ -309,6 +309,7 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
     """
     c, repository = ec.classifier, Path(repository)
     pre, post = ec.preprocess_name, ec.postprocess_name
+    rec = [ec.recorder_name] if ec.record is not None else []  # version 1, like preprocessing
     if new is None:
         if restore is not None:
             restore_files(repository, restore)
@@ -328,16 +329,19 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
         target = postprocess_thresholds(restore.get(post_config))
         thresholds = served | {new: _threshold_of_version(repository, c.name, new, target,
                                                           ec.threshold)}
-        restore_files(repository, {k: v for k, v in restore.items() if k.startswith(f"{pre}/")})
-        changed = [pre]
+        restore_files(repository, {k: v for k, v in restore.items()
+                                   if k.split("/", 1)[0] in (pre, *rec)})
+        changed = [pre, *rec]
     else:
         thresholds = {v: _threshold_of_version(repository, c.name, v, served, ec.threshold)
                       for v in both if v != new} | {new: ec.threshold}
         changed = write_processing_models(ec, repository, "embedded", thresholds=thresholds,
-                                          models=[pre])
+                                          models=[pre, *rec])
     changed += write_processing_models(ec, repository, "embedded", thresholds=thresholds,
                                        models=[post])
-    for name in (pre, post):
+    for name in (pre, *rec, post):
+        if not (repository / name / "config.pbtxt").is_file():
+            continue  # a recorder a restore removed (it was not served before)
         if name in changed or not client.is_model_ready(name):
             client.load_model(name)
     wait_version_ready(client, post, new, timeout)

@@ -17,6 +17,7 @@ from medops.serving.contract import (
     POSTPROCESS_BACKEND,
     PREPROCESS_BACKEND,
     PYTHON_FILENAME,
+    RECORDER_BACKEND,
     EnsembleContract,
     Flavour,
     ModelContract,
@@ -24,6 +25,7 @@ from medops.serving.contract import (
     render_ensemble_config,
     render_postprocess_config,
     render_preprocess_config,
+    render_recorder_config,
     version_threshold_param,
 )
 
@@ -151,7 +153,8 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
 
 def processing_files(ec: EnsembleContract, flavour: Flavour, *,
                      thresholds: Mapping[int, float] | None = None) -> dict[str, bytes]:
-    """The pre- and postprocessing models as ``{relative path: content}`` (config + model.py).
+    """The pre- and postprocessing models (and the drift recorder, when ``ec.record``) as
+    ``{relative path: content}`` (config + model.py).
 
     ``thresholds`` (``{version: threshold}``): the postprocessing model serves exactly these
     versions, ``<N>/model.py`` each, version N labelling at its own threshold
@@ -164,6 +167,9 @@ def processing_files(ec: EnsembleContract, flavour: Flavour, *,
         f"{ec.postprocess_name}/config.pbtxt":
             render_postprocess_config(ec, flavour, thresholds=thresholds).encode(),
     }
+    if ec.record is not None:
+        files[f"{ec.recorder_name}/config.pbtxt"] = render_recorder_config(ec, flavour).encode()
+        files[f"{ec.recorder_name}/1/{PYTHON_FILENAME}"] = (BACKENDS_DIR / RECORDER_BACKEND).read_bytes()
     postprocess = (BACKENDS_DIR / POSTPROCESS_BACKEND).read_bytes()
     for version in sorted(thresholds) if thresholds is not None else [1]:
         files[f"{ec.postprocess_name}/{version}/{PYTHON_FILENAME}"] = postprocess

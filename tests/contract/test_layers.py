@@ -15,7 +15,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("medops.models", "medops.paths"),             # model architectures: keras only
     ("medops.config",),                            # params.yaml, typed (checks model names)
     # formats, numbers, DICOM, offline Data Docs (HTML)
-    ("medops.data", "medops.metrics", "medops.results", "medops.dicom", "medops.datadocs"),
+    ("medops.data", "medops.metrics", "medops.results", "medops.dicom", "medops.datadocs",
+     "medops.drift"),
     ("medops.learn",),                             # input pipeline, distribution, inference
     ("medops.serving.contract", "medops.serving.repository", "medops.serving.backends",
      "medops.serving.audit"),

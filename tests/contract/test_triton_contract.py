@@ -21,6 +21,7 @@ from medops.serving.contract import (
     build_ensemble_contract,
     render_config,
     render_ensemble_config,
+    render_recorder_config,
     render_postprocess_config,
     render_preprocess_config,
 )
@@ -157,6 +158,7 @@ def test_serving_contract_and_client_import_without_tensorflow_or_tritonclient()
         "import sys\n"
         "import medops.serving.contract, medops.serving.client, medops.serving.backends.onnx_classifier\n"
         "import medops.serving.backends.dicom_preprocess, medops.serving.backends.postprocess\n"
+        "import medops.serving.backends.drift_recorder, medops.drift\n"
         "bad = [m for m in ('tensorflow', 'keras', 'tritonclient') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -184,28 +186,43 @@ def tensors(cfg: mc.ModelConfig, kind: str) -> dict[str, tuple[str, list[int]]]:
     return {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in getattr(cfg, kind)}
 
 
+@pytest.mark.parametrize("record", [True, False])
 @pytest.mark.parametrize("flavour", ["production", "embedded"])
-def test_ensemble_steps_wire_matching_tensors(ensemble, flavour):
+def test_ensemble_steps_wire_matching_tensors(params, flavour, record):
     """Every step's input_map/output_map names a tensor of that model, and every ensemble tensor
-    is produced and consumed with the same dtype and dims (what Triton checks at load time)."""
+    is produced and consumed with the same dtype and dims (what Triton checks at load time);
+    every tensor produced is used (Triton refuses an unused one); with recording on, the
+    recorder is a fourth step and the ensemble's outputs are the same."""
+    cfg = params.serving.model_copy(update={"record": record})
+    ensemble = build_ensemble_contract(cfg, image_size=params.ingest.image_size,
+                                       window=params.ingest.window,
+                                       threshold=params.evaluate.threshold)
     models = {
         ensemble.preprocess_name: parse(render_preprocess_config(ensemble, flavour)),
         ensemble.classifier.name: parse(render_config(ensemble.classifier, flavour)),
         ensemble.postprocess_name: parse(render_postprocess_config(ensemble, flavour)),
     }
+    if record:
+        models[ensemble.recorder_name] = parse(render_recorder_config(ensemble, flavour))
     ens = parse(render_ensemble_config(ensemble, classifier_version=7))
     assert ens.platform == "ensemble" and list(ens.version_policy.specific.versions) == [7]
     produced = {name: spec for name, spec in tensors(ens, "input").items()}
+    used = set(tensors(ens, "output"))
     for step in ens.ensemble_scheduling.step:
         model = models[step.model_name]
         assert model.max_batch_size == ens.max_batch_size
         for key, value in step.input_map.items():
             assert produced[value] == tensors(model, "input")[key], (step.model_name, key)
+            used.add(value)
         for key, value in step.output_map.items():
             produced[value] = tensors(model, "output")[key]
     for name, spec in tensors(ens, "output").items():
         assert produced[name] == spec
-    assert [s.model_version for s in ens.ensemble_scheduling.step] == [-1, 7, 7]
+    assert set(produced) == used
+    assert [s.model_version for s in ens.ensemble_scheduling.step] == [-1, 7, 7] + [-1] * record
+    if record:  # the recorder takes the drift features, the error and the answer
+        assert set(ens.ensemble_scheduling.step[3].input_map) == {
+            "drift_features", "error", "probability"}
     assert tensors(ens, "output") == {"probability": ("TYPE_FP32", [1]),
                                       "label": ("TYPE_STRING", [1]), "error": ("TYPE_STRING", [1])}
 
@@ -220,7 +237,7 @@ def test_processing_parameters_carry_the_settings(params):
     pre = parse(render_preprocess_config(ec, "embedded")).parameters
     assert {k: v.string_value for k, v in pre.items()} == {
         "image_size": "64", "max_bytes": "2000", "max_pixels": "500", "frame": "max",
-        "window_center": "40.0", "window_width": "400.0", "pixel_spacing": "0.7"}
+        "window_center": "40.0", "window_width": "400.0", "pixel_spacing": "0.7", "record": "true"}
     # what the preprocessing model reads back from them: the settings ingest used
     from medops.serving.backends.dicom_preprocess import TritonPythonModel
 
@@ -354,3 +371,30 @@ def test_preprocess_items_turns_any_base_exception_into_that_items_error(monkeyp
     monkeypatch.setattr(pixels, "preprocess_bytes", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         preprocess_items([data], PreprocessSpec(image_size=28), Limits(10**7, 10**7))
+
+
+def test_the_recorder_takes_ood_score_once_the_classifier_declares_it(params):
+    """Before the OOD guard the recorder reads ``probability``; a classifier that also answers
+    ``ood_score`` (and ``in_distribution``) has its ``ood_score`` recorded too, wired by name."""
+    import dataclasses
+
+    from medops.serving.backends.drift_recorder import build_records
+    from medops.serving.contract import TensorSpec
+
+    ec = build_ensemble_contract(params.serving, PreprocessSpec(image_size=28))
+    guarded = dataclasses.replace(ec, classifier=dataclasses.replace(ec.classifier, outputs=(
+        *ec.classifier.outputs, TensorSpec("ood_score", "TYPE_FP32", (1,)),
+        TensorSpec("in_distribution", "TYPE_BOOL", (1,)))))
+    assert set(tensors(parse(render_recorder_config(ec, "embedded")), "input")) == {
+        "drift_features", "error", "probability"}
+    assert tensors(parse(render_recorder_config(guarded, "embedded")), "input")["ood_score"] == (
+        "TYPE_FP32", [1])
+    ens = parse(render_ensemble_config(guarded, classifier_version=3))
+    assert dict(ens.ensemble_scheduling.step[3].input_map)["ood_score"] == "ood_score"
+    features = np.array([[b'{"modality":"CR","error":null}'], [b'{"error":"not_dicom"}']],
+                        dtype=np.object_)
+    probs, ood = np.array([[0.25], [0.5]], np.float32), np.array([[1.5], [9.0]], np.float32)
+    good, bad = build_records(features, probs, ood)
+    assert (good["probability"], good["ood_score"], good["modality"]) == (0.25, 1.5, "CR")
+    assert bad["probability"] is None and bad["ood_score"] is None  # a blank image's answer
+    assert build_records(features[:1], probs[:1], None)[0]["ood_score"] is None

@@ -425,6 +425,7 @@ def test_no_phi_canary_reaches_any_output(flow_run, ingest_run, paths):
     # folder .medops/ingest are neither)
     outputs = [paths.ingested, paths.reports, paths.models, paths.split.parent, paths.logs,
                paths.root / ".medops" / "triton" / "repository", paths.root / "dvc.lock",
+               paths.root / ".medops" / "drift",  # the served images' drift log
                paths.root / ".dvc" / "cache", paths.root / "dvc-remote",
                *sorted((paths.root / "data").glob("*.dvc"))]
     searched = 0

@@ -66,6 +66,9 @@ def test_serve_registers_the_deployment_with_typed_parameters(tmp_path: Path, fr
         ingest = _read_deployment(api, "ingest-studies", "medops-test")
         assert ingest is not None and ingest["parameters"] == {"project_root": str(root)}
         assert ingest["schedules"] == []
+        # and the drift monitor, also unscheduled unless prefect.monitor_schedule is set
+        monitor = _read_deployment(api, "drift-monitor", "medops-test")
+        assert monitor is not None and monitor["schedules"] == []
         # a new data version starts a training run with it: the trigger is real, so emit the
         # event as ingest-studies does and watch the run it creates (it then fails: this project
         # has no dataset at that version, which the run says)

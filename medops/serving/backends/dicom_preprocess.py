@@ -10,6 +10,11 @@ batch are unaffected and the request does not fail, whatever the item raises (a 
 Rust can raise what is no ``Exception``). The limits are checked before decoding, and the byte
 limit also bounds what a deflated file may inflate to, so an oversized upload or a deflate bomb
 costs no decoding work.
+
+With the ``record`` parameter (``serving.record``) it also answers ``drift_features``: per item, a
+JSON object of non-identifying header fields and statistics of the prepared image
+(``medops.drift.item_features``), which the recorder step logs with the classifier's answer. A
+failure there costs that item its features ({"error": "features_failed"}), never the request.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medops.errors import PROCESS_EXITS, QuarantineReason, first_line
-from medops.serving.contract import DICOM_INPUT, ERROR_OUTPUT, preprocessing_from_parameters
+from medops.serving.contract import DICOM_INPUT, DRIFT_TENSOR, ERROR_OUTPUT, preprocessing_from_parameters
 from medops.serving.contract import INPUT_NAME as IMAGE_OUTPUT  # the classifier's input
 
 if TYPE_CHECKING:
@@ -39,32 +44,37 @@ class Limits:
 
 def check_limits(data: bytes, limits: Limits) -> str | None:
     """Why ``data`` is refused before decoding, or None. Reads only the header for the pixel count."""
+    return limited_header(data, limits)[0]
+
+
+def limited_header(data: bytes, limits: Limits) -> tuple[str | None, Any]:
+    """``(check_limits' answer, the header it read or None)``: the drift features reuse it."""
     if len(data) > limits.max_bytes:
-        return f"{TOO_LARGE}: {len(data)} bytes, over the limit of {limits.max_bytes} bytes"
+        return f"{TOO_LARGE}: {len(data)} bytes, over the limit of {limits.max_bytes} bytes", None
     import pydicom
 
     from medops.dicom.io import inflated_size_refusal
 
     inflated = inflated_size_refusal(io.BytesIO(data), limits.max_bytes)
     if inflated:  # before dcmread below, which would inflate it whole
-        return f"{TOO_LARGE}: {inflated}"
+        return f"{TOO_LARGE}: {inflated}", None
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
         dims = [int(ds.get(k, 1) or 1) for k in ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel")]
     except Exception:  # noqa: BLE001 - unreadable headers get their proper reason from preprocessing
-        return None
+        return None, None
     pixels = int(np.prod(dims, dtype=np.int64))
     if pixels > limits.max_pixels:
         return (f"{TOO_LARGE}: {dims[0]}x{dims[1]} pixels x {dims[2]} frames x {dims[3]} samples = "
-                f"{pixels} values, over the limit of {limits.max_pixels}")
-    return None
+                f"{pixels} values, over the limit of {limits.max_pixels}"), ds
+    return None, ds
 
 
-def preprocess_items(items: list[bytes], spec: "PreprocessSpec",
-                     limits: Limits) -> tuple[np.ndarray, list[str]]:
+def preprocess_items(items: list[bytes], spec: "PreprocessSpec", limits: Limits,
+                     headers: list | None = None) -> tuple[np.ndarray, list[str]]:
     """Preprocess each DICOM byte string as ``spec`` says. Returns ``(images (n, S, S, 1) float32,
     errors)``, where ``errors[i]`` is "" for a usable item and the reason otherwise (its image is
-    zeros)."""
+    zeros). ``headers``: a list to receive each item's header as the limit check read it (or None)."""
     from medops.dicom.pixels import preprocess_bytes
     from medops.errors import PROCESS_EXITS, DicomReadError, first_line
 
@@ -72,7 +82,9 @@ def preprocess_items(items: list[bytes], spec: "PreprocessSpec",
     images = np.zeros((len(items), size, size, 1), dtype=np.float32)
     errors = [""] * len(items)
     for i, data in enumerate(items):
-        refused = check_limits(data, limits)
+        refused, header = limited_header(data, limits)
+        if headers is not None:
+            headers.append(header)
         if refused:
             errors[i] = refused
             continue
@@ -89,12 +101,33 @@ def preprocess_items(items: list[bytes], spec: "PreprocessSpec",
     return images, errors
 
 
+def drift_features(items: list[bytes], images: np.ndarray, errors: list[str],
+                   headers: list | None = None) -> np.ndarray:
+    """``medops.drift.item_features`` of each item as JSON bytes, an ``(n, 1)`` object array
+    (TYPE_STRING); an item whose features cannot be computed gets ``{"error": "features_failed"}``.
+    ``headers``: the headers ``preprocess_items`` read (not read again)."""
+    from medops.drift import item_features
+
+    out = []
+    headers = headers if headers is not None else [None] * len(items)
+    for data, image, error, header in zip(items, images, errors, headers):
+        try:
+            record = item_features(data, image, error, header=header)
+            out.append(json.dumps(record, separators=(",", ":")).encode())
+        except PROCESS_EXITS:
+            raise
+        except BaseException:  # noqa: BLE001 - drift features never fail a request
+            out.append(b'{"error":"features_failed"}')
+    return np.array(out, dtype=np.object_).reshape(-1, 1)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.spec = preprocessing_from_parameters(params)  # rendered from the EnsembleContract
         self.limits = Limits(params["max_bytes"], params["max_pixels"])
+        self.record = params.get("record") == "true"
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -104,10 +137,14 @@ class TritonPythonModel:
             try:
                 raw = pb_utils.get_input_tensor_by_name(request, DICOM_INPUT).as_numpy()
                 items = [bytes(x) for x in raw.reshape(-1)]
-                images, errors = preprocess_items(items, self.spec, self.limits)
+                headers: list | None = [] if self.record else None
+                images, errors = preprocess_items(items, self.spec, self.limits, headers)
                 err = np.array([e.encode() for e in errors], dtype=np.object_).reshape(-1, 1)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(IMAGE_OUTPUT, images), pb_utils.Tensor(ERROR_OUTPUT, err)]))
+                outputs = [pb_utils.Tensor(IMAGE_OUTPUT, images), pb_utils.Tensor(ERROR_OUTPUT, err)]
+                if self.record:
+                    outputs.append(pb_utils.Tensor(DRIFT_TENSOR,
+                                                   drift_features(items, images, errors, headers)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except PROCESS_EXITS:
                 raise
             except BaseException as exc:  # noqa: BLE001 - one response per request, always
