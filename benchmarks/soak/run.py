@@ -827,14 +827,24 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"- failed: {ex}")
     paths = list(res["latency_per_minute"]) + ["malformed"]
     table = {**res["latency_per_minute"], **res["malformed_latency_per_minute"]}
-    lines += ["", "## Latency per minute (ms, p50 / p99; requests)", "",
-              "| minute | " + " | ".join(paths) + " |", "|---|" + "---|" * len(paths)]
+    minutes = _per_minute_samples(res["memory_samples"], len(table[paths[0]]))
+    lines += ["", "## Latency per minute (ms, p50 / p99; requests started in that minute)", "",
+              "The load average is the machine's (other work included), sampled every 10 s, at "
+              "the minute's end.", "",
+              "| minute | load | " + " | ".join(paths) + " |", "|---|---|" + "---|" * len(paths)]
     for i in range(len(table[paths[0]])):
         cells = []
         for p in paths:
             row = table[p][i]
             cells.append(f"{row.get('p50_ms', '-')} / {row.get('p99_ms', '-')}; {row['requests']}")
-        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+        lines.append(f"| {i + 1} | {minutes[i]['loadavg'][0]} | " + " | ".join(cells) + " |")
+    lines += ["", "## Resident memory at each minute's end (MB)", "",
+              "| minute | tritonserver | stubs (sum) | stubs (count) | all |", "|---|---|---|---|---|"]
+    for i, s in enumerate(minutes):
+        server = sum(v for k, v in s["rss_mb"].items() if k.startswith("tritonserver"))
+        stubs = [v for k, v in s["rss_mb"].items() if k.startswith("stub")]
+        lines.append(f"| {i + 1} ({s['t']} s) | {server} | {round(sum(stubs), 1)} | {len(stubs)} | "
+                     f"{round(server + sum(stubs), 1)} |")
     g = res["memory"]
     lines += ["", "## Resident memory (VmRSS)", "",
               f"Total of tritonserver and its stubs: {g['total'].get('base_mb')} MB at "
@@ -856,6 +866,15 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _per_minute_samples(samples: list[dict[str, Any]], minutes: int) -> list[dict[str, Any]]:
+    """The last sample taken in each minute (the one closest to its end)."""
+    out = []
+    for m in range(minutes):
+        inside = [s for s in samples if s["t"] <= (m + 1) * 60 + 1]
+        out.append(inside[-1] if inside else samples[0])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -867,11 +886,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--render", type=Path, help="only print (and --markdown) the report of a "
+                    "results.json written before")
     args = ap.parse_args(argv)
-    res = run(args)
+    res = json.loads(args.render.read_text()) if args.render else run(args)
     text = markdown(res)
     print(text)
-    if args.json:
+    if args.json and not args.render:
         args.json.write_text(json.dumps(res, indent=1) + "\n")
     if args.markdown:
         args.markdown.write_text(text)
