@@ -194,8 +194,7 @@ def test_ensemble_steps_wire_matching_tensors(params, flavour, record):
     every tensor produced is used (Triton refuses an unused one); with recording on, the
     recorder is a fourth step and the ensemble's outputs are the same."""
     cfg = params.serving.model_copy(update={"record": record})
-    ensemble = build_ensemble_contract(cfg, image_size=params.ingest.image_size,
-                                       window=params.ingest.window,
+    ensemble = build_ensemble_contract(cfg, params.ingest.preprocessing,
                                        threshold=params.evaluate.threshold)
     models = {
         ensemble.preprocess_name: parse(render_preprocess_config(ensemble, flavour)),
