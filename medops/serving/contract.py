@@ -20,6 +20,12 @@ from typing import Any, Literal, Mapping, Sequence
 from medops.config import ServingConfig
 from medops.models import INPUT_NAME, OUTPUT_NAME  # the models' tensor names, served as they are
 
+# The out-of-distribution guard's outputs (medops.learn.ood), answered beside the probability by
+# the same ONNX graph: ood_score > 1.0 means the image is unlike the training data.
+OOD_SCORE_OUTPUT = "ood_score"
+IN_DISTRIBUTION_OUTPUT = "in_distribution"
+GUARDED_OUTPUTS: tuple[str, str, str] = (OUTPUT_NAME, OOD_SCORE_OUTPUT, IN_DISTRIBUTION_OUTPUT)
+
 Flavour = Literal["production", "embedded"]
 FLAVOURS: tuple[Flavour, ...] = ("production", "embedded")
 
