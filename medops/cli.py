@@ -290,6 +290,7 @@ def cmd_predict(args: argparse.Namespace) -> Report:
             pixel_spacing=params.ingest.pixel_spacing,
             via=args.via,
             progress=bar,
+            ood_action=cfg.ood_action,
         )
     failed = sum(p.error is not None for p in preds)
     # a file that got no answer is a bad input (not DICOM, too large, undecodable); the others are

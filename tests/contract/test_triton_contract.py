@@ -58,7 +58,8 @@ def test_both_flavours_parse_and_agree_on_the_client_view(contract, params):
         "name": params.serving.model_name,
         "max_batch_size": params.serving.max_batch_size,
         "inputs": [("image", "TYPE_FP32", [s, s, 1])],
-        "outputs": [("probability", "TYPE_FP32", [1])],
+        "outputs": [("probability", "TYPE_FP32", [1]), ("ood_score", "TYPE_FP32", [1]),
+                    ("in_distribution", "TYPE_BOOL", [1])],
         "preferred": sorted(params.serving.preferred_batch_sizes),
         "delay_us": params.serving.max_queue_delay_us,
         "labels": "normal,pneumonia",
@@ -208,6 +209,8 @@ def test_ensemble_steps_wire_matching_tensors(ensemble, flavour):
         assert produced[name] == spec
     assert [s.model_version for s in ens.ensemble_scheduling.step] == [-1, 7, 7]
     assert tensors(ens, "output") == {"probability": ("TYPE_FP32", [1]),
+                                      "ood_score": ("TYPE_FP32", [1]),
+                                      "in_distribution": ("TYPE_BOOL", [1]),
                                       "label": ("TYPE_STRING", [1]), "error": ("TYPE_STRING", [1])}
 
 

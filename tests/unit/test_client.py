@@ -90,26 +90,39 @@ def test_bad_protocol_is_refused():
 PREDS = [
     Prediction(file="a.dcm", probability=0.91234, label="pneumonia", model_version="3"),
     Prediction(file="notes.txt", error="not_dicom: notes.txt is not a DICOM file"),
+    Prediction(file="ct.dcm", probability=0.8, label="pneumonia", model_version="3",
+               ood_score=3.2049, in_distribution=False),
+    Prediction(file="mr.dcm", probability=0.1, model_version="3", ood_score=5.0,
+               in_distribution=False, reason="out of distribution (ood_score 5.00 > 1): label withheld"),
 ]
 
 
 def test_table_has_one_aligned_row_per_file():
     lines = format_predictions(PREDS).splitlines()
-    assert lines[0].split() == ["file", "label", "probability", "version", "error"]
+    assert lines[0].split() == ["file", "label", "probability", "ood_score", "version", "note"]
     assert set(lines[1].replace(" ", "")) == {"-"}
-    assert lines[2].split() == ["a.dcm", "pneumonia", "0.9123", "3"]
-    assert lines[3].split()[:4] == ["notes.txt", "-", "-", "-"]
+    assert lines[2].split() == ["a.dcm", "pneumonia", "0.9123", "-", "3"]
+    assert lines[3].split()[:5] == ["notes.txt", "-", "-", "-", "-"]
     assert lines[3].endswith("not_dicom: notes.txt is not a DICOM file")
+    # an out-of-distribution answer says so plainly, with its score against the threshold
+    assert lines[4].split()[:5] == ["ct.dcm", "pneumonia", "0.8000", "3.20", "3"]
+    assert lines[4].endswith("OUT OF DISTRIBUTION (ood_score 3.20 > 1)")
+    assert lines[5].split()[:2] == ["mr.dcm", "-"]
+    assert lines[5].endswith("OUT OF DISTRIBUTION (ood_score 5.00 > 1): label withheld")
     # columns line up: the label column starts at the same offset on every row
     assert lines[2].index("pneumonia") == lines[0].index("label") == lines[3].index("-")
 
 
 def test_json_lines_round_trip():
     text = to_json_lines(PREDS)
-    assert text.endswith("\n") and len(text.splitlines()) == 2
+    assert text.endswith("\n") and len(text.splitlines()) == 4
     rows = [json.loads(line) for line in text.splitlines()]
-    assert set(rows[0]) == {"file", "probability", "label", "model_version"}  # no null error
+    # an answer carries the guard's fields, null from a model exported before the guard; no error
+    assert rows[0] == {"file": "a.dcm", "probability": 0.91234, "label": "pneumonia",
+                       "model_version": "3", "ood_score": None, "in_distribution": None}
     assert rows[1] == {"file": "notes.txt", "error": "not_dicom: notes.txt is not a DICOM file"}
+    assert rows[2]["ood_score"] == 3.2049 and rows[2]["in_distribution"] is False
+    assert rows[3]["label"] is None and rows[3]["reason"].startswith("out of distribution")
     assert [Prediction.model_validate(r) for r in rows] == PREDS
 
 
@@ -491,7 +504,7 @@ def test_a_version_deployed_mid_run_is_labelled_with_its_own_threshold(monkeypat
     assert [(p.model_version, p.label) for p in preds] == [("1", "pneumonia"), ("2", "normal"),
                                                            ("2", "normal")]
     assert fake.calls.count(("config", "m_postprocess")) == 2
-    assert ("config", "m") not in fake.calls  # batch_size given: max_batch_size not asked
+    assert fake.calls.count(("config", "m")) == 1  # read once: its outputs (is it guarded?)
 
 
 @pytest.mark.parametrize("aio", [False, True])
