@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from medops.config import OodConfig
 from medops.data import load_split_images
-from medops.learn import ood
+import medops.learn.ood as ood
 from medops.paths import read_json
 
 AUTOENCODER_FILE = "autoencoder.keras"
