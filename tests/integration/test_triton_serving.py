@@ -327,7 +327,8 @@ def test_outputs_as_table_and_json_lines(triton, deployed, files):
     preds = predict_files([files["cr"], files["bad"]], url=triton["info"].grpc_url,
                           model_name=triton["cfg"].model_name, image_size=S)
     table = format_predictions(preds)
-    assert table.splitlines()[0].split() == ["file", "label", "probability", "version", "error"]
+    assert table.splitlines()[0].split() == ["file", "label", "probability", "ood_score", "version",
+                                             "note"]
     assert str(files["bad"]) in table and "not_dicom" in table
     rows = [Prediction.model_validate_json(line) for line in to_json_lines(preds).splitlines()]
     assert rows == preds
