@@ -8,7 +8,9 @@ One run, seeded, on this machine:
 2. Both served side by side by the embedded tritonserver, as deploy writes them (classifier,
    pre/postprocessing, DICOM ensemble).
 3. Corpora, every image sent as a DICOM file through the ensemble (preprocessing on the server):
-   - in distribution: the test split (624 chest films, 8-bit CR files);
+   - in distribution: the test split (624 chest films, 8-bit CR files with the full-range VOI
+     window medops synth writes, so the server prepares them as ingest prepared the training
+     images);
    - far-OOD: every file of pydicom's own test data that is not a chest radiograph (modality not
      CR/DX) and that the ensemble decodes (CT, MR, US, NM, RT dose, secondary captures ...);
    - near-OOD: the test films corrupted (medops.learn.ood.corrupt): inverted, rotated 90 degrees,
@@ -17,8 +19,10 @@ One run, seeded, on this machine:
 4. Figures: AUROC of ``ood_score`` (in vs far, in vs near pooled and per corruption), the false
    alarms on the test split at the threshold chosen on val (``ood_score > 1``), and the cost:
    p50/p99 latency of the DICOM path at c=1 and c=32 with the guard on and off, closed loop,
-   measured in one run in the order off, on, on, off (each figure the mean of its two runs), and
-   the tensor path's c=1 p99 with the guard.
+   measured in one run in the order off, on, on, off, ``--rounds`` times (each figure the mean
+   of its runs), the tensor path's c=1 p99 with the guard, and the guard's compute alone:
+   onnxruntime CPU time per call (process time, so other load on the machine does not count),
+   plain vs guarded graph, batches of 1 and 32.
 
     .venv/bin/python benchmarks/ood/run.py                   # about 4 minutes on 2 cores
     .venv/bin/python benchmarks/ood/run.py --write           # also results.json / results.md
@@ -79,7 +83,9 @@ def train_project(work: Path, epochs: int) -> dict[str, Path]:
 
 
 def cr_bytes(image: np.ndarray) -> bytes:
-    """An 8-bit MONOCHROME2 CR file of a [0, 1] image (as a hospital's chest film would come)."""
+    """An 8-bit MONOCHROME2 CR file of a [0, 1] image, with the full-range VOI window medops'
+    own synth writes (centre 128, width 256: the server's preprocessing gives back x/255, the
+    pixels the model was trained on, as ingest of such files does)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.filebase import DicomBytesIO
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -96,6 +102,7 @@ def cr_bytes(image: np.ndarray) -> bytes:
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.WindowCenter, ds.WindowWidth = "128", "256"
     ds.PixelData = pixels.astype(np.uint8).tobytes()
     out = DicomBytesIO()
     ds.save_as(out, enforce_file_format=True)
@@ -227,12 +234,40 @@ async def tensor_latency(url: str, ec: Any, images: np.ndarray, seconds: float, 
         await client.close()
 
 
+def compute_cost(project: dict, images: np.ndarray, calls: int = 300) -> dict:
+    """CPU time (this process's, not wall time: other load on the machine does not count) of one
+    onnxruntime ``session.run`` with the Triton instance's session options, plain vs guarded,
+    batches of 1 and 32; interleaved, the median of 5 rounds of ``calls`` calls."""
+    import onnxruntime as ort
+
+    from medops.serving.contract import GUARDED_OUTPUTS, INPUT_NAME, OUTPUT_NAME
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sessions = {k: ort.InferenceSession(str(project[k]), opts, providers=["CPUExecutionProvider"])
+                for k in ("plain", "guarded")}
+    names = {"plain": [OUTPUT_NAME], "guarded": list(GUARDED_OUTPUTS)}
+    out: dict[str, Any] = {}
+    for b in (1, 32):
+        batch = images[:b]
+        times: dict[str, list[float]] = {"plain": [], "guarded": []}
+        for _ in range(5):
+            for k in ("plain", "guarded"):
+                t0 = time.process_time()
+                for _ in range(calls):
+                    sessions[k].run(names[k], {INPUT_NAME: batch})
+                times[k].append((time.process_time() - t0) / calls * 1e6)
+        out[f"batch{b}"] = {k: float(np.median(v)) for k, v in times.items()}
+        out[f"batch{b}"]["ratio"] = out[f"batch{b}"]["guarded"] / out[f"batch{b}"]["plain"]
+    return out
+
+
 def cost(url: str, contracts: dict, files: list[bytes], images: np.ndarray, seconds: float,
-         warmup: float) -> dict:
+         warmup: float, rounds: int) -> dict:
     out: dict[str, Any] = {}
     for c in (1, 32):
         runs: dict[str, list[dict]] = {"plain": [], "guarded": []}
-        for label in ("plain", "guarded", "guarded", "plain"):
+        for label in ("plain", "guarded", "guarded", "plain") * rounds:
             runs[label].append(asyncio.run(latency(url, contracts[label], files, c, seconds, warmup)))
         out[f"c{c}"] = {label: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
                         for label, rs in runs.items()}
@@ -260,8 +295,12 @@ def render(r: dict) -> str:
     tc = r["cost"]["tensor_c1_guarded"]["p99_ms"]
     rows.append(("tensor path p99 at c=1, guard on", f"{tc:.2f} ms", f"< {t['tensor_c1_p99_ms']} ms",
                  tc < t["tensor_c1_p99_ms"]))
+    for b, x in r["compute"].items():
+        rows.append((f"onnxruntime CPU time per call, {b.replace('batch', 'batch of ')}: guard on / off",
+                     f"{x['guarded']:.0f} / {x['plain']:.0f} us (x{x['ratio']:.2f})", "(compute)", True))
     lines = ["| figure | measured | target | |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {'PASS' if ok else 'FAIL'} |" for a, b, c, ok in rows]
+    lines += [f"| {a} | {b} | {c} | {'PASS' if ok else 'FAIL'} |" if c != "(compute)" else
+              f"| {a} | {b} | | |" for a, b, c, ok in rows]
     lines += ["", "near-OOD AUROC per corruption: " + ", ".join(
         f"{k} {v:.4f}" for k, v in r["near_auroc_per_kind"].items()),
         f"corpora: {r['n']['in']} test films, {r['n']['far']} foreign files answered "
@@ -269,7 +308,9 @@ def render(r: dict) -> str:
         f"{r['n']['near']} corrupted films",
         f"lowest-scoring foreign files: {', '.join(f'{n} {s:.2f}' for n, s in r['far_lowest'])}",
         f"machine: {r['meta']['cpus']} CPUs, load average before the timing {r['meta']['loadavg']}; "
-        f"{r['meta']['epochs']} epochs of simple_cnn; {r['meta']['seconds']} s per latency point"]
+        f"{r['meta']['epochs']} epochs of simple_cnn; {r['meta']['seconds']} s per latency point, "
+        f"{r['meta']['rounds']} rounds of off/on/on/off",
+        f"command: {r['meta']['command']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -279,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--near-per-kind", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of off, on, on, off per latency point")
     parser.add_argument("--write", action="store_true", help="write results.json and results.md here")
     args = parser.parse_args(argv)
 
@@ -304,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
 
             images, _, _ = load_split_images(project["ingested"], project["split"], "test")
             timing = cost(info.grpc_url, contracts, [b for _, b in data["in"][:64]], images[:64],
-                          args.seconds, args.warmup)
+                          args.seconds, args.warmup, args.rounds)
+            compute = compute_cost(project, images)
         finally:
             stop_server(state)
     result = {
@@ -316,9 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         "n": {"in": len(s_in), "far": len(s_far), "far_refused": len(far_refused), "near": len(s_near)},
         "ood_stage": {k: project["ood"][k] for k in ("threshold", "val_false_alarm_rate",
                                                      "near_ood_val_auroc", "autoencoder_params")},
-        "cost": timing, "targets": TARGETS,
+        "cost": timing, "compute": compute, "targets": TARGETS,
         "meta": {"cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in loadavg],
                  "python": platform.python_version(), "epochs": args.epochs, "seconds": args.seconds,
+                 "rounds": args.rounds,
                  "command": "benchmarks/ood/run.py " + " ".join(argv if argv is not None else sys.argv[1:])},
     }
     text = render(result)

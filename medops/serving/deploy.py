@@ -13,7 +13,9 @@ given); byte and pixel limits for uploads.
 Order (TFX's "pusher reads the blessing"): the gate must have passed, for the data version the
 model was exported from, and the ONNX file must be the exported one (sha256). Only then is a
 version written, beside the served one, which stays pinned. The new version is loaded as a
-separate candidate model and must reproduce export's golden probabilities; only then is it served
+separate candidate model and must reproduce export's golden probabilities (and, for a model
+exported with the OOD guard, its golden ood_scores: classifier and detector are one ONNX file, so
+they are written, checked, served and rolled back together); only then is it served
 (classifier and ensemble re-pinned without a gap) and checked again. Any failure removes the new
 version and leaves (or restores) the previous one; ``rollback`` serves an earlier version again.
 

@@ -326,7 +326,7 @@ def run(
         opset=cfg.opset, data_version=data_version,
         decision_threshold=record.get("decision_threshold"),
         parity_max_abs_diff=worst, parity_atol=cfg.parity_atol,
-        n_parity_samples=n_parity if guard is None else min(n_parity, len(images)),
+        n_parity_samples=min(n_parity, len(images)),  # val images (the guard adds corrupted copies)
         n_golden=len(np.load(golden_path)["labels"]),
         input=TensorInfo(name=graph.input[0].name, shape=_shape(graph.input[0]), dtype="float32"),
         output=outputs[0], outputs=outputs, ood=guard_info,
