@@ -10,6 +10,8 @@ PYTEST_ARGS ?=
 
 ## setup: create or update the virtual environment (.venv) with pinned versions
 setup: $(STAMP)
+	@command -v chromedriver >/dev/null && { command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null \
+	  || echo "note: the browser tests (Data Docs, Prefect UI) are skipped without Chromium: sudo apt-get install -y chromium chromium-driver"
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -212,14 +212,15 @@ def deploy_model(paths: ProjectPaths, params: Params) -> dict[str, Any]:
     """medops.serving.deploy.deploy: the exported model as a new version in the running Triton."""
     from medops.serving.deploy import deploy
 
+    from prefect.runtime import flow_run
+
     from medops.pipeline import serving_kwargs
 
     result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
-                    export_result=paths.export_result, **serving_kwargs(params, paths))
+                    export_result=paths.export_result, **serving_kwargs(params, paths),
+                    reason=f"Prefect flow run {flow_run.get_name()} ({flow_run.get_id()}): the gate passed")
     payload = result.model_dump(mode="json")
     if not result.unchanged:
-        from prefect.runtime import flow_run
-
         from medops.ops.lineage import record_deployment
 
         record_deployment(paths, payload, flow_run_id=flow_run.get_id())

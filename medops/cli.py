@@ -208,6 +208,8 @@ def cmd_serve(args: argparse.Namespace) -> Report:
     if args.action == "stop":
         stopped = server.stop_server(paths.state)
         return Report("Triton stopped" if stopped else "Triton was not running", {"stopped": stopped})
+    if args.action == "history":
+        return _serve_history(cfg.repository_path(paths.root), args.limit)
     if args.action == "status":
         status = server.server_status(paths.state)
         return Report(status.describe(), status.model_dump(mode="json"),
@@ -220,6 +222,21 @@ def cmd_serve(args: argparse.Namespace) -> Report:
                    "grpc_url": info.grpc_url, "metrics_url": info.metrics_url})
 
 
+def _serve_history(repository: Path, limit: int | None) -> Report:
+    """Every deploy and rollback recorded in the repository's audit log, oldest first."""
+    from medops.serving.audit import audit_log, history
+
+    entries = history(repository, limit)
+    lines = [f"{e['time']}  {e['action']:8s} {e['outcome']:11s} "
+             f"{e.get('model_name') or '?'} v{e.get('version', '?')}"
+             f"{'' if e.get('previous_version') is None else ' (was v%s)' % e['previous_version']}"
+             f"  by {e['by']}" + (f" ({e['os_user']}@{e['host']})" if e['by'] != e['os_user'] else "")
+             + (f": {e['reason']}" if e.get("reason") else "")
+             + (f"  [{e['error']}]" if e.get("error") else "") for e in entries]
+    text = "\n".join(lines) if lines else f"no deploy or rollback recorded in {audit_log(repository)}"
+    return Report(text, {"log": str(audit_log(repository)), "entries": entries})
+
+
 def cmd_deploy(args: argparse.Namespace) -> Report:
     from medops.pipeline import serving_kwargs
     from medops.serving.deploy import deploy
@@ -227,7 +244,7 @@ def cmd_deploy(args: argparse.Namespace) -> Report:
     paths, params = _context(args)
     result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
                     export_result=paths.export_result, url=args.url, protocol=args.protocol,
-                    **serving_kwargs(params, paths))
+                    by=args.by, reason=args.reason, **serving_kwargs(params, paths))
     if not result.unchanged:
         from medops.ops.lineage import record_deployment
 
@@ -265,7 +282,7 @@ def cmd_rollback(args: argparse.Namespace) -> Report:
 
     paths, params = _context(args)
     result = rollback(params.serving, url=args.url, protocol=args.protocol, to_version=args.to,
-                      **serving_kwargs(params, paths))
+                      by=args.by, reason=args.reason, **serving_kwargs(params, paths))
     return Report(f"{result.model_name}: version {result.from_version} -> {result.to_version} "
                   "now serving", result.model_dump(mode="json"))
 
@@ -284,10 +301,7 @@ def cmd_predict(args: argparse.Namespace) -> Report:
             url=url,
             protocol=args.protocol,
             model_name=model,
-            image_size=params.ingest.image_size,
-            window=params.ingest.window,
-            frame=params.ingest.frame,
-            pixel_spacing=params.ingest.pixel_spacing,
+            preprocessing=params.ingest.preprocessing,
             via=args.via,
             progress=bar,
             ood_action=cfg.ood_action,
@@ -429,15 +443,23 @@ def _add_data_commands(add: AddCommand) -> None:
     p.add_argument("--no-push", action="store_true")
 
 
+def _add_audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--by", help="who asks for it, for the audit log (default: the OS user)")
+    p.add_argument("--reason", help="why, for the audit log (medops serve history)")
+
+
 def _add_serving_commands(add: AddCommand) -> None:
     """The serving side: Triton, deploy, lineage, rollback, predict; the watcher and the demo."""
     p = add("serve", cmd_serve, "start (default), stop or inspect the embedded Triton server; "
-                                f"status exits {ExitCode.UNAVAILABLE.value} unless it is ready")
-    p.add_argument("action", nargs="?", choices=["start", "stop", "status"], default="start")
+                                f"status exits {ExitCode.UNAVAILABLE.value} unless it is ready; "
+                                "history lists every deploy and rollback (who, when, what, why, outcome)")
+    p.add_argument("action", nargs="?", choices=["start", "stop", "status", "history"], default="start")
+    p.add_argument("--limit", type=int, help="history: only the last N entries")
 
     p = add("deploy", cmd_deploy, "deploy the exported model to the running Triton, if the gate passed")
     p.add_argument("--url", help="Triton address (default: from params serving)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    _add_audit_args(p)
 
     p = add("lineage", cmd_lineage, "where the served model (or --version N) came from: data version, "
                                     "code commit, params, flow run, gate; or, with --patient, every data "
@@ -449,6 +471,7 @@ def _add_serving_commands(add: AddCommand) -> None:
     p.add_argument("--to", type=int, help="version to serve (default: the one before the served one)")
     p.add_argument("--url", help="Triton address (default: from params serving)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    _add_audit_args(p)
 
     p = add("predict", cmd_predict, "classify DICOM files with the model served by Triton")
     p.add_argument("files", nargs="+")

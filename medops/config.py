@@ -8,6 +8,8 @@ Prefect.
 from __future__ import annotations
 
 import io
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,6 +43,51 @@ class Window(_Section):
     width: float = Field(gt=0)
 
 
+FRAMES: tuple[str, ...] = ("first", "middle", "max")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How DICOM pixels become the model input, as one value: what ``medops.dicom.pixels`` takes,
+    and what ingest, the DICOM ensemble's preprocessing model and the client all pass on whole, so
+    the served model sees an image prepared exactly as training's were.
+
+    From params.yaml it is ``IngestConfig.preprocessing`` (the keys ``ingest.image_size``,
+    ``window``, ``frame``, ``pixel_spacing``).
+
+    Attributes:
+        image_size: S, the side of the (S, S) output.
+        window: a fixed VOI window that overrides each file's own; None = the file's VOI LUT or
+            window, else its min..max.
+        frame: which frame of a multi-frame image: ``first``, ``middle``, or ``max`` (the
+            maximum over frames).
+        pixel_spacing: mm per output pixel: resample to it and centre on the S x S canvas (a
+            fixed field of view); None = resize the whole image. A file without a pixel spacing
+            is then refused.
+
+    Raises:
+        ValueError: a value out of range (image_size < 1, an unknown frame, a spacing <= 0).
+    """
+
+    image_size: int
+    window: Window | None = None
+    frame: Literal["first", "middle", "max"] = "middle"
+    pixel_spacing: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, bool) or int(self.image_size) != self.image_size \
+                or self.image_size < 1:
+            raise ValueError(f"image_size must be an integer >= 1, got {self.image_size!r}")
+        if self.frame not in FRAMES:
+            raise ValueError(f"frame must be first, middle or max, got {self.frame!r}")
+        if self.pixel_spacing is not None and not (math.isfinite(self.pixel_spacing)
+                                                   and self.pixel_spacing > 0):
+            raise ValueError(f"pixel_spacing must be > 0 mm or None, got {self.pixel_spacing!r}")
+        object.__setattr__(self, "image_size", int(self.image_size))
+        if self.pixel_spacing is not None:
+            object.__setattr__(self, "pixel_spacing", float(self.pixel_spacing))
+
+
 class DeidConfig(_Section):
     key_env: str = "MEDOPS_DEID_KEY"
     retain_longitudinal: bool = False
@@ -51,6 +98,8 @@ class IngestConfig(_Section):
     # the hospital's export folder, relative to the project or absolute: read only, never
     # versioned (its files and names carry PHI); label manifests (*.csv) arrive in it too
     source: str = "data/export"
+    # image_size, window, frame, pixel_spacing: ``preprocessing`` below, the PreprocessSpec that
+    # pixels, the serving contract, its preprocessing model and the client take whole
     image_size: int = Field(default=28, ge=8, le=1024)
     window: Window | None = None
     frame: Literal["first", "middle", "max"] = "middle"  # which frame of a multi-frame image
@@ -70,6 +119,11 @@ class IngestConfig(_Section):
     # nor do Dask workers that run several tasks at once (the watchdog is one per process).
     file_timeout_s: float | None = Field(default=120, gt=0)
     deid: DeidConfig = DeidConfig()
+
+    @property
+    def preprocessing(self) -> PreprocessSpec:
+        """image_size, window, frame and pixel_spacing as the one value preprocessing takes."""
+        return PreprocessSpec(self.image_size, self.window, self.frame, self.pixel_spacing)
 
 
 class QualityConfig(_Section):

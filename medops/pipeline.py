@@ -170,12 +170,7 @@ def serving_kwargs(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     cfg = params.serving
     return {
         "repository": cfg.repository_path(paths.root),
-        "image_size": params.ingest.image_size,
-        "window": params.ingest.window,
-        "frame": params.ingest.frame,
-        "pixel_spacing": params.ingest.pixel_spacing,
-        "max_bytes": cfg.max_request_bytes,
-        "max_pixels": cfg.max_image_pixels,
+        "preprocessing": params.ingest.preprocessing,
         "admin_key": resolve_admin_key(cfg, state_dir=paths.state),
     }
 

@@ -177,7 +177,7 @@ def run_triton(src: Path, work: Path, *, batch: int, request_timeout: float, pro
     import tritonclient.grpc as grpcclient
 
     from medops.serving.client import infer_dicom
-    from medops.config import ServingConfig
+    from medops.config import PreprocessSpec, ServingConfig
     from medops.procs import pid_alive
     from medops.serving.contract import ensemble_name
     from medops.serving.deploy import deploy
@@ -203,7 +203,7 @@ def run_triton(src: Path, work: Path, *, batch: int, request_timeout: float, pro
         write_golden(onnx_path, **coef)
         deploy(cfg, onnx=onnx_path, gate=write_gate(base / "gate.json", passed=True),
                export_result=write_export_result(onnx_path), repository=repo,
-               url=info.grpc_url, protocol="grpc", image_size=28)
+               url=info.grpc_url, protocol="grpc", preprocessing=PreprocessSpec(image_size=28))
         good = write_bundled_dicom(base / "good.dcm", index=3)
         good_bytes, good_p = good.read_bytes(), expected_probability(good, **coef)
         target = ensemble_name(cfg.model_name)

@@ -196,10 +196,7 @@ def write_triton_repository(params: Any, onnx_path: Path, repository: Path) -> d
     contracts = {}
     for label in TRITON:
         cfg = params.serving.model_copy(update={"model_name": f"bench_{label.split('-')[1]}"})
-        ec = build_ensemble_contract(
-            cfg, image_size=params.ingest.image_size, window=params.ingest.window,
-            frame=params.ingest.frame, pixel_spacing=params.ingest.pixel_spacing,
-            max_bytes=cfg.max_request_bytes, max_pixels=cfg.max_image_pixels)
+        ec = build_ensemble_contract(cfg, params.ingest.preprocessing)
         write_version(ec.classifier, repository, onnx_path, flavour="embedded", version=1)
         write_config(ec.classifier, repository, "embedded", versions=[1])
         write_processing_models(ec, repository, "embedded")

@@ -32,12 +32,11 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
 
 from medops.dicom import PREPROCESSING_VERSION  # noqa: F401 -- see there
-from medops.dicom.io import (FramePolicy, decode_pixels, number_of_frames, number_value, read_dataset,
-                             text_value)
+from medops.dicom.io import decode_pixels, number_of_frames, number_value, read_dataset, text_value
 from medops.errors import DicomReadError, QuarantineReason
 
 if TYPE_CHECKING:
-    from medops.config import Window
+    from medops.config import PreprocessSpec, Window
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +300,7 @@ def _centre(length: int, size: int) -> tuple[int, int, int]:
     return 0, (size - length) // 2, length
 
 
-def prepare_image(ds: Dataset, *, image_size: int, window: "Window | None" = None,
-                  frame: FramePolicy = "middle", pixel_spacing: float | None = None) -> np.ndarray:
+def prepare_image(ds: Dataset, spec: "PreprocessSpec") -> np.ndarray:
     """Turn a data set's pixel data into the model input: float32 (S, S) in [0, 1].
 
     Implements the grayscale pipeline of PS3.4 N.2.1.1: modality LUT (PS3.3 C.11.1), VOI
@@ -310,17 +308,18 @@ def prepare_image(ds: Dataset, *, image_size: int, window: "Window | None" = Non
 
     Args:
         ds: a data set with pixel data (from :func:`medops.dicom.io.read_dataset`).
-        image_size: S, the output's side.
-        window: a fixed VOI window (ingest.window) that overrides the file's VOI; None = the
-            file's own VOI LUT / window, or min-max when it has neither.
-        frame: multi-frame policy: ``first``, ``middle`` or ``max`` (maximum over frames).
-        pixel_spacing: mm per output pixel (ingest.pixel_spacing): resample to it and centre on
-            the S x S canvas (:func:`resample_to_spacing`); None = resize the whole image to S.
+        spec: the preprocessing settings (``ingest.preprocessing``): S = ``spec.image_size``;
+            ``spec.window`` overrides the file's VOI (None = the file's own VOI LUT / window,
+            or min-max when it has neither); ``spec.frame`` picks a multi-frame image's frame
+            (``first``, ``middle``) or their maximum (``max``); ``spec.pixel_spacing`` (mm per
+            output pixel) resamples and centres on the S x S canvas
+            (:func:`resample_to_spacing`), None = resize the whole image to S.
 
     Raises:
         DicomReadError: the pixel data cannot be decoded or described (reason says why), or
-            ``pixel_spacing`` is set and the file gives no pixel spacing.
+            ``spec.pixel_spacing`` is set and the file gives no pixel spacing.
     """
+    window, frame, pixel_spacing = spec.window, spec.frame, spec.pixel_spacing
     spacing = None
     if pixel_spacing is not None:
         spacing = pixel_spacing_mm(ds)
@@ -353,19 +352,15 @@ def prepare_image(ds: Dataset, *, image_size: int, window: "Window | None" = Non
         raise DicomReadError(f"expected a 2-D image after preprocessing, got shape {unit.shape}",
                              QuarantineReason.UNSUPPORTED_PIXELS)
     if spacing is not None:  # only set when pixel_spacing is
-        return resample_to_spacing(unit, spacing, pixel_spacing, image_size)
-    return resize_image(unit, image_size)
+        return resample_to_spacing(unit, spacing, pixel_spacing, spec.image_size)
+    return resize_image(unit, spec.image_size)
 
 
-def preprocess_bytes(data: bytes, *, image_size: int, window: "Window | None" = None,
-                     frame: FramePolicy = "middle", pixel_spacing: float | None = None) -> np.ndarray:
+def preprocess_bytes(data: bytes, spec: "PreprocessSpec") -> np.ndarray:
     """:func:`prepare_image` for a DICOM file's bytes (what a client uploads to Triton)."""
-    return prepare_image(read_dataset(data), image_size=image_size, window=window, frame=frame,
-                         pixel_spacing=pixel_spacing)
+    return prepare_image(read_dataset(data), spec)
 
 
-def preprocess_file(path: str | os.PathLike, *, image_size: int, window: "Window | None" = None,
-                    frame: FramePolicy = "middle", pixel_spacing: float | None = None) -> np.ndarray:
+def preprocess_file(path: str | os.PathLike, spec: "PreprocessSpec") -> np.ndarray:
     """:func:`prepare_image` for a DICOM file on disk."""
-    return prepare_image(read_dataset(path), image_size=image_size, window=window, frame=frame,
-                         pixel_spacing=pixel_spacing)
+    return prepare_image(read_dataset(path), spec)

@@ -9,10 +9,18 @@ Layout below ``state_dir`` (ProjectPaths.state, i.e. ``.medops/``):
 
 Processes that talk to this server (flows, ``flows/serve.py``, the CLI) get their environment from
 ``prefect_env``. Neither Prefect nor TensorFlow is imported here: the server is a subprocess.
+
+Bound beyond the loopback (``prefect.host`` not 127.0.0.1, ::1 or localhost), the API is open to
+the network: the server then starts only with Prefect's basic auth configured (``auth_string``:
+``$PREFECT_SERVER_API_AUTH_STRING``, else ``$PREFECT_API_AUTH_STRING``, else the file
+``<state>/secrets/prefect-auth``, as ``user:password``). The server gets it as
+PREFECT_SERVER_API_AUTH_STRING, the processes medops starts as PREFECT_API_AUTH_STRING (through
+``prefect_env``), always by environment, never on a command line or in a log.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -28,6 +36,8 @@ from medops.errors import PrefectServerError
 from medops.procs import cmdline_contains, pid_alive, terminate
 
 LOG_TAIL_LINES = 30
+SERVER_AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"  # what `prefect server start` checks requests against
+CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"         # what Prefect's clients send
 
 
 class PrefectServerInfo(BaseModel):
@@ -53,16 +63,60 @@ def log_file(state_dir: Path) -> Path:
     return Path(state_dir) / "logs" / "prefect.log"
 
 
+def auth_file(state_dir: Path) -> Path:
+    return Path(state_dir) / "secrets" / "prefect-auth"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def auth_string(state_dir: Path | None = None) -> str | None:
+    """Prefect's basic-auth string (``user:password``) if one is configured, else None:
+    ``$PREFECT_SERVER_API_AUTH_STRING``, ``$PREFECT_API_AUTH_STRING``, or ``<state>/secrets/prefect-auth``."""
+    for name in (SERVER_AUTH_ENV, CLIENT_AUTH_ENV):
+        if os.environ.get(name):
+            return os.environ[name]
+    if state_dir is not None and auth_file(state_dir).is_file():
+        return auth_file(state_dir).read_text().strip() or None
+    return None
+
+
 def prefect_env(cfg: PrefectConfig, state_dir: Path | None = None) -> dict[str, str]:
     """Environment variables for a process that should use this server (merge into os.environ).
 
     With ``state_dir``, PREFECT_HOME is the server's too, so flow-run results and the profile live
-    under ``.medops/`` rather than in the user's home.
+    under ``.medops/`` rather than in the user's home. With basic auth configured
+    (``auth_string``), PREFECT_API_AUTH_STRING too.
     """
     env = {"PREFECT_API_URL": cfg.api_url}
     if state_dir is not None:
         env["PREFECT_HOME"] = str(prefect_home(state_dir))
+    auth = auth_string(state_dir)
+    if auth:
+        env[CLIENT_AUTH_ENV] = auth
     return env
+
+
+def check_exposure(cfg: PrefectConfig, auth: str | None) -> None:
+    """Refuse to open the API beyond the loopback without basic auth.
+
+    Raises:
+        PrefectServerError: ``cfg.host`` is not a loopback address and ``auth`` is empty.
+    """
+    if auth or is_loopback(cfg.host):
+        return
+    raise PrefectServerError(
+        f"refusing to start the Prefect server on {cfg.host}: beyond the loopback anyone who reaches "
+        f"port {cfg.port} could read and start flow runs. Set {SERVER_AUTH_ENV}='user:password' "
+        f"(clients started by medops get it as {CLIENT_AUTH_ENV}) or write it to the file "
+        f"<state>/secrets/prefect-auth (mode 0600), or set params.prefect.host to 127.0.0.1")
 
 
 def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -135,10 +189,13 @@ def start_prefect(cfg: PrefectConfig, *, state_dir: Path, timeout: float = 120.0
     writes the pid file.
 
     Raises:
-        PrefectServerError: the port is taken by a server medops did not start, or the server exits
+        PrefectServerError: ``cfg.host`` is beyond the loopback and no basic auth is configured
+            (``check_exposure``), the port is taken by a server medops did not start, or the server exits
             or stays unhealthy for ``timeout`` seconds (the message ends with the log's tail).
     """
     state_dir = Path(state_dir)
+    auth = auth_string(state_dir)
+    check_exposure(cfg, auth)
     current = prefect_status(cfg, state_dir=state_dir)
     if current.running:
         if not current.healthy:  # started but still migrating the database, or hung
@@ -154,10 +211,16 @@ def start_prefect(cfg: PrefectConfig, *, state_dir: Path, timeout: float = 120.0
     for folder in (home, pid_file(state_dir).parent, log_file(state_dir).parent):
         folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    for key in ("PREFECT_API_URL", "PREFECT_PROFILE"):  # the server must not point at another one
-        env.pop(key, None)
+    for key in ("PREFECT_API_URL", "PREFECT_PROFILE", CLIENT_AUTH_ENV, SERVER_AUTH_ENV):
+        env.pop(key, None)  # the server must not point at another one, nor keep a stale secret
+    if auth:
+        env[SERVER_AUTH_ENV] = auth  # by environment: never on the command line or in the log
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", NO_COLOR="1",
-               PREFECT_CLI_COLORS="false")
+               PREFECT_CLI_COLORS="false",
+               # the UI asks /ui-settings for the API's address, which Prefect derives from these
+               # settings, not from --host/--port: without them a UI on any port but 4200 shows
+               # "Unable to connect to Prefect server" (PREFECT_UI_API_URL, if set, still wins)
+               PREFECT_SERVER_API_HOST=cfg.host, PREFECT_SERVER_API_PORT=str(cfg.port))
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host,
            "--port", str(cfg.port), "--analytics-off"]
     with open(log_file(state_dir), "ab") as log:

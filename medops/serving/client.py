@@ -38,6 +38,7 @@ from typing import Any, Callable, Generator, Iterable, Literal, Sequence, TypeVa
 import numpy as np
 from pydantic import BaseModel
 
+from medops.config import PreprocessSpec
 from medops.errors import (
     DicomReadError,
     MedopsError,
@@ -491,18 +492,17 @@ def read_files(paths: Iterable[Path | str]) -> list[tuple[str, bytes | None, str
 
 
 def preprocess_files(
-    paths: Iterable[Path | str], *, image_size: int, window: Any = None, frame: str = "middle",
-    pixel_spacing: float | None = None,
+    paths: Iterable[Path | str], spec: PreprocessSpec,
 ) -> list[tuple[str, np.ndarray | None, str | None]]:
-    """``(file, image (S, S) float32 or None, error or None)`` per path, in order."""
+    """``(file, image (S, S) float32 or None, error or None)`` per path, in order, prepared as
+    ``spec`` says."""
     from medops.dicom.pixels import preprocess_file
 
     out: list[tuple[str, np.ndarray | None, str | None]] = []
     for p in paths:
         name = str(p)
         try:
-            out.append((name, preprocess_file(Path(p), image_size=image_size, window=window,
-                                              frame=frame, pixel_spacing=pixel_spacing), None))
+            out.append((name, preprocess_file(Path(p), spec), None))
         except DicomReadError as exc:
             out.append((name, None, f"{exc.reason.value}: {exc}"))
         except (OSError, MedopsError) as exc:
@@ -539,15 +539,13 @@ class _Plan:
     the Prediction list the answers are written into, in the order of the paths."""
 
     def __init__(self, paths: Iterable[Path | str], *, via: Via, model_name: str,
-                 image_size: int, window: Any, frame: str = "middle",
-                 pixel_spacing: float | None = None) -> None:
+                 preprocessing: PreprocessSpec) -> None:
         if via == "ensemble":
             self.target = ensemble_name(model_name)
             self.items: list[tuple[str, Any, str | None]] = list(read_files(paths))
         elif via == "tensor":
             self.target = model_name
-            self.items = list(preprocess_files(paths, image_size=image_size, window=window,
-                                               frame=frame, pixel_spacing=pixel_spacing))
+            self.items = list(preprocess_files(paths, preprocessing))
         else:
             raise ValueError(f"via must be 'ensemble' or 'tensor', got {via!r}")
         self.via = via
@@ -796,10 +794,7 @@ def predict_files(
     url: str,
     protocol: Protocol = "grpc",
     model_name: str,
-    image_size: int,
-    window: Any = None,
-    frame: str = "middle",
-    pixel_spacing: float | None = None,
+    preprocessing: PreprocessSpec,
     threshold: float | None = None,
     timeout: float = 30.0,
     batch_size: int | None = None,
@@ -815,11 +810,8 @@ def predict_files(
         paths: DICOM files.
         url: ``host:port`` of Triton's gRPC (protocol "grpc") or HTTP (protocol "http") endpoint.
         model_name: the classifier (``serving.model_name``); the ensemble is ``<name>_dicom``.
-        image_size: model input size (``ingest.image_size``), for ``via="tensor"``.
-        window: VOI window override (``ingest.window``), for ``via="tensor"``; the ensemble
-            applies the window it was deployed with.
-        frame, pixel_spacing: ``ingest.frame`` and ``ingest.pixel_spacing``, for
-            ``via="tensor"`` (the ensemble uses the ones it was deployed with).
+        preprocessing: ``ingest.preprocessing``, for ``via="tensor"`` (the ensemble prepares
+            pixels as it was deployed to).
         threshold: probability at or above which the label is "pneumonia", for
             ``via="tensor"``; default: the threshold the version that answered was deployed
             with (the ensemble always labels with that one), read from the postprocessing
@@ -850,8 +842,7 @@ def predict_files(
             ready, or requests fail before any file is answered (the first few files sent
             alone all failed: the server, not a file, is the problem).
     """
-    plan = _Plan(paths, via=via, model_name=model_name, image_size=image_size, window=window,
-                 frame=frame, pixel_spacing=pixel_spacing)
+    plan = _Plan(paths, via=via, model_name=model_name, preprocessing=preprocessing)
     if not plan.todo:
         return plan.preds
     steps = _PredictSteps(plan, url=url, protocol=protocol, model_name=model_name,
@@ -873,10 +864,7 @@ async def apredict_files(
     url: str,
     protocol: Protocol = "grpc",
     model_name: str,
-    image_size: int,
-    window: Any = None,
-    frame: str = "middle",
-    pixel_spacing: float | None = None,
+    preprocessing: PreprocessSpec,
     threshold: float | None = None,
     timeout: float = 30.0,
     batch_size: int | None = None,
@@ -900,8 +888,7 @@ async def apredict_files(
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     plan = await asyncio.to_thread(_Plan, paths, via=via, model_name=model_name,
-                                   image_size=image_size, window=window, frame=frame,
-                                   pixel_spacing=pixel_spacing)
+                                   preprocessing=preprocessing)
     if not plan.todo:
         return plan.preds
     steps = _PredictSteps(plan, url=url, protocol=protocol, model_name=model_name,

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
-from medops.config import ServingConfig
+from medops.config import PreprocessSpec, ServingConfig, Window
 from medops.models import INPUT_NAME, OUTPUT_NAME  # the models' tensor names, served as they are
 
 # The out-of-distribution guard's outputs (medops.learn.ood), answered beside the probability by
@@ -225,12 +225,10 @@ class EnsembleContract:
     """
 
     classifier: ModelContract
-    window: tuple[float, float] | None
+    preprocessing: PreprocessSpec        # ingest.preprocessing: the server prepares pixels as ingest did
     threshold: float
-    max_bytes: int
-    max_pixels: int
-    frame: str = "middle"                # ingest.frame
-    pixel_spacing: float | None = None   # ingest.pixel_spacing
+    max_bytes: int                       # serving.max_request_bytes
+    max_pixels: int                      # serving.max_image_pixels
 
     @property
     def preprocess_name(self) -> str:
@@ -267,37 +265,22 @@ def ensemble_name(model_name: str) -> str:
     return f"{model_name}_dicom"
 
 
-def build_ensemble_contract(
-    cfg: ServingConfig,
-    *,
-    image_size: int,
-    window: Any = None,
-    threshold: float = 0.5,
-    max_bytes: int = 64 * 1024 * 1024,
-    max_pixels: int = 8192 * 8192,
-    frame: str = "middle",
-    pixel_spacing: float | None = None,
-) -> EnsembleContract:
-    """The ensemble around ``build_contract(cfg, image_size=...)``.
+def build_ensemble_contract(cfg: ServingConfig, preprocessing: PreprocessSpec, *,
+                            threshold: float = 0.5) -> EnsembleContract:
+    """The ensemble around ``build_contract(cfg, image_size=preprocessing.image_size)``.
 
     Args:
-        window: ``ingest.window`` (an object with ``center``/``width``) or None for each file's own.
+        cfg: the serving settings, with the limits past which an upload is answered with an
+            error instead of being decoded: ``max_request_bytes`` (bytes) and
+            ``max_image_pixels`` (rows x columns x frames x samples).
+        preprocessing: ``ingest.preprocessing``: the server prepares pixels exactly as ingest
+            prepared the training data.
         threshold: ``evaluate.threshold``: probability at or above which the label is pneumonia.
-        max_bytes / max_pixels: larger uploads (bytes) or images (rows x columns x frames x
-            samples) are answered with an error instead of being decoded.
-        frame / pixel_spacing: ``ingest.frame`` and ``ingest.pixel_spacing``: the server
-            prepares pixels exactly as ingest prepared the training data.
     """
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
-    if max_bytes < 1 or max_pixels < 1:
-        raise ValueError(f"max_bytes ({max_bytes}) and max_pixels ({max_pixels}) must be >= 1")
-    win = None if window is None else (float(window.center), float(window.width))
-    if frame not in ("first", "middle", "max"):
-        raise ValueError(f"frame must be first, middle or max, got {frame!r}")
-    return EnsembleContract(build_contract(cfg, image_size=image_size), win, float(threshold),
-                            int(max_bytes), int(max_pixels), frame=frame,
-                            pixel_spacing=None if pixel_spacing is None else float(pixel_spacing))
+    return EnsembleContract(build_contract(cfg, image_size=preprocessing.image_size), preprocessing,
+                            float(threshold), int(cfg.max_request_bytes), int(cfg.max_image_pixels))
 
 
 def _python_model(ec: EnsembleContract, name: str, tensors, params: dict[str, str],
@@ -320,13 +303,27 @@ def _python_model(ec: EnsembleContract, name: str, tensors, params: dict[str, st
 
 def render_preprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
     """The preprocessing model: raw DICOM bytes -> ``image`` (medops.dicom.pixels) and ``error``."""
-    params = {"image_size": str(ec.classifier.image_size), "max_bytes": str(ec.max_bytes),
-              "max_pixels": str(ec.max_pixels), "frame": ec.frame}
-    if ec.window is not None:
-        params |= {"window_center": repr(ec.window[0]), "window_width": repr(ec.window[1])}
-    if ec.pixel_spacing is not None:
-        params |= {"pixel_spacing": repr(float(ec.pixel_spacing))}
+    spec = ec.preprocessing
+    params = {"image_size": str(spec.image_size), "max_bytes": str(ec.max_bytes),
+              "max_pixels": str(ec.max_pixels), "frame": spec.frame}
+    if spec.window is not None:
+        params |= {"window_center": repr(float(spec.window.center)),
+                   "window_width": repr(float(spec.window.width))}
+    if spec.pixel_spacing is not None:
+        params |= {"pixel_spacing": repr(spec.pixel_spacing)}
     return _python_model(ec, ec.preprocess_name, ec.preprocess, params, flavour)
+
+
+def preprocessing_from_parameters(params: Mapping[str, str]) -> PreprocessSpec:
+    """The PreprocessSpec that :func:`render_preprocess_config` wrote into the preprocessing
+    model's parameters (what its ``model.py`` reads back; a config rendered before ``frame`` or
+    ``pixel_spacing`` existed means ``middle`` and none)."""
+    window = None
+    if "window_center" in params:
+        window = Window(center=float(params["window_center"]), width=float(params["window_width"]))
+    spacing = params.get("pixel_spacing")
+    frame: Any = params.get("frame", "middle")  # PreprocessSpec checks it
+    return PreprocessSpec(int(params["image_size"]), window, frame, float(spacing) if spacing else None)
 
 
 THRESHOLD_PARAM = "threshold"

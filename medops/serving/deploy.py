@@ -6,9 +6,9 @@ Inputs: the exported ONNX file and ``golden.npz`` beside it, the gate decision
 Outputs: a new version folder ``<repo>/<name>/<N>/`` (model, golden samples, ``deploy.json``),
 served by the classifier and by the DICOM ensemble ``<name>_dicom`` (preprocess -> classifier ->
 postprocess); a DeployResult.
-Params: ``serving`` (model name, batching); ``ingest.image_size`` and ``ingest.window``;
-the decision threshold (export.json's ``decision_threshold``, chosen on val in training, unless
-given); byte and pixel limits for uploads.
+Params: ``serving`` (model name, batching, byte and pixel limits for uploads);
+``ingest.preprocessing`` (the PreprocessSpec ingest prepared the training data with); the
+decision threshold (export.json's ``decision_threshold``, chosen on val in training, unless given).
 
 Order (TFX's "pusher reads the blessing"): the gate must have passed, for the data version the
 model was exported from, and the ONNX file must be the exported one (sha256). Only then is a
@@ -34,7 +34,7 @@ from typing import Any, Iterator, Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel
 
-from medops.config import ServingConfig
+from medops.config import PreprocessSpec, ServingConfig
 from medops.errors import GateRejectedError, ServerUnreachableError, ServingError, first_line
 from medops.hashing import sha256_file
 from medops.serving.contract import (
@@ -46,6 +46,7 @@ from medops.serving.contract import (
     render_config,
     render_ensemble_config,
 )
+from medops.serving.audit import audited
 from medops.serving.server import ADMIN_KEY_ENV, admin_headers, admin_key_from_env, endpoint
 from medops.serving.repository import (
     GOLDEN_FILE,
@@ -445,6 +446,7 @@ def _why(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+@audited("deploy")  # who, when, what, why and the outcome: medops.serving.audit
 def deploy(
     cfg: ServingConfig,
     *,
@@ -454,13 +456,8 @@ def deploy(
     repository: Path,
     url: str | None = None,
     protocol: Literal["grpc", "http"] = "grpc",
-    image_size: int,
-    window: Any = None,
+    preprocessing: PreprocessSpec,
     threshold: float | None = None,
-    max_bytes: int = 64 * 1024 * 1024,
-    max_pixels: int = 8192 * 8192,
-    frame: str = "middle",
-    pixel_spacing: float | None = None,
     golden: Path | None = None,
     golden_atol: float | None = None,
     admin_key: str | None = None,
@@ -476,8 +473,8 @@ def deploy(
        probabilities (``golden.npz`` beside the ONNX file) within ``golden_atol`` (default:
        export's ``parity_atol``).
     4. Only then is it served: pinned in the classifier's config and in the DICOM ensemble's
-       (``<name>_dicom``: preprocessing with ``window``, ``frame``, ``pixel_spacing`` (as ingest
-       prepared the training data) and the ``max_bytes``/``max_pixels``
+       (``<name>_dicom``: ``preprocessing`` (as ingest prepared the training data) within
+       ``cfg``'s ``max_request_bytes``/``max_image_pixels``
        limits -> classifier -> labels at ``threshold``, default export.json's
        ``decision_threshold``, else 0.5), and checked again through both.
        A failure at 3 or 4 removes the new version and keeps (or restores) the previous one.
@@ -499,11 +496,10 @@ def deploy(
         ServingError: the new version failed to load or to match the
             golden samples; the message says which version is still served.
     """
-    release = _check_release(onnx, gate=gate, export_result=export_result, image_size=image_size,
-                             golden=golden, golden_atol=golden_atol, threshold=threshold)
-    ec, url = _contract_and_url(cfg, url, protocol, image_size=image_size, window=window,
-                                threshold=release.threshold, max_bytes=max_bytes,
-                                max_pixels=max_pixels, frame=frame, pixel_spacing=pixel_spacing)
+    release = _check_release(onnx, gate=gate, export_result=export_result,
+                             image_size=preprocessing.image_size, golden=golden,
+                             golden_atol=golden_atol, threshold=threshold)
+    ec, url = _contract_and_url(cfg, url, protocol, preprocessing, release.threshold)
     repository = Path(repository)
     with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
         previous = served_version(repository, ec.classifier.name)
@@ -656,20 +652,16 @@ class RollbackResult(BaseModel):
     threshold: float
 
 
+@audited("rollback")
 def rollback(
     cfg: ServingConfig,
     *,
     repository: Path,
     url: str | None = None,
     protocol: Literal["grpc", "http"] = "grpc",
-    image_size: int,
+    preprocessing: PreprocessSpec,
     to_version: int | None = None,
-    window: Any = None,
     threshold: float | None = None,
-    max_bytes: int = 64 * 1024 * 1024,
-    max_pixels: int = 8192 * 8192,
-    frame: str = "middle",
-    pixel_spacing: float | None = None,
     admin_key: str | None = None,
     timeout: float = 120.0,
 ) -> RollbackResult:
@@ -677,8 +669,8 @@ def rollback(
 
     The target was gated when it was deployed; it is checked against the golden samples kept in
     its version folder (directly and through the DICOM ensemble, re-pinned to it) before the
-    rollback counts as done. The newer version stays on disk. ``window`` ... ``max_pixels`` as
-    for ``deploy``; ``threshold`` defaults to the one the target version was deployed with.
+    rollback counts as done. The newer version stays on disk. ``preprocessing`` as for
+    ``deploy``; ``threshold`` defaults to the one the target version was deployed with.
     ``repository`` must be the server's own model repository, as for ``deploy``.
 
     Raises:
@@ -693,11 +685,8 @@ def rollback(
         if threshold is None:
             threshold = _recorded_threshold(repository / name / str(to_version) / VERSION_INFO,
                                             "threshold")
-        ec, url = _contract_and_url(cfg, url, protocol, image_size=image_size, window=window,
-                                    threshold=threshold, max_bytes=max_bytes,
-                                    max_pixels=max_pixels, frame=frame,
-                                    pixel_spacing=pixel_spacing)
-        contract = ec.classifier
+        ec, url = _contract_and_url(cfg, url, protocol, preprocessing, threshold)
+        contract, image_size = ec.classifier, preprocessing.image_size
         golden = repository / contract.name / str(to_version) / GOLDEN_FILE
         with _Connection(url, protocol, admin_key) as client:
             before = snapshot_files(repository, _processing_rels(ec, current, to_version))
@@ -747,10 +736,11 @@ def _rollback_target(repository: Path, name: str, to_version: int | None) -> tup
 
 
 def _contract_and_url(cfg: ServingConfig, url: str | None, protocol: str,
-                      **settings: Any) -> tuple[EnsembleContract, str]:
-    """The ensemble contract deploy and rollback serve (``settings``: build_ensemble_contract's
-    keywords), and ``url`` or ``cfg``'s endpoint for ``protocol``."""
-    return build_ensemble_contract(cfg, **settings), url or endpoint(cfg, protocol)
+                      preprocessing: PreprocessSpec, threshold: float) -> tuple[EnsembleContract, str]:
+    """The ensemble contract deploy and rollback serve, and ``url`` or ``cfg``'s endpoint for
+    ``protocol``."""
+    return (build_ensemble_contract(cfg, preprocessing, threshold=threshold),
+            url or endpoint(cfg, protocol))
 
 
 def _processing_rels(ec: EnsembleContract, *versions: int | None) -> list[str]:

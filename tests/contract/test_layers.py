@@ -17,7 +17,8 @@ LAYERS: list[tuple[str, ...]] = [
     # formats, numbers, DICOM, offline Data Docs (HTML)
     ("medops.data", "medops.metrics", "medops.results", "medops.dicom", "medops.datadocs"),
     ("medops.learn",),                             # input pipeline, distribution, inference
-    ("medops.serving.contract", "medops.serving.repository", "medops.serving.backends"),
+    ("medops.serving.contract", "medops.serving.repository", "medops.serving.backends",
+     "medops.serving.audit"),
     ("medops.stages",),                            # one package or module per stage
     ("medops.serving.server", "medops.serving.client", "medops.serving.deploy"),
     ("medops.ops", "medops.pipeline"),             # DVC, Prefect server, the demo; the registry

@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from medops.config import ServingConfig
+from medops.config import PreprocessSpec, ServingConfig
 from medops.serving.backends.onnx_classifier import classify_batch
 from medops.serving.contract import (
     build_contract,
@@ -76,9 +76,8 @@ def test_flavours_differ_only_in_backend_and_device(contract):
 
 
 def test_committed_production_repository_is_the_rendering(params):
-    ec = build_ensemble_contract(params.serving, image_size=params.ingest.image_size,
-                                 window=params.ingest.window, threshold=params.evaluate.threshold,
-                                 frame=params.ingest.frame, pixel_spacing=params.ingest.pixel_spacing)
+    ec = build_ensemble_contract(params.serving, params.ingest.preprocessing,
+                                 threshold=params.evaluate.threshold)
     expected = render_production_repository(ec)
     committed = {p.relative_to(DEPLOY_REPOSITORY).as_posix(): p.read_text()
                  for p in DEPLOY_REPOSITORY.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
@@ -221,8 +220,8 @@ def test_pinned_versions_render_a_specific_policy_and_nothing_else_changes(contr
 
 @pytest.fixture
 def ensemble(params):
-    return build_ensemble_contract(params.serving, image_size=params.ingest.image_size,
-                                   window=params.ingest.window, threshold=params.evaluate.threshold)
+    return build_ensemble_contract(params.serving, params.ingest.preprocessing,
+                                   threshold=params.evaluate.threshold)
 
 
 def tensors(cfg: mc.ModelConfig, kind: str) -> dict[str, tuple[str, list[int]]]:
@@ -260,12 +259,13 @@ def test_ensemble_steps_wire_matching_tensors(ensemble, flavour):
 def test_processing_parameters_carry_the_settings(params):
     from medops.config import Window
 
-    ec = build_ensemble_contract(params.serving, image_size=64, window=Window(center=40, width=400),
-                                 threshold=0.3, max_bytes=1000, max_pixels=500, frame="max",
-                                 pixel_spacing=0.7)
+    spec = PreprocessSpec(image_size=64, window=Window(center=40, width=400), frame="max",
+                          pixel_spacing=0.7)
+    cfg = params.serving.model_copy(update={"max_request_bytes": 2000, "max_image_pixels": 500})
+    ec = build_ensemble_contract(cfg, spec, threshold=0.3)
     pre = parse(render_preprocess_config(ec, "embedded")).parameters
     assert {k: v.string_value for k, v in pre.items()} == {
-        "image_size": "64", "max_bytes": "1000", "max_pixels": "500", "frame": "max",
+        "image_size": "64", "max_bytes": "2000", "max_pixels": "500", "frame": "max",
         "window_center": "40.0", "window_width": "400.0", "pixel_spacing": "0.7"}
     # what the preprocessing model reads back from them: the settings ingest used
     from medops.serving.backends.dicom_preprocess import TritonPythonModel
@@ -273,10 +273,7 @@ def test_processing_parameters_carry_the_settings(params):
     model = TritonPythonModel()
     model.initialize({"model_config": json.dumps(
         {"parameters": {k: {"string_value": v.string_value} for k, v in pre.items()}})})
-    assert (model.image_size, model.frame, model.pixel_spacing) == (64, "max", 0.7)
-    assert (model.window.center, model.window.width) == (40, 400)
-    with pytest.raises(ValueError, match="frame"):
-        build_ensemble_contract(params.serving, image_size=64, frame="last")
+    assert model.spec == spec and (model.limits.max_bytes, model.limits.max_pixels) == (2000, 500)
     post = parse(render_postprocess_config(ec, "embedded")).parameters
     assert post["threshold"].string_value == "0.3"
     assert post["labels"].string_value == "normal,pneumonia"
@@ -289,10 +286,10 @@ def test_preprocess_items_uses_medops_preprocessing_and_reports_per_item():
 
     ct = pydicom_file("CT_small.dcm")
     data = ct.read_bytes()
-    images, errors = preprocess_items([data, b"not dicom", data[:300]], image_size=28, window=None,
-                                      limits=Limits(10**7, 10**7))
+    images, errors = preprocess_items([data, b"not dicom", data[:300]], PreprocessSpec(image_size=28),
+                                      Limits(10**7, 10**7))
     assert images.shape == (3, 28, 28, 1) and images.dtype == np.float32
-    np.testing.assert_array_equal(images[0, ..., 0], preprocess_file(ct, image_size=28))
+    np.testing.assert_array_equal(images[0, ..., 0], preprocess_file(ct, PreprocessSpec(image_size=28)))
     assert errors[0] == ""
     assert errors[1].startswith("not_dicom: ")
     assert errors[2] and not errors[2].startswith("too_large")
@@ -304,11 +301,11 @@ def test_preprocess_limits_refuse_before_decoding():
     from medops.serving.backends.dicom_preprocess import Limits, preprocess_items
 
     data = pydicom_file("CT_small.dcm").read_bytes()  # 128 x 128, one frame, one sample
-    _, [err] = preprocess_items([data], image_size=28, window=None, limits=Limits(len(data) - 1, 10**7))
+    _, [err] = preprocess_items([data], PreprocessSpec(image_size=28), Limits(len(data) - 1, 10**7))
     assert err == f"too_large: {len(data)} bytes, over the limit of {len(data) - 1} bytes"
-    _, [err] = preprocess_items([data], image_size=28, window=None, limits=Limits(10**7, 128 * 128 - 1))
+    _, [err] = preprocess_items([data], PreprocessSpec(image_size=28), Limits(10**7, 128 * 128 - 1))
     assert err == f"too_large: 128x128 pixels x 1 frames x 1 samples = 16384 values, over the limit of {128 * 128 - 1}"
-    _, [err] = preprocess_items([data], image_size=28, window=None, limits=Limits(len(data), 128 * 128))
+    _, [err] = preprocess_items([data], PreprocessSpec(image_size=28), Limits(len(data), 128 * 128))
     assert err == ""
 
 
@@ -369,12 +366,12 @@ def test_preprocess_items_answers_a_decoder_panic_and_a_deflate_bomb_per_item():
     ct = pydicom_file("CT_small.dcm")
     bomb = deflate_bomb(256 << 20)  # under ingest's ceiling, over this server's byte limit
     images, errors = preprocess_items(
-        [fuzz_file("rle_panic.dcm").read_bytes(), ct.read_bytes(), bomb], image_size=28,
-        window=None, limits=Limits(64 << 20, 10**7))
+        [fuzz_file("rle_panic.dcm").read_bytes(), ct.read_bytes(), bomb], PreprocessSpec(image_size=28),
+        Limits(64 << 20, 10**7))
     assert errors[0].startswith("decode_error: the RLE Lossless (1.2.840.10008.1.2.5) decoder "
                                 "crashed on this file")
     assert errors[1] == ""
-    np.testing.assert_array_equal(images[1, ..., 0], preprocess_file(ct, image_size=28))
+    np.testing.assert_array_equal(images[1, ..., 0], preprocess_file(ct, PreprocessSpec(image_size=28)))
     assert errors[2] == ("too_large: the deflated data set inflates to more than 67108864 bytes: "
                          "refused before inflating it")
 
@@ -398,8 +395,8 @@ def test_preprocess_items_turns_any_base_exception_into_that_items_error(monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pixels, "preprocess_bytes", flaky)
-    _, errors = preprocess_items([data, data], image_size=28, window=None, limits=Limits(10**7, 10**7))
+    _, errors = preprocess_items([data, data], PreprocessSpec(image_size=28), Limits(10**7, 10**7))
     assert errors == ["decode_error: Panic: index out of bounds", ""]
     monkeypatch.setattr(pixels, "preprocess_bytes", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        preprocess_items([data], image_size=28, window=None, limits=Limits(10**7, 10**7))
+        preprocess_items([data], PreprocessSpec(image_size=28), Limits(10**7, 10**7))

@@ -14,12 +14,13 @@ import pytest
 
 from conftest import pydicom_file
 from medops.serving.client import apredict_files, predict_files
-from medops.config import ServingConfig
+from medops.config import PreprocessSpec, ServingConfig
 from medops.errors import ServingError
 from medops.serving.deploy import deploy
 from medops.serving.server import endpoint, start_server, stop_server
 from test_triton_serving import (
     S,
+    SPEC,
     expected_probability,
     write_bundled_dicom,
     write_export_result,
@@ -45,7 +46,7 @@ def served(tmp_path_factory, free_port):
         write_golden(onnx_path, **COEF)
         deploy(cfg, onnx=onnx_path, gate=write_gate(base / "gate.json", passed=True),
                export_result=write_export_result(onnx_path, decision_threshold=0.4),
-               repository=repo, url=info.grpc_url, protocol="grpc", image_size=S)
+               repository=repo, url=info.grpc_url, protocol="grpc", preprocessing=SPEC)
         yield {"cfg": cfg, "info": info}
     finally:
         stop_server(state)
@@ -66,7 +67,7 @@ def paths(tmp_path_factory):
 def test_async_answers_equal_the_sync_ones(served, paths, protocol, via):
     info, name = served["info"], served["cfg"].model_name
     url = endpoint(info, protocol)
-    kwargs = dict(url=url, protocol=protocol, model_name=name, image_size=S, via=via)
+    kwargs = dict(url=url, protocol=protocol, model_name=name, preprocessing=SPEC, via=via)
     sync = predict_files(paths, **kwargs)
     # batch_size 2: four requests, three in flight at once
     got = asyncio.run(apredict_files(paths, batch_size=2, concurrency=3, **kwargs))
@@ -89,7 +90,7 @@ def test_async_unknown_model_is_a_clear_error_at_once(served, paths, protocol):
     start = time.monotonic()
     with pytest.raises(ServingError, match="model 'nope_dicom' is not loaded or not ready"):
         asyncio.run(apredict_files(paths[:2], url=url, protocol=protocol, model_name="nope",
-                                   image_size=S, backoff_s=2.0))
+                                   preprocessing=SPEC, backoff_s=2.0))
     assert time.monotonic() - start < 2.0  # not retried
 
 
@@ -102,6 +103,7 @@ def test_async_bad_input_is_an_inference_error_not_retried(served, paths, protoc
     with pytest.raises(ServingError, match=rf"inference on 'pneumonia_classifier' at {url} failed: .*"
                                            rf"{S + 1}"):
         asyncio.run(apredict_files(paths[:2], url=url, protocol=protocol,
-                                   model_name=served["cfg"].model_name, image_size=S + 1,
-                                   via="tensor", backoff_s=2.0))
+                                   model_name=served["cfg"].model_name,
+                                   preprocessing=PreprocessSpec(image_size=S + 1), via="tensor",
+                                   backoff_s=2.0))
     assert time.monotonic() - start < 2.0

@@ -177,6 +177,12 @@ def test_rejected_model_is_not_retried(project: ProjectPaths) -> None:
     (run,) = _task_runs(state.state_details.flow_run_id)
     assert run.name == "deploy" or run.name.startswith("deploy-")
     assert run.run_count == 1
+    # recorded as refused, with the flow run as the reason
+    from medops.serving.audit import history
+
+    [entry] = history(project.root / ".medops" / "triton" / "repository")
+    assert entry["outcome"] == "refused" and "not the model that was exported" in entry["error"]
+    assert str(state.state_details.flow_run_id) in entry["reason"]
 
 
 def test_unreachable_triton_is_retried_then_fails(project: ProjectPaths) -> None:
@@ -191,6 +197,13 @@ def test_unreachable_triton_is_retried_then_fails(project: ProjectPaths) -> None
     (run,) = _task_runs(state.state_details.flow_run_id)
     assert run.run_count == 3  # the first try and two retries
     assert not any((project.root / ".medops" / "triton" / "repository").rglob("model.onnx"))
+    # every try is in the deploy audit log, with the flow run as the reason
+    from medops.serving.audit import history
+
+    entries = history(project.root / ".medops" / "triton" / "repository")
+    assert [e["outcome"] for e in entries] == ["failed"] * 3
+    assert all("cannot reach Triton" in e["error"] and e["reason"].startswith("Prefect flow run ")
+               and str(state.state_details.flow_run_id) in e["reason"] for e in entries)
 
 
 def test_write_params_records_only_changed_values(project: ProjectPaths) -> None:

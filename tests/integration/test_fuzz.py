@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from medops.stages import ingest
-from medops.config import IngestConfig
+from medops.config import IngestConfig, PreprocessSpec
 from medops.errors import QuarantineReason
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,7 @@ def test_the_dicom_ensemble_answers_every_fuzzed_file_and_keeps_serving(fuzzed, 
         write_golden(onnx_path, **coef)
         deploy(cfg, onnx=onnx_path, gate=write_gate(tmp_path / "gate.json", passed=True),
                export_result=write_export_result(onnx_path), repository=repo, url=info.grpc_url,
-               image_size=28)
+               preprocessing=PreprocessSpec(image_size=28))
         good = write_bundled_dicom(tmp_path / "good.dcm", index=3)
         good_p = expected_probability(good, **coef)
         client = grpcclient.InferenceServerClient(info.grpc_url)

@@ -14,7 +14,7 @@ import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
 from medops.stages import ingest
-from medops.config import IngestConfig
+from medops.config import IngestConfig, PreprocessSpec
 from medops.data import load_images, read_deidentified, read_metadata
 from medops.dicom.pixels import preprocess_bytes, preprocess_file
 
@@ -129,8 +129,9 @@ def test_used_images_are_finite_unit_range_and_not_blank(corpus):
                                      "MR_small_implicit.dcm", "MR_small_jp2klossless.dcm",
                                      "MR_small_jpeg_ls_lossless.dcm", "MR_small_padded.dcm"])
 def test_lossless_encodings_of_one_image_preprocess_identically(variant):
-    reference = preprocess_file(get_testdata_file("MR_small.dcm"), image_size=28)
-    np.testing.assert_array_equal(preprocess_file(get_testdata_file(variant), image_size=28), reference)
+    spec = PreprocessSpec(image_size=28)
+    reference = preprocess_file(get_testdata_file("MR_small.dcm"), spec)
+    np.testing.assert_array_equal(preprocess_file(get_testdata_file(variant), spec), reference)
 
 
 def test_every_deidentified_file_reads_back_whole_with_the_same_pixels(corpus):
@@ -152,7 +153,8 @@ def test_every_deidentified_file_reads_back_whole_with_the_same_pixels(corpus):
         assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == row.patient_id
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID == row.sop_instance_uid
         assert not any(elem.tag.is_private for elem in ds.iterall()), row.deid_path
-        np.testing.assert_array_equal(preprocess_bytes(data, image_size=28), image[..., 0], err_msg=row.deid_path)
+        np.testing.assert_array_equal(preprocess_bytes(data, PreprocessSpec(image_size=28)), image[..., 0],
+                                      err_msg=row.deid_path)
     # native and encapsulated, explicit and implicit VR, big endian and deflated among them
     assert {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
             "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90"} <= encodings

@@ -30,6 +30,7 @@ from medops.serving.repository import list_versions, served_version
 from medops.serving.server import start_server, stop_server
 from test_triton_serving import (
     S,
+    SPEC,
     expected_probability,
     write_bundled_dicom,
     write_export_result,
@@ -120,7 +121,7 @@ def async_worker(load: Load, name: str, **kwargs) -> None:
 @pytest.fixture
 def server(tmp_path, free_port):
     cfg = ServingConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                        startup_timeout_s=60)
+                        startup_timeout_s=60, max_image_pixels=MAX_PIXELS)
     state = tmp_path / "state"
     info = start_server(cfg, repository=tmp_path / "repository", state_dir=state)
     try:
@@ -137,7 +138,7 @@ def _deploy(server, tag: str, *, coef: dict, golden: dict | None = None, size: i
     return deploy(server["cfg"], onnx=onnx_path, gate=write_gate(base / f"{tag}.json", passed=True),
                   export_result=write_export_result(onnx_path, decision_threshold=threshold),
                   repository=server["repo"], url=server["info"].grpc_url, protocol="grpc",
-                  image_size=S, max_pixels=MAX_PIXELS, timeout=20)
+                  preprocessing=SPEC, timeout=20)
 
 
 def _wait_for(condition, what: str, timeout: float = 20.0) -> None:
@@ -162,7 +163,7 @@ def run_rollout(server, tmp_path, *, v2_threshold: float | None = None,
     load = Load(files=files, expected={(v, str(f)): expected_probability(f, **c)
                                        for v, c in COEF.items() for f in files},
                 thresholds={"1": 0.5, "2": 0.5 if v2_threshold is None else v2_threshold})
-    common = {"model_name": cfg.model_name, "image_size": S, "timeout": 20}
+    common = {"model_name": cfg.model_name, "preprocessing": SPEC, "timeout": 20}
     workers = {
         "tensor-grpc": (sync_worker, {"url": info.grpc_url, "protocol": "grpc", "via": "tensor"}),
         "tensor-http": (sync_worker, {"url": info.http_url, "protocol": "http", "via": "tensor"}),
@@ -240,7 +241,7 @@ def test_no_request_fails_during_a_rollout_and_failed_rollouts(server, tmp_path)
     # afterwards: v2 still serves, and the failed v3s left nothing behind
     assert list_versions(repo, cfg.model_name) == [1, 2]
     assert served_version(repo, cfg.model_name) == 2
-    preds = predict_files(load.files, url=info.grpc_url, model_name=cfg.model_name, image_size=S)
+    preds = predict_files(load.files, url=info.grpc_url, model_name=cfg.model_name, preprocessing=SPEC)
     assert [p.model_version for p in preds] == ["2", "2"]
     assert time.monotonic() - began < 120  # bounded: the whole rollout under load
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import pydicom_file
 from medops.cli import main
 from medops.serving.client import Prediction, format_predictions, predict_files, to_json_lines
-from medops.config import ServingConfig, update_params_file
+from medops.config import PreprocessSpec, ServingConfig, update_params_file
 from medops.errors import ExitCode, GateRejectedError, ServingError
 from medops.serving.deploy import deploy, rollback, sha256_file
 from medops.serving.repository import list_versions, remove_version, served_version
@@ -29,6 +29,7 @@ from medops.serving.server import endpoint, start_server, stop_server
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
 S = 28
+SPEC = PreprocessSpec(image_size=S)  # ingest.preprocessing of the tiny models served here
 BUNDLED = Path(__file__).resolve().parents[2] / "datasets" / "pneumoniamnist" / "pneumoniamnist.npz"
 
 
@@ -122,17 +123,19 @@ def write_bundled_dicom(path: Path, index: int = 0, scale: int = 1) -> Path:
 def expected_probability(path: Path, *, w: float, b: float) -> float:
     from medops.dicom.pixels import preprocess_file
 
-    mean = float(preprocess_file(path, image_size=S).astype(np.float64).mean())
+    mean = float(preprocess_file(path, SPEC).astype(np.float64).mean())
     return 1.0 / (1.0 + math.exp(-(w * mean + b)))
 
 
 # -- one server for the module -------------------------------------------------------------------
 
+MAX_PIXELS = 128 * 128  # serving.max_image_pixels here: CT_small.dcm is exactly 128 x 128
+
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory, free_port):
     base = tmp_path_factory.mktemp("triton")
     cfg = ServingConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                        startup_timeout_s=60)
+                        startup_timeout_s=60, max_image_pixels=MAX_PIXELS)
     state, repo = base / "state", base / "repository"
     info = start_server(cfg, repository=repo, state_dir=state)
     try:
@@ -141,7 +144,6 @@ def triton(tmp_path_factory, free_port):
         stop_server(state)
 
 
-MAX_PIXELS = 128 * 128  # CT_small.dcm is exactly 128 x 128
 V1 = {"w": 4.0, "b": -2.0}
 V2 = {"w": -3.0, "b": 1.0}
 V2_THRESHOLD = 0.4  # CT_small: p = 0.468 -> pneumonia under v2; bundled CR: p = 0.342 -> normal
@@ -160,7 +162,7 @@ def deployed(triton):
             cfg, onnx=onnx_path, gate=write_gate(base / f"gate{n}.json", passed=True),
             export_result=write_export_result(onnx_path, decision_threshold=chosen),
             repository=triton["repo"],
-            url=triton["info"].grpc_url, protocol="grpc", image_size=S, max_pixels=MAX_PIXELS,
+            url=triton["info"].grpc_url, protocol="grpc", preprocessing=SPEC,
         ))
     return results
 
@@ -240,7 +242,7 @@ def test_predict_files_answers_each_file_with_v2_and_flags_the_non_dicom(
     url = endpoint(info, protocol)
     paths = [files["ct"], files["bad"], files["cr"]]
     preds = predict_files(paths, url=url, protocol=protocol, model_name=triton["cfg"].model_name,
-                          image_size=S, via=via)
+                          preprocessing=SPEC, via=via)
     assert [p.file for p in preds] == [str(p) for p in paths]
     ct, bad, cr = preds
     for pred, path in ((ct, files["ct"]), (cr, files["cr"])):
@@ -267,7 +269,7 @@ def test_a_file_that_makes_the_decoder_panic_fails_alone_in_medops_predict(
     paths = [files["ct"], fuzz_file("rle_panic.dcm"), files["cr"]]
     for protocol in ("grpc", "http"):
         ct, bad, cr = predict_files(paths, url=endpoint(triton["info"], protocol), protocol=protocol,
-                                    model_name=triton["cfg"].model_name, image_size=S)
+                                    model_name=triton["cfg"].model_name, preprocessing=SPEC)
         assert ct.error is None and cr.error is None and ct.model_version == cr.model_version == "2"
         assert bad.error.startswith("decode_error: the RLE Lossless (1.2.840.10008.1.2.5) decoder "
                                     "crashed on this file")
@@ -287,7 +289,7 @@ def test_the_ensemble_refuses_an_image_over_the_pixel_limit_and_answers_the_rest
     triton, deployed, files
 ):
     preds = predict_files([files["big"], files["ct"]], url=triton["info"].grpc_url,
-                          model_name=triton["cfg"].model_name, image_size=S)
+                          model_name=triton["cfg"].model_name, preprocessing=SPEC)
     assert preds[0].error == (f"too_large: 140x140 pixels x 1 frames x 1 samples = 19600 values, "
                               f"over the limit of {MAX_PIXELS}")
     assert preds[0].probability is None
@@ -315,17 +317,17 @@ def test_small_batches_give_the_same_answers(triton, deployed, files):
     info, name = triton["info"], triton["cfg"].model_name
     paths = [files["ct"], files["cr"], files["ct"]]
     progress: list[tuple[int, int]] = []
-    one = predict_files(paths, url=info.grpc_url, model_name=name, image_size=S, batch_size=1,
+    one = predict_files(paths, url=info.grpc_url, model_name=name, preprocessing=SPEC, batch_size=1,
                         progress=lambda done, total: progress.append((done, total)))
     assert progress == [(1, 3), (2, 3), (3, 3)]  # one call per answered request
-    allb = predict_files(paths, url=info.grpc_url, model_name=name, image_size=S)
+    allb = predict_files(paths, url=info.grpc_url, model_name=name, preprocessing=SPEC)
     assert [p.probability for p in one] == pytest.approx([p.probability for p in allb], abs=1e-6)
     assert one[0].probability == pytest.approx(one[2].probability)
 
 
 def test_outputs_as_table_and_json_lines(triton, deployed, files):
     preds = predict_files([files["cr"], files["bad"]], url=triton["info"].grpc_url,
-                          model_name=triton["cfg"].model_name, image_size=S)
+                          model_name=triton["cfg"].model_name, preprocessing=SPEC)
     table = format_predictions(preds)
     assert table.splitlines()[0].split() == ["file", "label", "probability", "ood_score", "version",
                                              "note"]
@@ -340,7 +342,7 @@ def test_deploying_the_served_model_again_changes_nothing(triton, deployed):
     onnx_path = base / "export2" / "model.onnx"
     again = deploy(cfg, onnx=onnx_path, gate=base / "gate2.json",
                    export_result=onnx_path.with_name("export.json"), repository=triton["repo"],
-                   url=triton["info"].grpc_url, protocol="grpc", image_size=S, max_pixels=MAX_PIXELS)
+                   url=triton["info"].grpc_url, protocol="grpc", preprocessing=SPEC)
     assert again.unchanged and again.version == deployed[1].version == 2
     assert list_versions(triton["repo"], cfg.model_name) == [1, 2]
 
@@ -361,7 +363,7 @@ def test_deploy_refuses_a_failed_gate_and_writes_nothing(triton, deployed):
     gate = write_gate(base / "gate_failed.json", passed=False)
     with pytest.raises(GateRejectedError) as err:
         deploy(triton["cfg"], onnx=onnx_path, gate=gate, export_result=write_export_result(onnx_path),
-               repository=triton["repo"], url=triton["info"].grpc_url, image_size=S)
+               repository=triton["repo"], url=triton["info"].grpc_url, preprocessing=SPEC)
     from medops.config import GateConfig
 
     assert f"auc 0.610 < min_auc {GateConfig().min_auc:.3f}: fail" in str(err.value)
@@ -378,7 +380,7 @@ def test_deploy_refuses_an_onnx_that_is_not_the_exported_one(triton, deployed):
     with pytest.raises(GateRejectedError, match="not the model that was exported"):
         deploy(triton["cfg"], onnx=onnx_path, gate=write_gate(base / "g.json", passed=True),
                export_result=export, repository=triton["repo"], url=triton["info"].grpc_url,
-               image_size=S)
+               preprocessing=SPEC)
     assert list_versions(triton["repo"], triton["cfg"].model_name) == [1, 2]
 
 
@@ -388,21 +390,22 @@ def test_deploy_refuses_a_gate_for_another_data_version(triton, deployed):
     gate = write_gate(base / "gate_other.json", passed=True, data_version="dv-older")
     with pytest.raises(GateRejectedError, match="dv-older"):
         deploy(triton["cfg"], onnx=onnx_path, gate=gate, export_result=write_export_result(onnx_path),
-               repository=triton["repo"], url=triton["info"].grpc_url, image_size=S)
+               repository=triton["repo"], url=triton["info"].grpc_url, preprocessing=SPEC)
     assert list_versions(triton["repo"], triton["cfg"].model_name) == [1, 2]
 
 
 def deploy_other(triton, tag: str, *, w: float, b: float, size: int = S,
-                 golden: dict | None = None, **kwargs):
+                 golden: dict | None = None, max_pixels: int = MAX_PIXELS, **kwargs):
     base = triton["base"]
     onnx_path = write_tiny_onnx(base / tag / "model.onnx", w=w, b=b, size=size)
     if size == S:
         write_golden(onnx_path, **(golden or {"w": w, "b": b}))
     else:  # the model cannot take S x S images; its golden file is still S x S as export's is
         write_golden(onnx_path, w=w, b=b)
-    return deploy(triton["cfg"], onnx=onnx_path, gate=write_gate(base / f"{tag}.json", passed=True),
+    cfg = triton["cfg"].model_copy(update={"max_image_pixels": max_pixels})
+    return deploy(cfg, onnx=onnx_path, gate=write_gate(base / f"{tag}.json", passed=True),
                   export_result=write_export_result(onnx_path), repository=triton["repo"],
-                  url=triton["info"].grpc_url, image_size=S, timeout=20, **kwargs)
+                  url=triton["info"].grpc_url, preprocessing=SPEC, timeout=20, **kwargs)
 
 
 def assert_v2_serves(triton, files):
@@ -410,7 +413,7 @@ def assert_v2_serves(triton, files):
     assert list_versions(triton["repo"], name) == [1, 2]
     assert served_version(triton["repo"], name) == 2
     [pred] = predict_files([files["cr"]], url=triton["info"].grpc_url, model_name=name,
-                           image_size=S)
+                           preprocessing=SPEC)
     assert pred.model_version == "2"
     assert pred.probability == pytest.approx(expected_probability(files["cr"], **V2), abs=1e-5)
     from medops.serving.repository import read_config
@@ -455,7 +458,7 @@ def test_a_version_that_fails_once_promoted_is_undone_with_its_settings(triton, 
     assert list_versions(triton["repo"], f"{triton['cfg'].model_name}_postprocess") == [1, 2]
     assert_v2_serves(triton, files)
     [ct] = predict_files([files["ct"]], url=triton["info"].grpc_url,
-                         model_name=triton["cfg"].model_name, image_size=S)
+                         model_name=triton["cfg"].model_name, preprocessing=SPEC)
     assert ct.error is None  # 128 x 128 passes the restored limit again
 
 
@@ -466,7 +469,7 @@ def test_golden_tolerance_is_respected(triton, deployed, files):
     assert result.version == 3 and result.previous_version == 2
     assert 1e-4 < result.golden_max_abs_diff <= 1e-3
     back = rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
-                    image_size=S)
+                    preprocessing=SPEC)
     assert (back.from_version, back.to_version) == (3, 2)
     remove_version(triton["repo"], triton["cfg"].model_name, 3)
     assert_v2_serves(triton, files)
@@ -481,18 +484,18 @@ def test_new_preprocessing_settings_reach_the_server_for_the_served_model(triton
     onnx_path = base / "export2" / "model.onnx"
     again = dict(onnx=onnx_path, gate=base / "gate2.json",
                  export_result=onnx_path.with_name("export.json"), repository=repo,
-                 url=triton["info"].grpc_url, protocol="grpc", image_size=S)
-    wider = deploy(cfg, max_pixels=4 * MAX_PIXELS, **again)
+                 url=triton["info"].grpc_url, protocol="grpc", preprocessing=SPEC)
+    wider_cfg = cfg.model_copy(update={"max_image_pixels": 4 * MAX_PIXELS})
+    wider = deploy(wider_cfg, **again)
     assert not wider.unchanged and (wider.version, wider.previous_version) == (3, 2)
     pre = read_config(repo, f"{cfg.model_name}_preprocess")
     assert pre.parameters["max_pixels"].string_value == str(4 * MAX_PIXELS)
     [big] = predict_files([files["big"]], url=triton["info"].grpc_url, model_name=cfg.model_name,
-                          image_size=S)
+                          preprocessing=SPEC)
     assert big.error is None and big.model_version == "3"
     # the same settings again: now it is unchanged
-    assert deploy(cfg, max_pixels=4 * MAX_PIXELS, **again).unchanged
-    back = rollback(cfg, repository=repo, url=triton["info"].grpc_url, image_size=S,
-                    max_pixels=MAX_PIXELS)
+    assert deploy(wider_cfg, **again).unchanged
+    back = rollback(cfg, repository=repo, url=triton["info"].grpc_url, preprocessing=SPEC)
     assert (back.from_version, back.to_version) == (3, 2)
     remove_version(repo, cfg.model_name, 3)
     assert_v2_serves(triton, files)
@@ -501,17 +504,17 @@ def test_new_preprocessing_settings_reach_the_server_for_the_served_model(triton
 def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed, files,
                                                                cli_project, capsys):
     cfg, repo, url = triton["cfg"], triton["repo"], triton["info"].http_url
-    back = rollback(cfg, repository=repo, url=url, protocol="http", image_size=S)
+    back = rollback(cfg, repository=repo, url=url, protocol="http", preprocessing=SPEC)
     assert (back.from_version, back.to_version) == (2, 1)
     assert back.golden_max_abs_diff is not None and back.golden_max_abs_diff <= 1e-4
     [pred] = predict_files([files["cr"]], url=url, protocol="http", model_name=cfg.model_name,
-                           image_size=S)
+                           preprocessing=SPEC)
     assert pred.model_version == "1"
     assert pred.probability == pytest.approx(expected_probability(files["cr"], **V1), abs=1e-5)
     # v1's own threshold (0.5, from its deploy.json) came back with it: p = 0.552 -> pneumonia
     assert back.threshold == 0.5 and pred.label == "pneumonia"
     with pytest.raises(ServingError, match="no version of 'pneumonia_classifier' older than the served version 1"):
-        rollback(cfg, repository=repo, url=url, protocol="http", image_size=S)
+        rollback(cfg, repository=repo, url=url, protocol="http", preprocessing=SPEC)
     # forward again with `medops rollback --json`
     code, forward = medops_json(capsys, "--project", str(cli_project), "rollback", "--to", "2",
                                 "--url", url, "--protocol", "http")
@@ -523,14 +526,14 @@ def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed
 
 def test_unknown_model_is_a_clear_error(triton, files):
     with pytest.raises(ServingError, match="model 'nope_dicom' is not loaded or not ready"):
-        predict_files([files["cr"]], url=triton["info"].grpc_url, model_name="nope", image_size=S)
+        predict_files([files["cr"]], url=triton["info"].grpc_url, model_name="nope", preprocessing=SPEC)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_server_down_is_a_clear_error(files, protocol, free_port):
     url = f"127.0.0.1:{free_port()}"
     with pytest.raises(ServingError, match=f"cannot reach Triton at {url} over {protocol}"):
-        predict_files([files["cr"]], url=url, protocol=protocol, model_name="m", image_size=S,
+        predict_files([files["cr"]], url=url, protocol=protocol, model_name="m", preprocessing=SPEC,
                       timeout=5)
 
 
@@ -541,7 +544,7 @@ def test_triton_exposes_the_metrics_the_autoscaler_reads(triton, deployed, files
     from test_deploy_manifests import triton_metrics_used
 
     predict_files([files["cr"]], url=triton["info"].grpc_url, model_name=triton["cfg"].model_name,
-                  image_size=S)
+                  preprocessing=SPEC)
     with urllib.request.urlopen(triton["info"].metrics_url, timeout=10) as resp:
         text = resp.read().decode()
     for metric in triton_metrics_used():
@@ -556,11 +559,11 @@ def test_a_second_deploy_at_the_same_time_is_refused(triton, deployed):
         fcntl.flock(held, fcntl.LOCK_EX)  # as a running deploy holds it
         with pytest.raises(ServingError, match="another deploy or rollback is running"):
             rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
-                     image_size=S)
+                     preprocessing=SPEC)
         # the served and available versions are read under the lock, not before it
         with pytest.raises(ServingError, match="another deploy or rollback is running"):
             rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
-                     image_size=S, to_version=99)
+                     preprocessing=SPEC, to_version=99)
     assert served_version(triton["repo"], triton["cfg"].model_name) == 2
 
 
@@ -574,6 +577,6 @@ def test_a_restarted_server_serves_what_was_deployed(triton, deployed, files):
     info = start_server(triton["cfg"], repository=triton["repo"], state_dir=triton["state"])
     assert info.grpc_url == triton["info"].grpc_url
     preds = predict_files([files["ct"], files["cr"]], url=info.grpc_url,
-                          model_name=triton["cfg"].model_name, image_size=S)
+                          model_name=triton["cfg"].model_name, preprocessing=SPEC)
     assert [p.model_version for p in preds] == ["2", "2"]
     assert preds[1].probability == pytest.approx(expected_probability(files["cr"], **V2), abs=1e-5)

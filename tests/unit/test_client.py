@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import pydicom_file
+from medops.config import PreprocessSpec
 from medops.serving.client import (
     Prediction,
     chunk_requests,
@@ -22,6 +23,8 @@ from medops.serving.client import (
     to_json_lines,
 )
 from medops.errors import ExitCode, ServerUnreachableError, ServingError
+
+SPEC = PreprocessSpec(image_size=28)
 
 
 def test_label_threshold_is_inclusive():
@@ -37,7 +40,7 @@ def test_preprocess_files_keeps_order_and_turns_bad_files_into_errors(tmp_path):
     truncated.write_bytes(pydicom_file("CT_small.dcm").read_bytes()[:2000])
     missing = tmp_path / "missing.dcm"
     ct = pydicom_file("CT_small.dcm")
-    items = preprocess_files([text, ct, truncated, missing], image_size=28)
+    items = preprocess_files([text, ct, truncated, missing], SPEC)
     assert [f for f, _, _ in items] == [str(text), str(ct), str(truncated), str(missing)]
     (_, none1, err1), (_, img, err2), (_, none3, err3), (_, none4, err4) = items
     assert none1 is None and err1.startswith("not_dicom:")
@@ -55,7 +58,7 @@ def test_only_unusable_files_need_no_server(tmp_path, free_port, via):
     bad = tmp_path / "x.txt"
     bad.write_text("no")
     paths = [missing] if via == "ensemble" else [missing, bad]
-    preds = predict_files(paths, url=f"127.0.0.1:{free_port()}", model_name="m", image_size=28,
+    preds = predict_files(paths, url=f"127.0.0.1:{free_port()}", model_name="m", preprocessing=SPEC,
                           via=via)
     assert [p.file for p in preds] == [str(p) for p in paths]
     assert all(p.probability is None and p.error.startswith("not_dicom: ") for p in preds)
@@ -73,19 +76,19 @@ def test_unreachable_server_is_a_serving_error_of_its_own(free_port):
     url = f"127.0.0.1:{free_port()}"
     with pytest.raises(ServerUnreachableError, match=rf"cannot reach Triton at {url} over http") as err:
         predict_files([pydicom_file("CT_small.dcm")], url=url, protocol="http", model_name="m",
-                      image_size=28, timeout=3)
+                      preprocessing=SPEC, timeout=3)
     assert isinstance(err.value, ServingError) and err.value.exit_code == ExitCode.UNAVAILABLE
 
 
 def test_bad_via_is_refused():
     with pytest.raises(ValueError, match="via must be 'ensemble' or 'tensor'"):
-        predict_files([], url="127.0.0.1:1", model_name="m", image_size=28, via="both")  # type: ignore[arg-type]
+        predict_files([], url="127.0.0.1:1", model_name="m", preprocessing=SPEC, via="both")  # type: ignore[arg-type]
 
 
 def test_bad_protocol_is_refused():
     with pytest.raises(ValueError, match="protocol must be 'grpc' or 'http'"):
         predict_files([pydicom_file("CT_small.dcm")], url="127.0.0.1:1", protocol="ftp",  # type: ignore[arg-type]
-                      model_name="m", image_size=28)
+                      model_name="m", preprocessing=SPEC)
 
 
 PREDS = [
@@ -465,7 +468,7 @@ def _predict_with(fake, monkeypatch, aio, paths, **kwargs):
 
     monkeypatch.setattr(client, "_client", connect)
     monkeypatch.setattr(client, "_aclient", lambda *args: _AsyncFake(connect()))
-    kwargs = dict(url="fake:1", protocol="http", model_name="m", image_size=28, backoff_s=0.01,
+    kwargs = dict(url="fake:1", protocol="http", model_name="m", preprocessing=SPEC, backoff_s=0.01,
                   **kwargs)
     if aio:
         return asyncio.run(apredict_files(paths, **kwargs))
@@ -616,11 +619,11 @@ def test_predict_files_retries_an_unreachable_server(free_port, protocol):
     unreachable = rf"cannot reach Triton at {url} over {protocol} after 3 tries"
     with pytest.raises(ServingError, match=unreachable):
         predict_files([pydicom_file("CT_small.dcm")], url=url, protocol=protocol, model_name="m",
-                      image_size=28, timeout=3, retries=2, backoff_s=0.1)
+                      preprocessing=SPEC, timeout=3, retries=2, backoff_s=0.1)
     assert time.monotonic() - start >= 0.1 + 0.2
     with pytest.raises(ServingError, match=rf"cannot reach Triton at {url} over {protocol} after 1 try"):
         predict_files([pydicom_file("CT_small.dcm")], url=url, protocol=protocol, model_name="m",
-                      image_size=28, timeout=3, retries=0)
+                      preprocessing=SPEC, timeout=3, retries=0)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -630,7 +633,7 @@ def test_apredict_files_retries_an_unreachable_server(free_port, protocol):
     unreachable = rf"cannot reach Triton at {url} over {protocol} after 3 tries"
     with pytest.raises(ServingError, match=unreachable):
         asyncio.run(apredict_files([pydicom_file("CT_small.dcm")], url=url, protocol=protocol,
-                                   model_name="m", image_size=28, timeout=3, retries=2,
+                                   model_name="m", preprocessing=SPEC, timeout=3, retries=2,
                                    backoff_s=0.1))
     assert time.monotonic() - start >= 0.1 + 0.2
 
@@ -642,17 +645,17 @@ def test_apredict_files_answers_unusable_files_without_a_server(tmp_path, free_p
     bad.write_text("no")
     paths = [missing] if via == "ensemble" else [missing, bad]
     url = f"127.0.0.1:{free_port()}"
-    preds = asyncio.run(apredict_files(paths, url=url, model_name="m", image_size=28, via=via))
-    assert preds == predict_files(paths, url=url, model_name="m", image_size=28, via=via)
+    preds = asyncio.run(apredict_files(paths, url=url, model_name="m", preprocessing=SPEC, via=via))
+    assert preds == predict_files(paths, url=url, model_name="m", preprocessing=SPEC, via=via)
     assert all(p.error.startswith("not_dicom: ") for p in preds)
 
 
 def test_apredict_files_refuses_bad_arguments():
     with pytest.raises(ValueError, match="via must be 'ensemble' or 'tensor'"):
-        asyncio.run(apredict_files([], url="127.0.0.1:1", model_name="m", image_size=28,
+        asyncio.run(apredict_files([], url="127.0.0.1:1", model_name="m", preprocessing=SPEC,
                                    via="both"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="concurrency must be >= 1"):
-        asyncio.run(apredict_files([], url="127.0.0.1:1", model_name="m", image_size=28,
+        asyncio.run(apredict_files([], url="127.0.0.1:1", model_name="m", preprocessing=SPEC,
                                    concurrency=0))
 
 
@@ -681,7 +684,7 @@ def test_a_server_that_comes_up_during_the_retries_is_reached(tmp_path, free_por
         begin = time.monotonic()
         with pytest.raises(ServingError, match="model 'm_dicom' is not loaded or not ready") as err:
             predict_files([pydicom_file("CT_small.dcm")], url=url, protocol=protocol,
-                          model_name="m", image_size=28, timeout=5, retries=8, backoff_s=0.1)
+                          model_name="m", preprocessing=SPEC, timeout=5, retries=8, backoff_s=0.1)
         assert started.is_set() and time.monotonic() - begin > 0.5
         assert "cannot reach" not in str(err.value)
         assert not isinstance(err.value, ServerUnreachableError)  # an answer: the server is there

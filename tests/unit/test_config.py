@@ -100,3 +100,23 @@ def test_preferred_batch_size_above_max_batch_size_fails_at_load(tmp_path, repo_
     p.write_text(text.replace("max_batch_size: 64", "max_batch_size: 32"))
     with pytest.raises(ConfigError, match=r"preferred_batch_sizes \[64\] must lie in 1\.\.max_batch_size \(32\)"):
         load_params(p)
+
+
+def test_preprocessing_spec_is_the_ingest_keys_of_params_yaml_as_one_value(tmp_path, repo_root):
+    from medops.config import PreprocessSpec, Window
+
+    text = (repo_root / "params.yaml").read_text()
+    for old, new in (("image_size: 28 ", "image_size: 64 "), ("window: null ", "window: {center: 40, width: 400} "),
+                     ("frame: middle ", "frame: max "), ("pixel_spacing: null ", "pixel_spacing: 0.7 ")):
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "params.yaml").write_text(text)
+    spec = load_params(tmp_path / "params.yaml").ingest.preprocessing
+    assert spec == PreprocessSpec(image_size=64, window=Window(center=40, width=400), frame="max",
+                                  pixel_spacing=0.7)
+    with pytest.raises(AttributeError):
+        spec.image_size = 32  # type: ignore[misc]  # frozen: one value, passed whole
+    for bad, key in (({"image_size": 0}, "image_size"), ({"image_size": 8, "frame": "last"}, "frame"),
+                     ({"image_size": 8, "pixel_spacing": 0.0}, "pixel_spacing")):
+        with pytest.raises(ValueError, match=key):
+            PreprocessSpec(**bad)

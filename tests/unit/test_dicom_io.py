@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import pydicom_file
+from medops.config import PreprocessSpec
 from medops.dicom import io as dio
 from medops.dicom.pixels import prepare_image
 from medops.errors import DicomReadError, QuarantineReason as R
@@ -21,7 +22,7 @@ from medops.errors import DicomReadError, QuarantineReason as R
 def _reason(source) -> R:
     with pytest.raises(DicomReadError) as err:
         ds = dio.read_dataset(source)
-        prepare_image(ds, image_size=8)
+        prepare_image(ds, PreprocessSpec(image_size=8))
     assert str(err.value)  # the message says what was wrong
     return err.value.reason
 
@@ -116,7 +117,7 @@ def test_real_files_read_and_decode(name):
     arr, photometric = dio.decode_pixels(ds)
     assert arr.shape[:2] == (ds.Rows, ds.Columns)
     assert photometric.startswith("MONOCHROME") or photometric in ("RGB", "PALETTE COLOR")
-    out = prepare_image(ds, image_size=16)
+    out = prepare_image(ds, PreprocessSpec(image_size=16))
     assert out.shape == (16, 16) and out.dtype == np.float32
     assert 0.0 <= out.min() <= out.max() <= 1.0 and out.std() > 0
 
@@ -173,7 +174,7 @@ def test_looking_only_puts_back_what_was_looked_at_as_read():
     as_read = {tag for tag in ds.keys() if ds.get_item(tag).is_raw}
     assert len(as_read) == len(ds) - 1  # pydicom parses Specific Character Set as it reads
     with dio.looking_only(ds):
-        prepare_image(ds, image_size=8)  # parses the pixel description, window, rescale ...
+        prepare_image(ds, PreprocessSpec(image_size=8))  # parses the pixel description, window, rescale ...
         assert ds.Rows == 128 and not ds.get_item(pydicom.tag.Tag("Rows")).is_raw
         ds.PatientName = "CHANGED"  # changes to elements as read are undone too
     assert {tag for tag in ds.keys() if ds.get_item(tag).is_raw} == as_read

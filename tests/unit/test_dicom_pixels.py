@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medops.config import SynthConfig, Window
+from medops.config import PreprocessSpec, SynthConfig, Window
 from medops.dicom import pixels, synth
 from medops.errors import DicomReadError, QuarantineReason
 from medops.paths import BUNDLED_DATASET
@@ -51,7 +51,7 @@ def test_monochrome1_with_rescale_and_window_matches_hand_computation():
     ds = make_dataset(np.array([[0, 100], [200, 300]], dtype=np.uint16), photometric="MONOCHROME1",
                       bits_stored=12, RescaleSlope="2", RescaleIntercept="-100",
                       WindowCenter="200", WindowWidth="401")
-    out = pixels.prepare_image(ds, image_size=2)
+    out = pixels.prepare_image(ds, PreprocessSpec(image_size=2))
     assert out.dtype == np.float32 and out.shape == (2, 2)
     np.testing.assert_allclose(out, [[1.0, 0.74875], [0.24875, 0.0]], atol=1e-6)
 
@@ -59,7 +59,7 @@ def test_monochrome1_with_rescale_and_window_matches_hand_computation():
 def test_8bit_monochrome2_with_the_full_range_window_is_identity():
     values = np.arange(256, dtype=np.uint8).reshape(16, 16)
     ds = make_dataset(values, WindowCenter="128", WindowWidth="256")
-    out = pixels.prepare_image(ds, image_size=16)
+    out = pixels.prepare_image(ds, PreprocessSpec(image_size=16))
     assert np.array_equal(out, values.astype(np.float32) / np.float32(255))
 
 
@@ -67,23 +67,23 @@ def test_synthetic_files_give_exactly_original_over_255(tmp_path):
     synth.run(SynthConfig(max_images_per_split=2), source_npz=BUNDLED_DATASET, out_dir=tmp_path)
     for path in sorted((tmp_path / "dicom").rglob("*.dcm")):
         original = pydicom.dcmread(path).pixel_array
-        out = pixels.preprocess_bytes(path.read_bytes(), image_size=28)
+        out = pixels.preprocess_bytes(path.read_bytes(), PreprocessSpec(image_size=28))
         assert np.array_equal(out, (original / 255).astype(np.float32))
-        assert np.array_equal(pixels.preprocess_file(path, image_size=28), out)
+        assert np.array_equal(pixels.preprocess_file(path, PreprocessSpec(image_size=28)), out)
 
 
 def test_configured_window_overrides_the_files():
     ds = make_dataset(np.array([[0, 50], [100, 150]], dtype=np.uint8), WindowCenter="128", WindowWidth="256")
     # c=100, w=101 -> (x - 99.5) / 100 + 0.5: 0 -> 0, 50 -> 0.005, 100 -> 0.505, 150 -> 1
-    out = pixels.prepare_image(ds, image_size=2, window=Window(center=100, width=101))
+    out = pixels.prepare_image(ds, PreprocessSpec(image_size=2, window=Window(center=100, width=101)))
     np.testing.assert_allclose(out, [[0.0, 0.005], [0.505, 1.0]], atol=1e-6)
 
 
 def test_without_any_window_the_image_range_is_stretched():
     ds = make_dataset(np.array([[10, 20], [30, 50]], dtype=np.uint8))
-    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2), [[0, 0.25], [0.5, 1.0]], atol=1e-7)
+    np.testing.assert_allclose(pixels.prepare_image(ds, PreprocessSpec(image_size=2)), [[0, 0.25], [0.5, 1.0]], atol=1e-7)
     flat = make_dataset(np.full((2, 2), 7, dtype=np.uint8))
-    assert np.array_equal(pixels.prepare_image(flat, image_size=2), np.zeros((2, 2), np.float32))
+    assert np.array_equal(pixels.prepare_image(flat, PreprocessSpec(image_size=2)), np.zeros((2, 2), np.float32))
 
 
 def test_linear_exact_and_sigmoid_windows():
@@ -101,20 +101,20 @@ def test_signed_ct_like_values_through_rescale_and_window():
     ds = make_dataset(np.array([[-1, 1024], [1064, 2047]], dtype=np.int16), signed=True, bits_stored=12,
                       RescaleSlope="1", RescaleIntercept="-1024", WindowCenter="40", WindowWidth="400")
     expected = np.clip((np.array([[-1025, 0], [40, 1023]]) - 39.5) / 399 + 0.5, 0, 1)
-    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2), expected, atol=1e-6)
+    np.testing.assert_allclose(pixels.prepare_image(ds, PreprocessSpec(image_size=2)), expected, atol=1e-6)
 
 
 def test_bits_stored_masks_values_above_high_bit():
     # 12 bits stored in 16 allocated: bit 12 and above are not pixel data (PS3.5 8.1.1), so a
     # stored 0x1005 is 5; min-max over 0, 5, 10, 20 -> 0, 0.25, 0.5, 1
     ds = make_dataset(np.array([[0, 0x1005], [10, 20]], dtype=np.uint16), bits_stored=12)
-    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2), [[0, 0.25], [0.5, 1.0]], atol=1e-7)
+    np.testing.assert_allclose(pixels.prepare_image(ds, PreprocessSpec(image_size=2)), [[0, 0.25], [0.5, 1.0]], atol=1e-7)
 
 
 def test_resize_keeps_range_and_shape():
     rng = np.random.default_rng(0)
     ds = make_dataset(rng.integers(0, 4096, size=(64, 48), dtype=np.uint16), bits_stored=12)
-    out = pixels.prepare_image(ds, image_size=28)
+    out = pixels.prepare_image(ds, PreprocessSpec(image_size=28))
     assert out.shape == (28, 28) and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 1.0
 
@@ -142,9 +142,9 @@ def test_multi_frame_policies():
     frames = np.stack([np.full((2, 2), v, dtype=np.uint8) for v in (10, 20, 30)])
     frames[0, 0, 0] = 250  # frame 0 holds the brightest pixel
     common = dict(frames=3, WindowCenter="128", WindowWidth="256")
-    first = pixels.prepare_image(make_dataset(frames, **common), image_size=2, frame="first")
-    middle = pixels.prepare_image(make_dataset(frames, **common), image_size=2, frame="middle")
-    mip = pixels.prepare_image(make_dataset(frames, **common), image_size=2, frame="max")
+    first = pixels.prepare_image(make_dataset(frames, **common), PreprocessSpec(image_size=2, frame="first"))
+    middle = pixels.prepare_image(make_dataset(frames, **common), PreprocessSpec(image_size=2, frame="middle"))
+    mip = pixels.prepare_image(make_dataset(frames, **common), PreprocessSpec(image_size=2, frame="max"))
     np.testing.assert_allclose(first, np.array([[250, 10], [10, 10]]) / 255, atol=1e-7)
     np.testing.assert_allclose(middle, np.full((2, 2), 20 / 255), atol=1e-7)
     np.testing.assert_allclose(mip, np.array([[250, 30], [30, 30]]) / 255, atol=1e-7)
@@ -153,7 +153,7 @@ def test_multi_frame_policies():
 def test_rgb_becomes_bt601_luminance():
     rgb = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 255]]], dtype=np.uint8)
     ds = make_dataset(rgb, photometric="RGB", samples=3)
-    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2),
+    np.testing.assert_allclose(pixels.prepare_image(ds, PreprocessSpec(image_size=2)),
                                [[0.299, 0.587], [0.114, 1.0]], atol=1e-6)
 
 
@@ -161,7 +161,7 @@ def test_preprocess_bytes_of_a_written_file_round_trips():
     ds = make_dataset(np.array([[0, 255], [128, 64]], dtype=np.uint8), WindowCenter="128", WindowWidth="256")
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    out = pixels.preprocess_bytes(buf.getvalue(), image_size=2)
+    out = pixels.preprocess_bytes(buf.getvalue(), PreprocessSpec(image_size=2))
     np.testing.assert_array_equal(out, np.array([[0, 255], [128, 64]], np.float32) / np.float32(255))
 
 
@@ -170,7 +170,7 @@ def test_unsupported_photometric_is_a_typed_failure():
 
     ds = make_dataset(np.zeros((2, 2), np.uint8), photometric="HSV")
     with pytest.raises(DicomReadError) as err:
-        pixels.prepare_image(ds, image_size=2)
+        pixels.prepare_image(ds, PreprocessSpec(image_size=2))
     assert err.value.reason == QuarantineReason.UNSUPPORTED_PIXELS
 
 
@@ -187,7 +187,7 @@ def test_modality_lut_sequence_then_min_max():
     item = _lut_item(0, 16, [10, 20, 40, 80])
     item.add_new("LUTData", "OW", np.array([10, 20, 40, 80], dtype="<u2").tobytes())
     ds.ModalityLUTSequence = [item]
-    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2), [[0, 1 / 7], [3 / 7, 1]], atol=1e-7)
+    np.testing.assert_allclose(pixels.prepare_image(ds, PreprocessSpec(image_size=2)), [[0, 1 / 7], [3 / 7, 1]], atol=1e-7)
 
 
 def test_voi_lut_sequence_maps_through_the_table():
@@ -197,7 +197,7 @@ def test_voi_lut_sequence_maps_through_the_table():
                       WindowCenter="0", WindowWidth="2")  # the LUT wins over a window
     ds.VOILUTSequence = [_lut_item(100, 8, [0, 64, 128, 255])]
     ds["VOILUTSequence"][0]["LUTData"].VR = "US"
-    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2),
+    np.testing.assert_allclose(pixels.prepare_image(ds, PreprocessSpec(image_size=2)),
                                [[0, 64 / 255], [128 / 255, 1]], atol=1e-7)
 
 
@@ -211,10 +211,10 @@ def test_a_malformed_voi_lut_falls_back_to_the_window_with_a_warning(caplog):
     item.LUTExplanation = "CANARY-LUT"
     ds.VOILUTSequence = [item]
     with caplog.at_level(logging.WARNING, logger="medops.dicom.pixels"):
-        out = pixels.prepare_image(ds, image_size=2)
+        out = pixels.prepare_image(ds, PreprocessSpec(image_size=2))
     window = pixels.prepare_image(make_dataset(np.array([[99, 101], [102, 200]], dtype=np.uint16),
                                                bits_stored=12, WindowCenter="150", WindowWidth="101"),
-                                  image_size=2)
+                                  PreprocessSpec(image_size=2))
     np.testing.assert_array_equal(out, window)
     assert "VOI LUT cannot be applied" in caplog.text and "CANARY" not in caplog.text
 
@@ -226,7 +226,7 @@ def test_palette_colour_becomes_luminance_of_its_palette():
     for colour, data in (("Red", red), ("Green", green), ("Blue", blue)):
         setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [4, 0, 16])
         setattr(ds, f"{colour}PaletteColorLookupTableData", np.array(data, dtype="<u2").tobytes())
-    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2),
+    np.testing.assert_allclose(pixels.prepare_image(ds, PreprocessSpec(image_size=2)),
                                [[0, 0.299], [0.587, 0.299 + 0.587 + 0.114]], atol=1e-6)
 
 
@@ -236,7 +236,7 @@ def test_ybr_full_grey_is_its_luma():
     ybr[..., 0] = [[0, 60], [128, 255]]
     ybr[..., 1:] = 128
     ds = make_dataset(ybr, photometric="YBR_FULL", samples=3)
-    np.testing.assert_allclose(pixels.prepare_image(ds, image_size=2),
+    np.testing.assert_allclose(pixels.prepare_image(ds, PreprocessSpec(image_size=2)),
                                np.array([[0, 60], [128, 255]]) / 255, atol=1.5 / 255)
 
 
@@ -291,7 +291,7 @@ def test_resampling_to_a_pixel_spacing_makes_anisotropic_pixels_square():
     # 0.75, 1.25, 1.75 input pixels -> 0, 0.25, 0.75, 1 (edges take the nearest pixel alone)
     values = np.tile(np.array([0, 255], dtype=np.uint8), (4, 1))
     ds = make_dataset(values, PixelSpacing=[1.0, 2.0], WindowCenter="128", WindowWidth="256")
-    out = pixels.prepare_image(ds, image_size=4, pixel_spacing=1.0)
+    out = pixels.prepare_image(ds, PreprocessSpec(image_size=4, pixel_spacing=1.0))
     expected_row = np.clip((np.array([0, 0.25, 0.75, 1.0]) * 255 - 127.5) / 255 + 0.5, 0, 1)
     np.testing.assert_allclose(out, np.tile(expected_row, (4, 1)), atol=1e-5)
 
@@ -317,9 +317,9 @@ def test_pixel_spacing_falls_back_to_imager_pixel_spacing_and_is_required_when_s
     bare = make_dataset(values)
     assert pixels.pixel_spacing_mm(bare) is None
     with pytest.raises(DicomReadError, match="cannot resample") as info:
-        pixels.prepare_image(bare, image_size=4, pixel_spacing=1.0)
+        pixels.prepare_image(bare, PreprocessSpec(image_size=4, pixel_spacing=1.0))
     assert info.value.reason is QuarantineReason.UNSUPPORTED_PIXELS
-    assert pixels.prepare_image(bare, image_size=4).shape == (4, 4)  # not set: a plain resize
+    assert pixels.prepare_image(bare, PreprocessSpec(image_size=4)).shape == (4, 4)  # not set: a plain resize
 
 
 def test_a_configured_window_on_a_large_ct_slice_is_the_pixelwise_window():

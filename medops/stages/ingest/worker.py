@@ -86,8 +86,7 @@ def _read_original(ds: Any, spec: WorkerSpec, rel: str) -> tuple[str, np.ndarray
                 raise DicomReadError("neither its SOPInstanceUID nor its path is in the manifest",
                                      QuarantineReason.NO_LABEL)
             label, split = entry
-        image = prepare_image(ds, image_size=cfg.image_size, window=cfg.window,
-                              frame=cfg.frame, pixel_spacing=cfg.pixel_spacing)
+        image = prepare_image(ds, cfg.preprocessing)
         sex, age = deid.patient_sex(ds), deid.patient_age_years(ds)
         header = {"patient_sex": sex, "patient_age": age, "modality": text_value(ds, "Modality") or None,
                   "rows": int(ds.get("Rows", 0) or 0), "columns": int(ds.get("Columns", 0) or 0),

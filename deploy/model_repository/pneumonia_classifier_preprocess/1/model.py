@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medops.errors import PROCESS_EXITS, QuarantineReason, first_line
-from medops.serving.contract import DICOM_INPUT, ERROR_OUTPUT
+from medops.serving.contract import DICOM_INPUT, ERROR_OUTPUT, preprocessing_from_parameters
 from medops.serving.contract import INPUT_NAME as IMAGE_OUTPUT  # the classifier's input
+
+if TYPE_CHECKING:
+    from medops.config import PreprocessSpec
 
 TOO_LARGE = QuarantineReason.TOO_LARGE.value
 
@@ -57,16 +60,16 @@ def check_limits(data: bytes, limits: Limits) -> str | None:
     return None
 
 
-def preprocess_items(
-    items: list[bytes], *, image_size: int, window: Any, limits: Limits, frame: str = "middle",
-    pixel_spacing: float | None = None,
-) -> tuple[np.ndarray, list[str]]:
-    """Preprocess each DICOM byte string. Returns ``(images (n, S, S, 1) float32, errors)``,
-    where ``errors[i]`` is "" for a usable item and the reason otherwise (its image is zeros)."""
+def preprocess_items(items: list[bytes], spec: "PreprocessSpec",
+                     limits: Limits) -> tuple[np.ndarray, list[str]]:
+    """Preprocess each DICOM byte string as ``spec`` says. Returns ``(images (n, S, S, 1) float32,
+    errors)``, where ``errors[i]`` is "" for a usable item and the reason otherwise (its image is
+    zeros)."""
     from medops.dicom.pixels import preprocess_bytes
     from medops.errors import PROCESS_EXITS, DicomReadError, first_line
 
-    images = np.zeros((len(items), image_size, image_size, 1), dtype=np.float32)
+    size = spec.image_size
+    images = np.zeros((len(items), size, size, 1), dtype=np.float32)
     errors = [""] * len(items)
     for i, data in enumerate(items):
         refused = check_limits(data, limits)
@@ -74,8 +77,7 @@ def preprocess_items(
             errors[i] = refused
             continue
         try:
-            images[i, ..., 0] = preprocess_bytes(data, image_size=image_size, window=window,
-                                                 frame=frame, pixel_spacing=pixel_spacing)
+            images[i, ..., 0] = preprocess_bytes(data, spec)
         except DicomReadError as exc:
             errors[i] = f"{exc.reason.value}: {exc}"
         except Exception as exc:  # noqa: BLE001 - never fail the batch for one file
@@ -87,25 +89,12 @@ def preprocess_items(
     return images, errors
 
 
-def window_from_parameters(params: dict[str, str]) -> Any:
-    """``ingest.window`` from the model config's parameters, or None (each file's own VOI)."""
-    if "window_center" not in params:
-        return None
-    from medops.config import Window
-
-    return Window(center=float(params["window_center"]), width=float(params["window_width"]))
-
-
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.image_size = int(params["image_size"])
-        self.window = window_from_parameters(params)
+        self.spec = preprocessing_from_parameters(params)  # rendered from the EnsembleContract
         self.limits = Limits(params["max_bytes"], params["max_pixels"])
-        self.frame = params.get("frame", "middle")
-        spacing = params.get("pixel_spacing")
-        self.pixel_spacing = float(spacing) if spacing else None
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -115,9 +104,7 @@ class TritonPythonModel:
             try:
                 raw = pb_utils.get_input_tensor_by_name(request, DICOM_INPUT).as_numpy()
                 items = [bytes(x) for x in raw.reshape(-1)]
-                images, errors = preprocess_items(items, image_size=self.image_size,
-                                                  window=self.window, limits=self.limits,
-                                                  frame=self.frame, pixel_spacing=self.pixel_spacing)
+                images, errors = preprocess_items(items, self.spec, self.limits)
                 err = np.array([e.encode() for e in errors], dtype=np.object_).reshape(-1, 1)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor(IMAGE_OUTPUT, images), pb_utils.Tensor(ERROR_OUTPUT, err)]))
