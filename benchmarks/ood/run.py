@@ -156,8 +156,7 @@ def serve(work: Path, project: dict) -> tuple[Any, dict[str, Any], Path]:
     contracts = {}
     for label in ("guarded", "plain"):
         cfg = params.serving.model_copy(update={"model_name": f"bench_{label}"})
-        ec = build_ensemble_contract(cfg, image_size=28, max_bytes=cfg.max_request_bytes,
-                                     max_pixels=cfg.max_image_pixels)
+        ec = build_ensemble_contract(cfg, params.ingest.preprocessing)
         write_version(ec.classifier, repository, project[label], flavour="embedded", version=1)
         write_config(ec.classifier, repository, "embedded", versions=[1])
         write_processing_models(ec, repository, "embedded")

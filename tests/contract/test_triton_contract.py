@@ -187,7 +187,7 @@ def test_postprocess_withholds_labels_of_out_of_distribution_items_only_when_ask
 
 
 def test_postprocess_config_carries_the_ood_action():
-    ec = build_ensemble_contract(ServingConfig(ood_action="withhold"), image_size=28)
+    ec = build_ensemble_contract(ServingConfig(ood_action="withhold"), PreprocessSpec(image_size=28))
     params = parse(render_postprocess_config(ec, "embedded")).parameters
     assert params["ood_action"].string_value == "withhold"
     inputs = [t.name for t in parse(render_postprocess_config(ec, "embedded")).input]

@@ -25,7 +25,7 @@ import pytest
 
 from conftest import pydicom_file
 from medops.cli import main
-from medops.config import ExportConfig, OodConfig, ServingConfig, update_params_file
+from medops.config import ExportConfig, OodConfig, PreprocessSpec, ServingConfig, update_params_file
 from medops.learn.ood import Detector
 from medops.serving.client import predict_files
 from medops.serving.deploy import deploy, rollback
@@ -41,6 +41,7 @@ from test_triton_serving import (
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
 S = 28
+SPEC = PreprocessSpec(image_size=S)
 
 
 def _export_guarded(trained: dict, out: Path, ood_dir: Path) -> Path:
@@ -122,13 +123,13 @@ def _deploy(triton, onnx: Path, cfg: ServingConfig | None = None):
     return deploy(cfg or triton["cfg"], onnx=onnx,
                   gate=write_gate(onnx.with_name("gate.json"), passed=True, data_version="test-data-version"),
                   export_result=onnx.with_name("export.json"), repository=triton["repo"],
-                  url=triton["info"].grpc_url, protocol="grpc", image_size=S)
+                  url=triton["info"].grpc_url, protocol="grpc", preprocessing=SPEC)
 
 
 def _ask(triton, files, via="ensemble", **kw):
     """``[ct, chest films ...]`` answered."""
     return predict_files([files["ct"], *files["chests"]], url=triton["info"].grpc_url,
-                         model_name=triton["cfg"].model_name, image_size=S, via=via, **kw)
+                         model_name=triton["cfg"].model_name, preprocessing=SPEC, via=via, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def served(triton, models, files):
     assert _deploy(triton, models["b"]).version == 3
     history["b"] = _ask(triton, files)
     back = rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
-                    protocol="grpc", image_size=S)
+                    protocol="grpc", preprocessing=SPEC)
     assert (back.from_version, back.to_version) == (3, 2)
     history["back"] = _ask(triton, files)
     return history
@@ -221,6 +222,6 @@ def test_withhold_gives_an_out_of_distribution_answer_no_label_and_the_reason(se
                 assert (chest.reason is None) == (chest.in_distribution is True), via
     finally:
         rollback(triton["cfg"], repository=triton["repo"], url=triton["info"].grpc_url,
-                 protocol="grpc", image_size=S, to_version=2)
+                 protocol="grpc", preprocessing=SPEC, to_version=2)
     ct, *_ = _ask(triton, files)
     assert ct.label is not None and ct.in_distribution is False  # flag again

@@ -12,7 +12,7 @@ import pytest
 
 from _ingested import build_trained
 from conftest import pydicom_file
-from medops.config import ExportConfig, GateConfig, OodConfig
+from medops.config import ExportConfig, GateConfig, OodConfig, PreprocessSpec
 from medops.errors import MedopsError
 from medops.learn import ood
 from medops.stages import export, gate
@@ -106,7 +106,7 @@ def test_exported_graph_flags_a_ct_and_passes_chest_films(guarded):
     meta = {p.key: p.value for p in model.metadata_props}
     assert float(meta["ood_threshold"]) == pytest.approx(exported.ood.threshold)
     session = ort.InferenceSession(exported.onnx_path, providers=["CPUExecutionProvider"])
-    ct = preprocess_file(pydicom_file("CT_small.dcm"), image_size=28)[None, :, :, None]
+    ct = preprocess_file(pydicom_file("CT_small.dcm"), PreprocessSpec(image_size=28))[None, :, :, None]
     val, _, _ = load_split_images(trained["ingested"], trained["split"], "val")
     _, ct_score, ct_in = session.run(None, {"image": ct.astype(np.float32)})
     _, val_scores, val_in = session.run(None, {"image": val})
