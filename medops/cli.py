@@ -341,6 +341,7 @@ def cmd_predict(args: argparse.Namespace) -> Report:
             preprocessing=params.ingest.preprocessing,
             via=args.via,
             progress=bar,
+            ood_action=cfg.ood_action,
         )
     failed = sum(p.error is not None for p in preds)
     # a file that got no answer is a bad input (not DICOM, too large, undecodable); the others are

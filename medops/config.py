@@ -199,11 +199,27 @@ class GateConfig(_Section):
     # run; the candidate is promoted only if its AUC is not lower by more than this margin
     compare_with_serving: bool = True
     champion_margin: float = Field(default=0.01, ge=0, le=1)
+    # the OOD detector's false-alarm rate on held-out val images may be off its target
+    # (ood.false_alarm_rate) by at most this much
+    ood_false_alarm_margin: float = Field(default=0.04, ge=0, le=1)
+
+
+class OodConfig(_Section):
+    """The out-of-distribution guard (medops.learn.ood), fitted on the training split."""
+
+    false_alarm_rate: float = Field(default=0.05, gt=0, lt=0.5)  # on in-distribution val images
+    ae_filters: list[int] = Field(default=[16, 32], min_length=1)
+    ae_epochs: int = Field(default=8, ge=1)
+    ae_batch_size: int = Field(default=128, ge=1)
+    ae_learning_rate: float = Field(default=1e-3, gt=0)
+    covariance_shrinkage: float = Field(default=0.01, ge=0, le=1)
+    seed: int = 42
 
 
 class ExportConfig(_Section):
     opset: int = Field(default=17, ge=9)
     parity_atol: float = Field(default=1e-4, gt=0)
+    ood_parity_atol: float = Field(default=1e-3, gt=0)  # |reference - onnx| of ood_score
 
 
 class ReferenceConfig(_Section):
@@ -247,6 +263,9 @@ class ServingConfig(_Section):
     record_dir: str = "drift"
     record_max_mb: float = Field(default=64, gt=0)
     record_keep: int = Field(default=3, ge=0)
+    # an answer whose image is out of distribution: flag (keep the label, say so) or withhold
+    # (label null, with the reason)
+    ood_action: Literal["flag", "withhold"] = "flag"
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> "ServingConfig":
@@ -305,6 +324,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
+    ood: OodConfig = OodConfig()
     export: ExportConfig = ExportConfig()
     reference: ReferenceConfig = ReferenceConfig()
     monitor: MonitorConfig = MonitorConfig()

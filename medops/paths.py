@@ -163,6 +163,11 @@ class ProjectPaths:
         return self.state / "train-backup"
 
     @property
+    def ood_dir(self) -> Path:
+        """The OOD guard fitted by the ood stage (autoencoder.keras, detector.npz, ood.json)."""
+        return self.models / "ood"
+
+    @property
     def onnx_model(self) -> Path:
         return self.models / "model.onnx"
 

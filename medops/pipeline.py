@@ -110,6 +110,13 @@ def train(p: Params, pp: ProjectPaths) -> Any:
                extra_callbacks=[keras_progress("train", p.train.epochs)])
 
 
+def ood(p: Params, pp: ProjectPaths) -> Any:
+    from medops.stages.ood import run
+
+    return run(p.ood, model=pp.keras_model, ingested_dir=pp.ingested, split=pp.split,
+               train_result=pp.train_result, out_dir=pp.ood_dir)
+
+
 def evaluate(p: Params, pp: ProjectPaths) -> Any:
     from medops.stages.evaluate import run
 
@@ -130,7 +137,7 @@ def gate(p: Params, pp: ProjectPaths) -> Any:
     # champion/challenger: the served model (read from the Triton repository at run time, not a
     # DVC dependency: it changes when deploy runs) scored on the same test split
     return run(p.gate, metrics=pp.metrics, train_result=pp.train_result, out=pp.gate,
-               predictions=pp.plots / "predictions.csv", ingested_dir=pp.ingested, split=pp.split,
+               ood_result=pp.ood_dir / "ood.json", predictions=pp.plots / "predictions.csv", ingested_dir=pp.ingested, split=pp.split,
                repository=p.serving.repository_path(pp.root), model_name=p.serving.model_name)
 
 
@@ -138,7 +145,8 @@ def export(p: Params, pp: ProjectPaths) -> Any:
     from medops.stages.export import run
 
     return run(p.export, model=pp.keras_model, ingested_dir=pp.ingested, split=pp.split,
-               train_result=pp.train_result, onnx_out=pp.onnx_model, result_out=pp.export_result)
+               train_result=pp.train_result, onnx_out=pp.onnx_model, result_out=pp.export_result,
+               ood_dir=pp.ood_dir)
 
 
 def reference(p: Params, pp: ProjectPaths) -> Any:
@@ -154,6 +162,7 @@ STAGES: dict[str, Stage] = {
         Stage("quality", "medops.stages.quality", ("quality",), quality),
         Stage("split", "medops.stages.split", ("split",), split),
         Stage("train", "medops.stages.train", ("train", "augment"), train),
+        Stage("ood", "medops.stages.ood", ("ood",), ood),
         Stage("evaluate", "medops.stages.evaluate", ("evaluate",), evaluate),
         Stage("explain", "medops.stages.explain", ("evaluate",), explain),
         Stage("gate", "medops.stages.gate", ("gate",), gate),

@@ -52,7 +52,10 @@ from medops.serving.contract import (
     ERROR_OUTPUT,
     INPUT_NAME,
     LABEL_OUTPUT,
+    GUARDED_OUTPUTS,
+    IN_DISTRIBUTION_OUTPUT,
     LABELS,
+    OOD_SCORE_OUTPUT,
     OUTPUT_NAME,
     THRESHOLD_PARAM,
     ensemble_name,
@@ -71,13 +74,45 @@ BACKOFF_JITTER = 0.1  # up to +10 % per delay, so clients cut off together do no
 
 
 class Prediction(BaseModel):
-    """The answer for one file: its probability of pneumonia and label, or why there is none."""
+    """The answer for one file: its probability of pneumonia and label, or why there is none.
+
+    ``ood_score`` and ``in_distribution`` are the OOD guard's (None from a model exported before
+    it); ``reason`` says why an answered file has no label (its image is out of distribution and
+    the server withholds such labels: ``serving.ood_action: withhold``).
+    """
 
     file: str
     probability: float | None = None
     label: str | None = None
     model_version: str | None = None
     error: str | None = None
+    ood_score: float | None = None
+    in_distribution: bool | None = None
+    reason: str | None = None
+
+    @property
+    def ood_flag(self) -> str | None:
+        """``OUT OF DISTRIBUTION (ood_score 3.20 > 1.0)`` for an out-of-distribution answer."""
+        if self.in_distribution is not False:
+            return None
+        score = "?" if self.ood_score is None else f"{self.ood_score:.2f}"
+        return f"OUT OF DISTRIBUTION (ood_score {score} > {OOD_THRESHOLD:g})"
+
+
+OOD_THRESHOLD = 1.0  # ood_score is the guard's combined score over its threshold (medops.learn.ood)
+
+
+def ood_fields(score: float | None, inside: bool | None) -> tuple[float | None, bool | None]:
+    """``(ood_score, in_distribution)`` of one answer as a Prediction holds them: a NaN score (a
+    model exported before the guard, served by the embedded backend) or none at all is None."""
+    if score is None or not np.isfinite(score):
+        return None, None
+    return float(score), bool(inside)
+
+
+def withheld_reason(score: float | None) -> str:
+    return (f"out of distribution (ood_score {score:.2f} > {OOD_THRESHOLD:g}): label withheld "
+            f"(serving.ood_action: withhold)")
 
 
 def label_for(probability: float, threshold: float, labels: Sequence[str] = LABELS) -> str:
@@ -246,6 +281,20 @@ def read_max_batch_size(protocol: Protocol, model_name: str) -> Steps[int]:
     return int(config.get("max_batch_size", 0))
 
 
+def read_model_info(protocol: Protocol, model_name: str) -> Steps[tuple[int, bool]]:
+    """``(max_batch_size, guarded)`` of ``model_name``: ``guarded`` whether it declares the OOD
+    guard's outputs (a server deployed before the guard does not: then they are not asked for,
+    and answers carry no ood_score)."""
+    config = yield Call("get_model_config", (model_name,))
+    if protocol == "grpc":
+        names = {o.name for o in config.config.output}
+        size = int(config.config.max_batch_size)
+    else:
+        names = {o.get("name") for o in config.get("output", [])}
+        size = int(config.get("max_batch_size", 0))
+    return size, {OOD_SCORE_OUTPUT, IN_DISTRIBUTION_OUTPUT} <= names
+
+
 DEFAULT_THRESHOLD = 0.5  # when no postprocessing model says otherwise
 
 
@@ -323,11 +372,21 @@ def check_ready(*, url: str, protocol: Protocol, model_name: str) -> Steps[None]
 
 # -- one request: built and read the same way whichever transport sends it ------------------------
 
-def _images_request(images: np.ndarray, protocol: Protocol) -> tuple[list[Any], list[Any]]:
+def _images_request(images: np.ndarray, protocol: Protocol,
+                    with_ood: bool = False) -> tuple[list[Any], list[Any]]:
     tc = _tc(protocol)
     inp = tc.InferInput(INPUT_NAME, list(images.shape), "FP32")
     inp.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    return [inp], [tc.InferRequestedOutput(OUTPUT_NAME)]
+    return [inp], [tc.InferRequestedOutput(n) for n in (GUARDED_OUTPUTS if with_ood else (OUTPUT_NAME,))]
+
+
+def _ood_response(result: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ood_score (n,) float, in_distribution (n,) bool)`` of a guarded answer."""
+    scores, inside = result.as_numpy(OOD_SCORE_OUTPUT), result.as_numpy(IN_DISTRIBUTION_OUTPUT)
+    if scores is None or inside is None or scores.size != n or inside.size != n:
+        raise ServingError(f"the model answered no {OOD_SCORE_OUTPUT!r}/{IN_DISTRIBUTION_OUTPUT!r} "
+                           f"for {n} items")
+    return scores.reshape(n).astype(np.float64), inside.reshape(n).astype(bool)
 
 
 def _infer_kwargs(protocol: Protocol, timeout: float) -> dict[str, Any]:
@@ -353,12 +412,14 @@ def _images_response(result: Any, protocol: Protocol, model_name: str,
     return probs.reshape(n), _version_of(result, protocol)
 
 
-def _dicom_request(items: Sequence[bytes], protocol: Protocol) -> tuple[list[Any], list[Any]]:
+def _dicom_request(items: Sequence[bytes], protocol: Protocol,
+                   with_ood: bool = False) -> tuple[list[Any], list[Any]]:
     tc = _tc(protocol)
     data = np.array([bytes(b) for b in items], dtype=np.object_).reshape(-1, 1)
     inp = tc.InferInput(DICOM_INPUT, list(data.shape), "BYTES")
     inp.set_data_from_numpy(data)
-    return [inp], [tc.InferRequestedOutput(n) for n in (OUTPUT_NAME, LABEL_OUTPUT, ERROR_OUTPUT)]
+    names = (GUARDED_OUTPUTS if with_ood else (OUTPUT_NAME,)) + (LABEL_OUTPUT, ERROR_OUTPUT)
+    return [inp], [tc.InferRequestedOutput(n) for n in names]
 
 
 def _dicom_response(result: Any, protocol: Protocol) -> tuple[list[float], list[str], list[str], str]:
@@ -369,46 +430,52 @@ def _dicom_response(result: Any, protocol: Protocol) -> tuple[list[float], list[
 
 
 def classify_images(images: np.ndarray, *, protocol: Protocol, model_name: str,
-                    model_version: str = "", timeout: float = 30.0) -> Steps[tuple[np.ndarray, str]]:
+                    model_version: str = "", timeout: float = 30.0,
+                    with_ood: bool = False) -> Steps[tuple]:
     """One inference request for ``images`` ``(n, S, S, 1)`` float32.
 
     Returns:
-        ``(probabilities (n,), model_version that answered)``.
+        ``(probabilities (n,), model_version that answered)``; ``with_ood``: also
+        ``(ood_score (n,), in_distribution (n,))`` as a third element.
     """
-    inputs, outputs = _images_request(images, protocol)
+    inputs, outputs = _images_request(images, protocol, with_ood)
     result = yield Call("infer", (model_name, inputs),
                         {"model_version": model_version, "outputs": outputs,
                          **_infer_kwargs(protocol, timeout)})
-    return _images_response(result, protocol, model_name, images.shape[0])
+    answer = _images_response(result, protocol, model_name, images.shape[0])
+    return (*answer, _ood_response(result, images.shape[0])) if with_ood else answer
 
 
 def classify_dicom(items: Sequence[bytes], *, protocol: Protocol, model_name: str,
-                   timeout: float = 30.0) -> Steps[tuple[list[float], list[str], list[str], str]]:
+                   timeout: float = 30.0, with_ood: bool = False) -> Steps[tuple]:
     """One request to the DICOM ensemble with raw file contents.
 
     Returns:
         ``(probabilities, labels, errors, model_version)``, one entry per item; ``errors[i]`` is ""
         for an answered item. The ensemble's version is the classifier version it serves.
+        ``with_ood``: also ``(ood_score (n,), in_distribution (n,))`` as a fifth element.
     """
-    inputs, outputs = _dicom_request(items, protocol)
+    inputs, outputs = _dicom_request(items, protocol, with_ood)
     result = yield Call("infer", (model_name, inputs),
                         {"outputs": outputs, **_infer_kwargs(protocol, timeout)})
-    return _dicom_response(result, protocol)
+    answer = _dicom_response(result, protocol)
+    return (*answer, _ood_response(result, len(items))) if with_ood else answer
 
 
 def infer_images(client: Any, images: np.ndarray, *, protocol: Protocol, model_name: str,
-                 model_version: str = "", timeout: float = 30.0) -> tuple[np.ndarray, str]:
+                 model_version: str = "", timeout: float = 30.0, with_ood: bool = False) -> tuple:
     """``classify_images`` with a blocking tritonclient ``client``, no retries (deploy's checks)."""
     return SyncTransport(client).run(classify_images(
         images, protocol=protocol, model_name=model_name, model_version=model_version,
-        timeout=timeout))
+        timeout=timeout, with_ood=with_ood))
 
 
 def infer_dicom(client: Any, items: Sequence[bytes], *, protocol: Protocol, model_name: str,
-                timeout: float = 30.0) -> tuple[list[float], list[str], list[str], str]:
+                timeout: float = 30.0, with_ood: bool = False) -> tuple:
     """``classify_dicom`` with a blocking tritonclient ``client``, no retries."""
     return SyncTransport(client).run(classify_dicom(items, protocol=protocol,
-                                                    model_name=model_name, timeout=timeout))
+                                                    model_name=model_name, timeout=timeout,
+                                                    with_ood=with_ood))
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -525,19 +592,30 @@ class _Plan:
         return []
 
     def answer(self, chunk: Sequence[int], probs: Sequence[float], labels: Sequence[str],
-               errors: Sequence[str], version: str) -> None:
+               errors: Sequence[str], version: str, ood: tuple | None = None) -> None:
+        """Write the answers; ``ood``: ``(ood_scores, in_distribution)`` of a guarded model.
+        An out-of-distribution answer without a label had it withheld by the server."""
         self.answered += len(chunk)
-        for i, prob, label, error in zip(chunk, probs, labels, errors):
+        scores, inside = ood if ood is not None else ([None] * len(chunk), [None] * len(chunk))
+        for i, prob, label, error, score, ok in zip(chunk, probs, labels, errors, scores, inside):
             name = self.items[i][0]
-            self.preds[i] = (Prediction(file=name, error=error) if error else
-                             Prediction(file=name, probability=prob, label=label,
-                                        model_version=version))
+            if error:
+                self.preds[i] = Prediction(file=name, error=error)
+                continue
+            score, ok = ood_fields(score, ok)
+            withheld = ok is False and not label
+            self.preds[i] = Prediction(file=name, probability=prob, label=label or None,
+                                       model_version=version, ood_score=score, in_distribution=ok,
+                                       reason=withheld_reason(score) if withheld else None)
 
     def answer_images(self, chunk: Sequence[int], arr: np.ndarray, version: str,
-                      threshold: float) -> None:
+                      threshold: float, ood: tuple | None = None, withhold: bool = False) -> None:
         probs = [float(p) for p in arr]
-        self.answer(chunk, probs, [label_for(p, threshold) for p in probs], [""] * len(chunk),
-                    version)
+        labels = [label_for(p, threshold) for p in probs]
+        if ood is not None and withhold:
+            labels = [lab if ood_fields(s, ok)[1] is not False else ""
+                      for lab, s, ok in zip(labels, *ood)]
+        self.answer(chunk, probs, labels, [""] * len(chunk), version, ood)
 
 
 # When a request of several files fails, each file is sent alone; when this many files sent alone
@@ -556,10 +634,13 @@ class _PredictSteps:
 
     def __init__(self, plan: _Plan, *, url: str, protocol: Protocol, model_name: str,
                  threshold: float | None, timeout: float, batch_size: int | None,
-                 policy: RetryPolicy, progress: Callable[[int, int], None] | None) -> None:
+                 policy: RetryPolicy, progress: Callable[[int, int], None] | None,
+                 ood_action: str = "flag") -> None:
         self.plan, self.url, self.protocol, self.model_name = plan, url, protocol, model_name
         self.threshold, self.timeout, self.batch_size = threshold, timeout, batch_size
         self.policy, self.progress = policy, progress
+        self.withhold = ood_action == "withhold"  # the tensor path labels here (the ensemble there)
+        self.with_ood = False  # the served model declares the OOD guard's outputs
         self.thresholds: dict[str, float] = {}  # read once, again when a version they miss answers
 
     def _retried(self, make: Callable[[], Steps[T]]) -> Steps[T]:
@@ -574,8 +655,9 @@ class _PredictSteps:
         target, protocol = self.plan.target, self.protocol
         yield from self._retried(lambda: check_ready(url=self.url, protocol=protocol,
                                                      model_name=target))
-        size = (self.batch_size or (yield from self._retried(
-            lambda: read_max_batch_size(protocol, target))) or 1)
+        served_size, self.with_ood = yield from self._retried(
+            lambda: read_model_info(protocol, target))
+        size = self.batch_size or served_size or 1
         if self.threshold is not None:
             self.thresholds = {"": self.threshold}
         elif self.plan.via == "tensor":
@@ -606,16 +688,18 @@ class _PredictSteps:
     def _request(self, chunk: list[int]) -> Steps[None]:
         """The request itself, retried on connection errors; its answers written into the plan."""
         payload = self.plan.payload(chunk)
-        target, kwargs = self.plan.target, {"protocol": self.protocol, "timeout": self.timeout}
+        target = self.plan.target
+        kwargs = {"protocol": self.protocol, "timeout": self.timeout, "with_ood": self.with_ood}
         if self.plan.via == "ensemble":
             self.plan.answer(chunk, *(yield from self._retried(
                 lambda: classify_dicom(payload, model_name=target, **kwargs))))
             return
-        probs, version = yield from self._retried(
+        probs, version, *ood = yield from self._retried(
             lambda: classify_images(payload, model_name=target, **kwargs))
         if not knows_threshold(self.thresholds, version):
             self.thresholds = yield from self._read_thresholds()
-        self.plan.answer_images(chunk, probs, version, threshold_for(self.thresholds, version))
+        self.plan.answer_images(chunk, probs, version, threshold_for(self.thresholds, version),
+                                ood[0] if ood else None, self.withhold)
 
 
 # -- the two transports: the only code that talks to the server -----------------------------------
@@ -718,6 +802,7 @@ def predict_files(
     retries: int = DEFAULT_RETRIES,
     backoff_s: float = DEFAULT_BACKOFF_S,
     progress: Callable[[int, int], None] | None = None,
+    ood_action: str = "flag",
 ) -> list[Prediction]:
     """Classify DICOM files with the model served by Triton at ``url``.
 
@@ -742,6 +827,9 @@ def predict_files(
             jitter).
         progress: ``progress(done, total)`` after each answered request (files known bad
             before sending count as done), e.g. the CLI's progress bar.
+        ood_action: ``serving.ood_action`` for ``via="tensor"`` (labels are made here):
+            "withhold" gives an out-of-distribution answer no label, with the reason; the
+            ensemble applies the action it was deployed with.
 
     Returns:
         One Prediction per path, in order; unusable files carry ``error`` instead of a
@@ -759,7 +847,8 @@ def predict_files(
         return plan.preds
     steps = _PredictSteps(plan, url=url, protocol=protocol, model_name=model_name,
                           threshold=threshold, timeout=timeout, batch_size=batch_size,
-                          policy=RetryPolicy(retries, backoff_s), progress=progress)
+                          policy=RetryPolicy(retries, backoff_s), progress=progress,
+                          ood_action=ood_action)
     transport = SyncTransport.open(url, protocol, timeout)
     try:
         for chunk in transport.run(steps.start()):
@@ -784,6 +873,7 @@ async def apredict_files(
     backoff_s: float = DEFAULT_BACKOFF_S,
     concurrency: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    ood_action: str = "flag",
 ) -> list[Prediction]:
     """``predict_files`` with asyncio: the same arguments, answers, order and errors, with up to
     ``concurrency`` requests in flight at once on one connection.
@@ -803,7 +893,8 @@ async def apredict_files(
         return plan.preds
     steps = _PredictSteps(plan, url=url, protocol=protocol, model_name=model_name,
                           threshold=threshold, timeout=timeout, batch_size=batch_size,
-                          policy=RetryPolicy(retries, backoff_s), progress=progress)
+                          policy=RetryPolicy(retries, backoff_s), progress=progress,
+                          ood_action=ood_action)
     transport = AsyncTransport.open(url, protocol, timeout)
     gate = asyncio.Semaphore(concurrency)
 
@@ -824,12 +915,24 @@ async def apredict_files(
     return plan.preds
 
 
+def _note(p: Prediction) -> str:
+    """The error, else the OOD flag (and that the label was withheld), else nothing."""
+    if p.error:
+        return p.error
+    flag = p.ood_flag
+    if flag and p.reason:
+        return f"{flag}: label withheld"
+    return flag or ""
+
+
 def format_predictions(preds: Sequence[Prediction]) -> str:
-    """A plain-text table: file, label, probability, model version, error."""
-    header = ("file", "label", "probability", "version", "error")
+    """A plain-text table: file, label, probability, ood_score, model version, and a note: the
+    error, or ``OUT OF DISTRIBUTION (ood_score 3.20 > 1.0)`` for an image unlike the training
+    data."""
+    header = ("file", "label", "probability", "ood_score", "version", "note")
     rows = [
         (p.file, p.label or "-", "-" if p.probability is None else f"{p.probability:.4f}",
-         p.model_version or "-", p.error or "")
+         "-" if p.ood_score is None else f"{p.ood_score:.2f}", p.model_version or "-", _note(p))
         for p in preds
     ]
     widths = [max(len(h), *(len(r[c]) for r in rows)) if rows else len(h)
@@ -841,7 +944,12 @@ def format_predictions(preds: Sequence[Prediction]) -> str:
 
 
 def to_json_lines(preds: Sequence[Prediction]) -> str:
-    """One JSON object per line, one line per file (``medops predict --json``): ``file``,
-    ``probability``, ``label`` and ``model_version`` for an answer, ``file`` and ``error`` else."""
-    return "".join(json.dumps(p.model_dump(mode="json", exclude_none=True), sort_keys=True) + "\n"
-                   for p in preds)
+    """One JSON object per line, one line per file: ``file``, ``probability``, ``label``,
+    ``model_version``, ``ood_score`` and ``in_distribution`` for an answer (the last two null from
+    a model without the OOD guard; ``label`` null with a ``reason`` when it was withheld),
+    ``file`` and ``error`` else."""
+    def row(p: Prediction) -> dict[str, Any]:
+        if p.error:
+            return p.model_dump(mode="json", exclude_none=True)
+        return p.model_dump(mode="json", exclude={"error"} | ({"reason"} if p.reason is None else set()))
+    return "".join(json.dumps(row(p), sort_keys=True) + "\n" for p in preds)

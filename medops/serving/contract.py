@@ -1,7 +1,12 @@
 """The Triton model contract, defined once, and the two ``config.pbtxt`` flavours rendered from it.
 
 The classifier takes ``image`` (float32, ``[S, S, 1]`` per item, S = ``ingest.image_size``) and
-answers ``probability`` (float32, ``[1]`` per item, the probability of pneumonia). The production
+answers ``probability`` (float32, ``[1]`` per item, the probability of pneumonia), ``ood_score``
+(float32, ``[1]``: the out-of-distribution guard's score, > 1.0 = unlike the training data) and
+``in_distribution`` (bool, ``[1]``), all three from one ONNX graph (medops.stages.export). A model
+exported before the guard answers ``probability`` only: the embedded backend then answers
+``ood_score`` NaN and ``in_distribution`` true (clients read NaN as "no score"); the production
+onnxruntime backend needs a model exported with the guard. The production
 flavour serves the ONNX file with Triton's onnxruntime backend on a GPU; the embedded flavour serves
 the same file with a Python-backend ``model.py`` (onnxruntime on the CPU), because the tritonserver
 in the nvidia-pytriton wheel ships only the Python backend. Everything a client can see (name,
@@ -19,6 +24,12 @@ from typing import Any, Literal, Mapping, Sequence
 
 from medops.config import PreprocessSpec, ServingConfig, Window
 from medops.models import INPUT_NAME, OUTPUT_NAME  # the models' tensor names, served as they are
+
+# The out-of-distribution guard's outputs (medops.learn.ood), answered beside the probability by
+# the same ONNX graph: ood_score > 1.0 means the image is unlike the training data.
+OOD_SCORE_OUTPUT = "ood_score"
+IN_DISTRIBUTION_OUTPUT = "in_distribution"
+GUARDED_OUTPUTS: tuple[str, str, str] = (OUTPUT_NAME, OOD_SCORE_OUTPUT, IN_DISTRIBUTION_OUTPUT)
 
 Flavour = Literal["production", "embedded"]
 FLAVOURS: tuple[Flavour, ...] = ("production", "embedded")
@@ -51,6 +62,7 @@ class ModelContract:
     max_queue_delay_us: int
     labels: tuple[str, ...] = LABELS
     tensorrt_fp16: bool = False  # production: onnxruntime's TensorRT execution accelerator, FP16
+    ood_action: str = "flag"     # serving.ood_action: an out-of-distribution answer's label kept or withheld
 
     @property
     def image_size(self) -> int:
@@ -63,11 +75,14 @@ def build_contract(cfg: ServingConfig, *, image_size: int) -> ModelContract:
     return ModelContract(
         name=cfg.model_name,
         inputs=(TensorSpec(INPUT_NAME, "TYPE_FP32", (image_size, image_size, 1)),),
-        outputs=(TensorSpec(OUTPUT_NAME, "TYPE_FP32", (1,)),),
+        outputs=(TensorSpec(OUTPUT_NAME, "TYPE_FP32", (1,)),
+                 TensorSpec(OOD_SCORE_OUTPUT, "TYPE_FP32", (1,)),
+                 TensorSpec(IN_DISTRIBUTION_OUTPUT, "TYPE_BOOL", (1,))),
         max_batch_size=cfg.max_batch_size,
         preferred_batch_sizes=tuple(sorted(set(cfg.preferred_batch_sizes))),
         max_queue_delay_us=cfg.max_queue_delay_us,
         tensorrt_fp16=cfg.tensorrt_fp16,
+        ood_action=cfg.ood_action,
     )
 
 
@@ -256,13 +271,14 @@ class EnsembleContract:
 
     @property
     def postprocess(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-        return ((self.classifier.outputs[0], TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))),
+        return ((self.classifier.outputs[0], self.classifier.outputs[2],
+                 TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))),
                 (TensorSpec(LABEL_OUTPUT, "TYPE_STRING", (1,)),))
 
     @property
     def ensemble(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return ((TensorSpec(DICOM_INPUT, "TYPE_STRING", (1,)),),
-                (self.classifier.outputs[0], TensorSpec(LABEL_OUTPUT, "TYPE_STRING", (1,)),
+                (*self.classifier.outputs, TensorSpec(LABEL_OUTPUT, "TYPE_STRING", (1,)),
                  TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))))
 
 
@@ -363,6 +379,7 @@ def render_recorder_config(ec: EnsembleContract, flavour: Flavour) -> str:
 
 
 THRESHOLD_PARAM = "threshold"
+OOD_ACTION_PARAM = "ood_action"  # flag: label every answer; withhold: "" for out-of-distribution ones
 
 
 def version_threshold_param(version: int | str) -> str:
@@ -385,6 +402,7 @@ def render_postprocess_config(ec: EnsembleContract, flavour: Flavour, *,
     else:
         params = {version_threshold_param(v): repr(float(t)) for v, t in sorted(thresholds.items())}
     params["labels"] = ",".join(ec.classifier.labels)
+    params[OOD_ACTION_PARAM] = ec.classifier.ood_action
     text = _python_model(ec, ec.postprocess_name, ec.postprocess, params, flavour)
     if thresholds is None:
         return text
@@ -423,8 +441,9 @@ def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | No
     steps = ",\n".join([
         step(ec.preprocess_name, -1, {DICOM_INPUT: DICOM_INPUT},
              {INPUT_NAME: image, ERROR_OUTPUT: error} | drift),
-        step(ec.classifier.name, cv, {INPUT_NAME: image}, {OUTPUT_NAME: OUTPUT_NAME}),
-        step(ec.postprocess_name, cv, {OUTPUT_NAME: OUTPUT_NAME, ERROR_OUTPUT: error},
+        step(ec.classifier.name, cv, {INPUT_NAME: image}, {o: o for o in GUARDED_OUTPUTS}),
+        step(ec.postprocess_name, cv, {OUTPUT_NAME: OUTPUT_NAME, IN_DISTRIBUTION_OUTPUT:
+                                       IN_DISTRIBUTION_OUTPUT, ERROR_OUTPUT: error},
              {LABEL_OUTPUT: LABEL_OUTPUT}),
         *recorder,
     ])

@@ -13,7 +13,9 @@ decision threshold (export.json's ``decision_threshold``, chosen on val in train
 Order (TFX's "pusher reads the blessing"): the gate must have passed, for the data version the
 model was exported from, and the ONNX file must be the exported one (sha256). Only then is a
 version written, beside the served one, which stays pinned. The new version is loaded as a
-separate candidate model and must reproduce export's golden probabilities; only then is it served
+separate candidate model and must reproduce export's golden probabilities (and, for a model
+exported with the OOD guard, its golden ood_scores: classifier and detector are one ONNX file, so
+they are written, checked, served and rolled back together); only then is it served
 (classifier and ensemble re-pinned without a gap) and checked again. Any failure removes the new
 version and leaves (or restores) the previous one; ``rollback`` serves an earlier version again.
 
@@ -125,12 +127,15 @@ def check_export(onnx: Path, export_result: Path, gate_data_version: str | None)
 
 
 def read_golden(path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(images (n,S,S,1) float32, probabilities (n,) float32)`` from export's golden.npz."""
+    """``(images (n,S,S,1) float32, probabilities (n,) float32)`` from export's golden.npz; for a
+    model exported with the OOD guard the second is ``(n, 2)``: probabilities and ood_scores."""
     path = Path(path)
     try:
         with np.load(path) as data:
             images = np.asarray(data["images"], dtype=np.float32)
             probs = np.asarray(data["probabilities"], dtype=np.float32).reshape(-1)
+            if "ood_scores" in data.files:
+                probs = np.stack([probs, np.asarray(data["ood_scores"], dtype=np.float32).reshape(-1)], 1)
     except (OSError, KeyError, ValueError) as exc:
         raise ServingError(
             f"cannot read golden samples {path} (written by export beside model.onnx): {exc}"
@@ -237,23 +242,39 @@ def wait_version_ready(client: Any, name: str, version: int, timeout: float) -> 
     raise ServingError(f"model {name!r} version {version} not ready after {timeout:g} s")
 
 
+# served vs exported ood_score of the golden images (export's own ood_parity_atol default)
+GOLDEN_OOD_ATOL = 1e-3
+
+
 def check_golden(
     client: Any, *, protocol: str, name: str, images: np.ndarray, expected: np.ndarray,
     atol: float, expect_version: str | None = None,
 ) -> float:
     """Infer the golden images on ``name`` (whichever version Triton serves); every probability
-    within ``atol`` of export's. ``expect_version``: the version that must answer. Returns the
-    largest absolute difference.
+    within ``atol`` of export's, and for a guarded model (``expected`` (n, 2)) every ood_score
+    within GOLDEN_OOD_ATOL and in_distribution ``ood_score <= 1``: the detector that serves is
+    the one exported with this classifier. ``expect_version``: the version that must answer.
+    Returns the largest absolute probability difference.
     """
     from medops.serving.client import infer_images
 
-    probs, answered = infer_images(client, images, protocol=protocol, model_name=name)
-    diff = float(np.max(np.abs(probs.astype(np.float64) - expected)))
+    guarded = expected.ndim == 2
+    probs, answered, *ood = infer_images(client, images, protocol=protocol, model_name=name,
+                                         with_ood=guarded)
+    diff = float(np.max(np.abs(probs.astype(np.float64) - (expected[:, 0] if guarded else expected))))
     if not diff <= atol:
         raise ServingError(
             f"golden check failed on {name!r}: max |served - exported| = {diff:.3g} > {atol:g} "
             f"over {len(expected)} golden images"
         )
+    if guarded:
+        scores, inside = ood[0]
+        ood_diff = float(np.max(np.abs(scores - expected[:, 1])))
+        if not ood_diff <= GOLDEN_OOD_ATOL or not np.array_equal(inside, scores <= 1.0):
+            raise ServingError(
+                f"golden check failed on {name!r}: the served OOD guard is not the exported one "
+                f"(max |ood_score served - exported| = {ood_diff:.3g} > {GOLDEN_OOD_ATOL:g}, or "
+                "in_distribution is not ood_score <= 1)")
     if expect_version is not None and answered != expect_version:
         raise ServingError(f"{name!r} answered from version {answered!r}, expected {expect_version}")
     return diff
@@ -406,12 +427,16 @@ def smoke_dicom(image: np.ndarray) -> bytes:
 
 def check_ensemble(client: Any, *, protocol: str, ec: EnsembleContract, image: np.ndarray,
                    expect_version: int) -> None:
-    """One DICOM through the ensemble: answered, no error, a label, from ``expect_version``."""
+    """One DICOM through the ensemble: answered, no error, a label (none only if withheld as out
+    of distribution), from ``expect_version``."""
     from medops.serving.client import infer_dicom
 
-    [prob], [label], [error], answered = infer_dicom(
-        client, [smoke_dicom(image)], protocol=protocol, model_name=ec.ensemble_name)
-    if error or label not in ec.classifier.labels or not 0.0 <= prob <= 1.0 \
+    [prob], [label], [error], answered, (_, [inside]) = infer_dicom(
+        client, [smoke_dicom(image)], protocol=protocol, model_name=ec.ensemble_name,
+        with_ood=True)
+    # serving.ood_action: withhold leaves an image the guard calls out of distribution unlabelled
+    withheld = label == "" and not inside and ec.classifier.ood_action == "withhold"
+    if error or (label not in ec.classifier.labels and not withheld) or not 0.0 <= prob <= 1.0 \
             or answered != str(expect_version):
         raise ServingError(
             f"DICOM check on {ec.ensemble_name!r} answered probability {prob}, label {label!r}, "

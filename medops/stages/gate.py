@@ -15,6 +15,8 @@ Two kinds of check:
 
 Inputs:
     metrics: ``reports/metrics.json`` (from evaluate).
+    ood_result: ``models/ood/ood.json`` (from ood): the OOD guard's false-alarm rate on held-out
+        val images, which must lie within ``ood_false_alarm_margin`` of its target.
     train_result: ``models/train.json`` (from train; gives data_version and the model name).
     For the champion comparison (all optional; without ``repository`` nothing is compared):
     predictions: ``reports/plots/predictions.csv`` (from evaluate: the candidate's test
@@ -26,7 +28,7 @@ Outputs:
     out: ``reports/gate.json``, the GateDecision (``champion`` holds the comparison).
 Params (``gate`` section, GateConfig):
     min_auc, min_accuracy, min_sensitivity, min_specificity, compare_with_serving,
-    champion_margin.
+    champion_margin, ood_false_alarm_margin.
 
 No TensorFlow here (the champion runs in onnxruntime).
 """
@@ -88,6 +90,23 @@ def check_metrics(cfg: GateConfig, metrics: dict[str, Any]) -> tuple[bool, list[
         passed = passed and ok
         reasons.append(f"{key} {value:.3f} {'>=' if ok else '<'} {field} {limit:.3f}: {'pass' if ok else 'fail'}")
     return passed, reasons
+
+
+def check_ood(cfg: GateConfig, ood_record: dict[str, Any] | None) -> tuple[bool, str]:
+    """The OOD guard's own check: its false-alarm rate on held-out val images (the ood stage's
+    two-fold figure) within ``ood_false_alarm_margin`` of its target. A missing or unreadable
+    record fails (a model must not be served with a guard nobody checked)."""
+    if ood_record is None:
+        return False, "ood guard record missing (run the ood stage): fail"
+    rate = metric_value(ood_record, "val_false_alarm_rate")
+    target = metric_value(ood_record, "false_alarm_rate_target")
+    if rate is None or target is None:
+        return False, "ood guard record has no val_false_alarm_rate / false_alarm_rate_target: fail"
+    off = abs(rate - target)
+    ok = off <= cfg.ood_false_alarm_margin
+    return ok, (f"ood val false-alarm rate {rate:.3f} is {off:.3f} off its target {target:.3f} "
+                f"({'<=' if ok else '>'} ood_false_alarm_margin {cfg.ood_false_alarm_margin:.3f}): "
+                f"{'pass' if ok else 'fail'}")
 
 
 def compare_with_champion(
@@ -260,10 +279,14 @@ def judge_champion(
 
 def decide(
     cfg: GateConfig, metrics: dict[str, Any], train_record: dict[str, Any],
-    champion: ChampionComparison | None = None,
+    champion: ChampionComparison | None = None, ood: tuple[bool, str] | None = None,
 ) -> GateDecision:
-    """The decision: every absolute threshold passed and, if given, the champion check passed."""
+    """The decision: every absolute threshold passed and, if given, the OOD guard's check
+    (``check_ood``) and the champion check passed."""
     passed, reasons = check_metrics(cfg, metrics)
+    if ood is not None:
+        passed = passed and ood[0]
+        reasons = [*reasons, ood[1]]
     if champion is not None:
         passed = passed and champion.passed
         reasons = [*reasons, champion.reason]
@@ -290,14 +313,20 @@ def run(
     split: Path | None = None,
     repository: Path | None = None,
     model_name: str = "pneumonia_classifier",
+    ood_result: Path | None = None,
 ) -> GateDecision:
     """Read metrics and train result, compare with the served model, write the decision JSON.
 
     Without ``repository`` only the absolute thresholds are checked (and a reason says so).
     With it, ``predictions``, ``ingested_dir`` and ``split`` are needed once a model is serving.
+    ``ood_result``: the ood stage's ``ood.json``; its guard must pass ``check_ood`` (a path that
+    does not exist fails the gate; None skips the check: a model without a guard).
     """
     metrics_record = read_json(metrics, "metrics")
     train_record = read_json(train_result, "train result")
+    ood = None
+    if ood_result is not None:
+        ood = check_ood(cfg, read_json(ood_result, "ood result") if Path(ood_result).is_file() else None)
 
     def load_test() -> _TestSplit:
         if ingested_dir is None or split is None:
@@ -309,7 +338,7 @@ def run(
 
     champion = judge_champion(cfg, repository=repository, model_name=model_name, load_test=load_test,
                               predictions=predictions)
-    decision = decide(cfg, metrics_record, train_record, champion)
+    decision = decide(cfg, metrics_record, train_record, champion, ood)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(decision.model_dump_json(indent=2) + "\n")

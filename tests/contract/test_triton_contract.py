@@ -59,7 +59,8 @@ def test_both_flavours_parse_and_agree_on_the_client_view(contract, params):
         "name": params.serving.model_name,
         "max_batch_size": params.serving.max_batch_size,
         "inputs": [("image", "TYPE_FP32", [s, s, 1])],
-        "outputs": [("probability", "TYPE_FP32", [1])],
+        "outputs": [("probability", "TYPE_FP32", [1]), ("ood_score", "TYPE_FP32", [1]),
+                    ("in_distribution", "TYPE_BOOL", [1])],
         "preferred": sorted(params.serving.preferred_batch_sizes),
         "delay_us": params.serving.max_queue_delay_us,
         "labels": "normal,pneumonia",
@@ -151,6 +152,49 @@ def test_classify_batch_turns_a_failing_run_into_errors_not_an_exception():
     assert answers == ["inference failed: RuntimeError: onnxruntime exploded"] * 2
 
 
+def test_classify_batch_splits_every_output_of_a_guarded_model_per_request():
+    def guarded(batch):
+        p = mean_model(batch)
+        return p, 2 * p, 2 * p <= 1.0
+
+    reqs = [np.full((2, 4, 4, 1), 0.25, np.float32), np.full((1, 4, 4, 1), 0.75, np.float32)]
+    (p0, s0, in0), (p1, s1, in1) = classify_batch(guarded, reqs, (4, 4, 1))
+    assert p0.dtype == np.float32 and p0.shape == s0.shape == in0.shape == (2, 1)
+    np.testing.assert_allclose(s0, 0.5)
+    np.testing.assert_allclose(s1, 1.5)
+    assert in0.all() and not in1.any()
+
+
+def test_a_model_without_the_guard_answers_nan_scores_and_in_distribution():
+    from medops.serving.backends.onnx_classifier import unguarded
+
+    probs, scores, inside = unguarded(np.array([[0.2], [0.9]], np.float32))
+    np.testing.assert_allclose(probs, [[0.2], [0.9]])
+    assert np.isnan(scores).all() and scores.shape == (2, 1) and inside.dtype == bool and inside.all()
+
+
+def test_postprocess_withholds_labels_of_out_of_distribution_items_only_when_asked():
+    from medops.serving.backends.postprocess import label_items
+
+    probs = np.array([[0.9], [0.1], [0.9]], np.float32)
+    errors = [b"", b"", b"not_dicom: x"]
+    inside = np.array([[False], [True], [True]])
+    labels = ("normal", "pneumonia")
+    flag = label_items(probs, errors, threshold=0.5, labels=labels, in_distribution=inside)
+    withhold = label_items(probs, errors, threshold=0.5, labels=labels, in_distribution=inside,
+                           withhold=True)
+    assert flag.reshape(-1).tolist() == [b"pneumonia", b"normal", b""]
+    assert withhold.reshape(-1).tolist() == [b"", b"normal", b""]
+
+
+def test_postprocess_config_carries_the_ood_action():
+    ec = build_ensemble_contract(ServingConfig(ood_action="withhold"), PreprocessSpec(image_size=28))
+    params = parse(render_postprocess_config(ec, "embedded")).parameters
+    assert params["ood_action"].string_value == "withhold"
+    inputs = [t.name for t in parse(render_postprocess_config(ec, "embedded")).input]
+    assert inputs == ["probability", "in_distribution", "error"]
+
+
 # -- import weight ----------------------------------------------------------------------------------
 
 def test_serving_contract_and_client_import_without_tensorflow_or_tritonclient():
@@ -223,6 +267,8 @@ def test_ensemble_steps_wire_matching_tensors(params, flavour, record):
         assert set(ens.ensemble_scheduling.step[3].input_map) == {
             "drift_features", "error", "probability"}
     assert tensors(ens, "output") == {"probability": ("TYPE_FP32", [1]),
+                                      "ood_score": ("TYPE_FP32", [1]),
+                                      "in_distribution": ("TYPE_BOOL", [1]),
                                       "label": ("TYPE_STRING", [1]), "error": ("TYPE_STRING", [1])}
 
 

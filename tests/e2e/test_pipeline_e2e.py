@@ -260,7 +260,7 @@ def test_every_stage_ran_through_dvc_and_is_up_to_date(flow_run, paths):
     from medops.ops import dvc
     assert (paths.root / "dvc.lock").is_file()
     lock = (paths.root / "dvc.lock").read_text()
-    for stage in ("quality", "split", "train", "evaluate", "gate", "export"):
+    for stage in ("quality", "split", "train", "ood", "evaluate", "gate", "export"):
         assert f"  {stage}:" in lock
     assert "  ingest:" not in lock  # the export is no DVC dependency: ingest is the ingest flow's
     assert dvc.status(paths.root) == {}
@@ -372,11 +372,11 @@ def test_the_run_is_recorded_in_prefect_with_a_task_per_stage(flow_run):
 
     runs, artifacts = asyncio.run(read())
     completed = {r.name for r in runs if r.state and r.state.is_completed()}
-    for stage in ("check_data_version", "quality", "split", "train", "evaluate", "gate", "export", "deploy"):
+    for stage in ("check_data_version", "quality", "split", "train", "ood", "evaluate", "gate", "export", "deploy"):
         assert any(n == stage or n.startswith(stage + "-") for n in completed), \
             f"no completed task run for {stage}: {sorted(completed)}"
     keys = {a.key for a in artifacts}
-    for stage in ("quality", "split", "train", "evaluate", "gate", "export"):
+    for stage in ("quality", "split", "train", "ood", "evaluate", "gate", "export"):
         assert f"stage-{stage}" in keys, f"no artifact for {stage}: {sorted(k for k in keys if k)}"
     assert "deployment" in keys
 

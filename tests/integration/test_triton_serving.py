@@ -310,7 +310,7 @@ def test_the_ensemble_is_pinned_to_the_served_classifier_version(triton, deploye
     post = read_config(repo, f"{name}_postprocess")
     assert list(post.version_policy.specific.versions) == [2]
     assert {k: v.string_value for k, v in post.parameters.items()} == {
-        "threshold.2": repr(V2_THRESHOLD), "labels": "normal,pneumonia"}
+        "threshold.2": repr(V2_THRESHOLD), "labels": "normal,pneumonia", "ood_action": "flag"}
     pre = read_config(repo, f"{name}_preprocess")
     assert pre.parameters["max_pixels"].string_value == str(MAX_PIXELS)
 
@@ -331,7 +331,8 @@ def test_outputs_as_table_and_json_lines(triton, deployed, files):
     preds = predict_files([files["cr"], files["bad"]], url=triton["info"].grpc_url,
                           model_name=triton["cfg"].model_name, preprocessing=SPEC)
     table = format_predictions(preds)
-    assert table.splitlines()[0].split() == ["file", "label", "probability", "version", "error"]
+    assert table.splitlines()[0].split() == ["file", "label", "probability", "ood_score", "version",
+                                             "note"]
     assert str(files["bad"]) in table and "not_dicom" in table
     rows = [Prediction.model_validate_json(line) for line in to_json_lines(preds).splitlines()]
     assert rows == preds

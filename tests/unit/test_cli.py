@@ -129,8 +129,9 @@ def test_predict_on_files_that_are_not_dicom_answers_each_and_exits_3(project, c
     assert code == ExitCode.BAD_INPUT
     assert out["failed"] == 1 and out["url"] == "127.0.0.1:1" and out["via"] == "tensor"
     [pred] = out["predictions"]
-    assert set(pred) == {"file", "probability", "label", "model_version", "error"}
-    assert pred["file"] == str(bad) and pred["probability"] is None
+    assert set(pred) == {"file", "probability", "label", "model_version", "error", "ood_score",
+                         "in_distribution", "reason"}
+    assert pred["file"] == str(bad) and pred["probability"] is None and pred["ood_score"] is None
     assert pred["error"].startswith("not_dicom")
 
 

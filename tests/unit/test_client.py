@@ -15,6 +15,7 @@ from medops.serving.client import (
     Prediction,
     chunk_requests,
     format_predictions,
+    withheld_reason,
     label_for,
     predict_files,
     preprocess_files,
@@ -93,26 +94,39 @@ def test_bad_protocol_is_refused():
 PREDS = [
     Prediction(file="a.dcm", probability=0.91234, label="pneumonia", model_version="3"),
     Prediction(file="notes.txt", error="not_dicom: notes.txt is not a DICOM file"),
+    Prediction(file="ct.dcm", probability=0.8, label="pneumonia", model_version="3",
+               ood_score=3.2049, in_distribution=False),
+    Prediction(file="mr.dcm", probability=0.1, model_version="3", ood_score=5.0,
+               in_distribution=False, reason="out of distribution (ood_score 5.00 > 1): label withheld"),
 ]
 
 
 def test_table_has_one_aligned_row_per_file():
     lines = format_predictions(PREDS).splitlines()
-    assert lines[0].split() == ["file", "label", "probability", "version", "error"]
+    assert lines[0].split() == ["file", "label", "probability", "ood_score", "version", "note"]
     assert set(lines[1].replace(" ", "")) == {"-"}
-    assert lines[2].split() == ["a.dcm", "pneumonia", "0.9123", "3"]
-    assert lines[3].split()[:4] == ["notes.txt", "-", "-", "-"]
+    assert lines[2].split() == ["a.dcm", "pneumonia", "0.9123", "-", "3"]
+    assert lines[3].split()[:5] == ["notes.txt", "-", "-", "-", "-"]
     assert lines[3].endswith("not_dicom: notes.txt is not a DICOM file")
+    # an out-of-distribution answer says so plainly, with its score against the threshold
+    assert lines[4].split()[:5] == ["ct.dcm", "pneumonia", "0.8000", "3.20", "3"]
+    assert lines[4].endswith("OUT OF DISTRIBUTION (ood_score 3.20 > 1)")
+    assert lines[5].split()[:2] == ["mr.dcm", "-"]
+    assert lines[5].endswith("OUT OF DISTRIBUTION (ood_score 5.00 > 1): label withheld")
     # columns line up: the label column starts at the same offset on every row
     assert lines[2].index("pneumonia") == lines[0].index("label") == lines[3].index("-")
 
 
 def test_json_lines_round_trip():
     text = to_json_lines(PREDS)
-    assert text.endswith("\n") and len(text.splitlines()) == 2
+    assert text.endswith("\n") and len(text.splitlines()) == 4
     rows = [json.loads(line) for line in text.splitlines()]
-    assert set(rows[0]) == {"file", "probability", "label", "model_version"}  # no null error
+    # an answer carries the guard's fields, null from a model exported before the guard; no error
+    assert rows[0] == {"file": "a.dcm", "probability": 0.91234, "label": "pneumonia",
+                       "model_version": "3", "ood_score": None, "in_distribution": None}
     assert rows[1] == {"file": "notes.txt", "error": "not_dicom: notes.txt is not a DICOM file"}
+    assert rows[2]["ood_score"] == 3.2049 and rows[2]["in_distribution"] is False
+    assert rows[3]["label"] is None and rows[3]["reason"].startswith("out of distribution")
     assert [Prediction.model_validate(r) for r in rows] == PREDS
 
 
@@ -494,7 +508,7 @@ def test_a_version_deployed_mid_run_is_labelled_with_its_own_threshold(monkeypat
     assert [(p.model_version, p.label) for p in preds] == [("1", "pneumonia"), ("2", "normal"),
                                                            ("2", "normal")]
     assert fake.calls.count(("config", "m_postprocess")) == 2
-    assert ("config", "m") not in fake.calls  # batch_size given: max_batch_size not asked
+    assert fake.calls.count(("config", "m")) == 1  # read once: its outputs (is it guarded?)
 
 
 @pytest.mark.parametrize("aio", [False, True])
@@ -677,3 +691,68 @@ def test_a_server_that_comes_up_during_the_retries_is_reached(tmp_path, free_por
     finally:
         thread.join(30)
         stop_server(state)
+
+
+class _GuardedFake(_FakeTriton):
+    """A server whose models declare the OOD guard's outputs; answers are ``(version, probs,
+    errors, ood_scores)``; the ensemble withholds labels of out-of-distribution items when
+    ``withhold``; ``nan`` scores are what a model exported before the guard answers."""
+
+    def __init__(self, answers, *, withhold=False, **kwargs):
+        super().__init__([a[:3] for a in answers], **kwargs)
+        self.scores, self.withhold = [a[3] for a in answers], withhold
+        self.requested = []
+
+    def get_model_config(self, name):
+        config = super().get_model_config(name)
+        if not name.endswith("_postprocess"):
+            config["output"] = [{"name": n} for n in ("probability", "ood_score", "in_distribution")]
+        return config
+
+    def infer(self, model_name, inputs, outputs=None, model_version="", **kwargs):
+        self.requested.append(sorted(o.name() for o in outputs))
+        result = super().infer(model_name, inputs, outputs, model_version, **kwargs)
+        scores = np.array(self.scores.pop(0), dtype=np.float32).reshape(-1, 1)
+        result.outputs["ood_score"], result.outputs["in_distribution"] = scores, scores <= 1.0
+        if self.withhold and "label" in result.outputs:
+            result.outputs["label"][~(scores <= 1.0).reshape(-1)] = b""
+        return result
+
+
+@pytest.mark.parametrize("aio", [False, True])
+@pytest.mark.parametrize("via", ["ensemble", "tensor"])
+def test_guarded_answers_carry_the_score_and_withhold_says_why(monkeypatch, aio, via):
+    ct, mr = pydicom_file("CT_small.dcm"), pydicom_file("MR_small.dcm")
+    fake = _GuardedFake([("2", [0.9, 0.2], ["", ""], [3.5, 0.4])], withhold=True,
+                        thresholds=[{2: 0.5}])
+    preds = _predict_with(fake, monkeypatch, aio, [ct, mr], via=via, ood_action="withhold")
+    assert "ood_score" in fake.requested[0] and "in_distribution" in fake.requested[0]
+    flagged, fine = preds
+    assert (flagged.label, flagged.in_distribution, flagged.probability) == (None, False, pytest.approx(0.9))
+    assert flagged.ood_score == pytest.approx(3.5)
+    assert flagged.reason == withheld_reason(3.5) and flagged.reason.startswith("out of distribution (ood_score 3.50 > 1)")
+    assert (fine.label, fine.in_distribution, fine.reason) == ("normal", True, None)
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_a_nan_score_from_a_model_without_the_guard_is_no_score(monkeypatch, aio):
+    ct = pydicom_file("CT_small.dcm")
+    fake = _GuardedFake([("1", [0.9], [""], [float("nan")])])
+    [pred] = _predict_with(fake, monkeypatch, aio, [ct])
+    assert (pred.label, pred.ood_score, pred.in_distribution, pred.reason) == ("pneumonia", None, None, None)
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_a_server_deployed_before_the_guard_is_not_asked_for_its_outputs(monkeypatch, aio):
+    fake = _FakeTriton([("1", [0.9], [""])])
+    calls = []
+    real_infer = fake.infer
+
+    def infer(model_name, inputs, outputs=None, **kwargs):
+        calls.append(sorted(o.name() for o in outputs))
+        return real_infer(model_name, inputs, outputs, **kwargs)
+
+    fake.infer = infer
+    [pred] = _predict_with(fake, monkeypatch, aio, [pydicom_file("CT_small.dcm")])
+    assert calls == [["error", "label", "probability"]]
+    assert pred.label == "pneumonia" and pred.ood_score is None

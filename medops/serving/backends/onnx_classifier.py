@@ -7,6 +7,9 @@ production the same ONNX file is served by Triton's onnxruntime backend instead.
 All requests of a dynamic batch go through one ``session.run``; each request gets exactly one
 response, and a request that cannot be answered gets an error response instead of failing the batch
 or the model. The batching logic (``classify_batch``) is plain numpy and is tested without Triton.
+A model exported with the OOD guard answers ``probability``, ``ood_score`` and ``in_distribution``
+from its one graph; an older model (``probability`` only) is still served: ``unguarded`` fills in
+``ood_score`` NaN and ``in_distribution`` true.
 Needs only numpy and onnxruntime.
 """
 
@@ -20,25 +23,37 @@ import numpy as np
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
+OOD_SCORE = "ood_score"
+IN_DISTRIBUTION = "in_distribution"
+OUTPUTS = (OUTPUT_NAME, OOD_SCORE, IN_DISTRIBUTION)  # what config.pbtxt declares, in this order
+
+
+def unguarded(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The answer of a model exported before the OOD guard: its probabilities, ``ood_score``
+    NaN (no score: clients report null) and ``in_distribution`` true (nothing to flag)."""
+    probs = np.asarray(probabilities, dtype=np.float32).reshape(-1, 1)
+    return probs, np.full_like(probs, np.nan), np.ones(probs.shape, dtype=bool)
 
 
 def classify_batch(
-    run: Callable[[np.ndarray], np.ndarray],
+    run: Callable[[np.ndarray], np.ndarray | tuple[np.ndarray, ...]],
     images: list[np.ndarray],
     item_shape: tuple[int, ...],
-) -> list[np.ndarray | str]:
+) -> list[np.ndarray | tuple[np.ndarray, ...] | str]:
     """Classify the images of several requests with one call to ``run``.
 
     Args:
-        run: maps a float32 array ``(N, *item_shape)`` to probabilities ``(N, 1)``.
+        run: maps a float32 array ``(N, *item_shape)`` to probabilities ``(N, 1)``, or to a tuple
+            of ``(N, 1)`` arrays (probability, ood_score, in_distribution).
         images: one array per request, each ``(n_i, *item_shape)``.
         item_shape: the per-item input shape, e.g. ``(28, 28, 1)``.
 
     Returns:
-        One entry per request, in order: its ``(n_i, 1)`` float32 probabilities, or a message
-        saying why that request could not be answered.
+        One entry per request, in order: its ``(n_i, 1)`` float32 probabilities (a tuple of its
+        rows of each output, when ``run`` returns a tuple), or a message saying why that request
+        could not be answered.
     """
-    answers: list[np.ndarray | str] = [""] * len(images)
+    answers: list[np.ndarray | tuple[np.ndarray, ...] | str] = [""] * len(images)
     good: list[int] = []
     for i, img in enumerate(images):
         if img.ndim != len(item_shape) + 1 or tuple(img.shape[1:]) != tuple(item_shape):
@@ -51,7 +66,10 @@ def classify_batch(
         return answers
     batch = np.concatenate([images[i].astype(np.float32, copy=False) for i in good])
     try:
-        probs = np.asarray(run(batch), dtype=np.float32).reshape(len(batch), 1)
+        out = run(batch)
+        several = isinstance(out, tuple)
+        outs = [np.asarray(o).reshape(len(batch), 1) for o in (out if several else (out,))]
+        outs[0] = outs[0].astype(np.float32, copy=False)
     except Exception as exc:  # noqa: BLE001 - reported to every affected request
         for i in good:
             answers[i] = f"inference failed: {type(exc).__name__}: {exc}"
@@ -59,7 +77,8 @@ def classify_batch(
     start = 0
     for i in good:
         n = len(images[i])
-        answers[i] = probs[start:start + n]
+        rows = tuple(o[start:start + n] for o in outs)
+        answers[i] = rows if several else rows[0]
         start += n
     return answers
 
@@ -80,6 +99,8 @@ class TritonPythonModel:
         )
         shape = self.session.get_inputs()[0].shape
         self.item_shape = tuple(int(d) for d in shape[1:])
+        # a model exported with the OOD guard answers all three; an older one the probability only
+        self.guarded = set(OUTPUTS) <= {o.name for o in self.session.get_outputs()}
         # Fail the load (Triton keeps serving the previous version) rather than every request.
         config = json.loads(args["model_config"])
         declared = next(i for i in config["input"] if i["name"] == INPUT_NAME)
@@ -89,8 +110,10 @@ class TritonPythonModel:
                 f"config.pbtxt declares {declared['dims']}"
             )
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        if self.guarded:
+            return tuple(self.session.run(list(OUTPUTS), {INPUT_NAME: batch}))
+        return unguarded(self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -101,8 +124,11 @@ class TritonPythonModel:
             if isinstance(answer, str):
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(answer)))
             else:
-                out = pb_utils.Tensor(OUTPUT_NAME, answer)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+                probs, scores, inside = answer
+                outs = [pb_utils.Tensor(OUTPUT_NAME, probs.astype(np.float32)),
+                        pb_utils.Tensor(OOD_SCORE, scores.astype(np.float32)),
+                        pb_utils.Tensor(IN_DISTRIBUTION, inside.astype(bool))]
+                responses.append(pb_utils.InferenceResponse(output_tensors=outs))
         return responses
 
     def finalize(self) -> None:
