@@ -263,9 +263,9 @@ def test_ensemble_steps_wire_matching_tensors(params, flavour, record):
         assert produced[name] == spec
     assert set(produced) == used
     assert [s.model_version for s in ens.ensemble_scheduling.step] == [-1, 7, 7] + [-1] * record
-    if record:  # the recorder takes the drift features, the error and the answer
+    if record:  # the recorder takes the drift features, the error and the answer with its OOD score
         assert set(ens.ensemble_scheduling.step[3].input_map) == {
-            "drift_features", "error", "probability"}
+            "drift_features", "error", "probability", "ood_score"}
     assert tensors(ens, "output") == {"probability": ("TYPE_FP32", [1]),
                                       "ood_score": ("TYPE_FP32", [1]),
                                       "in_distribution": ("TYPE_BOOL", [1]),
@@ -419,18 +419,16 @@ def test_preprocess_items_turns_any_base_exception_into_that_items_error(monkeyp
 
 
 def test_the_recorder_takes_ood_score_once_the_classifier_declares_it(params):
-    """Before the OOD guard the recorder reads ``probability``; a classifier that also answers
-    ``ood_score`` (and ``in_distribution``) has its ``ood_score`` recorded too, wired by name."""
+    """A classifier without the OOD guard's outputs has only ``probability`` recorded; the guarded
+    classifier (the default contract) has its ``ood_score`` recorded too, wired by name."""
     import dataclasses
 
     from medops.serving.backends.drift_recorder import build_records
-    from medops.serving.contract import TensorSpec
 
-    ec = build_ensemble_contract(params.serving, PreprocessSpec(image_size=28))
-    guarded = dataclasses.replace(ec, classifier=dataclasses.replace(ec.classifier, outputs=(
-        *ec.classifier.outputs, TensorSpec("ood_score", "TYPE_FP32", (1,)),
-        TensorSpec("in_distribution", "TYPE_BOOL", (1,)))))
-    assert set(tensors(parse(render_recorder_config(ec, "embedded")), "input")) == {
+    guarded = build_ensemble_contract(params.serving, PreprocessSpec(image_size=28))
+    plain = dataclasses.replace(guarded, classifier=dataclasses.replace(guarded.classifier, outputs=tuple(
+        o for o in guarded.classifier.outputs if o.name not in ("ood_score", "in_distribution"))))
+    assert set(tensors(parse(render_recorder_config(plain, "embedded")), "input")) == {
         "drift_features", "error", "probability"}
     assert tensors(parse(render_recorder_config(guarded, "embedded")), "input")["ood_score"] == (
         "TYPE_FP32", [1])
