@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
+from medops.atomic import atomic_path, crash_point, write_bytes, write_text
 from medops.config import ExportConfig
 from medops.errors import ExportParityError, MedopsError
 from medops.hashing import sha256_file
@@ -181,18 +182,21 @@ def run(
     worst = check_parity(keras_probs, run_onnx(payload, sample), cfg.parity_atol)
 
     onnx_out = Path(onnx_out)
-    onnx_out.parent.mkdir(parents=True, exist_ok=True)
-    onnx_out.write_bytes(payload)
+    # model.onnx, golden.npz, then export.json (its sha256 ties them: deploy refuses a
+    # model.onnx that export.json does not name, so a run killed in between deploys nothing)
+    write_bytes(onnx_out, payload)
+    crash_point("export.onnx")
 
     golden_idx = choose_golden(labels, n_golden_per_class)
     golden_path = onnx_out.parent / GOLDEN_FILE
-    np.savez(
-        golden_path,
-        images=images[golden_idx],
-        probabilities=np.asarray(keras_model.predict(images[golden_idx], verbose=0), dtype=np.float32),
-        labels=labels[golden_idx].astype(np.int64),
-        sop_instance_uids=rows["sop_instance_uid"].to_numpy()[golden_idx].astype(str),
-    )
+    with atomic_path(golden_path) as tmp:
+        np.savez(
+            tmp,
+            images=images[golden_idx],
+            probabilities=np.asarray(keras_model.predict(images[golden_idx], verbose=0), dtype=np.float32),
+            labels=labels[golden_idx].astype(np.int64),
+            sop_instance_uids=rows["sop_instance_uid"].to_numpy()[golden_idx].astype(str),
+        )
     graph = proto.graph
     result = ExportResult(
         onnx_path=str(onnx_out),
@@ -208,7 +212,5 @@ def run(
         input=TensorInfo(name=graph.input[0].name, shape=_shape(graph.input[0]), dtype="float32"),
         output=TensorInfo(name=graph.output[0].name, shape=_shape(graph.output[0]), dtype="float32"),
     )
-    result_out = Path(result_out)
-    result_out.parent.mkdir(parents=True, exist_ok=True)
-    result_out.write_text(result.model_dump_json(indent=2) + "\n")
+    write_text(result_out, result.model_dump_json(indent=2) + "\n")
     return result
