@@ -33,6 +33,7 @@ from prefect.artifacts import (create_image_artifact, create_link_artifact, crea
                                create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
+from medops.atomic import write_text
 from medops.config import Params, load_params, update_params_file
 from medops.errors import DvcError, GateRejectedError
 from medops.ops import dvc
@@ -307,8 +308,7 @@ def training_pipeline(project_root: Optional[str] = None, data_version: Optional
     pushed = push_outputs(paths)
     experiment = record_experiment(paths)
     marker = trained_marker(paths, data_version)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"data_version": data_version, "gate": stages["gate"].get("passed"),
+    write_text(marker, json.dumps({"data_version": data_version, "gate": stages["gate"].get("passed"),
                                   "deployed": (deployed or {}).get("version")}) + "\n")
     return {
         "project_root": str(paths.root),
