@@ -32,7 +32,6 @@ CRASH_POINTS: dict[str, str] = {
     "ingest.decoding": "ingest: some files written into .staging, the rest not yet read",
     "ingest.replacing": "ingest: the index removed, the first staged shard moved into place",
     "ingest.publishing": "publishing the ingest output: some files of data/ingested replaced",
-    "train.fitting": "train: the first epoch done, nothing saved",
     "train.saved": "train: model.keras saved, train.json not yet written",
     "export.onnx": "export: model.onnx written, golden.npz and export.json not yet",
     "stage.result": "any stage: its outputs written, reports/stages/NAME.json not yet",

@@ -1,0 +1,106 @@
+"""medops.atomic: a file killed half-way through its write is never seen under its name.
+
+The kills here are real SIGKILLs of a child process: once from outside (when the child says it is
+half-way through a large write) and once through the named crash point (MEDOPS_CRASH_AT).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from medops.atomic import CRASH_ENV, CRASH_POINTS, atomic_path, atomic_write, crash_point, write_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+# writes 64 MiB in 1 MiB blocks, saying "half" after 8 of them, then waits to be killed
+SLOW_WRITER = textwrap.dedent("""
+    import sys, time
+    from medops.atomic import atomic_write
+    with atomic_write(sys.argv[1], "wb") as fh:
+        for i in range(64):
+            fh.write(bytes([i % 251]) * (1 << 20))
+            if i == 8:
+                fh.flush()
+                print("half", flush=True)
+                time.sleep(60)
+""")
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def test_a_write_killed_from_outside_leaves_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"the previous model")
+    child = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target)], env=_child_env(),
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "half"
+        temps = [p for p in tmp_path.iterdir() if p.name != "model.onnx"]
+        assert len(temps) == 1 and temps[0].name.startswith(".model.tmp-")  # hidden, same suffix
+        assert temps[0].suffix == ".onnx" and temps[0].stat().st_size >= 9 << 20
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"the previous model"  # never the 9 MiB written so far
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["model.onnx"]
+
+    write_text(target, "the next model")  # the next write is not disturbed by the leftover
+    assert target.read_text() == "the next model"
+
+
+def test_the_crash_point_kills_only_where_it_is_named(tmp_path: Path) -> None:
+    script = ("import sys; from medops.atomic import crash_point, write_text\n"
+              "crash_point('a.first'); write_text(sys.argv[1], 'one')\n"
+              "crash_point('b.second'); write_text(sys.argv[1], 'two')\n")
+    out = tmp_path / "out.txt"
+    run = lambda **env: subprocess.run([sys.executable, "-c", script, str(out)],  # noqa: E731
+                                       env=_child_env(**env), timeout=60)
+    assert run(**{CRASH_ENV: "x,b.second"}).returncode == -signal.SIGKILL
+    assert out.read_text() == "one"
+    assert run(**{CRASH_ENV: "a.first"}).returncode == -signal.SIGKILL
+    assert out.read_text() == "one"
+    env = _child_env()
+    env.pop(CRASH_ENV, None)
+    assert subprocess.run([sys.executable, "-c", script, str(out)], env=env, timeout=60).returncode == 0
+    assert out.read_text() == "two"
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "plots" / "roc.csv"
+    write_text(target, "old\n")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("the writer failed")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in target.parent.iterdir()] == ["roc.csv"]
+    with pytest.raises(ValueError, match="whole files"), atomic_write(target, "a"):
+        pass
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path: Path) -> None:
+    old = os.umask(0o027)
+    os.umask(old)
+    target = write_text(tmp_path / "metrics.json", "{}\n")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~old
+
+
+def test_crash_points_are_listed_and_each_listed_one_is_placed() -> None:
+    called: dict[str, list[str]] = {}
+    for path in [*(REPO / "medops").rglob("*.py"), *(REPO / "flows").rglob("*.py")]:
+        for name in re.findall(r"crash_point\(\"([a-z_.]+)\"\)", path.read_text()):
+            called.setdefault(name, []).append(str(path.relative_to(REPO)))
+    assert set(called) == set(CRASH_POINTS), "CRASH_POINTS must list exactly the points placed"
+    assert all(len(places) == 1 for places in called.values()), called
+    crash_point("no.such.point")  # unset or unnamed: nothing happens
