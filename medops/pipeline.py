@@ -175,7 +175,7 @@ def run_stage(name: str, params: Params, paths: ProjectPaths) -> dict[str, Any]:
         raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
     result = stage.run(params, paths)
     payload = result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
-    crash_point("stage.result")
+    crash_point(f"{name}.done")  # (medops.atomic.CRASH_POINTS lists each stage's)
     write_text(paths.stage_result(name), json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return payload
 

@@ -101,6 +101,11 @@ def test_crash_points_are_listed_and_each_listed_one_is_placed() -> None:
     for path in [*(REPO / "medops").rglob("*.py"), *(REPO / "flows").rglob("*.py")]:
         for name in re.findall(r"crash_point\(\"([a-z_.]+)\"\)", path.read_text()):
             called.setdefault(name, []).append(str(path.relative_to(REPO)))
+    # medops.pipeline.run_stage has one for every stage, by its name
+    assert 'crash_point(f"{name}.done")' in (REPO / "medops" / "pipeline.py").read_text()
+    from medops.pipeline import STAGES
+
+    called.update({f"{stage}.done": ["medops/pipeline.py"] for stage in STAGES})
     assert set(called) == set(CRASH_POINTS), "CRASH_POINTS must list exactly the points placed"
     assert all(len(places) == 1 for places in called.values()), called
     crash_point("no.such.point")  # unset or unnamed: nothing happens
