@@ -43,6 +43,7 @@ from medops.pipeline import STAGES, read_stage_result
 
 from flows.artifacts import Artifact, artifact_key, field_rows, stage_artifacts, summarize_repro
 from flows.events import DATA_REJECTED, MODEL_DEPLOYED, MODEL_REJECTED, emit
+from flows.recover import continue_after_api_outage
 
 DEPLOY_RETRIES = 2
 DEPLOY_RETRY_DELAY_S = 10.0
@@ -280,7 +281,9 @@ def deploy_if_passed(paths: ProjectPaths, params: Params) -> Optional[dict[str, 
     return deploy_model(paths, params)
 
 
-@flow(name="training-pipeline")
+# a run cut off from the Prefect server continues in a new run of its deployment (flows.recover)
+@flow(name="training-pipeline", on_failure=[continue_after_api_outage],
+      on_crashed=[continue_after_api_outage])
 @with_ui_parameters
 def training_pipeline(project_root: Optional[str] = None, data_version: Optional[str] = None,
                       **overrides: Any) -> dict[str, Any]:

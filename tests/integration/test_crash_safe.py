@@ -383,3 +383,111 @@ def test_deploy_killed_at_each_point_never_serves_a_partial_version(tmp_path: Pa
         print("\ncrash-safe deploy:", json.dumps(record, indent=1))
     finally:
         stop_server(state)
+
+
+# -- the Prefect server killed while a training run is in flight -------------------------------------
+
+def _flow_runs(**filters) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        # sort and limit explicitly: Prefect 3.8.8's server answers 422 to the client's None
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(**filters),
+                                     sort=FlowRunSort.START_TIME_ASC, limit=20)
+
+
+def _wait_final(flow_run_id, timeout: float) -> object:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            assert time.monotonic() < deadline, f"flow run {run.name} still {run.state_name}"
+            time.sleep(2)
+
+
+@pytest.mark.prefect
+def test_a_training_run_cut_off_from_a_killed_prefect_server_continues_from_its_last_stage(
+        project: Path, tmp_path: Path, free_port, monkeypatch) -> None:
+    from prefect.client.schemas.filters import FlowRunFilterTags
+    from prefect.deployments import run_deployment
+
+    from flows.recover import RESTART_TAG
+    from medops.config import PrefectConfig, load_params
+    from medops.ops.prefect_server import prefect_env, start_prefect, stop_prefect
+
+    cfg = PrefectConfig(port=free_port())
+    state = tmp_path / "prefect"
+    server = start_prefect(cfg, state_dir=state, timeout=300)
+    served = None
+    try:
+        for key, value in prefect_env(cfg, state).items():
+            monkeypatch.setenv(key, value)
+        repo = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "MEDOPS_ROOT": str(project), "PYTHONUNBUFFERED": "1",
+               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+               "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+        serve_log = tmp_path / "serve.log"
+        # the flows served by a process of their own, as `make demo` serves them
+        served = subprocess.Popen([sys.executable, "-m", "flows.serve", "--project", str(project)],
+                                  cwd=repo, env=env, stdout=open(serve_log, "w"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        name = f"training-pipeline/{load_params(project / 'params.yaml').prefect.deployment_name}"
+        shutil.rmtree(project / "models" / "tensorboard", ignore_errors=True)
+        deadline = time.monotonic() + 180
+        while True:  # until flows.serve has registered the deployment
+            try:
+                # epochs changed: train and what follows it run again; min_auc 1.0: no deploy
+                first = run_deployment(name, timeout=0, parameters={
+                    "project_root": str(project), "epochs": 3, "min_auc": 1.0})
+                break
+            except Exception:  # noqa: BLE001 - not registered yet
+                assert time.monotonic() < deadline and served.poll() is None, serve_log.read_text()[-3000:]
+                time.sleep(2)
+        in_flight = _holds_file(project / "models" / "tensorboard")
+        deadline = time.monotonic() + 600
+        while not in_flight():
+            assert time.monotonic() < deadline, serve_log.read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(server.pid, signal.SIGKILL)  # the server, mid-training
+        killed = time.monotonic()
+        deadline = killed + 600
+        while "Encountered exception during execution" not in serve_log.read_text():
+            assert time.monotonic() < deadline, serve_log.read_text()[-3000:]
+            time.sleep(1)
+        outage = time.monotonic() - killed
+        start_prefect(cfg, state_dir=state, timeout=300)
+        back = time.monotonic() - killed
+        failed = _wait_final(first.id, 300)
+        assert failed.state.type.value in ("FAILED", "CRASHED"), failed.state
+        assert "ConnectError" in (failed.state.message or ""), failed.state.message
+        train_done = (project / "reports" / "stages" / "train.json").stat().st_mtime
+        deadline = time.monotonic() + 120
+        while not (restarted := _flow_runs(tags=FlowRunFilterTags(all_=[f"{RESTART_TAG}-1"]))):
+            assert time.monotonic() < deadline, serve_log.read_text()[-3000:]
+            time.sleep(2)
+        [restarted] = restarted
+        assert restarted.parameters == first.parameters
+        done = _wait_final(restarted.id, 900)
+        assert done.state.type.value == "COMPLETED", (done.state, serve_log.read_text()[-3000:])
+        # train finished while the server was down: DVC made it a no-op in the new run
+        assert (project / "reports" / "stages" / "train.json").stat().st_mtime == train_done
+        assert load_params(project / "params.yaml").train.epochs == 3
+        from medops.ops import dvc
+
+        assert dvc.status(project) == {}
+        print("\nprefect restart:", json.dumps({
+            "server_down_s": round(outage, 1), "back_after_s": round(back, 1),
+            "first_run": [failed.name, failed.state.type.value, failed.state.message],
+            "restarted_run": [done.name, done.state.type.value],
+            "restart_total_s": round(time.monotonic() - killed, 1)}, indent=1))
+    finally:
+        if served is not None and served.poll() is None:
+            os.killpg(served.pid, signal.SIGKILL)
+            served.wait()
+        stop_prefect(state)
