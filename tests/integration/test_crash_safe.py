@@ -413,7 +413,7 @@ def _wait_final(flow_run_id, timeout: float) -> object:
 
 @pytest.mark.prefect
 def test_a_training_run_cut_off_from_a_killed_prefect_server_continues_from_its_last_stage(
-        project: Path, tmp_path: Path, free_port, monkeypatch) -> None:
+        project: Path, tmp_path: Path, free_port) -> None:
     from prefect.client.schemas.filters import FlowRunFilterTags
     from prefect.deployments import run_deployment
 
@@ -425,11 +425,14 @@ def test_a_training_run_cut_off_from_a_killed_prefect_server_continues_from_its_
     state = tmp_path / "prefect"
     server = start_prefect(cfg, state_dir=state, timeout=300)
     served = None
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # this process's client talks to that server (Prefect reads its environment only on import)
+    settings = temporary_settings(updates={PREFECT_API_URL: cfg.api_url})
+    settings.__enter__()
     try:
-        for key, value in prefect_env(cfg, state).items():
-            monkeypatch.setenv(key, value)
         repo = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "MEDOPS_ROOT": str(project), "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, **prefect_env(cfg, state), "MEDOPS_ROOT": str(project), "PYTHONUNBUFFERED": "1",
                "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
                "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
         serve_log = tmp_path / "serve.log"
@@ -491,3 +494,4 @@ def test_a_training_run_cut_off_from_a_killed_prefect_server_continues_from_its_
             os.killpg(served.pid, signal.SIGKILL)
             served.wait()
         stop_prefect(state)
+        settings.__exit__(None, None, None)
