@@ -139,23 +139,26 @@ def remove_version(repository: Path, name: str, version: int) -> None:
 
 def discard_unfinished(repository: Path, name: str) -> list[str]:
     """Remove what a deploy killed half-way left of ``name``: hidden ``.N.partial`` folders, and
-    version folders without a ``deploy.json`` (written once a version served and passed its
-    checks) that config.pbtxt does not serve. A config without a ``specific`` version policy
-    (written by hand) keeps every version. Run under the deploy lock, before a version number is
+    version folders newer than every finished one (with a ``deploy.json``, written once a version
+    served and passed its checks) and every one config.pbtxt serves, without a ``deploy.json``
+    of their own: a deploy writes its version as ``max + 1``, so nothing else is there. Older
+    folders without a record, and every folder under a config without a ``specific`` version
+    policy (written by hand), are kept. Run under the deploy lock, before a version number is
     chosen. Returns the folder names removed."""
     model_dir = Path(repository) / name
     if not model_dir.is_dir():
         return []
     config = read_config(repository, name)
     if config is not None and not config.version_policy.HasField("specific"):
-        pinned = None
-    else:
-        pinned = {int(v) for v in config.version_policy.specific.versions} if config is not None else set()
+        return []
+    pinned = {int(v) for v in config.version_policy.specific.versions} if config is not None else set()
+    versions = list_versions(repository, name)
+    kept = pinned | {v for v in versions if (model_dir / str(v) / VERSION_INFO).is_file()}
+    newest_kept = max(kept, default=0)
     removed = []
     for folder in sorted(model_dir.iterdir()):
         stale = folder.name.startswith(".") and folder.name.endswith(".partial")
-        unfinished = (pinned is not None and folder.name.isdigit() and int(folder.name) not in pinned
-                      and not (folder / VERSION_INFO).is_file())
+        unfinished = folder.name.isdigit() and int(folder.name) > newest_kept
         if folder.is_dir() and (stale or unfinished):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder.name)

@@ -109,3 +109,26 @@ def test_crash_points_are_listed_and_each_listed_one_is_placed() -> None:
     assert set(called) == set(CRASH_POINTS), "CRASH_POINTS must list exactly the points placed"
     assert all(len(places) == 1 for places in called.values()), called
     crash_point("no.such.point")  # unset or unnamed: nothing happens
+
+
+def test_a_deploy_killed_half_way_leaves_folders_the_next_one_discards(tmp_path: Path) -> None:
+    from medops.serving.repository import VERSION_INFO, discard_unfinished, list_versions
+
+    repo, name = tmp_path / "repo", "clf"
+    model = repo / name
+    for version in (1, 2, 3, 4):
+        (model / str(version)).mkdir(parents=True)
+        (model / str(version) / "model.onnx").write_bytes(b"onnx")
+    (model / "1" / VERSION_INFO).write_text("{}")   # deployed, then replaced
+    (model / "3" / VERSION_INFO).write_text("{}")   # deployed and served
+    (model / ".5.partial").mkdir()                  # killed while copying
+    (model / "config.pbtxt").write_text('name: "clf"\nversion_policy: { specific: { versions: [ 3 ] } }\n')
+    # 4: newer than every finished or served version, no record: left by a killed deploy
+    assert discard_unfinished(repo, name) == [".5.partial", "4"]
+    assert list_versions(repo, name) == [1, 2, 3]   # 2, older and unrecorded, is not guessed at
+    (model / "4").mkdir()                           # killed while switching: config serves both
+    (model / "config.pbtxt").write_text('name: "clf"\nversion_policy: { specific: { versions: [ 3, 4 ] } }\n')
+    assert discard_unfinished(repo, name) == [] and list_versions(repo, name) == [1, 2, 3, 4]
+    (model / "config.pbtxt").write_text('name: "clf"\nversion_policy: { latest: { num_versions: 1 } }\n')
+    (model / "9").mkdir()
+    assert discard_unfinished(repo, name) == []     # a hand-written policy: nothing is touched
