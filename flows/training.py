@@ -163,7 +163,10 @@ class StageOutput:
 
     def update(self, percent: float, description: str) -> None:
         if self.progress_id is not None and percent != self.last_percent:
-            update_progress_artifact(self.progress_id, percent, description=description)
+            try:
+                update_progress_artifact(self.progress_id, percent, description=description)
+            except Exception as exc:  # noqa: BLE001 - Prefect's API unreachable: the stage goes on
+                self.logger.warning("%s: progress not posted: %s", self.name, exc)
             self.last_percent = percent
 
 

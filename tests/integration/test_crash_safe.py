@@ -442,6 +442,8 @@ def test_a_training_run_cut_off_from_a_killed_prefect_server_continues_from_its_
                                   stderr=subprocess.STDOUT, start_new_session=True)
         name = f"training-pipeline/{load_params(project / 'params.yaml').prefect.deployment_name}"
         shutil.rmtree(project / "models" / "tensorboard", ignore_errors=True)
+        results = project / "reports" / "stages"
+        started = time.time()
         deadline = time.monotonic() + 180
         while True:  # until flows.serve has registered the deployment
             try:
@@ -469,7 +471,10 @@ def test_a_training_run_cut_off_from_a_killed_prefect_server_continues_from_its_
         failed = _wait_final(first.id, 300)
         assert failed.state.type.value in ("FAILED", "CRASHED"), failed.state
         assert "ConnectError" in (failed.state.message or ""), failed.state.message
-        train_done = (project / "reports" / "stages" / "train.json").stat().st_mtime
+        # the stages this run finished (the one in flight too: its progress artifact could not be
+        # posted, the stage went on), by the time of their results
+        finished = {p.stem: p.stat().st_mtime for p in results.glob("*.json") if p.stat().st_mtime > started}
+        assert "train" in finished, finished
         deadline = time.monotonic() + 120
         while not (restarted := _flow_runs(tags=FlowRunFilterTags(all_=[f"{RESTART_TAG}-1"]))):
             assert time.monotonic() < deadline, serve_log.read_text()[-3000:]
@@ -478,8 +483,10 @@ def test_a_training_run_cut_off_from_a_killed_prefect_server_continues_from_its_
         assert restarted.parameters == first.parameters
         done = _wait_final(restarted.id, 900)
         assert done.state.type.value == "COMPLETED", (done.state, serve_log.read_text()[-3000:])
-        # train finished while the server was down: DVC made it a no-op in the new run
-        assert (project / "reports" / "stages" / "train.json").stat().st_mtime == train_done
+        # what the first run finished, DVC made a no-op in the new run; the rest ran there
+        assert {n: (results / f"{n}.json").stat().st_mtime for n in finished} == finished
+        redone = {p.stem for p in results.glob("*.json") if p.stat().st_mtime > started} - set(finished)
+        assert "export" in redone, redone
         assert load_params(project / "params.yaml").train.epochs == 3
         from medops.ops import dvc
 
@@ -487,6 +494,7 @@ def test_a_training_run_cut_off_from_a_killed_prefect_server_continues_from_its_
         print("\nprefect restart:", json.dumps({
             "server_down_s": round(outage, 1), "back_after_s": round(back, 1),
             "first_run": [failed.name, failed.state.type.value, failed.state.message],
+            "finished_in_first_run": sorted(finished), "run_in_restarted_run": sorted(redone),
             "restarted_run": [done.name, done.state.type.value],
             "restart_total_s": round(time.monotonic() - killed, 1)}, indent=1))
     finally:
