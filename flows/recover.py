@@ -39,7 +39,10 @@ def api_unreachable(state: Any) -> bool:
 
 
 def restarts_of(tags: list[str]) -> int:
-    return sum(1 for t in tags if t.startswith(f"{RESTART_TAG}-"))
+    """How many runs before this one the chain of restarts holds (tag ``medops-restart-N``)."""
+    prefix = f"{RESTART_TAG}-"
+    return max((int(t[len(prefix):]) for t in tags
+                if t.startswith(prefix) and t[len(prefix):].isdigit()), default=0)
 
 
 def continue_after_api_outage(flow: Any, flow_run: Any, state: Any) -> None:
