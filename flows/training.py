@@ -166,7 +166,9 @@ class StageOutput:
             try:
                 update_progress_artifact(self.progress_id, percent, description=description)
             except Exception as exc:  # noqa: BLE001 - Prefect's API unreachable: the stage goes on
-                self.logger.warning("%s: progress not posted: %s", self.name, exc)
+                # without its progress bar (each try waits out the client's retries, a minute)
+                self.logger.warning("%s: progress no longer posted: %s", self.name, exc)
+                self.progress_id = None
             self.last_percent = percent
 
 
