@@ -485,7 +485,7 @@ def test_a_training_run_cut_off_from_a_killed_prefect_server_continues_from_its_
         [restarted] = restarted
         # Prefect's runner gives up after a few minutes without its server ("Service exceeded
         # error threshold"): the process that serves the flows is started again, as its
-        # supervisor (`medops status`) does
+        # supervisor does (issue 14, item 2)
         serve_restarted = served.poll() is not None
         if serve_restarted:
             served = serve()
