@@ -27,7 +27,6 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from medops.atomic import write_text
 from medops.config import ServingConfig
 from medops.errors import ServingError
 from medops.procs import cmdline_contains, pid_alive, terminate
@@ -395,8 +394,8 @@ def start_server(
         restricted=bool(admin_key),
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    write_text(_run_dir(state_dir) / PID_FILE, f"{proc.pid}\n")
-    write_text(_run_dir(state_dir) / INFO_FILE, info.model_dump_json(indent=2) + "\n")
+    (_run_dir(state_dir) / PID_FILE).write_text(f"{proc.pid}\n")
+    (_run_dir(state_dir) / INFO_FILE).write_text(info.model_dump_json(indent=2) + "\n")
     if wait:
         try:
             wait_ready(info, state_dir=state_dir, timeout=cfg.startup_timeout_s)
