@@ -233,7 +233,6 @@ def run(
 
     model_out, result_out = Path(model_out), Path(result_out)
     if is_chief(plan):  # in a cluster every worker trains; only the chief writes
-        model_out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(model_out) as tmp:
             model.save(tmp)
         # what the model saw: originals beside their augmented versions, through the same pipeline
