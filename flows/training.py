@@ -33,6 +33,7 @@ from prefect.artifacts import (create_image_artifact, create_link_artifact, crea
                                create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
+from medops.atomic import write_text
 from medops.config import Params, load_params, update_params_file
 from medops.errors import DvcError, GateRejectedError
 from medops.ops import dvc
@@ -42,6 +43,7 @@ from medops.pipeline import STAGES, read_stage_result
 
 from flows.artifacts import Artifact, artifact_key, field_rows, stage_artifacts, summarize_repro
 from flows.events import DATA_REJECTED, MODEL_DEPLOYED, MODEL_REJECTED, emit
+from flows.recover import continue_after_api_outage
 
 DEPLOY_RETRIES = 2
 DEPLOY_RETRY_DELAY_S = 10.0
@@ -161,7 +163,12 @@ class StageOutput:
 
     def update(self, percent: float, description: str) -> None:
         if self.progress_id is not None and percent != self.last_percent:
-            update_progress_artifact(self.progress_id, percent, description=description)
+            try:
+                update_progress_artifact(self.progress_id, percent, description=description)
+            except Exception as exc:  # noqa: BLE001 - Prefect's API unreachable: the stage goes on
+                # without its progress bar (each try waits out the client's retries, a minute)
+                self.logger.warning("%s: progress no longer posted: %s", self.name, exc)
+                self.progress_id = None
             self.last_percent = percent
 
 
@@ -288,7 +295,9 @@ def deploy_if_passed(paths: ProjectPaths, params: Params) -> Optional[dict[str, 
     return deploy_model(paths, params)
 
 
-@flow(name="training-pipeline")
+# a run cut off from the Prefect server continues in a new run of its deployment (flows.recover)
+@flow(name="training-pipeline", on_failure=[continue_after_api_outage],
+      on_crashed=[continue_after_api_outage])
 @with_ui_parameters
 def training_pipeline(project_root: Optional[str] = None, data_version: Optional[str] = None,
                       **overrides: Any) -> dict[str, Any]:
@@ -316,8 +325,7 @@ def training_pipeline(project_root: Optional[str] = None, data_version: Optional
     pushed = push_outputs(paths)
     experiment = record_experiment(paths)
     marker = trained_marker(paths, data_version)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"data_version": data_version, "gate": stages["gate"].get("passed"),
+    write_text(marker, json.dumps({"data_version": data_version, "gate": stages["gate"].get("passed"),
                                   "deployed": (deployed or {}).get("version")}) + "\n")
     return {
         "project_root": str(paths.root),

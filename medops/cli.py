@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import medops
+from medops.atomic import write_bytes
 from medops.config import Params, load_params, with_cluster
 from medops.errors import ConfigError, ExitCode, MedopsError, exit_code_for
 from medops.paths import BUNDLED_DATASET, ProjectPaths
@@ -166,8 +167,7 @@ def cmd_dataset_get(args: argparse.Namespace) -> Report:
                         f"the pseudonymous ones of metadata.parquet)")
     data = read_deidentified(dataset, row)
     out = Path(args.out) if args.out else Path(f"{args.uid}.dcm")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
+    write_bytes(out, data)
     info = {"sop_instance_uid": args.uid, "out": str(out), "bytes": len(data), "shard": row["shard"],
             "deid_path": row["deid_path"], "dataset": str(dataset)}
     return Report(f"wrote {out} ({len(data)} bytes; {row['deid_path']} of shard {row['shard']})", info)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medops.atomic import write_text
 from medops.errors import ConfigError
 
 
@@ -393,5 +394,5 @@ def update_params_file(path: Path | str, overrides: dict[str, dict[str, Any]]) -
         params = Params.model_validate(yaml.safe_load(text))
     except ValidationError as exc:
         raise ConfigError(f"invalid override {overrides}: {exc}") from exc
-    path.write_text(text)
+    write_text(path, text)
     return params

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from medops.atomic import crash_point, write_text
 from medops.config import Params
 from medops.errors import ConfigError
 from medops.paths import ProjectPaths
@@ -192,9 +193,8 @@ def run_stage(name: str, params: Params, paths: ProjectPaths) -> dict[str, Any]:
         raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
     result = stage.run(params, paths)
     payload = result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
-    out = paths.stage_result(name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    crash_point(f"{name}.done")  # (medops.atomic.CRASH_POINTS lists each stage's)
+    write_text(paths.stage_result(name), json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return payload
 
 

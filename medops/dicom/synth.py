@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
+from medops.atomic import atomic_write
 from medops.config import SynthConfig
 
 SPLITS = ("train", "val", "test")
@@ -340,7 +341,7 @@ def _write_patient(cfg: SynthConfig, data: dict, images: list[_Image], patient: 
 
 
 def _write_manifest(path: Path, rows: list[tuple[str, str, int, str]]) -> None:
-    with path.open("w", newline="") as fh:
+    with atomic_write(path, "w", newline="") as fh:  # ingest never reads half a manifest
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["sop_instance_uid", "path", "label", "split"])
         writer.writerows(rows)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medops.atomic import atomic_path
 from medops.config import AugmentConfig
 
 BACKGROUND = 255
@@ -127,6 +128,6 @@ def save_augmentation_preview(
         "augment": augment_cfg.model_dump(mode="json"),
     }, sort_keys=True))
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid, mode="L").save(out_png, pnginfo=info)
+    with atomic_path(out_png) as tmp:
+        Image.fromarray(grid, mode="L").save(tmp, format="PNG", pnginfo=info)
     return out_png

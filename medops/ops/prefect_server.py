@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from medops.atomic import write_text
 from medops.config import PrefectConfig
 from medops.errors import PrefectServerError
 from medops.procs import cmdline_contains, pid_alive, terminate
@@ -246,7 +247,7 @@ def start_prefect(cfg: PrefectConfig, *, state_dir: Path, timeout: float = 120.0
         # that started the demo does not reach the server
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    pid_file(state_dir).write_text(f"{proc.pid}\n")
+    write_text(pid_file(state_dir), f"{proc.pid}\n")
     try:
         _wait_healthy(cfg, proc.pid, state_dir, timeout, popen=proc)
     except PrefectServerError:

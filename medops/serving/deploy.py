@@ -34,6 +34,7 @@ from typing import Any, Iterator, Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel
 
+from medops.atomic import crash_point, write_text
 from medops.config import PreprocessSpec, ServingConfig
 from medops.errors import GateRejectedError, ServerUnreachableError, ServingError, first_line
 from medops.hashing import sha256_file
@@ -52,6 +53,7 @@ from medops.serving.repository import (
     GOLDEN_FILE,
     LOCK_FILE,
     VERSION_INFO,
+    discard_unfinished,
     list_versions,
     postprocess_thresholds,
     processing_files,
@@ -369,6 +371,7 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
     write_config(c, repository, "embedded", versions=both)
     client.load_model(c.name)
     wait_version_ready(client, c.name, new, timeout)
+    crash_point("deploy.switching")
     write_ensemble(ec, repository, new)
     client.load_model(ec.ensemble_name)
     wait_version_ready(client, ec.ensemble_name, new, timeout)
@@ -506,6 +509,7 @@ def deploy(
     ec, url = _contract_and_url(cfg, url, protocol, preprocessing, release.threshold)
     repository = Path(repository)
     with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
+        discard_unfinished(repository, ec.classifier.name)  # what a deploy killed half-way left
         previous = served_version(repository, ec.classifier.name)
         already = already_served(client, repository, ec, previous, release.sha256)
         if already is not None:
@@ -515,13 +519,15 @@ def deploy(
                                               previous=previous, timeout=timeout)
         diff = _promote(client, protocol=protocol, ec=ec, repository=repository, release=release,
                         previous=previous, version=version, timeout=timeout)
-    result = DeployResult(
-        model_name=ec.classifier.name, version=version, previous_version=previous,
-        data_version=release.data_version, sha256=release.sha256, url=url, protocol=protocol,
-        repository=str(repository.resolve()), golden_max_abs_diff=diff, golden_atol=release.atol,
-        n_golden=len(release.expected), threshold=ec.threshold,
-    )
-    (version_dir / VERSION_INFO).write_text(result.model_dump_json(indent=2) + "\n")
+        result = DeployResult(
+            model_name=ec.classifier.name, version=version, previous_version=previous,
+            data_version=release.data_version, sha256=release.sha256, url=url, protocol=protocol,
+            repository=str(repository.resolve()), golden_max_abs_diff=diff, golden_atol=release.atol,
+            n_golden=len(release.expected), threshold=ec.threshold,
+        )
+        crash_point("deploy.served")
+        # the version's record, under the lock: it marks the version as finished
+        write_text(version_dir / VERSION_INFO, result.model_dump_json(indent=2) + "\n")
     return result
 
 
@@ -571,6 +577,7 @@ def _add_candidate(client: Any, *, protocol: str, contract: ModelContract, repos
                                          golden=release.golden)
     if previous is not None:
         write_config(contract, repository, "embedded", versions=[previous])
+    crash_point("deploy.written")
     try:
         check_candidate(client, protocol=protocol, contract=contract, version_dir=version_dir,
                         images=release.images, expected=release.expected, atol=release.atol,
@@ -684,6 +691,7 @@ def rollback(
     """
     name, repository = cfg.model_name, Path(repository)
     with _exclusive(repository):
+        discard_unfinished(repository, name)  # what a deploy killed half-way left
         # read what is served only under the lock: a deploy finishing meanwhile changes it
         current, to_version = _rollback_target(repository, name, to_version)
         if threshold is None:

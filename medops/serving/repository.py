@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from medops.atomic import crash_point, write_bytes, write_text
 from medops.serving.contract import (
     ONNX_FILENAME,
     POSTPROCESS_BACKEND,
@@ -64,11 +65,7 @@ def write_config(
     """
     model_dir = Path(repository) / contract.name
     model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / "config.pbtxt"
-    tmp = path.with_name(".config.pbtxt.tmp")
-    tmp.write_text(render_config(contract, flavour, versions=versions))
-    tmp.replace(path)
-    return path
+    return write_text(model_dir / "config.pbtxt", render_config(contract, flavour, versions=versions))
 
 
 def read_config(repository: Path, name: str) -> Any:
@@ -128,6 +125,7 @@ def write_version(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     shutil.copyfile(onnx, staging / ONNX_FILENAME)
+    crash_point("deploy.staging")
     if flavour == "embedded":
         shutil.copyfile(CLASSIFIER_BACKEND, staging / PYTHON_FILENAME)
     if golden is not None:
@@ -141,13 +139,38 @@ def remove_version(repository: Path, name: str, version: int) -> None:
     shutil.rmtree(Path(repository) / name / str(version), ignore_errors=True)
 
 
+def discard_unfinished(repository: Path, name: str) -> list[str]:
+    """Remove what a deploy killed half-way left of ``name``: hidden ``.N.partial`` folders, and
+    version folders newer than every finished one (with a ``deploy.json``, written once a version
+    served and passed its checks) and every one config.pbtxt serves, without a ``deploy.json``
+    of their own: a deploy writes its version as ``max + 1``, so nothing else is there. Older
+    folders without a record, and every folder under a config without a ``specific`` version
+    policy (written by hand), are kept. Run under the deploy lock, before a version number is
+    chosen. Returns the folder names removed."""
+    model_dir = Path(repository) / name
+    if not model_dir.is_dir():
+        return []
+    config = read_config(repository, name)
+    if config is not None and not config.version_policy.HasField("specific"):
+        return []
+    pinned = {int(v) for v in config.version_policy.specific.versions} if config is not None else set()
+    versions = list_versions(repository, name)
+    kept = pinned | {v for v in versions if (model_dir / str(v) / VERSION_INFO).is_file()}
+    newest_kept = max(kept, default=0)
+    removed = []
+    for folder in sorted(model_dir.iterdir()):
+        stale = folder.name.startswith(".") and folder.name.endswith(".partial")
+        unfinished = folder.name.isdigit() and int(folder.name) > newest_kept
+        if folder.is_dir() and (stale or unfinished):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
+
+
 def _write_if_changed(path: Path, data: bytes) -> bool:
     if path.is_file() and path.read_bytes() == data:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_bytes(path, data)
     return True
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from medops.atomic import write_text
 from medops.config import ServingConfig
 from medops.errors import ServingError
 from medops.procs import cmdline_contains, pid_alive, terminate
@@ -169,16 +170,29 @@ def resolve_admin_key(cfg: ServingConfig, *, state_dir: Path, create: bool = Fal
     if key:
         return key
     path = Path(state_dir) / "secrets" / "triton-admin.key"
-    if path.is_file():
-        return path.read_text().strip() or None
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
     if not create:
         return None
     import secrets
 
+    # written whole under a temporary name (mode 0600), then linked into place: a process killed
+    # half-way never leaves an empty key file, which would start the next server unrestricted
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_urlsafe(32) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    if path.is_file() and not path.read_text().strip():
+        path.unlink()  # left empty by an older medops killed while writing it
+    try:
+        os.link(tmp, path)  # fails if another starter made one meanwhile: theirs wins
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
     return path.read_text().strip()
 
 
@@ -361,8 +375,8 @@ def _server_info(cfg: ServingConfig, pid: int, repository: Path, state_dir: Path
 
 def _write_record(state_dir: Path, info: ServerInfo) -> None:
     _run_dir(state_dir).mkdir(parents=True, exist_ok=True)
-    (_run_dir(state_dir) / PID_FILE).write_text(f"{info.pid}\n")
-    (_run_dir(state_dir) / INFO_FILE).write_text(info.model_dump_json(indent=2) + "\n")
+    write_text(_run_dir(state_dir) / PID_FILE, f"{info.pid}\n")
+    write_text(_run_dir(state_dir) / INFO_FILE, info.model_dump_json(indent=2) + "\n")
 
 
 def exec_server(cfg: ServingConfig, *, repository: Path, state_dir: Path,

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from medops.atomic import atomic_path, write_text
 from medops.config import EvaluateConfig
 from medops.learn.inference import load_model, predict_probabilities, resolve_threshold
 from medops.metrics import (
@@ -133,7 +134,8 @@ def plot_reliability(calibration: pd.DataFrame, ece: float, path: Path) -> None:
     hist.set_xlabel("predicted probability")
     hist.set_ylabel("images")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -142,14 +144,14 @@ def write_plots(
     *, calibration: pd.DataFrame, ece: float, pr: pd.DataFrame, subgroups: pd.DataFrame,
 ) -> None:
     plots_dir.mkdir(parents=True, exist_ok=True)
-    compute_roc(y_true, y_score).to_csv(plots_dir / "roc.csv", index=False)
-    pr.to_csv(plots_dir / "pr.csv", index=False)
+    _csv(compute_roc(y_true, y_score), plots_dir / "roc.csv")
+    _csv(pr, plots_dir / "pr.csv")
     y_pred = (y_score >= threshold).astype(int)
-    pd.DataFrame({"actual": y_true.astype(int), "predicted": y_pred}).to_csv(plots_dir / "confusion.csv", index=False)
-    calibration.to_csv(plots_dir / "calibration.csv", index=False)
+    _csv(pd.DataFrame({"actual": y_true.astype(int), "predicted": y_pred}), plots_dir / "confusion.csv")
+    _csv(calibration, plots_dir / "calibration.csv")
     plot_reliability(calibration, ece, plots_dir / "reliability.png")
-    subgroups.to_csv(plots_dir / "subgroups.csv", index=False)
-    pd.DataFrame(
+    _csv(subgroups, plots_dir / "subgroups.csv")
+    _csv(pd.DataFrame(
         {
             "sop_instance_uid": rows["sop_instance_uid"].to_numpy(),
             "patient_id": rows["patient_id"].to_numpy(),
@@ -157,7 +159,13 @@ def write_plots(
             "probability": np.round(y_score, 6),
             "predicted": y_pred,
         }
-    ).to_csv(plots_dir / "predictions.csv", index=False)
+    ), plots_dir / "predictions.csv")
+
+
+def _csv(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` as CSV at ``path``, written whole or not at all (medops.atomic)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def evaluate_scores(
@@ -188,10 +196,10 @@ def run(
     scores = predict_probabilities(load_model(model), images)
     metrics, calibration, pr, subgroups = evaluate_scores(cfg, rows, labels, scores, threshold)
     metrics_out = Path(metrics_out)
-    metrics_out.parent.mkdir(parents=True, exist_ok=True)
-    metrics_out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    # the plots first, metrics.json last: a run killed half-way leaves no new metrics beside old plots
     write_plots(Path(plots_dir), rows, labels, scores, threshold, calibration=calibration, ece=metrics["ece"],
                 pr=pr, subgroups=subgroups)
+    write_text(metrics_out, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return EvaluateResult(
         **metrics, threshold_source=source,
         subgroups=json.loads(subgroups.to_json(orient="records")),

@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from medops.atomic import atomic_path
 from medops.config import EvaluateConfig
 from medops.errors import MedopsError
 
@@ -314,7 +315,8 @@ def plot_gradcam(image: np.ndarray, heatmap: np.ndarray, title: str, path: Path)
         ax.set_axis_off()
     fig.colorbar(overlay, ax=right, fraction=0.046, pad=0.04)
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from pydantic import BaseModel
 
+from medops.atomic import atomic_path, crash_point, write_bytes, write_text
 from medops.config import ExportConfig
 from medops.errors import ExportParityError, MedopsError
 from medops.hashing import sha256_file
@@ -261,8 +262,9 @@ def write_golden(path: Path, keras_model: Any, guard: _Guard | None, images: np.
         extra = {"ood_scores": scores.astype(np.float32), "in_distribution": inside}
     else:
         probs = np.asarray(keras_model.predict(images, verbose=0), dtype=np.float32)
-    np.savez(path, images=images, probabilities=probs, labels=labels.astype(np.int64),
-             sop_instance_uids=uids.astype(str), **extra)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, images=images, probabilities=probs, labels=labels.astype(np.int64),
+                 sop_instance_uids=uids.astype(str), **extra)
 
 
 def run(
@@ -310,8 +312,11 @@ def run(
     payload, worst, guard_info = _convert_checked(cfg, keras_model, guard, input_size, metadata, sample)
 
     onnx_out = Path(onnx_out)
-    onnx_out.parent.mkdir(parents=True, exist_ok=True)
-    onnx_out.write_bytes(payload)
+    # model.onnx, golden.npz, then export.json (its sha256 ties them: deploy refuses a
+    # model.onnx that export.json does not name, so a run killed in between deploys nothing)
+    write_bytes(onnx_out, payload)
+    crash_point("export.onnx")
+
     golden_idx = choose_golden(labels, n_golden_per_class)
     golden_path = onnx_out.parent / GOLDEN_FILE
     write_golden(golden_path, keras_model, guard, images[golden_idx], labels[golden_idx],
@@ -331,7 +336,5 @@ def run(
         input=TensorInfo(name=graph.input[0].name, shape=_shape(graph.input[0]), dtype="float32"),
         output=outputs[0], outputs=outputs, ood=guard_info,
     )
-    result_out = Path(result_out)
-    result_out.parent.mkdir(parents=True, exist_ok=True)
-    result_out.write_text(result.model_dump_json(indent=2) + "\n")
+    write_text(result_out, result.model_dump_json(indent=2) + "\n")
     return result

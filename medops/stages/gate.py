@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from medops.atomic import write_text
 from medops.config import GateConfig
 from medops.errors import MedopsError, first_line
 from medops.paths import read_json
@@ -339,7 +340,5 @@ def run(
     champion = judge_champion(cfg, repository=repository, model_name=model_name, load_test=load_test,
                               predictions=predictions)
     decision = decide(cfg, metrics_record, train_record, champion, ood)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(decision.model_dump_json(indent=2) + "\n")
+    write_text(out, decision.model_dump_json(indent=2) + "\n")
     return decision

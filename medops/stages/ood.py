@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
+from medops.atomic import atomic_path, write_text
 from medops.config import OodConfig
 from medops.data import load_split_images
 import medops.learn.ood as ood
@@ -118,8 +119,10 @@ def run(cfg: OodConfig, *, model: Path, ingested_dir: Path, split: Path, train_r
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ae.save(out_dir / AUTOENCODER_FILE)
-    det.save(out_dir / DETECTOR_FILE)
+    with atomic_path(out_dir / AUTOENCODER_FILE) as tmp:
+        ae.save(tmp)
+    with atomic_path(out_dir / DETECTOR_FILE) as tmp:
+        det.save(tmp)
     result = OodResult(
         data_version=str(record.get("data_version", "unknown")),
         detectors=list(ood.DETECTORS),
@@ -134,5 +137,5 @@ def run(cfg: OodConfig, *, model: Path, ingested_dir: Path, split: Path, train_r
         autoencoder_path=str(out_dir / AUTOENCODER_FILE), detector_path=str(out_dir / DETECTOR_FILE),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    (out_dir / RESULT_FILE).write_text(result.model_dump_json(indent=2) + "\n")
+    write_text(out_dir / RESULT_FILE, result.model_dump_json(indent=2) + "\n")
     return result

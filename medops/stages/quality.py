@@ -36,6 +36,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel
 
+from medops.atomic import write_text
 from medops.config import QualityConfig
 from medops.data import METADATA_COLUMNS, read_metadata
 from medops.errors import DataQualityError
@@ -376,10 +377,10 @@ def run(cfg: QualityConfig, *, ingested_dir: Path, out_dir: Path, gx_root: Path 
         data_docs=str(site / "index.html"),
         result=str(out_dir / RESULT_FILE),
     )
-    (out_dir / "expectations.json").write_text(
+    write_text(out_dir / "expectations.json",
         json.dumps([s.model_dump() for s in build_expectations(cfg)], indent=2) + "\n"
     )
-    (out_dir / RESULT_FILE).write_text(result.model_dump_json(indent=2) + "\n")
+    write_text(out_dir / RESULT_FILE, result.model_dump_json(indent=2) + "\n")
     if not result.success:
         raise failure_error(result)
     return result

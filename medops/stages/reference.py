@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
+from medops.atomic import write_text
 from medops.config import ReferenceConfig
 from medops.data import load_images, load_split_images, pack_path, select_split
 from medops.drift import OUTPUT_FIELDS, header_features, image_features, read_header
@@ -88,10 +89,6 @@ def run(cfg: ReferenceConfig, *, ingested_dir: Path, split: Path, onnx: Path,
     outputs = model_outputs(Path(onnx), images)
     record = {"features": features, "outputs": outputs, "n_features": len(features),
               "n_outputs": len(images)}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, separators=(",", ":")) + "\n")
-    tmp.replace(out)
+    write_text(Path(out), json.dumps(record, separators=(",", ":")) + "\n")
     return ReferenceResult(reference_path=str(out), n_features=len(features),
                            n_outputs=len(images), outputs=[k for k, v in outputs.items() if v])

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from medops.atomic import atomic_path
 from medops.config import SplitConfig
 from medops.data import SPLIT_COLUMNS, SPLITS, check_patient_disjoint
 from medops.errors import SplitError
@@ -157,8 +158,8 @@ def run(cfg: SplitConfig, *, metadata: Path, out: Path) -> SplitResult:
     frame = pd.read_parquet(metadata)
     table, source = make_split(cfg, frame)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False)
     return SplitResult(
         source=source,
         n_images=len(table),

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import BaseModel
 
+from medops.atomic import atomic_path, crash_point, write_text
 from medops.learn.input_pipeline import build_input_pipeline
 from medops.config import AugmentConfig, TrainConfig
 from medops.errors import MedopsError
@@ -251,8 +252,8 @@ def run(
 
     model_out, result_out = Path(model_out), Path(result_out)
     if is_chief(plan):  # in a cluster every worker trains; only the chief writes
-        model_out.parent.mkdir(parents=True, exist_ok=True)
-        model.save(model_out)
+        with atomic_path(model_out) as tmp:
+            model.save(tmp)
         # what the model saw: originals beside their augmented versions, through the same pipeline
         save_augmentation_preview(x_train[:16], augment_cfg, preview_path(model_out), seed=train_cfg.seed)
     last = lambda key: history[key][-1] if history.get(key) else None  # noqa: E731
@@ -278,8 +279,8 @@ def run(
     )
     if is_chief(plan):
         record = training_record(result, train_cfg, augment_cfg, y_train=y_train, y_val=y_val, plan=plan)
-        result_out.parent.mkdir(parents=True, exist_ok=True)
-        result_out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        crash_point("train.saved")
+        write_text(result_out, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return result
 
 

@@ -11,7 +11,8 @@ import pytest
 
 # Bottom to top. A prefix names a package (every module below it) or one module.
 LAYERS: list[tuple[str, ...]] = [
-    ("medops.__init__", "medops.errors", "medops.hashing", "medops.procs"),  # no medops imports
+    ("medops.__init__", "medops.errors", "medops.hashing", "medops.procs",  # no medops imports
+     "medops.atomic"),
     ("medops.models", "medops.paths"),             # model architectures: keras only
     ("medops.config",),                            # params.yaml, typed (checks model names)
     # formats, numbers, DICOM, offline Data Docs (HTML)

@@ -131,3 +131,12 @@ def test_synth_add_delivers_new_labelled_studies_that_ingest_picks_up(export, tm
     assert again.manifest == export / "labels-add-2.csv"
     first_uids = set(pd.read_csv(added.manifest)["sop_instance_uid"])
     assert first_uids.isdisjoint(pd.read_csv(again.manifest)["sop_instance_uid"])
+
+
+def test_a_hidden_csv_is_no_manifest(export):
+    """A manifest still being written under a temporary name (medops.atomic) is not read."""
+    labels = export / "labels.csv"
+    (export / ".labels.tmp-x1y2.csv").write_text(labels.read_text()[:200])
+    (export / ".partial").mkdir()
+    (export / ".partial" / "labels.csv").write_text(labels.read_text())
+    assert ingest.find_manifests(export) == [labels]

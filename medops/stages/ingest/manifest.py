@@ -102,8 +102,12 @@ def is_manifest(path: Path) -> bool:
 
 def find_manifests(source_dir: Path) -> list[Path]:
     """The label manifests in an export folder, at any depth, in path order: how labels arrive
-    beside the studies (``*.csv`` with ``SOPInstanceUID,label[,split]``)."""
-    return sorted(p for p in Path(source_dir).rglob("*.csv") if is_manifest(p))
+    beside the studies (``*.csv`` with ``SOPInstanceUID,label[,split]``). Hidden files are not
+    manifests (a copy still being written under a temporary name, e.g. by medops.atomic)."""
+    source_dir = Path(source_dir)
+    return sorted(p for p in source_dir.rglob("*.csv")
+                  if not any(part.startswith(".") for part in p.relative_to(source_dir).parts)
+                  and is_manifest(p))
 
 
 def read_manifests(paths: list[Path]) -> dict[str, tuple[int | None, str | None]]:

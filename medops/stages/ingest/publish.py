@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from medops.atomic import crash_point
 from medops.stages.ingest.index import INDEX_NAME
 
 # what stays in the private ingest folder: the paths of the export live there
@@ -66,6 +67,17 @@ def _link(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _published_files(work_dir: Path) -> list[str]:
+    """The files of ``work_dir`` to publish, relative, metadata.parquet last: it is what readers
+    start from, so a publication cut short never pairs a new table with shards not yet there."""
+    found = []
+    for folder, dirs, files in os.walk(work_dir):
+        rel_folder = Path(folder).relative_to(work_dir)
+        dirs[:] = sorted(d for d in dirs if not (rel_folder == Path(".") and d in PRIVATE))
+        found += [(rel_folder / name).as_posix() for name in sorted(files)]
+    return sorted((rel for rel in found if rel not in PRIVATE), key=lambda rel: rel == "metadata.parquet")
+
+
 def publish_dataset(work_dir: Path, dataset_dir: Path, key: bytes) -> bool:
     """Make ``dataset_dir`` the PHI-free copy of the ingest output in ``work_dir``; returns whether
     anything in it changed (an unchanged dataset keeps its DVC version)."""
@@ -73,17 +85,12 @@ def publish_dataset(work_dir: Path, dataset_dir: Path, key: bytes) -> bool:
     dataset_dir.mkdir(parents=True, exist_ok=True)
     changed = False
     wanted: set[str] = set()
-    for folder, dirs, files in os.walk(work_dir):
-        rel_folder = Path(folder).relative_to(work_dir)
-        dirs[:] = sorted(d for d in dirs if not (rel_folder == Path(".") and d in PRIVATE))
-        for name in sorted(files):
-            rel = (rel_folder / name).as_posix()
-            if rel in PRIVATE:
-                continue
-            wanted.add(rel)
-            if not _same_file(work_dir / rel, dataset_dir / rel):
-                _link(work_dir / rel, dataset_dir / rel)
-                changed = True
+    for rel in _published_files(work_dir):
+        wanted.add(rel)
+        if not _same_file(work_dir / rel, dataset_dir / rel):
+            _link(work_dir / rel, dataset_dir / rel)
+            changed = True
+            crash_point("ingest.publishing")
     text = published_quarantine(work_dir / "quarantine.csv", key)
     target = dataset_dir / "quarantine.csv"
     if not target.is_file() or target.read_text() != text:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence, TextIO
 import numpy as np
 from pydantic import BaseModel
 
+from medops.atomic import crash_point
 from medops.config import IngestConfig
 from medops.errors import IngestError, QuarantineReason
 from medops.data import pack_path, shard_path
@@ -313,6 +314,7 @@ def _replace_outputs(out_dir: Path, changes: _ShardChanges, reused: bool) -> boo
         if (staging / sub).is_dir():
             for entry in sorted((staging / sub).iterdir()):
                 os.replace(entry, out_dir / sub / entry.name)
+                crash_point("ingest.replacing")
     for name in outputs:
         os.replace(staging / name, out_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
@@ -349,6 +351,8 @@ def _ingest(spec: WorkerSpec, out_dir: Path, total: int, executor: Executor,
             ifh.write('{\n"files": {')
             for item in itertools.chain([head] if head is not None else [], items):
                 staged.write(item, quarantine, ifh)
+                if staged.files_seen == 2:
+                    crash_point("ingest.decoding")
                 if callback is not None and staged.files_seen % 64 == 0 and staged.files_seen < total:
                     callback(staged.files_seen, total)
             _close_index(ifh, staged.files_seen, fingerprint)
