@@ -137,9 +137,11 @@ class Loop:
     def _runs(self, flow: str) -> list:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+        from prefect.client.schemas.sorting import FlowRunSort
 
         with get_client(sync_client=True) as client:
-            return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])), limit=20)
+            return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])), limit=20,
+                                         sort=FlowRunSort.EXPECTED_START_TIME_ASC)
 
     def _logs(self) -> str:
         tails = []
