@@ -124,7 +124,7 @@ def triton(services, paths):
 
 
 # How long each step of the loop may take on a loaded 2-core machine (generous, but bounded).
-STEP_TIMEOUT_S = {"watcher": 180, "ingest": 900, "training": 1800}
+STEP_TIMEOUT_S = {"watcher": 180, "ingest": 600, "training": 1200}
 
 
 class Loop:
@@ -200,7 +200,8 @@ def loop(project, paths, params, services, triton):
     assert watched, "the watcher emitted no medops.export.changed\n" + loop._logs()
     ingest = loop.wait("ingest-studies", "the ingest-studies run (started by medops.export.changed)",
                        STEP_TIMEOUT_S["ingest"])
-    assert ingest.state.is_completed(), ingest.state.message
+    assert ingest.state.is_completed(), \
+        f"ingest-studies ended {ingest.state_name}: {ingest.state.message}\n{loop._logs()}"
     loop.wait("training-pipeline", "the training-pipeline run (started by medops.dataset.versioned)",
               STEP_TIMEOUT_S["training"])
     return loop
@@ -320,14 +321,23 @@ def _started_by(run) -> tuple[set, list]:
     return set(automation.trigger.expect), triggering
 
 
-def test_the_events_drove_the_loop(loop, ingest_run, flow_run, paths, capsys):
+def _deployment_id(name: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name).id
+
+
+def test_the_events_drove_the_loop(loop, ingest_run, flow_run, paths, params, capsys):
     from medops.cli import main
 
     ingest, training = loop.runs["ingest-studies"], loop.runs["training-pipeline"]
     # one delivery, one watcher event; its automation started the ingest run
     [changed] = medops_events("medops.export.changed")
     assert _started_by(ingest) == ({"medops.export.changed"}, [str(changed.id)])
-    assert ingest.deployment_id is not None
+    assert (ingest.deployment_id, training.deployment_id) == (
+        _deployment_id(f"ingest-studies/{params.prefect.deployment_name}"),
+        _deployment_id(f"training-pipeline/{params.prefect.deployment_name}"))
     # the new data version's event; its automation started training with that version
     [versioned] = medops_events("medops.dataset.versioned")
     data_version = ingest_run.result()["data_version"]
