@@ -1,7 +1,10 @@
-"""The whole pipeline on a small subset, with every part real.
+"""The whole pipeline on a small subset, with every part real, driven by events (issue 16's loop).
 
-A fresh copy of the project (what a clone holds) in a temporary git repository; the real Prefect
-flow against a real Prefect server (Prefect's test harness); real DVC with its local remote; a real
+A fresh copy of the project (what a clone holds) in a temporary git repository, with its own
+services as `medops up` starts them (supervisord: a Prefect server, Triton, the served deployments,
+the export folder watcher). The test only delivers an export; the watcher's event starts the
+ingest-studies deployment, its new data version's event starts training-pipeline, which gates and
+deploys. The fixtures read those runs back from the Prefect API. Real DVC with its local remote; a real
 Great Expectations checkpoint; one epoch of Keras training; tf2onnx; the real `tritonserver`
 started by medops on free ports; answers read back with tritonclient and `medops predict`.
 """
@@ -9,6 +12,7 @@ started by medops on free ports; answers read back with tritonclient and `medops
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -55,6 +59,8 @@ def project(tmp_path_factory, repo_root, free_port):
         # orders (oneDNN on and off) gave 0.85-0.94, far from the gate's 0.7 on any CPU
         "train": {"epochs": 2, "batch_size": 16, "learning_rate": 0.001},
         "serving": {**ports, "repository": str(root / ".medops" / "triton" / "repository")},
+        # the project's own Prefect server (medops up), never the demo's port
+        "prefect": {"port": free_port()},
         # a two-epoch model on 500 training images: the gate is set for it, and tested both ways
         "gate": {"min_auc": 0.7, "min_accuracy": 0.5, "min_sensitivity": 0.0, "min_specificity": 0.0},
     })
@@ -80,54 +86,137 @@ def params(project):
 
 
 @pytest.fixture(scope="module")
-def triton(paths, params):
-    from medops.serving.server import resolve_admin_key, start_server, stop_server
+def services(project, paths, params, monkeypatch_module):
+    """The project's own services as `medops up` starts them, kept by supervisord: its Prefect
+    server, Triton (repository API locked with the project's key), the served deployments
+    (`python -m flows.serve`) and the export folder watcher (`medops watch`)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-    cfg = params.serving
-    # as `medops serve` starts it: the model-repository API locked with the project's key
-    info = start_server(cfg, repository=cfg.repository_path(paths.root), state_dir=paths.state,
-                        admin_key=resolve_admin_key(cfg, state_dir=paths.state, create=True))
-    assert info.restricted
-    yield info
-    stop_server(paths.state)
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def ingest_run(project, paths, params, prefect_api, monkeypatch_module):
-    """The ingest-studies flow over the export folder (with the canary study in it)."""
-    from medops.ops.demo import ensure_export
+    from medops.ops.prefect_server import prefect_env
+    from medops.ops.supervise import start_supervisor, stop_supervisor, stop_unsupervised
 
     monkeypatch_module.chdir(project)
     monkeypatch_module.setenv("MEDOPS_ROOT", str(project))
-    monkeypatch_module.setenv("MEDOPS_DEID_KEY", "e2e-test-key")
-    venv_bin = str(Path(sys.executable).parent)
-    import os
-
-    monkeypatch_module.setenv("PATH", venv_bin + os.pathsep + os.environ.get("PATH", ""))
-    assert ensure_export(paths, params) is True
-    add_canary_study(paths, params)
-    from flows.ingest import ingest_studies
-
-    state = ingest_studies(project_root=str(project), return_state=True)
-    assert state.is_completed(), state.message
-    return state
+    monkeypatch_module.setenv("MEDOPS_DEID_KEY", "e2e-test-key")  # the served flow runs inherit it
+    monkeypatch_module.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    env = prefect_env(params.prefect, paths.state)
+    for key, value in env.items():
+        monkeypatch_module.setenv(key, value)
+    # the flow runs' results, read back here as the fixtures' states (kept below .medops/prefect)
+    monkeypatch_module.setenv("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    try:
+        start_supervisor(paths, params, timeout=600.0)
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"],
+                                         PREFECT_HOME: env["PREFECT_HOME"]}):
+            yield paths
+    finally:
+        stop_supervisor(paths)
+        stop_unsupervised(paths)
 
 
 @pytest.fixture(scope="module")
-def flow_run(project, ingest_run, triton):
-    """The training pipeline on the data version the ingest flow made."""
-    from flows.training import training_pipeline
+def triton(services, paths):
+    from medops.serving.server import server_status
 
-    data_version = ingest_run.result()["data_version"]
-    return training_pipeline(project_root=str(project), data_version=data_version, return_state=True)
+    status = server_status(paths.state)
+    assert status.ready and status.info is not None and status.info.restricted
+    return status.info
+
+
+# How long each step of the loop may take on a loaded 2-core machine (generous, but bounded).
+STEP_TIMEOUT_S = {"watcher": 180, "ingest": 600, "training": 1200}
+
+
+class Loop:
+    """What the events did, read back from the Prefect API."""
+
+    def __init__(self, paths) -> None:
+        self.paths = paths
+        self.runs: dict[str, object] = {}  # flow name -> its one FlowRun
+
+    def _runs(self, flow: str) -> list:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])), limit=20,
+                                         sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+
+    def _logs(self) -> str:
+        tails = []
+        for name in ("watch.log", "flow-serve.log"):
+            try:
+                text = (self.paths.logs / name).read_text(errors="replace")
+            except OSError:
+                text = "(no log)"
+            tails.append(f"--- last lines of .medops/logs/{name}:\n" + "\n".join(text.splitlines()[-25:]))
+        return "\n".join(tails)
+
+    def wait(self, flow: str, step: str, timeout: float):
+        """The one run of ``flow``, once it finished; fails naming ``step`` when it did not happen."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = self._runs(flow)
+            if len(runs) > 1:
+                pytest.fail(f"{len(runs)} {flow} runs, not one: {[(r.name, r.state_name) for r in runs]}")
+            if runs and runs[0].state is not None and runs[0].state.is_final():
+                self.runs[flow] = runs[0]
+                return runs[0]
+            if time.monotonic() > deadline:
+                seen = f"its run is {runs[0].state_name}" if runs else f"no {flow} run was started"
+                pytest.fail(f"the loop stopped at {step} after {timeout:g} s: {seen}\n{self._logs()}")
+            time.sleep(2.0)
+
+
+def _deliver(project: Path, paths, params) -> None:
+    """A hospital's delivery: the export (with the canary study) written aside, then moved into
+    the export folder at once, as a copy tool's final rename would: one delivery, one event."""
+    from medops.dicom import synth
+    from medops.paths import BUNDLED_DATASET
+
+    staging = project / ".delivery"
+    synth.run(params.synth, source_npz=BUNDLED_DATASET, out_dir=staging)
+    add_canary_study(staging)
+    export = paths.export(params.ingest.source)
+    for entry in sorted(staging.iterdir()):
+        entry.rename(export / entry.name)
+    staging.rmdir()
+
+
+@pytest.fixture(scope="module")
+def loop(project, paths, params, services, triton):
+    """The loop, driven by events only: the delivery lands -> the watcher's medops.export.changed
+    -> its trigger starts ingest-studies -> medops.dataset.versioned -> its trigger starts
+    training-pipeline -> gate -> deploy on Triton. Nothing here starts a flow."""
+    from medops.ops.demo import wait_for_deployments
+
+    wait_for_deployments(params, timeout=600.0)
+    _deliver(project, paths, params)
+    loop = Loop(paths)
+    watched = medops_events("medops.export.changed", timeout=STEP_TIMEOUT_S["watcher"])
+    assert watched, "the watcher emitted no medops.export.changed\n" + loop._logs()
+    ingest = loop.wait("ingest-studies", "the ingest-studies run (started by medops.export.changed)",
+                       STEP_TIMEOUT_S["ingest"])
+    assert ingest.state.is_completed(), \
+        f"ingest-studies ended {ingest.state_name}: {ingest.state.message}\n{loop._logs()}"
+    loop.wait("training-pipeline", "the training-pipeline run (started by medops.dataset.versioned)",
+              STEP_TIMEOUT_S["training"])
+    return loop
+
+
+@pytest.fixture(scope="module")
+def ingest_run(loop):
+    """The ingest-studies run the watcher's event started (its final state, from the API)."""
+    return loop.runs["ingest-studies"].state
+
+
+@pytest.fixture(scope="module")
+def flow_run(loop):
+    """The training-pipeline run the new data version's event started (its final state)."""
+    return loop.runs["training-pipeline"].state
 
 
 # Distinctive synthetic PHI, put everywhere it hides; none of it may reach any output.
@@ -159,7 +248,7 @@ def canary_strings() -> list[str]:
     return values + ["Zebracanary", "Quintessa", "Drcanary", "Perfcanary", "QX-CANARY", "QXMRN7731"]
 
 
-def add_canary_study(paths, params) -> None:
+def add_canary_study(export: Path) -> None:
     """One labelled study full of canary PHI, and a truncated copy of it (to be quarantined)."""
     import csv
 
@@ -167,7 +256,6 @@ def add_canary_study(paths, params) -> None:
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
 
-    export = paths.export(params.ingest.source)
     with (export / "labels.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     template = next(r for r in rows if r["split"] == "train")
@@ -214,6 +302,53 @@ def medops_events(name: str, expected: int = 1, timeout: float = 30.0) -> list:
             if len(events) >= expected or time.monotonic() > deadline:
                 return events
             time.sleep(0.5)
+
+
+def _started_by(run) -> tuple[set, list]:
+    """What the automation that created ``run`` expects, and the events its action followed."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    assert run.created_by is not None and run.created_by.type == "AUTOMATION", \
+        f"{run.name} was not started by an automation: {run.created_by}"
+    with get_client(sync_client=True) as client:
+        automation = client.read_automation(run.created_by.id)
+        executed = client.read_events(EventFilter(
+            event=EventNameFilter(name=["prefect.automation.action.executed"]),
+            related=EventRelatedFilter(id=[f"prefect.flow-run.{run.id}"])), limit=10).events
+    triggering = [r.id.removeprefix("prefect.event.") for e in executed for r in e.related
+                  if r.role == "triggering-event"]
+    return set(automation.trigger.expect), triggering
+
+
+def _deployment_id(name: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name).id
+
+
+def test_the_events_drove_the_loop(loop, ingest_run, flow_run, paths, params, capsys):
+    from medops.cli import main
+
+    ingest, training = loop.runs["ingest-studies"], loop.runs["training-pipeline"]
+    # one delivery, one watcher event; its automation started the ingest run
+    [changed] = medops_events("medops.export.changed")
+    assert _started_by(ingest) == ({"medops.export.changed"}, [str(changed.id)])
+    assert (ingest.deployment_id, training.deployment_id) == (
+        _deployment_id(f"ingest-studies/{params.prefect.deployment_name}"),
+        _deployment_id(f"training-pipeline/{params.prefect.deployment_name}"))
+    # the new data version's event; its automation started training with that version
+    [versioned] = medops_events("medops.dataset.versioned")
+    data_version = ingest_run.result()["data_version"]
+    assert versioned.payload["data_version"] == data_version and versioned.payload["previous_version"] is None
+    assert _started_by(training) == ({"medops.dataset.versioned"}, [str(versioned.id)])
+    assert training.parameters == {"project_root": str(paths.root), "data_version": data_version}
+    assert flow_run.result()["data_version"] == data_version
+    # and the served model's lineage names that run
+    assert main(["--project", str(paths.root), "lineage", "--json"]) == 0
+    served = json.loads(capsys.readouterr().out)
+    assert served["flow_run_id"] == str(training.id) and served["data_version"] == data_version
 
 
 def test_flow_completes_and_deploys(flow_run, ingest_run, paths):
