@@ -109,12 +109,17 @@ class TrainConfig(_Section):
     early_stopping_patience: int = Field(default=0, ge=0)  # 0 = off
     restore_best: bool = True            # keep the weights of the best validation-AUC epoch
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    threshold_strategy: Literal["fixed", "youden", "youden_bootstrap", "sensitivity"] = "youden"  # on val
+    threshold_strategy: Literal["fixed", "youden", "youden_bootstrap", "sensitivity", "balanced"] = "youden"  # on val
+    calibration: Literal["none", "platt"] = "none"  # platt: fitted on val, folded into the model
     target_sensitivity: float = Field(default=0.9, gt=0, le=1)
     # GPU and multi-machine paths (medops.learn.distribute): "auto" uses what the machine has
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     xla: Literal["auto", "on", "off"] = "auto"
+    # reproducible training (medops.learn.determinism): pinned oneDNN ISA, threads, op determinism
+    deterministic: bool = True
+    threads: int = Field(default=2, ge=1)  # the pinned intra-op thread count (deterministic only)
+    dtype: Literal["float32", "float64"] = "float32"  # the Keras policy training computes in
 
     @field_validator("model")
     @classmethod
@@ -125,6 +130,13 @@ class TrainConfig(_Section):
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; choices: {', '.join(sorted(MODELS))}")
         return name
+
+    @model_validator(mode="after")
+    def _balanced_needs_calibration(self) -> "TrainConfig":
+        if self.threshold_strategy == "balanced" and self.calibration != "platt":
+            raise ValueError("threshold_strategy 'balanced' needs calibration: platt (it is a point on "
+                             "the calibrated probabilities)")
+        return self
 
 
 class EvaluateConfig(_Section):

@@ -56,6 +56,10 @@ class TrainResult(BaseModel):
     best_val_auc: float | None = None
     decision_threshold: float       # chosen on val; evaluate and serving call >= it positive
     threshold_strategy: str
+    # 90 % stratified-bootstrap interval of the threshold on val, as a probability of the saved model
+    threshold_interval: list[float] | None = None
+    calibration: dict[str, Any] | None = None  # Platt a (inverse temperature), b, folded in
+    val_ece: float | None = None    # of the saved model's val probabilities
     history: dict[str, list[float]]
     model_path: str
     result_path: str
@@ -100,6 +104,14 @@ def compile_model(model: Any, cfg: TrainConfig, *, steps_per_epoch: int = 1) -> 
         metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
     )
     return model
+
+
+def pin_numerics(train_cfg: TrainConfig) -> Any:
+    """``medops.learn.determinism.apply_determinism`` for ``train.deterministic`` and
+    ``train.threads``; call before anything imports TensorFlow (``medops stage train`` does)."""
+    from medops.learn.determinism import DeterminismSettings, apply_determinism
+
+    return apply_determinism(train_cfg.deterministic, DeterminismSettings(threads=train_cfg.threads))
 
 
 def plan_for(train_cfg: TrainConfig) -> Any:
@@ -148,9 +160,14 @@ def fit_model(
         callbacks.append(stopper)
     if log_dir is not None:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=0))
+    def build() -> Any:
+        if train_cfg.dtype != "float32":  # fit_under_plan restores its policy after fitting
+            keras.mixed_precision.set_global_policy(train_cfg.dtype)
+        return build_model(train_cfg.model, train_cfg, x_train.shape[1:])
+
     outcome = fit_under_plan(
         plan,
-        lambda: build_model(train_cfg.model, train_cfg, x_train.shape[1:]),
+        build,
         lambda batch: build_input_pipeline(x_train, y_train, batch_size=batch, training=True,
                                            augment_cfg=augment_cfg, seed=train_cfg.seed),
         validation_fn=lambda batch: build_input_pipeline(x_val, y_val, batch_size=max(batch, 256),
@@ -208,6 +225,7 @@ def run(
     """
     from medops.learn.distribute import is_chief, make_strategy
 
+    determinism = pin_numerics(train_cfg)  # before TensorFlow starts (no-op if the caller did)
     plan = plan_for(train_cfg)
     strategy = make_strategy(plan)  # first: a multi-worker strategy must precede any other TF op
 
@@ -223,11 +241,8 @@ def run(
         log_dir=log_dir if is_chief(plan) else None, plan=plan, strategy=strategy,
         extra_callbacks=extra_callbacks,
     )
-    val_scores = predict_probabilities(model, x_val)
-    threshold = select_threshold(
-        y_val, val_scores, train_cfg.threshold_strategy, target_sensitivity=train_cfg.target_sensitivity,
-        seed=train_cfg.seed,
-    )
+    decision = choose_decision(model, train_cfg, x_val, y_val)
+    val_scores, threshold = decision.pop("val_scores"), decision.pop("threshold")
     duration = time.perf_counter() - started
 
     model_out, result_out = Path(model_out), Path(result_out)
@@ -251,15 +266,45 @@ def run(
         best_val_auc=compute_auc(y_val, val_scores),
         decision_threshold=threshold,
         threshold_strategy=train_cfg.threshold_strategy,
+        **decision,
         history=history,
         model_path=str(model_out),
         result_path=str(result_out),
     )
     if is_chief(plan):
         record = training_record(result, train_cfg, augment_cfg, y_train=y_train, y_val=y_val, plan=plan)
+        record["determinism"] = determinism.model_dump(mode="json")
         result_out.parent.mkdir(parents=True, exist_ok=True)
         result_out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return result
+
+
+def choose_decision(model: Any, train_cfg: TrainConfig, x_val: np.ndarray,
+                    y_val: np.ndarray) -> dict[str, Any]:
+    """Calibrate (``train.calibration``: Platt scaling fitted on val and folded into ``model``, in
+    place) and choose the decision threshold on val (``train.threshold_strategy``), with the
+    threshold's bootstrap interval and the val ECE. Returns val_scores (the saved model's),
+    threshold, threshold_interval, calibration and val_ece."""
+    from medops.learn.calibration import fold_calibration, model_logits
+    from medops.metrics import balanced_cutpoint, compute_calibration, fit_platt, logit, threshold_interval
+
+    a, b, calibration = 1.0, 0.0, None
+    if train_cfg.calibration == "platt":
+        z = model_logits(model, x_val)
+        a, b = fit_platt(y_val, z)
+        fold_calibration(model, a, b)
+        calibration = {"method": "platt", "a": a, "b": b, "temperature": 1 / a}
+    val_scores = predict_probabilities(model, x_val)
+    if train_cfg.calibration != "platt":
+        z = logit(val_scores)
+    if train_cfg.threshold_strategy == "balanced":
+        threshold = float(1 / (1 + np.exp(-(a * balanced_cutpoint(y_val, z)[2] + b))))  # = val prior
+    else:
+        threshold = select_threshold(y_val, val_scores, train_cfg.threshold_strategy,
+                                     target_sensitivity=train_cfg.target_sensitivity, seed=train_cfg.seed)
+    lo, hi = threshold_interval(y_val, z, train_cfg.threshold_strategy, a=a, b=b, seed=train_cfg.seed)
+    return {"val_scores": val_scores, "threshold": threshold, "threshold_interval": [lo, hi],
+            "calibration": calibration, "val_ece": compute_calibration(y_val, val_scores)[1]}
 
 
 def canonical_order(x: np.ndarray, y: np.ndarray, rows: Any) -> tuple[np.ndarray, np.ndarray]:
