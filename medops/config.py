@@ -119,7 +119,6 @@ class TrainConfig(_Section):
     # reproducible training (medops.learn.determinism): pinned oneDNN ISA, threads, op determinism
     deterministic: bool = True
     threads: int = Field(default=2, ge=1)  # the pinned intra-op thread count (deterministic only)
-    dtype: Literal["float32", "float64"] = "float32"  # the Keras policy training computes in
 
     @field_validator("model")
     @classmethod
@@ -157,6 +156,9 @@ class GateConfig(_Section):
     # run; the candidate is promoted only if its AUC is not lower by more than this margin
     compare_with_serving: bool = True
     champion_margin: float = Field(default=0.01, ge=0, le=1)
+    # the evidence behind the decision threshold (medops.stages.gate.check_evidence); null = off
+    max_ece: float | None = Field(default=None, ge=0, le=1)  # test ECE at most this
+    max_threshold_interval: float | None = Field(default=None, ge=0, le=1)  # val bootstrap width
 
 
 class ExportConfig(_Section):

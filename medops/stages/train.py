@@ -160,14 +160,9 @@ def fit_model(
         callbacks.append(stopper)
     if log_dir is not None:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=0))
-    def build() -> Any:
-        if train_cfg.dtype != "float32":  # fit_under_plan restores its policy after fitting
-            keras.mixed_precision.set_global_policy(train_cfg.dtype)
-        return build_model(train_cfg.model, train_cfg, x_train.shape[1:])
-
     outcome = fit_under_plan(
         plan,
-        build,
+        lambda: build_model(train_cfg.model, train_cfg, x_train.shape[1:]),
         lambda batch: build_input_pipeline(x_train, y_train, batch_size=batch, training=True,
                                            augment_cfg=augment_cfg, seed=train_cfg.seed),
         validation_fn=lambda batch: build_input_pipeline(x_val, y_val, batch_size=max(batch, 256),

@@ -7,7 +7,7 @@ TF_NUM_INTRAOP_THREADS ...) as a user's machine would; ``--deterministic on`` ap
 settings first, before TensorFlow is imported, exactly as ``medops.stages.train.run`` does.
 
 Usage: python tests/integration/_determinism_worker.py --out probs.npy [--deterministic on|off]
-        [--threads N] [--model simple_cnn] [--n 512] [--epochs 2] [--dtype float32|float64]
+        [--threads N] [--model simple_cnn] [--n 512] [--epochs 2]
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--dataset", type=Path, default=DATASET)
     args = parser.parse_args(argv)
 
@@ -59,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     xt = (data["test_images"][:256].astype("float32") / 255.0)[..., None]
     cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch,
                       filters=[int(f) for f in args.filters.split(",")], dense_units=32,
-                      learning_rate=args.lr, class_weight="balanced", lr_schedule="cosine", restore_best=False,
-                      dtype=args.dtype)
+                      learning_rate=args.lr, class_weight="balanced", lr_schedule="cosine", restore_best=False)
     started = time.perf_counter()
     cpu_started = time.process_time()
     model, _, _ = fit_model(cfg, AugmentConfig(), (x, y), (xv, yv))
