@@ -188,7 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=HERE / "params-quality.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--set", action="append", default=[], help="section.key=value override")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[],
+                        help="only report: the rows of these summary.json files (seeds run apart)")
     args = parser.parse_args(argv)
+    if args.merge:
+        rows = sorted((r for f in args.merge for r in json.loads(f.read_text())["rows"]), key=lambda r: r["seed"])
+        summary = summarise(rows)
+        args.project.mkdir(parents=True, exist_ok=True)
+        (args.project / "summary.json").write_text(json.dumps({"rows": rows, **summary}, indent=2) + "\n")
+        (args.project / "summary.md").write_text(table(rows, summary) + "\n")
+        print(table(rows, summary))
+        return 0
     project = args.project.resolve()
     overrides = read_overrides(args.params, args.set)
     out = project / "seeds"
