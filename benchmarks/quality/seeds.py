@@ -11,8 +11,8 @@ ONNX file that deploy copies into Triton's repository; it is scored here with on
 ONNX backend) on the test split at the threshold train.json records, and those are the figures
 reported (``metrics.json`` from evaluate, the Keras model, is kept beside them).
 
-Prepare the project once (README.md), then:
-    .venv/bin/python benchmarks/quality/seeds.py --project $P [--seeds 1 2 3 4 5] [--set train.epochs=20]
+Usage (``make quality``; the project folder is prepared on the first run, about 2 min):
+    .venv/bin/python benchmarks/quality/seeds.py [--project DIR] [--seeds 1 2 3 4 5] [--set train.epochs=20]
 Writes ``<project>/seeds/summary.json`` and ``summary.md`` (the table in README.md).
 """
 
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import secrets
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,29 @@ def read_overrides(params_file: Path, sets: list[str]) -> dict[str, dict]:
         section, name = key.split(".", 1)
         overrides.setdefault(section, {})[name] = yaml.safe_load(value)
     return overrides
+
+
+def prepare(project: Path, overrides: dict[str, dict]) -> None:
+    """The project's data, once (skipped when it is there): the full PneumoniaMNIST DICOM export
+    (``medops synth``), ``medops ingest``, the data-quality and split stages (the official split),
+    and ``data/ingested`` tracked by DVC (its hash is the data version train.json records). The
+    de-identification key does not change the model (train orders images by content hash)."""
+    if (project / "data" / "ingested.dvc").is_file() and (project / "data" / "split" / "split.csv").is_file():
+        return
+    project.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params.setdefault(section, {}).update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "MEDOPS_DEID_KEY": os.environ.get("MEDOPS_DEID_KEY") or secrets.token_hex(16)}
+    medops = [sys.executable, "-m", "medops", "--project", str(project)]
+    for step in (["synth"], ["ingest"], ["stage", "quality"], ["stage", "split"]):
+        print("prepare:", "medops", *step, flush=True)
+        subprocess.run([*medops, *step], cwd=REPO, env=env, check=True)
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "-q"], cwd=project, check=True)
+    subprocess.run([*dvc, "add", "-q", "data/ingested"], cwd=project, check=True)
 
 
 def seed_project(project: Path, seed: int, overrides: dict[str, dict]) -> Path:
@@ -184,7 +208,8 @@ def table(rows: list[dict], summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--project", type=Path, required=True, help="the prepared project (README.md)")
+    parser.add_argument("--project", type=Path, default=REPO / ".medops" / "quality",
+                        help="a folder for the data and the seed projects (prepared when empty)")
     parser.add_argument("--params", type=Path, default=HERE / "params-quality.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--set", action="append", default=[], help="section.key=value override")
@@ -201,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     project = args.project.resolve()
     overrides = read_overrides(args.params, args.set)
+    prepare(project, overrides)
     out = project / "seeds"
     out.mkdir(exist_ok=True)
     rows = []
