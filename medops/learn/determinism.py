@@ -12,14 +12,17 @@ float32 kernels by the CPU and the thread count, and training amplifies the roun
 - the number of intra-op threads changes how reductions are split, hence their order.
 
 ``DeterminismSettings`` pins all of it: the oneDNN ISA capped at a level every x86-64 machine of
-this kind has (AVX2), a fixed intra-op and inter-op thread count, TensorFlow's op determinism
+this kind has (AVX2), a fixed intra-op thread count (inter-op threads only run independent ops side
+by side, which changes no result, so they are left alone: pinning them to 1 can stall collective
+ops under tf.distribute), TensorFlow's op determinism
 (``tf.config.experimental.enable_op_determinism``: deterministic kernels and tf.data order, or an
 error for an op that has none) and the seeds (``keras.utils.set_random_seed``, done in
 ``medops.learn.distribute.fit_under_plan``). The environment variables are read by TensorFlow and
 oneDNN once, when they first run, so ``apply_determinism`` must run in the training process before
-TensorFlow is imported: ``medops stage train`` (a fresh process under ``dvc repro``) calls it
-first. Called later, it still sets what can be set and says what could not
-(``DeterminismRecord.complete`` is false, recorded in train.json).
+TensorFlow is imported: ``medops stage train`` (a fresh process under ``dvc repro`` and the
+Prefect flow) calls it first, through ``medops.stages.train.pin_numerics``. A process where
+TensorFlow already runs (a test, a notebook calling ``train.run``) is left as it is, and train.json
+says so (``determinism.complete: false``).
 
 Params: ``train.deterministic`` (true: these settings) and ``train.threads`` (the pinned thread
 count). The cost in training time is measured in benchmarks/quality/README.md.
@@ -44,7 +47,7 @@ class DeterminismSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    threads: int = 2               # intra-op threads (and OMP_NUM_THREADS); inter-op: 1
+    threads: int = 2               # intra-op threads (and OMP_NUM_THREADS)
     onednn: bool = True            # TF_ENABLE_ONEDNN_OPTS
     max_cpu_isa: str = PINNED_ISA  # ONEDNN_MAX_CPU_ISA
     op_determinism: bool = True    # tf.config.experimental.enable_op_determinism
@@ -56,7 +59,6 @@ class DeterminismSettings(BaseModel):
             "ONEDNN_MAX_CPU_ISA": self.max_cpu_isa,
             "OMP_NUM_THREADS": str(self.threads),
             "TF_NUM_INTRAOP_THREADS": str(self.threads),
-            "TF_NUM_INTEROP_THREADS": "1",
         }
 
 
@@ -83,6 +85,11 @@ def apply_environment(settings: DeterminismSettings,
 
 
 _APPLIED: DeterminismRecord | None = None  # what this process applied (once per process)
+
+
+def applied() -> DeterminismRecord | None:
+    """What ``apply_determinism`` pinned in this process (None: nothing)."""
+    return _APPLIED
 
 
 def apply_determinism(enabled: bool, settings: DeterminismSettings | None = None) -> DeterminismRecord:
@@ -115,7 +122,6 @@ def apply_determinism(enabled: bool, settings: DeterminismSettings | None = None
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(settings.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
     if settings.op_determinism:
         tf.config.experimental.enable_op_determinism()
     _APPLIED = DeterminismRecord(enabled=True, complete=True, settings=settings, notes=notes)

@@ -114,6 +114,23 @@ def pin_numerics(train_cfg: TrainConfig) -> Any:
     return apply_determinism(train_cfg.deterministic, DeterminismSettings(threads=train_cfg.threads))
 
 
+def numerics_record(train_cfg: TrainConfig) -> Any:
+    """What this process pinned for ``train.deterministic`` (``pin_numerics``, called by
+    ``medops stage train`` before TensorFlow starts); when nothing was, a record saying so. Training
+    in a process that did not pin (a test or notebook calling ``run``) keeps TensorFlow's
+    defaults: pinning there would reach every later user of the process."""
+    from medops.learn.determinism import DeterminismRecord, applied, apply_determinism
+
+    if not train_cfg.deterministic:
+        return apply_determinism(False)
+    if applied() is not None:
+        return applied()
+    return DeterminismRecord(
+        enabled=True, complete=False,
+        notes=["not pinned in this process (train in its own process, `medops stage train`, for a "
+               "reproducible model)"])
+
+
 def plan_for(train_cfg: TrainConfig) -> Any:
     """The distribution plan (strategy, mixed precision, XLA) for this machine and TF_CONFIG."""
     from medops.learn.distribute import plan_distribution
@@ -220,7 +237,7 @@ def run(
     """
     from medops.learn.distribute import is_chief, make_strategy
 
-    determinism = pin_numerics(train_cfg)  # before TensorFlow starts (no-op if the caller did)
+    determinism = numerics_record(train_cfg)  # what `medops stage train` pinned (pin_numerics)
     plan = plan_for(train_cfg)
     strategy = make_strategy(plan)  # first: a multi-worker strategy must precede any other TF op
 

@@ -15,7 +15,7 @@ def test_the_pinned_environment_overrides_what_the_machine_had():
     env = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX", "OMP_NUM_THREADS": "16", "HOME": "/root"}
     replaced = apply_environment(DeterminismSettings(threads=2), env)
     assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2" and env["OMP_NUM_THREADS"] == "2"
-    assert env["TF_NUM_INTRAOP_THREADS"] == "2" and env["TF_NUM_INTEROP_THREADS"] == "1"
+    assert env["TF_NUM_INTRAOP_THREADS"] == "2" and "TF_NUM_INTEROP_THREADS" not in env
     assert env["TF_ENABLE_ONEDNN_OPTS"] == "1" and env["HOME"] == "/root"
     assert replaced == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX", "OMP_NUM_THREADS": "16"}
     apply_environment(DeterminismSettings(onednn=False), env)
@@ -45,3 +45,12 @@ def test_train_config_defaults_to_deterministic_two_threads():
     assert cfg.deterministic is True and cfg.threads == 2
     with pytest.raises(ValueError, match="calibration: platt"):
         TrainConfig(threshold_strategy="balanced")
+
+
+def test_training_in_a_process_that_did_not_pin_records_it(monkeypatch):
+    from medops.stages.train import numerics_record
+
+    monkeypatch.setattr(determinism, "_APPLIED", None)
+    record = numerics_record(TrainConfig())
+    assert record.enabled and not record.complete and "medops stage train" in record.notes[0]
+    assert numerics_record(TrainConfig(deterministic=False)).enabled is False
