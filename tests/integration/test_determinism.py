@@ -6,9 +6,9 @@ without it.
 
 Each process is tests/integration/_determinism_worker.py: a medops resnet (filters 16, 32) fitted by
 ``medops.stages.train.fit_model`` on 1,024 PneumoniaMNIST training images for 2 epochs (64 steps,
-Adam 0.01, augmentation on), scored on 256 test images. Measured on the 2-core AVX-512/AMX machine:
-without the settings, native vs ONEDNN_MAX_CPU_ISA=AVX2 differed by 4.2e-5 and 2 vs 1 threads by
-1.8e-5; with them, 0 (bit-identical) in both cases.
+Adam 0.003, augmentation on), scored on 256 test images (AUC ~0.82: short, but learning). Measured
+on the 2-core AVX-512/AMX machine: without the settings, machine A vs B differed by 2.4e-4 (at
+Adam 0.01: native vs AVX2 alone 4.2e-5, 2 vs 1 threads alone 1.8e-5); with them, 0 (bit-identical).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 WORKER = Path(__file__).resolve().parent / "_determinism_worker.py"
 REPO = WORKER.parents[2]
 DATASET = REPO.parent / "shared" / "datasets" / "pneumoniamnist.npz"
 TOLERANCE = 1e-6  # on the test probabilities (README: "Deterministic training")
-ARGS = ["--model", "resnet", "--filters", "16,32", "--lr", "0.01", "--n", "1024", "--epochs", "2"]
+ARGS = ["--model", "resnet", "--filters", "16,32", "--lr", "0.003", "--n", "1024", "--epochs", "2"]
 # two "machines": the CPU's own ISA with 2 threads, and AVX2 (AVX-512 with AMX when capping is on)
 # with 1 thread
 MACHINE_A = {"OMP_NUM_THREADS": "2", "TF_NUM_INTRAOP_THREADS": "2"}
@@ -59,7 +60,9 @@ def cpu_has_avx512() -> bool:
 def test_deterministic_training_gives_the_same_probabilities_on_two_machine_settings(tmp_path):
     a = train(tmp_path, "det_a", MACHINE_A, "on")
     b = train(tmp_path, "det_b", MACHINE_B, "on")
-    assert a.shape == (256,) and np.isfinite(a).all() and a.std() > 0.05  # a model that learnt something
+    assert a.shape == (256,) and np.isfinite(a).all()
+    labels = np.load(DATASET)["test_labels"][:256, 0]
+    assert roc_auc_score(labels, a) > 0.7  # a model that learnt something, not a constant
     assert np.abs(a - b).max() <= TOLERANCE
 
 
