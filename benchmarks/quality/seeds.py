@@ -171,6 +171,16 @@ def one_seed(project: Path, seed: int, overrides: dict[str, dict]) -> dict:
     return row
 
 
+def refresh_gate(seeds_dir: Path, row: dict) -> dict:
+    """``row`` with the gate decision now in its seed project (the gate stage may have been rerun
+    there with other gate params since the row was written)."""
+    decision = seeds_dir / f"seed-{row['seed']}" / "reports" / "gate.json"
+    if decision.is_file():
+        gate = json.loads(decision.read_text())
+        row = {**row, "gate_passed": gate["passed"], "gate_reasons": gate["reasons"]}
+    return row
+
+
 def summarise(rows: list[dict]) -> dict:
     """Mean and sd (ddof=1) of each column, and the targets checked."""
     stats = {k: {"mean": float(np.mean([r[k] for r in rows])),
@@ -217,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only report: the rows of these summary.json files (seeds run apart)")
     args = parser.parse_args(argv)
     if args.merge:
-        rows = sorted((r for f in args.merge for r in json.loads(f.read_text())["rows"]), key=lambda r: r["seed"])
+        rows = sorted((refresh_gate(f.parent, r) for f in args.merge for r in json.loads(f.read_text())["rows"]),
+                      key=lambda r: r["seed"])
         summary = summarise(rows)
         args.project.mkdir(parents=True, exist_ok=True)
         (args.project / "summary.json").write_text(json.dumps({"rows": rows, **summary}, indent=2) + "\n")
