@@ -1,8 +1,10 @@
 """train: fit the configured architecture on the train split, validating on val.
 
 The test split is never read here. Everything random is seeded from ``train.seed``
-(keras.utils.set_random_seed: Python, NumPy and TensorFlow), so a rerun on the same data and params
-gives the same model up to CPU floating-point order.
+(keras.utils.set_random_seed: Python, NumPy and TensorFlow), and with ``train.deterministic``
+(``medops.learn.determinism``, pinned by ``medops stage train`` before TensorFlow starts) the CPU
+kernels and thread counts are too, so a rerun on the same data and params gives the same model on
+any machine of a kind (benchmarks/quality/README.md: tolerance and cost).
 
 Inputs:
     ingested_dir: ``data/ingested`` (medops.data format).
@@ -16,10 +18,12 @@ Params (``train`` and ``augment`` sections, TrainConfig and AugmentConfig):
     model, epochs, batch_size, learning_rate, filters, dense_units, dropout, seed;
     class_weight ("none" | "balanced"), early_stopping_patience (0 = train every epoch),
     restore_best (keep the weights of the best val AUC epoch), lr_schedule ("constant" |
-    "cosine"); threshold_strategy ("fixed" | "youden" | "youden_bootstrap" | "sensitivity") and
+    "cosine"); calibration ("none" | "platt": fitted on val and folded into the output layer);
+    threshold_strategy ("fixed" | "youden" | "youden_bootstrap" | "sensitivity" | "balanced") and
     target_sensitivity: how the decision threshold is chosen on val and recorded in train.json
-    (``decision_threshold``) for evaluate, export and serving; strategy, mixed_precision, xla
-    (medops.learn.distribute); augment.*.
+    (``decision_threshold``, with its bootstrap ``threshold_interval``) for evaluate, export,
+    gate and serving; deterministic, threads (medops.learn.determinism); strategy,
+    mixed_precision, xla (medops.learn.distribute); augment.*.
 """
 
 from __future__ import annotations
