@@ -222,7 +222,7 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 def fit_platt(y_true: np.ndarray, z: np.ndarray, *, max_iter: int = 100) -> tuple[float, float]:
     """Platt scaling: (a, b) of p = sigmoid(a * z + b) fitted by maximum likelihood to ``y_true``
-    on logits ``z`` (Newton's method), with Platt's smoothed targets (N+ + 1) / (N+ + 2) and
+    on logits ``z`` (Newton's method with a backtracking line search), with Platt's smoothed targets (N+ + 1) / (N+ + 2) and
     1 / (N- + 2), which keep ``a`` finite on a split the model separates perfectly (Platt 1999).
     ``a`` is the inverse temperature, ``b`` the shift to the split's class prior."""
     y_true, z = check_scores(y_true, z)
@@ -230,15 +230,25 @@ def fit_platt(y_true: np.ndarray, z: np.ndarray, *, max_iter: int = 100) -> tupl
     n_pos = float(y_true.sum())
     n_neg = float(len(y_true) - n_pos)
     t = np.where(y_true == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-    a, b = 1.0, 0.0
+
+    def loss(a: float, b: float) -> float:  # cross-entropy against t, without overflow
+        s = a * z + b
+        return float(np.sum(t * np.logaddexp(0.0, -s) + (1 - t) * np.logaddexp(0.0, s)))
+
+    a, b = 1.0 / max(float(np.std(z)), 1e-12), 0.0  # start with the logits at unit scale
+    current = loss(a, b)
     for _ in range(max_iter):
         p = sigmoid(a * z + b)
         w = np.maximum(p * (1 - p), 1e-12)
         grad = np.array([np.sum((p - t) * z), np.sum(p - t)])
         hess = np.array([[np.sum(w * z * z), np.sum(w * z)], [np.sum(w * z), np.sum(w)]])
         step = np.linalg.solve(hess + 1e-9 * np.eye(2), grad)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-10:
+        scale = 1.0
+        while scale > 1e-10 and loss(a - scale * step[0], b - scale * step[1]) > current:
+            scale /= 2  # Newton with backtracking: the loss never increases
+        a, b = a - scale * step[0], b - scale * step[1]
+        previous, current = current, loss(a, b)
+        if np.abs(scale * step).max() < 1e-10 or previous - current < 1e-12:
             break
     if not (np.isfinite(a) and np.isfinite(b)) or a <= 0:
         raise MedopsError(f"Platt scaling did not find an increasing calibration (a={a}, b={b})")

@@ -92,3 +92,16 @@ def test_folding_the_calibration_into_the_model_gives_sigmoid_of_a_z_plus_b():
     assert np.allclose(predict_probabilities(model, x), sigmoid(0.4 * z - 0.7), atol=1e-6)
     with pytest.raises(MedopsError):
         fold_calibration(model, -1.0, 0.0)  # a decreasing "calibration" would flip every decision
+
+
+def test_platt_converges_from_logits_far_from_unit_scale():
+    """A trained model's logits reach +-30; plain Newton from a=1 stepped to a=-5e8 on seed 1 of
+    the quality run. The line search keeps every step downhill."""
+    y, z = logistic_sample(0.5, 1.0, seed=3)
+    a, b = fit_platt(y, 40 * z)  # the same data with logits 40x too confident
+    assert a * 40 == pytest.approx(0.5, abs=0.05) and b == pytest.approx(1.0, abs=0.15)
+    zz = np.concatenate([np.linspace(-35, -2, 135), np.linspace(3, 38, 389)])
+    yy = np.r_[np.zeros(135), np.ones(389)].astype(int)
+    yy[[5, 300]] = 1 - yy[[5, 300]]  # two confidently wrong images, as on a real val split
+    a, b = fit_platt(yy, zz)
+    assert np.isfinite(a) and a > 0 and np.isfinite(b)
