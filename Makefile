@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medops-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup demo quality test test-fast down repro
+.PHONY: setup demo quality quality-deploy test test-fast down repro
 
 ## setup: create or update the virtual environment (.venv) with pinned versions
 setup: $(STAMP)
@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml requirements.lock
 demo: setup
 	$(VENV)/bin/medops demo
 
-## quality: the pipeline with benchmarks/quality/params-quality.yaml on the official split, deployed
+## quality: the recipe (benchmarks/quality/params-quality.yaml) with 5 seeds through the pipeline's
+## stages on the official split, scored through each exported model; per seed and mean +- sd
 quality: setup
+	$(PY) benchmarks/quality/seeds.py
+
+## quality-deploy: the recipe (one seed) through the Prefect flow, deployed to Triton through the gate
+quality-deploy: setup
 	$(PY) benchmarks/quality/run_quality.py
 
 ## down: stop what `make demo` started (supervisord and its services; anything else by recorded pid)

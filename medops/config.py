@@ -164,12 +164,16 @@ class TrainConfig(_Section):
     early_stopping_patience: int = Field(default=0, ge=0)  # 0 = off
     restore_best: bool = True            # keep the weights of the best validation-AUC epoch
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    threshold_strategy: Literal["fixed", "youden", "youden_bootstrap", "sensitivity"] = "youden"  # on val
+    threshold_strategy: Literal["fixed", "youden", "youden_bootstrap", "sensitivity", "balanced"] = "youden"  # on val
+    calibration: Literal["none", "platt"] = "none"  # platt: fitted on val, folded into the model
     target_sensitivity: float = Field(default=0.9, gt=0, le=1)
     # GPU and multi-machine paths (medops.learn.distribute): "auto" uses what the machine has
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     xla: Literal["auto", "on", "off"] = "auto"
+    # reproducible training (medops.learn.determinism): pinned oneDNN ISA, threads, op determinism
+    deterministic: bool = True
+    threads: int = Field(default=2, ge=1)  # the pinned intra-op thread count (deterministic only)
 
     @field_validator("model")
     @classmethod
@@ -180,6 +184,13 @@ class TrainConfig(_Section):
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; choices: {', '.join(sorted(MODELS))}")
         return name
+
+    @model_validator(mode="after")
+    def _balanced_needs_calibration(self) -> "TrainConfig":
+        if self.threshold_strategy == "balanced" and self.calibration != "platt":
+            raise ValueError("threshold_strategy 'balanced' needs calibration: platt (it is a point on "
+                             "the calibrated probabilities)")
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -203,6 +214,9 @@ class GateConfig(_Section):
     # the OOD detector's false-alarm rate on held-out val images may be off its target
     # (ood.false_alarm_rate) by at most this much
     ood_false_alarm_margin: float = Field(default=0.04, ge=0, le=1)
+    # the evidence behind the decision threshold (medops.stages.gate.check_evidence); null = off
+    max_ece: float | None = Field(default=None, ge=0, le=1)  # test ECE at most this
+    max_threshold_interval: float | None = Field(default=None, ge=0, le=1)  # val bootstrap width
 
 
 class OodConfig(_Section):

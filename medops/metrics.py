@@ -206,3 +206,91 @@ def compute_roc(y_true: np.ndarray, y_score: np.ndarray) -> pd.DataFrame:
     fpr, tpr, thr = roc_curve(y_true, y_score)
     thr = np.where(np.isfinite(thr), thr, 1.0)
     return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr})
+
+
+def logit(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """log(p / (1 - p)), with p clipped to [eps, 1 - eps]."""
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-z)), without overflow."""
+    z = np.asarray(z, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def fit_platt(y_true: np.ndarray, z: np.ndarray, *, max_iter: int = 100) -> tuple[float, float]:
+    """Platt scaling: (a, b) of p = sigmoid(a * z + b) fitted by maximum likelihood to ``y_true``
+    on logits ``z`` (Newton's method with a backtracking line search), with Platt's smoothed targets (N+ + 1) / (N+ + 2) and
+    1 / (N- + 2), which keep ``a`` finite on a split the model separates perfectly (Platt 1999).
+    ``a`` is the inverse temperature, ``b`` the shift to the split's class prior."""
+    y_true, z = check_scores(y_true, z)
+    compute_auc(y_true, z)  # both classes present, or a typed error
+    n_pos = float(y_true.sum())
+    n_neg = float(len(y_true) - n_pos)
+    t = np.where(y_true == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+
+    def loss(a: float, b: float) -> float:  # cross-entropy against t, without overflow
+        s = a * z + b
+        return float(np.sum(t * np.logaddexp(0.0, -s) + (1 - t) * np.logaddexp(0.0, s)))
+
+    a, b = 1.0 / max(float(np.std(z)), 1e-12), 0.0  # start with the logits at unit scale
+    current = loss(a, b)
+    for _ in range(max_iter):
+        p = sigmoid(a * z + b)
+        w = np.maximum(p * (1 - p), 1e-12)
+        grad = np.array([np.sum((p - t) * z), np.sum(p - t)])
+        hess = np.array([[np.sum(w * z * z), np.sum(w * z)], [np.sum(w * z), np.sum(w)]])
+        step = np.linalg.solve(hess + 1e-9 * np.eye(2), grad)
+        scale = 1.0
+        while scale > 1e-10 and loss(a - scale * step[0], b - scale * step[1]) > current:
+            scale /= 2  # Newton with backtracking: the loss never increases
+        a, b = a - scale * step[0], b - scale * step[1]
+        previous, current = current, loss(a, b)
+        if np.abs(scale * step).max() < 1e-10 or previous - current < 1e-12:
+            break
+    if not (np.isfinite(a) and np.isfinite(b)) or a <= 0:
+        raise MedopsError(f"Platt scaling did not find an increasing calibration (a={a}, b={b})")
+    return float(a), float(b)
+
+
+def balanced_cutpoint(y_true: np.ndarray, z: np.ndarray) -> tuple[float, float, float]:
+    """The ``balanced`` rule: Platt-calibrate logits ``z`` on (validation) labels, then call positive
+    where the calibrated probability reaches the split's positive fraction pi, i.e. where the
+    likelihood ratio is 1: the Bayes decision for equal class priors (minimum balanced error, what
+    Youden's J aims at), from two parameters fitted on every image instead of an argmax over a few
+    borderline ones. Returns (a, b, z*): the calibration and the cut-point on the raw logit."""
+    a, b = fit_platt(y_true, z)
+    prior = float(np.mean(check_scores(y_true, z)[0]))
+    return a, b, (float(logit(np.array([prior]))[0]) - b) / a
+
+
+def threshold_interval(
+    y_true: np.ndarray, z: np.ndarray, strategy: str, *, a: float = 1.0, b: float = 0.0,
+    bootstrap_samples: int = 200, seed: int = 0, coverage: float = 0.9,
+) -> tuple[float, float]:
+    """How stable the decision threshold is on (validation) data: the ``coverage`` interval, over
+    stratified bootstrap resamples, of the cut-point ``strategy`` picks, expressed as a
+    probability of the calibrated model sigmoid(a * z + b) (the model that is served).
+
+    ``strategy``: ``balanced`` (refit each resample: ``balanced_cutpoint``) or a
+    ``select_threshold`` strategy applied to the calibrated probabilities (``youden`` and
+    ``youden_bootstrap`` both use each resample's Youden point; ``fixed`` is always 0.5)."""
+    y_true, z = check_scores(y_true, z)
+    if strategy == "fixed":
+        return 0.5, 0.5
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y_true == 1), np.flatnonzero(y_true == 0)
+    probs = sigmoid(a * z + b)
+    picks = []
+    for _ in range(bootstrap_samples):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        if strategy == "balanced":
+            picks.append(float(sigmoid(a * balanced_cutpoint(y_true[idx], z[idx])[2] + b)))
+        else:
+            point = "youden" if strategy == "youden_bootstrap" else strategy
+            picks.append(select_threshold(y_true[idx], probs[idx], point))
+    tail = (1 - coverage) / 2 * 100
+    lo, hi = np.percentile(picks, [tail, 100 - tail])
+    return float(lo), float(hi)

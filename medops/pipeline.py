@@ -102,8 +102,10 @@ def split(p: Params, pp: ProjectPaths) -> Any:
 
 def train(p: Params, pp: ProjectPaths) -> Any:
     from medops.ops.progress import keras_progress
+    from medops.stages.train import pin_numerics
     from medops.stages.train import run
 
+    pin_numerics(p.train)  # before keras_progress imports TensorFlow
     return run(p.train, p.augment, ingested_dir=pp.ingested, split=pp.split,
                model_out=pp.keras_model, result_out=pp.train_result,
                data_version=_data_version(pp), log_dir=pp.tensorboard,

@@ -4,9 +4,11 @@ The decision is an artifact (like TFX's BLESSED file): deploy reads it with ``re
 refuses unless ``passed`` is true. Every check produces a reason line, pass or fail, with the
 value and the threshold, so the decision explains itself in the Prefect UI and in git history.
 
-Two kinds of check:
+Three kinds of check:
 
 1. Absolute thresholds: every test metric must reach its ``min_*`` value from params.yaml.
+1b. The evidence behind the threshold (``check_evidence``): the test ECE and the width of the
+   decision threshold's bootstrap interval on val (from train.json) within their ``max_*``.
 2. Champion/challenger: the model now serving (the champion) is scored with onnxruntime on the
    same test split in the same run, and the candidate (the challenger, through its recorded
    test probabilities) must not have an AUC lower than the champion's by more than
@@ -28,7 +30,8 @@ Outputs:
     out: ``reports/gate.json``, the GateDecision (``champion`` holds the comparison).
 Params (``gate`` section, GateConfig):
     min_auc, min_accuracy, min_sensitivity, min_specificity, compare_with_serving,
-    champion_margin, ood_false_alarm_margin.
+    champion_margin, ood_false_alarm_margin; max_ece and max_threshold_interval
+    (``check_evidence``; null = off).
 
 No TensorFlow here (the champion runs in onnxruntime).
 """
@@ -108,6 +111,36 @@ def check_ood(cfg: GateConfig, ood_record: dict[str, Any] | None) -> tuple[bool,
     return ok, (f"ood val false-alarm rate {rate:.3f} is {off:.3f} off its target {target:.3f} "
                 f"({'<=' if ok else '>'} ood_false_alarm_margin {cfg.ood_false_alarm_margin:.3f}): "
                 f"{'pass' if ok else 'fail'}")
+def check_evidence(cfg: GateConfig, metrics: dict[str, Any],
+                   train_record: dict[str, Any]) -> tuple[bool, list[str]]:
+    """Calibration and threshold stability: the test ECE at most ``max_ece``, and the width of the
+    decision threshold's bootstrap interval on val (train.json ``threshold_interval``, as a
+    probability of the candidate) at most ``max_threshold_interval``. A threshold that moves that
+    much with the val images drawn (an argmax over a few borderline images) would move as much with
+    the next training run, and so would the accuracy at it. Each limit is off when null; missing
+    evidence for a limit that is on fails."""
+    reasons: list[str] = []
+    passed = True
+    if cfg.max_ece is not None:
+        ece = metric_value(metrics, "ece")
+        ok = ece is not None and ece <= cfg.max_ece
+        shown = "missing" if ece is None else f"{ece:.3f}"
+        reasons.append(f"ece {shown} {'<=' if ok else 'not <='} max_ece {cfg.max_ece:.3f}: {'pass' if ok else 'fail'}")
+        passed = passed and ok
+    if cfg.max_threshold_interval is not None:
+        interval = train_record.get("threshold_interval")
+        width = None
+        if isinstance(interval, (list, tuple)) and len(interval) == 2 and \
+                all(isinstance(v, (int, float)) and math.isfinite(v) for v in interval):
+            width = float(interval[1]) - float(interval[0])
+        ok = width is not None and width <= cfg.max_threshold_interval
+        shown = "missing from train.json" if width is None else (
+            f"width {width:.3f} ({interval[0]:.3f} to {interval[1]:.3f})")
+        reasons.append(f"decision threshold's val bootstrap interval {shown} "
+                       f"{'<=' if ok else 'not <='} max_threshold_interval {cfg.max_threshold_interval:.3f}: "
+                       f"{'pass' if ok else 'fail'}")
+        passed = passed and ok
+    return passed, reasons
 
 
 def compare_with_champion(
@@ -288,6 +321,8 @@ def decide(
     if ood is not None:
         passed = passed and ood[0]
         reasons = [*reasons, ood[1]]
+    evidence_ok, evidence = check_evidence(cfg, metrics, train_record)
+    passed, reasons = passed and evidence_ok, [*reasons, *evidence]
     if champion is not None:
         passed = passed and champion.passed
         reasons = [*reasons, champion.reason]
@@ -297,7 +332,9 @@ def decide(
         data_version=str(train_record.get("data_version", "unknown")),
         model=train_record.get("model"),
         metrics={k: v for k, _ in CHECKS if (v := metric_value(metrics, k)) is not None},
-        thresholds={f: float(getattr(cfg, f)) for _, f in CHECKS},
+        thresholds={**{f: float(getattr(cfg, f)) for _, f in CHECKS},
+                    **{f: float(v) for f in ("max_ece", "max_threshold_interval")
+                       if (v := getattr(cfg, f)) is not None}},
         champion=champion,
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

@@ -1,8 +1,10 @@
 """train: fit the configured architecture on the train split, validating on val.
 
 The test split is never read here. Everything random is seeded from ``train.seed``
-(keras.utils.set_random_seed: Python, NumPy and TensorFlow), so a rerun on the same data and params
-gives the same model up to CPU floating-point order.
+(keras.utils.set_random_seed: Python, NumPy and TensorFlow), and with ``train.deterministic``
+(``medops.learn.determinism``, pinned by ``medops stage train`` before TensorFlow starts) the CPU
+kernels and thread counts are too, so a rerun on the same data and params gives the same model on
+any machine of a kind (benchmarks/quality/README.md: tolerance and cost).
 
 Inputs:
     ingested_dir: ``data/ingested`` (medops.data format).
@@ -16,10 +18,12 @@ Params (``train`` and ``augment`` sections, TrainConfig and AugmentConfig):
     model, epochs, batch_size, learning_rate, filters, dense_units, dropout, seed;
     class_weight ("none" | "balanced"), early_stopping_patience (0 = train every epoch),
     restore_best (keep the weights of the best val AUC epoch), lr_schedule ("constant" |
-    "cosine"); threshold_strategy ("fixed" | "youden" | "youden_bootstrap" | "sensitivity") and
+    "cosine"); calibration ("none" | "platt": fitted on val and folded into the output layer);
+    threshold_strategy ("fixed" | "youden" | "youden_bootstrap" | "sensitivity" | "balanced") and
     target_sensitivity: how the decision threshold is chosen on val and recorded in train.json
-    (``decision_threshold``) for evaluate, export and serving; strategy, mixed_precision, xla
-    (medops.learn.distribute); augment.*.
+    (``decision_threshold``, with its bootstrap ``threshold_interval``) for evaluate, export,
+    gate and serving; deterministic, threads (medops.learn.determinism); strategy,
+    mixed_precision, xla (medops.learn.distribute); augment.*.
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ class TrainResult(BaseModel):
     tensorboard_dir: str | None = None  # this run's own TensorBoard folder
     decision_threshold: float       # chosen on val; evaluate and serving call >= it positive
     threshold_strategy: str
+    # 90 % stratified-bootstrap interval of the threshold on val, as a probability of the saved model
+    threshold_interval: list[float] | None = None
+    calibration: dict[str, Any] | None = None  # Platt a (inverse temperature), b, folded in
+    val_ece: float | None = None    # of the saved model's val probabilities
     history: dict[str, list[float]]
     model_path: str
     result_path: str
@@ -103,6 +111,31 @@ def compile_model(model: Any, cfg: TrainConfig, *, steps_per_epoch: int = 1) -> 
         metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
     )
     return model
+
+
+def pin_numerics(train_cfg: TrainConfig) -> Any:
+    """``medops.learn.determinism.apply_determinism`` for ``train.deterministic`` and
+    ``train.threads``; call before anything imports TensorFlow (``medops stage train`` does)."""
+    from medops.learn.determinism import DeterminismSettings, apply_determinism
+
+    return apply_determinism(train_cfg.deterministic, DeterminismSettings(threads=train_cfg.threads))
+
+
+def numerics_record(train_cfg: TrainConfig) -> Any:
+    """What this process pinned for ``train.deterministic`` (``pin_numerics``, called by
+    ``medops stage train`` before TensorFlow starts); when nothing was, a record saying so. Training
+    in a process that did not pin (a test or notebook calling ``run``) keeps TensorFlow's
+    defaults: pinning there would reach every later user of the process."""
+    from medops.learn.determinism import DeterminismRecord, applied, apply_determinism
+
+    if not train_cfg.deterministic:
+        return apply_determinism(False)
+    if applied() is not None:
+        return applied()
+    return DeterminismRecord(
+        enabled=True, complete=False,
+        notes=["not pinned in this process (train in its own process, `medops stage train`, for a "
+               "reproducible model)"])
 
 
 def plan_for(train_cfg: TrainConfig) -> Any:
@@ -225,6 +258,7 @@ def run(
     """
     from medops.learn.distribute import is_chief, make_strategy
 
+    determinism = numerics_record(train_cfg)  # what `medops stage train` pinned (pin_numerics)
     plan = plan_for(train_cfg)
     strategy = make_strategy(plan)  # first: a multi-worker strategy must precede any other TF op
 
@@ -243,11 +277,8 @@ def run(
         log_dir=run_log_dir, plan=plan, strategy=strategy, extra_callbacks=extra_callbacks,
         backup_dir=backup_dir, run_label=label, live_dir=live_dir if is_chief(plan) else None,
     )
-    val_scores = predict_probabilities(model, x_val)
-    threshold = select_threshold(
-        y_val, val_scores, train_cfg.threshold_strategy, target_sensitivity=train_cfg.target_sensitivity,
-        seed=train_cfg.seed,
-    )
+    decision = choose_decision(model, train_cfg, x_val, y_val)
+    val_scores, threshold = decision.pop("val_scores"), decision.pop("threshold")
     duration = time.perf_counter() - started
 
     model_out, result_out = Path(model_out), Path(result_out)
@@ -273,12 +304,14 @@ def run(
         tensorboard_dir=str(run_log_dir) if run_log_dir is not None else None,
         decision_threshold=threshold,
         threshold_strategy=train_cfg.threshold_strategy,
+        **decision,
         history=history,
         model_path=str(model_out),
         result_path=str(result_out),
     )
     if is_chief(plan):
         record = training_record(result, train_cfg, augment_cfg, y_train=y_train, y_val=y_val, plan=plan)
+        record["determinism"] = determinism.model_dump(mode="json")
         crash_point("train.saved")
         write_text(result_out, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return result
@@ -305,6 +338,34 @@ def resume_point(train_cfg: TrainConfig, augment_cfg: AugmentConfig, *, split: P
     if checkpoint is None:
         return backup_dir, run_name(), 0
     return backup_dir, checkpoint.run_name or run_name(), checkpoint.epoch
+
+
+def choose_decision(model: Any, train_cfg: TrainConfig, x_val: np.ndarray,
+                    y_val: np.ndarray) -> dict[str, Any]:
+    """Calibrate (``train.calibration``: Platt scaling fitted on val and folded into ``model``, in
+    place) and choose the decision threshold on val (``train.threshold_strategy``), with the
+    threshold's bootstrap interval and the val ECE. Returns val_scores (the saved model's),
+    threshold, threshold_interval, calibration and val_ece."""
+    from medops.learn.calibration import fold_calibration, model_logits
+    from medops.metrics import balanced_cutpoint, compute_calibration, fit_platt, logit, threshold_interval
+
+    a, b, calibration = 1.0, 0.0, None
+    if train_cfg.calibration == "platt":
+        z = model_logits(model, x_val)
+        a, b = fit_platt(y_val, z)
+        fold_calibration(model, a, b)
+        calibration = {"method": "platt", "a": a, "b": b, "temperature": 1 / a}
+    val_scores = predict_probabilities(model, x_val)
+    if train_cfg.calibration != "platt":
+        z = logit(val_scores)
+    if train_cfg.threshold_strategy == "balanced":
+        threshold = float(1 / (1 + np.exp(-(a * balanced_cutpoint(y_val, z)[2] + b))))  # = val prior
+    else:
+        threshold = select_threshold(y_val, val_scores, train_cfg.threshold_strategy,
+                                     target_sensitivity=train_cfg.target_sensitivity, seed=train_cfg.seed)
+    lo, hi = threshold_interval(y_val, z, train_cfg.threshold_strategy, a=a, b=b, seed=train_cfg.seed)
+    return {"val_scores": val_scores, "threshold": threshold, "threshold_interval": [lo, hi],
+            "calibration": calibration, "val_ece": compute_calibration(y_val, val_scores)[1]}
 
 
 def canonical_order(x: np.ndarray, y: np.ndarray, rows: Any) -> tuple[np.ndarray, np.ndarray]:

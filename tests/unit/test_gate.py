@@ -294,3 +294,26 @@ def test_an_old_decision_without_champion_still_reads(tmp_path):
            "timestamp": "2026-11-21T00:00:00+00:00"}
     (tmp_path / "gate.json").write_text(json.dumps(old))
     assert results.require_passed(tmp_path / "gate.json").champion is None
+
+
+def test_evidence_checks_refuse_a_miscalibrated_or_unstable_threshold(tmp_path):
+    """gate.max_ece (test ECE) and gate.max_threshold_interval (train.json's val bootstrap
+    interval of the threshold) each refuse with the value in the reason; null switches them off."""
+    train = {"data_version": "v", "model": "resnet", "threshold_interval": [0.70, 0.78]}
+    cfg = GateConfig(max_ece=0.03, max_threshold_interval=0.2)
+    ok = gate.decide(cfg, {**GOOD, "ece": 0.021}, train)
+    assert ok.passed and any("ece 0.021 <= max_ece 0.030: pass" in r for r in ok.reasons)
+    assert any("width 0.080" in r and r.endswith("pass") for r in ok.reasons)
+    assert ok.thresholds["max_ece"] == 0.03
+
+    hot = gate.decide(cfg, {**GOOD, "ece": 0.045}, train)
+    assert not hot.passed and hot.failed_reasons == ["ece 0.045 not <= max_ece 0.030: fail"]
+
+    wobbly = gate.decide(cfg, {**GOOD, "ece": 0.02}, {**train, "threshold_interval": [0.055, 0.57]})
+    assert not wobbly.passed and "width 0.515" in wobbly.failed_reasons[0]
+
+    missing = gate.decide(cfg, GOOD, {"data_version": "v"})
+    assert not missing.passed and len(missing.failed_reasons) == 2  # no evidence is not a pass
+
+    off = gate.decide(GateConfig(), GOOD, {"data_version": "v"})
+    assert off.passed and not any("max_ece" in r or "interval" in r for r in off.reasons)
