@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medops-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup demo quality quality-deploy test test-fast down repro
+.PHONY: setup demo quality quality-deploy test test-long test-fast down repro
 
 ## setup: create or update the virtual environment (.venv) with pinned versions
 setup: $(STAMP)
@@ -36,9 +36,13 @@ quality-deploy: setup
 down:
 	@if [ -x $(VENV)/bin/medops ]; then $(VENV)/bin/medops down; else echo "nothing to stop (no .venv)"; fi
 
-## test: the whole test suite (unit, contract, integration, end to end)
+## test: the test suite (unit, contract, integration, end to end) but the tests marked long
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not long" $(PYTEST_ARGS)
+
+## test-long: only the tests marked long (about 25 min on 2 cores: see README, Tests)
+test-long: setup
+	$(PY) -m pytest -m long $(PYTEST_ARGS)
 
 ## test-fast: everything but the tests marked slow
 test-fast: setup

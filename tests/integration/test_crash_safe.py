@@ -28,7 +28,7 @@ import pytest
 
 from medops.atomic import CRASH_ENV
 
-pytestmark = [pytest.mark.slow, pytest.mark.dvc]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.dvc]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # _ingested
 

@@ -32,7 +32,7 @@ ARGS = ["--model", "resnet", "--filters", "16,32", "--lr", "0.003", "--n", "1024
 MACHINE_A = {"OMP_NUM_THREADS": "2", "TF_NUM_INTRAOP_THREADS": "2"}
 MACHINE_B = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1"}
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.long,
               pytest.mark.skipif(not DATASET.is_file(), reason=f"needs {DATASET}")]
 
 

@@ -27,7 +27,7 @@ from _ingested import build_ingested  # noqa: E402
 
 from medops.ops import dvc  # noqa: E402
 
-pytestmark = [pytest.mark.dvc, pytest.mark.slow]
+pytestmark = [pytest.mark.dvc, pytest.mark.slow, pytest.mark.long]
 
 GIT = ["git", "-c", "user.name=medops-test", "-c", "user.email=test@medops.invalid"]
 GENERATED = ("tests/", "benchmarks/", "data/", "models/", "reports/", ".medops/", "dvc-remote/", "dvclive/")

@@ -59,6 +59,7 @@ def test_two_worker_cluster_matches_single_device_training_and_only_the_chief_wr
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_two_worker_cluster_resumes_from_its_backups_and_ends_as_one_uninterrupted_device(tmp_path, free_port):
     # every worker SIGKILLed when epoch 2 of 3 begins (as when the cluster's nodes are lost), then
     # the cluster started again: each worker restores its own backup and trains the last epoch only

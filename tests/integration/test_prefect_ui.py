@@ -30,7 +30,7 @@ import pytest
 from _chromium import chromium
 from _project import REPO, clone_project
 
-pytestmark = [pytest.mark.browser, pytest.mark.prefect, pytest.mark.dvc, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.prefect, pytest.mark.dvc, pytest.mark.slow, pytest.mark.long]
 
 RUN_TIMEOUT_S = 600   # one epoch on 100 images and the other stages: about 50 s on 2 idle cores
 EPOCHS_IN_PARAMS = 2  # params.yaml's value; the form asks for 1

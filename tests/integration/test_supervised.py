@@ -29,7 +29,7 @@ from test_triton_serving import (
     SPEC, V1, V2, V2_THRESHOLD, expected_probability, write_bundled_dicom, write_export_result,
     write_gate, write_golden, write_tiny_onnx)
 
-pytestmark = [pytest.mark.slow, pytest.mark.triton, pytest.mark.prefect]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.triton, pytest.mark.prefect]
 
 SERVICES = ("prefect", "triton", "watcher")
 BACK_WITHIN_S = 30.0
