@@ -108,7 +108,14 @@ def services(project, paths, params, monkeypatch_module):
         start_supervisor(paths, params, timeout=600.0)
         with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"],
                                          PREFECT_HOME: env["PREFECT_HOME"]}):
-            yield paths
+            try:
+                yield paths
+            finally:
+                # Prefect's events worker is one per process and keeps the API it was started
+                # with: drain it into this server, so later tests' events go to theirs
+                from prefect.events.worker import EventsWorker
+
+                EventsWorker.drain_all(timeout=30)
     finally:
         stop_supervisor(paths)
         stop_unsupervised(paths)
