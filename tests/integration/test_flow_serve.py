@@ -41,12 +41,15 @@ def test_serve_registers_the_deployment_with_typed_parameters(tmp_path: Path, fr
         log = open(tmp_path / "serve.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deployment = None
-        deadline = time.monotonic() + 90
-        while deployment is None and time.monotonic() < deadline and proc.poll() is None:
+        # flows.serve registers its deployments one after another: wait for all three
+        names = ("training-pipeline", "ingest-studies", "drift-monitor")
+        found: dict[str, dict | None] = dict.fromkeys(names)
+        deadline = time.monotonic() + 120
+        while None in found.values() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(1)
-            deployment = _read_deployment(params.prefect.api_url, "training-pipeline", "medops-test")
-        assert deployment is not None, (tmp_path / "serve.log").read_text()[-3000:]
+            found = {n: found[n] or _read_deployment(params.prefect.api_url, n, "medops-test") for n in names}
+        assert None not in found.values(), (found, (tmp_path / "serve.log").read_text()[-3000:])
+        deployment = found["training-pipeline"]
 
         assert deployment["parameters"] == {"project_root": str(root)}
         assert "epochs=5" in deployment["description"]
