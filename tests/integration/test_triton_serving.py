@@ -306,7 +306,7 @@ def test_the_ensemble_is_pinned_to_the_served_classifier_version(triton, deploye
     post = read_config(repo, f"{name}_postprocess")
     assert list(post.version_policy.specific.versions) == [2]
     assert {k: v.string_value for k, v in post.parameters.items()} == {
-        "threshold.2": repr(V2_THRESHOLD), "labels": "normal,pneumonia"}
+        "threshold.2": repr(V2_THRESHOLD), "labels": "normal,pneumonia", "ood_action": "flag"}
     pre = read_config(repo, f"{name}_preprocess")
     assert pre.parameters["max_pixels"].string_value == str(MAX_PIXELS)
 
