@@ -163,6 +163,7 @@ def test_a_file_that_kills_every_worker_it_meets_is_quarantined_with_the_reason(
     assert "series000/IM00007.dcm,decode_error,the decoder crashed the worker process reading this file" in rows
 
 
+@pytest.mark.long  # the time limit itself is tested on the local pool in make test (test_ingest)
 def test_a_file_over_the_time_limit_on_a_dask_worker_is_quarantined_as_timeout(tmp_path):
     """``ingest.file_timeout_s`` on a LocalCluster (one thread per worker): the watchdog ends the
     worker, its nanny restarts it, and the file that kept taking too long is a ``timeout`` row

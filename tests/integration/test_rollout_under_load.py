@@ -246,6 +246,7 @@ def test_no_request_fails_during_a_rollout_and_failed_rollouts(server, tmp_path)
     assert time.monotonic() - began < 120  # bounded: the whole rollout under load
 
 
+@pytest.mark.long
 @pytest.mark.timeout(180)
 def test_labels_during_a_rollout_use_the_answering_versions_threshold(server, tmp_path):
     # v2 chose 0.3: CT_small is "normal" at v1 (p 0.379 < 0.5) and "pneumonia" at v2 (0.468 >= 0.3),

@@ -184,7 +184,9 @@ def test_training_options_early_stopping_class_weights_cosine_tensorboard(traine
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
 
 
+# minutes on 2 cores (two more trainings); test_models builds both, make test-long trains them
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("name", ["resnet", "vit"])
 def test_other_architectures_go_through_the_same_train_path(trained, tmp_path, name):
     cfg = TrainConfig(model=name, epochs=1, batch_size=64, filters=[8, 16, 16], dense_units=16)
