@@ -288,10 +288,11 @@ def cmd_deploy(args: argparse.Namespace) -> Report:
 
         record_deployment(paths, result.model_dump(mode="json"))
     what = "already serving" if result.unchanged else "deployed"
+    flavour = "" if result.flavour == "embedded" else f", {result.flavour} flavour"
     unchecked = ("" if result.verified_by != "none" else
                  "; no server checked it (--no-verify): a server loads it when it starts")
     return Report(f"{what} {result.model_name} version {result.version} "
-                  f"(data version {result.data_version}, {result.flavour} flavour){unchecked}",
+                  f"(data version {result.data_version}{flavour}){unchecked}",
                   result.model_dump(mode="json"))
 
 
