@@ -94,7 +94,8 @@ def _what(action: str, result: Any) -> dict[str, Any]:
                 "flavour": data.get("flavour"), "verified_by": data.get("verified_by")}
     return {"outcome": "unchanged" if data.get("unchanged") else "deployed",
             **{k: data.get(k) for k in ("model_name", "version", "previous_version", "data_version",
-                                         "sha256", "url", "protocol", "flavour", "verified_by")}}
+                                         "sha256", "url", "protocol", "flavour", "verified_by",
+                                         "precision")}}
 
 
 def audited(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -87,6 +87,7 @@ class DeployResult(BaseModel):
     threshold: float  # the ensemble labels "pneumonia" at probability >= this
     unchanged: bool = False  # this very model (same ONNX, same threshold) was already served
     flavour: str = "embedded"  # serving.flavor: what was written for the classifier
+    precision: str = "fp32"    # "int8": the gate chose the quantize stage's model
     # "triton": a server loaded it as a candidate and it reproduced the golden outputs, then
     # served it; "none" (deploy --no-verify): written and pinned with no server's check (its
     # file was checked against the golden outputs in onnxruntime here, on the CPU)
@@ -253,6 +254,9 @@ def wait_version_ready(client: Any, name: str, version: int, timeout: float) -> 
 
 # served vs exported ood_score of the golden images (export's own ood_parity_atol default)
 GOLDEN_OOD_ATOL = 1e-3
+# the production flavour with serving.tensorrt_fp16 computes in FP16 (about 3 decimal digits):
+# its golden tolerance is at least this
+FP16_GOLDEN_ATOL = 1e-2
 
 
 def check_golden(
@@ -279,10 +283,11 @@ def check_golden(
     if guarded:
         scores, inside = ood[0]
         ood_diff = float(np.max(np.abs(scores - expected[:, 1])))
-        if not ood_diff <= GOLDEN_OOD_ATOL or not np.array_equal(inside, scores <= 1.0):
+        ood_atol = max(GOLDEN_OOD_ATOL, atol)  # FP16 serving widens both (FP16_GOLDEN_ATOL)
+        if not ood_diff <= ood_atol or not np.array_equal(inside, scores <= 1.0):
             raise ServingError(
                 f"golden check failed on {name!r}: the served OOD guard is not the exported one "
-                f"(max |ood_score served - exported| = {ood_diff:.3g} > {GOLDEN_OOD_ATOL:g}, or "
+                f"(max |ood_score served - exported| = {ood_diff:.3g} > {ood_atol:g}, or "
                 "in_distribution is not ood_score <= 1)")
     if expect_version is not None and answered != expect_version:
         raise ServingError(f"{name!r} answered from version {answered!r}, expected {expect_version}")
@@ -482,22 +487,20 @@ def deploy(
     """Deploy ``onnx`` as the next version of ``cfg.model_name`` on the running Triton.
 
     1. The gate decision must have passed, for the data version export recorded, and ``onnx``
-       must be the exported file (sha256). Otherwise nothing is written.
+       must be the exported file (sha256); nothing is written otherwise. When the gate chose
+       INT8 (``gated_int8``), the quantize stage's model is deployed instead.
     2. The new version is written beside the served one; config.pbtxt keeps the served version
        pinned, so a reload or restart cannot serve it early.
     3. It is loaded as a separate candidate model and must reproduce export's golden
        probabilities (``golden.npz`` beside the ONNX file) within ``golden_atol`` (default:
        export's ``parity_atol``).
     4. Only then is it served: pinned in the classifier's config and in the DICOM ensemble's
-       (``<name>_dicom``: ``preprocessing`` (as ingest prepared the training data) within
-       ``cfg``'s ``max_request_bytes``/``max_image_pixels``
-       limits -> classifier -> labels at ``threshold``, default export.json's
-       ``decision_threshold``, else 0.5), and checked again through both.
+       (``<name>_dicom``: ``preprocessing`` within ``cfg``'s byte and pixel limits ->
+       classifier -> labels at ``threshold``, default export.json's ``decision_threshold``,
+       else 0.5), and checked again through both.
        A failure at 3 or 4 removes the new version and keeps (or restores) the previous one.
 
-    ``admin_key`` (default ``$MEDOPS_TRITON_ADMIN_KEY``) unlocks a server whose model-repository
-    API is restricted (``start_server(admin_key=...)``); it is checked before anything is written.
-
+    ``admin_key`` (default ``$MEDOPS_TRITON_ADMIN_KEY``) unlocks a restricted model-repository API.
     ``repository`` must be the server's own model repository (the same folder, e.g. a shared
     volume mounted here): files are written here and the server is only asked to load models
     by name, so a remote server with a repository of its own never sees them. The classifier
@@ -509,13 +512,15 @@ def deploy(
             file / data version is not what the gate judged.
         ServerUnreachableError: Triton does not answer at ``url`` (with the production flavour
             the message names ``--no-verify``); nothing is written.
-        ServingError: the new version failed to load or to match the
-            golden samples; the message says which version is still served.
+        ServingError: the new version failed to load or to match the golden samples; the
+            message says which version is still served.
     """
     release = _check_release(onnx, gate=gate, export_result=export_result,
                              image_size=preprocessing.image_size, golden=golden,
                              golden_atol=golden_atol, threshold=threshold)
     ec, url = _contract_and_url(cfg, url, protocol, preprocessing, release.threshold)
+    if ec.flavour == "production" and ec.classifier.tensorrt_fp16:
+        release = release._replace(atol=max(release.atol, FP16_GOLDEN_ATOL))
     repository = Path(repository)
     if not verify:
         return _deploy_unverified(ec, repository, release, url=url, protocol=protocol)
@@ -536,6 +541,7 @@ def deploy(
             data_version=release.data_version, sha256=release.sha256, url=url, protocol=protocol,
             repository=str(repository.resolve()), golden_max_abs_diff=diff, golden_atol=release.atol,
             n_golden=len(release.expected), threshold=ec.threshold, flavour=ec.flavour,
+            precision=release.precision,
         )
         crash_point("deploy.served")
         # the version's record, under the lock: it marks the version as finished
@@ -555,6 +561,7 @@ class _Release(NamedTuple):
     expected: np.ndarray
     atol: float
     threshold: float
+    precision: str = "fp32"  # "int8": the gate chose the quantize stage's model (models/int8)
 
 
 def _check_release(onnx: Path, *, gate: Path, export_result: Path, image_size: int,
@@ -565,6 +572,9 @@ def _check_release(onnx: Path, *, gate: Path, export_result: Path, image_size: i
     the threshold default to the ones export recorded."""
     gate_data_version = check_gate(gate)
     digest, data_version = check_export(onnx, export_result, gate_data_version)
+    int8 = gated_int8(gate, Path(onnx), digest)
+    if int8 is not None:  # the gate chose INT8: its own file, golden outputs and tolerance
+        onnx, digest, golden, golden_atol = int8
     golden = Path(golden) if golden else Path(onnx).with_name(GOLDEN_FILE)
     images, expected = read_golden(golden, image_size)
     return _Release(
@@ -573,7 +583,32 @@ def _check_release(onnx: Path, *, gate: Path, export_result: Path, image_size: i
         atol=golden_atol if golden_atol is not None else _export_atol(export_result),
         threshold=(threshold if threshold is not None
                    else _recorded_threshold(export_result, "decision_threshold")),
+        precision="fp32" if int8 is None else "int8",
     )
+
+
+INT8_DIR = "int8"  # the quantize stage's folder beside model.onnx (models/int8)
+
+
+def gated_int8(gate: Path, onnx: Path, fp32_sha256: str) -> tuple[Path, str, Path, float] | None:
+    """``(model, sha256, golden, golden atol)`` of the INT8 model when the gate decided to serve
+    it (``int8.serve`` in gate.json), else None (FP32). The file must be the one the gate judged
+    (sha256), made from this very FP32 export; otherwise GateRejectedError, nothing is written."""
+    from medops.results import read_decision
+
+    decision = read_decision(gate).int8
+    if decision is None or not decision.serve:
+        return None
+    model = Path(onnx).parent / INT8_DIR / ONNX_FILENAME
+    digest = sha256_file(model) if model.is_file() else None
+    if digest is None or digest != decision.sha256:
+        raise GateRejectedError(f"the gate chose the INT8 model {model}, but it is "
+                                f"{'missing' if digest is None else 'another file (sha256)'}: "
+                                "re-run the quantize and gate stages")
+    if decision.source_sha256 != fp32_sha256:
+        raise GateRejectedError(f"the INT8 model the gate chose was made from another export "
+                                f"than {onnx}: re-run the quantize and gate stages")
+    return model, digest, model.with_name(GOLDEN_FILE), float(decision.golden_atol or 1e-3)
 
 
 def _kept(previous: int | None) -> str:
@@ -889,7 +924,7 @@ def _deploy_unverified(ec: EnsembleContract, repository: Path, release: _Release
             data_version=release.data_version, sha256=release.sha256, url=url, protocol=protocol,
             repository=str(repository.resolve()), golden_max_abs_diff=diff,
             golden_atol=release.atol, n_golden=len(release.expected), threshold=ec.threshold,
-            flavour=ec.flavour, verified_by="none")
+            flavour=ec.flavour, verified_by="none", precision=release.precision)
         write_text(version_dir / VERSION_INFO, result.model_dump_json(indent=2) + "\n")
     return result
 
