@@ -623,6 +623,7 @@ def _add_candidate(client: Any, *, protocol: str, contract: ModelContract, repos
     if that fails, remove it. Returns ``(version, its folder)``."""
     version, version_dir = write_version(contract, repository, release.onnx, flavour=flavour,
                                          golden=release.golden)
+    config = snapshot_files(repository, [f"{contract.name}/config.pbtxt"])  # its flavour, too
     if previous is not None:
         write_config(contract, repository, flavour, versions=[previous])
     crash_point("deploy.written")
@@ -632,6 +633,7 @@ def _add_candidate(client: Any, *, protocol: str, contract: ModelContract, repos
                         timeout=timeout, flavour=flavour)
     except Exception as exc:  # noqa: BLE001 - any failure means: do not serve it
         remove_version(repository, contract.name, version)
+        restore_files(repository, config)
         raise ServingError(
             f"not serving {contract.name!r} version {version}: candidate check failed: "
             f"{_why(exc)}; {_kept(previous)}"
