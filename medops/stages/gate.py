@@ -339,9 +339,11 @@ def judge_int8(cfg: GateConfig, record: dict[str, Any] | None) -> Int8Decision:
     ood = record.get("ood") or {}
     if ood.get("guarded"):
         agree = metric_value(ood, "agreement")
-        ok = agree is not None and agree >= cfg.int8_min_ood_agreement
+        ok = agree is not None and agree >= cfg.int8_min_ood_agreement and ood.get("consistent") is True
         checks.append((ok, f"ood in_distribution agreement with fp32 {agree} "
-                           f"{'>=' if ok else '<'} {cfg.int8_min_ood_agreement}: {'pass' if ok else 'fail'}"))
+                           f"{'>=' if ok else '<'} {cfg.int8_min_ood_agreement}"
+                           f"{'' if ood.get('consistent') else ' (in_distribution is not ood_score <= 1)'}"
+                           f": {'pass' if ok else 'fail'}"))
     speed = metric_value(record.get("speed") or {}, "median_speedup")
     ok = speed is not None and speed >= cfg.int8_min_speedup
     checks.append((ok, f"median speedup {speed if speed is None else round(speed, 3)} "

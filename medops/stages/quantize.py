@@ -148,7 +148,10 @@ def compare_guard(fp32: list[np.ndarray], int8: list[np.ndarray]) -> dict[str, A
     if len(fp32) < len(GUARDED_OUTPUTS):
         return {"guarded": False}
     same = np.asarray(fp32[2]).astype(bool) == np.asarray(int8[2]).astype(bool)
+    # as export's parity check: the graph's in_distribution is its own ood_score <= 1
+    consistent = np.array_equal(np.asarray(int8[2]).astype(bool), np.asarray(int8[1]) <= 1.0)
     return {"guarded": True, "agreement": float(same.mean()), "n": int(same.size),
+            "consistent": bool(consistent),
             "max_abs_score_diff": float(np.max(np.abs(fp32[1] - int8[1])))}
 
 

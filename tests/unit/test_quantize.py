@@ -72,7 +72,7 @@ def test_a_quantisation_that_keeps_quality_is_served_and_deployed(exported, tmp_
     assert result.quantized_nodes > 0 and result.float_nodes > 0  # the guard's own nodes kept float
     assert result.calibration["split"] == "train" and result.calibration["n_images"] == 128
     assert abs(result.delta_auc) <= 0.005 and abs(result.delta_accuracy) <= 0.005, result
-    assert result.ood["guarded"] and result.ood["agreement"] >= 0.99, result.ood
+    assert result.ood["guarded"] and result.ood["agreement"] >= 0.99 and result.ood["consistent"], result.ood
     assert len(result.speed["speedups"]) == 5
 
     record = json.loads((exported["model"].parent / "int8" / "quantize.json").read_text())
@@ -94,6 +94,9 @@ def test_a_quantisation_that_keeps_quality_is_served_and_deployed(exported, tmp_
     assert (tmp_path / "repo" / cfg.model_name / "1" / "model.onnx").read_bytes() == int8_path.read_bytes()
     slower = gate.judge_int8(LENIENT, with_speedup(record, 0.9))
     assert not slower.serve and "median speedup 0.9 < int8_min_speedup 1.1" in slower.summary
+    unguarded = gate.judge_int8(LENIENT, {**with_speedup(record, 1.5), "ood": {
+        **record["ood"], "agreement": 0.97}})
+    assert not unguarded.serve and "ood in_distribution agreement with fp32 0.97 < 0.99" in unguarded.summary
 
 
 def test_a_quantisation_that_loses_quality_is_refused_and_fp32_served(exported, tmp_path, monkeypatch):
