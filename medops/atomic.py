@@ -42,6 +42,7 @@ CRASH_POINTS: dict[str, str] = {
     "gate.done": "gate: its outputs written, reports/stages/gate.json not yet",
     "ood.done": "ood: its outputs written, reports/stages/ood.json not yet",
     "export.done": "export: its outputs written, reports/stages/export.json not yet",
+    "quantize.done": "quantize: its outputs written, reports/stages/quantize.json not yet",
     "reference.done": "reference: its outputs written, reports/stages/reference.json not yet",
     "deploy.staging": "deploy: the new version's files half copied into its hidden folder",
     "deploy.written": "deploy: the new version folder in place, not yet checked on Triton",

@@ -281,14 +281,19 @@ def cmd_deploy(args: argparse.Namespace) -> Report:
     paths, params = _context(args)
     result = deploy(params.serving, onnx=paths.onnx_model, gate=paths.gate,
                     export_result=paths.export_result, url=args.url, protocol=args.protocol,
-                    by=args.by, reason=args.reason, **serving_kwargs(params, paths))
+                    by=args.by, reason=args.reason, verify=not args.no_verify,
+                    **serving_kwargs(params, paths))
     if not result.unchanged:
         from medops.ops.lineage import record_deployment
 
         record_deployment(paths, result.model_dump(mode="json"))
     what = "already serving" if result.unchanged else "deployed"
+    flavour = "" if result.flavour == "embedded" else f", {result.flavour} flavour"
+    unchecked = ("" if result.verified_by != "none" else
+                 "; no server checked it (--no-verify): a server loads it when it starts")
     return Report(f"{what} {result.model_name} version {result.version} "
-                  f"(data version {result.data_version})", result.model_dump(mode="json"))
+                  f"(data version {result.data_version}{flavour}){unchecked}",
+                  result.model_dump(mode="json"))
 
 
 def cmd_lineage(args: argparse.Namespace) -> Report:
@@ -319,7 +324,8 @@ def cmd_rollback(args: argparse.Namespace) -> Report:
 
     paths, params = _context(args)
     result = rollback(params.serving, url=args.url, protocol=args.protocol, to_version=args.to,
-                      by=args.by, reason=args.reason, **serving_kwargs(params, paths))
+                      by=args.by, reason=args.reason, verify=not args.no_verify,
+                      **serving_kwargs(params, paths))
     return Report(f"{result.model_name}: version {result.from_version} -> {result.to_version} "
                   "now serving", result.model_dump(mode="json"))
 
@@ -492,6 +498,13 @@ def _add_data_commands(add: AddCommand) -> None:
     p.add_argument("--no-push", action="store_true")
 
 
+def _add_verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help="write and pin the version without a server's golden check (for a "
+                        "production repository whose GPU Triton is not reachable from here; it "
+                        "loads the version when it starts); recorded as verified_by none")
+
+
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--by", help="who asks for it, for the audit log (default: the OS user)")
     p.add_argument("--reason", help="why, for the audit log (medops serve history)")
@@ -505,9 +518,11 @@ def _add_serving_commands(add: AddCommand) -> None:
     p.add_argument("action", nargs="?", choices=["start", "stop", "status", "history"], default="start")
     p.add_argument("--limit", type=int, help="history: only the last N entries")
 
-    p = add("deploy", cmd_deploy, "deploy the exported model to the running Triton, if the gate passed")
+    p = add("deploy", cmd_deploy, "deploy the exported model to the running Triton, if the gate passed "
+                                  "(serving.flavor: embedded or production)")
     p.add_argument("--url", help="Triton address (default: from params serving)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    _add_verify_arg(p)
     _add_audit_args(p)
 
     p = add("lineage", cmd_lineage, "where the served model (or --version N) came from: data version, "
@@ -520,6 +535,7 @@ def _add_serving_commands(add: AddCommand) -> None:
     p.add_argument("--to", type=int, help="version to serve (default: the one before the served one)")
     p.add_argument("--url", help="Triton address (default: from params serving)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    _add_verify_arg(p)
     _add_audit_args(p)
 
     p = add("predict", cmd_predict, "classify DICOM files with the model served by Triton")

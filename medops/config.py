@@ -217,6 +217,13 @@ class GateConfig(_Section):
     # the evidence behind the decision threshold (medops.stages.gate.check_evidence); null = off
     max_ece: float | None = Field(default=None, ge=0, le=1)  # test ECE at most this
     max_threshold_interval: float | None = Field(default=None, ge=0, le=1)  # val bootstrap width
+    # the INT8 model (quantize stage) is served instead of FP32 only within these changes against
+    # FP32 on the test split, with its OOD guard agreeing, and if it is faster by this median
+    # ratio in the side-by-side measurement (medops.stages.gate.judge_int8)
+    int8_max_auc_change: float = Field(default=0.005, ge=0, le=1)
+    int8_max_accuracy_change: float = Field(default=0.005, ge=0, le=1)  # 0.005 = 0.5 points
+    int8_min_ood_agreement: float = Field(default=0.99, ge=0, le=1)  # in_distribution as FP32's
+    int8_min_speedup: float = Field(default=1.1, gt=0)  # median FP32 time / INT8 time
 
 
 class OodConfig(_Section):
@@ -235,6 +242,23 @@ class ExportConfig(_Section):
     opset: int = Field(default=17, ge=9)
     parity_atol: float = Field(default=1e-4, gt=0)
     ood_parity_atol: float = Field(default=1e-3, gt=0)  # |reference - onnx| of ood_score
+
+
+class QuantizeConfig(_Section):
+    """The optional INT8 model (medops.stages.quantize): onnxruntime static quantization (QDQ),
+    calibrated on train images; the gate decides whether it is served (gate.int8_*)."""
+
+    enabled: bool = False
+    calibration_images: int = Field(default=256, ge=1)  # train images, a seeded sample
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True        # weights quantised per output channel (per tensor when false)
+    seed: int = 0
+    golden_atol: float = Field(default=1e-3, gt=0)  # served vs quantize-time INT8 probabilities
+    # the side-by-side speed measurement: FP32 and INT8 interleaved, same batch, same threads
+    bench_batch: int = Field(default=64, ge=1)
+    bench_threads: int = Field(default=1, ge=1)  # the embedded server's classifier instance uses 1
+    bench_repeats: int = Field(default=15, ge=3)  # interleaved pairs; the decision uses the median
+    bench_runs: int = Field(default=5, ge=1)      # runs timed per repeat
 
 
 class ReferenceConfig(_Section):
@@ -281,6 +305,10 @@ class ServingConfig(_Section):
     # an answer whose image is out of distribution: flag (keep the label, say so) or withhold
     # (label null, with the reason)
     ood_action: Literal["flag", "withhold"] = "flag"
+    # what `medops deploy`/`rollback` write: embedded (the classifier as a Python-backend model.py
+    # running onnxruntime on the CPU: the wheel's tritonserver) or production (Triton's onnxruntime
+    # backend on a GPU instance, warm-up, optional TensorRT FP16: deploy/model_repository/)
+    flavor: Literal["embedded", "production"] = "embedded"
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> "ServingConfig":
@@ -341,6 +369,7 @@ class Params(_Section):
     gate: GateConfig = GateConfig()
     ood: OodConfig = OodConfig()
     export: ExportConfig = ExportConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
     reference: ReferenceConfig = ReferenceConfig()
     monitor: MonitorConfig = MonitorConfig()
     serving: ServingConfig = ServingConfig()

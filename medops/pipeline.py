@@ -141,7 +141,8 @@ def gate(p: Params, pp: ProjectPaths) -> Any:
     # DVC dependency: it changes when deploy runs) scored on the same test split
     return run(p.gate, metrics=pp.metrics, train_result=pp.train_result, out=pp.gate,
                ood_result=pp.ood_dir / "ood.json", predictions=pp.plots / "predictions.csv", ingested_dir=pp.ingested, split=pp.split,
-               repository=p.serving.repository_path(pp.root), model_name=p.serving.model_name)
+               repository=p.serving.repository_path(pp.root), model_name=p.serving.model_name,
+               quantize_result=pp.models / "int8" / "quantize.json")
 
 
 def export(p: Params, pp: ProjectPaths) -> Any:
@@ -150,6 +151,14 @@ def export(p: Params, pp: ProjectPaths) -> Any:
     return run(p.export, model=pp.keras_model, ingested_dir=pp.ingested, split=pp.split,
                train_result=pp.train_result, onnx_out=pp.onnx_model, result_out=pp.export_result,
                ood_dir=pp.ood_dir)
+
+
+def quantize(p: Params, pp: ProjectPaths) -> Any:
+    from medops.stages.quantize import run
+
+    return run(p.quantize, p.evaluate, onnx=pp.onnx_model, export_result=pp.export_result,
+               train_result=pp.train_result, ingested_dir=pp.ingested, split=pp.split,
+               out_dir=pp.models / "int8")
 
 
 def reference(p: Params, pp: ProjectPaths) -> Any:
@@ -168,8 +177,10 @@ STAGES: dict[str, Stage] = {
         Stage("ood", "medops.stages.ood", ("ood",), ood),
         Stage("evaluate", "medops.stages.evaluate", ("evaluate",), evaluate),
         Stage("explain", "medops.stages.explain", ("evaluate",), explain),
-        Stage("gate", "medops.stages.gate", ("gate",), gate),
         Stage("export", "medops.stages.export", ("export",), export),
+        # after export: the optional INT8 copy, which the gate decides to serve or not
+        Stage("quantize", "medops.stages.quantize", ("quantize", "evaluate"), quantize),
+        Stage("gate", "medops.stages.gate", ("gate",), gate),
         Stage("reference", "medops.stages.reference", ("reference",), reference),
     )
 }

@@ -28,6 +28,23 @@ class ChampionComparison(BaseModel):
     n: int | None = None                  # test images both were scored on
 
 
+class Int8Decision(BaseModel):
+    """Whether the quantize stage's INT8 model is served instead of the FP32 export, and why.
+
+    Never fails the gate: when ``serve`` is false the FP32 model is served. ``reasons``: one line
+    per check, ending ": pass" or ": fail"; ``summary``: the one line a person reads."""
+
+    serve: bool
+    summary: str
+    reasons: list[str] = []
+    sha256: str | None = None          # of models/int8/model.onnx, the file deploy must find
+    source_sha256: str | None = None   # the FP32 export it was made from
+    golden_atol: float | None = None
+    delta_auc: float | None = None
+    delta_accuracy: float | None = None
+    median_speedup: float | None = None
+
+
 class GateDecision(BaseModel):
     passed: bool
     reasons: list[str]
@@ -37,6 +54,7 @@ class GateDecision(BaseModel):
     thresholds: dict[str, float] = {}
     champion: ChampionComparison | None = None
     timestamp: str
+    int8: Int8Decision | None = None   # None: decided before the quantize stage existed (FP32)
 
     @property
     def failed_reasons(self) -> list[str]:

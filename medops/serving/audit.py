@@ -10,7 +10,9 @@ it served a new version, found it already served, was refused or failed:
   even when ``by`` names someone else), ``pid``;
 - ``reason``: why (``--reason``; the flow says which run), None when nobody said;
 - what: ``model_name``, ``version`` (deployed or rolled back to), ``previous_version``,
-  ``data_version``, ``sha256``, ``url``, ``protocol``.
+  ``data_version``, ``sha256``, ``url``, ``protocol``; ``flavour`` (embedded | production) and
+  ``verified_by`` (triton: a server checked it against the golden outputs before serving it;
+  none: ``--no-verify``, written and pinned with no server's check).
 
 The file is opened for appending only and each line is written whole under an exclusive lock, so
 two writers never interleave; it lives with the repository (Triton ignores files there), so it
@@ -88,10 +90,12 @@ def _what(action: str, result: Any) -> dict[str, Any]:
     data = result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
     if action == "rollback":
         return {"outcome": "rolled_back", "model_name": data.get("model_name"),
-                "version": data.get("to_version"), "previous_version": data.get("from_version")}
+                "version": data.get("to_version"), "previous_version": data.get("from_version"),
+                "flavour": data.get("flavour"), "verified_by": data.get("verified_by")}
     return {"outcome": "unchanged" if data.get("unchanged") else "deployed",
             **{k: data.get(k) for k in ("model_name", "version", "previous_version", "data_version",
-                                         "sha256", "url", "protocol")}}
+                                         "sha256", "url", "protocol", "flavour", "verified_by",
+                                         "precision")}}
 
 
 def audited(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -234,6 +234,9 @@ class EnsembleContract:
     max_bytes: int                       # serving.max_request_bytes
     max_pixels: int                      # serving.max_image_pixels
     record: RecordSettings | None = None  # serving.record: the drift recorder step, or none
+    # what deploy and rollback write for the classifier (serving.flavor); the pre/postprocessing
+    # models and the ensemble are the same in both
+    flavour: Flavour = "embedded"
 
     @property
     def recorder_name(self) -> str:

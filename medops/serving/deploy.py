@@ -25,6 +25,7 @@ Not a DVC stage: it changes a running server. The CLI and the Prefect flow call 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import time
@@ -42,6 +43,7 @@ from medops.serving.contract import (
     ONNX_FILENAME,
     PYTHON_FILENAME,
     EnsembleContract,
+    Flavour,
     ModelContract,
     build_ensemble_contract,
     render_config,
@@ -84,6 +86,12 @@ class DeployResult(BaseModel):
     n_golden: int
     threshold: float  # the ensemble labels "pneumonia" at probability >= this
     unchanged: bool = False  # this very model (same ONNX, same threshold) was already served
+    flavour: str = "embedded"  # serving.flavor: what was written for the classifier
+    precision: str = "fp32"    # "int8": the gate chose the quantize stage's model
+    # "triton": a server loaded it as a candidate and it reproduced the golden outputs, then
+    # served it; "none" (deploy --no-verify): written and pinned with no server's check (its
+    # file was checked against the golden outputs in onnxruntime here, on the CPU)
+    verified_by: str = "triton"
 
 
 def check_gate(gate: Path) -> str:
@@ -246,6 +254,9 @@ def wait_version_ready(client: Any, name: str, version: int, timeout: float) -> 
 
 # served vs exported ood_score of the golden images (export's own ood_parity_atol default)
 GOLDEN_OOD_ATOL = 1e-3
+# the production flavour with serving.tensorrt_fp16 computes in FP16 (about 3 decimal digits):
+# its golden tolerance is at least this
+FP16_GOLDEN_ATOL = 1e-2
 
 
 def check_golden(
@@ -272,10 +283,11 @@ def check_golden(
     if guarded:
         scores, inside = ood[0]
         ood_diff = float(np.max(np.abs(scores - expected[:, 1])))
-        if not ood_diff <= GOLDEN_OOD_ATOL or not np.array_equal(inside, scores <= 1.0):
+        ood_atol = max(GOLDEN_OOD_ATOL, atol)  # FP16 serving widens both (FP16_GOLDEN_ATOL)
+        if not ood_diff <= ood_atol or not np.array_equal(inside, scores <= 1.0):
             raise ServingError(
                 f"golden check failed on {name!r}: the served OOD guard is not the exported one "
-                f"(max |ood_score served - exported| = {ood_diff:.3g} > {GOLDEN_OOD_ATOL:g}, or "
+                f"(max |ood_score served - exported| = {ood_diff:.3g} > {ood_atol:g}, or "
                 "in_distribution is not ood_score <= 1)")
     if expect_version is not None and answered != expect_version:
         raise ServingError(f"{name!r} answered from version {answered!r}, expected {expect_version}")
@@ -289,6 +301,7 @@ def candidate_name(name: str) -> str:
 def check_candidate(
     client: Any, *, protocol: str, contract: ModelContract, version_dir: Path,
     images: np.ndarray, expected: np.ndarray, atol: float, timeout: float,
+    flavour: Flavour = "embedded",
 ) -> float:
     """Load ``version_dir`` on the running Triton as a separate candidate model (config and files
     sent through the model-control API, nothing added to the repository), check it against the
@@ -297,10 +310,10 @@ def check_candidate(
     from tritonclient.grpc import model_config_pb2
 
     cand = candidate_name(contract.name)
-    config = text_format.Parse(render_config(contract, "embedded"), model_config_pb2.ModelConfig())
+    config = text_format.Parse(render_config(contract, flavour), model_config_pb2.ModelConfig())
     config.name = cand
-    files = {f"file:1/{f}": (Path(version_dir) / f).read_bytes()
-             for f in (ONNX_FILENAME, PYTHON_FILENAME)}
+    names = (ONNX_FILENAME, PYTHON_FILENAME) if flavour == "embedded" else (ONNX_FILENAME,)
+    files = {f"file:1/{f}": (Path(version_dir) / f).read_bytes() for f in names}
     try:
         client.load_model(cand, config=json_format.MessageToJson(config, preserving_proto_field_name=True),
                           files=files)
@@ -358,9 +371,9 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
     else:
         thresholds = {v: _threshold_of_version(repository, c.name, v, served, ec.threshold)
                       for v in both if v != new} | {new: ec.threshold}
-        changed = write_processing_models(ec, repository, "embedded", thresholds=thresholds,
+        changed = write_processing_models(ec, repository, ec.flavour, thresholds=thresholds,
                                           models=[pre, *rec])
-    changed += write_processing_models(ec, repository, "embedded", thresholds=thresholds,
+    changed += write_processing_models(ec, repository, ec.flavour, thresholds=thresholds,
                                        models=[post])
     for name in (pre, *rec, post):
         if not (repository / name / "config.pbtxt").is_file():
@@ -368,7 +381,7 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
         if name in changed or not client.is_model_ready(name):
             client.load_model(name)
     wait_version_ready(client, post, new, timeout)
-    write_config(c, repository, "embedded", versions=both)
+    write_config(c, repository, ec.flavour, versions=both)
     client.load_model(c.name)
     wait_version_ready(client, c.name, new, timeout)
     crash_point("deploy.switching")
@@ -376,14 +389,14 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
     client.load_model(ec.ensemble_name)
     wait_version_ready(client, ec.ensemble_name, new, timeout)
     if both != [new]:
-        write_config(c, repository, "embedded", versions=[new])
+        write_config(c, repository, ec.flavour, versions=[new])
         client.load_model(c.name)
         wait_version_ready(client, c.name, new, timeout)
     before = snapshot_files(repository, [post_config])
     if restore is not None:
         restore_files(repository, {k: v for k, v in restore.items() if k.startswith(f"{post}/")})
     else:
-        write_processing_models(ec, repository, "embedded", thresholds={new: ec.threshold},
+        write_processing_models(ec, repository, ec.flavour, thresholds={new: ec.threshold},
                                 models=[post])
     if snapshot_files(repository, [post_config]) != before:
         client.load_model(post)
@@ -469,46 +482,49 @@ def deploy(
     golden_atol: float | None = None,
     admin_key: str | None = None,
     timeout: float = 120.0,
+    verify: bool = True,
 ) -> DeployResult:
     """Deploy ``onnx`` as the next version of ``cfg.model_name`` on the running Triton.
 
     1. The gate decision must have passed, for the data version export recorded, and ``onnx``
-       must be the exported file (sha256). Otherwise nothing is written.
+       must be the exported file (sha256); nothing is written otherwise. When the gate chose
+       INT8 (``gated_int8``), the quantize stage's model is deployed instead.
     2. The new version is written beside the served one; config.pbtxt keeps the served version
        pinned, so a reload or restart cannot serve it early.
     3. It is loaded as a separate candidate model and must reproduce export's golden
        probabilities (``golden.npz`` beside the ONNX file) within ``golden_atol`` (default:
        export's ``parity_atol``).
     4. Only then is it served: pinned in the classifier's config and in the DICOM ensemble's
-       (``<name>_dicom``: ``preprocessing`` (as ingest prepared the training data) within
-       ``cfg``'s ``max_request_bytes``/``max_image_pixels``
-       limits -> classifier -> labels at ``threshold``, default export.json's
-       ``decision_threshold``, else 0.5), and checked again through both.
+       (``<name>_dicom``: ``preprocessing`` within ``cfg``'s byte and pixel limits ->
+       classifier -> labels at ``threshold``, default export.json's ``decision_threshold``,
+       else 0.5), and checked again through both.
        A failure at 3 or 4 removes the new version and keeps (or restores) the previous one.
 
-    ``admin_key`` (default ``$MEDOPS_TRITON_ADMIN_KEY``) unlocks a server whose model-repository
-    API is restricted (``start_server(admin_key=...)``); it is checked before anything is written.
-
+    ``admin_key`` (default ``$MEDOPS_TRITON_ADMIN_KEY``) unlocks a restricted model-repository API.
     ``repository`` must be the server's own model repository (the same folder, e.g. a shared
     volume mounted here): files are written here and the server is only asked to load models
-    by name, so a remote server with a repository of its own never sees them. What is written
-    is the embedded flavour (classifier as a Python-backend ``model.py`` running onnxruntime on
-    the CPU), not the production onnxruntime-backend GPU config. The same holds for
-    ``rollback``.
+    by name, so a remote server with a repository of its own never sees them. The classifier
+    is written in ``cfg.flavor`` (embedded: Python-backend model.py; production: onnxruntime
+    backend on a GPU, as deploy/model_repository/); ``verify`` False: ``_deploy_unverified``.
 
     Raises:
         GateRejectedError: gate not passed (its failed checks are in the message), or the ONNX
             file / data version is not what the gate judged.
-        ServerUnreachableError: Triton does not answer at ``url``.
-        ServingError: the new version failed to load or to match the
-            golden samples; the message says which version is still served.
+        ServerUnreachableError: Triton does not answer at ``url`` (with the production flavour
+            the message names ``--no-verify``); nothing is written.
+        ServingError: the new version failed to load or to match the golden samples; the
+            message says which version is still served.
     """
     release = _check_release(onnx, gate=gate, export_result=export_result,
                              image_size=preprocessing.image_size, golden=golden,
                              golden_atol=golden_atol, threshold=threshold)
     ec, url = _contract_and_url(cfg, url, protocol, preprocessing, release.threshold)
+    if ec.flavour == "production" and ec.classifier.tensorrt_fp16:
+        release = release._replace(atol=max(release.atol, FP16_GOLDEN_ATOL))
     repository = Path(repository)
-    with _exclusive(repository), _Connection(url, protocol, admin_key) as client:
+    if not verify:
+        return _deploy_unverified(ec, repository, release, url=url, protocol=protocol)
+    with _exclusive(repository), _verifying(ec, url, protocol, admin_key) as client:
         discard_unfinished(repository, ec.classifier.name)  # what a deploy killed half-way left
         previous = served_version(repository, ec.classifier.name)
         already = already_served(client, repository, ec, previous, release.sha256)
@@ -516,14 +532,16 @@ def deploy(
             return already
         version, version_dir = _add_candidate(client, protocol=protocol, contract=ec.classifier,
                                               repository=repository, release=release,
-                                              previous=previous, timeout=timeout)
+                                              previous=previous, timeout=timeout,
+                                              flavour=ec.flavour)
         diff = _promote(client, protocol=protocol, ec=ec, repository=repository, release=release,
                         previous=previous, version=version, timeout=timeout)
         result = DeployResult(
             model_name=ec.classifier.name, version=version, previous_version=previous,
             data_version=release.data_version, sha256=release.sha256, url=url, protocol=protocol,
             repository=str(repository.resolve()), golden_max_abs_diff=diff, golden_atol=release.atol,
-            n_golden=len(release.expected), threshold=ec.threshold,
+            n_golden=len(release.expected), threshold=ec.threshold, flavour=ec.flavour,
+            precision=release.precision,
         )
         crash_point("deploy.served")
         # the version's record, under the lock: it marks the version as finished
@@ -543,6 +561,7 @@ class _Release(NamedTuple):
     expected: np.ndarray
     atol: float
     threshold: float
+    precision: str = "fp32"  # "int8": the gate chose the quantize stage's model (models/int8)
 
 
 def _check_release(onnx: Path, *, gate: Path, export_result: Path, image_size: int,
@@ -553,6 +572,9 @@ def _check_release(onnx: Path, *, gate: Path, export_result: Path, image_size: i
     the threshold default to the ones export recorded."""
     gate_data_version = check_gate(gate)
     digest, data_version = check_export(onnx, export_result, gate_data_version)
+    int8 = gated_int8(gate, Path(onnx), digest)
+    if int8 is not None:  # the gate chose INT8: its own file, golden outputs and tolerance
+        onnx, digest, golden, golden_atol = int8
     golden = Path(golden) if golden else Path(onnx).with_name(GOLDEN_FILE)
     images, expected = read_golden(golden, image_size)
     return _Release(
@@ -561,7 +583,32 @@ def _check_release(onnx: Path, *, gate: Path, export_result: Path, image_size: i
         atol=golden_atol if golden_atol is not None else _export_atol(export_result),
         threshold=(threshold if threshold is not None
                    else _recorded_threshold(export_result, "decision_threshold")),
+        precision="fp32" if int8 is None else "int8",
     )
+
+
+INT8_DIR = "int8"  # the quantize stage's folder beside model.onnx (models/int8)
+
+
+def gated_int8(gate: Path, onnx: Path, fp32_sha256: str) -> tuple[Path, str, Path, float] | None:
+    """``(model, sha256, golden, golden atol)`` of the INT8 model when the gate decided to serve
+    it (``int8.serve`` in gate.json), else None (FP32). The file must be the one the gate judged
+    (sha256), made from this very FP32 export; otherwise GateRejectedError, nothing is written."""
+    from medops.results import read_decision
+
+    decision = read_decision(gate).int8
+    if decision is None or not decision.serve:
+        return None
+    model = Path(onnx).parent / INT8_DIR / ONNX_FILENAME
+    digest = sha256_file(model) if model.is_file() else None
+    if digest is None or digest != decision.sha256:
+        raise GateRejectedError(f"the gate chose the INT8 model {model}, but it is "
+                                f"{'missing' if digest is None else 'another file (sha256)'}: "
+                                "re-run the quantize and gate stages")
+    if decision.source_sha256 != fp32_sha256:
+        raise GateRejectedError(f"the INT8 model the gate chose was made from another export "
+                                f"than {onnx}: re-run the quantize and gate stages")
+    return model, digest, model.with_name(GOLDEN_FILE), float(decision.golden_atol or 1e-3)
 
 
 def _kept(previous: int | None) -> str:
@@ -569,21 +616,24 @@ def _kept(previous: int | None) -> str:
 
 
 def _add_candidate(client: Any, *, protocol: str, contract: ModelContract, repository: Path,
-                   release: _Release, previous: int | None, timeout: float) -> tuple[int, Path]:
+                   release: _Release, previous: int | None, timeout: float,
+                   flavour: Flavour = "embedded") -> tuple[int, Path]:
     """Deploy's steps 2 and 3: write the new version beside the served one (``previous`` stays
     pinned), load it as a separate candidate model and check it against the golden samples;
     if that fails, remove it. Returns ``(version, its folder)``."""
-    version, version_dir = write_version(contract, repository, release.onnx, flavour="embedded",
+    version, version_dir = write_version(contract, repository, release.onnx, flavour=flavour,
                                          golden=release.golden)
+    config = snapshot_files(repository, [f"{contract.name}/config.pbtxt"])  # its flavour, too
     if previous is not None:
-        write_config(contract, repository, "embedded", versions=[previous])
+        write_config(contract, repository, flavour, versions=[previous])
     crash_point("deploy.written")
     try:
         check_candidate(client, protocol=protocol, contract=contract, version_dir=version_dir,
                         images=release.images, expected=release.expected, atol=release.atol,
-                        timeout=timeout)
+                        timeout=timeout, flavour=flavour)
     except Exception as exc:  # noqa: BLE001 - any failure means: do not serve it
         remove_version(repository, contract.name, version)
+        restore_files(repository, config)
         raise ServingError(
             f"not serving {contract.name!r} version {version}: candidate check failed: "
             f"{_why(exc)}; {_kept(previous)}"
@@ -647,9 +697,9 @@ def already_served(client: Any, repository: Path, ec: EnsembleContract, version:
 def _served_files(ec: EnsembleContract, version: int) -> dict[str, bytes]:
     """What a deploy (or rollback) serving classifier ``version`` with ``ec`` leaves in the
     repository's configs and processing models, ``{relative path: content}``."""
-    files = processing_files(ec, "embedded", thresholds={version: ec.threshold})
+    files = processing_files(ec, ec.flavour, thresholds={version: ec.threshold})
     files[f"{ec.classifier.name}/config.pbtxt"] = render_config(
-        ec.classifier, "embedded", versions=[version]).encode()
+        ec.classifier, ec.flavour, versions=[version]).encode()
     files[f"{ec.ensemble_name}/config.pbtxt"] = render_ensemble_config(
         ec, classifier_version=version).encode()
     return files
@@ -661,6 +711,8 @@ class RollbackResult(BaseModel):
     to_version: int
     golden_max_abs_diff: float | None = None
     threshold: float
+    flavour: str = "embedded"
+    verified_by: str = "triton"  # or "none": rollback --no-verify (see DeployResult)
 
 
 @audited("rollback")
@@ -675,6 +727,7 @@ def rollback(
     threshold: float | None = None,
     admin_key: str | None = None,
     timeout: float = 120.0,
+    verify: bool = True,
 ) -> RollbackResult:
     """Serve an earlier version again: ``to_version``, or the newest one below the served one.
 
@@ -682,7 +735,8 @@ def rollback(
     its version folder (directly and through the DICOM ensemble, re-pinned to it) before the
     rollback counts as done. The newer version stays on disk. ``preprocessing`` as for
     ``deploy``; ``threshold`` defaults to the one the target version was deployed with.
-    ``repository`` must be the server's own model repository, as for ``deploy``.
+    ``repository`` must be the server's own model repository, as for ``deploy``; ``verify``
+    False re-pins the configs with no server's check, as ``deploy(verify=False)`` does.
 
     Raises:
         ServerUnreachableError: Triton does not answer at ``url``.
@@ -700,7 +754,9 @@ def rollback(
         ec, url = _contract_and_url(cfg, url, protocol, preprocessing, threshold)
         contract, image_size = ec.classifier, preprocessing.image_size
         golden = repository / contract.name / str(to_version) / GOLDEN_FILE
-        with _Connection(url, protocol, admin_key) as client:
+        if not verify:
+            return _rollback_unverified(ec, repository, current, to_version, image_size)
+        with _verifying(ec, url, protocol, admin_key) as client:
             before = snapshot_files(repository, _processing_rels(ec, current, to_version))
             try:
                 _switch(client, ec, repository, current, to_version, timeout)
@@ -726,7 +782,7 @@ def rollback(
                     f"{_why(exc)}; {served}"
                 ) from None
     return RollbackResult(model_name=contract.name, from_version=current, to_version=to_version,
-                          golden_max_abs_diff=diff, threshold=ec.threshold)
+                          golden_max_abs_diff=diff, threshold=ec.threshold, flavour=ec.flavour)
 
 
 def _rollback_target(repository: Path, name: str, to_version: int | None) -> tuple[int | None, int]:
@@ -751,13 +807,13 @@ def _contract_and_url(cfg: ServingConfig, url: str | None, protocol: str,
                       preprocessing: PreprocessSpec, threshold: float) -> tuple[EnsembleContract, str]:
     """The ensemble contract deploy and rollback serve, and ``url`` or ``cfg``'s endpoint for
     ``protocol``."""
-    return (build_ensemble_contract(cfg, preprocessing, threshold=threshold),
-            url or endpoint(cfg, protocol))
+    ec = build_ensemble_contract(cfg, preprocessing, threshold=threshold)
+    return dataclasses.replace(ec, flavour=cfg.flavor), url or endpoint(cfg, protocol)
 
 
 def _processing_rels(ec: EnsembleContract, *versions: int | None) -> list[str]:
     """The pre/postprocessing files a switch between ``versions`` may write (to snapshot)."""
-    return list(processing_files(ec, "embedded",
+    return list(processing_files(ec, ec.flavour,
                                  thresholds={v: ec.threshold for v in versions if v is not None}))
 
 
@@ -776,3 +832,135 @@ def _golden_atol_of(golden: Path) -> float:
         return float(json.loads(golden.with_name(VERSION_INFO).read_text())["golden_atol"])
     except (OSError, ValueError, KeyError, TypeError):
         return 1e-4
+
+
+# -- the golden check, pluggable: a server (the default) or none (--no-verify) --------------------
+
+NO_VERIFY_HINT = ("the production flavour serves a version only once a server has loaded it and "
+                  "checked it against export's golden outputs: start the GPU Triton that serves "
+                  "this repository (deploy/README.md), or pass --no-verify to write and pin it "
+                  "unchecked, for a server that loads it when it starts")
+
+
+@contextlib.contextmanager
+def _verifying(ec: EnsembleContract, url: str, protocol: str,
+               admin_key: str | None) -> Iterator[Any]:
+    """The server that checks the candidate (``_Connection``). With the production flavour an
+    unreachable server is refused with the way out (``--no-verify``) in the message."""
+    try:
+        connection = _Connection(url, protocol, admin_key)
+        client = connection.__enter__()
+    except ServerUnreachableError as exc:
+        if ec.flavour != "production":
+            raise
+        raise ServerUnreachableError(f"{exc}; {NO_VERIFY_HINT}") from None
+    try:
+        yield client
+    finally:
+        connection.__exit__(None, None, None)
+
+
+def check_file_golden(onnx: Path, images: np.ndarray, expected: np.ndarray, atol: float) -> float:
+    """The ONNX file at ``onnx`` run in onnxruntime here (CPU) on the golden images: every
+    probability within ``atol`` of ``expected`` (and, for a guarded model, every ood_score within
+    GOLDEN_OOD_ATOL). Not a server's check: it proves the file written is the one exported.
+    Returns the largest probability difference."""
+    import onnxruntime as ort
+
+    from medops.serving.contract import GUARDED_OUTPUTS, INPUT_NAME
+
+    guarded = expected.ndim == 2
+    try:
+        session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+        outs = session.run(list(GUARDED_OUTPUTS[:2] if guarded else GUARDED_OUTPUTS[:1]),
+                           {INPUT_NAME: np.asarray(images, dtype=np.float32)})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own untyped errors
+        raise ServingError(f"{onnx} does not run in onnxruntime: {first_line(exc)}") from None
+    diff = float(np.max(np.abs(outs[0].reshape(-1) - (expected[:, 0] if guarded else expected))))
+    ood = float(np.max(np.abs(outs[1].reshape(-1) - expected[:, 1]))) if guarded else 0.0
+    if not diff <= atol or not ood <= GOLDEN_OOD_ATOL:
+        raise ServingError(f"golden check of {onnx} failed: max |probability - golden| = "
+                           f"{diff:.3g} (atol {atol:g}), max |ood_score - golden| = {ood:.3g}")
+    return diff
+
+
+def _pin(ec: EnsembleContract, repository: Path, version: int) -> None:
+    """Write every config and processing model as a deploy serving ``version`` leaves them:
+    processing models first, the classifier's config next, the ensemble last."""
+    files = _served_files(ec, version)
+    ordered = sorted(files, key=lambda rel: (rel.split("/", 1)[0] == ec.ensemble_name,
+                                             rel.split("/", 1)[0] == ec.classifier.name, rel))
+    (Path(repository) / ec.ensemble_name / str(version)).mkdir(parents=True, exist_ok=True)
+    restore_files(repository, {rel: files[rel] for rel in ordered})  # only what changed
+
+
+def _deploy_unverified(ec: EnsembleContract, repository: Path, release: _Release, *, url: str,
+                       protocol: str) -> DeployResult:
+    """``deploy(verify=False)``: the new version written (hidden name, then renamed), its file
+    checked here in onnxruntime against the golden outputs, then pinned in every config; no
+    server is asked. A failure removes the version and puts the configs back."""
+    name = ec.classifier.name
+    with _exclusive(repository):
+        discard_unfinished(repository, name)
+        previous = served_version(repository, name)
+        record = _record_of(repository, name, previous)
+        if record is not None and record.sha256 == release.sha256 \
+                and record.threshold == ec.threshold and record.flavour == ec.flavour \
+                and snapshot_files(repository, _served_files(ec, previous)) == _served_files(ec, previous):
+            return record.model_copy(update={"unchanged": True})
+        version, version_dir = write_version(ec.classifier, repository, release.onnx,
+                                             flavour=ec.flavour, golden=release.golden)
+        before = snapshot_files(repository, [*_served_files(ec, version), *_processing_rels(ec, previous)])
+        try:
+            diff = check_file_golden(version_dir / ONNX_FILENAME, release.images, release.expected,
+                                     release.atol)
+            _pin(ec, repository, version)
+        except Exception as exc:  # noqa: BLE001 - nothing of it may stay
+            restore_files(repository, before)
+            remove_version(repository, name, version)
+            remove_version(repository, ec.ensemble_name, version)
+            raise ServingError(f"not serving {name!r} version {version}: {_why(exc)}; "
+                               f"{_kept(previous)}") from None
+        result = DeployResult(
+            model_name=name, version=version, previous_version=previous,
+            data_version=release.data_version, sha256=release.sha256, url=url, protocol=protocol,
+            repository=str(repository.resolve()), golden_max_abs_diff=diff,
+            golden_atol=release.atol, n_golden=len(release.expected), threshold=ec.threshold,
+            flavour=ec.flavour, verified_by="none", precision=release.precision)
+        write_text(version_dir / VERSION_INFO, result.model_dump_json(indent=2) + "\n")
+    return result
+
+
+def _record_of(repository: Path, name: str, version: int | None) -> DeployResult | None:
+    """The deploy.json of ``version``, or None (no version, no record, unreadable)."""
+    if version is None:
+        return None
+    try:
+        return DeployResult.model_validate_json(
+            (Path(repository) / name / str(version) / VERSION_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _rollback_unverified(ec: EnsembleContract, repository: Path, current: int | None,
+                         to_version: int, image_size: int) -> RollbackResult:
+    """``rollback(verify=False)`` (under the deploy lock): the target's file checked against
+    its own golden outputs here in onnxruntime, then every config pinned to it as its deploy
+    left them; no server is asked. A failure puts the configs back."""
+    folder = Path(repository) / ec.classifier.name / str(to_version)
+    before = snapshot_files(repository, [*_served_files(ec, to_version),
+                                         *_processing_rels(ec, current)])
+    try:
+        diff = None
+        if (folder / GOLDEN_FILE).is_file():
+            images, expected = read_golden(folder / GOLDEN_FILE, image_size)
+            diff = check_file_golden(folder / ONNX_FILENAME, images, expected,
+                                     _golden_atol_of(folder / GOLDEN_FILE))
+        _pin(ec, repository, to_version)
+    except Exception as exc:  # noqa: BLE001
+        restore_files(repository, before)
+        raise ServingError(f"rollback of {ec.classifier.name!r} to version {to_version} failed: "
+                           f"{_why(exc)}; version {current} is served") from None
+    return RollbackResult(model_name=ec.classifier.name, from_version=current,
+                          to_version=to_version, golden_max_abs_diff=diff, threshold=ec.threshold,
+                          flavour=ec.flavour, verified_by="none")

@@ -50,7 +50,7 @@ from medops.atomic import write_text
 from medops.config import GateConfig
 from medops.errors import MedopsError, first_line
 from medops.paths import read_json
-from medops.results import ChampionComparison, GateDecision
+from medops.results import ChampionComparison, GateDecision, Int8Decision
 
 # (metric key in metrics.json, GateConfig field); every metric must be >= its threshold
 CHECKS: tuple[tuple[str, str], ...] = (
@@ -311,6 +311,53 @@ def judge_champion(
                                  champion=champion, sha256=sha)
 
 
+def _within(what: str, value: float | None, limit: float, unit: float = 1.0) -> tuple[bool, str]:
+    """``|value| <= limit`` as a reason line (``unit`` 100: shown in points)."""
+    if value is None or not math.isfinite(value):
+        return False, f"{what} missing: fail"
+    ok = abs(value) <= limit + 1e-12
+    return ok, (f"|{what}| {abs(value) * unit:.4g} {'<=' if ok else '>'} {limit * unit:.4g}: "
+                f"{'pass' if ok else 'fail'}")
+
+
+def judge_int8(cfg: GateConfig, record: dict[str, Any] | None) -> Int8Decision:
+    """Serve the quantize stage's INT8 model only if, against FP32 on the test split, its AUC
+    and accuracy moved by at most ``int8_max_auc_change`` / ``int8_max_accuracy_change``, its
+    metrics still pass the absolute thresholds, its OOD guard agrees with FP32's on at least
+    ``int8_min_ood_agreement`` of the test and corrupted images, and the median of the
+    interleaved side-by-side speedups (FP32 time / INT8 time, same batch and threads) is at
+    least ``int8_min_speedup`` (> 1 with a stated margin: the rule does not depend on the CPU,
+    the outcome does). Otherwise FP32 is served; ``summary`` says why."""
+    if record is None or not record.get("enabled"):
+        why = "no quantize record" if record is None else "quantize.enabled is false"
+        return Int8Decision(serve=False, summary=f"int8 not served ({why}): fp32 served")
+    checks = [_within("delta auc", record.get("delta_auc"), cfg.int8_max_auc_change),
+              _within("delta accuracy (points)", record.get("delta_accuracy"),
+                      cfg.int8_max_accuracy_change, unit=100.0)]
+    absolute_ok, absolute = check_metrics(cfg, record.get("int8") or {})
+    checks += [(absolute_ok, f"int8 {line}") for line in absolute]
+    ood = record.get("ood") or {}
+    if ood.get("guarded"):
+        agree = metric_value(ood, "agreement")
+        ok = agree is not None and agree >= cfg.int8_min_ood_agreement and ood.get("consistent") is True
+        checks.append((ok, f"ood in_distribution agreement with fp32 {agree} "
+                           f"{'>=' if ok else '<'} {cfg.int8_min_ood_agreement}"
+                           f"{'' if ood.get('consistent') else ' (in_distribution is not ood_score <= 1)'}"
+                           f": {'pass' if ok else 'fail'}"))
+    speed = metric_value(record.get("speed") or {}, "median_speedup")
+    ok = speed is not None and speed >= cfg.int8_min_speedup
+    checks.append((ok, f"median speedup {speed if speed is None else round(speed, 3)} "
+                       f"{'>=' if ok else '<'} int8_min_speedup {cfg.int8_min_speedup}: {'pass' if ok else 'fail'}"))
+    serve = all(ok for ok, _ in checks)
+    failed = [line.rsplit(":", 1)[0] for ok, line in checks if not ok]
+    return Int8Decision(
+        serve=serve, reasons=[line for _, line in checks],
+        summary="int8 served" if serve else f"int8 not served ({'; '.join(failed)}): fp32 served",
+        sha256=record.get("sha256"), source_sha256=record.get("source_sha256"),
+        golden_atol=record.get("golden_atol"), delta_auc=record.get("delta_auc"),
+        delta_accuracy=record.get("delta_accuracy"), median_speedup=speed)
+
+
 def decide(
     cfg: GateConfig, metrics: dict[str, Any], train_record: dict[str, Any],
     champion: ChampionComparison | None = None, ood: tuple[bool, str] | None = None,
@@ -352,6 +399,7 @@ def run(
     repository: Path | None = None,
     model_name: str = "pneumonia_classifier",
     ood_result: Path | None = None,
+    quantize_result: Path | None = None,
 ) -> GateDecision:
     """Read metrics and train result, compare with the served model, write the decision JSON.
 
@@ -359,6 +407,8 @@ def run(
     With it, ``predictions``, ``ingested_dir`` and ``split`` are needed once a model is serving.
     ``ood_result``: the ood stage's ``ood.json``; its guard must pass ``check_ood`` (a path that
     does not exist fails the gate; None skips the check: a model without a guard).
+    ``quantize_result``: the quantize stage's ``quantize.json``: ``judge_int8`` decides whether
+    the INT8 model is served (``int8`` in the decision); None: FP32, no ``int8`` entry.
     """
     metrics_record = read_json(metrics, "metrics")
     train_record = read_json(train_result, "train result")
@@ -377,5 +427,8 @@ def run(
     champion = judge_champion(cfg, repository=repository, model_name=model_name, load_test=load_test,
                               predictions=predictions)
     decision = decide(cfg, metrics_record, train_record, champion, ood)
+    if quantize_result is not None:  # which precision is served (never fails the gate)
+        record = read_json(quantize_result, "quantize result") if Path(quantize_result).is_file() else None
+        decision = decision.model_copy(update={"int8": judge_int8(cfg, record)})
     write_text(out, decision.model_dump_json(indent=2) + "\n")
     return decision

@@ -145,7 +145,7 @@ def _stage_of_point(point: str) -> str:
 
 # the named points, in pipeline order; "train.fit" is the kill from outside
 POINTS = ["quality.done", "split.done", "train.saved", "train.fit", "ood.done", "evaluate.done",
-          "explain.done", "gate.done", "export.onnx", "export.done", "reference.done"]
+          "explain.done", "export.onnx", "export.done", "quantize.done", "gate.done", "reference.done"]
 
 
 def test_a_pipeline_killed_inside_each_stage_completes_on_the_next_run(project: Path) -> None:
