@@ -304,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = sorted((refresh_gate(f.parent, r) for f in args.merge for r in json.loads(f.read_text())["rows"]),
                       key=lambda r: r["seed"])
         out = args.project.resolve()
-        ensemble = one_ensemble(out, [m.resolve() for m in args.members], overrides) if args.members else None
+        recorded = [e for f in args.merge if (e := json.loads(f.read_text()).get("ensemble"))]
+        ensemble = one_ensemble(out, [m.resolve() for m in args.members], overrides) if args.members else \
+            (recorded[0] if recorded else None)
         print(write_summary(out, rows, ensemble))
         return 0
     project = args.project.resolve()
