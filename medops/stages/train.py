@@ -220,27 +220,54 @@ def fit_recipe(
     val: tuple[np.ndarray, np.ndarray], *, log_dir: Path | None = None, backup_dir: Path | None = None,
     **fit_kwargs: Any,
 ) -> tuple[Any, dict[str, list[float]], int | None, list[dict[str, Any]] | None]:
-    """``fit_model``, or with ``train.ensemble_seeds`` one member per seed (the same params
-    otherwise; TensorBoard and backups in a ``seed-N`` folder of their own, so an interrupted
-    ensemble resumes at its member), each calibrated on val (``choose_decision``), combined into
+    """``fit_model``, or with ``train.ensemble_seeds`` one member per seed (``fit_member``: the same
+    params otherwise, TensorBoard and backups in a ``seed-N`` folder of their own), combined into
     one model (``medops.learn.ensemble``). Returns the model, the history (of the last member for
     an ensemble: DVCLive keeps that member's curves), the best epoch (None for an ensemble) and
-    the members' records (None for one model)."""
+    the members' records (None for one model). The members kept for a resumed run are removed
+    once the ensemble is built."""
     if not train_cfg.ensemble_seeds:
         return (*fit_model(train_cfg, augment_cfg, train, val, log_dir=log_dir, backup_dir=backup_dir,
                            **fit_kwargs), None)
+    import shutil
+
     from medops.learn.ensemble import combine_members
 
     models, records, history = [], [], {}
     for seed in train_cfg.ensemble_seeds:
-        member_cfg = train_cfg.model_copy(update={"seed": seed, "ensemble_seeds": []})
         sub = lambda root: Path(root) / f"seed-{seed}" if root is not None else None  # noqa: E731
-        model, history, best = fit_model(member_cfg, augment_cfg, train, val, log_dir=sub(log_dir),
-                                         backup_dir=sub(backup_dir), **fit_kwargs)
-        decision = choose_decision(model, member_cfg, *val)
+        model, history, record = fit_member(train_cfg.model_copy(update={"seed": seed, "ensemble_seeds": []}),
+                                            augment_cfg, train, val, log_dir=sub(log_dir),
+                                            backup_dir=sub(backup_dir), **fit_kwargs)
         models.append(model)
-        records.append(member_record(seed, val[1], decision, best_epoch=best))
-    return combine_members(models), history, None, records
+        records.append(record)
+    ensemble = combine_members(models)
+    if backup_dir is not None:
+        shutil.rmtree(backup_dir, ignore_errors=True)
+    return ensemble, history, None, records
+
+
+def fit_member(member_cfg: TrainConfig, augment_cfg: AugmentConfig, train: tuple[np.ndarray, np.ndarray],
+               val: tuple[np.ndarray, np.ndarray], *, backup_dir: Path | None = None,
+               **fit_kwargs: Any) -> tuple[Any, dict[str, list[float]], dict[str, Any]]:
+    """One ensemble member: trained and calibrated on val (``choose_decision``); its model, history
+    and record. With ``backup_dir`` the finished member is kept there (``member.keras``,
+    ``member.json``), and a run resumed after an interruption loads it instead of training it
+    again (an unfinished member resumes from its epoch backup, as one model does)."""
+    from medops.learn.inference import load_model
+
+    kept = Path(backup_dir) / "member.json" if backup_dir is not None else None
+    if kept is not None and kept.is_file():
+        record = json.loads(kept.read_text())
+        return load_model(kept.with_name("member.keras")), record.pop("history"), record
+    model, history, best = fit_model(member_cfg, augment_cfg, train, val, backup_dir=backup_dir, **fit_kwargs)
+    record = member_record(member_cfg.seed, val[1], choose_decision(model, member_cfg, *val), best_epoch=best)
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(kept.with_name("member.keras")) as tmp:
+            model.save(tmp)
+        write_text(kept, json.dumps({**record, "history": {k: [float(v) for v in vs] for k, vs in history.items()}}))
+    return model, history, record
 
 
 def member_record(seed: int, y_val: np.ndarray, decision: dict[str, Any], **extra: Any) -> dict[str, Any]:

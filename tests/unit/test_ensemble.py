@@ -160,3 +160,35 @@ def test_the_train_stage_serves_the_ensemble_and_combine_saved_rebuilds_it_from_
     assert np.allclose(model_logits(load_model(tmp_path / "combined" / "model.keras"), x_val),
                        model_logits(load_model(served), x_val), atol=1e-5)
     assert result.calibration == pytest.approx(record["calibration"], abs=1e-6)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_ensemble_run_resumes_at_its_member(trained, data, tmp_path, monkeypatch):
+    """A run stopped while training member 2 keeps member 1 (backup_dir/seed-1) and trains only
+    member 2 when run again; the same ensemble comes out, and the kept members are removed."""
+    from medops.config import AugmentConfig
+    from medops.learn.calibration import model_logits
+    from medops.stages import train as train_stage
+
+    real, calls = train_stage.fit_model, []
+
+    def fit_model(cfg, *args, **kwargs):
+        calls.append(cfg.seed)
+        if calls == [1, 2]:
+            raise Interrupted  # the run stops (killed, the machine goes down) during member 2
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(train_stage, "fit_model", fit_model)
+    cfg, backup = small_cfg(ensemble_seeds=[1, 2]), tmp_path / "backup"
+    train, val = (data["x"], data["y"]), (data["xv"], data["yv"])
+    with pytest.raises(Interrupted):
+        train_stage.fit_recipe(cfg, AugmentConfig(), train, val, backup_dir=backup)
+    assert (backup / "seed-1" / "member.keras").is_file() and not (backup / "seed-2" / "member.json").exists()
+    ensemble, _, _, members = train_stage.fit_recipe(cfg, AugmentConfig(), train, val, backup_dir=backup)
+    assert calls == [1, 2, 2] and [m["seed"] for m in members] == [1, 2]
+    assert members[0]["calibration"] == pytest.approx(trained[3][0]["calibration"])  # member 1 as trained
+    assert np.allclose(model_logits(ensemble, data["xv"]), model_logits(trained[1], data["xv"]), atol=1e-6)
+    assert not backup.exists()
