@@ -24,7 +24,8 @@ demo: setup
 	$(VENV)/bin/medops demo
 
 ## quality: the recipe (benchmarks/quality/params-quality.yaml) with 5 seeds through the pipeline's
-## stages on the official split, scored through each exported model; per seed and mean +- sd
+## stages on the official split, scored through each exported model; per seed and mean +- sd, and
+## the served 5-seed ensemble built from them
 quality: setup
 	$(PY) benchmarks/quality/seeds.py
 

@@ -160,6 +160,9 @@ class TrainConfig(_Section):
     dense_units: int = Field(default=128, ge=1)
     dropout: float = Field(default=0.3, ge=0, lt=1)
     seed: int = 42
+    # a seed ensemble (medops.learn.ensemble): one member per seed, each calibrated on val, served
+    # as one model (the mean of their logits, recalibrated on val); [] = one model, trained with seed
+    ensemble_seeds: list[int] = Field(default=[])
     class_weight: Literal["none", "balanced"] = "none"
     early_stopping_patience: int = Field(default=0, ge=0)  # 0 = off
     restore_best: bool = True            # keep the weights of the best validation-AUC epoch
@@ -184,6 +187,13 @@ class TrainConfig(_Section):
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; choices: {', '.join(sorted(MODELS))}")
         return name
+
+    @field_validator("ensemble_seeds")
+    @classmethod
+    def _distinct_members(cls, seeds: list[int]) -> list[int]:
+        if seeds and (len(seeds) < 2 or len(set(seeds)) != len(seeds)):
+            raise ValueError(f"ensemble_seeds must be empty or two or more distinct seeds, got {seeds}")
+        return seeds
 
     @model_validator(mode="after")
     def _balanced_needs_calibration(self) -> "TrainConfig":

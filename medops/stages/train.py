@@ -67,6 +67,8 @@ class TrainResult(BaseModel):
     threshold_interval: list[float] | None = None
     calibration: dict[str, Any] | None = None  # Platt a (inverse temperature), b, folded in
     val_ece: float | None = None    # of the saved model's val probabilities
+    # train.ensemble_seeds: per member its seed, best epoch, val AUC, calibration and val ECE
+    members: list[dict[str, Any]] | None = None
     history: dict[str, list[float]]
     model_path: str
     result_path: str
@@ -213,6 +215,67 @@ def fit_model(
     return outcome.model, outcome.history, best
 
 
+def fit_recipe(
+    train_cfg: TrainConfig, augment_cfg: AugmentConfig, train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray], *, log_dir: Path | None = None, backup_dir: Path | None = None,
+    **fit_kwargs: Any,
+) -> tuple[Any, dict[str, list[float]], int | None, list[dict[str, Any]] | None]:
+    """``fit_model``, or with ``train.ensemble_seeds`` one member per seed (``fit_member``: the same
+    params otherwise, TensorBoard and backups in a ``seed-N`` folder of their own), combined into
+    one model (``medops.learn.ensemble``). Returns the model, the history (of the last member for
+    an ensemble: DVCLive keeps that member's curves), the best epoch (None for an ensemble) and
+    the members' records (None for one model). The members kept for a resumed run are removed
+    once the ensemble is built."""
+    if not train_cfg.ensemble_seeds:
+        return (*fit_model(train_cfg, augment_cfg, train, val, log_dir=log_dir, backup_dir=backup_dir,
+                           **fit_kwargs), None)
+    import shutil
+
+    from medops.learn.ensemble import combine_members
+
+    models, records, history = [], [], {}
+    for seed in train_cfg.ensemble_seeds:
+        sub = lambda root: Path(root) / f"seed-{seed}" if root is not None else None  # noqa: E731
+        model, history, record = fit_member(train_cfg.model_copy(update={"seed": seed, "ensemble_seeds": []}),
+                                            augment_cfg, train, val, log_dir=sub(log_dir),
+                                            backup_dir=sub(backup_dir), **fit_kwargs)
+        models.append(model)
+        records.append(record)
+    ensemble = combine_members(models)
+    if backup_dir is not None:
+        shutil.rmtree(backup_dir, ignore_errors=True)
+    return ensemble, history, None, records
+
+
+def fit_member(member_cfg: TrainConfig, augment_cfg: AugmentConfig, train: tuple[np.ndarray, np.ndarray],
+               val: tuple[np.ndarray, np.ndarray], *, backup_dir: Path | None = None,
+               **fit_kwargs: Any) -> tuple[Any, dict[str, list[float]], dict[str, Any]]:
+    """One ensemble member: trained and calibrated on val (``choose_decision``); its model, history
+    and record. With ``backup_dir`` the finished member is kept there (``member.keras``,
+    ``member.json``), and a run resumed after an interruption loads it instead of training it
+    again (an unfinished member resumes from its epoch backup, as one model does)."""
+    from medops.learn.inference import load_model
+
+    kept = Path(backup_dir) / "member.json" if backup_dir is not None else None
+    if kept is not None and kept.is_file():
+        record = json.loads(kept.read_text())
+        return load_model(kept.with_name("member.keras")), record.pop("history"), record
+    model, history, best = fit_model(member_cfg, augment_cfg, train, val, backup_dir=backup_dir, **fit_kwargs)
+    record = member_record(member_cfg.seed, val[1], choose_decision(model, member_cfg, *val), best_epoch=best)
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(kept.with_name("member.keras")) as tmp:
+            model.save(tmp)
+        write_text(kept, json.dumps({**record, "history": {k: [float(v) for v in vs] for k, vs in history.items()}}))
+    return model, history, record
+
+
+def member_record(seed: int, y_val: np.ndarray, decision: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What train.json says about one ensemble member: its seed, val AUC, calibration, val ECE."""
+    return {"seed": seed, "val_auc": compute_auc(y_val, decision["val_scores"]),
+            "calibration": decision["calibration"], "val_ece": decision["val_ece"], **extra}
+
+
 def training_record(result: TrainResult, train_cfg: TrainConfig, augment_cfg: AugmentConfig, *,
                     y_train: np.ndarray, y_val: np.ndarray, plan: Any) -> dict[str, Any]:
     """What ``train.json`` holds: the result, the params used, each split's positive fraction, the
@@ -272,7 +335,7 @@ def run(
     backup_dir, label, resumed = resume_point(train_cfg, augment_cfg, split=split, data_version=data_version,
                                               backup_root=backup_root, worker_index=plan.worker_index)
     run_log_dir = Path(log_dir) / label if log_dir is not None and is_chief(plan) else None
-    model, history, best_epoch = fit_model(
+    model, history, best_epoch, members = fit_recipe(
         train_cfg, augment_cfg, (x_train, y_train), (x_val, y_val),
         log_dir=run_log_dir, plan=plan, strategy=strategy, extra_callbacks=extra_callbacks,
         backup_dir=backup_dir, run_label=label, live_dir=live_dir if is_chief(plan) else None,
@@ -304,7 +367,7 @@ def run(
         tensorboard_dir=str(run_log_dir) if run_log_dir is not None else None,
         decision_threshold=threshold,
         threshold_strategy=train_cfg.threshold_strategy,
-        **decision,
+        **decision, members=members,
         history=history,
         model_path=str(model_out),
         result_path=str(result_out),
@@ -366,6 +429,47 @@ def choose_decision(model: Any, train_cfg: TrainConfig, x_val: np.ndarray,
     lo, hi = threshold_interval(y_val, z, train_cfg.threshold_strategy, a=a, b=b, seed=train_cfg.seed)
     return {"val_scores": val_scores, "threshold": threshold, "threshold_interval": [lo, hi],
             "calibration": calibration, "val_ece": compute_calibration(y_val, val_scores)[1]}
+
+
+def combine_saved(
+    train_cfg: TrainConfig, augment_cfg: AugmentConfig, *, members: Sequence[Path], ingested_dir: Path,
+    split: Path, model_out: Path, result_out: Path, data_version: str,
+) -> TrainResult:
+    """The ``train.ensemble_seeds`` model from members trained already (each ``model.keras`` beside
+    its ``train.json``, calibrated on val as ``fit_recipe`` calibrates a member): combined, then
+    calibrated and thresholded on val (``choose_decision``) and saved as ``run`` saves a model.
+    What ``benchmarks/quality/seeds.py`` serves from its seed projects without training again."""
+    from medops.learn.ensemble import combine_members
+    from medops.learn.inference import load_model
+    from medops.paths import read_json
+
+    started = time.perf_counter()
+    _, y_train, _ = load_split_images(ingested_dir, split, "train")
+    x_val, y_val, val_rows = load_split_images(ingested_dir, split, "val")
+    x_val, y_val = canonical_order(x_val, y_val, val_rows)
+    records = []
+    for path in members:
+        rec = read_json(Path(path).with_name("train.json"), "ensemble member's train result")
+        records.append({"seed": rec["params"]["train"]["seed"], "val_auc": rec.get("best_val_auc"),
+                        "calibration": rec.get("calibration"), "val_ece": rec.get("val_ece"),
+                        "best_epoch": rec.get("best_epoch"), "duration_s": rec.get("duration_s"),
+                        "data_version": rec.get("data_version"), "code_commit": rec.get("code_commit")})
+    model = combine_members([load_model(p) for p in members])
+    decision = choose_decision(model, train_cfg, x_val, y_val)
+    val_scores, threshold = decision.pop("val_scores"), decision.pop("threshold")
+    with atomic_path(Path(model_out)) as tmp:
+        model.save(tmp)
+    result = TrainResult(
+        model=train_cfg.model, data_version=data_version, epochs_run=0, n_train=len(y_train),
+        n_val=len(y_val), input_size=int(x_val.shape[1]), duration_s=round(time.perf_counter() - started, 3),
+        val_auc=None, val_loss=None, best_val_auc=compute_auc(y_val, val_scores),
+        decision_threshold=threshold, threshold_strategy=train_cfg.threshold_strategy, **decision,
+        members=records, history={}, model_path=str(model_out), result_path=str(result_out),
+    )
+    record = training_record(result, train_cfg, augment_cfg, y_train=y_train, y_val=y_val,
+                             plan=plan_for(train_cfg))
+    write_text(Path(result_out), json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return result
 
 
 def canonical_order(x: np.ndarray, y: np.ndarray, rows: Any) -> tuple[np.ndarray, np.ndarray]:
