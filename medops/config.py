@@ -281,6 +281,9 @@ class ServingConfig(_Section):
     # an answer whose image is out of distribution: flag (keep the label, say so) or withhold
     # (label null, with the reason)
     ood_action: Literal["flag", "withhold"] = "flag"
+    # embedded server: instances of each Python-backend model (one onnxruntime thread each);
+    # 0 = one per CPU core of the serving machine, so a dynamic batch never waits for a busy core
+    instances: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> "ServingConfig":

@@ -1,4 +1,4 @@
-"""Triton Python-backend model: the classifier's probability -> a label, per item.
+"""Triton Python-backend model: the answer -> a label (and the drift record), per item.
 
 Copied as ``model.py`` into ``<name>_postprocess/<N>/``, one version per classifier version: version
 N labels at the ``threshold.N`` parameter (the threshold classifier version N was deployed with),
@@ -6,21 +6,41 @@ so the ensemble, pinned to classifier N and postprocess N, switches probability 
 load. Without a ``threshold.N`` parameter the ``threshold`` one applies (the production template,
 one version for whatever classifier is latest). With ``ood_action`` "withhold", an item the OOD
 guard calls out of distribution gets an empty label too (the client reports label null and why).
-Needs only numpy. An item that
-preprocessing could not use (non-empty ``error``) gets an empty label: its probability is that of
-a blank image and means nothing.
+An item that preprocessing could not use (non-empty ``error``) gets an empty label: its
+probability is that of a blank image and means nothing.
+
+Embedded (a ``classifier`` parameter), version N also runs ``<classifier>/N/model.onnx`` of the
+same repository itself (``onnx_classifier.Classifier``) on the prepared images, and answers the
+classifier's outputs beside the label: the DICOM ensemble is then preprocess -> this model, one
+process hop less per request than going through the classifier model. In production the
+classifier (onnxruntime backend, GPU) is a step of its own and this model takes its outputs.
+
+With the ``record_dir`` parameter (``serving.record``) it appends one drift record per item
+(``medops.drift.answer_record`` of the preprocessing model's ``drift_features`` and the answer) to
+``<record_dir>/requests.jsonl`` (``medops.drift.RequestLog``: locked appends, rotated at
+``record_max_bytes``), one append for all requests of a batch. Recording never fails an answer:
+a recording error is logged (Triton's log).
+
+All requests Triton hands over in one call (dynamic batching) are classified with one
+onnxruntime call and labelled together; a request whose tensors cannot be read gets an error
+response, the others their answers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
 PROBABILITY_INPUT = "probability"
 IN_DISTRIBUTION_INPUT = "in_distribution"
+OOD_SCORE_INPUT = "ood_score"
+IMAGE_INPUT = "image"
 ERROR_INPUT = "error"
+DRIFT_INPUT = "drift_features"
 LABEL_OUTPUT = "label"
+ANSWERS = (PROBABILITY_INPUT, OOD_SCORE_INPUT, IN_DISTRIBUTION_INPUT)
 
 
 def label_items(probabilities: np.ndarray, errors: list[bytes], *, threshold: float,
@@ -39,30 +59,117 @@ def label_items(probabilities: np.ndarray, errors: list[bytes], *, threshold: fl
     return np.array(out, dtype=np.object_).reshape(-1, 1)
 
 
+def classify_requests(run, requests: list[dict], item_shape: tuple[int, ...]) -> None:
+    """Add the classifier's answers (``probability``, ``ood_score``, ``in_distribution``) to each
+    request's tensors ``{name: array}``, all images through one ``run`` (``classify_batch``); a
+    request that cannot be classified is replaced by the message saying why."""
+    from medops.serving.backends.onnx_classifier import classify_batch
+
+    good = [i for i, r in enumerate(requests) if isinstance(r, dict)]
+    answers = classify_batch(run, [requests[i][IMAGE_INPUT] for i in good], item_shape)
+    for i, answer in zip(good, answers):
+        if isinstance(answer, str):
+            requests[i] = answer
+        else:
+            requests[i].update(zip(ANSWERS, answer))
+
+
+def drift_records(requests: list) -> list[dict]:
+    """The drift records of every answered request's items, in order (``build_records``)."""
+    from medops.serving.backends.drift_recorder import build_records
+
+    records: list[dict] = []
+    for r in requests:
+        if isinstance(r, dict) and r.get(DRIFT_INPUT) is not None:
+            records += build_records(r[DRIFT_INPUT], r[PROBABILITY_INPUT], r.get(OOD_SCORE_INPUT))
+    return records
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        params = {k: v["string_value"]
-                  for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         key = f"threshold.{args['model_version']}"
         self.threshold = float(params[key] if key in params else params["threshold"])
         self.labels = tuple(params["labels"].split(","))
         self.withhold = params.get("ood_action", "flag") == "withhold"
+        self.inputs = [i["name"] for i in config.get("input", [])]
+        self.classifier = None
+        if params.get("classifier"):  # embedded: run classifier version N's ONNX here
+            from medops.serving.backends.onnx_classifier import Classifier
+
+            root = os.path.dirname(os.path.normpath(args["model_repository"]))
+            self.classifier = Classifier(os.path.join(root, params["classifier"], args["model_version"],
+                                                      "model.onnx"), config)
+        self.log, self.failures = None, 0
+        if "record_dir" in params:
+            from pathlib import Path
+
+            from medops.drift import RequestLog
+
+            directory = Path(params["record_dir"]).expanduser()
+            self.log = RequestLog(directory.resolve(), max_bytes=int(params["record_max_bytes"]),
+                                  keep=int(params["record_keep"]))
+
+    def _read(self, request) -> dict:
+        import triton_python_backend_utils as pb_utils
+
+        out = {}
+        for name in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            out[name] = None if tensor is None else tensor.as_numpy()
+        return out
+
+    def _label(self, r: dict) -> np.ndarray:
+        errors = [bytes(e) for e in r[ERROR_INPUT].reshape(-1)]
+        return label_items(r[PROBABILITY_INPUT], errors, threshold=self.threshold, labels=self.labels,
+                           in_distribution=r[IN_DISTRIBUTION_INPUT], withhold=self.withhold)
+
+    def _record(self, requests: list) -> None:
+        from medops.errors import PROCESS_EXITS, first_line
+        from medops.serving.backends.drift_recorder import _log_warning
+
+        try:
+            records = drift_records(requests)
+            if records:
+                self.log.append(records)
+        except PROCESS_EXITS:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - recording never fails a request
+            self.failures += 1
+            if self.failures <= 10 or self.failures % 1000 == 0:  # a full disk: not per request
+                _log_warning(f"drift recorder: {self.failures} request(s) not recorded; "
+                             f"last: {type(exc).__name__}: {first_line(exc)}")
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
 
-        responses = []
+        tensors: list = []
         for request in requests:
             try:
-                probs = pb_utils.get_input_tensor_by_name(request, PROBABILITY_INPUT).as_numpy()
-                errors = [bytes(e) for e in
-                          pb_utils.get_input_tensor_by_name(request, ERROR_INPUT).as_numpy().reshape(-1)]
-                inside = pb_utils.get_input_tensor_by_name(request, IN_DISTRIBUTION_INPUT).as_numpy()
-                labels = label_items(probs, errors, threshold=self.threshold, labels=self.labels,
-                                     in_distribution=inside, withhold=self.withhold)
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(LABEL_OUTPUT, labels)]))
+                tensors.append(self._read(request))
             except Exception as exc:  # noqa: BLE001 - one response per request, always
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"postprocessing failed: {type(exc).__name__}: {exc}")))
+                tensors.append(f"postprocessing failed: {type(exc).__name__}: {exc}")
+        if self.classifier is not None:
+            classify_requests(self.classifier.run, tensors, self.classifier.item_shape)
+        responses = []
+        for r in tensors:
+            try:
+                if isinstance(r, str):
+                    raise RuntimeError(r)
+                outs = [pb_utils.Tensor(LABEL_OUTPUT, self._label(r))]
+                if self.classifier is not None:
+                    outs += [pb_utils.Tensor(PROBABILITY_INPUT, r[PROBABILITY_INPUT].astype(np.float32)),
+                             pb_utils.Tensor(OOD_SCORE_INPUT, r[OOD_SCORE_INPUT].astype(np.float32)),
+                             pb_utils.Tensor(IN_DISTRIBUTION_INPUT, r[IN_DISTRIBUTION_INPUT].astype(bool))]
+                responses.append(pb_utils.InferenceResponse(output_tensors=outs))
+            except Exception as exc:  # noqa: BLE001 - one response per request, always
+                message = str(exc) if isinstance(r, str) else \
+                    f"postprocessing failed: {type(exc).__name__}: {exc}"
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+        if self.log is not None:
+            self._record(tensors)
         return responses
+
+    def finalize(self) -> None:
+        self.classifier = None
