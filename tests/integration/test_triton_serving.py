@@ -303,14 +303,15 @@ def test_the_ensemble_is_pinned_to_the_served_classifier_version(triton, deploye
     ens = read_config(repo, f"{name}_dicom")
     assert list(ens.version_policy.specific.versions) == [2]
     step = {s.model_name: s.model_version for s in ens.ensemble_scheduling.step}
-    # postprocess version 2 holds v2's threshold: one re-pin switches probability and label
-    # (the drift recorder, serving.record, is version 1 whatever the classifier)
-    assert step == {f"{name}_preprocess": -1, name: 2, f"{name}_postprocess": 2,
-                    f"{name}_recorder": -1}
+    # postprocess version 2 holds v2's threshold and runs v2's ONNX: one re-pin switches
+    # probability and label (and it writes the drift records, serving.record)
+    assert step == {f"{name}_preprocess": -1, f"{name}_postprocess": 2}
     post = read_config(repo, f"{name}_postprocess")
     assert list(post.version_policy.specific.versions) == [2]
-    assert {k: v.string_value for k, v in post.parameters.items()} == {
-        "threshold.2": repr(V2_THRESHOLD), "labels": "normal,pneumonia", "ood_action": "flag"}
+    params = {k: v.string_value for k, v in post.parameters.items()}
+    assert {k: params.pop(k) for k in ("record_dir", "record_max_bytes", "record_keep")}
+    assert params == {"threshold.2": repr(V2_THRESHOLD), "labels": "normal,pneumonia",
+                      "ood_action": "flag", "classifier": name}
     pre = read_config(repo, f"{name}_preprocess")
     assert pre.parameters["max_pixels"].string_value == str(MAX_PIXELS)
 

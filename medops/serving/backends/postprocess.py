@@ -94,13 +94,18 @@ class TritonPythonModel:
         self.labels = tuple(params["labels"].split(","))
         self.withhold = params.get("ood_action", "flag") == "withhold"
         self.inputs = [i["name"] for i in config.get("input", [])]
-        self.classifier = None
+        self.classifier, self.unavailable = None, ""
         if params.get("classifier"):  # embedded: run classifier version N's ONNX here
             from medops.serving.backends.onnx_classifier import Classifier
 
             root = os.path.dirname(os.path.normpath(args["model_repository"]))
-            self.classifier = Classifier(os.path.join(root, params["classifier"], args["model_version"],
-                                                      "model.onnx"), config)
+            path = os.path.join(root, params["classifier"], args["model_version"], "model.onnx")
+            if os.path.isfile(path):
+                self.classifier = Classifier(path, config)
+            else:  # a failed deploy's version, removed while an ensemble may still pin this one:
+                # stay loadable (the undo re-pins the ensemble), answer nothing
+                self.unavailable = (f"classifier {params['classifier']!r} version "
+                                    f"{args['model_version']} is not in the repository")
         self.log, self.failures = None, 0
         if "record_dir" in params:
             from pathlib import Path
@@ -147,6 +152,8 @@ class TritonPythonModel:
         tensors: list = []
         for request in requests:
             try:
+                if self.unavailable:
+                    raise RuntimeError(self.unavailable)
                 tensors.append(self._read(request))
             except Exception as exc:  # noqa: BLE001 - one response per request, always
                 tensors.append(f"postprocessing failed: {type(exc).__name__}: {exc}")

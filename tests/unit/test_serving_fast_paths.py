@@ -1,0 +1,126 @@
+"""The serving fast paths give the training preprocessing's answers (issue 12, item 5).
+
+The preprocessing model reads each file once (values parsed when used, as ingest reads them) and
+the embedded postprocessing model classifies every request of a dynamic batch with one
+onnxruntime call: here, without Triton, on pydicom's own test files in every transfer syntax
+pydicom ships one for. tests/integration/test_serving_fast_paths.py does the same through a live
+Triton.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import pydicom_file
+from medops.config import PreprocessSpec
+
+# one file per transfer syntax (and a colour one for the compressed syntaxes that have them)
+SYNTAX_FILES = {
+    "explicit_le": "CT_small.dcm",
+    "implicit_le": "MR_small_implicit.dcm",
+    "explicit_be": "MR_small_bigendian.dcm",
+    "deflate": "image_dfl.dcm",
+    "rle": "MR_small_RLE.dcm",
+    "rle_rgb": "SC_rgb_rle.dcm",
+    "jpeg_baseline": "SC_rgb_dcmtk_+eb+cy+n1.dcm",
+    "jpeg_extended": "JPGExtended.dcm",
+    "jpeg_lossless": "SC_rgb_jpeg_gdcm.dcm",
+    "jpeg_ls_lossless": "MR_small_jpeg_ls_lossless.dcm",
+    "jpeg_ls_near_lossless": "JPEGLSNearLossless_08.dcm",
+    "jpeg2000_lossless": "MR_small_jp2klossless.dcm",
+    "jpeg2000": "693_J2KI.dcm",
+}
+SPECS = [PreprocessSpec(image_size=28), PreprocessSpec(image_size=64, frame="first")]
+
+
+def training_image(path, spec: PreprocessSpec) -> np.ndarray:
+    """What ingest prepares from the file (medops.stages.ingest: read_dataset, prepare_image)."""
+    from medops.dicom.io import read_dataset
+    from medops.dicom.pixels import prepare_image
+
+    return prepare_image(read_dataset(path.read_bytes(), parse_all=False), spec)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["28", "64-first"])
+def test_served_images_are_the_training_images_in_every_transfer_syntax(spec):
+    from medops.dicom.pixels import preprocess_file
+    from medops.serving.backends.dicom_preprocess import Limits, preprocess_items
+
+    paths = {k: pydicom_file(v) for k, v in SYNTAX_FILES.items()}
+    items = [p.read_bytes() for p in paths.values()]
+    headers: list = []
+    images, errors = preprocess_items(items, spec, Limits(64 << 20, 64 << 20), headers)
+    assert errors == [""] * len(items), dict(zip(paths, errors))
+    for i, (syntax, path) in enumerate(paths.items()):
+        expected = training_image(path, spec)
+        np.testing.assert_array_equal(images[i, ..., 0], expected, err_msg=syntax)
+        # and the client's own preprocessing (every value parsed up front) agrees
+        np.testing.assert_array_equal(images[i, ..., 0], preprocess_file(path, spec), err_msg=syntax)
+        assert headers[i] is not None and int(headers[i].Rows) > 0
+    # none is blank, and the lossless encodings of pydicom's MR_small give one and the same image
+    assert all(images[i].std() > 0.01 for i in range(len(items)))
+    mr = [i for i, k in enumerate(paths) if k in ("implicit_le", "explicit_be", "rle",
+                                                   "jpeg_ls_lossless", "jpeg2000_lossless")]
+    assert len({images[i].tobytes() for i in mr}) == 1
+    rgb = [i for i, k in enumerate(paths) if k in ("rle_rgb", "jpeg_lossless")]  # SC_rgb, lossless
+    assert len({images[i].tobytes() for i in rgb}) == 1
+    assert len({images[i].tobytes() for i in range(len(items))}) == len(items) - len(mr) - len(rgb) + 2
+
+
+def test_a_bad_file_beside_good_ones_is_its_own_error_and_the_header_is_read_once(monkeypatch):
+    import pydicom
+
+    from medops.serving.backends.dicom_preprocess import Limits, preprocess_items
+
+    ct = pydicom_file("CT_small.dcm").read_bytes()
+    reads = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: reads.append(1) or real(*a, **k))
+    images, errors = preprocess_items([ct, b"\x00" * 500, ct[:400], ct], PreprocessSpec(image_size=28),
+                                      Limits(64 << 20, 64 << 20))
+    assert errors[0] == errors[3] == ""
+    assert errors[1].startswith("not_dicom:") and errors[2].split(":")[0] in {"truncated", "no_pixel_data"}
+    assert not images[1].any() and not images[2].any()
+    np.testing.assert_array_equal(images[0], images[3])
+    reads.clear()
+    preprocess_items([ct, ct], PreprocessSpec(image_size=28), Limits(64 << 20, 64 << 20))
+    assert len(reads) == 2  # one read per file: limits, header and pixels
+
+
+def _run(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A stand-in classifier whose answer depends on every pixel."""
+    weights = np.linspace(-1, 1, batch[0].size, dtype=np.float32)
+    logit = (batch.reshape(len(batch), -1) * weights).sum(axis=1)  # row by row, as alone
+    prob = (1 / (1 + np.exp(-logit))).astype(np.float32).reshape(-1, 1)
+    return prob, (logit.reshape(-1, 1) ** 2).astype(np.float32), (np.abs(logit) < 1).reshape(-1, 1)
+
+
+def test_the_postprocess_classifies_all_requests_at_once_and_answers_each_its_own():
+    """Dynamic batching hands the model a list of requests: one classifier call for all of them,
+    answers split back per request exactly as if each were classified alone; a malformed request
+    gets its own error; the drift records come out in request order."""
+    from medops.serving.backends import postprocess
+
+    rng = np.random.default_rng(0)
+    sizes = [1, 3, 2]
+    images = [rng.random((n, 28, 28, 1), dtype=np.float32) for n in sizes]
+    requests: list = [{"image": img, "error": np.array([[b""]] * len(img), dtype=np.object_),
+                       "drift_features": np.array([[json.dumps({"n": i, "error": None}).encode()]
+                                                   for i in range(len(img))], dtype=np.object_)}
+                      for img in images]
+    requests.insert(1, {"image": np.zeros((1, 27, 28, 1), np.float32)})  # a wrong shape
+    calls = []
+    postprocess.classify_requests(lambda b: calls.append(len(b)) or _run(b), requests, (28, 28, 1))
+    assert calls == [sum(sizes)]
+    assert isinstance(requests[1], str) and "shape" in requests[1]
+    for img, r in zip(images, [requests[0], *requests[2:]]):
+        alone = _run(img)
+        for name, expected in zip(postprocess.ANSWERS, alone):
+            np.testing.assert_array_equal(r[name], expected)
+    records = postprocess.drift_records(requests)
+    assert [r["n"] for r in records] == [0, 0, 1, 2, 0, 1]
+    assert [r["probability"] for r in records] == pytest.approx(
+        np.concatenate([_run(i)[0] for i in images]).reshape(-1).tolist(), abs=1e-6)
