@@ -3,7 +3,7 @@
 The preprocessing model reads each file once (values parsed when used, as ingest reads them) and
 the embedded postprocessing model classifies every request of a dynamic batch with one
 onnxruntime call: here, without Triton, on pydicom's own test files in every transfer syntax
-pydicom ships one for. tests/integration/test_serving_fast_paths.py does the same through a live
+pydicom ships one for. tests/integration/test_triton_fast_paths.py does the same through a live
 Triton.
 """
 
@@ -14,34 +14,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import pydicom_file
+from conftest import SYNTAX_FILES, pydicom_file, training_image
 from medops.config import PreprocessSpec
 
-# one file per transfer syntax (and a colour one for the compressed syntaxes that have them)
-SYNTAX_FILES = {
-    "explicit_le": "CT_small.dcm",
-    "implicit_le": "MR_small_implicit.dcm",
-    "explicit_be": "MR_small_bigendian.dcm",
-    "deflate": "image_dfl.dcm",
-    "rle": "MR_small_RLE.dcm",
-    "rle_rgb": "SC_rgb_rle.dcm",
-    "jpeg_baseline": "SC_rgb_dcmtk_+eb+cy+n1.dcm",
-    "jpeg_extended": "JPGExtended.dcm",
-    "jpeg_lossless": "SC_rgb_jpeg_gdcm.dcm",
-    "jpeg_ls_lossless": "MR_small_jpeg_ls_lossless.dcm",
-    "jpeg_ls_near_lossless": "JPEGLSNearLossless_08.dcm",
-    "jpeg2000_lossless": "MR_small_jp2klossless.dcm",
-    "jpeg2000": "693_J2KI.dcm",
-}
 SPECS = [PreprocessSpec(image_size=28), PreprocessSpec(image_size=64, frame="first")]
-
-
-def training_image(path, spec: PreprocessSpec) -> np.ndarray:
-    """What ingest prepares from the file (medops.stages.ingest: read_dataset, prepare_image)."""
-    from medops.dicom.io import read_dataset
-    from medops.dicom.pixels import prepare_image
-
-    return prepare_image(read_dataset(path.read_bytes(), parse_all=False), spec)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=["28", "64-first"])
