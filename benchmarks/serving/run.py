@@ -135,12 +135,17 @@ def load_dicom_files(n: int, workdir: Path) -> tuple[list[bytes], str]:
 # -- load generation -----------------------------------------------------------------------------
 
 async def closed_loop(call: Callable[[int], Awaitable[Any]], concurrency: int, seconds: float,
-                      warmup: float, items_per_request: int = 1) -> dict[str, float]:
+                      warmup: float, items_per_request: int = 1,
+                      cpu: Callable[[], float] | None = None) -> dict[str, float]:
     """``concurrency`` tasks each await ``call(k)`` back to back (k counts that task's requests,
-    offset per task); requests started in the ``seconds`` after ``warmup`` are measured."""
+    offset per task); requests started in the ``seconds`` after ``warmup`` are measured.
+    ``cpu``: the CPU seconds used so far by everything serving (server and client); with it,
+    ``cpu_ms_per_image`` is the CPU time per image over the measured window, a figure other
+    work on the machine does not change (it only slows everything down)."""
     latencies: list[float] = []
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
+    marks: dict[str, float] = {}
 
     async def worker(offset: int) -> None:
         k = offset
@@ -148,13 +153,40 @@ async def closed_loop(call: Callable[[int], Awaitable[Any]], concurrency: int, s
             t0 = time.perf_counter()
             if t0 >= stop_at:
                 return
+            if cpu is not None and t0 >= measure_from and "cpu0" not in marks:
+                marks["cpu0"], marks["n0"] = cpu(), done[0]
             await call(k)
+            done[0] += 1
             if t0 >= measure_from:
                 latencies.append(time.perf_counter() - t0)
             k += concurrency
 
+    done = [0]
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return summarize(latencies, seconds, items_per_request)
+    out = summarize(latencies, seconds, items_per_request)
+    if cpu is not None and "cpu0" in marks and done[0] > marks["n0"]:
+        out["cpu_ms_per_image"] = (1000 * (cpu() - marks["cpu0"])
+                                   / ((done[0] - marks["n0"]) * items_per_request))
+    return out
+
+
+def cpu_of(pid: int) -> Callable[[], float]:
+    """CPU seconds (user + system) used so far by process ``pid``, its children (Triton's
+    Python-backend stubs) and this process (the client)."""
+    import psutil
+
+    root = psutil.Process(pid)
+
+    def used() -> float:
+        total = sum(os.times()[:2])  # this process: the client
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:  # a stub that ended
+                pass
+        return total
+    return used
 
 
 # -- d: the in-process limits of the machine ----------------------------------------------------
@@ -182,6 +214,7 @@ def bench_onnxruntime(onnx_path: Path, images: np.ndarray, seconds: float, warmu
     processes = in_processes("tensor", onnx_path, images, seconds, warmup)
     best = "threads" if threads["images_per_s"] >= processes["images_per_s"] else "processes"
     return {"images_per_s": max(threads["images_per_s"], processes["images_per_s"]),
+            "cpu_ms_per_image": processes["cpu_ms_per_image"],
             "batch_size": len(images), "best": best, "cores": cores(),
             "threads_images_per_s": threads["images_per_s"],
             "processes_images_per_s": processes["images_per_s"]}
@@ -195,13 +228,14 @@ def bench_dicom_limit(onnx_path: Path, files: list[bytes], batch: int, spec: Any
     preprocessing), then one onnxruntime call per batch (one thread per process)."""
     items = [files[i % len(files)] for i in range(batch)]
     out = in_processes("dicom", onnx_path, items, seconds, warmup, spec=spec)
-    return {"images_per_s": out["images_per_s"], "batch_size": batch, "cores": cores(),
-            "processes": cores()}
+    return {"images_per_s": out["images_per_s"], "cpu_ms_per_image": out["cpu_ms_per_image"],
+            "batch_size": batch, "cores": cores(), "processes": cores()}
 
 
 def _limit_worker(kind: str, onnx_path: str, payload: Any, spec: Any, start_at: float,
-                  seconds: float) -> int:
-    """One process of ``in_processes``: images done between ``start_at`` and ``+ seconds``."""
+                  seconds: float) -> tuple[int, float]:
+    """One process of ``in_processes``: images done between ``start_at`` and ``+ seconds``, and
+    the CPU seconds it used for them."""
     import onnxruntime as ort
 
     from medops.serving.backends.dicom_preprocess import Limits, preprocess_items
@@ -226,10 +260,10 @@ def _limit_worker(kind: str, onnx_path: str, payload: Any, spec: Any, start_at: 
         once()
     while time.time() < start_at:
         time.sleep(0.001)
-    done, stop = 0, start_at + seconds
+    done, stop, cpu0 = 0, start_at + seconds, time.process_time()
     while time.time() < stop:
         done += once()
-    return done
+    return done, time.process_time() - cpu0
 
 
 def in_processes(kind: str, onnx_path: Path, payload: Any, seconds: float, warmup: float,
@@ -240,12 +274,14 @@ def in_processes(kind: str, onnx_path: Path, payload: Any, seconds: float, warmu
     import multiprocessing
 
     n = cores()
-    start_at = time.time() + 15 + warmup  # after every process has started and warmed up
+    start_at = time.time() + 10 + warmup  # after every process has started and warmed up
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
         done = list(pool.map(_limit_worker, [kind] * n, [str(onnx_path)] * n, [payload] * n,
                              [spec] * n, [start_at] * n, [seconds] * n))
-    return {"images_per_s": sum(done) / seconds, "processes": n}
+    images, cpu = sum(d[0] for d in done), sum(d[1] for d in done)
+    return {"images_per_s": images / seconds, "processes": n,
+            "cpu_ms_per_image": 1000 * cpu / max(1, images)}
 
 
 # -- a, b: Triton --------------------------------------------------------------------------------
@@ -311,11 +347,36 @@ def check_triton_answers(url: str, contracts: dict[str, Any], images: np.ndarray
         client.close()
 
 
+def infer_request(model: str, name: str, datatype: str, array: np.ndarray,
+                  outputs: list[str]) -> bytes:
+    """A serialized KServe v2 ``ModelInferRequest`` of one input (raw contents), built once."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+    if datatype == "BYTES":
+        raw = b"".join(len(x).to_bytes(4, "little") + x for x in array.reshape(-1))
+    else:
+        raw = np.ascontiguousarray(array).tobytes()
+    request.raw_input_contents.append(raw)
+    del tensor
+    for out in outputs:
+        request.outputs.add(name=out)
+    return request.SerializeToString()
+
+
 async def bench_triton_paths(url: str, ec: Any, images: np.ndarray, dicom: dict[str, list[bytes]],
-                             levels: list[int], seconds: float, warmup: float) -> dict[str, dict]:
+                             levels: list[int], seconds: float, warmup: float,
+                             cpu: Callable[[], float] | None = None) -> dict[str, dict]:
     """``{"tensor": {c: stats}, <dicom path>: {c: stats}, ...}`` for one Triton configuration
-    (``dicom``: the files of each DICOM path, e.g. uncompressed and compressed)."""
-    import tritonclient.grpc.aio as aio
+    (``dicom``: the files of each DICOM path, e.g. uncompressed and compressed).
+
+    The client is as light as Python allows, since it shares the cores with the server: each
+    request is serialized once before timing and sent with grpc.aio's generic unary call (what
+    tritonclient's aio client does, without building the request and parsing the answer in
+    Python each time); a DICOM answer is checked for an empty ``error`` in its raw bytes."""
+    import grpc
+    from tritonclient.grpc import service_pb2
 
     from medops.serving.contract import (
         DICOM_INPUT,
@@ -325,47 +386,43 @@ async def bench_triton_paths(url: str, ec: Any, images: np.ndarray, dicom: dict[
         OUTPUT_NAME,
     )
 
-    client = aio.InferenceServerClient(url)
+    channel = grpc.aio.insecure_channel(url, options=[("grpc.max_receive_message_length", -1),
+                                                      ("grpc.max_send_message_length", -1)])
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                request_serializer=None,
+                                response_deserializer=service_pb2.ModelInferResponse.FromString)
     try:
-        tensors = []
-        for i in range(len(images)):
-            inp = aio.InferInput(INPUT_NAME, [1, *images.shape[1:]], "FP32")
-            inp.set_data_from_numpy(images[i:i + 1])
-            tensors.append(inp)
-        sets = {}
-        for path, datas in dicom.items():
-            sets[path] = []
-            for data in datas:
-                inp = aio.InferInput(DICOM_INPUT, [1, 1], "BYTES")
-                inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
-                sets[path].append(inp)
-        prob_out = [aio.InferRequestedOutput(OUTPUT_NAME)]
-        # all three, as medops.serving.client asks: the ensemble refuses a request that leaves a step's
-        # output unused ("unexpected deadlock")
-        dicom_out = [aio.InferRequestedOutput(n) for n in (OUTPUT_NAME, LABEL_OUTPUT, ERROR_OUTPUT)]
+        tensors = [infer_request(ec.classifier.name, INPUT_NAME, "FP32", images[i:i + 1], [OUTPUT_NAME])
+                   for i in range(len(images))]
+        # all of them, as medops.serving.client asks: the ensemble refuses a request that leaves a
+        # step's output unused ("unexpected deadlock")
+        dicom_out = [OUTPUT_NAME, LABEL_OUTPUT, ERROR_OUTPUT]
+        sets = {path: [infer_request(ec.ensemble_name, DICOM_INPUT, "BYTES",
+                                     np.array([[d]], dtype=np.object_), dicom_out) for d in datas]
+                for path, datas in dicom.items()}
+        empty = (0).to_bytes(4, "little")  # one empty BYTES element
 
         async def tensor_call(k: int) -> None:
-            await client.infer(ec.classifier.name, [tensors[k % len(tensors)]], outputs=prob_out)
+            await infer(tensors[k % len(tensors)])
 
         def dicom_call(files: list) -> Callable[[int], Awaitable[None]]:
             async def call(k: int) -> None:
-                result = await client.infer(ec.ensemble_name, [files[k % len(files)]],
-                                            outputs=dicom_out)
-                error = result.as_numpy(ERROR_OUTPUT).reshape(-1)[0]
-                if error:  # a refused file is answered fast: it must not count as a served one
+                result = await infer(files[k % len(files)])
+                error = result.raw_output_contents[[o.name for o in result.outputs].index(ERROR_OUTPUT)]
+                if error != empty:  # a refused file is answered fast: it must not count as served
                     raise RuntimeError(f"{ec.ensemble_name} refused file {k % len(files)}: {error!r}")
             return call
 
         out: dict[str, dict] = {"tensor": {}}
         for c in levels:
-            out["tensor"][c] = await closed_loop(tensor_call, c, seconds, warmup)
+            out["tensor"][c] = await closed_loop(tensor_call, c, seconds, warmup, cpu=cpu)
         for path, files in sets.items():
             out[path] = {}
             for c in levels:
-                out[path][c] = await closed_loop(dicom_call(files), c, seconds, warmup)
+                out[path][c] = await closed_loop(dicom_call(files), c, seconds, warmup, cpu=cpu)
         return out
     finally:
-        await client.close()
+        await channel.close()
 
 
 def bench_triton(params: Any, onnx_path: Path, images: np.ndarray, expected: np.ndarray,
@@ -384,8 +441,8 @@ def bench_triton(params: Any, onnx_path: Path, images: np.ndarray, expected: np.
         check_triton_answers(info.grpc_url, contracts, images, expected, dicom)
         results = {}
         for label, ec in contracts.items():
-            results[label] = asyncio.run(
-                bench_triton_paths(info.grpc_url, ec, images, dicom, levels, seconds, warmup))
+            results[label] = asyncio.run(bench_triton_paths(
+                info.grpc_url, ec, images, dicom, levels, seconds, warmup, cpu_of(info.pid)))
             progress(label)
         return results
     finally:
@@ -493,7 +550,7 @@ def render_markdown(rows: list[dict], limits: dict[str, dict], checks: list[dict
         f"Load (`/proc/loadavg`): before `{meta['loadavg']['before']}`, after "
         f"`{meta['loadavg']['after']}`. Other work shares these cores: compare the ratios "
         "(measured side by side in this run), not the absolute figures.",
-        f"Model: {meta['model']}. DICOM: {meta['dicom']}. Closed loop (asyncio gRPC client, "
+        f"Model: {meta['model']}. DICOM: {meta['dicom']}. Closed loop ("
         f"{meta['client']}), c concurrent clients on the same cores as the server, "
         f"{meta['seconds']:g} s per point after {meta['warmup']:g} s warm-up; Triton: "
         f"{meta['batching']}.",
@@ -515,8 +572,10 @@ def render_markdown(rows: list[dict], limits: dict[str, dict], checks: list[dict
     if limits:
         lines += ["", "In-process limits of the machine (all cores, batches of "
                   f"{next(iter(limits.values()))['batch_size']}), and the served c={TARGET_CONCURRENCY} "
-                  "throughput as a fraction of them:", "",
-                  "| path | in-process limit | how | served at c=32 | ratio |", "|---|---|---|---|---|"]
+                  "throughput as a fraction of them (each limit measured before and after the "
+                  "served points, the higher kept):", "",
+                  "| path | in-process limit | how | served at c=32 | ratio | CPU ms per image: "
+                  "limit / served (server + client) | CPU ratio |", "|---|---|---|---|---|---|---|"]
         for path, limit in limits.items():
             how = (f"onnxruntime: best of one session with {limit['cores']} threads "
                    f"({limit['threads_images_per_s']:.0f}/s) and {limit['cores']} "
@@ -530,6 +589,9 @@ def render_markdown(rows: list[dict], limits: dict[str, dict], checks: list[dict
                          f"{served['images_per_s']:.0f}/s |" if served else
                          f"| {path} | {limit['images_per_s']:.0f} images/s | {how} | - |")
             lines[-1] += f" {ratio} |"
+            cpu_served = served.get("cpu_ms_per_image") if served else None
+            lines[-1] += (f" {limit['cpu_ms_per_image']:.3f} / {cpu_served:.3f} | "
+                          f"{limit['cpu_ms_per_image'] / cpu_served:.2f} |" if cpu_served else " - | - |")
     lines += ["", "## Targets (issue 12)", "", "| target | measured | ratio | result |",
               "|---|---|---|---|"]
     for chk in checks:
@@ -622,17 +684,27 @@ def main(argv: list[str] | None = None) -> int:
 
         expected = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
             [OUTPUT_NAME], {INPUT_NAME: batch})[0].reshape(-1)
-        if "onnxruntime" in args.only:
-            limits["tensor"] = bench_onnxruntime(onnx_path, batch, args.seconds, args.warmup)
+        def measure_limits() -> dict[str, dict]:
+            out = {"tensor": bench_onnxruntime(onnx_path, batch, args.seconds, args.warmup)}
             for path, datas in dicom.items():
-                limits[path] = bench_dicom_limit(onnx_path, datas, len(batch), spec, args.seconds,
-                                                 args.warmup)
+                out[path] = bench_dicom_limit(onnx_path, datas, len(batch), spec, args.seconds,
+                                              args.warmup)
             progress("in-process limits")
+            return out
+
         configurations = tuple(label for label, flag in zip(TRITON, ("triton", "unbatched"))
                                if flag in args.only)
+        before = measure_limits() if "onnxruntime" in args.only else {}
         if configurations:
             results |= bench_triton(params, onnx_path, batch, expected, dicom, levels, args.seconds,
                                     args.warmup, workdir, progress, configurations)
+        # the machine's load moves: the limits again after the servers, the better of the two kept
+        after = measure_limits() if before and configurations else {}
+        for path, first in before.items():
+            second = after.get(path, first)
+            limits[path] = max(first, second, key=lambda x: x["images_per_s"]) | {
+                "before_images_per_s": first["images_per_s"],
+                "after_images_per_s": second["images_per_s"]}
         if "fastapi" in args.only:
             results[FASTAPI] = {"tensor": bench_fastapi(keras_path, batch, levels, args.seconds,
                                                         args.warmup, workdir)}
@@ -646,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {cores()} cores, Python {platform.python_version()}",
         "commit": git_commit(), "model": source, "dicom": dicom_source,
         "seconds": args.seconds, "warmup": args.warmup, "concurrency": levels,
-        "client": "tritonclient.grpc.aio; perf_analyzer is not installable here, see README",
+        "client": "grpc.aio with requests serialized once; perf_analyzer is not installable here, see README",
         "batching": f"{instances} instance(s) per model (serving.instances {sv.instances}), "
                     f"max_batch_size {sv.max_batch_size}, preferred {sv.preferred_batch_sizes}, "
                     f"max queue delay {sv.max_queue_delay_us} us",

@@ -221,8 +221,8 @@ def _tensorrt_fp16() -> str:
 
 
 # -- the DICOM-bytes ensemble -------------------------------------------------------------------
-# embedded:   preprocess (Python) -> postprocess N (Python: the classifier's ONNX version N run
-#             inline, label, drift record): two steps, one process hop less per image
+# embedded:   postprocess N (one Python model: the DICOM preprocessing, the classifier's ONNX
+#             version N run inline, label, drift record): one step, no process hop between them
 # production: preprocess (Python) -> classifier N (onnxruntime backend, GPU) -> postprocess N
 #             (Python: label, drift record)
 
@@ -284,17 +284,17 @@ class EnsembleContract:
         return tuple(o for o in self.classifier.outputs if o.name in (OUTPUT_NAME, OOD_SCORE))
 
     def postprocess_tensors(self, flavour: Flavour) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-        """The postprocessing model's (inputs, outputs). Embedded: the prepared ``image`` and
-        ``error`` (and ``drift_features``) in, the classifier's outputs and ``label`` out (it
-        runs the classifier's ONNX itself). Production: the classifier's ``probability`` and
-        ``in_distribution`` (and, recording, ``ood_score`` and ``drift_features``) and ``error``
-        in, ``label`` out."""
+        """The postprocessing model's (inputs, outputs). Embedded: the whole DICOM path in one
+        model, the ensemble's ``dicom`` in, its outputs out (it preprocesses, runs the
+        classifier's ONNX, labels and records). Production: the classifier's ``probability``
+        and ``in_distribution`` (and, recording, ``ood_score`` and ``drift_features``) and
+        ``error`` in, ``label`` out."""
         _check_flavour(flavour)
         error = TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))
         drift = (TensorSpec(DRIFT_TENSOR, "TYPE_STRING", (1,)),) if self.record else ()
         label = TensorSpec(LABEL_OUTPUT, "TYPE_STRING", (1,))
         if flavour == "embedded":
-            return (self.classifier.inputs[0], error, *drift), (*self.classifier.outputs, label)
+            return self.ensemble
         wanted = {OUTPUT_NAME, IN_DISTRIBUTION_OUTPUT} | ({OOD_SCORE} if self.record else set())
         answers = tuple(o for o in self.classifier.outputs if o.name in wanted)
         return (*answers, error, *drift), (label,)
@@ -368,6 +368,13 @@ def _python_model(ec: EnsembleContract, name: str, tensors, params: dict[str, st
 
 def render_preprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
     """The preprocessing model: raw DICOM bytes -> ``image`` (medops.dicom.pixels) and ``error``."""
+    return _python_model(ec, ec.preprocess_name, ec.preprocess, preprocess_parameters(ec), flavour)
+
+
+def preprocess_parameters(ec: EnsembleContract) -> dict[str, str]:
+    """The preprocessing settings and limits as model parameters (read back by
+    :func:`preprocessing_from_parameters`): the preprocessing model's, and the embedded
+    postprocessing model's, which preprocesses itself."""
     spec = ec.preprocessing
     params = {"image_size": str(spec.image_size), "max_bytes": str(ec.max_bytes),
               "max_pixels": str(ec.max_pixels), "frame": spec.frame}
@@ -378,7 +385,7 @@ def render_preprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
         params |= {"pixel_spacing": repr(spec.pixel_spacing)}
     if ec.record is not None:
         params |= {"record": "true"}
-    return _python_model(ec, ec.preprocess_name, ec.preprocess, params, flavour)
+    return params
 
 
 def preprocessing_from_parameters(params: Mapping[str, str]) -> PreprocessSpec:
@@ -407,8 +414,9 @@ def render_postprocess_config(ec: EnsembleContract, flavour: Flavour, *,
                               thresholds: Mapping[int, float] | None = None) -> str:
     """The postprocessing model: the answer -> ``label``, and the drift record of each item
     (``serving.record``: appended to the drift log, ``medops.drift.RequestLog``). Embedded, it
-    also runs the classifier (``classifier`` parameter: version N runs ``<classifier>/N/model.onnx``
-    of the same repository), so the ensemble has two steps (``postprocess_tensors``).
+    is the whole DICOM path: it also preprocesses (the preprocessing model's parameters) and
+    runs the classifier (``classifier`` parameter: version N runs ``<classifier>/N/model.onnx``
+    of the same repository), so the ensemble has one step (``postprocess_tensors``).
 
     Args:
         thresholds: ``{version: threshold}``: serve exactly these versions, version N labelling
@@ -424,6 +432,7 @@ def render_postprocess_config(ec: EnsembleContract, flavour: Flavour, *,
     params[OOD_ACTION_PARAM] = ec.classifier.ood_action
     if flavour == "embedded":
         params[CLASSIFIER_PARAM] = ec.classifier.name
+        params |= preprocess_parameters(ec)
     if ec.record is not None:
         params |= {"record_dir": ec.record.directory, "record_max_bytes": str(ec.record.max_bytes),
                    "record_keep": str(ec.record.keep)}
@@ -439,8 +448,8 @@ def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | No
     """The ensemble, pinned to ``classifier_version`` (its own only version) for the classifier
     and the postprocessing model (which hold that version's model and threshold); None: latest.
 
-    Embedded: preprocess -> postprocess (which runs the classifier's ONNX itself); production:
-    preprocess -> classifier (onnxruntime backend) -> postprocess. The drift record, with
+    Embedded: the postprocessing model alone (which preprocesses and runs the classifier's ONNX
+    itself); production: preprocess -> classifier (onnxruntime backend) -> postprocess. The drift record, with
     ``serving.record``, is written by the postprocessing model; the ensemble's outputs are the
     same either way.
     """
@@ -459,9 +468,10 @@ def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | No
     # output asked for: the preprocessing model's ``error`` is both an output and an input.
     post_in, post_out = ec.postprocess_tensors(flavour)
     drift = {DRIFT_TENSOR: DRIFT_TENSOR} if ec.record else {}
-    steps = [step(ec.preprocess_name, -1, {DICOM_INPUT: DICOM_INPUT},
-                  {INPUT_NAME: image, ERROR_OUTPUT: ERROR_OUTPUT} | drift)]
+    steps = []
     if flavour == "production":
+        steps.append(step(ec.preprocess_name, -1, {DICOM_INPUT: DICOM_INPUT},
+                          {INPUT_NAME: image, ERROR_OUTPUT: ERROR_OUTPUT} | drift))
         steps.append(step(ec.classifier.name, cv, {INPUT_NAME: image}, {o: o for o in GUARDED_OUTPUTS}))
     steps.append(step(ec.postprocess_name, cv,
                       {t.name: image if t.name == INPUT_NAME else t.name for t in post_in},

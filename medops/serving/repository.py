@@ -174,20 +174,21 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
 
 def processing_files(ec: EnsembleContract, flavour: Flavour, *,
                      thresholds: Mapping[int, float] | None = None) -> dict[str, bytes]:
-    """The pre- and postprocessing models as ``{relative path: content}`` (config + model.py);
-    the postprocessing model also records (``ec.record``) and, embedded, classifies.
+    """The processing models as ``{relative path: content}`` (config + model.py): in
+    production the pre- and postprocessing models; embedded the postprocessing model alone,
+    which preprocesses, classifies, labels and records (``ec.record``) in one step.
 
     ``thresholds`` (``{version: threshold}``): the postprocessing model serves exactly these
     versions, ``<N>/model.py`` each, version N labelling at its own threshold
     (``render_postprocess_config``); None: version 1 at ``ec.threshold``.
     """
     files: dict[str, bytes] = {
-        f"{ec.preprocess_name}/config.pbtxt": render_preprocess_config(ec, flavour).encode(),
-        f"{ec.preprocess_name}/1/{PYTHON_FILENAME}":
-            (BACKENDS_DIR / PREPROCESS_BACKEND).read_bytes(),
         f"{ec.postprocess_name}/config.pbtxt":
             render_postprocess_config(ec, flavour, thresholds=thresholds).encode(),
     }
+    if flavour == "production":  # embedded, the postprocessing model preprocesses itself
+        files[f"{ec.preprocess_name}/config.pbtxt"] = render_preprocess_config(ec, flavour).encode()
+        files[f"{ec.preprocess_name}/1/{PYTHON_FILENAME}"] = (BACKENDS_DIR / PREPROCESS_BACKEND).read_bytes()
     postprocess = (BACKENDS_DIR / POSTPROCESS_BACKEND).read_bytes()
     for version in sorted(thresholds) if thresholds is not None else [1]:
         files[f"{ec.postprocess_name}/{version}/{PYTHON_FILENAME}"] = postprocess

@@ -193,10 +193,16 @@ def test_postprocess_config_carries_the_ood_action():
     inputs = [t.name for t in parse(render_postprocess_config(ec, "production")).input]
     assert inputs == ["probability", "ood_score", "in_distribution", "error", "drift_features"]
     # embedded, it runs the classifier itself: the prepared image in, the classifier's answers out
+    # embedded, it is the whole DICOM path: the ensemble's input and outputs, the preprocessing
+    # settings beside its own
     embedded = parse(render_postprocess_config(ec, "embedded"))
-    assert [t.name for t in embedded.input] == ["image", "error", "drift_features"]
-    assert [t.name for t in embedded.output] == ["probability", "ood_score", "in_distribution", "label"]
+    assert [t.name for t in embedded.input] == ["dicom"]
+    assert [t.name for t in embedded.output] == ["probability", "ood_score", "in_distribution",
+                                                 "label", "error"]
     assert embedded.parameters["classifier"].string_value == ec.classifier.name
+    pre = parse(render_preprocess_config(ec, "production")).parameters
+    assert {k: embedded.parameters[k].string_value for k in pre} == {
+        k: v.string_value for k, v in pre.items()}
 
 
 # -- import weight ----------------------------------------------------------------------------------
@@ -240,9 +246,9 @@ def test_ensemble_steps_wire_matching_tensors(params, flavour, record):
     """Every step's input_map/output_map names a tensor of that model, and every ensemble tensor
     is produced and consumed with the same dtype and dims (what Triton checks at load time);
     every tensor produced is used (Triton refuses an unused one); embedded, the postprocessing
-    model runs the classifier (two steps), in production the classifier is a step (three); with
-    recording on, the postprocessing model takes the drift features and the ensemble's outputs
-    are the same."""
+    model is the whole path (one step), in production preprocessing and the classifier are
+    steps of their own (three); with recording on, the postprocessing model records (in
+    production from the drift features) and the ensemble's outputs are the same."""
     cfg = params.serving.model_copy(update={"record": record})
     ensemble = build_ensemble_contract(cfg, params.ingest.preprocessing,
                                        threshold=params.evaluate.threshold)
@@ -267,13 +273,14 @@ def test_ensemble_steps_wire_matching_tensors(params, flavour, record):
         assert produced[name] == spec
     assert set(produced) == used
     steps = ens.ensemble_scheduling.step
-    assert [s.model_version for s in steps] == ([-1, 7, 7] if flavour == "production" else [-1, 7])
+    assert [s.model_version for s in steps] == ([-1, 7, 7] if flavour == "production" else [7])
     assert [s.model_name for s in steps][-1] == ensemble.postprocess_name
-    if record:  # the postprocessing model records: the drift features and the answer's OOD score
-        assert {"drift_features", "error"} <= set(steps[-1].input_map)
-        assert "ood_score" in set(steps[-1].input_map) | set(steps[-1].output_map)
-    else:
+    if flavour == "production" and record:  # the drift features and the answer's OOD score
+        assert {"drift_features", "error", "ood_score"} <= set(steps[-1].input_map)
+    elif flavour == "production":
         assert "drift_features" not in set(steps[-1].input_map)
+    recording = {"record_dir", "record_max_bytes", "record_keep"}
+    assert (recording <= set(models[ensemble.postprocess_name].parameters)) is record
     assert tensors(ens, "output") == {"probability": ("TYPE_FP32", [1]),
                                       "ood_score": ("TYPE_FP32", [1]),
                                       "in_distribution": ("TYPE_BOOL", [1]),

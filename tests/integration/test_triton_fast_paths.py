@@ -2,7 +2,8 @@
 
 Issue 12, item 5: pydicom's test files in every transfer syntax it ships one for (uncompressed
 little/big endian, deflate, RLE, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000) are sent
-as raw bytes to the two-step ensemble (preprocess -> postprocess running the classifier), alone
+as raw bytes to the one-step ensemble (the postprocessing model preprocesses, classifies, labels
+and records), alone
 and all at once from concurrent clients (so dynamic batching merges them); every answer equals
 in-process onnxruntime on the image ingest prepares from the same file, the tensor path agrees,
 and a bad file beside them is its own error. The classifier here is a tiny ONNX graph whose answer
@@ -171,17 +172,16 @@ def test_concurrent_single_file_requests_are_batched_and_each_answered_as_alone(
     assert [a[2] for a in answers] == inside.reshape(-1).tolist()
 
 
-def test_the_embedded_ensemble_has_two_steps_and_one_instance_per_core(served):
+def test_the_embedded_ensemble_is_one_step_with_one_instance_per_core(served):
     import os
 
     from medops.serving.repository import read_config
 
     repo, name = served["repo"], served["cfg"].model_name
     ens = read_config(repo, f"{name}_dicom")
-    assert [s.model_name for s in ens.ensemble_scheduling.step] == [f"{name}_preprocess",
-                                                                    f"{name}_postprocess"]
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == [f"{name}_postprocess"]
     cores = len(os.sched_getaffinity(0))
-    for model in (name, f"{name}_preprocess", f"{name}_postprocess"):
+    for model in (name, f"{name}_postprocess"):
         assert [g.count for g in read_config(repo, model).instance_group] == [cores], model
     # the drift records are written by the postprocessing model: one per answered file
     log = Path(served["state"]) / "drift" / "requests.jsonl"

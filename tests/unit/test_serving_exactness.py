@@ -100,3 +100,33 @@ def test_the_postprocess_classifies_all_requests_at_once_and_answers_each_its_ow
     assert [r["n"] for r in records] == [0, 0, 1, 2, 0, 1]
     assert [r["probability"] for r in records] == pytest.approx(
         np.concatenate([_run(i)[0] for i in images]).reshape(-1).tolist(), abs=1e-6)
+
+
+def test_the_embedded_dicom_path_answers_several_requests_in_one_pass_as_each_alone():
+    """The one-model DICOM path (embedded ensemble): the files of every request preprocessed,
+    one classifier call for all, labelled, each request answered with its own rows exactly as
+    when sent alone; a request that could not be read (None) stays unanswered, a bad file is
+    its own error; the drift records follow the answered files in order."""
+    from medops.serving.backends.dicom_preprocess import Limits
+    from medops.serving.backends.postprocess import answer_files
+
+    spec, limits = PreprocessSpec(image_size=28), Limits(64 << 20, 64 << 20)
+    ct, mr = (pydicom_file(SYNTAX_FILES[k]).read_bytes() for k in ("explicit_le", "rle"))
+    files = [[ct], None, [mr, b"not dicom", ct]]
+    calls = []
+    kwargs = dict(threshold=0.5, labels=("normal", "pneumonia"))
+    answers, records = answer_files(files, spec, limits, lambda b: calls.append(len(b)) or _run(b),
+                                    record=True, **kwargs)
+    assert calls == [4] and answers[1] is None
+    alone = [answer_files([[d]], spec, limits, _run, **kwargs)[0][0] for d in (ct, mr, b"x", ct)]
+    rows = [answers[0]] + [{k: v[i:i + 1] for k, v in answers[2].items()} for i in range(3)]
+    for got, expected in zip(rows, alone):
+        assert set(got) == {"probability", "ood_score", "in_distribution", "label", "error"}
+        for name in ("probability", "ood_score", "in_distribution"):
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert answers[2]["error"][1, 0].startswith(b"not_dicom:") and answers[2]["label"][1, 0] == b""
+    assert [r["rows"] for r in records] == [128, 64, None, 128]
+    assert records[2]["error"] == "not_dicom" and records[2]["probability"] is None
+    assert records[0]["probability"] == pytest.approx(float(answers[0]["probability"][0, 0]), abs=1e-6)
+    images = np.stack([training_image(pydicom_file(SYNTAX_FILES["explicit_le"]), spec)])[..., None]
+    np.testing.assert_array_equal(answers[0]["probability"], _run(images)[0])

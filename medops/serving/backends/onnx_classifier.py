@@ -100,8 +100,9 @@ class Classifier:
         # a model exported with the OOD guard answers all three; an older one the probability only
         self.guarded = set(OUTPUTS) <= {o.name for o in self.session.get_outputs()}
         # Fail the load (Triton keeps serving the previous version) rather than every request.
-        declared = next(i for i in config["input"] if i["name"] == INPUT_NAME)
-        if tuple(int(d) for d in declared["dims"]) != self.item_shape:
+        # (A model that prepares the images itself declares no image input: it checks its own.)
+        declared = next((i for i in config.get("input", []) if i["name"] == INPUT_NAME), None)
+        if declared is not None and tuple(int(d) for d in declared["dims"]) != self.item_shape:
             raise ValueError(
                 f"model.onnx input {INPUT_NAME!r} has item shape {list(self.item_shape)}, "
                 f"config.pbtxt declares {declared['dims']}"

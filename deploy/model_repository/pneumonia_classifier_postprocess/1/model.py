@@ -9,11 +9,14 @@ guard calls out of distribution gets an empty label too (the client reports labe
 An item that preprocessing could not use (non-empty ``error``) gets an empty label: its
 probability is that of a blank image and means nothing.
 
-Embedded (a ``classifier`` parameter), version N also runs ``<classifier>/N/model.onnx`` of the
-same repository itself (``onnx_classifier.Classifier``) on the prepared images, and answers the
-classifier's outputs beside the label: the DICOM ensemble is then preprocess -> this model, one
-process hop less per request than going through the classifier model. In production the
-classifier (onnxruntime backend, GPU) is a step of its own and this model takes its outputs.
+Embedded (a ``dicom`` input and a ``classifier`` parameter), this model is the whole DICOM path,
+the ensemble's one step: it preprocesses the files of every request it is handed
+(``dicom_preprocess.preprocess_items``, the training preprocessing, with the preprocessing
+parameters and limits), runs ``<classifier>/N/model.onnx`` of the same repository (version N:
+``onnx_classifier.Classifier``) once on all their images, labels them and records them, and
+answers the ensemble's outputs; no tensor crosses a process between the steps. In production the
+preprocessing model and the classifier (onnxruntime backend, GPU) are steps of their own and this
+model takes their outputs.
 
 With the ``record_dir`` parameter (``serving.record``) it appends one drift record per item
 (``medops.drift.answer_record`` of the preprocessing model's ``drift_features`` and the answer) to
@@ -37,6 +40,7 @@ PROBABILITY_INPUT = "probability"
 IN_DISTRIBUTION_INPUT = "in_distribution"
 OOD_SCORE_INPUT = "ood_score"
 IMAGE_INPUT = "image"
+DICOM_INPUT = "dicom"
 ERROR_INPUT = "error"
 DRIFT_INPUT = "drift_features"
 LABEL_OUTPUT = "label"
@@ -85,6 +89,48 @@ def drift_records(requests: list) -> list[dict]:
     return records
 
 
+def answer_files(files: list[list[bytes] | None], spec, limits, run, *, threshold: float,
+                 labels: tuple[str, str], withhold: bool = False,
+                 record: bool = False) -> tuple[list[dict | str | None], list[dict]]:
+    """The embedded DICOM path for the files of several requests (None: a request that could
+    not be read) at once: preprocess every file, one ``run`` (the classifier) for all images,
+    label. Returns each request's outputs (``{name: (n, 1) array}``, the ensemble's outputs;
+    a message when classification failed; None where its files were None) and, with
+    ``record``, the drift records of all answered files in order."""
+    from medops.drift import answer_record
+    from medops.serving.backends.dicom_preprocess import feature_records, preprocess_items
+
+    flat = [d for f in files if f is not None for d in f]
+    headers: list | None = [] if record else None
+    images, errors = preprocess_items(flat, spec, limits, headers)
+    answers: list[dict | str | None] = [None] * len(files)
+    try:
+        probs, ood, inside = (np.asarray(o).reshape(len(flat), 1) for o in run(images)) if flat \
+            else (np.zeros((0, 1), np.float32),) * 3
+    except Exception as exc:  # noqa: BLE001 - reported to every request of the batch
+        return [None if f is None else f"inference failed: {type(exc).__name__}: {exc}"
+                for f in files], []
+    encoded = [e.encode() for e in errors]
+    labelled = label_items(probs, encoded, threshold=threshold, labels=labels,
+                           in_distribution=inside, withhold=withhold)
+    start = 0
+    for i, f in enumerate(files):
+        if f is None:
+            continue
+        rows = slice(start, start + len(f))
+        answers[i] = {PROBABILITY_INPUT: probs[rows].astype(np.float32),
+                      OOD_SCORE_INPUT: ood[rows].astype(np.float32),
+                      IN_DISTRIBUTION_INPUT: inside[rows].astype(bool), LABEL_OUTPUT: labelled[rows],
+                      ERROR_INPUT: np.array(encoded[rows], dtype=np.object_).reshape(-1, 1)}
+        start += len(f)
+    records = []
+    if record:
+        features = feature_records(flat, images, errors, headers)
+        records = [answer_record(r, float(p), float(o))
+                   for r, p, o in zip(features, probs.reshape(-1), ood.reshape(-1))]
+    return answers, records
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -94,13 +140,29 @@ class TritonPythonModel:
         self.labels = tuple(params["labels"].split(","))
         self.withhold = params.get("ood_action", "flag") == "withhold"
         self.inputs = [i["name"] for i in config.get("input", [])]
-        self.classifier = None
+        self.dicom = DICOM_INPUT in self.inputs  # embedded: the whole DICOM path in this model
+        if self.dicom:
+            from medops.serving.backends.dicom_preprocess import Limits
+            from medops.serving.contract import preprocessing_from_parameters
+
+            self.spec = preprocessing_from_parameters(params)
+            self.limits = Limits(params["max_bytes"], params["max_pixels"])
+        self.classifier, self.unavailable = None, ""
         if params.get("classifier"):  # embedded: run classifier version N's ONNX here
             from medops.serving.backends.onnx_classifier import Classifier
 
             root = os.path.dirname(os.path.normpath(args["model_repository"]))
-            self.classifier = Classifier(os.path.join(root, params["classifier"], args["model_version"],
-                                                      "model.onnx"), config)
+            path = os.path.join(root, params["classifier"], args["model_version"], "model.onnx")
+            if os.path.isfile(path):
+                self.classifier = Classifier(path, config)
+                size = self.spec.image_size if self.dicom else None
+                if size is not None and self.classifier.item_shape != (size, size, 1):
+                    raise ValueError(f"{path} takes images of shape {list(self.classifier.item_shape)}, "
+                                     f"the preprocessing prepares [{size}, {size}, 1]")
+            else:  # a failed deploy's version, removed while an ensemble may still pin this one:
+                # stay loadable (the undo re-pins the ensemble), answer nothing
+                self.unavailable = (f"classifier {params['classifier']!r} version "
+                                    f"{args['model_version']} is not in the repository")
         self.log, self.failures = None, 0
         if "record_dir" in params:
             from pathlib import Path
@@ -125,12 +187,12 @@ class TritonPythonModel:
         return label_items(r[PROBABILITY_INPUT], errors, threshold=self.threshold, labels=self.labels,
                            in_distribution=r[IN_DISTRIBUTION_INPUT], withhold=self.withhold)
 
-    def _record(self, requests: list) -> None:
+    def _record(self, requests: list, records: list | None = None) -> None:
         from medops.errors import PROCESS_EXITS, first_line
         from medops.serving.backends.drift_recorder import _log_warning
 
         try:
-            records = drift_records(requests)
+            records = drift_records(requests) if records is None else records
             if records:
                 self.log.append(records)
         except PROCESS_EXITS:
@@ -141,12 +203,45 @@ class TritonPythonModel:
                 _log_warning(f"drift recorder: {self.failures} request(s) not recorded; "
                              f"last: {type(exc).__name__}: {first_line(exc)}")
 
+    def _execute_dicom(self, requests: list) -> list:
+        import triton_python_backend_utils as pb_utils
+
+        files: list = []
+        for request in requests:
+            try:
+                if self.unavailable:
+                    raise RuntimeError(self.unavailable)
+                raw = pb_utils.get_input_tensor_by_name(request, DICOM_INPUT).as_numpy()
+                files.append([bytes(x) for x in raw.reshape(-1)])
+            except Exception as exc:  # noqa: BLE001 - one response per request, always
+                files.append(f"postprocessing failed: {type(exc).__name__}: {exc}")
+        readable = [f if isinstance(f, list) else None for f in files]
+        answers, records = answer_files(readable, self.spec, self.limits, self.classifier.run
+                                        if self.classifier else None, threshold=self.threshold,
+                                        labels=self.labels, withhold=self.withhold,
+                                        record=self.log is not None)
+        responses = []
+        for f, answer in zip(files, answers):
+            message = f if isinstance(f, str) else answer if isinstance(answer, str) else None
+            if message is not None:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+            else:
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(k, v) for k, v in answer.items()]))
+        if self.log is not None:
+            self._record([], records)
+        return responses
+
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
 
+        if self.dicom:
+            return self._execute_dicom(requests)
         tensors: list = []
         for request in requests:
             try:
+                if self.unavailable:
+                    raise RuntimeError(self.unavailable)
                 tensors.append(self._read(request))
             except Exception as exc:  # noqa: BLE001 - one response per request, always
                 tensors.append(f"postprocessing failed: {type(exc).__name__}: {exc}")

@@ -115,22 +115,33 @@ def preprocess_items(items: list[bytes], spec: "PreprocessSpec", limits: Limits,
     return images, errors
 
 
-def drift_features(items: list[bytes], images: np.ndarray, errors: list[str],
-                   headers: list | None = None) -> np.ndarray:
-    """``medops.drift.item_features`` of each item as JSON bytes, an ``(n, 1)`` object array
-    (TYPE_STRING); an item whose features cannot be computed gets ``{"error": "features_failed"}``.
-    ``headers``: the headers ``preprocess_items`` read (not read again)."""
+def feature_records(items: list[bytes], images: np.ndarray, errors: list[str],
+                    headers: list | None = None) -> list[dict]:
+    """``medops.drift.item_features`` of each item; an item whose features cannot be computed
+    gets ``{"error": "features_failed"}``. ``headers``: the data sets ``preprocess_items`` read
+    (not read again)."""
     from medops.drift import item_features
 
     out = []
     headers = headers if headers is not None else [None] * len(items)
     for data, image, error, header in zip(items, images, errors, headers):
         try:
-            record = item_features(data, image, error, header=header)
-            out.append(json.dumps(record, separators=(",", ":")).encode())
+            out.append(item_features(data, image, error, header=header))
         except PROCESS_EXITS:
             raise
         except BaseException:  # noqa: BLE001 - drift features never fail a request
+            out.append({"error": "features_failed"})
+    return out
+
+
+def drift_features(items: list[bytes], images: np.ndarray, errors: list[str],
+                   headers: list | None = None) -> np.ndarray:
+    """:func:`feature_records` as JSON bytes, an ``(n, 1)`` object array (TYPE_STRING)."""
+    out = []
+    for record in feature_records(items, images, errors, headers):
+        try:
+            out.append(json.dumps(record, separators=(",", ":"), allow_nan=False).encode())
+        except (TypeError, ValueError):  # never fail a request for its features
             out.append(b'{"error":"features_failed"}')
     return np.array(out, dtype=np.object_).reshape(-1, 1)
 
