@@ -1,36 +1,45 @@
-"""Serving benchmark (issue 4, item 8): one classifier served four ways, swept over concurrency.
+"""Serving benchmark (issues 4 and 12): the served paths beside the machine's in-process limits.
 
 Configurations:
 
 a. ``triton-batched``: the embedded tritonserver with the models as medops deploys them
-   (Python-backend ONNX classifier with dynamic batching as ``medops.serving.contract`` renders
-   it from ``params.yaml``'s ``serving`` section), gRPC.
-b. ``triton-unbatched``: the same models with ``dynamic_batching`` removed, gRPC.
-c. ``fastapi-keras``: the usual hand-made server, FastAPI + uvicorn (one worker) calling the Keras
-   model's ``model.predict`` per request (``keras_app.py``), HTTP.
-d. ``onnxruntime full batches``: in-process onnxruntime on full batches of
-   ``serving.max_batch_size`` images, the session options of the Triton model instance
-   (one intra-op thread): the throughput limit of what one model instance can do.
+   (``medops.serving.repository`` writers, ``medops.serving.contract`` configs from
+   ``params.yaml``'s ``serving`` section: dynamic batching, ``serving.instances`` instances per
+   Python-backend model, 0 = one per core), gRPC.
+b. ``triton-unbatched`` (``--only ... unbatched``): the same models with ``dynamic_batching``
+   removed.
+c. ``fastapi-keras`` (``--only ... fastapi``): the usual hand-made server, FastAPI + uvicorn (one
+   worker) calling the Keras model's ``model.predict`` per request (``keras_app.py``), HTTP.
+d. the in-process limits of the machine, with all cores, on batches of ``serving.max_batch_size``:
+   tensor: onnxruntime alone (the better of one session with a thread per core and one
+   single-thread session per core in its own process); each DICOM path: the same work on the same
+   files in one process per core (``dicom_preprocess.preprocess_items``: pydicom read, decode,
+   scale, resize, as training prepared its images; then onnxruntime). Measured before and after
+   the servers; the higher is kept.
 
-Paths: ``tensor`` (one preprocessed 28x28 float32 image per request to the classifier) and
-``dicom`` (the raw bytes of one real DICOM file per request to the ensemble ``<model>_dicom``:
-preprocess -> classifier -> postprocess), the latter for both Triton configurations.
+Paths: ``tensor`` (one preprocessed 28x28 float32 image per request to the classifier), ``dicom``
+(the raw bytes of one DICOM file per request to the ensemble ``<model>_dicom``; embedded, one
+Python model: preprocess, classify, label, record) and the compressed DICOM paths
+``dicom-rle`` (the same files as RLE Lossless), ``dicom-jpeg-ls`` and ``dicom-j2k`` (pydicom's
+64 x 64 MR test file in JPEG-LS / JPEG 2000 lossless); ``--no-compressed`` leaves them out.
 
 Each of the c clients sends its next request when the previous one is answered (closed loop), for
-``--seconds`` per point after ``--warmup`` seconds. Client and servers share the machine, so the
-numbers include the client's CPU use; compare configurations with each other.
+``--seconds`` per point after ``--warmup`` seconds, from one asyncio process on the same cores as
+the server (grpc.aio, each request serialized once before timing). Besides throughput and
+p50/p95/p99 latency, each point records the CPU time per image of the server (tritonserver and
+its Python-backend stubs) and the client together, and each limit its CPU time per image: their
+ratio does not move with other work on the machine, which only slows everything down.
 
 The model is ``models/model.keras`` + ``models/model.onnx`` when the pipeline has produced them,
 otherwise an untrained model from ``params.yaml`` (weights do not change the timing). The DICOM
 files are the first ``--dicom-files`` of ``data/raw/dicom`` if present, otherwise written by
-``medops.dicom.synth`` from the bundled PneumoniaMNIST.
+``medops.dicom.synth`` from the bundled PneumoniaMNIST (28 x 28, 8-bit: a small radiograph).
 
-    .venv/bin/python benchmarks/serving/run.py                 # c = 1 8 32, 5 s per point, ~3 min
-    .venv/bin/python benchmarks/serving/run.py --write         # also results.json / results.md
-    .venv/bin/python benchmarks/serving/run.py --seconds 1 --concurrency 1 2 --only triton
+    <venv>/bin/python benchmarks/serving/run.py --write   # c = 1 8 32, 5 s per point, ~6 min
 
-Prints one side-by-side table and the three targets of the issue with measured values, ratios and
-PASS/FAIL. The exit status is 0 whether or not the targets pass (it is a measurement).
+Run it with a venv that has this tree installed (Triton's Python-backend stub imports medops
+from the server's venv). Prints one side-by-side table, the limits with the ratios, and issue
+12's targets with PASS/FAIL. The exit status is 0 whether or not the targets pass.
 """
 
 from __future__ import annotations
@@ -311,7 +320,7 @@ def write_triton_repository(params: Any, onnx_path: Path, repository: Path,
         write_processing_models(ec, repository, "embedded")
         write_ensemble(ec, repository, 1)
         if label == "triton-unbatched":
-            for name in (ec.classifier.name, ec.preprocess_name, ec.postprocess_name):
+            for name in (ec.classifier.name, ec.postprocess_name):  # embedded: no preprocess model
                 path = repository / name / "config.pbtxt"
                 config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
                 config.ClearField("dynamic_batching")
