@@ -10,6 +10,7 @@ Triton.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from conftest import SYNTAX_FILES, pydicom_file, training_image
 from medops.config import PreprocessSpec
 
+BUNDLED = Path(__file__).resolve().parents[2] / "datasets" / "pneumoniamnist" / "pneumoniamnist.npz"
 SPECS = [PreprocessSpec(image_size=28), PreprocessSpec(image_size=64, frame="first")]
 
 
@@ -130,3 +132,17 @@ def test_the_embedded_dicom_path_answers_several_requests_in_one_pass_as_each_al
     assert records[0]["probability"] == pytest.approx(float(answers[0]["probability"][0, 0]), abs=1e-6)
     images = np.stack([training_image(pydicom_file(SYNTAX_FILES["explicit_le"]), spec)])[..., None]
     np.testing.assert_array_equal(answers[0]["probability"], _run(images)[0])
+
+
+def test_batched_image_statistics_are_those_of_one_image_at_a_time():
+    """The drift records' image statistics, computed for a whole batch at once on the serving
+    path, are exactly image_features of each image (the reference stage's numbers): on the
+    bundled test split, on noisy copies and on odd sizes."""
+    from medops.drift import image_features, image_features_batch
+
+    films = np.load(BUNDLED)["test_images"][:300].astype(np.float32) / 255
+    rng = np.random.default_rng(3)
+    noisy = np.clip(films[:100] + rng.normal(0, 0.1, films[:100].shape), 0, 1).astype(np.float32)
+    for batch in (films, noisy, rng.random((20, 27, 31), dtype=np.float32), films[:0]):
+        got = image_features_batch(batch[..., None])
+        assert got == [image_features(img) for img in batch]
