@@ -659,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
                              "batching; fastapi: the hand-made Keras server")
     parser.add_argument("--no-compressed", action="store_true", help="skip the compressed DICOM paths")
     parser.add_argument("--dicom-files", type=int, default=32)
+    parser.add_argument("--max-queue-delay-us", type=int, default=None,
+                        help="override serving.max_queue_delay_us for this run")
     parser.add_argument("--write", action="store_true", help="write results.json and results.md")
     parser.add_argument("--out", type=Path, default=HERE, help="folder for --write")
     args = parser.parse_args(argv)
@@ -668,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     from medops.config import load_params
 
     params = load_params(ROOT / "params.yaml")
+    if args.max_queue_delay_us is not None:
+        params = params.model_copy(update={"serving": params.serving.model_copy(
+            update={"max_queue_delay_us": args.max_queue_delay_us})})
     load_before = Path("/proc/loadavg").read_text().strip()
     began = time.monotonic()
 
