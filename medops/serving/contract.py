@@ -444,15 +444,17 @@ def render_postprocess_config(ec: EnsembleContract, flavour: Flavour, *,
 
 
 def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | None,
-                           flavour: Flavour = "embedded") -> str:
+                           flavour: Flavour | None = None) -> str:
     """The ensemble, pinned to ``classifier_version`` (its own only version) for the classifier
     and the postprocessing model (which hold that version's model and threshold); None: latest.
 
     Embedded: the postprocessing model alone (which preprocesses and runs the classifier's ONNX
     itself); production: preprocess -> classifier (onnxruntime backend) -> postprocess. The drift record, with
     ``serving.record``, is written by the postprocessing model; the ensemble's outputs are the
-    same either way.
+    same either way. ``flavour``: None = the contract's own (``ec.flavour`` where the contract
+    carries one, else embedded).
     """
+    flavour = flavour or getattr(ec, "flavour", "embedded")
     _check_flavour(flavour)
     inputs, outputs = ec.ensemble
     image = "preprocessed_image"

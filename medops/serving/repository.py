@@ -253,7 +253,7 @@ def write_processing_models(
 
 
 def write_ensemble(ec: EnsembleContract, repository: Path, classifier_version: int,
-                   flavour: Flavour = "embedded") -> Path:
+                   flavour: Flavour | None = None) -> Path:
     """Write the ensemble pinned to ``classifier_version`` (classifier and postprocessing model):
     its config and the (empty) version folder of the same number Triton requires. Returns the
     config path."""
