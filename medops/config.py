@@ -319,6 +319,9 @@ class ServingConfig(_Section):
     # running onnxruntime on the CPU: the wheel's tritonserver) or production (Triton's onnxruntime
     # backend on a GPU instance, warm-up, optional TensorRT FP16: deploy/model_repository/)
     flavor: Literal["embedded", "production"] = "embedded"
+    # embedded server: instances of each Python-backend model (one onnxruntime thread each);
+    # 0 = one per CPU core of the serving machine, so a dynamic batch never waits for a busy core
+    instances: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> "ServingConfig":

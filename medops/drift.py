@@ -142,18 +142,57 @@ def image_features(image: np.ndarray) -> dict[str, float]:
 
 
 def item_features(data: bytes, image: np.ndarray, error: str, *,
-                  header: Any = None) -> dict[str, Any]:
+                  header: Any = None, stats: dict[str, float] | None = None) -> dict[str, Any]:
     """The drift features of one served item: header fields (from ``header``, else read from
-    ``data``), image statistics (null for an item preprocessing could not use) and ``error``,
+    ``data``), image statistics (null for an item preprocessing could not use; ``stats``: its
+    ``image_features`` already computed, e.g. by :func:`image_features_batch`) and ``error``,
     its quarantine reason only (null when answered)."""
     reason = error.split(":", 1)[0].strip() if error else ""
     refused = reason == "too_large"  # its header is not read again: it may be a deflate bomb
     if header is None and not refused:
         header = read_header(data)
     record = header_features(header)
-    record |= ({k: None for k in STAT_FIELDS} if error else image_features(image))
+    record |= ({k: None for k in STAT_FIELDS} if error
+               else stats if stats is not None else image_features(image))
     record["error"] = reason or None
     return record
+
+
+def image_features_batch(images: np.ndarray) -> list[dict[str, float]]:
+    """:func:`image_features` of each of ``images`` (``(n, H, W)`` or ``(n, H, W, 1)``), the same
+    numbers (every reduction runs over the same values in the same order), with a few numpy
+    calls per batch instead of per image: what the serving path records."""
+    imgs = np.ascontiguousarray(images, dtype=np.float32)
+    n = len(imgs)
+    if n == 0:
+        return []
+    imgs = imgs.reshape(n, imgs.shape[1], imgs.shape[2])
+    h, w = imgs.shape[1:]
+    x = imgs.reshape(n, -1)
+    ranked = np.sort(x, axis=1)
+    pos = np.asarray(PERCENTILES, float) / 100 * (h * w - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, h * w - 1)
+    pct = ranked[:, lo] + (ranked[:, hi] - ranked[:, lo]) * (pos - lo)
+    mean, std = x.mean(axis=1), x.std(axis=1)
+    down = np.abs(np.diff(imgs, axis=1)).reshape(n, -1).mean(axis=1)
+    across = np.abs(np.diff(imgs, axis=2)).reshape(n, -1).mean(axis=1)
+    total = x.sum(axis=1)
+    top = imgs[:, : h // 2].reshape(n, -1).mean(axis=1)
+    bottom = imgs[:, h - h // 2:].reshape(n, -1).mean(axis=1)
+    out = []
+    for i in range(n):  # the halves and the centre are strided views: as image_features takes them
+        img = imgs[i]
+        centre = img[h // 4: h - h // 4, w // 4: w - w // 4]
+        border = (total[i] - centre.sum()) / max(1, h * w - centre.size)
+        grad = (down[i] + across[i]) / 2
+        row = {"mean": float(mean[i]), "std": float(std[i])}
+        row |= {f"p{p:02d}": float(v) for p, v in zip(PERCENTILES, pct[i])}
+        row |= {"sharpness": float(grad / max(float(std[i]), 1e-3)), "tb": float(top[i] - bottom[i]),
+                "lr": float(img[:, : w // 2].mean() - img[:, w - w // 2:].mean()),
+                "cb": float(centre.mean() - border)}
+        out.append({k: round(v, 6) for k, v in row.items()})
+    return out
 
 
 def answer_record(features: dict[str, Any] | str | bytes, probability: float | None,

@@ -104,3 +104,30 @@ def pydicom_file_dataset(name: str):
     import pydicom
 
     return pydicom.dcmread(pydicom_file(name))
+
+
+# pydicom test files, one per transfer syntax (and colour ones for the compressed syntaxes that have
+# them): the serving fast paths are checked on each (test_serving_exactness, test_triton_fast_paths)
+SYNTAX_FILES = {
+    "explicit_le": "CT_small.dcm",
+    "implicit_le": "MR_small_implicit.dcm",
+    "explicit_be": "MR_small_bigendian.dcm",
+    "deflate": "image_dfl.dcm",
+    "rle": "MR_small_RLE.dcm",
+    "rle_rgb": "SC_rgb_rle.dcm",
+    "jpeg_baseline": "SC_rgb_dcmtk_+eb+cy+n1.dcm",
+    "jpeg_extended": "JPGExtended.dcm",
+    "jpeg_lossless": "SC_rgb_jpeg_gdcm.dcm",
+    "jpeg_ls_lossless": "MR_small_jpeg_ls_lossless.dcm",
+    "jpeg_ls_near_lossless": "JPEGLSNearLossless_08.dcm",
+    "jpeg2000_lossless": "MR_small_jp2klossless.dcm",
+    "jpeg2000": "693_J2KI.dcm",
+}
+
+
+def training_image(path, spec) -> "np.ndarray":
+    """What ingest prepares from the file (medops.stages.ingest: read_dataset, prepare_image)."""
+    from medops.dicom.io import read_dataset
+    from medops.dicom.pixels import prepare_image
+
+    return prepare_image(read_dataset(path.read_bytes(), parse_all=False), spec)

@@ -19,6 +19,7 @@ This module imports neither TensorFlow nor tritonclient.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
@@ -63,6 +64,7 @@ class ModelContract:
     labels: tuple[str, ...] = LABELS
     tensorrt_fp16: bool = False  # production: onnxruntime's TensorRT execution accelerator, FP16
     ood_action: str = "flag"     # serving.ood_action: an out-of-distribution answer's label kept or withheld
+    instances: int = 0           # serving.instances: embedded Python-backend instances; 0 = one per core
 
     @property
     def image_size(self) -> int:
@@ -83,6 +85,7 @@ def build_contract(cfg: ServingConfig, *, image_size: int) -> ModelContract:
         max_queue_delay_us=cfg.max_queue_delay_us,
         tensorrt_fp16=cfg.tensorrt_fp16,
         ood_action=cfg.ood_action,
+        instances=cfg.instances,
     )
 
 
@@ -95,8 +98,19 @@ def _tensor_block(kind: str, specs: tuple[TensorSpec, ...]) -> str:
     return f"{kind} [\n{items}\n]"
 
 
-def _instances(kind: str) -> str:
-    return f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]"
+def instance_count(contract: ModelContract, flavour: Flavour) -> int:
+    """Instances of each model: one GPU classifier instance in production (Triton runs its
+    onnxruntime sessions there); in the embedded server ``serving.instances``, 0 meaning one per
+    CPU core of the machine rendering it (the serving machine: deploy renders there), each
+    instance a process with one onnxruntime thread, so every core works on a batch."""
+    if flavour == "production":
+        return max(1, contract.instances)
+    return contract.instances or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                     else (os.cpu_count() or 1))
+
+
+def _instances(kind: str, count: int = 1) -> str:
+    return f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]"
 
 
 def _batching(contract: ModelContract) -> str:
@@ -132,7 +146,8 @@ def render_config(
     """Render ``config.pbtxt`` (protobuf text format of Triton's ModelConfig) for ``flavour``.
 
     production: ``platform: "onnxruntime_onnx"`` / ``backend: "onnxruntime"`` on one GPU instance.
-    embedded: ``backend: "python"`` (the version folder's model.py) on one CPU instance.
+    embedded: ``backend: "python"`` (the version folder's model.py) on ``instance_count`` CPU
+    instances.
     Both: the same name, tensors, max_batch_size, dynamic batching and ``labels`` parameter.
 
     Args:
@@ -159,7 +174,7 @@ def render_config(
         _tensor_block("input", contract.inputs),
         _tensor_block("output", contract.outputs),
         _batching(contract),
-        _instances(kind),
+        _instances(kind, 1 if production else instance_count(contract, flavour)),
         *([_warmup(contract)] if production else []),
         *([_tensorrt_fp16()] if production and contract.tensorrt_fp16 else []),
         *_parameters({"labels": ",".join(contract.labels)}),
@@ -205,16 +220,19 @@ def _tensorrt_fp16() -> str:
 }"""
 
 
-# -- the DICOM-bytes ensemble: preprocess (Python) -> classifier -> postprocess (Python) ------------
+# -- the DICOM-bytes ensemble -------------------------------------------------------------------
+# embedded:   postprocess N (one Python model: the DICOM preprocessing, the classifier's ONNX
+#             version N run inline, label, drift record): one step, no process hop between them
+# production: preprocess (Python) -> classifier N (onnxruntime backend, GPU) -> postprocess N
+#             (Python: label, drift record)
 
 DICOM_INPUT = "dicom"
 LABEL_OUTPUT = "label"
 ERROR_OUTPUT = "error"
 PREPROCESS_BACKEND = "dicom_preprocess.py"
 POSTPROCESS_BACKEND = "postprocess.py"
-RECORDER_BACKEND = "drift_recorder.py"
-DRIFT_TENSOR = "drift_features"   # preprocess -> recorder: one JSON object per item (medops.drift)
-RECORDER_ERROR = "error_out"      # the recorder passes ``error`` through: the ensemble's ``error``
+RECORDER_BACKEND = "drift_recorder.py"  # the recording functions the postprocessing model calls
+DRIFT_TENSOR = "drift_features"   # preprocess -> postprocess: one JSON object per item (medops.drift)
 OOD_SCORE = "ood_score"           # recorded when the classifier declares it
 
 
@@ -233,13 +251,15 @@ class EnsembleContract:
     threshold: float
     max_bytes: int                       # serving.max_request_bytes
     max_pixels: int                      # serving.max_image_pixels
-    record: RecordSettings | None = None  # serving.record: the drift recorder step, or none
-    # what deploy and rollback write for the classifier (serving.flavor); the pre/postprocessing
-    # models and the ensemble are the same in both
+    record: RecordSettings | None = None  # serving.record: the postprocessing model records, or not
+    # what deploy and rollback write (serving.flavor): embedded serves the DICOM path as one
+    # Python model; production as preprocess -> onnxruntime-backend classifier -> postprocess
     flavour: Flavour = "embedded"
 
     @property
     def recorder_name(self) -> str:
+        """The drift recorder model of repositories written before the postprocessing model
+        recorded (none is written now)."""
         return f"{self.classifier.name}_recorder"
 
     @property
@@ -262,21 +282,25 @@ class EnsembleContract:
 
     @property
     def recorded_outputs(self) -> tuple[TensorSpec, ...]:
-        """The classifier outputs the recorder takes: ``probability``, and ``ood_score`` when
+        """The classifier outputs a drift record takes: ``probability``, and ``ood_score`` when
         the classifier declares it."""
         return tuple(o for o in self.classifier.outputs if o.name in (OUTPUT_NAME, OOD_SCORE))
 
-    @property
-    def recorder(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-        return ((TensorSpec(DRIFT_TENSOR, "TYPE_STRING", (1,)),
-                 TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,)), *self.recorded_outputs),
-                (TensorSpec(RECORDER_ERROR, "TYPE_STRING", (1,)),))
-
-    @property
-    def postprocess(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-        return ((self.classifier.outputs[0], self.classifier.outputs[2],
-                 TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))),
-                (TensorSpec(LABEL_OUTPUT, "TYPE_STRING", (1,)),))
+    def postprocess_tensors(self, flavour: Flavour) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        """The postprocessing model's (inputs, outputs). Embedded: the whole DICOM path in one
+        model, the ensemble's ``dicom`` in, its outputs out (it preprocesses, runs the
+        classifier's ONNX, labels and records). Production: the classifier's ``probability``
+        and ``in_distribution`` (and, recording, ``ood_score`` and ``drift_features``) and
+        ``error`` in, ``label`` out."""
+        _check_flavour(flavour)
+        error = TensorSpec(ERROR_OUTPUT, "TYPE_STRING", (1,))
+        drift = (TensorSpec(DRIFT_TENSOR, "TYPE_STRING", (1,)),) if self.record else ()
+        label = TensorSpec(LABEL_OUTPUT, "TYPE_STRING", (1,))
+        if flavour == "embedded":
+            return self.ensemble
+        wanted = {OUTPUT_NAME, IN_DISTRIBUTION_OUTPUT} | ({OOD_SCORE} if self.record else set())
+        answers = tuple(o for o in self.classifier.outputs if o.name in wanted)
+        return (*answers, error, *drift), (label,)
 
     @property
     def ensemble(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -338,7 +362,8 @@ def _python_model(ec: EnsembleContract, name: str, tensors, params: dict[str, st
         _tensor_block("input", inputs),
         _tensor_block("output", outputs),
         _batching(ec.classifier),
-        _instances("KIND_CPU"),  # DICOM decoding and labelling are CPU work in production too
+        # DICOM decoding and labelling are CPU work in production too
+        _instances("KIND_CPU", instance_count(ec.classifier, flavour)),
         *_parameters(params),
     ]
     return "\n".join(parts) + "\n"
@@ -346,6 +371,13 @@ def _python_model(ec: EnsembleContract, name: str, tensors, params: dict[str, st
 
 def render_preprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
     """The preprocessing model: raw DICOM bytes -> ``image`` (medops.dicom.pixels) and ``error``."""
+    return _python_model(ec, ec.preprocess_name, ec.preprocess, preprocess_parameters(ec), flavour)
+
+
+def preprocess_parameters(ec: EnsembleContract) -> dict[str, str]:
+    """The preprocessing settings and limits as model parameters (read back by
+    :func:`preprocessing_from_parameters`): the preprocessing model's, and the embedded
+    postprocessing model's, which preprocesses itself."""
     spec = ec.preprocessing
     params = {"image_size": str(spec.image_size), "max_bytes": str(ec.max_bytes),
               "max_pixels": str(ec.max_pixels), "frame": spec.frame}
@@ -356,7 +388,7 @@ def render_preprocess_config(ec: EnsembleContract, flavour: Flavour) -> str:
         params |= {"pixel_spacing": repr(spec.pixel_spacing)}
     if ec.record is not None:
         params |= {"record": "true"}
-    return _python_model(ec, ec.preprocess_name, ec.preprocess, params, flavour)
+    return params
 
 
 def preprocessing_from_parameters(params: Mapping[str, str]) -> PreprocessSpec:
@@ -371,18 +403,9 @@ def preprocessing_from_parameters(params: Mapping[str, str]) -> PreprocessSpec:
     return PreprocessSpec(int(params["image_size"]), window, frame, float(spacing) if spacing else None)
 
 
-def render_recorder_config(ec: EnsembleContract, flavour: Flavour) -> str:
-    """The drift recorder: the preprocessing model's ``drift_features`` and the classifier's
-    answer -> one record per item appended to the drift log (``medops.drift.RequestLog``)."""
-    if ec.record is None:
-        raise ValueError("recording is off (serving.record: false): there is no recorder model")
-    params = {"record_dir": ec.record.directory, "record_max_bytes": str(ec.record.max_bytes),
-              "record_keep": str(ec.record.keep)}
-    return _python_model(ec, ec.recorder_name, ec.recorder, params, flavour)
-
-
 THRESHOLD_PARAM = "threshold"
 OOD_ACTION_PARAM = "ood_action"  # flag: label every answer; withhold: "" for out-of-distribution ones
+CLASSIFIER_PARAM = "classifier"  # embedded postprocessing: the model whose ONNX versions it runs
 
 
 def version_threshold_param(version: int | str) -> str:
@@ -392,7 +415,11 @@ def version_threshold_param(version: int | str) -> str:
 
 def render_postprocess_config(ec: EnsembleContract, flavour: Flavour, *,
                               thresholds: Mapping[int, float] | None = None) -> str:
-    """The postprocessing model: ``probability`` and ``error`` -> ``label``.
+    """The postprocessing model: the answer -> ``label``, and the drift record of each item
+    (``serving.record``: appended to the drift log, ``medops.drift.RequestLog``). Embedded, it
+    is the whole DICOM path: it also preprocesses (the preprocessing model's parameters) and
+    runs the classifier (``classifier`` parameter: version N runs ``<classifier>/N/model.onnx``
+    of the same repository), so the ensemble has one step (``postprocess_tensors``).
 
     Args:
         thresholds: ``{version: threshold}``: serve exactly these versions, version N labelling
@@ -406,20 +433,32 @@ def render_postprocess_config(ec: EnsembleContract, flavour: Flavour, *,
         params = {version_threshold_param(v): repr(float(t)) for v, t in sorted(thresholds.items())}
     params["labels"] = ",".join(ec.classifier.labels)
     params[OOD_ACTION_PARAM] = ec.classifier.ood_action
-    text = _python_model(ec, ec.postprocess_name, ec.postprocess, params, flavour)
+    if flavour == "embedded":
+        params[CLASSIFIER_PARAM] = ec.classifier.name
+        params |= preprocess_parameters(ec)
+    if ec.record is not None:
+        params |= {"record_dir": ec.record.directory, "record_max_bytes": str(ec.record.max_bytes),
+                   "record_keep": str(ec.record.keep)}
+    text = _python_model(ec, ec.postprocess_name, ec.postprocess_tensors(flavour), params, flavour)
     if thresholds is None:
         return text
     head, rest = text.split("\nmax_batch_size:", 1)
     return "\n".join([head, *_policy(sorted(thresholds))]) + "\nmax_batch_size:" + rest
 
 
-def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | None) -> str:
-    """The ensemble, pinned to ``classifier_version`` (its own only version) for both the
-    classifier and the postprocessing model (which hold that version's probabilities and
-    threshold); None: latest.
+def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | None,
+                           flavour: Flavour | None = None) -> str:
+    """The ensemble, pinned to ``classifier_version`` (its own only version) for the classifier
+    and the postprocessing model (which hold that version's model and threshold); None: latest.
 
-    The same in both flavours (an ensemble has no backend of its own).
+    Embedded: the postprocessing model alone (which preprocesses and runs the classifier's ONNX
+    itself); production: preprocess -> classifier (onnxruntime backend) -> postprocess. The drift record, with
+    ``serving.record``, is written by the postprocessing model; the ensemble's outputs are the
+    same either way. ``flavour``: None = the contract's own (``ec.flavour`` where the contract
+    carries one, else embedded).
     """
+    flavour = flavour or getattr(ec, "flavour", "embedded")
+    _check_flavour(flavour)
     inputs, outputs = ec.ensemble
     image = "preprocessed_image"
     cv = -1 if classifier_version is None else classifier_version
@@ -430,34 +469,26 @@ def render_ensemble_config(ec: EnsembleContract, *, classifier_version: int | No
         return ("    {\n" f'      model_name: "{model}"\n      model_version: {version}\n'
                 + "\n".join(maps) + "\n    }")
 
-    # With recording, the recorder is the last step: it reads the preprocessing model's drift
-    # features and error and the classifier's outputs (ensemble tensors named as they are), and
-    # passes the error through as the ensemble's ``error``. Triton wants every step to have an
-    # output, every tensor to be used, and every ensemble output asked for; so the recorder's
-    # output is one the clients already read (not a flag of its own).
+    # Triton wants every step to have an output, every tensor to be used, and every ensemble
+    # output asked for: the preprocessing model's ``error`` is both an output and an input.
+    post_in, post_out = ec.postprocess_tensors(flavour)
     drift = {DRIFT_TENSOR: DRIFT_TENSOR} if ec.record else {}
-    error = "preprocess_error" if ec.record else ERROR_OUTPUT
-    recorder = ([step(ec.recorder_name, -1,
-                      {DRIFT_TENSOR: DRIFT_TENSOR, ERROR_OUTPUT: error}
-                      | {o.name: o.name for o in ec.recorded_outputs},
-                      {RECORDER_ERROR: ERROR_OUTPUT})] if ec.record else [])
-    steps = ",\n".join([
-        step(ec.preprocess_name, -1, {DICOM_INPUT: DICOM_INPUT},
-             {INPUT_NAME: image, ERROR_OUTPUT: error} | drift),
-        step(ec.classifier.name, cv, {INPUT_NAME: image}, {o: o for o in GUARDED_OUTPUTS}),
-        step(ec.postprocess_name, cv, {OUTPUT_NAME: OUTPUT_NAME, IN_DISTRIBUTION_OUTPUT:
-                                       IN_DISTRIBUTION_OUTPUT, ERROR_OUTPUT: error},
-             {LABEL_OUTPUT: LABEL_OUTPUT}),
-        *recorder,
-    ])
+    steps = []
+    if flavour == "production":
+        steps.append(step(ec.preprocess_name, -1, {DICOM_INPUT: DICOM_INPUT},
+                          {INPUT_NAME: image, ERROR_OUTPUT: ERROR_OUTPUT} | drift))
+        steps.append(step(ec.classifier.name, cv, {INPUT_NAME: image}, {o: o for o in GUARDED_OUTPUTS}))
+    steps.append(step(ec.postprocess_name, cv,
+                      {t.name: image if t.name == INPUT_NAME else t.name for t in post_in},
+                      {t.name: t.name for t in post_out}))
     parts = [
-        "# Rendered by medops.serving.contract (ensemble); do not edit by hand.",
+        f"# Rendered by medops.serving.contract (ensemble, {flavour}); do not edit by hand.",
         f'name: "{ec.ensemble_name}"',
         'platform: "ensemble"',
         *_policy(None if classifier_version is None else [classifier_version]),
         f"max_batch_size: {ec.classifier.max_batch_size}",
         _tensor_block("input", inputs),
         _tensor_block("output", outputs),
-        f"ensemble_scheduling {{\n  step [\n{steps}\n  ]\n}}",
+        "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}",
     ]
     return "\n".join(parts) + "\n"

@@ -18,7 +18,6 @@ from medops.serving.contract import (
     POSTPROCESS_BACKEND,
     PREPROCESS_BACKEND,
     PYTHON_FILENAME,
-    RECORDER_BACKEND,
     EnsembleContract,
     Flavour,
     ModelContract,
@@ -26,7 +25,6 @@ from medops.serving.contract import (
     render_ensemble_config,
     render_postprocess_config,
     render_preprocess_config,
-    render_recorder_config,
     version_threshold_param,
 )
 
@@ -176,23 +174,21 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
 
 def processing_files(ec: EnsembleContract, flavour: Flavour, *,
                      thresholds: Mapping[int, float] | None = None) -> dict[str, bytes]:
-    """The pre- and postprocessing models (and the drift recorder, when ``ec.record``) as
-    ``{relative path: content}`` (config + model.py).
+    """The processing models as ``{relative path: content}`` (config + model.py): in
+    production the pre- and postprocessing models; embedded the postprocessing model alone,
+    which preprocesses, classifies, labels and records (``ec.record``) in one step.
 
     ``thresholds`` (``{version: threshold}``): the postprocessing model serves exactly these
     versions, ``<N>/model.py`` each, version N labelling at its own threshold
     (``render_postprocess_config``); None: version 1 at ``ec.threshold``.
     """
     files: dict[str, bytes] = {
-        f"{ec.preprocess_name}/config.pbtxt": render_preprocess_config(ec, flavour).encode(),
-        f"{ec.preprocess_name}/1/{PYTHON_FILENAME}":
-            (BACKENDS_DIR / PREPROCESS_BACKEND).read_bytes(),
         f"{ec.postprocess_name}/config.pbtxt":
             render_postprocess_config(ec, flavour, thresholds=thresholds).encode(),
     }
-    if ec.record is not None:
-        files[f"{ec.recorder_name}/config.pbtxt"] = render_recorder_config(ec, flavour).encode()
-        files[f"{ec.recorder_name}/1/{PYTHON_FILENAME}"] = (BACKENDS_DIR / RECORDER_BACKEND).read_bytes()
+    if flavour == "production":  # embedded, the postprocessing model preprocesses itself
+        files[f"{ec.preprocess_name}/config.pbtxt"] = render_preprocess_config(ec, flavour).encode()
+        files[f"{ec.preprocess_name}/1/{PYTHON_FILENAME}"] = (BACKENDS_DIR / PREPROCESS_BACKEND).read_bytes()
     postprocess = (BACKENDS_DIR / POSTPROCESS_BACKEND).read_bytes()
     for version in sorted(thresholds) if thresholds is not None else [1]:
         files[f"{ec.postprocess_name}/{version}/{PYTHON_FILENAME}"] = postprocess
@@ -256,14 +252,16 @@ def write_processing_models(
     return sorted(changed)
 
 
-def write_ensemble(ec: EnsembleContract, repository: Path, classifier_version: int) -> Path:
+def write_ensemble(ec: EnsembleContract, repository: Path, classifier_version: int,
+                   flavour: Flavour | None = None) -> Path:
     """Write the ensemble pinned to ``classifier_version`` (classifier and postprocessing model):
     its config and the (empty) version folder of the same number Triton requires. Returns the
     config path."""
     model_dir = Path(repository) / ec.ensemble_name
     (model_dir / str(classifier_version)).mkdir(parents=True, exist_ok=True)
     path = model_dir / "config.pbtxt"
-    _write_if_changed(path, render_ensemble_config(ec, classifier_version=classifier_version).encode())
+    _write_if_changed(path, render_ensemble_config(ec, classifier_version=classifier_version,
+                                                   flavour=flavour).encode())
     return path
 
 
@@ -272,7 +270,8 @@ def render_production_repository(ec: EnsembleContract) -> dict[str, str]:
     (onnxruntime, GPU), the pre/postprocessing Python models and the ensemble (latest version).
     The ONNX versions (``<classifier>/<N>/model.onnx``) are added by deployment."""
     files = {f"{ec.classifier.name}/config.pbtxt": render_config(ec.classifier, "production"),
-             f"{ec.ensemble_name}/config.pbtxt": render_ensemble_config(ec, classifier_version=None),
+             f"{ec.ensemble_name}/config.pbtxt": render_ensemble_config(ec, classifier_version=None,
+                                                                        flavour="production"),
              # Triton needs a version folder for an ensemble too; git needs a file to keep it.
              f"{ec.ensemble_name}/1/.gitkeep": ""}
     files |= {rel: data.decode() for rel, data in processing_files(ec, "production").items()}

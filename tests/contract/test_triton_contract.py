@@ -21,7 +21,6 @@ from medops.serving.contract import (
     build_ensemble_contract,
     render_config,
     render_ensemble_config,
-    render_recorder_config,
     render_postprocess_config,
     render_preprocess_config,
 )
@@ -191,8 +190,19 @@ def test_postprocess_config_carries_the_ood_action():
     ec = build_ensemble_contract(ServingConfig(ood_action="withhold"), PreprocessSpec(image_size=28))
     params = parse(render_postprocess_config(ec, "embedded")).parameters
     assert params["ood_action"].string_value == "withhold"
-    inputs = [t.name for t in parse(render_postprocess_config(ec, "embedded")).input]
-    assert inputs == ["probability", "in_distribution", "error"]
+    inputs = [t.name for t in parse(render_postprocess_config(ec, "production")).input]
+    assert inputs == ["probability", "ood_score", "in_distribution", "error", "drift_features"]
+    # embedded, it runs the classifier itself: the prepared image in, the classifier's answers out
+    # embedded, it is the whole DICOM path: the ensemble's input and outputs, the preprocessing
+    # settings beside its own
+    embedded = parse(render_postprocess_config(ec, "embedded"))
+    assert [t.name for t in embedded.input] == ["dicom"]
+    assert [t.name for t in embedded.output] == ["probability", "ood_score", "in_distribution",
+                                                 "label", "error"]
+    assert embedded.parameters["classifier"].string_value == ec.classifier.name
+    pre = parse(render_preprocess_config(ec, "production")).parameters
+    assert {k: embedded.parameters[k].string_value for k in pre} == {
+        k: v.string_value for k, v in pre.items()}
 
 
 # -- import weight ----------------------------------------------------------------------------------
@@ -235,8 +245,10 @@ def tensors(cfg: mc.ModelConfig, kind: str) -> dict[str, tuple[str, list[int]]]:
 def test_ensemble_steps_wire_matching_tensors(params, flavour, record):
     """Every step's input_map/output_map names a tensor of that model, and every ensemble tensor
     is produced and consumed with the same dtype and dims (what Triton checks at load time);
-    every tensor produced is used (Triton refuses an unused one); with recording on, the
-    recorder is a fourth step and the ensemble's outputs are the same."""
+    every tensor produced is used (Triton refuses an unused one); embedded, the postprocessing
+    model is the whole path (one step), in production preprocessing and the classifier are
+    steps of their own (three); with recording on, the postprocessing model records (in
+    production from the drift features) and the ensemble's outputs are the same."""
     cfg = params.serving.model_copy(update={"record": record})
     ensemble = build_ensemble_contract(cfg, params.ingest.preprocessing,
                                        threshold=params.evaluate.threshold)
@@ -245,9 +257,7 @@ def test_ensemble_steps_wire_matching_tensors(params, flavour, record):
         ensemble.classifier.name: parse(render_config(ensemble.classifier, flavour)),
         ensemble.postprocess_name: parse(render_postprocess_config(ensemble, flavour)),
     }
-    if record:
-        models[ensemble.recorder_name] = parse(render_recorder_config(ensemble, flavour))
-    ens = parse(render_ensemble_config(ensemble, classifier_version=7))
+    ens = parse(render_ensemble_config(ensemble, classifier_version=7, flavour=flavour))
     assert ens.platform == "ensemble" and list(ens.version_policy.specific.versions) == [7]
     produced = {name: spec for name, spec in tensors(ens, "input").items()}
     used = set(tensors(ens, "output"))
@@ -262,10 +272,15 @@ def test_ensemble_steps_wire_matching_tensors(params, flavour, record):
     for name, spec in tensors(ens, "output").items():
         assert produced[name] == spec
     assert set(produced) == used
-    assert [s.model_version for s in ens.ensemble_scheduling.step] == [-1, 7, 7] + [-1] * record
-    if record:  # the recorder takes the drift features, the error and the answer with its OOD score
-        assert set(ens.ensemble_scheduling.step[3].input_map) == {
-            "drift_features", "error", "probability", "ood_score"}
+    steps = ens.ensemble_scheduling.step
+    assert [s.model_version for s in steps] == ([-1, 7, 7] if flavour == "production" else [7])
+    assert [s.model_name for s in steps][-1] == ensemble.postprocess_name
+    if flavour == "production" and record:  # the drift features and the answer's OOD score
+        assert {"drift_features", "error", "ood_score"} <= set(steps[-1].input_map)
+    elif flavour == "production":
+        assert "drift_features" not in set(steps[-1].input_map)
+    recording = {"record_dir", "record_max_bytes", "record_keep"}
+    assert (recording <= set(models[ensemble.postprocess_name].parameters)) is record
     assert tensors(ens, "output") == {"probability": ("TYPE_FP32", [1]),
                                       "ood_score": ("TYPE_FP32", [1]),
                                       "in_distribution": ("TYPE_BOOL", [1]),
@@ -401,7 +416,7 @@ def test_preprocess_items_turns_any_base_exception_into_that_items_error(monkeyp
         pass
 
     data = pydicom_file("CT_small.dcm").read_bytes()
-    real = pixels.preprocess_bytes
+    real = pixels.prepare_image
     calls = iter([Panic("index out of bounds\n  at src/lib.rs"), None])
 
     def flaky(*args, **kwargs):
@@ -410,15 +425,15 @@ def test_preprocess_items_turns_any_base_exception_into_that_items_error(monkeyp
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pixels, "preprocess_bytes", flaky)
+    monkeypatch.setattr(pixels, "prepare_image", flaky)
     _, errors = preprocess_items([data, data], PreprocessSpec(image_size=28), Limits(10**7, 10**7))
     assert errors == ["decode_error: Panic: index out of bounds", ""]
-    monkeypatch.setattr(pixels, "preprocess_bytes", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(pixels, "prepare_image", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         preprocess_items([data], PreprocessSpec(image_size=28), Limits(10**7, 10**7))
 
 
-def test_the_recorder_takes_ood_score_once_the_classifier_declares_it(params):
+def test_the_postprocess_records_ood_score_once_the_classifier_declares_it(params):
     """A classifier without the OOD guard's outputs has only ``probability`` recorded; the guarded
     classifier (the default contract) has its ``ood_score`` recorded too, wired by name."""
     import dataclasses
@@ -428,12 +443,12 @@ def test_the_recorder_takes_ood_score_once_the_classifier_declares_it(params):
     guarded = build_ensemble_contract(params.serving, PreprocessSpec(image_size=28))
     plain = dataclasses.replace(guarded, classifier=dataclasses.replace(guarded.classifier, outputs=tuple(
         o for o in guarded.classifier.outputs if o.name not in ("ood_score", "in_distribution"))))
-    assert set(tensors(parse(render_recorder_config(plain, "embedded")), "input")) == {
+    assert set(tensors(parse(render_postprocess_config(plain, "production")), "input")) == {
         "drift_features", "error", "probability"}
-    assert tensors(parse(render_recorder_config(guarded, "embedded")), "input")["ood_score"] == (
+    assert tensors(parse(render_postprocess_config(guarded, "production")), "input")["ood_score"] == (
         "TYPE_FP32", [1])
-    ens = parse(render_ensemble_config(guarded, classifier_version=3))
-    assert dict(ens.ensemble_scheduling.step[3].input_map)["ood_score"] == "ood_score"
+    ens = parse(render_ensemble_config(guarded, classifier_version=3, flavour="production"))
+    assert dict(ens.ensemble_scheduling.step[2].input_map)["ood_score"] == "ood_score"
     features = np.array([[b'{"modality":"CR","error":null}'], [b'{"error":"not_dicom"}']],
                         dtype=np.object_)
     probs, ood = np.array([[0.25], [0.5]], np.float32), np.array([[1.5], [9.0]], np.float32)

@@ -303,16 +303,18 @@ def test_the_ensemble_is_pinned_to_the_served_classifier_version(triton, deploye
     ens = read_config(repo, f"{name}_dicom")
     assert list(ens.version_policy.specific.versions) == [2]
     step = {s.model_name: s.model_version for s in ens.ensemble_scheduling.step}
-    # postprocess version 2 holds v2's threshold: one re-pin switches probability and label
-    # (the drift recorder, serving.record, is version 1 whatever the classifier)
-    assert step == {f"{name}_preprocess": -1, name: 2, f"{name}_postprocess": 2,
-                    f"{name}_recorder": -1}
+    # postprocess version 2 is the whole DICOM path: it preprocesses, runs v2's ONNX, labels at
+    # v2's threshold and writes the drift records (serving.record): one re-pin switches it all
+    assert step == {f"{name}_postprocess": 2}
     post = read_config(repo, f"{name}_postprocess")
     assert list(post.version_policy.specific.versions) == [2]
-    assert {k: v.string_value for k, v in post.parameters.items()} == {
-        "threshold.2": repr(V2_THRESHOLD), "labels": "normal,pneumonia", "ood_action": "flag"}
-    pre = read_config(repo, f"{name}_preprocess")
-    assert pre.parameters["max_pixels"].string_value == str(MAX_PIXELS)
+    params = {k: v.string_value for k, v in post.parameters.items()}
+    assert {k: params.pop(k) for k in ("record_dir", "record_max_bytes", "record_keep", "record")}
+    assert params == {"threshold.2": repr(V2_THRESHOLD), "labels": "normal,pneumonia",
+                      "ood_action": "flag", "classifier": name, "image_size": str(S),
+                      "max_bytes": str(triton["cfg"].max_request_bytes),
+                      "max_pixels": str(MAX_PIXELS), "frame": "middle"}
+    assert read_config(repo, f"{name}_preprocess") is None  # embedded: no model of its own
 
 
 def test_small_batches_give_the_same_answers(triton, deployed, files):
@@ -453,7 +455,7 @@ def test_a_version_that_fails_once_promoted_is_undone_with_its_settings(triton, 
     msg = str(err.value)
     assert "version 3: it failed once promoted: DICOM check" in msg and "too_large" in msg
     assert msg.endswith("version 2 is still served")
-    pre = read_config(triton["repo"], f"{triton['cfg'].model_name}_preprocess")
+    pre = read_config(triton["repo"], f"{triton['cfg'].model_name}_postprocess")
     assert pre.parameters["max_pixels"].string_value == str(MAX_PIXELS)
     assert not (triton["repo"] / f"{triton['cfg'].model_name}_dicom" / "3").exists()
     # the postprocess version written for it is gone too (not even its __pycache__ is left)
@@ -490,7 +492,7 @@ def test_new_preprocessing_settings_reach_the_server_for_the_served_model(triton
     wider_cfg = cfg.model_copy(update={"max_image_pixels": 4 * MAX_PIXELS})
     wider = deploy(wider_cfg, **again)
     assert not wider.unchanged and (wider.version, wider.previous_version) == (3, 2)
-    pre = read_config(repo, f"{cfg.model_name}_preprocess")
+    pre = read_config(repo, f"{cfg.model_name}_postprocess")
     assert pre.parameters["max_pixels"].string_value == str(4 * MAX_PIXELS)
     [big] = predict_files([files["big"]], url=triton["info"].grpc_url, model_name=cfg.model_name,
                           preprocessing=SPEC)

@@ -13,7 +13,7 @@ costs no decoding work.
 
 With the ``record`` parameter (``serving.record``) it also answers ``drift_features``: per item, a
 JSON object of non-identifying header fields and statistics of the prepared image
-(``medops.drift.item_features``), which the recorder step logs with the classifier's answer. A
+(``medops.drift.item_features``), which the postprocessing model logs with the classifier's answer. A
 failure there costs that item its features ({"error": "features_failed"}), never the request.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,52 +44,64 @@ class Limits:
 
 def check_limits(data: bytes, limits: Limits) -> str | None:
     """Why ``data`` is refused before decoding, or None. Reads only the header for the pixel count."""
-    return limited_header(data, limits)[0]
-
-
-def limited_header(data: bytes, limits: Limits) -> tuple[str | None, Any]:
-    """``(check_limits' answer, the header it read or None)``: the drift features reuse it."""
-    if len(data) > limits.max_bytes:
-        return f"{TOO_LARGE}: {len(data)} bytes, over the limit of {limits.max_bytes} bytes", None
-    import pydicom
-
-    from medops.dicom.io import inflated_size_refusal
-
-    inflated = inflated_size_refusal(io.BytesIO(data), limits.max_bytes)
-    if inflated:  # before dcmread below, which would inflate it whole
-        return f"{TOO_LARGE}: {inflated}", None
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        return read_within_limits(data, limits)[0]
+    except Exception:  # noqa: BLE001 - unreadable: its proper reason comes from preprocessing
+        return None
+
+
+def _pixel_refusal(ds: Any, limits: Limits) -> str | None:
+    try:
         dims = [int(ds.get(k, 1) or 1) for k in ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel")]
-    except Exception:  # noqa: BLE001 - unreadable headers get their proper reason from preprocessing
-        return None, None
+    except Exception:  # noqa: BLE001 - an unreadable description gets its reason from decoding
+        return None
     pixels = int(np.prod(dims, dtype=np.int64))
     if pixels > limits.max_pixels:
         return (f"{TOO_LARGE}: {dims[0]}x{dims[1]} pixels x {dims[2]} frames x {dims[3]} samples = "
-                f"{pixels} values, over the limit of {limits.max_pixels}"), ds
-    return None, ds
+                f"{pixels} values, over the limit of {limits.max_pixels}")
+    return None
+
+
+def read_within_limits(data: bytes, limits: Limits) -> tuple[str | None, Any]:
+    """``(why data is refused before decoding or None, its data set or None)``, reading the
+    file once (``medops.dicom.io.read_dataset``, values parsed when used, as ingest reads).
+    The byte limit is checked first, and bounds what a deflated file may inflate to (checked
+    before inflating it); the pixel limit is checked from the header, before any decoding.
+
+    Raises:
+        DicomReadError: the file cannot be read (not DICOM, truncated, no pixel data, ...).
+    """
+    if len(data) > limits.max_bytes:
+        return f"{TOO_LARGE}: {len(data)} bytes, over the limit of {limits.max_bytes} bytes", None
+    from medops.dicom.io import inflated_size_refusal, read_dataset
+
+    inflated = inflated_size_refusal(io.BytesIO(data), limits.max_bytes)
+    if inflated:  # before read_dataset, which would inflate it whole
+        return f"{TOO_LARGE}: {inflated}", None
+    ds = read_dataset(data, parse_all=False)
+    return _pixel_refusal(ds, limits), ds
 
 
 def preprocess_items(items: list[bytes], spec: "PreprocessSpec", limits: Limits,
                      headers: list | None = None) -> tuple[np.ndarray, list[str]]:
     """Preprocess each DICOM byte string as ``spec`` says. Returns ``(images (n, S, S, 1) float32,
     errors)``, where ``errors[i]`` is "" for a usable item and the reason otherwise (its image is
-    zeros). ``headers``: a list to receive each item's header as the limit check read it (or None)."""
-    from medops.dicom.pixels import preprocess_bytes
-    from medops.errors import PROCESS_EXITS, DicomReadError, first_line
+    zeros). ``headers``: a list to receive each item's data set as read (or None), which the
+    drift features reuse. Each file is read once: limits, header and pixels from one read."""
+    from medops.dicom import pixels
+    from medops.errors import DicomReadError
 
     size = spec.image_size
     images = np.zeros((len(items), size, size, 1), dtype=np.float32)
     errors = [""] * len(items)
     for i, data in enumerate(items):
-        refused, header = limited_header(data, limits)
-        if headers is not None:
-            headers.append(header)
-        if refused:
-            errors[i] = refused
-            continue
+        header = None
         try:
-            images[i, ..., 0] = preprocess_bytes(data, spec)
+            refused, header = read_within_limits(data, limits)
+            if refused:
+                errors[i] = refused
+            else:
+                images[i, ..., 0] = pixels.prepare_image(header, spec)
         except DicomReadError as exc:
             errors[i] = f"{exc.reason.value}: {exc}"
         except Exception as exc:  # noqa: BLE001 - never fail the batch for one file
@@ -98,25 +110,45 @@ def preprocess_items(items: list[bytes], spec: "PreprocessSpec", limits: Limits,
             raise
         except BaseException as exc:  # e.g. a native library's panic: still this item's failure
             errors[i] = f"decode_error: {type(exc).__name__}: {first_line(exc)}"
+        if headers is not None:
+            headers.append(header)
     return images, errors
+
+
+def feature_records(items: list[bytes], images: np.ndarray, errors: list[str],
+                    headers: list | None = None) -> list[dict]:
+    """``medops.drift.item_features`` of each item; an item whose features cannot be computed
+    gets ``{"error": "features_failed"}``. ``headers``: the data sets ``preprocess_items`` read
+    (not read again)."""
+    from medops.drift import image_features_batch, item_features
+
+    out = []
+    headers = headers if headers is not None else [None] * len(items)
+    answered = [i for i, e in enumerate(errors) if not e]
+    try:  # the image statistics of the whole batch at once (the same numbers as one by one)
+        stats = dict(zip(answered, image_features_batch(images[answered])))
+    except PROCESS_EXITS:
+        raise
+    except BaseException:  # noqa: BLE001 - then item by item below
+        stats = {}
+    for i, (data, image, error, header) in enumerate(zip(items, images, errors, headers)):
+        try:
+            out.append(item_features(data, image, error, header=header, stats=stats.get(i)))
+        except PROCESS_EXITS:
+            raise
+        except BaseException:  # noqa: BLE001 - drift features never fail a request
+            out.append({"error": "features_failed"})
+    return out
 
 
 def drift_features(items: list[bytes], images: np.ndarray, errors: list[str],
                    headers: list | None = None) -> np.ndarray:
-    """``medops.drift.item_features`` of each item as JSON bytes, an ``(n, 1)`` object array
-    (TYPE_STRING); an item whose features cannot be computed gets ``{"error": "features_failed"}``.
-    ``headers``: the headers ``preprocess_items`` read (not read again)."""
-    from medops.drift import item_features
-
+    """:func:`feature_records` as JSON bytes, an ``(n, 1)`` object array (TYPE_STRING)."""
     out = []
-    headers = headers if headers is not None else [None] * len(items)
-    for data, image, error, header in zip(items, images, errors, headers):
+    for record in feature_records(items, images, errors, headers):
         try:
-            record = item_features(data, image, error, header=header)
-            out.append(json.dumps(record, separators=(",", ":")).encode())
-        except PROCESS_EXITS:
-            raise
-        except BaseException:  # noqa: BLE001 - drift features never fail a request
+            out.append(json.dumps(record, separators=(",", ":"), allow_nan=False).encode())
+        except (TypeError, ValueError):  # never fail a request for its features
             out.append(b'{"error":"features_failed"}')
     return np.array(out, dtype=np.object_).reshape(-1, 1)
 

@@ -83,37 +83,49 @@ def classify_batch(
     return answers
 
 
-class TritonPythonModel:
-    """The Python-backend entry points Triton calls: initialize, execute, finalize."""
+class Classifier:
+    """An ONNX classifier file run by onnxruntime on the CPU, as Triton's model instances run it
+    (this backend, and the embedded postprocessing model, which runs it inline)."""
 
-    def initialize(self, args: dict) -> None:
+    def __init__(self, path: str, config: dict) -> None:
         import onnxruntime as ort
 
-        # Triton hands the version folder via these args; model.onnx lies beside this file.
-        version_dir = os.path.join(args["model_repository"], args["model_version"])
         opts = ort.SessionOptions()
-        # One Triton instance per CPU core budget: keep onnxruntime from oversubscribing it.
+        # One Triton instance per CPU core (serving.instances): one thread each, no oversubscribing.
         opts.intra_op_num_threads = int(os.environ.get("MEDOPS_ORT_THREADS", "1"))
-        self.session = ort.InferenceSession(
-            os.path.join(version_dir, "model.onnx"), opts, providers=["CPUExecutionProvider"]
-        )
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         shape = self.session.get_inputs()[0].shape
         self.item_shape = tuple(int(d) for d in shape[1:])
         # a model exported with the OOD guard answers all three; an older one the probability only
         self.guarded = set(OUTPUTS) <= {o.name for o in self.session.get_outputs()}
         # Fail the load (Triton keeps serving the previous version) rather than every request.
-        config = json.loads(args["model_config"])
-        declared = next(i for i in config["input"] if i["name"] == INPUT_NAME)
-        if tuple(int(d) for d in declared["dims"]) != self.item_shape:
+        # (A model that prepares the images itself declares no image input: it checks its own.)
+        declared = next((i for i in config.get("input", []) if i["name"] == INPUT_NAME), None)
+        if declared is not None and tuple(int(d) for d in declared["dims"]) != self.item_shape:
             raise ValueError(
                 f"model.onnx input {INPUT_NAME!r} has item shape {list(self.item_shape)}, "
                 f"config.pbtxt declares {declared['dims']}"
             )
 
-    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
         if self.guarded:
             return tuple(self.session.run(list(OUTPUTS), {INPUT_NAME: batch}))
         return unguarded(self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
+
+
+class TritonPythonModel:
+    """The Python-backend entry points Triton calls: initialize, execute, finalize."""
+
+    def initialize(self, args: dict) -> None:
+        # Triton hands the version folder via these args; model.onnx lies beside this file.
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        self.classifier = Classifier(os.path.join(version_dir, "model.onnx"),
+                                     json.loads(args["model_config"]))
+        self.session, self.item_shape = self.classifier.session, self.classifier.item_shape
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self.classifier.run(batch)
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -132,4 +144,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.session = None
+        self.session = self.classifier = None
