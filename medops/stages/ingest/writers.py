@@ -3,6 +3,7 @@ metadata.parquet (in row groups, without pandas) and quarantine.csv's columns.""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -61,8 +62,10 @@ class _SpillFiles:
 
 def _copy_range(src: int, dst: int, size: int, src_at: int, dst_at: int) -> None:
     """``size`` bytes from ``src_at`` in ``src`` to ``dst_at`` in ``dst`` (file descriptors):
-    inside the kernel where it can (``copy_file_range``), else read and written here."""
+    inside the kernel where it can (``copy_file_range``: Linux), else read and written here."""
     try:
+        if not hasattr(os, "copy_file_range"):  # macOS
+            raise OSError(errno.ENOSYS, "no copy_file_range")
         while size:
             copied = os.copy_file_range(src, dst, size, src_at, dst_at)
             if not copied:
@@ -70,8 +73,6 @@ def _copy_range(src: int, dst: int, size: int, src_at: int, dst_at: int) -> None
             size, src_at, dst_at = size - copied, src_at + copied, dst_at + copied
         return
     except OSError as exc:
-        import errno
-
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
             raise
     while size:
