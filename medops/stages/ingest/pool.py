@@ -152,10 +152,12 @@ class LocalPool:
     outputs). With ``spill_dir`` (a folder on the outputs' disk, made when the first chunk goes
     out), each chunk's worker leaves its de-identified files in a spill file of its own there
     (:class:`~medops.stages.ingest.worker.Spilled`): 2,000 CT slices are 1 GB that would
-    otherwise be pickled, sent through a pipe, unpickled and checksummed by the main process, a
-    quarter of the run's CPU time on two cores (measured: benchmarks/scale/README.md). A worker that dies (a decoder plugin that crashes on a malformed file) costs a pool
-    restart: the chunk it held is retried one file per task (:func:`_isolate`), so only the culprit
-    is quarantined, and the other chunks in flight are handed out again whole.
+    otherwise be pickled, sent through a pipe, unpickled and checksummed by the main process, most
+    of its CPU time and a quarter of the run's (benchmarks/scale/README.md, section 0).
+
+    A worker that dies (a decoder plugin that crashes on a malformed file) costs a pool restart:
+    the chunk it held is retried one file per task (:func:`_isolate`), so only the culprit is
+    quarantined, and the other chunks in flight are handed out again whole.
     """
 
     def __init__(self, spec: WorkerSpec, workers: int, expected: int, prelaunch: bool = False,
