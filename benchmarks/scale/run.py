@@ -225,12 +225,52 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def _children_peaks(stop, peaks: dict[int, float]) -> None:
+    """Until ``stop`` is set: every 0.2 s, each child process' VmHWM (MB), its last value kept (a
+    local pool's workers exit with the run, so they are sampled while they live)."""
+    me = os.getpid()
+    while not stop.wait(0.2):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if int(fields.get("PPid", "0")) == me and "VmHWM" in fields:
+                peaks[int(entry.name)] = round(int(fields["VmHWM"].split()[0]) / 1024, 1)
+
+
+def _memory_child_local(work: Path, n: int) -> dict:
+    """In a fresh process: one ingest on the local pool (2 workers); peak RSS of this process and
+    of each worker (sampled)."""
+    import threading
+
+    src = export(work, n)
+    peaks: dict[int, float] = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=_children_peaks, args=(stop, peaks), daemon=True)
+    sampler.start()
+    try:
+        res, seconds = _ingest(src, work / f"out-mem-{n}", None)
+    finally:
+        stop.set()
+        sampler.join()
+    shutil.rmtree(work / f"out-mem-{n}", ignore_errors=True)
+    # the children: the 2 workers and multiprocessing's resource tracker (a few MB), largest first
+    return {"files": n, "used": res.used, "seconds": round(seconds, 1), "path": "local pool",
+            "main_peak_mb": peak_rss_mb(), "worker_peak_mb": sorted(peaks.values())[-2:]}
+
+
 def _memory_child(work: Path, n: int) -> dict:
     """In a fresh process: a fresh cluster, one ingest; peak RSS of this process and each worker."""
     from distributed import Client
 
     from medops.ops.dask_cluster import process_cluster
 
+    if os.environ.get("SCALE_BENCH_MEMORY_PATH") == "local":
+        return _memory_child_local(work, n)
     src = export(work, n)
     with process_cluster(2) as cluster:
         res, seconds = _ingest(src, work / f"out-mem-{n}", cluster.address)
@@ -265,9 +305,12 @@ def main() -> None:
     parser.add_argument("--only", default="speed,objects,memory")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "medops-scale-bench")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--memory-path", choices=["dask", "local"], default="dask",
+                        help="memory section: on a Dask cluster (default) or the local pool")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("SCALE_BENCH_MEMORY_PATH", args.memory_path)  # read by the memory child
     if args.memory_child:
         print(json.dumps(_memory_child(args.work, args.memory_child)))
         return
@@ -300,7 +343,7 @@ def main() -> None:
         sizes = [int(x) for x in args.memory_files.split(",")]
         m = figures["memory"] = bench_memory(args.work, sizes)
         for r in m["runs"]:
-            print(f"[memory] {r['files']} files on Dask in {r['seconds']} s: main peak {r['main_peak_mb']} MB, "
+            print(f"[memory] {r['files']} files on {r.get('path', 'Dask')} in {r['seconds']} s: main peak {r['main_peak_mb']} MB, "
                   f"workers' peaks {r['worker_peak_mb']} MB", flush=True)
         print(f"[memory] {sizes[-1]} / {sizes[0]} files: main {m['main_ratio']}x, workers {m['worker_ratio']}x "
               f"(target <= 1.2x)", flush=True)
