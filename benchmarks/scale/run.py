@@ -158,24 +158,32 @@ def _push_pull(root: Path, name: str, folder: Path, client, bucket: str, endpoin
             "pull_s": round(t4 - t3, 1)}
 
 
-def bench_objects(work: Path, n: int) -> dict:
+def bench_objects(work: Path, n: int, subset: int | None = None) -> dict:
+    """``subset``: build the one-file-per-image layout from the first shards only (at least
+    ``subset`` images), and extrapolate its push and pull times linearly to all the images."""
     import socket
 
     import boto3
     from moto.server import ThreadedMotoServer
 
     src = export(work, n)
-    res, _ = _ingest(src, work / "out-objects", None)
+    res, ingest_s = _ingest(src, work / "out-objects", None)
     # the same dataset with one de-identified file per image (the layout before issue 11)
     loose = work / "loose"
     shutil.rmtree(loose, ignore_errors=True)
+    loose.mkdir()
     for name in ("metadata.parquet", "quarantine.csv", "ingest_index.json"):
-        (loose).mkdir(exist_ok=True)
         shutil.copy(work / "out-objects" / name, loose / name)
-    shutil.copytree(work / "out-objects" / "arrays", loose / "arrays")
+    (loose / "arrays").mkdir()
+    loose_images = loose_shards = 0
     for pack in sorted((work / "out-objects" / "dicom").glob("*.zip")):
+        if subset is not None and loose_images >= subset:
+            break
+        shutil.copy(work / "out-objects" / "arrays" / (pack.stem + ".npy"), loose / "arrays")
         with zipfile.ZipFile(pack) as z:
             z.extractall(loose)
+            loose_images += len(z.namelist())
+        loose_shards += 1
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -195,10 +203,15 @@ def bench_objects(work: Path, n: int) -> dict:
     finally:
         server.stop()
     shutil.rmtree(loose, ignore_errors=True)
-    return {"images": res.used, "shards": res.shards, "packed": packed, "per_image": per_image,
-            "objects_ratio": round(per_image["objects"] / packed["objects"], 1),
-            "push_ratio": round(per_image["push_s"] / max(packed["push_s"], 0.1), 1),
-            "pull_ratio": round(per_image["pull_s"] / max(packed["pull_s"], 0.1), 1)}
+    scale = res.used / loose_images  # 1 unless a subset
+    per_image.update(images=loose_images, extrapolated_to=res.used if scale != 1 else None,
+                     **{f"{k}_at_all": round(per_image[k] * scale, 1) for k in ("add_s", "push_s", "pull_s")},
+                     objects_at_all=per_image["objects"] + res.used - loose_images + res.shards - loose_shards)
+    return {"images": res.used, "shards": res.shards, "ingest_s": round(ingest_s, 1), "packed": packed,
+            "per_image": per_image,
+            "objects_ratio": round(per_image["objects_at_all"] / packed["objects"], 1),
+            "push_ratio": round(per_image["push_s_at_all"] / max(packed["push_s"], 0.1), 1),
+            "pull_ratio": round(per_image["pull_s_at_all"] / max(packed["pull_s"], 0.1), 1)}
 
 
 # --- 3. peak memory at two sizes ------------------------------------------------------------
@@ -212,12 +225,52 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def _children_peaks(stop, peaks: dict[int, float]) -> None:
+    """Until ``stop`` is set: every 0.2 s, each child process' VmHWM (MB), its last value kept (a
+    local pool's workers exit with the run, so they are sampled while they live)."""
+    me = os.getpid()
+    while not stop.wait(0.2):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if int(fields.get("PPid", "0")) == me and "VmHWM" in fields:
+                peaks[int(entry.name)] = round(int(fields["VmHWM"].split()[0]) / 1024, 1)
+
+
+def _memory_child_local(work: Path, n: int) -> dict:
+    """In a fresh process: one ingest on the local pool (2 workers); peak RSS of this process and
+    of each worker (sampled)."""
+    import threading
+
+    src = export(work, n)
+    peaks: dict[int, float] = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=_children_peaks, args=(stop, peaks), daemon=True)
+    sampler.start()
+    try:
+        res, seconds = _ingest(src, work / f"out-mem-{n}", None)
+    finally:
+        stop.set()
+        sampler.join()
+    shutil.rmtree(work / f"out-mem-{n}", ignore_errors=True)
+    # the children: the 2 workers and multiprocessing's resource tracker (a few MB), largest first
+    return {"files": n, "used": res.used, "seconds": round(seconds, 1), "path": "local pool",
+            "main_peak_mb": peak_rss_mb(), "worker_peak_mb": sorted(peaks.values())[-2:]}
+
+
 def _memory_child(work: Path, n: int) -> dict:
     """In a fresh process: a fresh cluster, one ingest; peak RSS of this process and each worker."""
     from distributed import Client
 
     from medops.ops.dask_cluster import process_cluster
 
+    if os.environ.get("SCALE_BENCH_MEMORY_PATH") == "local":
+        return _memory_child_local(work, n)
     src = export(work, n)
     with process_cluster(2) as cluster:
         res, seconds = _ingest(src, work / f"out-mem-{n}", cluster.address)
@@ -246,13 +299,18 @@ def main() -> None:
     parser.add_argument("--speed-files", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--objects-files", type=int, default=20000)
+    parser.add_argument("--per-image-subset", type=int, help="one-file-per-image layout from the first "
+                        "shards only (at least this many images); its times extrapolated linearly")
     parser.add_argument("--memory-files", default="2000,8000")
     parser.add_argument("--only", default="speed,objects,memory")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "medops-scale-bench")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--memory-path", choices=["dask", "local"], default="dask",
+                        help="memory section: on a Dask cluster (default) or the local pool")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("SCALE_BENCH_MEMORY_PATH", args.memory_path)  # read by the memory child
     if args.memory_child:
         print(json.dumps(_memory_child(args.work, args.memory_child)))
         return
@@ -267,18 +325,25 @@ def main() -> None:
               f"{s['main_cpu_ms_per_file']} ms CPU per file on Dask; identical outputs: {s['identical_outputs']}",
               flush=True)
     if "objects" in only:
-        o = figures["objects"] = bench_objects(args.work, args.objects_files)
+        o = figures["objects"] = bench_objects(args.work, args.objects_files, args.per_image_subset)
+        print(f"[objects] ingest of {o['images']} images (local pool, 2 workers): {o['ingest_s']} s", flush=True)
         for name in ("packed", "per_image"):
             r = o[name]
-            print(f"[objects] {o['images']} images, {name:9s}: {r['files']:6d} files -> {r['objects']:6d} S3 "
-                  f"objects; dvc add {r['add_s']} s, push {r['push_s']} s, pull {r['pull_s']} s", flush=True)
+            print(f"[objects] {r.get('images', o['images'])} images, {name:9s}: {r['files']:6d} files -> "
+                  f"{r['objects']:6d} S3 objects; dvc add {r['add_s']} s, push {r['push_s']} s, pull "
+                  f"{r['pull_s']} s", flush=True)
+        r = o["per_image"]
+        if r["extrapolated_to"]:
+            print(f"[objects] per_image extrapolated (x{o['images'] / r['images']:.2f}) to {o['images']} images: "
+                  f"~{r['objects_at_all']} objects, dvc add ~{r['add_s_at_all']} s, push ~{r['push_s_at_all']} s, "
+                  f"pull ~{r['pull_s_at_all']} s", flush=True)
         print(f"[objects] one file per image / packed: {o['objects_ratio']}x the objects, push "
               f"{o['push_ratio']}x, pull {o['pull_ratio']}x the time", flush=True)
     if "memory" in only:
         sizes = [int(x) for x in args.memory_files.split(",")]
         m = figures["memory"] = bench_memory(args.work, sizes)
         for r in m["runs"]:
-            print(f"[memory] {r['files']} files on Dask in {r['seconds']} s: main peak {r['main_peak_mb']} MB, "
+            print(f"[memory] {r['files']} files on {r.get('path', 'Dask')} in {r['seconds']} s: main peak {r['main_peak_mb']} MB, "
                   f"workers' peaks {r['worker_peak_mb']} MB", flush=True)
         print(f"[memory] {sizes[-1]} / {sizes[0]} files: main {m['main_ratio']}x, workers {m['worker_ratio']}x "
               f"(target <= 1.2x)", flush=True)

@@ -508,18 +508,88 @@ def test_an_output_that_cannot_be_written_fails_the_stage_not_the_file(tmp_path,
     synth.run(SynthConfig(max_images_per_split=1), source_npz=BUNDLED_DATASET, out_dir=tmp_path / "raw")
     raw, out = tmp_path / "raw", tmp_path / "out"
 
-    def disk_full(self, info, data):
+    def disk_full(pack, name, data, spills):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    import zipfile
+    from medops.stages.ingest import writers
 
-    monkeypatch.setattr(zipfile.ZipFile, "writestr", disk_full)
+    monkeypatch.setattr(writers, "_add_member", disk_full)
     with pytest.raises(IngestError, match=r"cannot write .*dicom/shard-00000\.zip: No space left on device"):
         ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out, key=KEY)
     assert not (out / "quarantine.csv").exists() and not (out / ingest.INDEX_NAME).exists()
     monkeypatch.undo()
     res = ingest.run(IngestConfig(workers=1), source_dir=raw / "dicom", out_dir=out, key=KEY)
     assert (res.used, res.quarantined) == (3, 0)
+
+
+def test_a_pack_written_from_spill_files_is_byte_for_byte_what_zipfile_writes(tmp_path, monkeypatch):
+    """The local pool's workers leave the de-identified files in spill files, with their CRC-32,
+    and the main process copies them into the pack inside the kernel: the pack must be exactly
+    what ``ZipFile.writestr`` makes of the same bytes (DVC hashes it; the Dask path returns bytes),
+    with the kernel copy and without it (a file system that cannot copy_file_range)."""
+    import errno
+    import zipfile
+    import zlib
+
+    from medops.stages.ingest import writers
+    from medops.stages.ingest.worker import Spilled
+
+    members = [(f"dicom/2.25.1/2.25.{i}.dcm", np.random.default_rng(i).bytes(n))
+               for i, n in enumerate([0, 1, 131, 70_000, 1 << 20])]
+    with zipfile.ZipFile(tmp_path / "reference.zip", "w", zipfile.ZIP_STORED) as ref:
+        for name, data in members:
+            ref.writestr(writers._zip_entry(name), data)
+    spill = tmp_path / "chunk.bin"
+    spill.write_bytes(b"".join(data for _, data in members))
+    offsets = np.cumsum([0] + [len(d) for _, d in members])
+
+    def write(target: Path) -> bytes:
+        spills = writers._SpillFiles()
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as pack:
+            for i, (name, data) in enumerate(members):
+                source = data if i % 2 else Spilled(str(spill), int(offsets[i]), len(data), zlib.crc32(data))
+                writers._add_member(pack, name, source, spills)
+        assert spills.path == str(spill)  # still open: deleted when the next one is asked for
+        spills.close()
+        assert not spill.exists()
+        spill.write_bytes(b"".join(data for _, data in members))
+        return target.read_bytes()
+
+    reference = (tmp_path / "reference.zip").read_bytes()
+    assert write(tmp_path / "kernel.zip") == reference
+
+    def unsupported(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(writers.os, "copy_file_range", unsupported)
+    assert write(tmp_path / "copied.zip") == reference
+    monkeypatch.delattr(writers.os, "copy_file_range")  # not Linux
+    assert write(tmp_path / "copied.zip") == reference
+    with zipfile.ZipFile(tmp_path / "copied.zip") as z:
+        assert z.testzip() is None and [z.read(n) for n, _ in members] == [d for _, d in members]
+
+
+def test_the_local_pools_workers_spill_the_deidentified_files_and_nothing_is_left(export, result, tmp_path,
+                                                                                   monkeypatch):
+    """On two workers, the de-identified files come to the pack through spill files (read by the
+    main process), which are all gone once the run ends; the outputs are the serial run's."""
+    from medops.stages.ingest import writers
+
+    opened: list[str] = []
+    fd_of = writers._SpillFiles.fd_of
+
+    def spy(self, path):
+        if path != self.path:
+            opened.append(path)
+        return fd_of(self, path)
+
+    monkeypatch.setattr(writers._SpillFiles, "fd_of", spy)
+    again = ingest.run(IngestConfig(shard_size=4, workers=2), source_dir=export["src"], out_dir=tmp_path / "out",
+                       manifest=export["manifest"], key=KEY)
+    assert len(opened) >= 2 and all(Path(p).parent == tmp_path / "out" / ".staging" / "spill" for p in opened)
+    assert not (tmp_path / "out" / ".staging").exists() and again.used == result.used
+    for rel in sorted(p.relative_to(result.out_dir) for p in result.out_dir.rglob("*") if p.is_file()):
+        assert (tmp_path / "out" / rel).read_bytes() == (result.out_dir / rel).read_bytes(), rel
 
 
 def test_a_file_that_cannot_be_deidentified_is_quarantined(tmp_path, monkeypatch):

@@ -19,8 +19,9 @@ Params:  ``ingest`` (image_size, window, workers, cluster, shard_size, file_time
 
 Files are read, de-identified and decoded in ``workers`` processes (a local pool, or a Dask
 cluster with ``cluster``), a chunk of files per task so that inter-process traffic does not
-dominate; workers write nothing, the parent writes every output and places rows in shards in
-source-path order, so the output does not depend on the number of workers nor on where they ran. Memory stays bounded on exports of
+dominate; workers write no output (a local pool's workers leave the de-identified files in spill
+files below ``.staging`` for the parent to copy, see :class:`~medops.stages.ingest.pool.LocalPool`),
+the parent writes every output and places rows in shards in source-path order, so the output does not depend on the number of workers nor on where they ran. Memory stays bounded on exports of
 any size: the folder is listed as it is walked, a bounded number of chunks is in flight, and every
 output (shards, metadata row groups, quarantine rows, index entries) is written as it is produced;
 what the parent keeps per file is a few digests per used file (see the note above

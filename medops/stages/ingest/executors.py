@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
 from medops.stages.ingest.pool import LocalPool, _Item
@@ -51,11 +52,12 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def open_executor(spec: WorkerSpec, expected: int, rebuild: bool) -> Executor:
+def open_executor(spec: WorkerSpec, expected: int, rebuild: bool, spill_dir: Path | None = None) -> Executor:
     """The executor ``spec.cfg.cluster`` names, for ``expected`` files at most to decode
-    (``rebuild``: every file will be decoded, so a local pool is started at once)."""
+    (``rebuild``: every file will be decoded, so a local pool is started at once; ``spill_dir``:
+    where a local pool's workers leave the de-identified files, see :class:`LocalPool`)."""
     if spec.cfg.cluster is None:
-        return LocalPool(spec, spec.cfg.workers, expected, prelaunch=rebuild)
+        return LocalPool(spec, spec.cfg.workers, expected, prelaunch=rebuild, spill_dir=spill_dir)
     from medops.stages.ingest.cluster import DaskCluster
 
     return DaskCluster(spec, spec.cfg.cluster, spec.cfg.workers, expected)

@@ -12,6 +12,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 from medops.errors import IngestError
@@ -44,12 +45,13 @@ def _init_pool_worker(spec: WorkerSpec) -> None:
     _worker_spec = spec
 
 
-def _decode_chunk(rels: list[str]) -> list[FileOutcome]:
+def _decode_chunk(rels: list[str], spill: str | None = None) -> list[FileOutcome]:
     """A pool task: :func:`process_chunk` with the spec this worker process was started with, each
-    file under its time limit (``ingest.file_timeout_s``)."""
+    file under its time limit (``ingest.file_timeout_s``), the de-identified files left in
+    ``spill`` when given."""
     if _worker_spec is None:
         raise RuntimeError("_decode_chunk runs in an ingest pool's worker process only")
-    return process_chunk(_worker_spec, rels, time_limit=_worker_spec.cfg.file_timeout_s)
+    return process_chunk(_worker_spec, rels, time_limit=_worker_spec.cfg.file_timeout_s, spill=spill)
 
 
 @dataclass(slots=True)
@@ -147,13 +149,21 @@ class LocalPool:
 
     The pool starts with the first chunk (a rerun with nothing new starts no process), or at once
     when ``prelaunch`` (a full rebuild: its processes start up while the main process sets up its
-    outputs). A worker that dies (a decoder plugin that crashes on a malformed file) costs a pool
-    restart: the chunk it held is retried one file per task (:func:`_isolate`), so only the culprit
-    is quarantined, and the other chunks in flight are handed out again whole.
+    outputs). With ``spill_dir`` (a folder on the outputs' disk, made when the first chunk goes
+    out), each chunk's worker leaves its de-identified files in a spill file of its own there
+    (:class:`~medops.stages.ingest.worker.Spilled`): 2,000 CT slices are 1 GB that would
+    otherwise be pickled, sent through a pipe, unpickled and checksummed by the main process, most
+    of its CPU time and a quarter of the run's (benchmarks/scale/README.md, section 0).
+
+    A worker that dies (a decoder plugin that crashes on a malformed file) costs a pool restart:
+    the chunk it held is retried one file per task (:func:`_isolate`), so only the culprit is
+    quarantined, and the other chunks in flight are handed out again whole.
     """
 
-    def __init__(self, spec: WorkerSpec, workers: int, expected: int, prelaunch: bool = False) -> None:
-        self.spec, self.workers, self.expected = spec, workers, expected
+    def __init__(self, spec: WorkerSpec, workers: int, expected: int, prelaunch: bool = False,
+                 spill_dir: Path | None = None) -> None:
+        self.spec, self.workers, self.expected, self.spill_dir = spec, workers, expected, spill_dir
+        self.spills = 0  # spill files named so far
         self.slots = _pool_size(expected, workers)
         self.inline = self.slots <= 1
         self.starting = _launch_pool(self.slots, spec) if prelaunch and not self.inline else None
@@ -171,8 +181,13 @@ class LocalPool:
                          else _start_pool(self.slots, self.spec))
         if self.pool is None:
             return _done(process_chunk(self.spec, rels)), self.generation
+        spill = None
+        if self.spill_dir is not None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            self.spills += 1  # a new name for every task, a chunk handed out again included
+            spill = str(self.spill_dir / f"chunk-{self.spills:08d}.bin")
         try:
-            return self.pool.submit(_decode_chunk, rels), self.generation
+            return self.pool.submit(_decode_chunk, rels, spill), self.generation
         except BrokenProcessPool as exc:  # a worker died meanwhile: dealt with in turn
             future: Future = Future()
             future.set_exception(exc)

@@ -235,10 +235,12 @@ class _StagedOutputs:
     def finish(self) -> None:
         """Write what is still held: the last shard, the last metadata row group."""
         self.shards.flush()
+        self.shards.spills.close()
         self.metadata.close()
 
     def release(self) -> None:
-        """Drop what only the writing needed: the duplicates' digests."""
+        """Drop what only the writing needed: the duplicates' digests, the spill file open."""
+        self.shards.spills.close()
         self.seen_content.clear()
         self.seen_sop.clear()
 
@@ -465,7 +467,7 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path,
     # a full rebuild decodes every file: a local pool's workers are launched now and start up
     # while this process imports what it writes with and sets up its outputs
     rebuild = not cfg.incremental or not (out_dir / INDEX_NAME).is_file()
-    executor = open_executor(spec, total, rebuild)
+    executor = open_executor(spec, total, rebuild, spill_dir=out_dir / _STAGING / "spill")
     try:
         return _ingest(spec, out_dir, total, executor, progress, started, skip)
     finally:  # closed by the decoding once it started; again is harmless

@@ -1,12 +1,16 @@
 """The per-file work of the ingest stage (runs in worker processes, local or on a Dask cluster):
 read, check, decode and de-identify one file; every per-file failure becomes data. A worker writes
 nothing: it returns the prepared image and the de-identified file's bytes, and the main process
-packs them into shards (so a cluster's workers need to read the source folder, and nothing else)."""
+packs them into shards (so a cluster's workers need to read the source folder, and nothing else).
+A local pool's worker, which shares the main process' disk, leaves the de-identified bytes in a
+spill file instead (:class:`Spilled`): the main process copies them into the pack inside the kernel,
+rather than receiving them through a pipe, unpickling them and checksumming them itself."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,17 @@ import numpy as np
 from medops.config import IngestConfig
 from medops.errors import PROCESS_EXITS, DicomReadError, IngestError, QuarantineReason
 from medops.stages.ingest.source import _not_a_file
+
+
+@dataclass(frozen=True, slots=True)
+class Spilled:
+    """A de-identified file a worker left in a spill file: ``size`` bytes at ``offset`` of
+    ``path``, with their CRC-32 (the pack's checksum, computed by the worker)."""
+
+    path: str
+    offset: int
+    size: int
+    crc: int
 
 
 @dataclass
@@ -28,7 +43,7 @@ class FileOutcome:
     detail: str = ""
     record: dict[str, Any] = field(default_factory=dict)
     image: np.ndarray | None = None
-    deid: bytes | None = None      # the de-identified file (used files only)
+    deid: bytes | Spilled | None = None  # the de-identified file (used files only)
 
 
 @dataclass(frozen=True)
@@ -186,9 +201,37 @@ def process_guarded(spec: WorkerSpec, rel: str, *, time_limit: float | None = No
                                detail=f"reading this file failed unexpectedly ({type(exc).__name__})")
 
 
-def process_chunk(spec: WorkerSpec, rels: list[str], *, time_limit: float | None = None) -> list[FileOutcome]:
-    """:func:`process_guarded` for each file of a task (``time_limit``: per file)."""
-    return [process_guarded(spec, rel, time_limit=time_limit) for rel in rels]
+def process_chunk(spec: WorkerSpec, rels: list[str], *, time_limit: float | None = None,
+                  spill: str | None = None) -> list[FileOutcome]:
+    """:func:`process_guarded` for each file of a task (``time_limit``: per file). ``spill``: a
+    file (on the main process' disk) to leave the de-identified files in, one after the other,
+    each outcome then naming where its file is (:class:`Spilled`); None: the bytes are returned.
+
+    Raises:
+        IngestError: the spill file cannot be written (disk full): the stage's failure.
+    """
+    if spill is None:
+        return [process_guarded(spec, rel, time_limit=time_limit) for rel in rels]
+    out: list[FileOutcome] = []
+    fh = None
+    try:
+        for rel in rels:
+            outcome = process_guarded(spec, rel, time_limit=time_limit)
+            if isinstance(outcome.deid, bytes):
+                data = outcome.deid
+                fh = fh if fh is not None else open(spill, "wb", buffering=0)  # noqa: SIM115
+                offset = fh.tell()
+                view = memoryview(data)
+                while view:  # a raw file's write may be partial
+                    view = view[fh.write(view):]
+                outcome.deid = Spilled(spill, offset, len(data), zlib.crc32(data))
+            out.append(outcome)
+    except OSError as exc:  # the path is the run's staging folder's: it names no source file
+        raise IngestError(f"cannot write {spill}: {exc.strerror or type(exc).__name__}") from None
+    finally:
+        if fh is not None:
+            fh.close()
+    return out
 
 
 def died_reading(rel: str, elapsed: float, limit: float | None) -> FileOutcome:

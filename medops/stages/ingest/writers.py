@@ -3,14 +3,20 @@ metadata.parquet (in row groups, without pandas) and quarantine.csv's columns.""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
+import os
+import zlib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from medops.errors import IngestError
+
+if TYPE_CHECKING:
+    from medops.stages.ingest.worker import Spilled
 
 
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
@@ -27,6 +33,91 @@ def _zip_entry(name: str) -> Any:
     info.create_system = 3
     info.external_attr = 0o644 << 16
     return info
+
+
+class _SpillFiles:
+    """Reads the de-identified files workers left in spill files (see
+    :class:`~medops.stages.ingest.pool.LocalPool`) into packs: one spill file open at a time; as
+    outcomes come in source order and a chunk's are contiguous, a spill file is deleted once the
+    next one is asked for (and the last one by :meth:`close`)."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.fd: int | None = None
+
+    def fd_of(self, path: str) -> int:
+        if path != self.path:
+            self.close()
+            self.fd, self.path = os.open(path, os.O_RDONLY), path
+        assert self.fd is not None
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            assert self.path is not None
+            Path(self.path).unlink(missing_ok=True)
+        self.fd = self.path = None
+
+
+def _copy_range(src: int, dst: int, size: int, src_at: int, dst_at: int) -> None:
+    """``size`` bytes from ``src_at`` in ``src`` to ``dst_at`` in ``dst`` (file descriptors):
+    inside the kernel where it can (``copy_file_range``: Linux), else read and written here."""
+    try:
+        if not hasattr(os, "copy_file_range"):  # macOS
+            raise OSError(errno.ENOSYS, "no copy_file_range")
+        while size:
+            copied = os.copy_file_range(src, dst, size, src_at, dst_at)
+            if not copied:
+                raise OSError(0, "the spill file is shorter than its outcomes say")
+            size, src_at, dst_at = size - copied, src_at + copied, dst_at + copied
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    while size:
+        chunk = os.pread(src, min(size, 1 << 24), src_at)
+        if not chunk:
+            raise OSError(0, "the spill file is shorter than its outcomes say")
+        written = os.pwrite(dst, chunk, dst_at)
+        size, src_at, dst_at = size - written, src_at + written, dst_at + written
+
+
+def _add_member(pack: Any, name: str, data: "bytes | Spilled", spills: _SpillFiles) -> None:
+    """Add one stored member to ``pack`` (a ``zipfile.ZipFile`` open for writing), byte for byte
+    as ``pack.writestr(_zip_entry(name), bytes)`` writes it (tested), from ``data``'s bytes or
+    from a spill file, whose CRC-32 the worker computed and whose bytes are copied inside the
+    kernel: the main process, which every file's outputs go through, neither checksums nor copies
+    a de-identified file itself. (It drives ``zipfile``'s writing state as
+    ``ZipFile._open_to_write`` and ``_ZipWriteFile.close`` do, for a member whose size and
+    checksum are known before it is written.)"""
+    import zipfile
+
+    info = _zip_entry(name)
+    spilled = not isinstance(data, bytes)
+    size = data.size if spilled else len(data)  # type: ignore[union-attr]
+    info.file_size = info.compress_size = size
+    info.CRC = data.crc if spilled else zlib.crc32(data)  # type: ignore[union-attr]
+    info.flag_bits = 0
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
+    if pack._writing:
+        raise ValueError("a pack member is being written")
+    fp = pack.fp
+    fp.seek(pack.start_dir)
+    info.header_offset = fp.tell()
+    pack._writecheck(info)
+    pack._didModify = True
+    fp.write(info.FileHeader(zip64))
+    if spilled:
+        fp.flush()
+        at = fp.tell()
+        _copy_range(spills.fd_of(data.path), fp.fileno(), size, data.offset, at)  # type: ignore[union-attr]
+        fp.seek(at + size)
+    else:
+        fp.write(data)
+    pack.start_dir = fp.tell()
+    pack.filelist.append(info)
+    pack.NameToInfo[info.filename] = info
 
 
 def _write_failed(path: Path, exc: OSError) -> IngestError:
@@ -57,13 +148,15 @@ class _ShardWriter:
         self.filled = 0
         self.shards = 0  # shards written so far
         self.rows: list[int] = []  # rows per shard written
+        self.spills = _SpillFiles()
 
     @property
     def current(self) -> int:
         return self.first + self.shards
 
-    def add(self, image: np.ndarray, name: str, data: bytes) -> tuple[int, int]:
-        """Add one row; returns its ``(shard, shard_index)``."""
+    def add(self, image: np.ndarray, name: str, data: "bytes | Spilled") -> tuple[int, int]:
+        """Add one row (its de-identified file as bytes or in a worker's spill file); returns its
+        ``(shard, shard_index)``."""
         import zipfile
 
         from medops.data import pack_path
@@ -81,7 +174,7 @@ class _ShardWriter:
             except OSError as exc:
                 raise _write_failed(path, exc) from exc
         try:
-            self.pack.writestr(_zip_entry(name), data)
+            _add_member(self.pack, name, data, self.spills)
         except OSError as exc:
             raise _write_failed(pack_path(self.root, self.current), exc) from exc
         self.buffer[self.filled] = image
