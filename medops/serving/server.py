@@ -129,15 +129,19 @@ def default_triton_env() -> Path:
     return prefix.with_name(prefix.name + "-triton")
 
 
-# Run by the Triton environment's python: what server_environment and prepare_backends need.
+# Run by the Triton environment's python: what server_environment and prepare_backends need
+# (found, not imported: a fraction of a second).
 _PROBE = """
 import json, sys, sysconfig
 from importlib.metadata import version
+from importlib.util import find_spec
 from pathlib import Path
-import numpy, pytriton
+spec = find_spec("pytriton")
+if spec is None:
+    sys.exit("ModuleNotFoundError: No module named 'pytriton' (nvidia-pytriton)")
 print(json.dumps({"prefix": sys.prefix, "libdir": sysconfig.get_config_var("LIBDIR"),
-    "python_version": "%d.%d" % sys.version_info[:2], "numpy_version": numpy.__version__,
-    "pytriton_dir": str(Path(pytriton.__file__).resolve().parent / "tritonserver"),
+    "python_version": "%d.%d" % sys.version_info[:2], "numpy_version": version("numpy"),
+    "pytriton_dir": str(Path(spec.origin).resolve().parent / "tritonserver"),
     "pytriton_version": version("nvidia-pytriton")}))
 """
 
@@ -150,7 +154,7 @@ def _probe(python: str) -> TritonEnv | str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{python} does not run: {exc}"
     if out.returncode != 0:
-        return f"{python} cannot import numpy and pytriton: {_first_error(out.stderr)}"
+        return f"{python} has no nvidia-pytriton or numpy: {_first_error(out.stderr)}"
     return TritonEnv.model_validate(json.loads(out.stdout))
 
 
