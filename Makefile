@@ -4,12 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medops-setup
+# The embedded Triton's own environment (NumPy 1: its Python-backend stub needs it; medops runs
+# NumPy 2): medops.serving.server looks for it beside $(VENV), named $(VENV)-triton.
+TRITON_VENV := $(VENV)-triton
+TRITON_STAMP := $(TRITON_VENV)/.medops-setup
 PYTEST_ARGS ?=
 
 .PHONY: setup demo quality quality-deploy test test-long test-fast down repro
 
-## setup: create or update the virtual environment (.venv) with pinned versions
-setup: $(STAMP)
+## setup: create or update the virtual environments (.venv, and .venv-triton for the embedded
+## Triton) with pinned versions
+setup: $(STAMP) $(TRITON_STAMP)
 	@command -v chromedriver >/dev/null && { command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null \
 	  || echo "note: the browser tests (Data Docs, Prefect UI) are skipped without Chromium: sudo apt-get install -y chromium chromium-driver"
 
@@ -18,6 +23,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements.lock -e ".[test]"
 	@touch $(STAMP)
+
+$(TRITON_STAMP): pyproject.toml requirements-triton.lock
+	@test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install -q -r requirements-triton.lock
+	$(TRITON_VENV)/bin/python -m pip install -q --no-deps -e .
+	@touch $(TRITON_STAMP)
 
 ## demo: supervised servers + the export; events drive ingest -> train -> gate -> Triton; leaves servers up
 demo: setup

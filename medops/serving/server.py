@@ -1,10 +1,15 @@
 """The embedded Triton server: the real ``tritonserver`` from the nvidia-pytriton wheel, on the CPU.
 
-The wheel ships tritonserver 2.51 with only the Python backend. What it needs to run here
-(measured, see the project notes): a backend folder of our own holding the Python backend and the
-stub built for the running interpreter; ``LD_LIBRARY_PATH`` with the wheel's bundled libraries and
-this interpreter's ``libpython``; this environment's ``bin`` first on ``PATH`` so the stub sees
-its packages.
+The wheel ships tritonserver 2.51 with only the Python backend. Both live in an environment of
+their own, the Triton environment (``make setup`` builds it as ``.venv-triton`` beside ``.venv``
+from requirements-triton.lock): nvidia-pytriton 0.7 requires NumPy 1, and its Python-backend stub
+returns empty outputs with NumPy 2, while medops itself runs NumPy 2. That environment holds only
+what the Python-backend models import (numpy, onnxruntime, pydicom and its decoders, pydantic,
+pyyaml) and medops installed without its dependencies. What the server needs to run (measured, see
+the project notes): a backend folder of our own holding the Python backend and the stub built for
+the Triton environment's Python; ``LD_LIBRARY_PATH`` with the wheel's bundled libraries and that
+Python's ``libpython``; the Triton environment's ``bin`` first on ``PATH``, so every stub's
+interpreter runs in it (its packages, not medops' own environment's).
 
 The server runs in its own process session, logs to ``<state>/logs/triton.log``, and is tracked
 by ``<state>/run/triton.pid`` (plus ``triton.json`` with its ports), so ``stop_server`` and
@@ -14,13 +19,14 @@ by ``<state>/run/triton.pid`` (plus ``triton.json`` with its ports), so ``stop_s
 from __future__ import annotations
 
 import errno
+import functools
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -99,32 +105,116 @@ def _url_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
-def _pytriton_dir() -> Path:
+TRITON_ENV_VAR = "MEDOPS_TRITON_ENV"  # the Triton environment's folder, when not the default
+
+
+class TritonEnv(BaseModel):
+    """The environment the embedded tritonserver and its Python-backend stubs run from."""
+
+    prefix: str           # its root: bin/python, bin/activate
+    python_version: str   # "3.11": the stub built for it
+    libdir: str           # where its Python's libpython lies
+    pytriton_dir: str     # site-packages/pytriton/tritonserver (bin/, backends/, stubs)
+    pytriton_version: str
+    numpy_version: str
+
+
+def default_triton_env() -> Path:
+    """``$MEDOPS_TRITON_ENV``, else the folder beside this environment named after it with
+    ``-triton`` (``.venv`` -> ``.venv-triton``, where ``make setup`` builds it)."""
+    configured = os.environ.get(TRITON_ENV_VAR)
+    if configured:
+        return Path(configured)
+    prefix = Path(sys.prefix)
+    return prefix.with_name(prefix.name + "-triton")
+
+
+# Run by the Triton environment's python: what server_environment and prepare_backends need
+# (found, not imported: a fraction of a second).
+_PROBE = """
+import json, sys, sysconfig
+from importlib.metadata import version
+from importlib.util import find_spec
+from pathlib import Path
+spec = find_spec("pytriton")
+if spec is None:
+    sys.exit("ModuleNotFoundError: No module named 'pytriton' (nvidia-pytriton)")
+print(json.dumps({"prefix": sys.prefix, "libdir": sysconfig.get_config_var("LIBDIR"),
+    "python_version": "%d.%d" % sys.version_info[:2], "numpy_version": version("numpy"),
+    "pytriton_dir": str(Path(spec.origin).resolve().parent / "tritonserver"),
+    "pytriton_version": version("nvidia-pytriton")}))
+"""
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(python: str) -> TritonEnv | str:
     try:
-        import pytriton
-    except ImportError as exc:  # pragma: no cover - a dependency of medops
-        raise ServingError("nvidia-pytriton is not installed; it ships the tritonserver binary") from exc
-    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+        out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": ""})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{python} does not run: {exc}"
+    if out.returncode != 0:
+        return f"{python} has no nvidia-pytriton or numpy: {_first_error(out.stderr)}"
+    return TritonEnv.model_validate(json.loads(out.stdout))
+
+
+def _first_error(stderr: str) -> str:
+    """The last non-empty line of a Python traceback (the exception), or the text itself."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def triton_env(path: Path | None = None) -> TritonEnv:
+    """The Triton environment: ``path``, else ``default_triton_env()``; without one there, this
+    environment itself if it has nvidia-pytriton and NumPy 1 (a single-environment install).
+
+    Raises:
+        ServingError: none found, it lacks nvidia-pytriton, or it has NumPy 2 (the stub of
+            tritonserver 2.51 then answers every request with empty outputs).
+    """
+    where = Path(path) if path is not None else default_triton_env()
+    candidates = [where] if path is not None or os.environ.get(TRITON_ENV_VAR) else [where, Path(sys.prefix)]
+    problems = []
+    for prefix in candidates:
+        python = prefix / "bin" / "python"
+        if not python.exists():
+            problems.append(f"no environment at {prefix}")
+            continue
+        found = _probe(str(python))
+        if isinstance(found, str):
+            problems.append(found)
+        elif int(found.numpy_version.split(".")[0]) >= 2:
+            problems.append(f"{prefix} has NumPy {found.numpy_version}: the Python-backend stub of "
+                            "this Triton returns empty outputs with NumPy 2")
+        else:
+            return found
+    raise ServingError(
+        "no environment to run the embedded Triton from (" + "; ".join(problems) + "). `make setup` "
+        f"builds it as {where}; elsewhere create a virtual environment from "
+        "requirements-triton.lock, `pip install --no-deps` medops into it and name it in "
+        f"${TRITON_ENV_VAR}")
 
 
 def tritonserver_binary() -> Path:
     """The ``tritonserver`` executable shipped in the nvidia-pytriton wheel."""
-    path = _pytriton_dir() / "bin" / "tritonserver"
+    path = Path(triton_env().pytriton_dir) / "bin" / "tritonserver"
     if not path.is_file():
         raise ServingError(f"tritonserver binary not found at {path}")
     return path
 
 
 def prepare_backends(state_dir: Path) -> Path:
-    """Assemble ``<state>/triton/backends/python`` (backend, utils, stub for this interpreter).
+    """Assemble ``<state>/triton/backends/python`` (backend, utils, the stub for the Triton
+    environment's Python).
 
     Returns the backend directory to pass as ``--backend-directory``.
     """
-    src = _pytriton_dir()
-    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = src / "python_backend_stubs" / pyver / "triton_python_backend_stub"
+    env = triton_env()
+    src = Path(env.pytriton_dir)
+    stub = src / "python_backend_stubs" / env.python_version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise ServingError(f"nvidia-pytriton has no Python-backend stub for Python {pyver} ({stub})")
+        raise ServingError(f"nvidia-pytriton has no Python-backend stub for Python "
+                           f"{env.python_version} ({stub})")
     backends = Path(state_dir) / "triton" / "backends"
     dest = backends / "python"
     dest.mkdir(parents=True, exist_ok=True)
@@ -140,12 +230,15 @@ def prepare_backends(state_dir: Path) -> Path:
 def server_environment() -> dict[str, str]:
     """The environment tritonserver and its Python stubs need (see the module docstring)."""
     env = dict(os.environ)
-    site = _pytriton_dir().parent.parent  # site-packages
-    libs = [str(site / "nvidia_pytriton.libs"), str(sysconfig.get_config_var("LIBDIR"))]
+    tenv = triton_env()
+    site = Path(tenv.pytriton_dir).parent.parent  # site-packages
+    libs = [str(site / "nvidia_pytriton.libs"), tenv.libdir]
     if env.get("LD_LIBRARY_PATH"):
         libs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PATH"] = os.pathsep.join([str(Path(tenv.prefix) / "bin"), env.get("PATH", "")])
+    env["VIRTUAL_ENV"] = tenv.prefix
+    env.pop("PYTHONHOME", None)
     return env
 
 

@@ -134,12 +134,13 @@ def test_dockerfile_builds_on_triton_with_medops_and_the_rendered_repository():
     assert "FROM ${TRITON_IMAGE}" in text
     assert "COPY deploy/model_repository /opt/medops/model_repository" in text
     assert "COPY medops ./medops" in text
-    # the serving image must pin numpy like the project does (the Python-backend stub needs < 2)
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    numpy_spec = re.search(r'"numpy(>=[^"]+)"', pyproject).group(1)
-    assert f'"numpy{numpy_spec}"' in text
+    # the serving image pins numpy like the embedded Triton's environment does (the
+    # Python-backend stub needs < 2), not like medops' own (NumPy 2)
+    triton_env = (ROOT / "requirements-triton.in").read_text()
+    numpy_spec = re.search(r"^numpy(>=\S+)$", triton_env, re.M).group(1)
+    assert numpy_spec.endswith(",<2") and f'"numpy{numpy_spec}"' in text
     # medops deploy writes the classifier as a Python-backend model.py that imports onnxruntime
-    ort_spec = re.search(r'"onnxruntime(>=[^"]+)"', pyproject).group(1)
+    ort_spec = re.search(r"^onnxruntime(>=\S+)$", triton_env, re.M).group(1)
     assert f'"onnxruntime{ort_spec}"' in text
     assert "/v2/health/ready" in text
     cmd = re.search(r"^CMD (\[.*?\])$", text, re.M | re.S).group(1)
@@ -177,8 +178,9 @@ def test_the_server_starts_and_is_ready_before_the_first_deploy(where):
 
 
 def test_the_triton_release_matches_the_embedded_server():
-    """Development runs tritonserver 2.51 from the nvidia-pytriton wheel = NGC release 24.10."""
-    from importlib.metadata import version
+    """Development runs tritonserver 2.51 from the nvidia-pytriton wheel (in the Triton
+    environment, .venv-triton) = NGC release 24.10."""
+    from medops.serving.server import triton_env
 
-    assert version("nvidia-pytriton") == "0.7.0"  # ships tritonserver 2.51.0 (NGC 24.10)
+    assert triton_env().pytriton_version == "0.7.0"  # ships tritonserver 2.51.0 (NGC 24.10)
     assert "tritonserver:24.10-py3" in (DEPLOY / "Dockerfile").read_text()

@@ -11,8 +11,8 @@ exported into one ONNX graph. Served beside an older model exported without a gu
   together, and a rollback restores both;
 - ``serving.ood_action: withhold`` leaves the CT without a label, with the reason.
 
-Runs the Triton Python-backend stub, which imports medops from the venv the server runs in:
-run it with a venv that has this tree installed (see the README's Tests section).
+Runs the Triton Python-backend stub, which imports medops from the Triton environment
+(``.venv-triton``, see medops.serving.server): run it with one that has this tree installed.
 """
 
 from __future__ import annotations

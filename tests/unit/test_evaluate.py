@@ -160,7 +160,7 @@ def test_roc_points():
     assert list(roc.columns) == ["fpr", "tpr", "threshold"]
     assert (roc.iloc[0]["fpr"], roc.iloc[0]["tpr"], roc.iloc[0]["threshold"]) == (0, 0, 1.0)
     assert (roc.iloc[-1]["fpr"], roc.iloc[-1]["tpr"]) == (1, 1)
-    assert np.trapz(roc["tpr"], roc["fpr"]) == pytest.approx(13 / 16)
+    assert np.trapezoid(roc["tpr"], roc["fpr"]) == pytest.approx(13 / 16)
 
 
 def test_one_class_auc_is_an_error_not_a_number():
