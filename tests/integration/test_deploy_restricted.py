@@ -126,6 +126,7 @@ def test_the_model_repository_api_needs_the_key_on_both_protocols(restricted, pr
         client.close()
 
 
+@pytest.mark.long  # a server restart; the audit records themselves: tests/unit/test_deploy_audit.py
 def test_every_deploy_and_rollback_is_in_the_audit_log_across_a_restart(restricted, monkeypatch, tmp_path):
     """After the tests above (two refusals per protocol, one deploy): a second version deployed by
     someone named, a rollback with a reason; the log survives a restart of Triton."""

@@ -97,6 +97,7 @@ def test_each_served_image_is_recorded_once_with_its_answer_and_no_phi(server):
         assert needle.encode() not in store, needle
 
 
+@pytest.mark.long  # two more server starts; recording itself is tested above in make test
 def test_recording_off_records_nothing_and_the_log_survives_a_restart(server):
     cfg, base = server["cfg"], server["base"]
     log = RequestLog(cfg.record_path(server["state"]))

@@ -17,7 +17,9 @@ import pytest
 from medops.config import update_params_file
 from medops.ops.prefect_server import prefect_env, start_prefect, stop_prefect
 
-pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+# make test serves the same deployments through medops up in tests/e2e; this file checks what
+# flows.serve registers, field by field, in make test-long
+pytestmark = [pytest.mark.prefect, pytest.mark.slow, pytest.mark.long]
 
 REPO = Path(__file__).resolve().parents[2]
 

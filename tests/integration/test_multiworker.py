@@ -27,7 +27,10 @@ def load_worker_module():
 workers = load_worker_module()
 
 
+# the parity this cluster test repeats across two processes is in make test as
+# tests/unit/test_distribute.py (MirroredStrategy over two logical CPUs, the same pinned numerics)
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_worker_cluster_matches_single_device_training_and_only_the_chief_writes(tmp_path, free_port):
     ports = {free_port()}
     while len(ports) < 2:

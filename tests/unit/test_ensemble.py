@@ -13,9 +13,10 @@ import pytest
 
 from medops.errors import MedopsError
 
-DATASET = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "pneumoniamnist.npz"
-pytestmark = [pytest.mark.slow,  # four small trainings, about 90 s
-              pytest.mark.skipif(not DATASET.is_file(), reason=f"needs {DATASET}")]
+from medops.paths import BUNDLED_DATASET as DATASET  # the copy the project ships
+
+# four small trainings, about 2 min: the seed ensemble is make quality's recipe, not the default
+# pipeline's (train.ensemble_seeds: []), so these run in make test-long
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,8 @@ def trained(data):
     return alone, ensemble, best, members
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_the_ensemble_outputs_the_mean_of_its_members_logits(trained, data, tmp_path):
     from medops.learn.calibration import fold_calibration, model_logits
     from medops.learn.ensemble import combine_members
@@ -78,6 +81,8 @@ def test_the_ensemble_outputs_the_mean_of_its_members_logits(trained, data, tmp_
     assert np.allclose(model_logits(alone[0], data["xt"]), member_z[0])  # members untouched
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_members_trained_in_the_ensemble_are_the_seeds_trained_alone(trained, data):
     """What train.ensemble_seeds trains in one run is what seeds.py combines from seeds run apart."""
     from medops.learn.calibration import model_logits
@@ -90,6 +95,8 @@ def test_members_trained_in_the_ensemble_are_the_seeds_trained_alone(trained, da
                        atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_the_ensemble_exports_to_one_onnx_graph_with_parity(trained, data):
     from medops.learn.ood import feature_model
     from medops.stages.export import check_parity, convert_to_onnx, run_onnx
@@ -102,6 +109,8 @@ def test_the_ensemble_exports_to_one_onnx_graph_with_parity(trained, data):
     assert feature_model(ensemble).output.shape[-1] == 2 * 32  # dense_units 32 features each
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_combine_members_refuses_what_cannot_be_one_model(trained):
     import keras
 
@@ -126,6 +135,8 @@ def test_ensemble_seeds_must_be_two_or_more_distinct_seeds():
             small_cfg(ensemble_seeds=bad)
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_the_train_stage_serves_the_ensemble_and_combine_saved_rebuilds_it_from_seeds_run_apart(tmp_path):
     """``train.ensemble_seeds`` through the train stage (model.keras + train.json with the members),
     and ``combine_saved`` (seeds.py's path) from the same seeds trained in runs of their own."""
@@ -166,6 +177,8 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_an_interrupted_ensemble_run_resumes_at_its_member(trained, data, tmp_path, monkeypatch):
     """A run stopped while training member 2 keeps member 1 (backup_dir/seed-1) and trains only
     member 2 when run again; the same ensemble comes out, and the kept members are removed."""
