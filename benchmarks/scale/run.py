@@ -263,8 +263,14 @@ def _memory_child_local(work: Path, n: int) -> dict:
             "main_peak_mb": peak_rss_mb(), "worker_peak_mb": sorted(peaks.values())[-2:]}
 
 
+def _profiles_kept(dask_worker) -> int:
+    return len(dask_worker.profile_history)
+
+
 def _memory_child(work: Path, n: int) -> dict:
-    """In a fresh process: a fresh cluster, one ingest; peak RSS of this process and each worker."""
+    """In a fresh process: a fresh cluster, one ingest; peak RSS of this process and each worker.
+    The workers run without distributed's statistical profiler unless SCALE_BENCH_DASK_PROFILE is
+    "on" (it keeps a profile per second of work, up to distributed.admin.low-level-log-length)."""
     from distributed import Client
 
     from medops.ops.dask_cluster import process_cluster
@@ -272,12 +278,14 @@ def _memory_child(work: Path, n: int) -> dict:
     if os.environ.get("SCALE_BENCH_MEMORY_PATH") == "local":
         return _memory_child_local(work, n)
     src = export(work, n)
-    with process_cluster(2) as cluster:
+    profile = os.environ.get("SCALE_BENCH_DASK_PROFILE", "off") == "on"
+    with process_cluster(2, env={"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": str(profile)}) as cluster:
         res, seconds = _ingest(src, work / f"out-mem-{n}", cluster.address)
         with Client(cluster.address) as client:
-            workers = client.run(peak_rss_mb)
+            workers, kept = client.run(peak_rss_mb), client.run(_profiles_kept)
     shutil.rmtree(work / f"out-mem-{n}", ignore_errors=True)
-    return {"files": n, "used": res.used, "seconds": round(seconds, 1),
+    return {"files": n, "used": res.used, "seconds": round(seconds, 1), "worker_profiler": profile,
+            "profiles_kept": sorted(kept.values()),
             "main_peak_mb": peak_rss_mb(), "worker_peak_mb": sorted(workers.values())}
 
 
@@ -285,9 +293,11 @@ def bench_memory(work: Path, sizes: list[int]) -> dict:
     runs = []
     for n in sizes:
         export(work, n)
+        load_before, started = os.getloadavg(), time.strftime("%H:%M:%S", time.gmtime())
         out = subprocess.run([sys.executable, __file__, "--memory-child", str(n), "--work", str(work)],
                              capture_output=True, text=True, check=True)
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs.append({**json.loads(out.stdout.strip().splitlines()[-1]), "started_utc": started,
+                     "load_before": load_before, "load_after": os.getloadavg()})
     small, large = runs[0], runs[-1]
     return {"runs": runs,
             "main_ratio": round(large["main_peak_mb"] / small["main_peak_mb"], 2),
@@ -307,10 +317,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--memory-path", choices=["dask", "local"], default="dask",
                         help="memory section: on a Dask cluster (default) or the local pool")
+    parser.add_argument("--dask-profile", choices=["off", "on"], default="off",
+                        help="memory section, Dask path: distributed's statistical profiler on the workers "
+                        "(on: distributed's default; off: as the LocalCluster medops starts)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SCALE_BENCH_MEMORY_PATH", args.memory_path)  # read by the memory child
+    os.environ.setdefault("SCALE_BENCH_DASK_PROFILE", args.dask_profile)
     if args.memory_child:
         print(json.dumps(_memory_child(args.work, args.memory_child)))
         return
@@ -343,8 +357,11 @@ def main() -> None:
         sizes = [int(x) for x in args.memory_files.split(",")]
         m = figures["memory"] = bench_memory(args.work, sizes)
         for r in m["runs"]:
-            print(f"[memory] {r['files']} files on {r.get('path', 'Dask')} in {r['seconds']} s: main peak {r['main_peak_mb']} MB, "
-                  f"workers' peaks {r['worker_peak_mb']} MB", flush=True)
+            profiler = (f" (workers' profiler {'on' if r['worker_profiler'] else 'off'}, profiles kept "
+                        f"{r['profiles_kept']})" if "worker_profiler" in r else "")
+            print(f"[memory] {r['files']} files on {r.get('path', 'Dask')}{profiler} in {r['seconds']} s "
+                  f"(from {r['started_utc']} UTC, load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}): "
+                  f"main peak {r['main_peak_mb']} MB, workers' peaks {r['worker_peak_mb']} MB", flush=True)
         print(f"[memory] {sizes[-1]} / {sizes[0]} files: main {m['main_ratio']}x, workers {m['worker_ratio']}x "
               f"(target <= 1.2x)", flush=True)
     figures["load_after"] = os.getloadavg()

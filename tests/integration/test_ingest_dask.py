@@ -200,3 +200,32 @@ def test_a_local_cluster_started_by_medops_gives_the_same_outputs(export, tmp_pa
         del os.environ["MEDOPS_DEID_KEY"]
     assert local.used == 18
     assert _digests(tmp_path / "dask") == _digests(tmp_path / "local")
+
+
+def _profiler_on(dask_worker) -> bool:
+    return "profile" in dask_worker.periodic_callbacks and dask_worker.profile_history.maxlen is not None
+
+
+def test_the_workers_of_a_local_cluster_keep_no_profile_history(tmp_path):
+    """distributed's statistical profiler keeps one profile per second of work on each worker (up
+    to ``distributed.admin.low-level-log-length``): it grew the workers' memory with the run's
+    length (benchmarks/scale, section 3). The LocalCluster medops starts runs without it, and
+    this process' own Dask config is left as it was."""
+    import dask
+    from medops.stages.ingest.cluster import DaskCluster
+    from medops.stages.ingest.worker import WorkerSpec
+
+    executor = DaskCluster(WorkerSpec(IngestConfig(workers=1, cluster="local"), KEY, None, tmp_path),
+                           "local", 1, expected=10)
+    try:
+        executor.chunk_size(0)  # connects: starts the LocalCluster
+        assert list(executor.client.run(_profiler_on).values()) == [False]
+        from distributed import Client, LocalCluster
+
+        # for contrast, distributed's default: profiling on
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None) as other, Client(other) as client:
+            assert list(client.run(_profiler_on).values()) == [True]
+    finally:
+        executor.close()
+    assert dask.config.get("distributed.worker.profile.enabled") is True

@@ -904,8 +904,9 @@ def _traced_peak(src: Path, out: Path) -> int:
 def test_main_process_memory_per_file_is_a_few_hundred_bytes(tmp_path, monkeypatch):
     """Issue 3 item 6: memory stays bounded on big exports. The main process' Python allocations at
     their peak, for 100 and then 500 files: what they grow by per file is the per-file state the
-    stage keeps (a few digests and the path per used file, ~0.3 kB); holding the rows, the listing
-    or the index in memory costs several kB per file."""
+    stage keeps (none since duplicate detection's digests went to disk: ~40 B here, noise; they
+    were ~0.3 kB a used file, too little to tell apart at this size, see benchmarks/scale section
+    3); holding the rows, the listing or the index in memory costs several kB per file."""
     for i in range(500):
         target = tmp_path / "src" / f"series{i // 100}" / f"IM{i:05d}.dcm"
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,8 @@ files below ``.staging`` for the parent to copy, see :class:`~medops.stages.inge
 the parent writes every output and places rows in shards in source-path order, so the output does not depend on the number of workers nor on where they ran. Memory stays bounded on exports of
 any size: the folder is listed as it is walked, a bounded number of chunks is in flight, and every
 output (shards, metadata row groups, quarantine rows, index entries) is written as it is produced;
-what the parent keeps per file is a few digests per used file (see the note above
-:func:`iter_source_files`). A re-run over a grown export decodes only the new content (see
+what duplicate detection remembers of each used file is in an on-disk table below ``.staging``
+(see the note above :func:`iter_source_files`). A re-run over a grown export decodes only the new content (see
 :func:`run`), writing only the shards that changed; the same inputs always give byte-identical
 outputs.
 

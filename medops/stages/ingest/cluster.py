@@ -80,10 +80,16 @@ class DaskCluster:
         from distributed import Client, LocalCluster
 
         if self.address == "local":
+            import dask
+
             # processes, one thread each: decoding holds the GIL; everything on the loopback, the
-            # scheduler's HTTP server (health, metrics; the dashboard with bokeh) on a free port
-            self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                        host="127.0.0.1", dashboard_address="127.0.0.1:0")
+            # scheduler's HTTP server (health, metrics; the dashboard with bokeh) on a free port.
+            # No statistical profiler: a worker keeps one profile per second of work (up to
+            # distributed.admin.low-level-log-length of them), which grew its memory with the
+            # run's length (see benchmarks/scale, section 3); its nanny passes this config on
+            with dask.config.set({"distributed.worker.profile.enabled": False}):
+                self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                            host="127.0.0.1", dashboard_address="127.0.0.1:0")
             self.client = Client(self.cluster)
         else:
             self.client = Client(self.address, timeout=30)

@@ -13,11 +13,12 @@ from medops.errors import IngestError
 # Memory: the main process holds no per-file Python objects for the whole export. The listing is
 # walked one folder at a time, files are fed to the workers through a bounded window, and every
 # output is written as its rows arrive (shards and their packs, metadata.parquet in row groups,
-# quarantine.csv, the index). What remains per file is what duplicate detection needs to remember
-# about each USED file: its content hash and a hash of its SOP Instance UID (32-byte digests) and
-# its source path (about 0.25 kB in all); an incremental run adds 41 bytes per row of the earlier
-# metadata (a sorted array of content hashes, and whether the row is kept). The earlier quarantine list and
-# index are read forward in step with the listing, never loaded.
+# quarantine.csv, the index). What duplicate detection needs to remember about each USED file (its
+# content hash, a hash of its SOP Instance UID and its source path: ~0.3 kB in dicts) is kept on
+# disk, in an SQLite table below .staging (medops.stages.ingest.seen), so a full run's memory is
+# flat; an incremental run adds 41 bytes per row of the earlier metadata (a sorted array of
+# content hashes, and whether the row is kept). The earlier quarantine list and index are read
+# forward in step with the listing, never loaded.
 
 def iter_source_files(source_dir: Path, skip: frozenset[str] = frozenset()) -> Iterator[str]:
     """Every entry below ``source_dir`` that is not a folder (any name, any depth) as a POSIX path

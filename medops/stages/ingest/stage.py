@@ -26,6 +26,7 @@ from medops.stages.ingest.index import (INDEX_NAME, _close_index, _fingerprint, 
                                         _plan, _Previous, _write_index_entry)
 from medops.stages.ingest.manifest import labels_from_path, read_manifests
 from medops.stages.ingest.pool import _Item
+from medops.stages.ingest.seen import SeenFiles
 from medops.stages.ingest.source import iter_source_files
 from medops.stages.ingest.worker import WorkerSpec
 from medops.stages.ingest.writers import (QUARANTINE_COLUMNS, _digest, _merge_shard, _MetadataWriter,
@@ -149,8 +150,8 @@ def _label_lookup(labels: dict[str, Labels] | None, key: bytes) -> Callable[[str
 class _StagedOutputs:
     """What a run writes into ``.staging`` as the files' outcomes come, in source-path order: the
     new rows' shards, every metadata row, quarantine.csv's rows and the index's entries; and what
-    it remembers of each used file to find duplicates (see the note above
-    :func:`iter_source_files`): 32-byte digests and the path, nothing else.
+    it remembers of each used file to find duplicates (two 32-byte digests and the path), in an
+    on-disk table there (:class:`SeenFiles`), so that its memory does not grow with the files.
 
     Where rows go (so that an incremental run writes only what changed): a row an earlier run left
     keeps its place in its shard; new rows fill the last shard up to ``shard_size``, then new
@@ -170,8 +171,7 @@ class _StagedOutputs:
                                    first=last if self.top_up is not None else last + 1,
                                    start=self.old_rows[last] if self.top_up is not None else 0)
         self.metadata = _MetadataWriter(out_dir / _STAGING / "metadata.parts.parquet")
-        self.seen_content: dict[bytes, str] = {}  # content sha256 -> path
-        self.seen_sop: dict[bytes, str] = {}      # digest of the pseudonymous SOP UID -> path
+        self.seen = SeenFiles(out_dir / _STAGING / "seen.sqlite")  # content / SOP UID digest -> path
         self.by_reason: Counter[str] = Counter()
         self.files_seen = self.decoded = self.labelled = 0
 
@@ -223,13 +223,12 @@ class _StagedOutputs:
         """``(reason, detail)`` when a used file repeats an earlier one (its bytes, or its SOP
         Instance UID with other content); else None, and the file is remembered."""
         content, sop = bytes.fromhex(sha), _digest(record["sop_instance_uid"])
-        first = self.seen_content.get(content)
+        first = self.seen.first(content, sop)
+        if first is not None and first[0] == "content":
+            return QuarantineReason.DUPLICATE.value, f"same bytes as {first[1]}"
         if first is not None:
-            return QuarantineReason.DUPLICATE.value, f"same bytes as {first}"
-        prior_rel = self.seen_sop.get(sop)
-        if prior_rel is not None:
-            return QuarantineReason.DUPLICATE.value, f"same SOPInstanceUID as {prior_rel}, different content"
-        self.seen_content[content] = self.seen_sop[sop] = rel
+            return QuarantineReason.DUPLICATE.value, f"same SOPInstanceUID as {first[1]}, different content"
+        self.seen.remember(content, sop, rel)
         return None
 
     def finish(self) -> None:
@@ -239,10 +238,9 @@ class _StagedOutputs:
         self.metadata.close()
 
     def release(self) -> None:
-        """Drop what only the writing needed: the duplicates' digests, the spill file open."""
+        """Drop what only the writing needed: the duplicates' table, the spill file open."""
         self.shards.spills.close()
-        self.seen_content.clear()
-        self.seen_sop.clear()
+        self.seen.close()
 
     def settle_shards(self) -> _ShardChanges:
         """Stage the final form of every shard this run changes (below ``.staging``): the new ones
@@ -428,9 +426,10 @@ def run(cfg: IngestConfig, *, source_dir: Path, out_dir: Path,
     they are (so their DVC objects are too). A run that would change nothing writes nothing. (With DVC, the stage's
     outputs must be ``persist: true`` for this to apply.)
 
-    Memory does not grow with the number of files beyond a few hundred bytes per used file (see
-    the note above :func:`iter_source_files`): every output is written as it is produced, into
-    ``out_dir/.staging``, and moved into place at the end, the index last.
+    Memory does not grow with the number of files in a full run (an incremental one adds 41
+    bytes per row of the earlier metadata; see the note above :func:`iter_source_files`): every
+    output is written as it is produced, into ``out_dir/.staging``, and moved into place at the
+    end, the index last; what duplicate detection remembers is in a table there, on disk.
 
     Args:
         cfg: the ``ingest`` section (``frame``: the multi-frame policy; ``incremental``: reuse an
