@@ -50,7 +50,8 @@ def project(tmp_path_factory) -> Path:
     from medops.ops import dvc
 
     root = clone_project(tmp_path_factory.mktemp("crash"), TINY)
-    build_ingested(root / "data" / "ingested", n_per_split={"train": 120, "val": 45, "test": 45})
+    build_ingested(root / "data" / "ingested", n_per_split={"train": 120, "val": 45, "test": 45},
+                   with_packs=True)  # the reference stage reads the headers
     dvc.init(root)
     dvc.add(root, "data/ingested")
     return root

@@ -35,6 +35,7 @@ def build_ingested(
     with_manifest_split: bool = True,
     shard_size: int = 256,
     seed: int = 0,
+    with_packs: bool = False,
 ) -> Path:
     """Write a small ingested folder and return it.
 
@@ -46,6 +47,9 @@ def build_ingested(
         with_manifest_split: fill ``manifest_split`` with the official split, else leave it null.
         shard_size: images per array shard (small values exercise multi-shard loading).
         seed: sampling and patient-attribute seed.
+        with_packs: also write each shard's pack of de-identified files (``dicom/shard-N.zip``,
+            one 8-bit CR file per row at its ``deid_path``), as ingest does: what the stages that
+            read headers (``reference``) need.
     """
     n_per_split = n_per_split or {"train": 120, "val": 45, "test": 45}
     rng = np.random.default_rng(seed)
@@ -109,7 +113,25 @@ def build_ingested(
     frame["manifest_split"] = frame["manifest_split"].astype(object)
     frame.to_parquet(out_dir / "metadata.parquet", index=False)
     pd.DataFrame(columns=["path", "reason", "detail"]).to_csv(out_dir / "quarantine.csv", index=False)
+    if with_packs:
+        write_packs(out_dir, frame, stack)
     return out_dir
+
+
+def write_packs(out_dir: Path, frame: pd.DataFrame, stack: np.ndarray) -> None:
+    """Each shard's zip of de-identified files: a CR file of each row's image at its deid_path."""
+    import zipfile
+
+    from test_monitor import film_bytes
+
+    from medops.data import pack_path
+
+    for shard, group in frame.groupby("shard"):
+        path = pack_path(out_dir, int(shard))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(path, "w") as pack:
+            for i, deid_path in zip(group.index, group["deid_path"]):
+                pack.writestr(str(deid_path), film_bytes(np.round(stack[i] * 255)))
 
 
 def build_trained(
