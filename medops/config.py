@@ -295,8 +295,8 @@ class ServingConfig(_Section):
     grpc_port: int = 8001
     metrics_port: int = 8002
     max_batch_size: int = Field(default=64, ge=1)
-    preferred_batch_sizes: list[int] = [16, 32, 64]
-    max_queue_delay_us: int = Field(default=1000, ge=0)
+    preferred_batch_sizes: list[int] = []
+    max_queue_delay_us: int = Field(default=0, ge=0)
     startup_timeout_s: float = Field(default=90, gt=0)
     # the DICOM ensemble refuses larger inputs with a clear error instead of running out of memory
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

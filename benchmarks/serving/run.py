@@ -672,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dicom-files", type=int, default=32)
     parser.add_argument("--max-queue-delay-us", type=int, default=None,
                         help="override serving.max_queue_delay_us for this run")
+    parser.add_argument("--preferred-batch-sizes", type=int, nargs="*", default=None,
+                        help="override serving.preferred_batch_sizes for this run (none: empty)")
     parser.add_argument("--write", action="store_true", help="write results.json and results.md")
     parser.add_argument("--out", type=Path, default=HERE, help="folder for --write")
     args = parser.parse_args(argv)
@@ -684,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_queue_delay_us is not None:
         params = params.model_copy(update={"serving": params.serving.model_copy(
             update={"max_queue_delay_us": args.max_queue_delay_us})})
+    if args.preferred_batch_sizes is not None:
+        params = params.model_copy(update={"serving": params.serving.model_copy(
+            update={"preferred_batch_sizes": args.preferred_batch_sizes})})
     load_before = Path("/proc/loadavg").read_text().strip()
     began = time.monotonic()
 

@@ -182,12 +182,18 @@ def render_config(
     return "\n".join(parts) + "\n"
 
 
+def warmup_batch_sizes(contract: ModelContract) -> list[int]:
+    """The batch sizes the production flavour warms up: 1, the preferred ones, the largest."""
+    return sorted({1, *contract.preferred_batch_sizes, contract.max_batch_size})
+
+
 def _warmup(contract: ModelContract) -> str:
-    """One zero-filled request per batch size Triton will form, run at load time, so the first
-    real requests do not pay for GPU kernel selection (and TensorRT engine building)."""
+    """One zero-filled request per batch size Triton prefers to form (1, the preferred sizes and
+    the largest), run at load time, so the first real requests do not pay for GPU kernel
+    selection (and TensorRT engine building)."""
     spec = contract.inputs[0]
     dims = ", ".join(str(d) for d in spec.dims)
-    sizes = sorted({1, *contract.preferred_batch_sizes})
+    sizes = warmup_batch_sizes(contract)
     items = ",\n".join(
         f"""  {{
     name: "zeros_batch_{b}"

@@ -360,7 +360,7 @@ def test_production_config_has_warmup_version_policy_and_optional_tensorrt_fp16(
     prod = parse_text(render_config(contract, "production"))
     assert prod.version_policy.latest.num_versions == 1
     sizes = sorted(w.batch_size for w in prod.model_warmup)
-    assert sizes == sorted({1, *params.serving.preferred_batch_sizes})
+    assert sizes == sorted({1, *params.serving.preferred_batch_sizes, params.serving.max_batch_size})
     warm = prod.model_warmup[0].inputs["image"]
     assert warm.zero_data and list(warm.dims) == [params.ingest.image_size, params.ingest.image_size, 1]
     assert not prod.optimization.execution_accelerators.gpu_execution_accelerator  # off by default

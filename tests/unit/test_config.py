@@ -96,8 +96,9 @@ def test_preferred_batch_size_above_max_batch_size_fails_at_load(tmp_path, repo_
     # Triton would refuse the model config: say so when params load, not as a deploy traceback
     p = tmp_path / "params.yaml"
     text = (repo_root / "params.yaml").read_text()
-    assert "max_batch_size: 64" in text
-    p.write_text(text.replace("max_batch_size: 64", "max_batch_size: 32"))
+    assert "max_batch_size: 64" in text and "preferred_batch_sizes: []" in text
+    p.write_text(text.replace("max_batch_size: 64", "max_batch_size: 32")
+                 .replace("preferred_batch_sizes: []", "preferred_batch_sizes: [16, 64]"))
     with pytest.raises(ConfigError, match=r"preferred_batch_sizes \[64\] must lie in 1\.\.max_batch_size \(32\)"):
         load_params(p)
 

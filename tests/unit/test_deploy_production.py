@@ -139,7 +139,7 @@ def test_no_verify_writes_the_onnxruntime_gpu_classifier_the_contract_describes(
     assert [o.name for o in config.output] == ["probability", "ood_score", "in_distribution"]
     assert list(config.version_policy.specific.versions) == [1]
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
-    assert sorted(w.batch_size for w in config.model_warmup) == sorted({1, *cfg.preferred_batch_sizes})
+    assert sorted(w.batch_size for w in config.model_warmup) == sorted({1, *cfg.preferred_batch_sizes, cfg.max_batch_size})
     for warm in config.model_warmup:
         assert warm.inputs["image"].zero_data and list(warm.inputs["image"].dims) == [S, S, 1]
     [trt] = config.optimization.execution_accelerators.gpu_execution_accelerator
