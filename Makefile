@@ -63,4 +63,4 @@ test-fast: setup
 
 ## repro: reproduce the pipeline with DVC (same stages, same code, params.yaml)
 repro: setup
-	source $(VENV)/bin/activate && dvc repro
+	source $(VENV)/bin/activate && medops recover && dvc repro

@@ -181,6 +181,20 @@ def cmd_stage(args: argparse.Namespace) -> Report:
     return Report(json.dumps(payload, indent=2, sort_keys=True), payload)
 
 
+def cmd_recover(args: argparse.Namespace) -> Report:
+    from medops.ops import dvc
+
+    paths, _ = _context(args)
+    done = dvc.recover_lockfile(paths.root)
+    if done is None:
+        return Report("dvc.lock is whole (or absent): nothing to recover", {"recovered": False})
+    how = (f"put back {done['restored_from']}, the copy taken when the last stage started"
+           if done["restored_from"] else "no copy to put back: moved it aside, so DVC reruns "
+           "the stages it cannot vouch for")
+    return Report(f"dvc.lock was cut short ({done['problem']}); {how}; the cut file is "
+                  f"{done['cut_file']}", {"recovered": True, **done})
+
+
 def cmd_stages(args: argparse.Namespace) -> Report:
     from medops.pipeline import STAGES
 
@@ -492,6 +506,8 @@ def _add_data_commands(add: AddCommand) -> None:
     p = add("stage", cmd_stage, "run one pipeline stage (what dvc.yaml calls)")
     p.add_argument("name")
     add("stages", cmd_stages, "list the pipeline stages")
+    add("recover", cmd_recover, "put back a dvc.lock that a crash cut short (the copy the last "
+                                "stage took), so `dvc repro` runs again")
 
     p = add("version-data", cmd_version_data, "track the de-identified dataset (data/ingested) with DVC "
                                                "and push it to the default remote")

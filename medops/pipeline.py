@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medops.atomic import crash_point, write_text
+from medops.ops.dvc import checkpoint_lockfile
 from medops.config import Params
 from medops.errors import ConfigError
 from medops.paths import ProjectPaths
@@ -204,6 +205,8 @@ def run_stage(name: str, params: Params, paths: ProjectPaths) -> dict[str, Any]:
         stage = STAGES[name]
     except KeyError:
         raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
+    # DVC has just read dvc.lock whole: keep a copy, in case a crash cuts its next write short
+    checkpoint_lockfile(paths.root)
     result = stage.run(params, paths)
     payload = result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
     crash_point(f"{name}.done")  # (medops.atomic.CRASH_POINTS lists each stage's)

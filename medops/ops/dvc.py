@@ -236,6 +236,76 @@ def pull(root: Path | str, targets: Sequence[str | Path] | None = None, remote: 
     return _tail(run_dvc(root, *args).stdout, 1)
 
 
+# DVC rewrites dvc.lock in place (truncate, then write) after each stage: a process killed in that
+# window leaves a file cut short, and every later `dvc repro` stops at "dvc.lock validation
+# failed". Each `medops stage` keeps a copy of the lock file DVC has just read (whole, as DVC
+# checked it before starting the stage) to put back.
+LOCK_FILE = "dvc.lock"
+LAST_GOOD_LOCK = Path(".dvc") / "tmp" / "medops" / "dvc.lock.last-good"
+
+
+def lockfile_problem(data: bytes | str) -> str | None:
+    """Why ``data`` is not a dvc.lock DVC can read (DVC's own schema), or None when it is."""
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+
+    try:
+        parsed = yaml.safe_load(data)
+        COMPILED_LOCKFILE_SCHEMA(parsed if parsed is not None else {})
+    except Exception as exc:  # noqa: BLE001 - yaml's and voluptuous' errors alike
+        return " ".join(str(exc).split())[:300] or type(exc).__name__
+    return None
+
+
+def checkpoint_lockfile(root: Path | str) -> bool:
+    """Copy ``dvc.lock`` to LAST_GOOD_LOCK if DVC can read it (atomically); True when copied.
+    Called as each stage starts, when DVC has written the lock of every stage before it."""
+    from medops.atomic import write_bytes
+
+    path = Path(root) / LOCK_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    if lockfile_problem(data) is not None:
+        return False
+    target = Path(root) / LAST_GOOD_LOCK
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(target, data)
+    return True
+
+
+def recover_lockfile(root: Path | str) -> dict[str, Any] | None:
+    """Put back a ``dvc.lock`` that a crash cut short; None when it is absent or whole.
+
+    The copy the last stage took (``checkpoint_lockfile``) replaces it: the stages it records
+    are not run again, and DVC checks their hashes against the files before it skips one, so an
+    older copy can only make it run a stage again. With no copy, the cut file is moved aside and
+    DVC runs every stage whose outputs it cannot vouch for. The cut file is kept beside the copy
+    (``dvc.lock.cut-<time>``) either way."""
+    from medops.atomic import write_bytes
+
+    root = Path(root)
+    path = root / LOCK_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    problem = lockfile_problem(data)
+    if problem is None:
+        return None
+    keep = root / LAST_GOOD_LOCK.parent / f"dvc.lock.cut-{time.strftime('%Y%m%dT%H%M%S')}"
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(keep, data)
+    good = root / LAST_GOOD_LOCK
+    restored = good.is_file() and lockfile_problem(good.read_bytes()) is None
+    if restored:
+        write_bytes(path, good.read_bytes())
+    else:
+        path.unlink()
+    return {"problem": problem, "restored_from": str(LAST_GOOD_LOCK) if restored else None,
+            "cut_file": str(keep.relative_to(root))}
+
+
 def repro(root: Path | str, stage: str | None = None, single_item: bool = False,
           on_line: Callable[[str], None] | None = None) -> str:
     """``dvc repro [--single-item] [stage]``; returns dvc's output.
@@ -243,7 +313,17 @@ def repro(root: Path | str, stage: str | None = None, single_item: bool = False,
     ``single_item`` reproduces ``stage`` alone, without checking its upstream stages: the flow runs
     the stages one task at a time in order, so each task's DVC run records exactly that stage.
     ``on_line`` gets every line of output (DVC's and the stage's) while it runs (see run_dvc).
+    A dvc.lock cut short by a crash is put back first (``recover_lockfile``), and said so.
     """
+    recovered = recover_lockfile(root)
+    if recovered is not None:
+        message = (f"dvc.lock was cut short ({recovered['problem']}); "
+                   + (f"put back the copy taken when the last stage started ({recovered['restored_from']})"
+                      if recovered["restored_from"] else "no copy to put back: moved it aside")
+                   + f"; the cut file is {recovered['cut_file']}")
+        print(f"medops: {message}", file=sys.stderr)
+        if on_line is not None:
+            on_line(f"medops: {message}")
     args = ["repro"]
     if single_item:
         if stage is None:

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator, Literal, NamedTuple
@@ -345,7 +346,6 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
     """
     c, repository = ec.classifier, Path(repository)
     pre, post = ec.preprocess_name, ec.postprocess_name
-    rec = [ec.recorder_name] if ec.record is not None else []  # version 1, like preprocessing
     if new is None:
         if restore is not None:
             restore_files(repository, restore)
@@ -366,18 +366,18 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
         thresholds = served | {new: _threshold_of_version(repository, c.name, new, target,
                                                           ec.threshold)}
         restore_files(repository, {k: v for k, v in restore.items()
-                                   if k.split("/", 1)[0] in (pre, *rec)})
-        changed = [pre, *rec]
+                                   if k.split("/", 1)[0] == pre})
+        changed = [pre]
     else:
         thresholds = {v: _threshold_of_version(repository, c.name, v, served, ec.threshold)
                       for v in both if v != new} | {new: ec.threshold}
         changed = write_processing_models(ec, repository, ec.flavour, thresholds=thresholds,
-                                          models=[pre, *rec])
+                                          models=[pre])
     changed += write_processing_models(ec, repository, ec.flavour, thresholds=thresholds,
                                        models=[post])
-    for name in (pre, *rec, post):
+    for name in (pre, post):
         if not (repository / name / "config.pbtxt").is_file():
-            continue  # a recorder a restore removed (it was not served before)
+            continue  # not part of this flavour's repository
         if name in changed or not client.is_model_ready(name):
             client.load_model(name)
     wait_version_ready(client, post, new, timeout)
@@ -388,6 +388,7 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
     write_ensemble(ec, repository, new)
     client.load_model(ec.ensemble_name)
     wait_version_ready(client, ec.ensemble_name, new, timeout)
+    _retire_recorder(client, ec, repository)
     if both != [new]:
         write_config(c, repository, ec.flavour, versions=[new])
         client.load_model(c.name)
@@ -401,6 +402,20 @@ def _switch(client: Any, ec: EnsembleContract, repository: Path, old: int | None
     if snapshot_files(repository, [post_config]) != before:
         client.load_model(post)
         wait_version_ready(client, post, new, timeout)
+
+
+def _retire_recorder(client: Any, ec: EnsembleContract, repository: Path) -> None:
+    """Unload and remove the drift recorder model a repository written before the
+    postprocessing model recorded may still hold: the ensemble just loaded no longer calls it
+    (its records now come from the postprocessing model)."""
+    folder = Path(repository) / ec.recorder_name
+    if not folder.is_dir():
+        return
+    try:
+        client.unload_model(ec.recorder_name)
+    except Exception:  # noqa: BLE001 - it was not loaded
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _read_or_none(path: Path) -> bytes | None:

@@ -505,6 +505,50 @@ def test_new_preprocessing_settings_reach_the_server_for_the_served_model(triton
     assert_v2_serves(triton, files)
 
 
+OLD_RECORDER_CONFIG = """name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "drift_features" data_type: TYPE_STRING dims: [ -1, 1 ] }} ]
+output [ {{ name: "recorded" data_type: TYPE_STRING dims: [ -1, 1 ] }} ]
+"""
+OLD_RECORDER_MODEL = """import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+            "recorded", pb_utils.get_input_tensor_by_name(r, "drift_features").as_numpy())])
+            for r in requests]
+"""
+
+
+def test_a_switch_retires_the_drift_recorder_model_of_an_older_repository(triton, deployed, files):
+    # Repositories written before the postprocessing model recorded had a `<name>_recorder`
+    # model; the ensemble deploy writes now no longer calls it, so a switch unloads and removes
+    # it rather than loading it again on every deploy.
+    import tritonclient.grpc as grpcclient
+
+    cfg, repo, url = triton["cfg"], triton["repo"], triton["info"].grpc_url
+    name = f"{cfg.model_name}_recorder"
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(OLD_RECORDER_CONFIG.format(name=name))
+    (repo / name / "1" / "model.py").write_text(OLD_RECORDER_MODEL)
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.load_model(name)
+        assert client.is_model_ready(name)
+        back = rollback(cfg, repository=repo, url=url, preprocessing=SPEC)
+        assert (back.from_version, back.to_version) == (2, 1)
+        assert not (repo / name).exists()
+        assert not client.is_model_ready(name)
+        forward = rollback(cfg, repository=repo, url=url, preprocessing=SPEC, to_version=2)
+        assert (forward.from_version, forward.to_version) == (1, 2)
+        assert not (repo / name).exists() and not client.is_model_ready(name)
+    finally:
+        client.close()
+    assert_v2_serves(triton, files)
+
+
 def test_rollback_serves_the_previous_version_and_forward_again(triton, deployed, files,
                                                                cli_project, capsys):
     cfg, repo, url = triton["cfg"], triton["repo"], triton["info"].http_url

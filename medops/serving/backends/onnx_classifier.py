@@ -99,6 +99,12 @@ class Classifier:
         self.item_shape = tuple(int(d) for d in shape[1:])
         # a model exported with the OOD guard answers all three; an older one the probability only
         self.guarded = set(OUTPUTS) <= {o.name for o in self.session.get_outputs()}
+        # Warm up at the largest batch Triton will form (as the production flavour's model_warmup
+        # does): onnxruntime's memory arena reaches its full size at load, not in steps of a few
+        # MB whenever a larger batch than any before arrives, which looked like a leak in the soak.
+        largest = int(config.get("max_batch_size") or 0)
+        if largest > 0 and all(d > 0 for d in self.item_shape):
+            self.run(np.zeros((largest, *self.item_shape), np.float32))
         # Fail the load (Triton keeps serving the previous version) rather than every request.
         # (A model that prepares the images itself declares no image input: it checks its own.)
         declared = next((i for i in config.get("input", []) if i["name"] == INPUT_NAME), None)
