@@ -34,6 +34,7 @@ CRASH_POINTS: dict[str, str] = {
     "ingest.publishing": "publishing the ingest output: some files of data/ingested replaced",
     "train.saved": "train: model.keras saved, train.json not yet written",
     "export.onnx": "export: model.onnx written, golden.npz and export.json not yet",
+    "quality.gx_save": "quality: a Great Expectations project file written under its temporary name, not renamed",
     "quality.done": "quality: its outputs written, reports/stages/quality.json not yet",
     "split.done": "split: its outputs written, reports/stages/split.json not yet",
     "train.done": "train: its outputs written, reports/stages/train.json not yet",

@@ -27,11 +27,15 @@ imported inside the functions that use it (it takes seconds to import).
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 from pydantic import BaseModel
@@ -154,13 +158,70 @@ def _key(type_: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
     return type_, kwargs.get("column")
 
 
+PARTIAL = ".medops-partial"  # a GX file being written (no store's suffix: GX never lists it)
+
+
+@contextmanager
+def _whole_file(target: Path, mode: str, encoding: str | None = None) -> Iterator[IO[Any]]:
+    """A hidden temporary beside ``target``, fsynced and renamed over it when the block ends
+    without an error (removed otherwise)."""
+    from medops.atomic import _FILE_MODE, crash_point
+
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=target.parent)
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding or "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        crash_point("quality.gx_save")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _gx_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+    """``open`` for the GX modules that write project files: a write goes through _whole_file."""
+    if mode in ("w", "wb") and not args and set(kwargs) <= {"encoding"}:
+        return _whole_file(Path(file), mode, kwargs.get("encoding"))
+    return builtins.open(file, mode, *args, **kwargs)
+
+
+def whole_file_writes() -> None:
+    """Make Great Expectations write each project file whole or not at all.
+
+    GX (1.x) writes its stores' files (the suite, checkpoint, validation definition, validation
+    results, Data Docs pages) and great_expectations.yml in place, ``open(path, "w")``: a process
+    killed in the middle leaves a cut file, and every later run fails to load the project. The two
+    modules that write them get an ``open`` of their own (a module global, ahead of the builtin)
+    that writes a hidden temporary and renames it over the file; reading is unchanged."""
+    from great_expectations.data_context.data_context import file_data_context
+    from great_expectations.data_context.store import tuple_store_backend
+
+    for module in (tuple_store_backend, file_data_context):
+        module.open = _gx_open
+
+
+def _remove_partials(*folders: Path) -> None:
+    """What a killed write left (hidden, never read): removed."""
+    for folder in folders:
+        if Path(folder).is_dir():
+            for path in Path(folder).rglob(f".*{PARTIAL}"):
+                path.unlink(missing_ok=True)
+
+
 def open_project(gx_root: Path, docs_dir: Path):
     """The file-backed GX project ``gx_root/gx``. A missing one is created: GX's own layout, no
     analytics or progress bars, its Data Docs site at ``docs_dir`` (relative, so it moves with
-    the project). An existing one is used as it is configured."""
+    the project). An existing one is used as it is configured. Every file GX writes is written
+    whole (``whole_file_writes``)."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    whole_file_writes()
+    _remove_partials(Path(gx_root) / GX_DIR, docs_dir)
     new = not (Path(gx_root) / GX_DIR / "great_expectations.yml").is_file()
     context = gx.get_context(mode="file", project_root_dir=str(gx_root))
     if new:

@@ -258,3 +258,47 @@ def test_data_docs_keep_every_validation_and_load_nothing_from_the_internet(tmp_
     for page in [docs / "index.html", *pages]:
         assert remote_urls(page.read_text()) == [], page
     assert (docs / "static" / "vendor" / "jquery" / "dist" / "jquery.min.js").is_file()
+
+
+def test_a_run_killed_while_gx_writes_its_project_leaves_every_file_whole(tmp_path: Path) -> None:
+    # GX writes its files in place; medops makes each write a hidden temporary renamed over the
+    # file (quality.whole_file_writes). Killed inside such a write (after the temporary is
+    # written, before the rename), the project keeps the file as it was and the next run loads it.
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from medops.atomic import CRASH_ENV
+
+    ingested, out = tmp_path / "ingested", tmp_path / "q"
+    build_ingested(ingested)
+    quality.run(QualityConfig(), ingested_dir=ingested, out_dir=out)
+    suite_file = out / "gx" / "expectations" / f"{quality.SUITE}.json"
+    before = suite_file.read_bytes()
+
+    # other params: the suite is rewritten, and the process dies in that write
+    code = ("from pathlib import Path; from medops.stages import quality; "
+            "from medops.config import QualityConfig; "
+            f"quality.run(QualityConfig(min_rows=60), ingested_dir=Path({str(ingested)!r}), "
+            f"out_dir=Path({str(out)!r}))")
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, CRASH_ENV: "quality.gx_save"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    partials = list(out.rglob(f"*{quality.PARTIAL}"))
+    assert [p.name.startswith(f".{quality.SUITE}.json.") for p in partials] == [True]
+    assert suite_file.read_bytes() == before
+    for path in (out / "gx").rglob("*"):  # every project file whole
+        if path.is_file() and not path.name.endswith(quality.PARTIAL):
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".yml":
+                yaml.safe_load(path.read_text())
+
+    result = quality.run(QualityConfig(min_rows=60), ingested_dir=ingested, out_dir=out)
+    assert result.success
+    assert not list(out.rglob(f"*{quality.PARTIAL}"))  # the killed write's leftover removed
+    suite = json.loads(suite_file.read_text())
+    rows = next(e for e in suite["expectations"] if e["type"] == "expect_table_row_count_to_be_between")
+    assert rows["kwargs"]["min_value"] == 60
