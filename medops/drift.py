@@ -18,6 +18,7 @@ read back newest last. numpy and pydicom only: the Triton Python-backend stub im
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -54,8 +55,49 @@ def _bucket(value: float, edges: Sequence[float]) -> str:
     return f">={edges[-1]:g}"
 
 
+# How pydicom splits and strips a text value, by VR: the whole value right-stripped of spaces
+# and NULs, then split at backslashes (pydicom.values.convert_string, and DS/IS); or split,
+# then each value right-stripped (convert_text)
+_STRIPPED_THEN_SPLIT = frozenset({"AE", "AS", "CS", "DS", "IS"})
+_SPLIT_THEN_STRIPPED = frozenset({"SH", "LO", "UC"})
+
+
+def _value(ds: Any, keyword: str) -> Any:
+    """``ds.get(keyword)``, taken from the element's raw bytes when they are plain ASCII text
+    (every DICOM character set reads those alike), split and stripped as pydicom does for its
+    VR: pydicom's conversion of each value was most of a drift record's cost. Anything else,
+    pydicom converts."""
+    try:
+        tag, dictionary_vr = _tag(keyword)
+        elem = ds.get_item(tag)
+    except Exception:  # noqa: BLE001 - not a pydicom data set, or an unreadable element
+        return ds.get(keyword, None)
+    if elem is None:
+        return None
+    value, vr = elem.value, elem.VR or dictionary_vr
+    if isinstance(value, bytes) and value.isascii() and b"\x1b" not in value:
+        text = value.decode("ascii")
+        if vr in _STRIPPED_THEN_SPLIT:
+            parts = text.rstrip(" \0").split("\\")
+        elif vr in _SPLIT_THEN_STRIPPED:
+            parts = [p.rstrip("\0 ") for p in text.split("\\")]
+        else:
+            return ds.get(keyword, None)
+        return parts if len(parts) > 1 else parts[0]
+    return ds.get(keyword, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _tag(keyword: str) -> tuple[Any, str]:
+    from pydicom.datadict import dictionary_VR
+    from pydicom.tag import Tag
+
+    tag = Tag(keyword)
+    return tag, dictionary_VR(tag)
+
+
 def _text(ds: Any, keyword: str) -> str | None:
-    value = ds.get(keyword, None)
+    value = _value(ds, keyword)
     if value is None or value == "":
         return None
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
@@ -67,7 +109,7 @@ def _text(ds: Any, keyword: str) -> str | None:
 def spacing_bucket(ds: Any) -> str:
     """The bucket of the row spacing in mm (Pixel Spacing, else Imager Pixel Spacing), or "none"."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword, None)
+        value = _value(ds, keyword)
         try:
             mm = float(value[0])
         except (TypeError, ValueError, IndexError):
@@ -141,17 +183,22 @@ def image_features(image: np.ndarray) -> dict[str, float]:
     return {k: round(v, 6) for k, v in out.items()}
 
 
-def item_features(data: bytes, image: np.ndarray, error: str, *,
-                  header: Any = None, stats: dict[str, float] | None = None) -> dict[str, Any]:
-    """The drift features of one served item: header fields (from ``header``, else read from
-    ``data``), image statistics (null for an item preprocessing could not use; ``stats``: its
-    ``image_features`` already computed, e.g. by :func:`image_features_batch`) and ``error``,
-    its quarantine reason only (null when answered)."""
+def item_features(data: bytes, image: np.ndarray, error: str, *, header: Any = None,
+                  fields: dict[str, Any] | None = None,
+                  stats: dict[str, float] | None = None) -> dict[str, Any]:
+    """The drift features of one served item: header fields (``fields``, already taken; else
+    from ``header``, else read from ``data``), image statistics (null for an item preprocessing
+    could not use; ``stats``: its ``image_features`` already computed, e.g. by
+    :func:`image_features_batch`) and ``error``, its quarantine reason only (null when
+    answered)."""
     reason = error.split(":", 1)[0].strip() if error else ""
     refused = reason == "too_large"  # its header is not read again: it may be a deflate bomb
-    if header is None and not refused:
-        header = read_header(data)
-    record = header_features(header)
+    if fields is not None:
+        record = dict(fields)
+    else:
+        if header is None and not refused:
+            header = read_header(data)
+        record = header_features(header)
     record |= ({k: None for k in STAT_FIELDS} if error
                else stats if stats is not None else image_features(image))
     record["error"] = reason or None
