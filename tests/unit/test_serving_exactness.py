@@ -146,3 +146,38 @@ def test_batched_image_statistics_are_those_of_one_image_at_a_time():
     for batch in (films, noisy, rng.random((20, 27, 31), dtype=np.float32), films[:0]):
         got = image_features_batch(batch[..., None])
         assert got == [image_features(img) for img in batch]
+
+
+def _mean_model(path: Path, batch: int | str) -> Path:
+    """probability = sigmoid(mean(image)); its batch dimension ``batch`` (an int: fixed)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+         helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[1], keepdims=1),
+         helper.make_node("Sigmoid", ["mean"], ["probability"])],
+        "mean", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 28, 28, 1])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, [batch, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_the_classifier_runs_a_full_batch_when_it_loads(tmp_path):
+    # Warmed up at max_batch_size (onnxruntime's arena at full size from the start; see
+    # benchmarks/soak): a model that cannot take the batches Triton forms fails its load, so
+    # Triton keeps the version it serves, instead of failing requests once batches grow.
+    import onnxruntime
+
+    from medops.serving.backends.onnx_classifier import Classifier
+
+    dynamic = Classifier(str(_mean_model(tmp_path / "dynamic.onnx", "batch")), {"max_batch_size": 64})
+    probs, _, inside = dynamic.run(np.full((3, 28, 28, 1), 0.5, np.float32))
+    assert probs.shape == (3, 1) and np.allclose(probs, 1 / (1 + np.exp(-0.5))) and inside.all()
+    fixed = str(_mean_model(tmp_path / "fixed.onnx", 1))
+    Classifier(fixed, {})  # no batching declared: nothing to warm up, loads as before
+    with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument,
+                       match="dimensions"):
+        Classifier(fixed, {"max_batch_size": 64})
