@@ -221,21 +221,22 @@ def open_project(gx_root: Path, docs_dir: Path):
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     whole_file_writes()
-    _remove_partials(Path(gx_root) / GX_DIR, docs_dir)
     new = not (Path(gx_root) / GX_DIR / "great_expectations.yml").is_file()
     context = gx.get_context(mode="file", project_root_dir=str(gx_root))
     if new:
-        site_dir = os.path.relpath(Path(docs_dir).resolve(), Path(context.root_directory).resolve())
+        relative = os.path.relpath(Path(docs_dir).resolve(), Path(context.root_directory).resolve())
         context.variables.data_docs_sites = {SITE: {
             "class_name": "SiteBuilder",
             "show_how_to_buttons": False,
             "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": Path(site_dir).as_posix() + "/"},
+                              "base_directory": Path(relative).as_posix() + "/"},
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         }}
         context.variables.analytics_enabled = False  # no network calls from a pipeline stage
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         context.variables.save()
+    # what a killed write left, in the project and in its Data Docs site wherever that is
+    _remove_partials(Path(gx_root) / GX_DIR, site_dir(context))
     return context
 
 
